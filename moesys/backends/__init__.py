@@ -1,0 +1,46 @@
+"""Registry of `moe_mlp` backends: name -> implementation, and the "auto" choice.
+
+Each backend is `fn(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, *, activation, b_gate_up, b_down)`
+with inputs already checked by `moesys.ops.check_moe_mlp_inputs`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# name -> (module, function); imported lazily so that `import moesys` stays cheap and Triton optional.
+_BACKENDS = {
+    "loop": ("moesys.backends.loop", "moe_mlp_loop"),
+    "grouped_mm": ("moesys.backends.grouped_mm", "moe_mlp_grouped_mm"),
+    "triton": ("moesys.kernels", "moe_mlp_triton"),
+}
+
+
+def available_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when the Triton backend can run on `device`, else a sentence saying why not."""
+    try:
+        mod = importlib.import_module("moesys.kernels")
+    except ImportError as e:
+        return f"the Triton kernels could not be imported ({e})"
+    reason = getattr(mod, "unavailable_reason", None)
+    return reason(device) if reason is not None else None
+
+
+def get_backend(name: str, x: torch.Tensor):
+    if name == "auto":
+        name = "triton" if x.is_cuda and triton_unavailable_reason(x.device) is None else "grouped_mm"
+    if name not in _BACKENDS:
+        raise ValueError(f"moe_mlp: backend={name!r} is unknown; use 'auto' or one of {available_backends()}")
+    if name == "triton":
+        reason = triton_unavailable_reason(x.device)
+        if reason is not None:
+            raise RuntimeError(f"moe_mlp: backend='triton' cannot run here: {reason}. "
+                               "Use backend='grouped_mm' or 'auto'.")
+    module, fn = _BACKENDS[name]
+    return getattr(importlib.import_module(module), fn)

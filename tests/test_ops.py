@@ -1,0 +1,142 @@
+"""moe_mlp: every reference backend against the float64 per-token oracle (forward and every gradient),
+the edge cases (T = 0, K = E, E = 1, experts with no tokens) and the documented input errors."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moesys import moe_mlp
+from moesys.activations import ACTIVATIONS, is_gated
+from tests.moe_oracle import moe_mlp_oracle, rel_err
+
+BACKENDS = ["loop", "grouped_mm"]
+
+
+def make_inputs(T, H, I, E, K, activation, bias, dtype, seed, skew=False):
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * I if is_gated(activation) else I
+    x = torch.randn(T, H, generator=g, dtype=torch.float64)
+    w_gate_up = torch.randn(E, rows, H, generator=g, dtype=torch.float64) / H ** 0.5
+    w_down = torch.randn(E, H, I, generator=g, dtype=torch.float64) / I ** 0.5
+    if skew:  # every token picks from the first K experts: the others get no tokens
+        ids = torch.stack([torch.randperm(K, generator=g) for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    else:
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    weights = torch.rand(T, K, generator=g, dtype=torch.float64)
+    b_gate_up = torch.randn(E, rows, generator=g, dtype=torch.float64) if bias else None
+    b_down = torch.randn(E, H, generator=g, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype).requires_grad_()
+    return dict(x=cast(x), w_gate_up=cast(w_gate_up), w_down=cast(w_down), topk_ids=ids,
+                topk_weights=cast(weights), b_gate_up=cast(b_gate_up), b_down=cast(b_down))
+
+
+DIFF_INPUTS = ["x", "w_gate_up", "w_down", "topk_weights", "b_gate_up", "b_down"]
+
+
+def run(fn, inp, grad_out, **kw):
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in DIFF_INPUTS if inp[k] is not None}
+    y = fn(leaves["x"], leaves["w_gate_up"], leaves["w_down"], inp["topk_ids"], leaves["topk_weights"],
+           b_gate_up=leaves.get("b_gate_up"), b_down=leaves.get("b_down"), **kw)
+    if y.requires_grad:
+        (y.double() * grad_out).sum().backward()
+    grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in leaves.items()}
+    return y, grads
+
+
+def check_against_oracle(backend, inp, activation, tol):
+    T, H = inp["x"].shape
+    grad_out = torch.randn(T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y, grads = run(moe_mlp, inp, grad_out, activation=activation, backend=backend)
+    y_ref, grads_ref = run(moe_mlp_oracle, inp, grad_out, activation=activation)
+    assert y.dtype == inp["x"].dtype and y.shape == (T, H)
+    if T == 0:
+        return
+    assert rel_err(y, y_ref) < tol, f"forward rel err {rel_err(y, y_ref)}"
+    for k in grads_ref:
+        err = rel_err(grads[k], grads_ref[k]) if grads_ref[k].abs().sum() > 0 else float(grads[k].abs().max())
+        assert err < tol, f"grad {k}: rel err {err}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(0, 9), H=st.integers(1, 9), I=st.integers(1, 7), E=st.integers(1, 5),
+       k_frac=st.floats(0, 1), activation=st.sampled_from(sorted(ACTIVATIONS)), bias=st.booleans(),
+       skew=st.booleans(), seed=st.integers(0, 2**16))
+def test_backend_matches_float64_oracle(backend, T, H, I, E, k_frac, activation, bias, skew, seed):
+    K = 1 + int(k_frac * (E - 1))
+    inp = make_inputs(T, H, I, E, K, activation, bias, torch.float64, seed, skew)
+    check_against_oracle(backend, inp, activation, 1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("shape", [(13, 16, 8, 5, 2), (7, 9, 5, 3, 3), (1, 8, 4, 1, 1)])  # aligned and odd sizes
+def test_low_precision_against_oracle(backend, dtype, tol, shape):
+    T, H, I, E, K = shape
+    inp = make_inputs(T, H, I, E, K, "silu", True, dtype, seed=T * 31 + H)
+    check_against_oracle(backend, inp, "silu", tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_cases(backend):
+    # K = E: every token visits every expert; E = 1; T = 0 keeps shapes and dtype.
+    for T, E, K in [(5, 4, 4), (6, 1, 1), (0, 3, 2)]:
+        inp = make_inputs(T, 6, 3, E, K, "silu", False, torch.float64, seed=E)
+        check_against_oracle(backend, inp, "silu", 1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_ids_and_non_contiguous_weights(backend):
+    inp = make_inputs(9, 8, 4, 4, 2, "gelu_tanh", False, torch.float64, seed=3)
+    ref = moe_mlp_oracle(inp["x"], inp["w_gate_up"], inp["w_down"], inp["topk_ids"], inp["topk_weights"], "gelu_tanh")
+    w_down_t = inp["w_down"].detach().transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    y = moe_mlp(inp["x"], inp["w_gate_up"], w_down_t, inp["topk_ids"].int(), inp["topk_weights"],
+                activation="gelu_tanh", backend=backend)
+    assert rel_err(y, ref) < 1e-10
+
+
+def test_auto_backend_on_cpu_is_grouped_mm():
+    inp = make_inputs(4, 8, 4, 3, 2, "silu", False, torch.float32, seed=0)
+    a = moe_mlp(inp["x"], inp["w_gate_up"], inp["w_down"], inp["topk_ids"], inp["topk_weights"])
+    b = moe_mlp(inp["x"], inp["w_gate_up"], inp["w_down"], inp["topk_ids"], inp["topk_weights"], backend="grouped_mm")
+    assert torch.equal(a, b)
+
+
+def _good():
+    return make_inputs(4, 8, 4, 3, 2, "silu", True, torch.float32, seed=0)
+
+
+def _call(**changes):
+    inp = _good()
+    inp.update(changes)
+    kw = {k: inp.pop(k) for k in ("b_gate_up", "b_down")}
+    extra = {k: inp.pop(k) for k in ("activation", "backend") if k in inp}
+    return moe_mlp(inp["x"], inp["w_gate_up"], inp["w_down"], inp["topk_ids"], inp["topk_weights"], **kw, **extra)
+
+
+@pytest.mark.parametrize("changes,exc,match", [
+    (dict(topk_ids=torch.tensor([[0, 3]] * 4)), ValueError, "expert id 3, outside \\[0, 2\\]"),
+    (dict(topk_ids=torch.tensor([[0, -1]] * 4)), ValueError, "expert id -1"),
+    (dict(x=torch.randn(4, 7)), ValueError, "w_gate_up has shape"),
+    (dict(x=torch.randn(2, 4, 8)), ValueError, "must be 2-D"),
+    (dict(w_down=torch.randn(3, 8, 5)), ValueError, "w_gate_up has shape"),
+    (dict(x=torch.randn(4, 8, dtype=torch.float64)), TypeError, "dtype"),
+    (dict(topk_ids=torch.zeros(4, 2)), TypeError, "integer"),
+    (dict(topk_ids=torch.zeros(3, 2, dtype=torch.long)), ValueError, "topk_ids must be"),
+    (dict(topk_weights=torch.ones(4, 3)), ValueError, "topk_weights"),
+    (dict(b_down=torch.zeros(3, 7)), ValueError, "b_down must have shape"),
+    (dict(activation="swish"), ValueError, "activation='swish' is not supported"),
+    (dict(backend="cuda_magic"), ValueError, "backend='cuda_magic' is unknown"),
+    (dict(w_gate_up=torch.randn(3, 4, 8)), ValueError, "gate rows then up rows"),
+])
+def test_bad_inputs_raise_clear_errors(changes, exc, match):
+    with pytest.raises(exc, match=match):
+        _call(**changes)
+
+
+def test_triton_backend_says_why_it_cannot_run(monkeypatch):
+    import moesys.backends as backends
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device: "no GPU and TRITON_INTERPRET unset")
+    with pytest.raises(RuntimeError, match="cannot run here: no GPU"):
+        _call(backend="triton")

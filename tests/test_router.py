@@ -1,0 +1,140 @@
+"""Router: routing choices, losses and capacity dropping against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from moesys.layers.router import Router
+
+
+def router_with_logits(logits_TE, **kw):
+    """A router whose logits for x = I (identity tokens) are exactly `logits_TE`."""
+    T, E = logits_TE.shape
+    r = Router(T, E, kw.pop("top_k", 2), **kw)
+    with torch.no_grad():
+        r.weight.copy_(logits_TE.T)
+    return r, torch.eye(T)
+
+
+def test_softmax_topk_renormalised_and_not():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.5]])
+    r, x = router_with_logits(logits, top_k=2, renormalize=False)
+    out = r(x)
+    p = logits.softmax(-1)
+    assert out.topk_ids_TK.tolist() == [[0, 1], [1, 2]]
+    torch.testing.assert_close(out.topk_weights_TK, torch.stack([p[0, [0, 1]], p[1, [1, 2]]]))
+    r.renormalize = True
+    out = r(x)
+    torch.testing.assert_close(out.topk_weights_TK.sum(-1), torch.ones(2))
+    e = math.exp(1.0)
+    torch.testing.assert_close(out.topk_weights_TK[0], torch.tensor([e / (e + 1), 1 / (e + 1)]))
+
+
+def test_switch_aux_loss_and_z_loss_by_hand():
+    logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.5], [1.0, 1.0, 3.0]])
+    r, x = router_with_logits(logits, top_k=1)
+    out = r(x)
+    p = logits.softmax(-1)
+    f = torch.tensor([1, 1, 2]) / 4.0           # ids 0, 1, 2, 2
+    aux = 3 * (f * p.mean(0)).sum()
+    torch.testing.assert_close(out.aux_loss, aux)
+    torch.testing.assert_close(out.z_loss, torch.logsumexp(logits, -1).square().mean())
+    assert out.tokens_per_expert_E.tolist() == [1, 1, 2]
+    # per-sequence: two sequences of two tokens
+    out2 = r(x, num_sequences=2)
+    per_seq = [3 * ((torch.bincount(torch.tensor(ids), minlength=3) / 2.0) * p[s].mean(0)).sum()
+               for s, ids in ((slice(0, 2), [0, 1]), (slice(2, 4), [2, 2]))]
+    torch.testing.assert_close(out2.seq_aux_loss, torch.stack(per_seq).mean())
+
+
+def test_balanced_routing_gives_aux_loss_one():
+    r, x = router_with_logits(torch.zeros(4, 4), top_k=1)
+    torch.testing.assert_close(r(x).aux_loss, torch.tensor(1.0))
+
+
+def test_aux_loss_gradient_reaches_router_weight():
+    r = Router(8, 4, 2)
+    r(torch.randn(10, 8)).aux_loss.backward()
+    assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0
+
+
+def test_sigmoid_with_aux_free_bias_changes_selection_not_weights():
+    logits = torch.tensor([[1.0, 0.9, -2.0, -3.0]])
+    r, x = router_with_logits(logits, top_k=1, score_func="sigmoid", aux_free_bias=True, renormalize=False)
+    assert r(x).topk_ids_TK.item() == 0
+    r.expert_bias.copy_(torch.tensor([0.0, 0.5, 0.0, 0.0]))
+    out = r(x)
+    assert out.topk_ids_TK.item() == 1
+    torch.testing.assert_close(out.topk_weights_TK, torch.sigmoid(torch.tensor([[0.9]])))  # unbiased score
+
+
+def test_bias_update_moves_toward_balance():
+    r = Router(4, 4, 1, score_func="sigmoid", aux_free_bias=True, bias_update_rate=0.01)
+    r.train()
+    r.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))
+    torch.testing.assert_close(r.expert_bias, torch.tensor([-0.01, 0.01, 0.0, 0.0]))
+    # from observed training load: the over-loaded expert's bias goes down
+    with torch.no_grad():
+        r.weight.zero_()
+        r.weight[2] = 1.0
+    r(torch.ones(6, 4))
+    assert r.load_since_update[2] == 6
+    r.update_bias()
+    assert r.expert_bias[2] < 0 and r.load_since_update.sum() == 0
+    assert "expert_bias" in r.state_dict() and not any(n == "expert_bias" for n, _ in r.named_parameters())
+
+
+def test_group_limited_topk():
+    # 3 groups of 2 experts. Unlimited top-2 is {0, 2}; with one group allowed the group is chosen by
+    # its best expert for softmax (DeepSeek-V2: group 0) and by its top-2 sum for sigmoid (V3: group 1).
+    logits = torch.tensor([[3.0, 0.0, 2.9, 2.8, 2.85, 0.0]])
+    r, x = router_with_logits(logits, top_k=2)
+    assert set(r(x).topk_ids_TK[0].tolist()) == {0, 2}
+    r, x = router_with_logits(logits, top_k=2, n_groups=3, topk_groups=1)
+    assert set(r(x).topk_ids_TK[0].tolist()) == {0, 1}
+    r, x = router_with_logits(logits, top_k=2, n_groups=3, topk_groups=1, score_func="sigmoid")
+    assert set(r(x).topk_ids_TK[0].tolist()) == {2, 3}
+
+
+def test_capacity_drops_lowest_scored_assignments():
+    # 4 tokens all prefer expert 0 (top-1); capacity = ceil(0.5 * 4 * 1 / 2) = 1 keeps the best one.
+    logits = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [0.5, 0.0]])
+    r, x = router_with_logits(logits, top_k=1, capacity_factor=0.5, renormalize=False)
+    out = r(x)
+    assert r.capacity(4) == 1
+    kept = (out.topk_weights_TK[:, 0] > 0).tolist()
+    assert kept == [False, True, False, False]
+    torch.testing.assert_close(out.dropped_fraction, torch.tensor(0.75))
+    assert out.tokens_per_expert_E.tolist() == [1, 0]
+    r.capacity_factor = None
+    assert r(x).dropped_fraction.item() == 0.0
+
+
+def test_jitter_only_in_training():
+    r = Router(8, 4, 2, jitter=0.1)
+    x = torch.randn(16, 8)
+    r.eval()
+    assert torch.equal(r(x).logits_TE, r(x).logits_TE)
+    r.train()
+    assert not torch.equal(r(x).logits_TE, r(x).logits_TE)
+
+
+def test_gate_runs_in_fp32():
+    r = Router(8, 4, 2).to(torch.bfloat16)
+    out = r(torch.randn(5, 8, dtype=torch.bfloat16))
+    assert out.logits_TE.dtype == torch.float32 and out.topk_weights_TK.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(top_k=5), "top_k=5 must be between 1 and num_experts=4"),
+    (dict(score_func="tanh"), "score_func='tanh'"),
+    (dict(n_groups=3), "n_groups=3 must be >= 1 and divide"),
+    (dict(n_groups=4, topk_groups=1), "hold fewer than top_k"),
+    (dict(capacity_factor=0.0), "capacity_factor=0.0"),
+])
+def test_bad_router_config(kw, match):
+    args = dict(top_k=2)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        Router(8, 4, args.pop("top_k"), **args)

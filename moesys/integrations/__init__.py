@@ -1,0 +1,1 @@
+"""Explicit integrations with other libraries (nothing here runs on `import moesys`)."""

@@ -1,0 +1,378 @@
+"""Offloaded-inference benchmark (issue 5) on one GPU, with its correctness checks in the same run.
+
+    PYTHONPATH=. python bench/offload.py --out bench/results/offload.json [--workdir /tmp/offload] [--skip-qwen3]
+
+1. Correctness: tiny random Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE in bf16 and fp32, greedy tokens of
+   `moesys.offload.load` under a budget that holds part of the experts == transformers fully on the GPU;
+   torch.cuda.max_memory_allocated() <= budget for every offloaded run below.
+2. OLMoE-1B-7B-shaped random bf16 model (~14 GB, saved to disk so the memory-mapped store is used) under a
+   4 GiB budget: decode tokens/s at batch 1 and prefill tokens/s for a 512-token prompt for transformers
+   fully on the GPU, transformers + accelerate CPU offload (dispatch_model with an inferred device map and
+   max_memory), moesys (mmap store, pinned store, int8, int4) and moesys with a budget holding the whole
+   model; the bound is pinned H2D bandwidth / (expert bytes missed per decode token) at the measured hit rate.
+3. Qwen3-30B-A3B-shaped random bf16 model (~61 GB, built on the GPU, experts copied to pinned host memory,
+   never written to disk) under 16 GiB, if the time guard allows.
+
+Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import subprocess
+import time
+import traceback
+
+import torch
+
+START = time.time()
+
+
+def log(*args):
+    print(f"[{time.time() - START:6.1f}s]", *args, flush=True)
+
+
+def env() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    sha = os.environ.get("GIT_SHA")
+    if not sha:
+        try:
+            sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            sha = None
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton_version,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_sha": sha or None}
+
+
+def h2d_bandwidth(nbytes: int = 1 << 30) -> dict:
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    out = {}
+    for name, pin in (("pinned", True), ("pageable", False)):
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        src.fill_(1)
+        best = float("inf")
+        for _ in range(4):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=pin)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        out[f"h2d_{name}_GBps"] = nbytes / best / 1e9
+    return out
+
+
+@torch.no_grad()
+def forced_decode(model, prompt, steps: int, vocab: int, before_decode=None):
+    """(prefill tokens/s, decode tokens/s): one forward over the prompt, then `steps` batch-1 forwards with the
+    KV cache, each fed a random token. A random-weight model's own greedy continuation repeats itself (and so
+    reuses the same experts); random inputs route like real text does, so cache misses are realistic."""
+    g = torch.Generator(device="cpu").manual_seed(123)
+    toks = torch.randint(2, vocab, (steps, 1, 1), generator=g).to(prompt.device)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model(prompt, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    if before_decode is not None:
+        before_decode()
+    past = out.past_key_values
+    for i in range(steps):
+        past = model(toks[i], past_key_values=past, use_cache=True).past_key_values
+    torch.cuda.synchronize()
+    return prompt.shape[1] / (t1 - t0), steps / (time.perf_counter() - t1)
+
+
+def free():
+    gc.collect()
+    torch.cuda.empty_cache()
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()  # give cached pinned blocks back before the next store is pinned
+
+
+# ------------------------------------------------------------------ 1. correctness on tiny models
+def tiny_configs():
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    return {
+        "mixtral": MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2),
+        "qwen2_moe": Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    shared_expert_intermediate_size=80),
+        "qwen3_moe": Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    head_dim=16),
+        "olmoe": OlmoeConfig(**common, num_experts=8, num_experts_per_tok=2),
+    }
+
+
+def correctness_tiny(workdir) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    import moesys.offload as mo
+    from moesys.offload.adapters import adapter_for, find_moe_blocks
+    from moesys.offload.loader import build_skeleton, plan_memory
+
+    rows = []
+    for name, cfg in tiny_configs().items():
+        path = os.path.join(workdir, f"tiny_{name}")
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+        for dtype in (torch.bfloat16, torch.float32):
+            ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda()
+            prompt = torch.randint(2, 256, (1, 24), device="cuda")
+            want = ref.generate(prompt, max_new_tokens=24, do_sample=False)
+            del ref
+            free()
+            skel = build_skeleton(cfg, dtype)
+            plan = plan_memory(skel, find_moe_blocks(skel, adapter_for(cfg)), dtype, 1 << 40)
+            budget = plan.resident_bytes + plan.reserve_bytes + 10 * plan.slot_bytes  # 10 of 24 experts
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            model = mo.load(path, gpu_memory=budget, dtype=dtype, cpu_experts="off")
+            got = model.generate(prompt, max_new_tokens=24, do_sample=False)
+            peak = torch.cuda.max_memory_allocated() - base
+            rows.append({"model": name, "dtype": str(dtype).split(".")[-1],
+                         "identical": bool(torch.equal(want, got)), "peak_bytes": peak, "budget": budget,
+                         "hit_rate": model.moesys_offload.snapshot().hit_rate})
+            log("correctness", rows[-1])
+            del model
+            free()
+    return rows
+
+
+# ------------------------------------------------------------------ 2. OLMoE-shaped
+def olmoe_config():
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                       num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                       dtype="bfloat16")
+
+
+def expert_bytes(cfg, I):
+    return 3 * cfg.hidden_size * I * 2
+
+
+def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, extra=None):
+    """Identity check (greedy tokens), then timed prefill + teacher-forced decode; stats, bound, memory peak."""
+    engine = model.moesys_offload
+    torch.cuda.reset_peak_memory_stats()
+    identical = None
+    if want is not None:
+        got = model.generate(prompt[:, :64], max_new_tokens=len(want), do_sample=False, pad_token_id=0)
+        identical = got[0, 64:].tolist() == want
+    forced_decode(model, prompt[:, :16], 4, vocab)  # warm-up
+    engine.reset_stats()
+    at = {}
+    prefill, decode = forced_decode(model, prompt, steps, vocab,
+                                    before_decode=lambda: at.update(engine.snapshot().as_dict()))
+    end = engine.snapshot().as_dict()
+    misses = (end["misses"] - at["misses"]) / steps
+    hits = (end["hits"] - at["hits"]) / steps
+    missed_bytes = misses * engine.store.expert_bytes
+    bound = bw / missed_bytes if missed_bytes else None
+    d = {k: end[k] - at[k] for k in ("prefetch_guessed", "prefetch_used", "copy_wait_s", "bytes_copied",
+                                     "cpu_experts")}
+    rec = dict(base, tokens_per_s=decode, decode_tokens_per_s=decode, prefill_tokens_per_s=prefill,
+               decode_hit_rate=hits / (hits + misses) if hits + misses else 1.0,
+               decode_missed_experts_per_token=misses, decode_missed_bytes_per_token=missed_bytes,
+               bound_tokens_per_s=bound, fraction_of_bound=decode / bound if bound else None,
+               decode_prefetch_accuracy=d["prefetch_used"] / d["prefetch_guessed"] if d["prefetch_guessed"] else None,
+               decode_copy_wait_s_per_token=d["copy_wait_s"] / steps,
+               decode_bytes_copied_per_token=d["bytes_copied"] / steps, decode_cpu_experts=d["cpu_experts"],
+               prefill_bytes_copied=at["bytes_copied"], expert_bytes=engine.store.expert_bytes,
+               num_slots=engine.cache.num_slots, host_memory=engine.host_mode,
+               budget_bytes=budget, peak_bytes=torch.cuda.max_memory_allocated(), cost_model=engine.cost_model,
+               identical_to_gpu=identical)
+    rec["peak_within_budget"] = rec["peak_bytes"] <= budget
+    if extra:
+        rec.update(extra)
+    records.append(rec)
+    log(rec["impl"], {k: rec[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "decode_hit_rate",
+                                          "bound_tokens_per_s", "decode_prefetch_accuracy",
+                                          "decode_copy_wait_s_per_token", "peak_within_budget",
+                                          "identical_to_gpu")})
+    return rec
+
+
+def baseline(records, base, impl, model, prompt, steps, vocab, want_tokens=0, budget=None):
+    """transformers' own numbers: greedy tokens (for the identity checks) and the same timed run."""
+    want = None
+    if want_tokens:
+        out = model.generate(prompt[:, :64], max_new_tokens=want_tokens, do_sample=False, pad_token_id=0)
+        want = out[0, 64:].tolist()
+    forced_decode(model, prompt[:, :16], 2, vocab)
+    torch.cuda.reset_peak_memory_stats()
+    prefill, decode = forced_decode(model, prompt, steps, vocab)
+    records.append(dict(base, impl=impl, tokens_per_s=decode, decode_tokens_per_s=decode,
+                        prefill_tokens_per_s=prefill, decode_steps=steps, budget_bytes=budget,
+                        peak_bytes=torch.cuda.max_memory_allocated()))
+    log(impl, "decode", decode, "prefill", prefill)
+    return want
+
+
+def bench_olmoe(records, meta, workdir, bw, steps):
+    from transformers import AutoModelForCausalLM
+
+    import moesys.offload as mo
+
+    cfg = olmoe_config()
+    path = os.path.join(workdir, "olmoe_shaped")
+    V = cfg.vocab_size
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        gpu = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    log("olmoe built on GPU", sum(p.numel() for p in gpu.parameters()) * 2 / 1e9, "GB")
+    gpu.save_pretrained(path)
+    log("olmoe saved")
+    prompt = torch.randint(2, V, (1, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    base = dict(meta, bench="offload", shape="olmoe-1b-7b", prompt_tokens=512, decode_steps=steps, batch=1,
+                decode="teacher-forced random tokens, KV cache")
+    want = baseline(records, base, "transformers-gpu", gpu, prompt, steps, V, want_tokens=16)
+    del gpu
+    free()
+
+    budget = 4 * 2**30
+    try:
+        acc = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
+                                                   max_memory={0: budget, "cpu": 100 * 2**30}).eval()
+        baseline(records, base, "accelerate-offload", acc, prompt, 3, V, budget=budget)
+        del acc
+    except Exception as e:  # the baseline's failure must not hide ours
+        traceback.print_exc()
+        records.append(dict(base, impl="accelerate-offload", error=repr(e)))
+    free()
+
+    runs = [("moesys-mmap", budget, dict(host_memory="mmap")),
+            ("moesys-pinned", budget, dict(host_memory="pinned")),
+            ("moesys-int8", budget, dict(host_memory="pinned", quantize_experts="int8")),
+            ("moesys-int4", budget, dict(host_memory="pinned", quantize_experts="int4")),
+            # a budget holding the whole model: at least as fast as transformers fully on the GPU
+            ("moesys-whole-model-budget", 40 * 2**30, dict(host_memory="pinned"))]
+    for impl, b, opts in runs:
+        try:
+            t0 = time.perf_counter()
+            model = mo.load(path, gpu_memory=b, dtype=torch.bfloat16, **opts)
+            load_s = time.perf_counter() - t0
+            exact = opts.get("quantize_experts", "none") == "none"
+            run_ours(records, dict(base, impl=impl), model, prompt, steps, b, bw["h2d_pinned_GBps"] * 1e9, V,
+                     want=want if exact else None, extra={"load_s": load_s, "options": opts})
+            del model
+        except Exception as e:
+            traceback.print_exc()
+            records.append(dict(base, impl=impl, error=repr(e)))
+        free()
+
+
+# ------------------------------------------------------------------ 3. Qwen3-30B-A3B-shaped
+def bench_qwen3(records, meta, bw, steps):
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from moesys.offload.adapters import adapter_for
+    from moesys.offload.loader import build
+    from moesys.offload.source import TensorSource
+
+    cfg = Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                         num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                         num_experts=128, num_experts_per_tok=8, max_position_embeddings=4096,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=None, dtype="bfloat16")
+    shape = "qwen3-30b-a3b"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        gpu = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    log("qwen3 built on GPU", sum(p.numel() for p in gpu.parameters()) * 2 / 1e9, "GB")
+    V = cfg.vocab_size
+    prompt = torch.randint(2, V, (1, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    base = dict(meta, bench="offload", shape=shape, prompt_tokens=512, decode_steps=steps, batch=1,
+                decode="teacher-forced random tokens, KV cache")
+    want = baseline(records, base, "transformers-gpu", gpu, prompt, steps, V, want_tokens=16)
+
+    adapter = adapter_for(cfg)
+    state = {k: v for k, v in gpu.state_dict().items() if ".experts." not in k}
+    layers = gpu.model.layers
+    I = cfg.moe_intermediate_size
+
+    def expert(layer, e):
+        # layers are read in order: drop the previous layer's GPU experts so the cache fits beside the rest
+        if e == 0 and layer > 0:
+            prev = layers[layer - 1].mlp.experts
+            prev.gate_up_proj, prev.down_proj = None, None
+        ex = layers[layer].mlp.experts
+        return ex.gate_up_proj[e, :I], ex.gate_up_proj[e, I:], ex.down_proj[e]
+
+    budget = 16 * 2**30
+    # the experts go to pinned host memory straight from the GPU model; the GPU model is freed after
+    t0 = time.perf_counter()
+    model = build(cfg, TensorSource({adapter.module_name(k): v for k, v in state.items()}, expert),
+                  gpu_memory=budget, dtype=torch.bfloat16, host_memory="pinned")
+    load_s = time.perf_counter() - t0
+    del gpu, state, layers, expert
+    free()
+    run_ours(records, dict(base, impl="moesys-pinned"), model, prompt, steps, budget,
+             bw["h2d_pinned_GBps"] * 1e9, V, want=want, extra={"load_s": load_s})
+    del model
+    free()
+    records.append(dict(base, impl="accelerate-offload", error="not run: the bf16 model (61 GB) twice in "
+                        "host memory (ours + accelerate's CPU copy) does not fit 128 GB next to the time budget"))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--workdir", default="/tmp/moesys_offload_bench")
+    p.add_argument("--steps", type=int, default=24, help="timed batch-1 decode steps")
+    p.add_argument("--skip-qwen3", action="store_true")
+    p.add_argument("--qwen3-after-s", type=float, default=200.0,
+                   help="skip the Qwen3 shape if this many seconds have passed before it starts")
+    args = p.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    meta = env()
+    records = []
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1, default=str)
+
+    bw = h2d_bandwidth()
+    log("bandwidth", bw)
+    records.append(dict(meta, bench="offload", impl="h2d-bandwidth", shape="1GiB", **bw))
+
+    def stage(name, fn):
+        try:
+            fn()
+        except Exception as e:  # one stage's failure must not lose the others' numbers
+            traceback.print_exc()
+            records.append(dict(meta, bench="offload", impl=name, error=repr(e)))
+        free()
+        save()
+
+    def tiny():
+        for row in correctness_tiny(args.workdir):
+            records.append(dict(meta, bench="offload-correctness", impl="moesys", shape=f"tiny-{row['model']}",
+                                **row))
+
+    stage("correctness", tiny)
+    stage("olmoe", lambda: bench_olmoe(records, meta, args.workdir, bw, args.steps))
+    if args.skip_qwen3 or time.time() - START > args.qwen3_after_s:
+        log("qwen3 shape skipped (time guard)")
+        records.append(dict(meta, bench="offload", shape="qwen3-30b-a3b", impl="moesys-pinned",
+                            error="not run: time guard"))
+        save()
+    else:
+        stage("qwen3", lambda: bench_qwen3(records, meta, bw, args.steps))
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Offloaded MoE inference: non-expert weights on the GPU, experts in host memory, a GPU expert cache,
+copies on a side stream, speculative next-layer prefetch (DESIGN.md section 3, "Offload API").
+
+    model = moesys.offload.load(MODEL_DIR, gpu_memory="16GiB")
+    model.generate(...)
+    print(model.moesys_offload.snapshot().summary())
+"""
+
+from moesys.offload.loader import MemoryPlan, build, load, plan_memory
+from moesys.offload.sizes import parse_bytes
+from moesys.offload.stats import OffloadStats
+
+__all__ = ["load", "build", "plan_memory", "MemoryPlan", "OffloadStats", "parse_bytes"]

@@ -1,0 +1,154 @@
+"""GPU expert cache: a fixed pool of expert slots on the compute device, keyed by (layer, expert), with LRU or
+LFU eviction (no write-back: experts are read-only) and per-slot CUDA events so a copy into a slot waits
+for the last compute that read it, and compute waits only for the copies it needs.
+
+Legend: S slots, L MoE layers, E experts per layer.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+
+import torch
+
+CACHE_POLICIES = ("lru", "lfu")
+# torch's CUDA grouped GEMM takes fewer than 1024 groups per call (TORCH_CHECK(group_count < 1024))
+MAX_BANK_SLOTS = 1023
+
+
+class _LRU:
+    def __init__(self):
+        self.order: OrderedDict = OrderedDict()
+
+    def touch(self, key) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def remove(self, key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, protected) -> object | None:
+        for key in self.order:
+            if key not in protected:
+                return key
+        return None
+
+
+class _LFU:
+    """Least frequently used over all-time use counts (an expert evicted and reloaded keeps its count);
+    ties go to the least recently used. A lazy heap keeps eviction O(log S)."""
+
+    def __init__(self):
+        self.count: dict = {}
+        self.stamp: dict = {}
+        self.heap: list = []
+        self.tick = 0
+        self.resident: set = set()
+
+    def touch(self, key) -> None:
+        self.tick += 1
+        self.count[key] = self.count.get(key, 0) + 1
+        self.stamp[key] = self.tick
+        self.resident.add(key)
+        heapq.heappush(self.heap, (self.count[key], self.tick, key))
+        if len(self.heap) > 8 * max(len(self.resident), 64):
+            self.heap = [(self.count[k], self.stamp[k], k) for k in self.resident]
+            heapq.heapify(self.heap)
+
+    def remove(self, key) -> None:
+        self.resident.discard(key)
+
+    def victim(self, protected) -> object | None:
+        skipped, found = [], None
+        while self.heap:
+            count, stamp, key = heapq.heappop(self.heap)
+            if key not in self.resident or self.stamp[key] != stamp:
+                continue  # stale entry
+            skipped.append((count, stamp, key))
+            if key not in protected:
+                found = key
+                break
+        for item in skipped:
+            heapq.heappush(self.heap, item)
+        return found
+
+
+class ExpertCache:
+    """`num_slots` expert slots laid out as one pool tensor per part ([S, *part_shape]), split into banks of
+    at most `bank_size` slots (torch's grouped GEMM takes at most 1023 groups); each layer lives in one bank
+    (layer r in bank r % num_banks), so a layer's grouped call sees its bank as its expert tensor."""
+
+    def __init__(self, parts, num_slots: int, device: torch.device, policy: str, layers: list[int],
+                 num_experts: int, bank_size: int = MAX_BANK_SLOTS):
+        if policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy={policy!r} is unknown; use one of {list(CACHE_POLICIES)}")
+        if num_slots < 1:
+            raise ValueError(f"the expert cache needs at least one slot, got num_slots={num_slots}")
+        if not 1 <= bank_size <= MAX_BANK_SLOTS:
+            raise ValueError(f"bank_size={bank_size} must be in [1, {MAX_BANK_SLOTS}]: torch's grouped GEMM "
+                             f"takes fewer than 1024 experts per call")
+        self.device, self.num_slots, self.num_experts = device, num_slots, num_experts
+        self.pools = {name: torch.empty((num_slots,) + tuple(shape), dtype=dt, device=device)
+                      for name, shape, dt in parts}
+        num_banks = min(len(layers), -(-num_slots // bank_size))
+        edges = [num_slots * b // num_banks for b in range(num_banks + 1)]
+        self.banks = list(zip(edges[:-1], edges[1:]))  # [start, end) slot ranges
+        self.policies = [_LRU() if policy == "lru" else _LFU() for _ in self.banks]
+        self.free = [list(range(end - 1, start - 1, -1)) for start, end in self.banks]
+        self.row = {layer: r for r, layer in enumerate(layers)}
+        self.bank_of = {layer: r % num_banks for r, layer in enumerate(layers)}
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.ready: list = [None] * num_slots     # event: copy into the slot done
+        self.resident_per_layer = {layer: 0 for layer in layers}
+        # device-side expert -> bank-local slot table: a layer whose experts are all resident routes with no
+        # host sync
+        self.slot_table_LE = torch.full((len(layers), num_experts), -1, dtype=torch.int64, device=device)
+
+    def capacity(self, layer: int) -> int:
+        start, end = self.banks[self.bank_of[layer]]
+        return end - start
+
+    def bank_pool(self, layer: int, name: str) -> torch.Tensor:
+        start, end = self.banks[self.bank_of[layer]]
+        return self.pools[name][start:end]
+
+    def slot_views(self, slot: int) -> dict[str, torch.Tensor]:
+        return {name: pool[slot] for name, pool in self.pools.items()}
+
+    def lookup(self, key) -> int | None:
+        slot = self.slot_of.get(key)
+        if slot is not None:
+            self.policies[self.bank_of[key[0]]].touch(key)
+        return slot
+
+    def layer_complete(self, layer: int) -> bool:
+        return self.resident_per_layer[layer] == self.num_experts
+
+    def allocate(self, key, protected) -> tuple[int, tuple[int, int] | None]:
+        """A slot for `key` (not yet resident) in its layer's bank: a free one, else the policy's victim
+        outside `protected`. Returns (slot, evicted key or None); the caller fills the slot."""
+        bank = self.bank_of[key[0]]
+        policy, evicted = self.policies[bank], None
+        if self.free[bank]:
+            slot = self.free[bank].pop()
+        else:
+            evicted = policy.victim(protected)
+            if evicted is None:
+                raise RuntimeError(f"expert cache: all {self.capacity(key[0])} slots of bank {bank} are in use "
+                                   "by this step; this is a bug (waves should be no larger than a bank)")
+            slot = self.slot_of.pop(evicted)
+            policy.remove(evicted)
+            self.resident_per_layer[evicted[0]] -= 1
+        self.slot_of[key] = slot
+        policy.touch(key)
+        self.resident_per_layer[key[0]] += 1
+        return slot, evicted
+
+    def update_table(self, layer: int, experts: list[int], slots: list[int]) -> None:
+        if experts:
+            start = self.banks[self.bank_of[layer]][0]
+            idx_val = torch.tensor([experts, [s - start for s in slots]], dtype=torch.int64)
+            if self.device.type == "cuda":
+                idx_val = idx_val.pin_memory().to(self.device, non_blocking=True)
+            self.slot_table_LE[self.row[layer]].index_copy_(0, idx_val[0], idx_val[1])

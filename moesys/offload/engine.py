@@ -1,0 +1,323 @@
+"""The offload engine: runs one MoE layer's experts from the expert cache, loading misses from the host
+store on a side stream, prefetching the next layer's guessed experts, and (batch-1 decode, when the cost
+model says so) computing missed experts on the CPU instead of copying them.
+
+Numerics: when the model's experts implementation is not "eager" and experts are not quantized, the layer
+runs that same implementation (transformers' ExpertsInterface) over the slot pool with expert ids remapped
+to slot ids, so each routed row meets the same kernel as on a fully resident model; otherwise experts run
+one at a time in ascending id order exactly like transformers' eager loop. Either way greedy generation
+matches the model fully on the device, bit for bit.
+
+Legend: T tokens, H hidden, K top-k, E experts per layer, L MoE layers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moesys.offload import quant
+from moesys.ops import moe_mlp
+from moesys.offload.stats import OffloadStats
+
+CPU_EXPERT_MODES = ("auto", "on", "off")
+# transformers' hidden_act -> moesys.ops activation name
+_MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for a transformers v5 experts module: same call, weights live in the engine."""
+
+    def __init__(self, engine: "OffloadEngine", layer: int):
+        super().__init__()
+        self.engine = engine
+        self.layer = layer
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.engine.experts_forward(self.layer, hidden_states, top_k_index, top_k_weights)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, offloaded"
+
+
+class OffloadEngine:
+    def __init__(self, *, store, cache, inner: dict[int, nn.Module], device: torch.device,
+                 prefetcher=None, cpu_experts: str = "off"):
+        if cpu_experts not in CPU_EXPERT_MODES:
+            raise ValueError(f"cpu_experts={cpu_experts!r} is unknown; use one of {list(CPU_EXPERT_MODES)}")
+        self.store, self.cache, self.inner, self.device = store, cache, inner, device
+        self.prefetcher, self.cpu_mode = prefetcher, cpu_experts
+        self.stats = OffloadStats()
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.layer_used: dict[int, torch.cuda.Event] = {}  # last compute event of each layer
+        self.pending: dict[int, set[int]] = {layer: set() for layer in inner}  # slots with copies in flight
+        self._fast_hits = torch.zeros((), dtype=torch.int64, device=device)
+        some = next(iter(inner.values()))
+        self.impl = getattr(some.config, "_experts_implementation", "eager") or "eager"
+        self.grouped = self.impl != "eager" and store.quantize == "none"
+        if self.grouped:
+            # the original experts modules now see the slot pool as their weights: ids are slot ids
+            for layer, module in inner.items():
+                for name in ("gate_up_proj", "down_proj"):
+                    module._parameters.pop(name, None)
+                module.gate_up_proj = cache.bank_pool(layer, "gate_up")
+                module.down_proj = cache.bank_pool(layer, "down")
+                module.num_experts = cache.capacity(layer)
+        act = getattr(some.config, "hidden_act", None)
+        self.activation = _MOESYS_ACTIVATIONS.get(act)  # None: quantized experts use the eager loop
+        self.moe_backend = "grouped_mm"
+        # experts dequantized at once (the workspace the memory plan reserves)
+        self.dequant_experts = max(1, getattr(some.config, "num_experts_per_tok", 1))
+        self.cost_model = {}
+        self._cpu_faster = False
+        if cpu_experts == "auto" and self.cuda:
+            self._measure_cost_model()
+
+    # ---------------------------------------------------------------- public
+    def snapshot(self) -> OffloadStats:
+        """Current statistics (also folds in the hits counted on the device without a sync)."""
+        self.stats.hits += int(self._fast_hits)
+        self._fast_hits.zero_()
+        return self.stats
+
+    def reset_stats(self) -> None:
+        self._fast_hits.zero_()
+        self.stats = OffloadStats()
+        if self.prefetcher is not None:
+            self.prefetcher.reset()
+
+    # ---------------------------------------------------------------- the layer
+    @torch.no_grad()
+    def experts_forward(self, layer, x_TH, ids_TK, w_TK):
+        T = x_TH.shape[0]
+        use_cpu = self.cpu_mode == "on" or (self.cpu_mode == "auto" and self._cpu_faster and T == 1)
+        if self.grouped and not use_cpu and self.cache.layer_complete(layer):
+            # every expert of this layer is resident: route on the device, no host sync (and no guess to score)
+            if self.prefetcher is not None:
+                self.prefetcher.pending.pop(layer, None)
+            self._wait(layer, list(self.pending[layer]))
+            E = self.cache.num_experts
+            seen_E = torch.zeros(E, dtype=torch.bool, device=ids_TK.device)
+            self._fast_hits += seen_E.index_fill_(0, ids_TK.flatten(), True).sum()  # bincount would sync
+            out = self._run_grouped(layer, x_TH, ids_TK, w_TK)
+            self._mark_used(layer)
+            return out
+
+        guess = None
+        nxt = self.prefetcher.next_layer.get(layer) if self.prefetcher is not None else None
+        if nxt is not None and not self.cache.layer_complete(nxt):
+            guess = self.prefetcher.guess(layer, x_TH)
+        flat = ids_TK.flatten()
+        host = (flat if guess is None else torch.cat((flat, guess.to(flat.dtype)))).tolist()  # the one sync
+        needed = sorted(set(host[:flat.numel()]))
+        if self.prefetcher is not None:
+            guessed_n, used_n = self.prefetcher.score(layer, set(needed))
+            self.stats.prefetch_guessed += guessed_n
+            self.stats.prefetch_used += used_n
+        cpu_set = set()
+        if use_cpu:
+            cpu_set = {e for e in needed if (layer, e) not in self.cache.slot_of}
+        gpu_needed = [e for e in needed if e not in cpu_set]
+        self.stats.misses += len(cpu_set)
+        self.stats.cpu_experts += len(cpu_set)
+
+        S = self.cache.capacity(layer)
+        waves = [gpu_needed[i:i + S] for i in range(0, len(gpu_needed), S)] or [[]]
+        out = None if (self.grouped and len(waves) == 1 and not cpu_set) else torch.zeros_like(x_TH)
+        for w_i, wave in enumerate(waves):
+            slots = self._ensure(layer, wave)
+            if w_i == 0 and guess is not None:
+                self._prefetch(layer, sorted(set(host[flat.numel():])), protect=wave)
+            self._wait(layer, slots)
+            if out is None:
+                out = self._run_grouped(layer, x_TH, ids_TK, w_TK)
+            elif self.store.quantize != "none" and self.activation is not None and wave:
+                for i in range(0, len(wave), self.dequant_experts):
+                    self._run_dequant(layer, x_TH, ids_TK, w_TK, wave[i:i + self.dequant_experts],
+                                      slots[i:i + self.dequant_experts], out)
+            else:
+                self._run_loop(layer, x_TH, ids_TK, w_TK, list(zip(wave, slots)), out, host[:flat.numel()])
+            self._mark_used(layer)
+        if cpu_set:
+            self._run_loop(layer, x_TH, ids_TK, w_TK, [(e, None) for e in sorted(cpu_set)], out,
+                           host[:flat.numel()])
+        return out
+
+    # ---------------------------------------------------------------- cache traffic
+    def _ensure(self, layer: int, experts: list[int]) -> list[int]:
+        """Slots holding `experts` of `layer`, issuing copies for the missing ones."""
+        protect = {(layer, e) for e in experts}
+        slots, loaded_e, loaded_s = [], [], []
+        for e in experts:
+            slot = self.cache.lookup((layer, e))
+            if slot is None:
+                slot = self._load((layer, e), protect)
+                loaded_e.append(e)
+                loaded_s.append(slot)
+                self.stats.misses += 1
+            else:
+                self.stats.hits += 1
+            slots.append(slot)
+        if self.grouped:
+            self.cache.update_table(layer, loaded_e, loaded_s)
+        return slots
+
+    def _prefetch(self, layer: int, guessed: list[int], protect: list[int]) -> None:
+        nxt = self.prefetcher.next_layer[layer]
+        self.prefetcher.record(layer, guessed)
+        keep = {(layer, e) for e in protect} | {(nxt, e) for e in guessed}
+        # never let a guess evict what this layer needs, nor take more than half the cache
+        same_bank = self.cache.bank_of[nxt] == self.cache.bank_of[layer]
+        budget = max(0, min(len(guessed), self.cache.capacity(nxt) // 2 - (len(protect) if same_bank else 0)))
+        loaded_e, loaded_s = [], []
+        for e in guessed:
+            if (nxt, e) in self.cache.slot_of:
+                continue
+            if budget == 0:
+                break
+            budget -= 1
+            loaded_e.append(e)
+            loaded_s.append(self._load((nxt, e), keep))
+            self.stats.prefetch_copies += 1
+        if self.grouped:
+            self.cache.update_table(nxt, loaded_e, loaded_s)
+
+    def _load(self, key, protect) -> int:
+        slot, evicted = self.cache.allocate(key, protect)
+        views = self.cache.slot_views(slot)
+        if evicted is not None:
+            self.stats.evictions += 1
+            self.pending[evicted[0]].discard(slot)
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                used = self.layer_used.get(evicted[0]) if evicted is not None else None
+                if used is not None:
+                    self.copy_stream.wait_event(used)  # the old occupant's last reader is done
+                self.store.copy_to(key[0], key[1], views)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            self.cache.ready[slot] = event
+            self.pending[key[0]].add(slot)
+        else:
+            self.store.copy_to(key[0], key[1], views)
+        self.stats.copies += 1
+        self.stats.bytes_copied += self.store.expert_bytes
+        return slot
+
+    def _wait(self, layer: int, slots: list[int]) -> None:
+        for slot in slots:
+            event = self.cache.ready[slot]
+            if event is None:
+                continue
+            if not event.query():
+                t0 = time.perf_counter()
+                event.synchronize()
+                self.stats.copy_wait_s += time.perf_counter() - t0
+            self.cache.ready[slot] = None
+            self.pending[layer].discard(slot)
+
+    def _mark_used(self, layer: int) -> None:
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self.layer_used[layer] = event
+
+    # ---------------------------------------------------------------- compute
+    def _run_grouped(self, layer, x_TH, ids_TK, w_TK):
+        slot_ids_TK = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK]
+        return self.inner[layer](x_TH, slot_ids_TK, w_TK)
+
+    def _weights(self, parts: dict, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.store.quantize == "none":
+            return parts["gate_up"], parts["down"]
+        mode = self.store.quantize
+        gu, d = (quant.dequantize(parts[f"{n}.q"][None], parts[f"{n}.scale"][None], mode, dtype)[0]
+                 for n in ("gate_up", "down"))
+        return gu, d
+
+    def _run_loop(self, layer, x_TH, ids_TK, w_TK, experts_slots, out_TH, flat_host) -> None:
+        """transformers' eager expert loop (same ops, same order) over slots, or the host store for slot
+        None. Token positions come from the ids already read to the host, so the loop never syncs."""
+        act = self.inner[layer].act_fn
+        K = ids_TK.shape[1]
+        order = sorted(experts_slots)
+        wanted = {e for e, _ in order}
+        pos = {e: [] for e in wanted}
+        # (k, t) order, as transformers' torch.where over its [E, K, T] mask gives
+        for k in range(K):
+            for t in range(len(flat_host) // K):
+                e = flat_host[t * K + k]
+                if e in wanted:
+                    pos[e].append((k, t))
+        flat = [v for e, _ in order for kt in pos[e] for v in kt]
+        if not flat:
+            return
+        kt_N2 = torch.tensor(flat, dtype=torch.int64).view(-1, 2)
+        if self.cuda:
+            kt_N2 = kt_N2.pin_memory().to(self.device, non_blocking=True)
+        start = 0
+        for e, slot in order:
+            n = len(pos[e])
+            if n == 0:
+                continue
+            top_k_pos, token_idx = kt_N2[start:start + n, 0], kt_N2[start:start + n, 1]
+            start += n
+            x = x_TH[token_idx]
+            if slot is None:
+                # computed where the weights already are: the host
+                w_gu, w_d = self._weights(self.store.host_parts(layer, e), self.store.dtype)
+                x = x.to("cpu", w_gu.dtype)
+            else:
+                w_gu, w_d = self._weights(self.cache.slot_views(slot), x_TH.dtype)
+            gate, up = F.linear(x, w_gu).chunk(2, dim=-1)
+            h = F.linear(act(gate) * up, w_d).to(x_TH.device, x_TH.dtype)
+            h = h * w_TK[token_idx, top_k_pos, None]
+            out_TH.index_add_(0, token_idx, h.to(out_TH.dtype))
+
+    def _run_dequant(self, layer, x_TH, ids_TK, w_TK, experts, slots, out_TH) -> None:
+        """Quantized experts: dequantize this wave's slots together into a compact [n, ...] workspace and
+        run moesys' moe_mlp on it (ids remapped on the device; rows routed elsewhere get weight 0)."""
+        mode, dtype, E = self.store.quantize, x_TH.dtype, self.cache.num_experts
+        lut = torch.zeros(E, dtype=torch.int64)
+        member = torch.zeros(E, dtype=torch.bool)
+        lut[experts] = torch.arange(len(experts))
+        member[experts] = True
+        idx = torch.tensor(slots, dtype=torch.int64)
+        if self.cuda:
+            lut, member, idx = (t.pin_memory().to(self.device, non_blocking=True) for t in (lut, member, idx))
+        pools = self.cache.pools
+        w_gu = quant.dequantize(pools["gate_up.q"][idx], pools["gate_up.scale"][idx], mode, dtype)
+        w_d = quant.dequantize(pools["down.q"][idx], pools["down.scale"][idx], mode, dtype)
+        w = w_TK * member[ids_TK]
+        out_TH += moe_mlp(x_TH, w_gu, w_d, lut[ids_TK], w.to(dtype), activation=self.activation,
+                          backend=self.moe_backend)
+
+    # ---------------------------------------------------------------- cost model
+    def _measure_cost_model(self) -> None:
+        """Batch-1 decode: is computing a missed expert on the CPU (send x over, matvec from host memory, bring
+        y back, all on the critical path) faster than copying it to the GPU? Copies are timed back to back,
+        as they stream on the side stream, so their per-expert time is the bandwidth-bound one."""
+        layer = next(iter(self.inner))
+        I = self.store.I
+        x_dev = torch.randn(1, self.store.H, dtype=self.store.dtype, device=self.device)
+        n = min(4, self.cache.num_slots, self.cache.num_experts)
+        cpu_s = copy_s = float("inf")
+        for _ in range(3):
+            torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            w_gu, w_d = self._weights(self.store.host_parts(layer, 0), self.store.dtype)  # as the CPU path does
+            h = F.linear(x_dev.to("cpu"), w_gu)
+            F.linear(F.silu(h[:, :I]) * h[:, I:], w_d).to(self.device)
+            torch.cuda.synchronize(self.device)
+            cpu_s = min(cpu_s, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for slot in range(n):
+                self.store.copy_to(layer, slot, self.cache.slot_views(slot))
+            torch.cuda.synchronize(self.device)
+            copy_s = min(copy_s, (time.perf_counter() - t0) / n)
+        self.cost_model = {"cpu_expert_s": cpu_s, "copy_expert_s": copy_s}
+        self._cpu_faster = cpu_s < copy_s

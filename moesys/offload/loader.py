@@ -1,0 +1,259 @@
+"""`load()`: a transformers model whose sparse MoE experts are offloaded (moesys.offload's public API).
+
+Steps: config.json -> model skeleton on the meta device (never trust_remote_code) -> memory plan (fails
+before anything is read if the budget cannot hold the non-expert weights, a workspace and one expert per
+MoE layer) -> non-expert weights to the device -> host expert store -> expert cache -> each block's
+experts module replaced by an OffloadedExperts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from moesys.offload.adapters import adapter_for, find_moe_blocks
+from moesys.offload.cache import CACHE_POLICIES, ExpertCache
+from moesys.offload.engine import CPU_EXPERT_MODES, OffloadedExperts, OffloadEngine
+from moesys.offload.prefetch import PREFETCH_POLICIES, NextGatePrefetcher
+from moesys.offload.quant import QUANT_MODES
+from moesys.offload.sizes import format_bytes, parse_bytes
+from moesys.offload.source import SafetensorsSource
+from moesys.offload.store import HOST_MODES, HostExpertStore, parts_nbytes, slot_parts
+
+_OPTIONS = {"cache_policy": "lru", "prefetch": "next-gate", "quantize_experts": "none", "cpu_experts": "off",
+            "host_memory": "auto", "device": None, "max_context": 4096, "reserve": None,
+            "experts_implementation": None, "group_size": 128, "bank_size": 1023}
+
+
+@dataclass
+class MemoryPlan:
+    budget: int
+    resident_bytes: int  # non-expert weights
+    reserve_bytes: int   # KV cache for max_context, activations, dequantization workspace
+    slot_bytes: int      # one expert in the cache
+    num_slots: int
+    total_experts: int
+    num_moe_layers: int
+
+    @property
+    def min_budget(self) -> int:
+        return self.resident_bytes + self.reserve_bytes + self.num_moe_layers * self.slot_bytes
+
+    def describe(self) -> str:
+        return (f"non-expert weights {format_bytes(self.resident_bytes)}, workspace "
+                f"{format_bytes(self.reserve_bytes)}, cache {self.num_slots}/{self.total_experts} experts of "
+                f"{format_bytes(self.slot_bytes)}")
+
+
+def _resolve_options(options: dict) -> dict:
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise TypeError(f"moesys.offload.load: unknown option(s) {sorted(unknown)}; allowed: {sorted(_OPTIONS)}")
+    opts = {**_OPTIONS, **options}
+    for key, allowed in (("cache_policy", CACHE_POLICIES), ("prefetch", PREFETCH_POLICIES),
+                         ("quantize_experts", QUANT_MODES), ("cpu_experts", CPU_EXPERT_MODES),
+                         ("host_memory", HOST_MODES)):
+        if opts[key] not in allowed:
+            raise ValueError(f"{key}={opts[key]!r} is not allowed; use one of {list(allowed)}")
+    return opts
+
+
+def _resolve_dtype(dtype, config) -> torch.dtype:
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'bfloat16' or torch.bfloat16")
+        dtype = getattr(torch, dtype)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32")
+    return dtype
+
+
+def build_skeleton(config, dtype: torch.dtype, experts_implementation: str | None = None) -> nn.Module:
+    """The transformers model for `config` with every parameter on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.eval()
+
+
+def plan_memory(model: nn.Module, blocks: dict, dtype: torch.dtype, gpu_memory, *, quantize_experts="none",
+                max_context=4096, reserve=None, group_size=128) -> MemoryPlan:
+    """How the budget splits; raises ValueError if it cannot hold one expert per MoE layer."""
+    budget = parse_bytes(gpu_memory)
+    config = model.config.get_text_config()
+    expert_params = {id(p) for b in blocks.values() for p in b.experts.parameters()}
+    elsize = torch.empty((), dtype=dtype).element_size()
+    resident = sum(p.numel() for p in model.parameters() if id(p) not in expert_params) * elsize
+    experts = next(iter(blocks.values())).experts
+    E, two_I, H = experts.gate_up_proj.shape
+    I = two_I // 2
+    K = getattr(config, "num_experts_per_tok", 1)
+    slot_bytes = parts_nbytes(slot_parts(I, H, dtype, quantize_experts, group_size))
+    if reserve is None:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        kv = 2 * config.num_hidden_layers * kv_heads * head_dim * max_context * elsize
+        prefill = min(max_context, 1024)
+        act = prefill * (K * (3 * H + 4 * I) + 12 * H) * elsize + prefill * heads * prefill * 4
+        # K experts dequantized at once: the result, the integer widening and int4 unpacking
+        dequant = 0 if quantize_experts == "none" else K * 3 * I * H * (2 * elsize + 4)
+        reserve = kv + act + dequant + 8 * config.vocab_size * 4 + 64 * 2**20
+    plan = MemoryPlan(budget, resident, int(reserve), slot_bytes, 0, E * len(blocks), len(blocks))
+    if budget < plan.min_budget:
+        raise ValueError(
+            f"gpu_memory={format_bytes(budget)} is too small for this model: non-expert weights need "
+            f"{format_bytes(resident)}, the workspace (KV cache for max_context={max_context}, activations) "
+            f"{format_bytes(plan.reserve_bytes)}, and one expert per MoE layer {len(blocks)} x "
+            f"{format_bytes(slot_bytes)}; give at least {format_bytes(plan.min_budget)}, or lower max_context, "
+            f"or use quantize_experts='int4'")
+    plan.num_slots = min(plan.total_experts, (budget - resident - plan.reserve_bytes) // slot_bytes)
+    return plan
+
+
+def _load_non_experts(model: nn.Module, source, adapter, device, dtype) -> None:
+    state = {}
+    for disk_name, tensor in source.non_expert_items():
+        state[adapter.module_name(disk_name)] = tensor.to(device=device,
+                                                          dtype=dtype if tensor.is_floating_point() else None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"checkpoint tensors {unexpected[:5]} match no module of {type(model).__name__}; "
+                         "is config.json's model_type right for these files?")
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    # non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild their modules on the CPU,
+    # exactly as a normal load computes them, then move them
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
+            parent_name, _, child = name.rpartition(".")
+            with torch.device("cpu"):
+                fresh = type(module)(module.config)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh.to(device))
+    expert_params = {id(p) for m in model.modules() if hasattr(m, "gate_up_proj") for p in m.parameters()}
+    left = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in expert_params]
+    left += [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise ValueError(f"weights {left[:5]} (and {max(0, len(left) - 5)} more) are missing from the checkpoint")
+
+
+def _host_mode(mode: str, device: torch.device, expert_total_bytes: int) -> str:
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "memory"
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        avail = None
+    # pin only what leaves the host comfortable room; else read through the page cache
+    return "pinned" if avail is None or expert_total_bytes < 0.7 * avail else "mmap"
+
+
+def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) -> nn.Module:
+    """Offloaded model from a config and a weight source (see moesys.offload.source)."""
+    opts = _resolve_options(options)
+    dtype = _resolve_dtype(dtype, config)
+    device = torch.device(opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    adapter = adapter_for(config)
+    model = build_skeleton(config, dtype, opts["experts_implementation"])
+    blocks = find_moe_blocks(model, adapter)
+    E, two_I, H = next(iter(blocks.values())).experts.gate_up_proj.shape
+    I = two_I // 2
+    for layer in blocks:
+        source.check_experts(layer, E, I, H)
+    plan = plan_memory(model, blocks, dtype, gpu_memory, quantize_experts=opts["quantize_experts"],
+                       max_context=opts["max_context"], reserve=opts["reserve"], group_size=opts["group_size"])
+
+    _load_non_experts(model, source, adapter, device, dtype)
+    mode = _host_mode(opts["host_memory"], device, plan.total_experts * plan.slot_bytes)
+    if mode == "pinned" and device.type != "cuda":
+        mode = "memory"  # page-locking only helps copies to CUDA
+    store = HostExpertStore(source, list(blocks), E, I, H, dtype, mode=mode, quantize=opts["quantize_experts"],
+                            group_size=opts["group_size"], work_device=device)
+    cache = ExpertCache(store.parts, plan.num_slots, device, opts["cache_policy"], list(blocks), E,
+                        bank_size=opts["bank_size"])
+    inner = {layer: block.experts for layer, block in blocks.items()}
+    prefetcher = None
+    if opts["prefetch"] == "next-gate" and len(blocks) > 1:
+        top_k = getattr(config.get_text_config(), "num_experts_per_tok", 1)
+        prefetcher = NextGatePrefetcher({layer: b.gate for layer, b in blocks.items()}, top_k)
+    engine = OffloadEngine(store=store, cache=cache, inner=inner, device=device, prefetcher=prefetcher,
+                           cpu_experts=opts["cpu_experts"])
+    engine.plan, engine.host_mode = plan, mode
+    for layer, block in blocks.items():
+        block.experts = OffloadedExperts(engine, layer)
+    model.moesys_offload = engine
+    _attach_timing(model, engine)
+    if model_dir is not None:
+        _load_generation_config(model, model_dir)
+    return model
+
+
+def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
+    """A transformers model (its `generate()` works as usual) with experts offloaded to host memory.
+
+    Args:
+        model_dir: a transformers v5 checkpoint directory (config.json + *.safetensors) of a supported
+            architecture (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+        gpu_memory: the device memory budget, bytes (int) or a string like "16GiB".
+        dtype: compute dtype (default: the config's dtype).
+        options: cache_policy "lru"|"lfu", prefetch "next-gate"|"none", quantize_experts "none"|"int8"|"int4",
+            cpu_experts "off"|"auto"|"on" (default "off": experts computed on the CPU round differently, so
+            only "off" keeps greedy output bit-identical to the model fully on the device), host_memory "auto"|"pinned"|"memory"|"mmap", device,
+            max_context (tokens the KV cache is planned for), reserve (workspace bytes, overrides the
+            estimate), experts_implementation, group_size (quantization group), bank_size (cache slots
+            per bank, at most 1023: torch's grouped GEMM takes fewer than 1024 groups).
+    Statistics: `model.moesys_offload.snapshot()` (an OffloadStats; `.summary()`, `.as_dict()`).
+    """
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"model_dir={str(model_dir)!r} has no config.json; pass a transformers checkpoint directory")
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    source = SafetensorsSource(model_dir, adapter_for(config))
+    return build(config, source, gpu_memory=gpu_memory, dtype=dtype, model_dir=model_dir, **options)
+
+
+def _load_generation_config(model, model_dir) -> None:
+    if os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+
+
+def _attach_timing(model: nn.Module, engine: OffloadEngine) -> None:
+    """Prefill / decode tokens and seconds per forward, through the model's public hook API."""
+    started = {}
+
+    def pre(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        started["shape"] = tuple(ids.shape[:2]) if ids is not None else (1, 1)
+        started["t0"] = time.perf_counter()
+
+    def post(module, args, kwargs, output):
+        if engine.cuda:
+            torch.cuda.synchronize(engine.device)
+        dt = time.perf_counter() - started["t0"]
+        B, T = started["shape"]
+        if T > 1:
+            engine.stats.prefill_tokens += B * T
+            engine.stats.prefill_s += dt
+        else:
+            engine.stats.decode_tokens += B
+            engine.stats.decode_s += dt
+
+    model.register_forward_pre_hook(pre, with_kwargs=True)
+    model.register_forward_hook(post, with_kwargs=True)

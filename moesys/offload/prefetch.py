@@ -1,0 +1,45 @@
+"""Speculative prefetch: apply the next MoE layer's router to the current layer's expert input and load
+the experts it picks while this layer computes (hidden states change little between adjacent layers, so
+the guess is often right). Accuracy is scored when the next layer runs.
+
+Legend: T tokens, H hidden, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PREFETCH_POLICIES = ("next-gate", "none")
+
+
+class NextGatePrefetcher:
+    def __init__(self, gates: dict[int, nn.Module], top_k: int, max_tokens: int = 4):
+        layers = sorted(gates)
+        self.next_layer = dict(zip(layers, layers[1:]))
+        self.gates, self.top_k, self.max_tokens = gates, top_k, max_tokens
+        self.pending: dict[int, set[int]] = {}
+
+    def guess(self, layer: int, x_TH: torch.Tensor) -> torch.Tensor | None:
+        """Device tensor of guessed expert ids for the next layer, or None (last layer / too many tokens:
+        during prefill nearly every expert is needed anyway, and each is loaded once per layer)."""
+        nxt = self.next_layer.get(layer)
+        if nxt is None or x_TH.shape[0] > self.max_tokens:
+            return None
+        logits_TE = F.linear(x_TH, self.gates[nxt].weight)
+        return torch.topk(logits_TE, self.top_k, dim=-1).indices.flatten()
+
+    def record(self, layer: int, guessed: list[int]) -> None:
+        nxt = self.next_layer[layer]
+        self.pending[nxt] = set(guessed)
+
+    def score(self, layer: int, needed: set[int]) -> tuple[int, int]:
+        """(guessed, of those actually used) for `layer`'s pending guess; (0, 0) when there was none."""
+        guessed = self.pending.pop(layer, None)
+        if not guessed:
+            return 0, 0
+        return len(guessed), len(guessed & needed)
+
+    def reset(self) -> None:
+        self.pending.clear()

@@ -1,0 +1,121 @@
+"""Weight sources: where the engine reads tensors from. A safetensors directory (memory-mapped, headers
+parsed by hand so nothing is read before the budget check), or tensors already in memory (benchmarks).
+
+A source provides `non_expert_items()` -> (on-disk name, tensor) pairs and
+`expert(layer, e)` -> (gate_IH, up_IH, down_HI) tensors, views where possible.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsSource:
+    """All `*.safetensors` files of a directory, mapped read-only (copy-on-write, never written)."""
+
+    def __init__(self, model_dir: str | os.PathLike, adapter):
+        self.adapter = adapter
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no *.safetensors files in {str(model_dir)!r}; save the model with "
+                             "save_pretrained(..., safe_serialization=True)")
+        self._entries = {}  # name -> (file index, dtype, shape, begin, end)
+        self._files = files
+        self._maps: list[mmap.mmap | None] = [None] * len(files)
+        for i, path in enumerate(files):
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                if meta["dtype"] not in _DTYPES:
+                    raise ValueError(f"{path}: tensor {name} has dtype {meta['dtype']}, not one of {sorted(_DTYPES)}")
+                b, e = meta["data_offsets"]
+                self._entries[name] = (i, _DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + b, 8 + n + e)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][2]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        """A CPU view into the mapped file (pages are read on first touch)."""
+        if name not in self._entries:
+            raise KeyError(f"tensor {name!r} is not in the safetensors files of this model")
+        i, dtype, shape, begin, end = self._entries[name]
+        if self._maps[i] is None:
+            with open(self._files[i], "rb") as f:
+                self._maps[i] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._maps[i], dtype=torch.uint8, count=end - begin, offset=begin)
+        return flat.view(dtype).view(shape)
+
+    def non_expert_items(self):
+        for name in self._entries:
+            if not self.adapter.is_expert_key(name):
+                yield name, self.get(name)
+
+    def has_fused(self, layer: int) -> bool:
+        return self.adapter.fused_keys(layer)[0] in self._entries
+
+    def expert(self, layer: int, e: int):
+        if self.has_fused(layer):
+            gu_key, d_key = self.adapter.fused_keys(layer)
+            gate_up = self.get(gu_key)[e]
+            I = gate_up.shape[0] // 2
+            return gate_up[:I], gate_up[I:], self.get(d_key)[e]
+        return tuple(self.get(self.adapter.expert_key(layer, e, p)) for p in range(3))
+
+    def check_experts(self, layer: int, num_experts: int, I: int, H: int) -> None:
+        """Every expert tensor exists with the shape the config implies (checked before anything loads)."""
+        if self.has_fused(layer):
+            gu_key, d_key = self.adapter.fused_keys(layer)
+            want = {gu_key: (num_experts, 2 * I, H), d_key: (num_experts, H, I)}
+        else:
+            want = {}
+            for e in range(num_experts):
+                for p, shape in enumerate(((I, H), (I, H), (H, I))):
+                    want[self.adapter.expert_key(layer, e, p)] = shape
+        for name, shape in want.items():
+            if name not in self._entries:
+                raise ValueError(f"expert tensor {name!r} is missing from the checkpoint; is config.json's "
+                                 f"model_type right for these files?")
+            if self.shape(name) != shape:
+                raise ValueError(f"expert tensor {name!r} has shape {list(self.shape(name))}, "
+                                 f"config.json implies {list(shape)}")
+
+
+class TensorSource:
+    """Weights already in memory: `non_expert` maps on-disk names to tensors and
+    `expert_fn(layer, e)` returns (gate_IH, up_IH, down_HI); used by benchmarks that never touch disk."""
+
+    def __init__(self, non_expert: dict[str, torch.Tensor], expert_fn):
+        self._non_expert = non_expert
+        self._expert_fn = expert_fn
+
+    def non_expert_items(self):
+        yield from self._non_expert.items()
+
+    def expert(self, layer: int, e: int):
+        return self._expert_fn(layer, e)
+
+    def check_experts(self, layer, num_experts, I, H) -> None:
+        return None

@@ -1,0 +1,137 @@
+"""Host expert store: every expert's weights in host memory, one contiguous buffer per expert, in the slot
+layout the GPU cache uses (so a miss is a few straight H2D copies), optionally quantized.
+
+Modes: "pinned" (page-locked arena, the fast path to CUDA), "memory" (ordinary RAM, used on CPU-only
+hosts), "mmap" (views into the memory-mapped checkpoint, for hosts whose RAM is short; a miss then goes
+through a small ring of pinned staging buffers).
+Legend: I expert intermediate, H hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moesys.offload import quant
+
+HOST_MODES = ("auto", "pinned", "memory", "mmap")
+_ALIGN = 256
+
+
+def slot_parts(I: int, H: int, dtype: torch.dtype, quantize: str, group_size: int = 128):
+    """[(name, shape, dtype)] of one expert as the cache holds it."""
+    if quantize == "none":
+        return [("gate_up", (2 * I, H), dtype), ("down", (H, I), dtype)]
+    parts = []
+    for name, (rows, cols) in (("gate_up", (2 * I, H)), ("down", (H, I))):
+        for suffix, shape, dt in quant.quantized_shapes(rows, cols, quantize, group_size):
+            parts.append((f"{name}.{suffix}", shape, dt))
+    return parts
+
+
+def parts_nbytes(parts) -> int:
+    return sum(_nbytes(shape, dt) for _, shape, dt in parts)
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class HostExpertStore:
+    """Experts of `layers` x `num_experts`, filled from a weight source (see moesys.offload.source)."""
+
+    def __init__(self, source, layers: list[int], num_experts: int, I: int, H: int, dtype: torch.dtype, *,
+                 mode: str, quantize: str = "none", group_size: int = 128,
+                 work_device: torch.device | None = None, staging_buffers: int = 4):
+        if mode not in ("pinned", "memory", "mmap"):
+            raise ValueError(f"host memory mode={mode!r} is unknown; use 'pinned', 'memory' or 'mmap'")
+        if mode == "mmap" and quantize != "none":
+            raise ValueError("quantized experts are kept in host RAM; use host_memory='pinned' or 'memory' "
+                             f"with quantize_experts={quantize!r}, or quantize_experts='none' with 'mmap'")
+        self.source, self.layers, self.num_experts = source, list(layers), num_experts
+        self.I, self.H, self.dtype, self.mode, self.quantize = I, H, dtype, mode, quantize
+        self.group_size = group_size
+        self.parts = slot_parts(I, H, dtype, quantize, group_size)
+        self.offsets = []
+        off = 0
+        for _, shape, dt in self.parts:
+            self.offsets.append(off)
+            off += -(-_nbytes(shape, dt) // _ALIGN) * _ALIGN
+        self.stride = off
+        self.expert_bytes = parts_nbytes(self.parts)  # bytes moved per miss
+        self._row = {layer: r for r, layer in enumerate(self.layers)}
+        self._staging = []
+        if mode == "mmap":
+            if torch.cuda.is_available():
+                for _ in range(staging_buffers):
+                    self._staging.append([torch.empty(self.stride, dtype=torch.uint8, pin_memory=True), None])
+            self._next_staging = 0
+            self.arena = None
+        else:
+            n = len(self.layers) * num_experts
+            self.arena = torch.empty((n, self.stride), dtype=torch.uint8, pin_memory=(mode == "pinned"))
+            self._fill(work_device or torch.device("cpu"))
+
+    def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: buf[off:off + _nbytes(shape, dt)].view(dt).view(shape)
+                for (name, shape, dt), off in zip(self.parts, self.offsets)}
+
+    def _fill(self, work_device: torch.device) -> None:
+        I = self.I
+        for layer in self.layers:
+            for e in range(self.num_experts):
+                gate, up, down = self.source.expert(layer, e)
+                dst = self._views(self.arena[self._index(layer, e)])
+                if self.quantize == "none":
+                    dst["gate_up"][:I].copy_(gate)
+                    dst["gate_up"][I:].copy_(up)
+                    dst["down"].copy_(down)
+                    continue
+                # quantize where it is fast (the GPU when there is one), keep the result on the host
+                gate_up = torch.cat((gate.to(work_device), up.to(work_device)))
+                for name, w in (("gate_up", gate_up), ("down", down.to(work_device))):
+                    q, scale = quant.quantize(w, self.quantize, self.group_size)
+                    dst[f"{name}.q"].copy_(q)
+                    dst[f"{name}.scale"].copy_(scale)
+
+    def _index(self, layer: int, e: int) -> int:
+        return self._row[layer] * self.num_experts + e
+
+    def host_parts(self, layer: int, e: int) -> dict[str, torch.Tensor]:
+        """The expert's parts as CPU tensors (for computing an expert on the CPU)."""
+        if self.mode != "mmap":
+            return self._views(self.arena[self._index(layer, e)])
+        gate, up, down = self.source.expert(layer, e)
+        return {"gate_up": torch.cat((gate, up)).to(self.dtype), "down": down.to(self.dtype)}
+
+    def copy_to(self, layer: int, e: int, dst: dict[str, torch.Tensor]) -> None:
+        """Copy one expert into destination tensors (a cache slot) on the current stream; non-blocking for
+        CUDA destinations: the caller records an event after it."""
+        on_cuda = next(iter(dst.values())).is_cuda
+        if self.mode != "mmap":
+            src = self._views(self.arena[self._index(layer, e)])
+            for name, t in dst.items():
+                t.copy_(src[name], non_blocking=on_cuda)
+            return
+        gate, up, down = self.source.expert(layer, e)
+        if not on_cuda:
+            dst["gate_up"][:self.I].copy_(gate)
+            dst["gate_up"][self.I:].copy_(up)
+            dst["down"].copy_(down)
+            return
+        # pageable mmap pages -> pinned staging (CPU memcpy) -> async H2D; a staging buffer is reused only
+        # after the copy that read it has finished
+        slot = self._staging[self._next_staging]
+        self._next_staging = (self._next_staging + 1) % len(self._staging)
+        if slot[1] is not None:
+            slot[1].synchronize()
+        stage = self._views(slot[0])
+        stage["gate_up"][:self.I].copy_(gate)
+        stage["gate_up"][self.I:].copy_(up)
+        stage["down"].copy_(down)
+        for name, t in dst.items():
+            t.copy_(stage[name], non_blocking=True)
+        slot[1] = torch.cuda.Event()
+        slot[1].record()

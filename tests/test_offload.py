@@ -1,0 +1,291 @@
+"""moesys.offload on CPU tensors: greedy generation of tiny random Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE
+checkpoints against transformers' from_pretrained of the same files, plus the cache, prefetch, budget,
+quantization and CLI pieces against hand-computed expectations."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+import moesys.offload as mo
+from moesys.offload import quant
+from moesys.offload.adapters import adapter_for, find_moe_blocks
+from moesys.offload.cache import ExpertCache
+from moesys.offload.loader import build_skeleton
+from moesys.offload.prefetch import NextGatePrefetcher
+
+COMMON = dict(vocab_size=101, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+              eos_token_id=None)
+CONFIGS = {
+    "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+                                        shared_expert_intermediate_size=20),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24,
+                                        head_dim=8, norm_topk_prob=True),
+    "olmoe": lambda: OlmoeConfig(**COMMON, num_experts=8, num_experts_per_tok=2),
+}
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One saved tiny random checkpoint per architecture (on-disk per-expert names, as save_pretrained writes)."""
+    paths = {}
+    for name, make in CONFIGS.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(make())
+        with torch.no_grad():  # larger router weights: routing then depends on the token, so the cache churns
+            for block in find_moe_blocks(model, adapter_for(model.config)).values():
+                block.gate.weight.normal_(0, 1.0)
+        paths[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(paths[name])
+    return paths
+
+
+def _plan(path, dtype, **kw):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    skel = build_skeleton(config, dtype)
+    return mo.plan_memory(skel, find_moe_blocks(skel, adapter_for(config)), dtype, 1 << 40, **kw)
+
+
+def _budget(path, dtype, slots, **kw):
+    p = _plan(path, dtype, **kw)
+    return p.resident_bytes + p.reserve_bytes + slots * p.slot_bytes
+
+
+def _prompt(n=9, seed=1):
+    return torch.randint(2, 101, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _reference(path, dtype, prompt, **kw):
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    out = ref.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return ref, out
+
+
+def test_on_disk_names_match_adapters(checkpoints):
+    from moesys.offload.source import SafetensorsSource
+    from transformers import AutoConfig
+
+    for name, path in checkpoints.items():
+        config = AutoConfig.from_pretrained(path)
+        source = SafetensorsSource(path, adapter_for(config))
+        source.check_experts(0, 8, config.moe_intermediate_size if hasattr(config, "moe_intermediate_size")
+                             else config.intermediate_size, 32)
+        assert not any(adapter_for(config).is_expert_key(n) for n, _ in source.non_expert_items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_greedy_identical_with_eviction(checkpoints, arch, dtype):
+    path = checkpoints[arch]
+    prompt = _prompt()
+    _, want = _reference(path, dtype, prompt)
+    model = mo.load(path, gpu_memory=_budget(path, dtype, 10), dtype=dtype)  # 10 of 24 experts
+    got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    stats = model.moesys_offload.snapshot()
+    assert torch.equal(want, got)
+    assert model.moesys_offload.cache.num_slots == 10
+    assert stats.evictions > 0 and stats.misses > 0 and stats.hits > 0
+    assert stats.bytes_copied == stats.copies * model.moesys_offload.store.expert_bytes
+    assert stats.prefill_tokens == prompt.numel() and stats.decode_tokens == NEW_TOKENS - 1
+    assert 0 < stats.prefetch_guessed and 0 <= stats.prefetch_used <= stats.prefetch_guessed
+
+
+@pytest.mark.parametrize("options", [dict(cache_policy="lfu"), dict(prefetch="none"), dict(host_memory="mmap"),
+                                     dict(experts_implementation="eager", cache_policy="lfu")])
+def test_options_keep_generation_identical(checkpoints, options):
+    path = checkpoints["qwen3_moe"]
+    prompt = _prompt(seed=2)
+    impl = {"experts_implementation": options["experts_implementation"]} if "experts_implementation" in options else {}
+    _, want = _reference(path, torch.float32, prompt, **impl)
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 7), dtype=torch.float32, **options)
+    assert torch.equal(want, model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
+
+
+def test_cache_banks_keep_generation_identical(checkpoints):
+    """Two banks of 8 slots (torch's grouped GEMM caps the groups per call): layers 0 and 2 share a bank."""
+    path = checkpoints["mixtral"]
+    prompt = _prompt(seed=7)
+    _, want = _reference(path, torch.float32, prompt)
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 16), dtype=torch.float32, bank_size=8)
+    cache = model.moesys_offload.cache
+    assert cache.banks == [(0, 8), (8, 16)] and cache.bank_of == {0: 0, 1: 1, 2: 0}
+    assert torch.equal(want, model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
+    assert model.moesys_offload.snapshot().evictions > 0
+
+
+def test_waves_when_a_layer_needs_more_experts_than_the_cache(checkpoints):
+    """3 slots (one per layer) with top-3 routing over a long prompt: experts are loaded in waves. The eager
+    reference is matched bit for bit; the grouped one within float32 rounding."""
+    path = checkpoints["qwen3_moe"]
+    prompt = _prompt(n=24, seed=3)
+    for impl in ("eager", "grouped_mm"):
+        ref, want = _reference(path, torch.float32, prompt, experts_implementation=impl)
+        model = mo.load(path, gpu_memory=_budget(path, torch.float32, 3), dtype=torch.float32,
+                        experts_implementation=impl)
+        assert model.moesys_offload.cache.num_slots == 3
+        got = model(want).logits
+        torch.testing.assert_close(got, ref(want).logits, rtol=0, atol=0 if impl == "eager" else 1e-5)
+        if impl == "eager":
+            assert torch.equal(want, model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
+
+
+def test_cpu_experts_path_matches(checkpoints):
+    path = checkpoints["mixtral"]
+    prompt = _prompt(seed=4)
+    ref, want = _reference(path, torch.float32, prompt)
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 6), dtype=torch.float32, cpu_experts="on")
+    got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert model.moesys_offload.snapshot().cpu_experts > 0
+    torch.testing.assert_close(model(got).logits, ref(got).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,bound", [("int8", 0.02), ("int4", 0.25)])
+def test_quantized_experts_within_stated_error(checkpoints, mode, bound):
+    """Per-layer expert output of int8 / int4 experts vs the unquantized ones: relative error (Frobenius)
+    below 2% for int8 and 25% for int4 (group size 128, here one group per row)."""
+    path = checkpoints["olmoe"]
+    full = mo.load(path, gpu_memory="1GiB", dtype=torch.float32)
+    q = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, quantize_experts=mode)
+    g = torch.Generator().manual_seed(5)
+    x_TH = torch.randn(16, 32, generator=g)
+    ids_TK = torch.randint(0, 8, (16, 2), generator=g)
+    w_TK = torch.rand(16, 2, generator=g)
+    for layer in range(3):
+        want = full.moesys_offload.experts_forward(layer, x_TH, ids_TK, w_TK)
+        got = q.moesys_offload.experts_forward(layer, x_TH, ids_TK, w_TK)
+        assert ((got - want).norm() / want.norm()).item() < bound
+    assert q.moesys_offload.store.expert_bytes < full.moesys_offload.store.expert_bytes / (2 if mode == "int8" else 3)
+    prompt = _prompt(seed=6)
+    assert q.generate(prompt, max_new_tokens=4, do_sample=False).shape == (1, prompt.shape[1] + 4)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_roundtrip_bound(mode):
+    w = torch.randn(12, 40, dtype=torch.float64)
+    qw, scale = quant.quantize(w, mode, group_size=16)  # 40 -> groups of 10
+    assert scale.shape == (12, 4)
+    deq = quant.dequantize(qw, scale, mode, torch.float64)
+    per_group = scale.repeat_interleave(10, dim=1)
+    assert torch.all((deq - w).abs() <= per_group / 2 + 1e-12)
+
+
+def test_budget_too_small_fails_before_loading(checkpoints, monkeypatch):
+    import moesys.offload.loader as loader
+
+    def must_not_run(*a, **k):
+        raise AssertionError("weights were read before the budget check")
+
+    monkeypatch.setattr(loader, "_load_non_experts", must_not_run)
+    path = checkpoints["olmoe"]
+    need = _budget(path, torch.float32, 3)  # one expert per MoE layer
+    with pytest.raises(ValueError, match="too small.*one expert per MoE layer.*give at least"):
+        mo.load(path, gpu_memory=need - 1, dtype=torch.float32)
+    monkeypatch.undo()
+    model = mo.load(path, gpu_memory=need, dtype=torch.float32)
+    engine = model.moesys_offload
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache_bytes = sum(t.numel() * t.element_size() for t in engine.cache.pools.values())
+    assert resident == engine.plan.resident_bytes
+    assert resident + cache_bytes + engine.plan.reserve_bytes <= need
+
+
+@pytest.mark.parametrize("bad,msg", [(dict(gpu_memory="16 parsecs"), "not a size"), (dict(gpu_memory=0), "positive"),
+                                     (dict(cache_policy="fifo"), "cache_policy"), (dict(prefetch="oracle"), "prefetch"),
+                                     (dict(quantize_experts="int3"), "quantize_experts")])
+def test_bad_options_name_the_value(checkpoints, bad, msg):
+    kwargs = dict(gpu_memory="1GiB")
+    kwargs.update(bad)
+    with pytest.raises(ValueError, match=msg):
+        mo.load(checkpoints["olmoe"], **kwargs)
+    with pytest.raises(TypeError, match="unknown option"):
+        mo.load(checkpoints["olmoe"], gpu_memory="1GiB", cache="lru")
+
+
+def test_parse_bytes():
+    assert mo.parse_bytes("16GiB") == 16 * 2**30
+    assert mo.parse_bytes("1.5 GB") == 1_500_000_000
+    assert mo.parse_bytes("512M") == 512 * 2**20
+    assert mo.parse_bytes(123) == 123
+
+
+def _tiny_cache(policy, slots=3):
+    return ExpertCache([("w", (2,), torch.float32)], slots, torch.device("cpu"), policy, [0, 1], 4)
+
+
+def test_bank_size_is_bounded_by_grouped_gemm_limit():
+    with pytest.raises(ValueError, match="bank_size=1024"):
+        ExpertCache([("w", (2,), torch.float32)], 2048, torch.device("cpu"), "lru", [0, 1], 1024, bank_size=1024)
+    c = ExpertCache([("w", (2,), torch.float32)], 2000, torch.device("cpu"), "lru", [0, 1, 2], 1024)
+    assert c.banks == [(0, 1000), (1000, 2000)] and c.bank_of == {0: 0, 1: 1, 2: 0}
+
+
+def test_lru_evicts_least_recent_and_respects_protection():
+    c = _tiny_cache("lru")
+    for e in range(3):
+        c.allocate((0, e), set())
+    c.lookup((0, 0))                       # order now 1, 2, 0
+    _, evicted = c.allocate((1, 0), set())
+    assert evicted == (0, 1)
+    _, evicted = c.allocate((1, 1), {(0, 2)})  # 2 is protected -> 0 goes
+    assert evicted == (0, 0)
+    assert c.resident_per_layer == {0: 1, 1: 2}
+
+
+def test_lfu_evicts_least_frequent_then_least_recent():
+    c = _tiny_cache("lfu")
+    for e in range(3):
+        c.allocate((0, e), set())
+    for _ in range(3):
+        c.lookup((0, 0))
+    c.lookup((0, 2))                        # counts: 0 -> 4, 1 -> 1, 2 -> 2
+    _, evicted = c.allocate((1, 0), set())
+    assert evicted == (0, 1)
+    _, evicted = c.allocate((1, 1), set())  # (1, 0) has count 1 but is newer than nothing else at 1
+    assert evicted == (1, 0)
+    with pytest.raises(RuntimeError):
+        c.allocate((1, 2), {(0, 0), (0, 2), (1, 1)})
+
+
+def test_next_gate_prefetch_guess_and_score():
+    gates = {}
+    for layer in (0, 1):
+        g = torch.nn.Linear(4, 6, bias=False)
+        gates[layer] = g
+    with torch.no_grad():
+        gates[1].weight.zero_()
+        gates[1].weight[3, 0] = 1.0
+        gates[1].weight[5, 1] = 2.0
+    p = NextGatePrefetcher(gates, top_k=2)
+    guess = p.guess(0, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    assert sorted(guess.tolist()) == [3, 5]
+    assert p.guess(1, torch.ones(1, 4)) is None             # last layer
+    assert p.guess(0, torch.ones(10, 4)) is None            # prefill-sized
+    p.record(0, [3, 5])
+    assert p.score(1, {5, 2}) == (2, 1)
+    assert p.score(1, {5}) == (0, 0)
+
+
+def test_cli_streams_text_and_prints_stats(checkpoints, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import shutil
+
+    from moesys.cli import main
+
+    vocab = {f"w{i}": i for i in range(101)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    model_dir = tmp_path / "m"
+    shutil.copytree(checkpoints["olmoe"], model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0").save_pretrained(model_dir)
+    rc = main(["generate", str(model_dir), "--prompt", "w5 w7 w9", "--gpu-memory", "1GiB",
+               "--max-new-tokens", "5", "--dtype", "float32", "--cache-policy", "lfu"])
+    out = capsys.readouterr()
+    assert rc == 0
+    assert "w5" in out.out and "hit rate" in out.out and "decode" in out.out
+    assert "cache" in out.err

@@ -1,0 +1,90 @@
+"""FSSDP planning: sharding gives every rank the same slot count and balances cold experts;
+materialisation respects the gather budget and memory cap, replicates the hottest experts everywhere
+and cuts the busiest rank's predicted work; routing keeps every token and prefers local replicas."""
+
+import pytest
+import torch
+
+from moesys.parallel.fssdp_plan import (LoadPredictor, even_sharding, plan_materialization, plan_sharding,
+                                        route_to_replicas)
+
+
+def zipf(E, s=1.2):
+    p = 1 / torch.arange(1, E + 1, dtype=torch.float64) ** s
+    return p / p.sum()
+
+
+def rank_work(counts_WE, replicas, W):
+    return route_to_replicas(counts_WE, replicas).sum(0).sum(-1).double()
+
+
+@pytest.mark.parametrize("W,L,E", [(4, 3, 8), (8, 2, 16), (3, 2, 6), (8, 1, 64)])
+def test_sharding_equal_slots_every_expert_owned_once(W, L, E):
+    load = torch.rand(L, E, generator=torch.Generator().manual_seed(W)) * 100
+    plan = plan_sharding(load, W)
+    assert [plan.slots(r) for r in range(W)] == [L * E // W] * W
+    assert all(0 <= o < W for row in plan.owner_LE for o in row)
+    assert plan == plan_sharding(load.clone(), W)  # deterministic
+
+
+def test_sharding_can_be_heterogeneous_per_layer():
+    # Balancing load puts the hot expert alone with layer 1's experts: 1 + 3 experts per layer, not 2 + 2.
+    plan = plan_sharding(torch.tensor([[100.0, 90, 50, 1], [1, 1, 1, 1]]), 2, hot_fraction=0.0)
+    assert plan.owner_LE == ((0, 1, 1, 1), (1, 0, 0, 0))
+    assert [plan.slots(r) for r in range(2)] == [4, 4]
+
+
+def test_sharding_balances_cold_load():
+    load = torch.tensor([[8.0, 7, 6, 5, 4, 3, 2, 1]])
+    plan = plan_sharding(load, 4, hot_fraction=0.0)
+    per_rank = [sum(load[0, e].item() for e in plan.owned(r, 0)) for r in range(4)]
+    assert max(per_rank) - min(per_rank) <= 1.0
+
+
+def test_sharding_errors():
+    with pytest.raises(ValueError, match="split evenly over world_size=3"):
+        plan_sharding(torch.ones(1, 8), 3)
+    with pytest.raises(ValueError, match="divide num_experts"):
+        even_sharding(2, 6, 4)
+
+
+def test_materialization_respects_budget_and_cap_and_balances():
+    W, E = 8, 32
+    p = zipf(E)
+    g = torch.Generator().manual_seed(0)
+    counts_WE = torch.stack([torch.bincount(torch.multinomial(p, 4096, True, generator=g), minlength=E)
+                             for _ in range(W)])
+    owner = even_sharding(1, E, W).owner_LE[0]
+    load = counts_WE.sum(0).double()
+    ep = tuple((o,) for o in owner)
+    for budget, cap in [(0, 10), (3, 10), (10, 2), (6, 6)]:
+        reps = plan_materialization(load, owner, W, gather_budget=budget, memory_cap=cap)
+        received = [sum(1 for e in range(E) if r in reps[e] and owner[e] != r) for r in range(W)]
+        assert max(received) <= min(budget, cap)
+        assert all(owner[e] in reps[e] for e in range(E))
+        if budget == 0:
+            assert reps == ep
+    reps = plan_materialization(load, owner, W, gather_budget=6, memory_cap=6)
+    assert reps[0] == tuple(range(W))  # the hottest expert everywhere
+    work_ep, work = rank_work(counts_WE, ep, W), rank_work(counts_WE, reps, W)
+    assert work.max() < 0.6 * work_ep.max()
+    assert work.sum() == work_ep.sum() == counts_WE.sum()
+
+
+def test_route_local_first_then_even_split():
+    counts = torch.tensor([[5, 0], [7, 3], [0, 4]])
+    routed = route_to_replicas(counts, ((0, 2), (1,)))
+    assert routed[0, 0, 0] == 5                    # local replica
+    assert sorted([routed[1, 0, 0].item(), routed[1, 2, 0].item()]) == [3, 4]  # 7 split over ranks 0, 2
+    assert routed[2, 1, 1] == 4 and routed[1, 1, 1] == 3
+    assert torch.equal(routed.sum(1), counts)      # every token goes somewhere
+
+
+def test_load_predictor_window():
+    pred = LoadPredictor(1, 2, window=2)
+    assert torch.equal(pred.predict(), torch.ones(1, 2, dtype=torch.float64))
+    for c in ([[1, 0]], [[3, 2]], [[5, 4]]):
+        pred.observe(torch.tensor(c))
+    assert pred.predict().tolist() == [[4.0, 3.0]]
+    with pytest.raises(ValueError, match="expected \\(1, 2\\)"):
+        pred.observe(torch.zeros(2, 2))

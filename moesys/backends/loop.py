@@ -17,9 +17,9 @@ def moe_mlp_loop(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, *, activ
     acc_dtype = torch.promote_types(x_TH.dtype, torch.float32)
     y_TH = x_TH.new_zeros(T, H, dtype=acc_dtype)
     for e in range(E):
+        # Experts without tokens still run (on zero rows): the result then stays in the autograd
+        # graph of every input, so distributed callers run the same backward on every rank.
         token_idx, slot = (topk_ids_TK == e).nonzero(as_tuple=True)
-        if token_idx.numel() == 0:
-            continue
         h = F.linear(x_TH[token_idx], w_gate_up[e], None if b_gate_up is None else b_gate_up[e])
         out_nH = F.linear(apply_activation(h, activation), w_down[e], None if b_down is None else b_down[e])
         weight_n1 = topk_weights_TK[token_idx, slot].unsqueeze(-1).to(acc_dtype)

@@ -1,0 +1,287 @@
+"""FSSDP executor: experts fully sharded by owner, materialised sparsely where tokens need them.
+
+One executor runs three placements (`policy`), so they compare in one run:
+- "fssdp": owners from `plan_sharding` (heterogeneous, re-planned every `reshard_every` steps),
+  replicas per step and layer from `plan_materialization` on the predicted load;
+- "ep": each expert only at its owner (even sharding): plain expert parallelism;
+- "fsdp": every expert materialised on every rank: FSDP over experts.
+
+Per MoE layer forward (`FSSDPExperts`):
+1. SparseAllGather (`_SparseAllGather`, batched point-to-point): each owner sends the expert's
+   weights, cast to the compute dtype (bf16 in training), only to the ranks holding a replica this
+   step. Its backward is SparseReduceScatter: every replica's gradient is sent to the owner and
+   summed there, so only owners hold expert gradients and run the optimizer step.
+2. Tokens go to a local replica when there is one, else split evenly over the replicas
+   (`fssdp_plan.route_to_replicas`'s rule), by a variable-split all-to-all (counts exchanged first).
+3. The replicas run `moe_mlp`; a reverse all-to-all brings the rows back; the source rank applies
+   the router weights and sums each token's K rows in order.
+With `rematerialize=True` the gathered weights are freed after forward and gathered again in
+backward (torch.utils.checkpoint around gather + expert compute).
+
+Every rank issues the same collectives in the same order (plans come from all-reduced counts), and
+point-to-point messages between a pair of ranks are ordered by (expert id, tensor), so ranks that
+receive nothing simply post no receives.
+
+Legend: T tokens, H hidden, I expert intermediate, E experts per layer, O owned experts,
+M materialised experts, K top-k, N routed rows, W ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from moesys.layers.experts import Experts
+from moesys.ops import moe_mlp
+from moesys.parallel.comm import CommContext, all_to_all, exchange_counts, guarded
+
+__all__ = ["FSSDPExperts", "LayerPlan", "POLICIES"]
+
+POLICIES = ("fssdp", "ep", "fsdp")
+_WEIGHTS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's placement for one step; identical on every rank."""
+    owner_E: tuple[int, ...]
+    replicas_E: tuple[tuple[int, ...], ...]   # sorted ranks holding expert e (owner included)
+
+    def materialised(self, rank: int) -> list[int]:
+        return [e for e, reps in enumerate(self.replicas_E) if rank in reps]
+
+
+def _launch(ops: list, ctx: CommContext, what: str) -> list:
+    if not ops:
+        return []
+    with guarded(ctx, what):
+        return dist.batch_isend_irecv(ops)
+
+
+def _wait_all(works: list, ctx: CommContext, what: str) -> None:
+    with guarded(ctx, what):
+        for work in works:
+            work.wait(ctx.timeout) if ctx.timeout is not None else work.wait()
+
+
+class PendingGather:
+    """A SparseAllGather in flight: the materialised buffers fill as the receives complete."""
+
+    def __init__(self, plan: LayerPlan, dtype: torch.dtype, out: list, works: list, keepalive: list):
+        self.plan, self.dtype, self.out, self.works, self.keepalive = plan, dtype, out, works, keepalive
+
+    def wait(self, ctx: CommContext) -> list:
+        _wait_all(self.works, ctx, "SparseAllGather")
+        self.works, self.keepalive = [], []
+        return self.out
+
+
+def start_gather(module: "FSSDPExperts", plan: LayerPlan, dtype: torch.dtype, owned: list) -> PendingGather:
+    """Post the point-to-point messages of one layer's SparseAllGather: owners send each expert's
+    rows (cast to `dtype`) to its replicas; replicas receive. Messages between a pair of ranks are
+    ordered by (expert id, tensor), the same on both ends."""
+    rank = module.rank
+    mat_ids = plan.materialised(rank)
+    owned_index = {e: i for i, e in enumerate(module.owned_ids)}
+    with torch.no_grad():
+        out = [w.new_empty((len(mat_ids),) + tuple(w.shape[1:]), dtype=dtype) for w in owned]
+        ops, keepalive = [], []
+        for m, e in enumerate(mat_ids):
+            if e in owned_index:
+                for o, w in zip(out, owned):
+                    o[m] = w[owned_index[e]]
+        for e in range(len(plan.owner_E)):
+            owner = plan.owner_E[e]
+            if owner == rank:
+                for w in owned:
+                    row = w[owned_index[e]].to(dtype).contiguous()
+                    keepalive.append(row)
+                    ops += [dist.P2POp(dist.isend, row, r, group=module.group) for r in plan.replicas_E[e] if r != rank]
+            elif rank in plan.replicas_E[e]:
+                m = mat_ids.index(e)
+                ops += [dist.P2POp(dist.irecv, o[m], owner, group=module.group) for o in out]
+    return PendingGather(plan, dtype, out, _launch(ops, module.comm, "SparseAllGather"), keepalive)
+
+
+class _SparseAllGather(torch.autograd.Function):
+    """Forward: owned master rows [O, ...] -> materialised rows [M, ...] in the compute dtype (using
+    the gather prefetched during attention when there is one).
+    Backward: the local replica's gradient returns to the owned rows at once; the other replicas'
+    gradients travel to their owners asynchronously (SparseReduceScatter) and are added to the owners'
+    `.grad` by `FSSDPExperts.finish_reduce_scatter()` (the handle's `reduce_gradients()` calls it), so
+    they overlap the rest of the backward pass."""
+
+    @staticmethod
+    def forward(fctx, module: "FSSDPExperts", plan: LayerPlan, dtype: torch.dtype, *owned):
+        pending = module.take_prefetch(plan, dtype)
+        if pending is None:
+            pending = start_gather(module, plan, dtype, list(owned))
+        out = pending.wait(module.comm)
+        fctx.module, fctx.plan, fctx.master_dtypes = module, plan, [w.dtype for w in owned]
+        fctx.owned_shapes = [tuple(w.shape) for w in owned]
+        return tuple(out)
+
+    @staticmethod
+    def backward(fctx, *grad_mat):
+        module, plan, rank = fctx.module, fctx.plan, fctx.module.rank
+        mat_ids = plan.materialised(rank)
+        owned_index = {e: i for i, e in enumerate(module.owned_ids)}
+        grads = [torch.zeros(s, dtype=torch.float32, device=g.device) for s, g in zip(fctx.owned_shapes, grad_mat)]
+        grad_mat = [g.contiguous() for g in grad_mat]
+        for m, e in enumerate(mat_ids):
+            if e in owned_index:
+                for acc, g in zip(grads, grad_mat):
+                    acc[owned_index[e]] += g[m].float()
+        ops, inbox = [], []
+        for e in range(len(plan.owner_E)):
+            owner = plan.owner_E[e]
+            if owner == rank:
+                for r in plan.replicas_E[e]:
+                    if r == rank:
+                        continue
+                    for k, g in enumerate(grad_mat):
+                        buf = torch.empty(g.shape[1:], dtype=g.dtype, device=g.device)
+                        inbox.append((k, owned_index[e], buf))
+                        ops.append(dist.P2POp(dist.irecv, buf, r, group=module.group))
+            elif rank in plan.replicas_E[e]:
+                m = mat_ids.index(e)
+                ops += [dist.P2POp(dist.isend, g[m], owner, group=module.group) for g in grad_mat]
+        module.pending_reduce.append((_launch(ops, module.comm, "SparseReduceScatter"), inbox, grad_mat))
+        return (None, None, None) + tuple(g.to(d) for g, d in zip(grads, fctx.master_dtypes))
+
+
+class FSSDPExperts(nn.Module):
+    """Drop-in for `Experts` under FSSDP: holds the master weights of the experts this rank owns
+    (`owned_ids`, global ids in ascending order; possibly none) as [O, ...] parameters with
+    `Experts`' names, and runs the forward described in the module docstring with `self.plan`."""
+
+    def __init__(self, experts: Experts, owned_ids: list[int], *, group, rank: int, world_size: int,
+                 layer_name: str, comm: CommContext, rematerialize: bool = False,
+                 drop_zero_weight: bool = False):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.ffn_size = experts.num_experts, experts.hidden_size, experts.ffn_size
+        self.activation, self.backend = experts.activation, experts.backend
+        self.group, self.rank, self.world_size, self.layer_name, self.comm = group, rank, world_size, layer_name, comm
+        self.rematerialize, self.drop_zero_weight = rematerialize, drop_zero_weight
+        self.compute_dtype: torch.dtype | None = None    # dtype of the tokens (set by the first forward)
+        self.owned_ids: list[int] = sorted(owned_ids)
+        for name in _WEIGHTS:
+            full = getattr(experts, name)
+            setattr(self, name, None if full is None else nn.Parameter(full.detach()[self.owned_ids].clone()))
+        self.plan: LayerPlan | None = None
+        self.last_counts_E: torch.Tensor | None = None   # this rank's kept assignments per expert
+        self.last_rows_received = 0                      # rows this rank computed in the last forward
+        self._prefetch: PendingGather | None = None
+        self.pending_reduce: list = []                   # SparseReduceScatter messages in flight
+
+    def prefetch(self) -> None:
+        """Start this step's SparseAllGather now (called before the attention that precedes this
+        layer, so the transfer overlaps it); forward then only waits for it."""
+        if self.plan is None or self._prefetch is not None or not self.plan.materialised(self.rank):
+            return
+        dtype = self.compute_dtype or getattr(self, "gate_up_proj").dtype
+        self._prefetch = start_gather(self, self.plan, dtype, [getattr(self, n) for n in self.weight_names()])
+
+    def take_prefetch(self, plan: LayerPlan, dtype: torch.dtype) -> PendingGather | None:
+        pending, self._prefetch = self._prefetch, None
+        if pending is not None and (pending.plan is not plan or pending.dtype != dtype):
+            pending.wait(self.comm)  # stale (plan or dtype changed): drain it, gather afresh
+            return None
+        return pending
+
+    @torch.no_grad()
+    def finish_reduce_scatter(self) -> None:
+        """Wait for the gradient messages of this layer's backward and add them to the owners' grads."""
+        names = self.weight_names()
+        for works, inbox, _keepalive in self.pending_reduce:
+            _wait_all(works, self.comm, "SparseReduceScatter")
+            for k, i, buf in inbox:
+                p = getattr(self, names[k])
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad[i] += buf.to(p.grad.dtype)
+        self.pending_reduce = []
+
+    def weight_names(self) -> list[str]:
+        return [n for n in _WEIGHTS if getattr(self, n) is not None]
+
+    def extra_repr(self) -> str:
+        return f"owns {self.owned_ids} of {self.num_experts} experts, rematerialize={self.rematerialize}"
+
+    def forward(self, x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        if self.plan is None:
+            raise RuntimeError(f"{self.layer_name}: no FSSDP plan; call the controller's begin_step() before forward")
+        T, H = x_TH.shape
+        K = topk_ids_TK.shape[1]
+        E, W, rank, plan = self.num_experts, self.world_size, self.rank, self.plan
+        if torch.is_autocast_enabled(x_TH.device.type):
+            # As `Experts` does: compute in the autocast dtype (bf16 weights travel, fp32 masters stay).
+            x_TH = x_TH.to(torch.get_autocast_dtype(x_TH.device.type))
+        self.compute_dtype = x_TH.dtype
+        ids_N = topk_ids_TK.reshape(-1)
+        weights_N = topk_weights_TK.reshape(-1)
+        if self.drop_zero_weight:  # capacity mode: the router zeroed dropped assignments
+            rows_N = (weights_N.detach() != 0).nonzero().squeeze(1)
+        else:
+            rows_N = torch.arange(ids_N.numel(), device=ids_N.device)
+        rows_N = rows_N[torch.sort(ids_N[rows_N], stable=True).indices]   # grouped by expert
+        counts_E = torch.bincount(ids_N[rows_N], minlength=E)
+        self.last_counts_E = counts_E.detach()
+        dest_N, send_WE = self._destinations(counts_E.tolist(), plan, rows_N.device)
+        order_N = torch.sort(dest_N * E + ids_N[rows_N], stable=True).indices
+        rows_N = rows_N[order_N]
+        recv_WE = exchange_counts(send_WE, self.comm)
+        send_splits, recv_splits = send_WE.sum(1).tolist(), recv_WE.sum(1).tolist()
+
+        self.last_rows_received = sum(recv_splits)
+        x_RH = all_to_all(x_TH[rows_N // K], recv_splits, send_splits, self.comm, "FSSDP token dispatch")
+        mat_ids = plan.materialised(rank)
+        local_index_E = torch.full((E,), -1, dtype=torch.long)
+        local_index_E[mat_ids] = torch.arange(len(mat_ids))
+        ids_R = torch.repeat_interleave(torch.arange(E).repeat(W), recv_WE.reshape(-1).cpu())
+        local_ids_R1 = local_index_E[ids_R].to(x_RH.device).unsqueeze(1)
+        owned = [getattr(self, n) for n in self.weight_names()]
+        if not mat_ids:
+            # Nothing owned or replicated here this step: no rows arrive and there is nothing to send.
+            # Keep the (empty) result in the graph of x and the owned weights so that this rank
+            # runs the same backward collectives as the others.
+            out_RH = x_RH * 0 + sum((w.sum() * 0 for w in owned), x_RH.new_zeros(()))
+        elif self.rematerialize:
+            out_RH = checkpoint(self._gather_and_compute, x_RH, local_ids_R1, *owned, use_reentrant=False)
+        else:
+            out_RH = self._gather_and_compute(x_RH, local_ids_R1, *owned)
+        back_NH = all_to_all(out_RH, send_splits, recv_splits, self.comm, "FSSDP expert output")
+        acc_dtype = torch.promote_types(x_TH.dtype, torch.float32)
+        weighted_NH = back_NH.to(acc_dtype) * weights_N[rows_N].to(x_TH.dtype).to(acc_dtype).unsqueeze(1)
+        full_NH = weighted_NH.new_zeros(T * K, H).index_copy(0, rows_N, weighted_NH)
+        return full_NH.view(T, K, H).sum(1).to(x_TH.dtype)  # the compute dtype, as `Experts` returns
+
+    def _gather_and_compute(self, x_RH, local_ids_R1, *owned):
+        mats = dict(zip(self.weight_names(), _SparseAllGather.apply(self, self.plan, x_RH.dtype, *owned)))
+        return moe_mlp(x_RH, mats["gate_up_proj"], mats["down_proj"], local_ids_R1,
+                       x_RH.new_ones(x_RH.shape[0], 1), activation=self.activation, backend=self.backend,
+                       b_gate_up=mats.get("gate_up_proj_bias"), b_down=mats.get("down_proj_bias"))
+
+    def _destinations(self, counts: list[int], plan: LayerPlan, device):
+        """Destination rank of each of this rank's rows (grouped by expert), and counts [W, E] per
+        (destination, expert): a local replica first, else an even split over the replicas in ring
+        order from this rank (the rule `fssdp_plan.route_to_replicas` simulates)."""
+        W, E, rank = self.world_size, self.num_experts, self.rank
+        send_WE = torch.zeros(W, E, dtype=torch.int64)
+        dest = []
+        for e, n in enumerate(counts):
+            reps = plan.replicas_E[e]
+            if rank in reps:
+                chunks = [(rank, n)]
+            else:
+                base, rem = divmod(n, len(reps))
+                ring = sorted(reps, key=lambda d: (d - rank) % W)
+                chunks = [(d, base + (1 if i < rem else 0)) for i, d in enumerate(ring)]
+            for d, c in chunks:
+                send_WE[d, e] += c
+                dest += [d] * c
+        return torch.tensor(dest, dtype=torch.long, device=device), send_WE.to(device)

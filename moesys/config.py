@@ -91,6 +91,8 @@ class MoEConfig(_Section):
 class ParallelConfig(_Section):
     ep: int = 1                                        # expert-parallel degree; divides the world size
     expert_sharding: Literal["ep", "fssdp"] = "ep"
+    ep_overlap: bool = True                 # run the shared expert while EP tokens are in flight
+    timeout_s: float = 600.0                # EP collective timeout: a dead or stuck rank fails the job
 
 
 class DataConfig(_Section):
@@ -132,6 +134,7 @@ class LogConfig(_Section):
     tensorboard: bool = True
     val_every: Optional[int] = None         # validation loss every N steps; None = at every log step, 0 = never
     progress_bar: bool = True               # tqdm bar on rank 0
+    peak_tflops: Optional[float] = None     # the device's dense bf16 peak for MFU; None = built-in table
 
 
 class Config(_Section):

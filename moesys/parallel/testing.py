@@ -1,0 +1,46 @@
+"""Multi-process helpers for CPU tests and benchmarks: spawn N gloo processes on a free port.
+
+Not imported by the library itself; tests (tests/test_ep*.py) and bench/ep_bench.py use it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, timeout_s):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        fn(rank, world, *args)
+        dist.barrier()  # gloo teardown trap (DESIGN.md section 6)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args, timeout_s: float = 60.0) -> None:
+    """Run fn(rank, world, *args) in `world` gloo processes; re-raises a worker's exception."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_entry, args=(world, free_port(), fn, args, timeout_s), nprocs=world, join=True)
+
+
+class Holder(nn.Module):
+    """parallelize() replaces MoELayers inside a parent; this is the smallest parent."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.moe = layer

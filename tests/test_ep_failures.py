@@ -1,0 +1,58 @@
+"""A stuck or dead peer makes the expert-parallel layer raise CollectiveError naming the rank and the
+layer (2 gloo processes, short timeouts) instead of hanging."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moesys.config import ParallelConfig
+from moesys.layers.moe import MoELayer
+from moesys.parallel import CollectiveError, parallelize
+from moesys.parallel.testing import Holder, free_port
+
+
+def _worker(rank, world, port, mode, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=2))
+    torch.manual_seed(0)
+    model = Holder(MoELayer(8, 4, 2, 8, backend="grouped_mm"))
+    parallelize(model, ParallelConfig(ep=2, timeout_s=2.0))
+    if rank == 1:
+        # The peer never joins the layer's collectives: stuck (sleeps past the timeout) or dead (exits).
+        if mode == "stuck":
+            time.sleep(5)
+        os._exit(0)
+    message = "no error"
+    start = time.perf_counter()
+    try:
+        model.moe(torch.randn(5, 8))
+    except CollectiveError as e:
+        message = str(e)
+    with open(os.path.join(out_dir, "message.txt"), "w") as f:
+        f.write(f"{time.perf_counter() - start:.1f}\n{message}")
+    os._exit(0)  # no teardown: the peer is gone or stuck
+
+
+def _run(mode, tmp_path):
+    mp.spawn(_worker, args=(2, free_port(), mode, str(tmp_path)), nprocs=2, join=True)
+    seconds, message = (tmp_path / "message.txt").read_text().split("\n", 1)
+    return float(seconds), message
+
+
+def test_stuck_peer_raises_with_rank_and_layer(tmp_path):
+    seconds, message = _run("stuck", tmp_path)
+    assert message.startswith("rank 0: token-count all-to-all in layer 'moe' failed (timeout 2s)"), message
+    assert seconds < 7, f"the error took {seconds}s for a 2s timeout"
+
+
+def test_dead_peer_raises_with_rank_and_layer(tmp_path):
+    seconds, message = _run("dead", tmp_path)
+    assert message.startswith("rank 0: token-count all-to-all in layer 'moe' failed"), message
+    assert seconds < 7, f"the error took {seconds}s for a 2s timeout"

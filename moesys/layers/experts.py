@@ -33,9 +33,17 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, std=init_std)
 
     def forward(self, x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
-        return moe_mlp(x_TH, self.gate_up_proj, self.down_proj, topk_ids_TK, topk_weights_TK.to(x_TH.dtype),
-                       activation=self.activation, backend=self.backend,
-                       b_gate_up=self.gate_up_proj_bias, b_down=self.down_proj_bias)
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        b_gate_up, b_down = self.gate_up_proj_bias, self.down_proj_bias
+        if torch.is_autocast_enabled(x_TH.device.type):
+            # moe_mlp is not an autocast op: cast its inputs as autocast casts a matmul's (fp32 master
+            # weights and the fp32 RMSNorm output to bf16), so the fast bf16 kernels run.
+            dtype = torch.get_autocast_dtype(x_TH.device.type)
+            x_TH, w_gate_up, w_down = x_TH.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+            b_gate_up = b_gate_up.to(dtype) if b_gate_up is not None else None
+            b_down = b_down.to(dtype) if b_down is not None else None
+        return moe_mlp(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK.to(x_TH.dtype),
+                       activation=self.activation, backend=self.backend, b_gate_up=b_gate_up, b_down=b_down)
 
 
 class DenseMLP(nn.Module):

@@ -1,0 +1,246 @@
+"""Training throughput of configs/small.yaml (OLMoE-like, 0.72B total / 0.19B active) on one GPU: the
+moesys trainer side by side with the same architecture as a transformers model (Qwen3MoeForCausalLM,
+q/k norm per head, un-renormalised top-4) with experts_implementation="grouped_mm" and "eager".
+
+Same batch (8 x 2048 tokens), same optimizer (fused AdamW, grad clip 1.0), MoE aux loss on in both.
+moesys runs its real trainer (`moesys.train.train`: bf16 autocast over fp32 master weights, per-step
+statistics all-reduce and NaN check, data from the stdlib corpus) and reports the tokens/s of its
+logged windows after the first; transformers runs a plain loop in pure bf16 (the reference setup;
+its grouped_mm path would run the experts in fp32 under autocast). MFU for all = tokens/s x the same
+FLOPs/token (moesys.train_metrics.flops_per_token) / the GPU's bf16 peak.
+
+    PYTHONPATH=. python bench/train_small.py --out bench/results/train_small.json [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from moesys.config import load_config
+from moesys.export import hf_config
+from moesys.models.transformer import MoETransformer
+from moesys.parallel import bootstrap
+from moesys.train_metrics import flops_per_token, peak_flops
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import transformers
+    sha = os.environ.get("GIT_SHA")
+    if sha is None:
+        try:
+            sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            sha = None
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_sha": sha or None}
+
+
+def moe_backend(device: torch.device) -> str:
+    from moesys.backends import triton_unavailable_reason
+    if device.type == "cuda" and triton_unavailable_reason(device) is None:
+        return "triton"
+    return "grouped_mm"
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_moesys(config, steps: int, log_every: int) -> dict:
+    from moesys.train import train
+    ctx = bootstrap.init_distributed(config)
+    _reset_peak(ctx.device)
+    with tempfile.TemporaryDirectory() as run_dir:
+        config.train.steps = steps
+        config.log.every = log_every
+        train(config, Path(run_dir), None, ctx)
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    timed = records[1:]  # the first window holds allocator warm-up and kernel autotuning
+    tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
+    return {"tokens_per_s": tokens_per_s, "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"],
+            "peak_gb": _peak_gb(ctx.device), "timed_steps": len(timed) * log_every,
+            "precision": "bf16 autocast, fp32 master weights",
+            "moe_backend": moe_backend(ctx.device) if config.moe.backend == "auto" else config.moe.backend}
+
+
+def bench_hf(config, experts_implementation: str, warmup: int, steps: int, device: torch.device) -> dict:
+    from transformers import Qwen3MoeForCausalLM
+    cfg = hf_config(config, "qwen3_moe")
+    cfg.output_router_logits = True     # adds the load-balancing loss, as moesys does
+    cfg.router_aux_loss_coef = config.moe.aux_loss_coef
+    torch.manual_seed(0)
+    with device:
+        model = Qwen3MoeForCausalLM._from_config(cfg, experts_implementation=experts_implementation,
+                                                 dtype=torch.bfloat16)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=tuple(config.train.betas),
+                            weight_decay=config.train.weight_decay, fused=True)
+    # Byte tokens, as the moesys run reads (ids below 256 of the 32000-token vocabulary).
+    B, S = config.data.batch_size, config.data.seq_len
+    ids = torch.randint(0, 256, (B, S), generator=torch.Generator().manual_seed(0)).to(device)
+    _reset_peak(device)
+    losses = []
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(warmup):
+        losses.append(step())
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        losses.append(step())
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    out = {"tokens_per_s": steps * B * S / elapsed, "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
+           "peak_gb": _peak_gb(device), "timed_steps": steps,
+           "precision": "bf16 parameters and optimizer state"}
+    return out
+
+
+def profile_moesys(config, device: torch.device, path: Path | None) -> None:
+    """Where a moesys training step spends its GPU time: torch.profiler's top kernels over 2 steps."""
+    from torch.profiler import ProfilerActivity, profile
+    from moesys.train import autocast_context, build_optimizer
+    torch.manual_seed(0)
+    with device:
+        model = MoETransformer.from_config(config)
+    optimizer, _ = build_optimizer(model, config)
+    autocast = autocast_context(config, device)
+    B, S = config.data.batch_size, config.data.seq_len
+    ids = torch.randint(0, 256, (B, S + 1), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step():
+        with autocast():
+            out = model(ids[:, :-1], ids[:, 1:])
+        (out.loss + out.aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+    print(table)
+    if path is not None:
+        path.write_text(table)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "small.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=20, help="moesys steps (the first log window is warm-up)")
+    parser.add_argument("--hf-steps", type=int, default=12)
+    parser.add_argument("--eager-steps", type=int, default=3)
+    parser.add_argument("--skip", action="append", default=[],
+                        help="impl to skip: moesys, moesys_grouped_mm, hf_grouped_mm, hf_eager")
+    parser.add_argument("--out", default=None, help="JSON file for the records")
+    parser.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (checks the script, not speed)")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="only profile two moesys steps and write the kernel table to FILE")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("bench/train_small.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
+        return 2
+    overrides = ["log.progress_bar=false", "log.tensorboard=false", "log.val_every=0",
+                 "checkpoint.save_final=false", "data.max_tokens=4000000", *args.overrides]
+    config = load_config(args.config, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    if device.type == "cpu":
+        overrides.append("train.device=cpu")
+        config = load_config(args.config, overrides)
+    with torch.device("meta"):
+        meta = MoETransformer.from_config(config)
+    flops_tok = flops_per_token(meta, config)
+    peak = peak_flops(device, config.log.peak_tflops)
+    if args.profile:
+        profile_moesys(config, device, Path(args.profile))
+        return 0
+    m, moe, d = config.model, config.moe, config.data
+    shape = {"hidden": m.hidden_size, "layers": m.num_layers, "heads": m.num_heads, "experts": moe.num_experts,
+             "expert_ffn": moe.ffn_size, "top_k": moe.top_k, "vocab": m.vocab_size, "batch": d.batch_size,
+             "seq_len": d.seq_len, "total_params": meta.num_params(), "active_params": meta.num_params(active=True)}
+    common = {"bench": "train_small", "shape": shape, "world_size": 1, "flops_per_token": flops_tok,
+              "optimizer": "AdamW fused, grad clip 1.0", **_versions()}
+    # moesys twice: moe.backend=auto (Triton on CUDA when its kernels load) and grouped_mm, so that a
+    # failing or absent Triton backend still leaves a moesys number.
+    runs = [("moesys", lambda: bench_moesys(config, args.steps, 5)),
+            ("moesys_grouped_mm", lambda: bench_moesys(load_config(args.config, overrides + ["moe.backend=grouped_mm"]),
+                                                       args.steps, 5)),
+            ("hf_grouped_mm", lambda: bench_hf(config, "grouped_mm", 3, args.hf_steps, device)),
+            ("hf_eager", lambda: bench_hf(config, "eager", 1, args.eager_steps, device))]
+    records = []
+    for impl, fn in runs:
+        if impl in args.skip:
+            continue
+        try:
+            result = fn()
+        except Exception as e:  # one failing implementation must not lose the others' numbers
+            traceback.print_exc()
+            result = {"error": f"{type(e).__name__}: {e}"[:500]}
+        if "tokens_per_s" in result:
+            result["mfu"] = result["tokens_per_s"] * flops_tok / peak if peak else None
+        record = {**common, "impl": impl, **result}
+        records.append(record)
+        print(json.dumps({k: v for k, v in record.items() if k not in ("shape",)}), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()   # the finished implementation's model is garbage by now
+    base = next((r for r in records if r["impl"] == "hf_grouped_mm" and "tokens_per_s" in r), None)
+    for r in records:
+        if base is not None and "tokens_per_s" in r:
+            r["speedup_vs_hf_grouped_mm"] = r["tokens_per_s"] / base["tokens_per_s"]
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(records, indent=2) + "\n")
+        os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The training entry point: `python -m moesys.train --config FILE --run-dir DIR [--set K=V]... [--resume]`,
+alone, under torchrun or under mpirun (`moesys train ...` is the same for one process).
+
+Order of a run: parse and validate the config and the data source (errors here name the bad value and
+happen before any process group exists), create the process group, build the model on the device,
+restore the latest checkpoint when resuming, then per optimizer step: `grad_accum` micro-batches of
+forward/backward (bf16 autocast on GPU; cross-entropy plus the MoE aux losses), one all-reduce of the
+step's statistics (loss, expert load, SIGTERM flag), a stop on a non-finite loss, the data-parallel
+gradient all-reduce, clipping, AdamW with warmup + cosine, and the aux-loss-free router-bias update
+from the load summed over micro-batches and ranks. Metrics go to `metrics.jsonl`, TensorBoard and a
+tqdm bar; checkpoints to `ckpt/step_N` (see moesys.checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+
+from moesys import checkpoint as ckpt
+from moesys.config import Config, ConfigError, dump_config, load_config
+from moesys.data import build_data, val_batches, validate_source
+from moesys.models.transformer import MoETransformer
+from moesys.parallel import CollectiveError, bootstrap, data_parallel, parallelize
+from moesys.train_metrics import MetricsWriter, expert_load_stats, flops_per_token, peak_flops
+
+
+class TrainingStopped(RuntimeError):
+    """A non-finite loss or gradient norm: the message names the step and the last good checkpoint."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file (configs/tiny.yaml, ...)")
+    parser.add_argument("--run-dir", default=None,
+                        help="where metrics, TensorBoard logs and checkpoints go (default: runs/<config name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=20 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in the run directory (start fresh if none)")
+
+
+def lr_at(step: int, config: Config) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at `steps` (step is 1-based)."""
+    t = config.train
+    if t.warmup_steps > 0 and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    span = max(t.steps - t.warmup_steps, 1)
+    progress = min(max(step - t.warmup_steps, 0) / span, 1.0)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> tuple[torch.optim.AdamW, str]:
+    """AdamW without weight decay on vectors (norms, biases); fused kernels where torch has them."""
+    t = config.train
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs), "fused"
+    except (RuntimeError, ValueError) as e:  # fused needs floating-point params on a supported device
+        print(f"moesys.train: fused AdamW unavailable ({e}); using the foreach implementation", file=sys.stderr)
+        return torch.optim.AdamW(groups, foreach=True, **kwargs), "foreach"
+
+
+def autocast_context(config: Config, device: torch.device):
+    dtype = config.train.dtype
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def apply_activation_checkpointing(model: MoETransformer) -> None:
+    """Recompute each block's activations in the backward. The instance's forward is wrapped (not the
+    module replaced) so parameter names, and therefore checkpoints, stay the same."""
+    for block in model.blocks:
+        inner = block.forward
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, inner, use_reentrant=False)
+
+
+class _SigtermFlag:
+    """Remembers a SIGTERM; the loop saves a checkpoint at the end of the step and exits cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:              # not the main thread (an embedding application): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None = fresh start); refuses to overwrite a run without --resume."""
+    latest = ckpt.latest_checkpoint(run_dir / "ckpt")
+    if latest is not None and not resume:
+        raise ValueError(f"--run-dir {run_dir} already holds checkpoints (latest {latest.name}); pass --resume "
+                         "to continue that run, or choose another --run-dir")
+    return latest if resume else None
+
+
+def evaluate(model, splits, config: Config, ctx: bootstrap.DistContext, autocast) -> float | None:
+    """Mean validation cross-entropy over `data.val_batches` held-out micro-batches on every rank."""
+    if splits.num_val == 0 or config.data.val_batches == 0:
+        return None
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    with torch.no_grad():
+        for input_ids, labels in val_batches(splits, config.data.batch_size, config.data.val_batches,
+                                             ctx.rank, ctx.world_size):
+            with autocast():
+                out = model(input_ids.to(ctx.device), labels.to(ctx.device))
+            total += torch.stack([out.loss.double(), torch.ones((), dtype=torch.float64, device=ctx.device)])
+    model.train()
+    data_parallel.all_reduce_sum(total, ctx.group)
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext) -> int:
+    device = ctx.device
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+    with device:
+        model = MoETransformer.from_config(config)
+    flops_tok = flops_per_token(model, config)  # before parallelize: it counts every expert
+    # Expert parallelism (parallel.ep > 1) keeps this rank's E/ep experts per MoE layer; ep=1 changes nothing.
+    ep = parallelize(model, config)
+    torch.manual_seed(config.train.seed * 1000 + ctx.rank + 1)  # per-rank noise (router jitter)
+    optimizer, opt_impl = build_optimizer(model, config)
+    splits, sampler = build_data(config, ctx.rank, ctx.world_size)
+    barrier = functools.partial(bootstrap.barrier, ctx)
+
+    start_step = 0
+    writer = MetricsWriter(run_dir, config.log.tensorboard, enabled=ctx.is_main)
+    if resume_from is not None:
+        manifest = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=ctx.rank, device=device,
+                                        ep=ep)
+        start_step = manifest["step"]
+        sampler.load_state_dict(manifest["data"])
+        if ctx.is_main:
+            writer.truncate_after(start_step)
+    if ctx.is_main:
+        ckpt.write_text_atomic(run_dir / "config.yaml", dump_config(config))
+    writer.open()
+    if config.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if config.train.compile:
+        for block in model.blocks:
+            block.compile()
+    autocast = autocast_context(config, device)
+
+    moe_layers = model.moe_layers()
+    L, E = len(moe_layers), config.moe.num_experts
+    B, S, A, W = config.data.batch_size, config.data.seq_len, config.train.grad_accum, ctx.world_size
+    tokens_per_step = B * S * A * W
+    peak = peak_flops(device, config.log.peak_tflops)
+    dense_params = [p for p in model.parameters() if p.requires_grad]
+    val_every = config.log.every if config.log.val_every is None else config.log.val_every
+    last_saved = ckpt.latest_checkpoint(run_dir / "ckpt")
+
+    def save(step: int, reason: str) -> Path:
+        nonlocal last_saved
+        manifest = {"reason": reason, "data": sampler.state_dict(),
+                    "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(max(step, 1), config)},
+                    "optimizer": {"kind": "AdamW", "impl": opt_impl, "betas": list(config.train.betas),
+                                  "weight_decay": config.train.weight_decay, "eps": config.train.eps},
+                    "tokens_seen": step * tokens_per_step, "num_experts": E,
+                    "config": config.model_dump(mode="json")}
+        last_saved = ckpt.save_checkpoint(run_dir / "ckpt", step, model=model, optimizer=optimizer,
+                                          manifest=manifest, rank=ctx.rank, world_size=W, device=device,
+                                          barrier=barrier, keep=config.checkpoint.keep, ep=ep)
+        return last_saved
+
+    progress = None
+    if ctx.is_main and config.log.progress_bar:
+        from tqdm import tqdm
+        progress = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    load_LE = torch.zeros(L, E, dtype=torch.float64, device=device)
+    dropped_L = torch.zeros(L, dtype=torch.float64, device=device)
+    window_start, window_steps = time.perf_counter(), 0
+    model.train()
+    step = start_step
+    with _SigtermFlag() as sigterm, contextlib.ExitStack() as cleanup:
+        cleanup.callback(writer.close)
+        if progress is not None:
+            cleanup.callback(progress.close)
+        for step in range(start_step + 1, config.train.steps + 1):
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # [ce_sum, aux_sum, sigterm, dropped per layer (L), load per layer and expert (L*E)]
+            packet = torch.zeros(3 + L + L * E, dtype=torch.float64, device=device)
+            for micro in sampler.next_step():
+                input_ids, labels = splits.sequences(micro)
+                input_ids = input_ids.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with autocast():
+                    out = model(input_ids, labels)
+                ((out.loss + out.aux_loss) / A).backward()
+                packet[0] += out.loss.detach().double()
+                packet[1] += out.aux_loss.detach().double()
+                if L:
+                    packet[3:3 + L] += torch.stack([s.dropped_fraction.detach() for s in out.moe_stats]).double()
+                    packet[3 + L:] += torch.stack([s.tokens_per_expert for s in out.moe_stats]).reshape(-1).double()
+            packet[2] = float(sigterm.raised)
+            data_parallel.all_reduce_sum(packet, ctx.group)
+            values = packet.tolist()
+            loss, aux = values[0] / (A * W), values[1] / (A * W)
+            if not math.isfinite(loss):
+                raise TrainingStopped(_stop_message("loss", loss, step, last_saved))
+            if ep.mesh.ep > 1:  # expert gradients reduce over their replicas only; the norm spans all experts
+                data_parallel.sync_gradients(ep.dense_parameters(), ctx.group)
+                ep.reduce_expert_gradients()
+                grad_norm = float(ep.clip_grad_norm_(config.train.grad_clip))
+            else:
+                data_parallel.sync_gradients(dense_params, ctx.group)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip))
+            if not math.isfinite(grad_norm):
+                raise TrainingStopped(_stop_message("gradient norm", grad_norm, step, last_saved))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_load_LE = packet[3 + L:].view(L, E)
+            for layer, layer_load_E in zip(moe_layers, step_load_LE):
+                layer.router.update_bias(layer_load_E)
+            load_LE += step_load_LE
+            dropped_L += packet[3:3 + L] / (A * W)
+            window_steps += 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+            last = step == config.train.steps
+            if step % config.log.every == 0 or last:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                record = {"step": step, "loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": tokens_per_s,
+                          "mfu": tokens_per_s * flops_tok / (peak * W) if peak else None,
+                          "tokens_seen": step * tokens_per_step}
+                if val_every and (step % val_every == 0 or last):
+                    record["val_loss"] = evaluate(model, splits, config, ctx, autocast)
+                record.update(expert_load_stats(load_LE, dropped_L / window_steps))
+                writer.write(record)
+                if progress is not None:
+                    progress.write(_log_line(record))
+                load_LE.zero_()
+                dropped_L.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            stop = values[2] > 0
+            every = config.checkpoint.every
+            if stop or (every and step % every == 0) or (last and config.checkpoint.save_final):
+                path = save(step, "sigterm" if stop else ("final" if last else "every"))
+                if progress is not None:
+                    progress.write(f"checkpoint {path}")
+            if stop:
+                if progress is not None:
+                    progress.write(f"SIGTERM: saved step {step} to {last_saved}; exiting")
+                break
+    return 0
+
+
+def _stop_message(what: str, value: float, step: int, last_saved: Path | None) -> str:
+    where = f"the last good checkpoint is {last_saved}" if last_saved is not None else \
+        "no checkpoint was written yet"
+    return (f"non-finite {what} ({value}) at step {step}; stopping without saving. {where}; lower "
+            "train.lr or raise train.warmup_steps and resume with --resume")
+
+
+def _log_line(r: dict) -> str:
+    parts = [f"step {r['step']}", f"loss {r['loss']:.4f}"]
+    if r.get("val_loss") is not None:
+        parts.append(f"val {r['val_loss']:.4f}")
+    parts.append(f"{r['tokens_per_s']:.0f} tok/s")
+    if r.get("mfu") is not None:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    parts.append(f"gnorm {r['grad_norm']:.3f}")
+    if r.get("expert_load_max_mean"):
+        parts.append(f"load max/mean {max(r['expert_load_max_mean']):.2f}")
+    return " | ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, args.overrides)
+        validate_source(config.data)
+        run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+        resume_from = prepare_run_dir(run_dir, args.resume)
+    except (ConfigError, ValueError) as e:
+        print(f"moesys.train: error: {e}", file=sys.stderr)
+        return 2
+    ctx = bootstrap.init_distributed(config)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    bootstrap.barrier(ctx)
+    peer_failed = False
+    try:
+        return train(config, run_dir, resume_from, ctx)
+    except TrainingStopped as e:
+        if ctx.is_main:
+            print(f"moesys.train: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        # Found once the data is read (a token id beyond model.vocab_size, too few sequences for the
+        # global batch): every rank reads the same data and fails alike, so the teardown is safe.
+        if ctx.is_main:
+            print(f"moesys.train: error: {e}", file=sys.stderr)
+        return 2
+    except CollectiveError as e:
+        # A peer is dead or stuck (the message names this rank and the layer): every rank reports,
+        # and none waits in the teardown barrier for the peer that will never come.
+        print(f"moesys.train: error: {e}", file=sys.stderr)
+        peer_failed = True
+        return 1
+    finally:
+        if not peer_failed:
+            bootstrap.teardown(ctx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moesys.train", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Checks the trainer end to end on the tiny config: the loss falls on the built-in corpus, 2 gloo ranks
+equal 1 rank with the same global batch, NaN stops name the step, SIGTERM checkpoints, bad configs fail early."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch.distributed as dist
+
+from tests._train_helpers import REPO, TINY, env, metrics, run_torchrun, sets, train_inproc
+
+
+def test_loss_falls_on_the_default_corpus(tmp_path):
+    assert train_inproc(tmp_path, "train.steps=40", "log.every=1", "log.val_every=40") == 0
+    m = metrics(tmp_path)
+    first, last = m[0]["loss"], sum(r["loss"] for r in m[-5:]) / 5
+    assert first > 5.0 and last < first - 1.5, (first, last)
+    assert m[-1]["val_loss"] < first - 1.0
+    for key in ("step", "loss", "tokens_per_s", "mfu", "grad_norm", "expert_load_max_mean", "expert_load_cv",
+                "dropped_fraction"):
+        assert key in m[-1]
+    assert len(m[-1]["expert_load_cv"]) == 2 and (tmp_path / "ckpt" / "step_40" / "manifest.json").is_file()
+
+
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
+    common = ("train.steps=6", "log.every=1", "log.val_every=0", "data.batch_size=4",
+              "moe.router.aux_free_bias=true", "moe.router.bias_update_rate=0.01", "checkpoint.save_final=false")
+    proc = run_torchrun(2, tmp_path / "dp2", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The 1-rank side also recomputes activations (checkpointing must not change the math).
+    assert train_inproc(tmp_path / "dp1", *common, "train.grad_accum=2", "train.activation_checkpointing=true") == 0
+    two, one = metrics(tmp_path / "dp2"), metrics(tmp_path / "dp1")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 7))
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["expert_load_fraction"] == b["expert_load_fraction"]
+
+
+def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint(tmp_path, capsys):
+    rc = train_inproc(tmp_path, "train.lr=1.0e+30", "train.warmup_steps=0", "checkpoint.every=1",
+                      "checkpoint.keep=5")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "at step 2" in err and str(tmp_path / "ckpt" / "step_1") in err
+    assert not (tmp_path / "ckpt" / "step_2").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "moesys.train", "--config", TINY, "--run-dir", str(tmp_path),
+           *sets("train.steps=100000", "log.every=1", "log.val_every=0")]
+    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((tmp_path / "metrics.jsonl").is_file() and (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    (step_dir,) = (tmp_path / "ckpt").glob("step_*")
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    assert manifest["reason"] == "sigterm" and manifest["step"] == metrics(tmp_path)[-1]["step"] < 100000
+
+
+def test_bad_config_and_missing_data_fail_before_any_process_group(tmp_path, capsys):
+    assert train_inproc(tmp_path, "train.stepz=3") == 2
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
+    assert train_inproc(tmp_path, f"data.source={tmp_path}/nothing.jsonl") == 2
+    assert "nothing.jsonl" in capsys.readouterr().err
+    assert not dist.is_initialized()
+    # torchrun: every rank fails at once, none waits in a rendezvous that never completes.
+    proc = run_torchrun(2, tmp_path / "tr", f"data.source={tmp_path}/nothing.jsonl", timeout=90)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr

@@ -61,9 +61,10 @@ def split_experts(state: dict[str, torch.Tensor], expert_offset: int = 0) -> dic
 
 
 def merge_experts(flat: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor],
-                  expert_offset: int = 0) -> dict[str, torch.Tensor]:
+                  expert_ids=None) -> dict[str, torch.Tensor]:
     """The inverse of split_experts for the names and shapes in `wanted` (a state dict of this rank):
-    gathers experts offset..offset+E_local-1. Raises ValueError naming missing or mis-shaped tensors."""
+    gathers, for each fused expert tensor `name`, the experts `expert_ids(name)` (global ids; None or
+    a None result: 0..E_local-1). Raises ValueError naming missing or mis-shaped tensors."""
     out, missing = {}, []
     for name, ref in wanted.items():
         m = _EXPERT_PARAM.match(name)
@@ -73,7 +74,8 @@ def merge_experts(flat: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]
                 continue
             out[name] = flat[name]
         else:
-            keys = [f"{m['prefix']}{expert_offset + e}.{m['name']}" for e in range(ref.shape[0])]
+            ids = expert_ids(name) if expert_ids is not None else None
+            keys = [f"{m['prefix']}{e}.{m['name']}" for e in (range(ref.shape[0]) if ids is None else ids)]
             absent = [k for k in keys if k not in flat]
             if absent:
                 missing.extend(absent)
@@ -245,7 +247,8 @@ def merge_experts_optim(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     rank: int, device: torch.device, ep=None) -> dict:
     """Load model (and optimizer) state and this rank's RNG state; returns the manifest. With `ep`
-    (the parallelize handle) each rank takes only its own experts, so any ep can resume any run."""
+    (the parallelize handle) each rank takes only its own experts, so any ep / FSSDP layout can
+    resume any run."""
     ckpt_dir = Path(ckpt_dir)
     manifest = read_manifest(ckpt_dir)
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -253,7 +256,7 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
                          f"moesys reads version {FORMAT_VERSION}")
     flat = load_file(str(ckpt_dir / "model.safetensors"))
     wanted = model.state_dict()
-    state = merge_experts(flat, wanted, expert_offset=0 if ep is None else ep.expert_offset)
+    state = merge_experts(flat, wanted, expert_ids=None if ep is None else ep.local_expert_ids)
     model.load_state_dict(state, strict=True)
     if optimizer is not None:
         names = {p: n for n, p in model.named_parameters()}

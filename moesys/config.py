@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -88,9 +88,32 @@ class MoEConfig(_Section):
         return layer >= self.first_dense and (layer - self.first_dense) % self.every == 0
 
 
+class FSSDPConfig(_Section):
+    """Fully Sharded Sparse Data Parallelism (parallel.expert_sharding: fssdp | fsdp)."""
+    rematerialize: bool = False             # free gathered experts after forward, gather again in backward
+    reshard_every: int = 100                # re-plan expert ownership every N steps (0 = never)
+    window: int = 5                         # steps of load history the plan predicts from
+    gather_budget: Union[int, Literal["auto"], None] = "auto"  # experts received per layer and step; auto:
+                                            # what the preceding attention hides at bandwidth_gbs; None: all
+    memory_cap: Optional[int] = None        # extra expert copies a rank may hold per layer (None: no cap)
+    bandwidth_gbs: float = 100.0            # point-to-point bandwidth assumed by gather_budget=auto
+    prefetch: bool = True                   # start each layer's gather before its block's attention
+
+
 class ParallelConfig(_Section):
     ep: int = 1                                        # expert-parallel degree; divides the world size
-    expert_sharding: Literal["ep", "fssdp"] = "ep"
+    # How experts are spread over ranks: "ep" = all-to-all expert parallelism over parallel.ep ranks;
+    # "fssdp" = experts sharded over all ranks and materialised where their tokens are (Hecate);
+    # "fsdp" = the same executor with every expert materialised on every rank (FSDP over experts).
+    expert_sharding: Literal["ep", "fssdp", "fsdp"] = "ep"
+    fssdp: FSSDPConfig = FSSDPConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.expert_sharding != "ep" and self.ep != 1:
+            raise ValueError(f"expert_sharding={self.expert_sharding!r} shards experts over all ranks; "
+                             f"leave parallel.ep at 1 (got {self.ep})")
+        return self
     ep_overlap: bool = True                 # run the shared expert while EP tokens are in flight
     timeout_s: float = 600.0                # EP collective timeout: a dead or stuck rank fails the job
 

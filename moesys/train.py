@@ -208,6 +208,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                 group["lr"] = lr
             # [ce_sum, aux_sum, sigterm, dropped per layer (L), load per layer and expert (L*E)]
             packet = torch.zeros(3 + L + L * E, dtype=torch.float64, device=device)
+            ep.begin_step()  # FSSDP: this step's materialisation plan (a no-op otherwise)
             for micro in sampler.next_step():
                 input_ids, labels = splits.sequences(micro)
                 input_ids = input_ids.to(device, non_blocking=True)
@@ -226,7 +227,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
             loss, aux = values[0] / (A * W), values[1] / (A * W)
             if not math.isfinite(loss):
                 raise TrainingStopped(_stop_message("loss", loss, step, last_saved))
-            if ep.mesh.ep > 1:  # expert gradients reduce over their replicas only; the norm spans all experts
+            if ep.shards_experts:  # expert gradients reduce over their replicas only; the norm spans all experts
                 data_parallel.sync_gradients(ep.dense_parameters(), ctx.group)
                 ep.reduce_expert_gradients()
                 grad_norm = float(ep.clip_grad_norm_(config.train.grad_clip))
@@ -237,6 +238,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                 raise TrainingStopped(_stop_message("gradient norm", grad_norm, step, last_saved))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            ep.end_step(optimizer)  # FSSDP: observe the load, re-shard when due (a no-op otherwise)
             step_load_LE = packet[3 + L:].view(L, E)
             for layer, layer_load_E in zip(moe_layers, step_load_LE):
                 layer.router.update_bias(layer_load_E)

@@ -114,6 +114,14 @@ def _train_worker(rank, W, policy, remat, steps, reshard_every):
             # Adam turns reduction-order noise in near-zero gradients into updates of up to ~lr/100.
             torch.testing.assert_close(full[f"blocks.{i}.ffn.experts.{name}"], getattr(layer.experts, name),
                                        rtol=1e-3, atol=2e-4)
+    # Only owners hold optimizer state for their experts, and it is the single-process state's rows.
+    for layer, ref_layer in zip(model.moe_layers(), ref.moe_layers()):
+        ex = layer.experts
+        for name in ex.weight_names():
+            mine, theirs = opt.state[getattr(ex, name)], opt_ref.state[getattr(ref_layer.experts, name)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert mine[key].shape[0] == len(ex.owned_ids)
+                torch.testing.assert_close(mine[key], theirs[key][ex.owned_ids], rtol=1e-3, atol=1e-5)
     if reshard_every:
         assert moved >= 1, "the skewed load should have changed the sharding plan"
 
@@ -162,3 +170,31 @@ def test_bad_policy_and_sizes():
         fssdp_parallelize(torch.nn.Sequential(MoELayer(8, 4, 2, 8)), policy="zero")
     with pytest.raises(ValueError, match="no MoELayer"):
         fssdp_parallelize(torch.nn.Linear(2, 2))
+
+
+def _budget_worker(rank, W):
+    cfg = load_config(TINY, ["moe.num_experts=4", "moe.backend=loop"])
+    torch.manual_seed(0)
+    model = MoETransformer.from_config(cfg)
+    # 1 GB/s: a few ms of attention buys a fraction of an expert's bytes; 1e6 GB/s buys all of them.
+    h = fssdp_parallelize(model, policy="fssdp", gather_budget="auto", bandwidth_gbs=1e6)
+    assert h.budgets_L == [0, 0]  # nothing measured yet: no gathers
+    ids = torch.zeros(1, 9, dtype=torch.long)  # one repeated token: all load on few experts
+    for _ in range(2):
+        h.begin_step()
+        model(ids, labels_BS=ids).loss.backward()
+        h.reduce_gradients()
+        h.end_step()
+    assert all(b >= 4 for b in h.budgets_L), h.budgets_L
+    assert any(len(r) > 1 for p in h.plans() for r in p.replicas_E)
+    h.bandwidth_gbs = 1e-6
+    h.begin_step()
+    model(ids, labels_BS=ids).loss.backward()
+    h.reduce_gradients()
+    h.end_step()
+    assert h.budgets_L == [0, 0]
+    assert all(len(r) == 1 for p in h.plans() for r in p.replicas_E)
+
+
+def test_auto_gather_budget_from_measured_attention_time():
+    spawn(_budget_worker, 2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moesys.parallel.fssdp_plan import (LoadPredictor, even_sharding, plan_materialization, plan_sharding,
-                                        route_to_replicas)
+                                        route_to_replicas, split_over_replicas)
 
 
 def zipf(E, s=1.2):
@@ -88,3 +88,11 @@ def test_load_predictor_window():
     assert pred.predict().tolist() == [[4.0, 3.0]]
     with pytest.raises(ValueError, match="expected \\(1, 2\\)"):
         pred.observe(torch.zeros(2, 2))
+
+
+def test_topology_aware_split_prefers_same_node():
+    # ranks 0-3 on node 0, 4-7 on node 1; expert replicated on ranks 2 and 5
+    assert split_over_replicas(9, 0, (2, 5), 8, ranks_per_node=4) == [(2, 9)]
+    assert split_over_replicas(9, 6, (2, 5), 8, ranks_per_node=4) == [(5, 9)]
+    assert split_over_replicas(9, 6, (2, 5), 8) == [(2, 5), (5, 4)]  # one node: even split, ring order
+    assert split_over_replicas(9, 6, (0, 1), 8, ranks_per_node=4) == [(0, 5), (1, 4)]  # none on the node

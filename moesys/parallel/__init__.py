@@ -18,10 +18,11 @@ import torch.nn as nn
 from moesys.layers.moe import MoELayer
 from moesys.parallel.comm import CollectiveError
 from moesys.parallel.ep import ExpertParallelExperts, ExpertParallelMoELayer
+from moesys.parallel.fssdp_runtime import FSSDPHandle, fssdp_parallelize
 from moesys.parallel.handle import ParallelHandle
 from moesys.parallel.mesh import EPMesh, build_mesh, check_ep, mesh_from_device_mesh
 
-__all__ = ["parallelize", "ParallelHandle", "EPMesh", "build_mesh", "CollectiveError",
+__all__ = ["parallelize", "ParallelHandle", "FSSDPHandle", "fssdp_parallelize", "EPMesh", "build_mesh", "CollectiveError",
            "ExpertParallelExperts", "ExpertParallelMoELayer"]
 
 
@@ -30,7 +31,7 @@ def _parallel_section(config):
     return getattr(config, "parallel", config)
 
 
-def parallelize(model: nn.Module, config, mesh=None) -> ParallelHandle:
+def parallelize(model: nn.Module, config, mesh=None) -> ParallelHandle | FSSDPHandle:
     """Make `model` expert parallel in place according to `config.parallel`; returns the handle.
 
     Args:
@@ -41,9 +42,18 @@ def parallelize(model: nn.Module, config, mesh=None) -> ParallelHandle:
             with dims ("dp", "ep").
     """
     p = _parallel_section(config)
-    if getattr(p, "expert_sharding", "ep") != "ep":
-        raise ValueError(f"parallelize: parallel.expert_sharding={p.expert_sharding!r} is not implemented "
-                         "here; use 'ep'")
+    sharding = getattr(p, "expert_sharding", "ep")
+    if sharding in ("fssdp", "fsdp"):
+        if p.ep != 1:
+            raise ValueError(f"parallelize: parallel.expert_sharding={sharding!r} shards experts over all ranks; "
+                             f"leave parallel.ep at 1 (got {p.ep})")
+        f = p.fssdp
+        return fssdp_parallelize(model, policy=sharding, rematerialize=f.rematerialize,
+                                 reshard_every=f.reshard_every, window=f.window, gather_budget=f.gather_budget,
+                                 memory_cap=f.memory_cap, bandwidth_gbs=f.bandwidth_gbs, prefetch=f.prefetch,
+                                 timeout_s=getattr(p, "timeout_s", 600.0))
+    if sharding != "ep":
+        raise ValueError(f"parallelize: parallel.expert_sharding={sharding!r}; use 'ep', 'fssdp' or 'fsdp'")
     timeout_s = getattr(p, "timeout_s", None)
     if mesh is None:
         device = next(model.parameters(), torch.empty(0)).device

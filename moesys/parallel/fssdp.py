@@ -28,6 +28,7 @@ M materialised experts, K top-k, N routed rows, W ranks.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from moesys.layers.experts import Experts
 from moesys.ops import moe_mlp
 from moesys.parallel.comm import CommContext, all_to_all, exchange_counts, guarded
+from moesys.parallel.fssdp_plan import split_over_replicas
 
 __all__ = ["FSSDPExperts", "LayerPlan", "POLICIES"]
 
@@ -161,22 +163,53 @@ class FSSDPExperts(nn.Module):
 
     def __init__(self, experts: Experts, owned_ids: list[int], *, group, rank: int, world_size: int,
                  layer_name: str, comm: CommContext, rematerialize: bool = False,
-                 drop_zero_weight: bool = False):
+                 drop_zero_weight: bool = False, ranks_per_node: int | None = None):
         super().__init__()
         self.num_experts, self.hidden_size, self.ffn_size = experts.num_experts, experts.hidden_size, experts.ffn_size
         self.activation, self.backend = experts.activation, experts.backend
         self.group, self.rank, self.world_size, self.layer_name, self.comm = group, rank, world_size, layer_name, comm
         self.rematerialize, self.drop_zero_weight = rematerialize, drop_zero_weight
+        self.ranks_per_node = ranks_per_node
         self.compute_dtype: torch.dtype | None = None    # dtype of the tokens (set by the first forward)
         self.owned_ids: list[int] = sorted(owned_ids)
         for name in _WEIGHTS:
             full = getattr(experts, name)
             setattr(self, name, None if full is None else nn.Parameter(full.detach()[self.owned_ids].clone()))
         self.plan: LayerPlan | None = None
-        self.last_counts_E: torch.Tensor | None = None   # this rank's kept assignments per expert
+        self.step_counts_E: torch.Tensor | None = None   # this rank's kept assignments this step (training)
         self.last_rows_received = 0                      # rows this rank computed in the last forward
         self._prefetch: PendingGather | None = None
         self.pending_reduce: list = []                   # SparseReduceScatter messages in flight
+
+    def block_started(self) -> None:
+        """Called when the module holding this layer starts (before its attention): marks the time,
+        so that the attention time (the window a gather can hide in) is measured, and prefetches."""
+        self._attn_marks = [self._mark(), None]
+        self.prefetch()
+
+    def _mark(self):
+        if torch.cuda.is_available() and self.gate_up_proj.is_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def attention_seconds(self) -> float | None:
+        """Time from the block's start to this layer's forward in the last step (None if unmeasured)."""
+        marks = getattr(self, "_attn_marks", None)
+        if not marks or marks[1] is None:
+            return None
+        start, end = marks
+        if isinstance(start, float):
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def expert_bytes(self) -> int:
+        dtype = self.compute_dtype or self.gate_up_proj.dtype
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(getattr(self, n)[0].numel() for n in self.weight_names()) * size if self.owned_ids else \
+            (3 * self.hidden_size * self.ffn_size) * size
 
     def prefetch(self) -> None:
         """Start this step's SparseAllGather now (called before the attention that precedes this
@@ -215,6 +248,9 @@ class FSSDPExperts(nn.Module):
     def forward(self, x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         if self.plan is None:
             raise RuntimeError(f"{self.layer_name}: no FSSDP plan; call the controller's begin_step() before forward")
+        marks = getattr(self, "_attn_marks", None)
+        if marks and marks[1] is None:
+            marks[1] = self._mark()
         T, H = x_TH.shape
         K = topk_ids_TK.shape[1]
         E, W, rank, plan = self.num_experts, self.world_size, self.rank, self.plan
@@ -230,7 +266,8 @@ class FSSDPExperts(nn.Module):
             rows_N = torch.arange(ids_N.numel(), device=ids_N.device)
         rows_N = rows_N[torch.sort(ids_N[rows_N], stable=True).indices]   # grouped by expert
         counts_E = torch.bincount(ids_N[rows_N], minlength=E)
-        self.last_counts_E = counts_E.detach()
+        if self.training:  # the load the next plans predict from: every micro-batch of the step
+            self.step_counts_E = counts_E.detach() + (0 if self.step_counts_E is None else self.step_counts_E)
         dest_N, send_WE = self._destinations(counts_E.tolist(), plan, rows_N.device)
         order_N = torch.sort(dest_N * E + ids_N[rows_N], stable=True).indices
         rows_N = rows_N[order_N]
@@ -268,20 +305,12 @@ class FSSDPExperts(nn.Module):
 
     def _destinations(self, counts: list[int], plan: LayerPlan, device):
         """Destination rank of each of this rank's rows (grouped by expert), and counts [W, E] per
-        (destination, expert): a local replica first, else an even split over the replicas in ring
-        order from this rank (the rule `fssdp_plan.route_to_replicas` simulates)."""
+        (destination, expert), by `fssdp_plan.split_over_replicas`."""
         W, E, rank = self.world_size, self.num_experts, self.rank
         send_WE = torch.zeros(W, E, dtype=torch.int64)
         dest = []
         for e, n in enumerate(counts):
-            reps = plan.replicas_E[e]
-            if rank in reps:
-                chunks = [(rank, n)]
-            else:
-                base, rem = divmod(n, len(reps))
-                ring = sorted(reps, key=lambda d: (d - rank) % W)
-                chunks = [(d, base + (1 if i < rem else 0)) for i, d in enumerate(ring)]
-            for d, c in chunks:
+            for d, c in split_over_replicas(n, rank, plan.replicas_E[e], W, self.ranks_per_node):
                 send_WE[d, e] += c
                 dest += [d] * c
         return torch.tensor(dest, dtype=torch.long, device=device), send_WE.to(device)

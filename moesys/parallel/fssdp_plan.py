@@ -11,8 +11,8 @@ executor then issues the same collectives in the same order on every rank.
 - `plan_materialization`: per step and layer, which ranks hold a copy (replica) of each expert. The
   hottest experts are replicated on every rank while the per-rank gather budget (what the preceding
   attention can hide) and the memory cap allow; the rest get replicas in proportion to their load.
-- `route_to_replicas`: each rank's tokens for an expert go to its local replica if it has one, else
-  are split evenly over the replicas.
+- `split_over_replicas` / `route_to_replicas`: each rank's tokens for an expert go to its local
+  replica if it has one, else are split evenly over the replicas (those on the same node first).
 - `LoadPredictor`: per-expert load predicted as the mean of the last `window` steps' global counts.
 
 Legend: L MoE layers, E experts per layer, W ranks.
@@ -133,24 +133,33 @@ def plan_materialization(load_E: torch.Tensor, owner_E: tuple[int, ...], world_s
     return tuple(tuple(sorted(r)) for r in replicas)
 
 
-def route_to_replicas(counts_WE: torch.Tensor, replicas: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """tokens_WWE[s, d, e]: tokens source rank s sends to replica rank d of expert e.
+def split_over_replicas(n: int, source: int, replicas: tuple[int, ...], world_size: int,
+                        ranks_per_node: int | None = None) -> list[tuple[int, int]]:
+    """[(destination rank, rows)] for `n` rows of one expert on rank `source`: all to the local
+    replica if there is one; else an even split over the replicas on the source's node if any
+    (topology-aware: intra-node links are the fast ones), else over all replicas; remainders go to
+    the replicas after the source in ring order, so they spread over ranks."""
+    if source in replicas:
+        return [(source, n)]
+    reps = replicas
+    if ranks_per_node:
+        same_node = tuple(d for d in replicas if d // ranks_per_node == source // ranks_per_node)
+        reps = same_node or replicas
+    base, rem = divmod(n, len(reps))
+    ring = sorted(reps, key=lambda d: (d - source) % world_size)
+    return [(d, base + (1 if i < rem else 0)) for i, d in enumerate(ring)]
 
-    Local replica first; otherwise an even split over the replicas, the remainder going to the
-    replicas after the source rank in ring order (so remainders spread over ranks)."""
+
+def route_to_replicas(counts_WE: torch.Tensor, replicas: tuple[tuple[int, ...], ...],
+                      ranks_per_node: int | None = None) -> torch.Tensor:
+    """tokens_WWE[s, d, e]: tokens source rank s sends to replica rank d of expert e
+    (`split_over_replicas` for every source and expert)."""
     W, E = counts_WE.shape
     out = torch.zeros(W, W, E, dtype=torch.int64)
     for e in range(E):
-        reps = replicas[e]
         for s in range(W):
-            n = int(counts_WE[s, e])
-            if s in reps:
-                out[s, s, e] = n
-                continue
-            base, rem = divmod(n, len(reps))
-            ring = sorted(reps, key=lambda d: (d - s) % W)
-            for i, d in enumerate(ring):
-                out[s, d, e] = base + (1 if i < rem else 0)
+            for d, c in split_over_replicas(int(counts_WE[s, e]), s, replicas[e], W, ranks_per_node):
+                out[s, d, e] = c
     return out
 
 

@@ -17,6 +17,7 @@ Legend: L MoE layers, E experts per layer, W ranks.
 from __future__ import annotations
 
 import math
+import os
 from datetime import timedelta
 
 import torch
@@ -40,14 +41,17 @@ def _initial_owners(policy: str, L: int, E: int, W: int) -> ShardingPlan:
 
 
 def fssdp_parallelize(model: nn.Module, *, policy: str = "fssdp", group=None, rematerialize: bool = False,
-                      reshard_every: int = 100, window: int = 5, gather_budget: int | None = None,
-                      memory_cap: int | None = None, prefetch: bool = True,
+                      reshard_every: int = 100, window: int = 5, gather_budget: int | str | None = None,
+                      memory_cap: int | None = None, prefetch: bool = True, bandwidth_gbs: float = 100.0,
                       timeout_s: float = 600.0) -> "FSSDPHandle":
     """Swap every MoELayer's experts for `FSSDPExperts` in place; returns the step handle.
 
-    gather_budget: experts a rank may receive per layer and step (default: all of them; on GPUs set
-    it from attention time x bandwidth / expert bytes); memory_cap: extra expert copies per rank and
-    layer (default: unlimited)."""
+    gather_budget: experts a rank may receive per layer and step: an int, None (all of them), or
+    "auto": the attention time measured before the layer in the previous step (the minimum over
+    ranks, so that all plan alike) x `bandwidth_gbs` / one expert's bytes.
+    memory_cap: extra expert copies per rank and layer (default: unlimited).
+    prefetch: start each layer's gather when the module holding the MoE layer (a transformer block)
+    starts, so the transfer overlaps its attention."""
     if policy not in POLICIES:
         raise ValueError(f"fssdp_parallelize: policy={policy!r}; use one of {POLICIES}")
     world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -68,21 +72,34 @@ def fssdp_parallelize(model: nn.Module, *, policy: str = "fssdp", group=None, re
         comm = CommContext(group, rank=rank, group_size=world, layer=name, timeout=timeout)
         layer.experts = FSSDPExperts(layer.experts, owners.owned(rank, l), group=group, rank=rank, world_size=world,
                                      layer_name=name, comm=comm, rematerialize=rematerialize,
-                                     drop_zero_weight=layer.router.capacity_factor is not None)
-    if prefetch:
+                                     drop_zero_weight=layer.router.capacity_factor is not None,
+                                     ranks_per_node=_ranks_per_node(world))
+    if gather_budget is not None and gather_budget != "auto" and not (isinstance(gather_budget, int) and gather_budget >= 0):
+        raise ValueError(f"fssdp_parallelize: gather_budget={gather_budget!r}; use an int >= 0, None or 'auto'")
+    if prefetch or gather_budget == "auto":
         for name, layer in layers:
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
             if parent is not model or len(layers) == 1:
-                parent.register_forward_pre_hook(lambda module, args, experts=layer.experts: experts.prefetch())
+                if prefetch:
+                    hook = lambda module, args, experts=layer.experts: experts.block_started()
+                else:
+                    hook = lambda module, args, experts=layer.experts: setattr(experts, "_attn_marks", [experts._mark(), None])
+                parent.register_forward_pre_hook(hook)
     return FSSDPHandle(model, [m.experts for _, m in layers], owners, policy=policy, group=group, rank=rank,
                        world_size=world, reshard_every=reshard_every, window=window,
-                       gather_budget=E if gather_budget is None else gather_budget,
+                       gather_budget=E if gather_budget is None else gather_budget, bandwidth_gbs=bandwidth_gbs,
                        memory_cap=E if memory_cap is None else memory_cap, timeout=timeout)
+
+
+def _ranks_per_node(world: int) -> int | None:
+    """torchrun's LOCAL_WORLD_SIZE (the same on every node), if it says there are several nodes."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return local if 0 < local < world and world % local == 0 else None
 
 
 class FSSDPHandle:
     def __init__(self, model, experts: list[FSSDPExperts], owners: ShardingPlan, *, policy, group, rank, world_size,
-                 reshard_every, window, gather_budget, memory_cap, timeout):
+                 reshard_every, window, gather_budget, memory_cap, timeout, bandwidth_gbs=100.0):
         self.model, self.experts, self.owners, self.policy = model, experts, owners, policy
         self.group, self.rank, self.world_size = group, rank, world_size
         self.reshard_every, self.gather_budget, self.memory_cap = reshard_every, gather_budget, memory_cap
@@ -91,6 +108,9 @@ class FSSDPHandle:
         self.comm = CommContext(group, rank=rank, group_size=world_size, layer="(all layers)", timeout=timeout)
         self.step = 0
         self.reshards = 0
+        self.bandwidth_gbs = bandwidth_gbs
+        self.device = experts[0].gate_up_proj.device  # where collective buffers live (NCCL needs the GPU)
+        self.budgets_L = [0 if gather_budget == "auto" else gather_budget] * len(experts)  # "auto": none until measured
 
     # -- parameters ----------------------------------------------------------------------------
     def expert_parameters(self) -> list[nn.Parameter]:
@@ -112,7 +132,7 @@ class FSSDPHandle:
             elif self.policy == "fsdp":
                 reps = tuple(tuple(range(W)) for _ in range(E))
             else:
-                reps = plan_materialization(predicted[l], owner, W, gather_budget=self.gather_budget,
+                reps = plan_materialization(predicted[l], owner, W, gather_budget=self.budgets_L[l],
                                             memory_cap=self.memory_cap)
             out.append(LayerPlan(owner, reps))
         return out
@@ -127,12 +147,17 @@ class FSSDPHandle:
     def end_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Observe this step's global load; re-shard when due and the plan changed. Returns whether
         ownership moved. A collective: every rank calls it."""
-        counts_LE = torch.stack([m.last_counts_E if m.last_counts_E is not None
+        counts_LE = torch.stack([m.step_counts_E.cpu() if m.step_counts_E is not None
                                  else torch.zeros(self.num_experts, dtype=torch.int64) for m in self.experts]).float()
+        for m in self.experts:
+            m.step_counts_E = None
+        counts_LE = counts_LE.to(self.device)  # NCCL reduces device tensors
         if self.world_size > 1:
             with guarded(self.comm, "load all-reduce"):
                 dist.all_reduce(counts_LE, group=self.group)
-        self.predictor.observe(counts_LE)
+        self.predictor.observe(counts_LE.cpu())
+        if self.gather_budget == "auto":
+            self._update_budgets()
         self.step += 1
         if self.policy != "fssdp" or self.reshard_every <= 0 or self.step % self.reshard_every:
             return False
@@ -142,16 +167,21 @@ class FSSDPHandle:
         self.reshard(new, optimizer)
         return True
 
+    def _update_budgets(self) -> None:
+        """Experts each layer's preceding attention can hide: min over ranks of the measured time
+        x bandwidth / expert bytes (all ranks must plan with the same budget)."""
+        secs = torch.tensor([m.attention_seconds() or 0.0 for m in self.experts], dtype=torch.float64,
+                            device=self.device)
+        if self.world_size > 1:
+            with guarded(self.comm, "attention-time all-reduce"):
+                dist.all_reduce(secs, op=dist.ReduceOp.MIN, group=self.group)
+        self.budgets_L = [int(s * self.bandwidth_gbs * 1e9 // m.expert_bytes()) for s, m in zip(secs.tolist(), self.experts)]
+
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Finish the asynchronous SparseReduceScatter, then average as one process would."""
         W = self.world_size
-        for m in self.experts:
-            m.finish_reduce_scatter()
-        for p in self.expert_parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.div_(W)
+        self.reduce_expert_gradients()
         if W == 1:
             return
         for p in self.dense_parameters():
@@ -171,9 +201,9 @@ class FSSDPHandle:
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         dense_sq = sum((p.grad.float().pow(2).sum() for p in self.dense_parameters() if p.grad is not None),
-                       torch.zeros(()))
+                       torch.zeros((), device=self.device))
         expert_sq = sum((p.grad.float().pow(2).sum() for p in self.expert_parameters() if p.grad is not None),
-                        torch.zeros(()))
+                        torch.zeros((), device=self.device))
         if self.world_size > 1:  # every expert is owned once: sum the squares over ranks
             with guarded(self.comm, "gradient-norm all-reduce"):
                 dist.all_reduce(expert_sq, group=self.group)
@@ -188,6 +218,53 @@ class FSSDPHandle:
                 if p.grad is not None:
                     p.grad.mul_(scale)
         return norm
+
+    # -- the trainer's and checkpoint code's view (the same names as ParallelHandle) ----------------
+    @property
+    def shards_experts(self) -> bool:
+        return self.world_size > 1
+
+    def expert_parameter_names(self) -> set[str]:
+        ids = {id(p) for p in self.expert_parameters()}
+        return {n for n, p in self.model.named_parameters() if id(p) in ids}
+
+    def _owned_ids_by_name(self) -> dict[str, list[int]]:
+        return {f"{m.layer_name}.experts.{n}": m.owned_ids for m in self.experts for n in m.weight_names()}
+
+    def local_expert_ids(self, name: str) -> list[int] | None:
+        """Global ids of the experts this rank holds for parameter `name` (None: not an expert tensor)."""
+        return self._owned_ids_by_name().get(name)
+
+    @torch.no_grad()
+    def reduce_expert_gradients(self) -> None:
+        for m in self.experts:
+            m.finish_reduce_scatter()
+        for p in self.expert_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.div_(self.world_size)
+
+    @torch.no_grad()
+    def gather_expert_state(self, state: dict[str, torch.Tensor], param_name=lambda key: key) -> dict[str, torch.Tensor]:
+        """Replace each owned-expert tensor [O, ...] in `state` (model or optimizer state, with
+        `param_name(key)` the parameter's name) by the full [E, ...] tensor in global-id order on every
+        rank. A collective: every rank calls it with the same keys."""
+        owned = self._owned_ids_by_name()
+        out = dict(state)
+        for key in sorted(k for k, v in state.items() if param_name(k) in owned and v.dim() > 0):
+            t = state[key].detach()
+            full = torch.zeros((self.num_experts,) + tuple(t.shape[1:]), dtype=torch.float32, device=t.device)
+            full[owned[param_name(key)]] = t.float()
+            if self.world_size > 1:
+                with guarded(self.comm, f"gather of {key}"):
+                    dist.all_reduce(full, group=self.group)
+            out[key] = full.to(t.dtype)
+        return out
+
+    def local_expert_state(self, state: dict[str, torch.Tensor], param_name=lambda key: key) -> dict[str, torch.Tensor]:
+        """The inverse of `gather_expert_state`, without communication: this rank's owned rows."""
+        owned = self._owned_ids_by_name()
+        return {k: (v[owned[param_name(k)]] if param_name(k) in owned and v.dim() > 0 else v) for k, v in state.items()}
 
     # -- state by global expert id ---------------------------------------------------------------
     @torch.no_grad()
@@ -259,7 +336,7 @@ class FSSDPHandle:
     def _optimizer_has_state(self, optimizer) -> bool:
         """Whether every rank's optimizer has stepped (state exists): both ends of a move must agree."""
         local = float(optimizer is not None and len(optimizer.state) > 0)
-        flag = torch.tensor([local])
+        flag = torch.tensor([local], device=self.device)
         if self.world_size > 1:
             with guarded(self.comm, "optimizer-state agreement"):
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)

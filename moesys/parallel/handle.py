@@ -56,6 +56,24 @@ class ParallelHandle:
         """Global id of this rank's first local expert (the same in every MoE layer)."""
         return self.mesh.ep_rank * next((m.num_local_experts for m in self.ep_experts().values()), 0)
 
+    @property
+    def shards_experts(self) -> bool:
+        """Whether ranks hold different experts (then expert gradients need `reduce_expert_gradients`)."""
+        return self.mesh.ep > 1
+
+    def begin_step(self) -> None:
+        """Nothing to plan for EP (FSSDP's handle plans materialisation here)."""
+
+    def end_step(self, optimizer=None) -> bool:
+        """Nothing to observe for EP (FSSDP's handle re-shards here); returns whether anything moved."""
+        return False
+
+    def local_expert_ids(self, name: str) -> list[int] | None:
+        """Global ids of this rank's experts for parameter `name` (None: not an expert tensor)."""
+        module_name = name.rpartition(".")[0]
+        module = self.ep_experts().get(module_name)
+        return None if module is None else list(module.global_expert_ids)
+
     def expert_parameter_names(self) -> set[str]:
         ids = {id(p) for p in self._expert}
         return {n for n, p in self.model.named_parameters() if id(p) in ids}

@@ -13,6 +13,16 @@ from moesys.activations import ACTIVATIONS, apply_activation, is_gated
 from moesys.ops import moe_mlp
 
 
+def autocast_expert_inputs(x_TH: torch.Tensor, *tensors):
+    """Under autocast, cast the tokens and expert weights (None stays None) to the autocast dtype, as
+    autocast casts a matmul's inputs: moe_mlp is not an autocast op, and without this fp32 master
+    weights and the fp32 RMSNorm output would run the slow fp32 path. Otherwise unchanged."""
+    if not torch.is_autocast_enabled(x_TH.device.type):
+        return (x_TH, *tensors)
+    dtype = torch.get_autocast_dtype(x_TH.device.type)
+    return (x_TH.to(dtype), *(None if t is None else t.to(dtype) for t in tensors))
+
+
 class Experts(nn.Module):
     """E expert MLPs: gate_up_proj [E, 2I, H] (gate rows first; [E, I, H] for non-gated activations),
     down_proj [E, H, I], optional biases [E, 2I] / [E, H]."""
@@ -33,15 +43,8 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, std=init_std)
 
     def forward(self, x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        b_gate_up, b_down = self.gate_up_proj_bias, self.down_proj_bias
-        if torch.is_autocast_enabled(x_TH.device.type):
-            # moe_mlp is not an autocast op: cast its inputs as autocast casts a matmul's (fp32 master
-            # weights and the fp32 RMSNorm output to bf16), so the fast bf16 kernels run.
-            dtype = torch.get_autocast_dtype(x_TH.device.type)
-            x_TH, w_gate_up, w_down = x_TH.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
-            b_gate_up = b_gate_up.to(dtype) if b_gate_up is not None else None
-            b_down = b_down.to(dtype) if b_down is not None else None
+        x_TH, w_gate_up, w_down, b_gate_up, b_down = autocast_expert_inputs(
+            x_TH, self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias)
         return moe_mlp(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK.to(x_TH.dtype),
                        activation=self.activation, backend=self.backend, b_gate_up=b_gate_up, b_down=b_down)
 

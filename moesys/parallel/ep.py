@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn as nn
 
-from moesys.layers.experts import Experts
+from moesys.layers.experts import Experts, autocast_expert_inputs
 from moesys.layers.moe import MoELayer, MoEStats
 from moesys.ops import moe_mlp
 from moesys.parallel.comm import CommContext, all_to_all, all_to_all_async, exchange_counts
@@ -95,7 +95,7 @@ class ExpertParallelExperts(nn.Module):
         send_splits, recv_splits = splits[:P], splits[P:]
         self.last_splits = (send_splits, recv_splits)
 
-        x_NH = x_TH[rows_N // K]
+        x_NH = autocast_expert_inputs(x_TH)[0][rows_N // K]  # under autocast, bf16 rows travel
         pending = all_to_all_async(x_NH, recv_splits, send_splits, self.comm, "token dispatch all-to-all")
         side = during_transfer() if during_transfer is not None and self.overlap else None
         waited = time.perf_counter()
@@ -108,19 +108,21 @@ class ExpertParallelExperts(nn.Module):
         # Received rows come ordered by source rank, then local expert: ids repeat per source.
         local_ids_R = torch.repeat_interleave(torch.arange(L, device=x_RH.device).repeat(P), recv_PL.reshape(-1),
                                               output_size=sum(recv_splits))
+        x_RH, w_gate_up, w_down, b_gate_up, b_down = autocast_expert_inputs(
+            x_RH, self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias)
         ones_R1 = x_RH.new_ones(x_RH.shape[0], 1)
-        out_RH = moe_mlp(x_RH, self.gate_up_proj, self.down_proj, local_ids_R.unsqueeze(1), ones_R1,
-                         activation=self.activation, backend=self.backend,
-                         b_gate_up=self.gate_up_proj_bias, b_down=self.down_proj_bias)
+        out_RH = moe_mlp(x_RH, w_gate_up, w_down, local_ids_R.unsqueeze(1), ones_R1,
+                         activation=self.activation, backend=self.backend, b_gate_up=b_gate_up, b_down=b_down)
 
         back_NH = all_to_all(out_RH, send_splits, recv_splits, self.comm, "expert output all-to-all")
         # Weight and sum the K rows of each token like the single-device op: fp32 accumulation,
         # zero rows for dropped assignments, k = 0..K-1 summed in order (deterministic).
-        acc_dtype = torch.promote_types(x_TH.dtype, torch.float32)
-        # (The weights are rounded to x's dtype first, as `Experts.forward` does.)
-        weighted_NH = back_NH.to(acc_dtype) * weights_N[rows_N].to(x_TH.dtype).to(acc_dtype).unsqueeze(1)
+        # The compute dtype (the autocast dtype under autocast), rounded to as `Experts` rounds.
+        cdt = x_RH.dtype
+        acc_dtype = torch.promote_types(cdt, torch.float32)
+        weighted_NH = back_NH.to(acc_dtype) * weights_N[rows_N].to(cdt).to(acc_dtype).unsqueeze(1)
         full_NH = weighted_NH.new_zeros(T * K, H).index_copy(0, rows_N, weighted_NH)
-        return full_NH.view(T, K, H).sum(1).to(x_TH.dtype), side
+        return full_NH.view(T, K, H).sum(1).to(cdt), side
 
 
 class ExpertParallelMoELayer(MoELayer):

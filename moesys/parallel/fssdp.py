@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from moesys.layers.experts import Experts
+from moesys.layers.experts import Experts, autocast_expert_inputs
 from moesys.ops import moe_mlp
 from moesys.parallel.comm import CommContext, all_to_all, exchange_counts, guarded
 from moesys.parallel.fssdp_plan import split_over_replicas
@@ -254,9 +254,7 @@ class FSSDPExperts(nn.Module):
         T, H = x_TH.shape
         K = topk_ids_TK.shape[1]
         E, W, rank, plan = self.num_experts, self.world_size, self.rank, self.plan
-        if torch.is_autocast_enabled(x_TH.device.type):
-            # As `Experts` does: compute in the autocast dtype (bf16 weights travel, fp32 masters stay).
-            x_TH = x_TH.to(torch.get_autocast_dtype(x_TH.device.type))
+        x_TH, = autocast_expert_inputs(x_TH)  # as `Experts`: the autocast dtype (bf16 copies travel, fp32 masters stay)
         self.compute_dtype = x_TH.dtype
         ids_N = topk_ids_TK.reshape(-1)
         weights_N = topk_weights_TK.reshape(-1)

@@ -7,6 +7,7 @@ with inputs already checked by `moesys.ops.check_moe_mlp_inputs`.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -25,7 +26,7 @@ def available_backends() -> list[str]:
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """None when the Triton backend can run on `device`, else a sentence saying why not."""
     try:
-        mod = importlib.import_module("moesys.kernels")
+        mod = _import("moesys.kernels")
     except ImportError as e:
         return f"the Triton kernels could not be imported ({e})"
     reason = getattr(mod, "unavailable_reason", None)
@@ -43,4 +44,9 @@ def get_backend(name: str, x: torch.Tensor):
             raise RuntimeError(f"moe_mlp: backend='triton' cannot run here: {reason}. "
                                "Use backend='grouped_mm' or 'auto'.")
     module, fn = _BACKENDS[name]
-    return getattr(importlib.import_module(module), fn)
+    return getattr(_import(module), fn)
+
+
+def _import(module: str):
+    # sys.modules first: torch.compile(fullgraph=True) can trace a dict lookup but not importlib.
+    return sys.modules.get(module) or importlib.import_module(module)

@@ -25,7 +25,8 @@ def sort_by_expert(topk_ids_TK: torch.Tensor, num_experts: int):
 
 
 def _native_grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
-    if a.device.type == "cuda":
+    if a.device.type == "cuda" or torch.compiler.is_compiling():
+        # CUDA kernels and dynamo's grouped_mm meta function take bf16 only.
         dtypes = (torch.bfloat16,)
     else:
         dtypes = (torch.float32, torch.bfloat16, torch.float16)

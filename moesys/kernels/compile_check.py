@@ -1,0 +1,88 @@
+"""Compile the expert kernels for a Hopper GPU (sm_90) on any machine, no GPU needed, to catch what
+Triton's CPU interpreter accepts but the compiler refuses (e.g. Python globals inside a kernel), and to
+read what the compiler made of a kernel (shared memory, pipelined async copies, wgmma).
+
+    python -m moesys.kernels.compile_check            # the variants the backend launches, bf16
+    python -m moesys.kernels.compile_check --all      # every activation/bias/dtype variant (minutes)
+
+Must run without TRITON_INTERPRET=1 (the interpreter's kernels cannot be compiled). Pointers and
+strides are declared 16-divisible and inner strides 1, as a real launch specializes them; without that
+Triton neither vectorizes nor software-pipelines the loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moesys.kernels.grouped_gemm import EPI_ACT_BWD, EPI_ACT_FWD, EPI_SCATTER, expert_wgrad_kernel, grouped_gemm_kernel
+
+_NOT_DIVISIBLE = {"num_rows", "E", "I", "rows_bucket"}
+_PTR_TYPES = {"token_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32", "drw_ptr": "*fp32"}
+
+
+def compile_variant(kernel, consts: dict, dtype: str = "bf16", out_fp32: bool = False, num_warps=8, num_stages=3):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if (out_fp32 and name == "out_ptr") else _PTR_TYPES.get(name, "*" + dtype)
+        else:
+            sig[name] = "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if sig[n] != "constexpr" and n not in _NOT_DIVISIBLE}
+    src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def variants(all_variants: bool, dtype: str):
+    """(name, kernel, constexprs, out_fp32) for the launches of one fwd+bwd; with all_variants, every combo."""
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    tile = dict(BM=128, BN=128, BK=64, GROUP_M=8, UPCAST=False, DOT_PREC=prec)
+    gemm = dict(tile, E_P2=8, stride_ak=1, stride_on=1, stride_hn=1, stride_dn=1)
+    acts = range(4) if all_variants else (0, 1)
+    flags = (False, True) if all_variants else (True,)
+    for act, bias, save_h in itertools.product(acts, flags, flags):
+        yield (f"fwd_gate_up act={act} bias={bias} save_h={save_h}", grouped_gemm_kernel,
+               dict(gemm, EPILOGUE=EPI_ACT_FWD, GATHER_A=True, GATED=act < 2, HAS_BIAS=bias, SAVE_H=save_h,
+                    SCALE=False, ACT=act, stride_bk=1), False)
+    for scale, bias in itertools.product((False, True), flags):
+        yield (f"scatter scale={scale} bias={bias}", grouped_gemm_kernel,
+               dict(gemm, EPILOGUE=EPI_SCATTER, GATHER_A=False, GATED=False, HAS_BIAS=bias, SAVE_H=False,
+                    SCALE=scale, ACT=0, stride_bk=1), True)
+    for act in acts:
+        yield (f"bwd_down_act act={act}", grouped_gemm_kernel,
+               dict(gemm, EPILOGUE=EPI_ACT_BWD, GATHER_A=True, GATED=act < 2, HAS_BIAS=False, SAVE_H=False,
+                    SCALE=True, ACT=act, stride_bn=1), False)
+    for gather_p in (True, False):
+        yield (f"wgrad gather_p={gather_p}", expert_wgrad_kernel,
+               dict(tile, GATHER_P=gather_p, GATHER_Q=not gather_p, SCALE_P=gather_p, stride_pm=1, stride_qn=1), False)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--all", action="store_true", help="every activation, bias and dtype variant")
+    args = ap.parse_args(argv)
+    if not isinstance(grouped_gemm_kernel, triton.runtime.jit.JITFunction):
+        print("compile_check: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)", file=sys.stderr)
+        return 2
+    for dtype in ("bf16", "fp16", "fp32") if args.all else ("bf16",):
+        for name, kernel, consts, out_fp32 in variants(args.all, dtype):
+            compiled = compile_variant(kernel, consts, dtype, out_fp32)
+            ttgir = compiled.asm["ttgir"]
+            print(f"{dtype} {name}: shared {compiled.metadata.shared} B, "
+                  f"async copies {ttgir.count('async_copy_global_to_local')}, "
+                  f"wgmma {ttgir.count('warp_group_dot')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -59,9 +59,13 @@ def _prompt(n=9, seed=1):
     return torch.randint(2, 101, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+# The reference is the same model fully on the device the offload engine computes on.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _reference(path, dtype, prompt, **kw):
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    out = ref.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(DEVICE)
+    out = ref.generate(prompt.to(DEVICE), max_new_tokens=NEW_TOKENS, do_sample=False)
     return ref, out
 
 
@@ -151,9 +155,9 @@ def test_quantized_experts_within_stated_error(checkpoints, mode, bound):
     full = mo.load(path, gpu_memory="1GiB", dtype=torch.float32)
     q = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, quantize_experts=mode)
     g = torch.Generator().manual_seed(5)
-    x_TH = torch.randn(16, 32, generator=g)
-    ids_TK = torch.randint(0, 8, (16, 2), generator=g)
-    w_TK = torch.rand(16, 2, generator=g)
+    x_TH = torch.randn(16, 32, generator=g).to(DEVICE)
+    ids_TK = torch.randint(0, 8, (16, 2), generator=g).to(DEVICE)
+    w_TK = torch.rand(16, 2, generator=g).to(DEVICE)
     for layer in range(3):
         want = full.moesys_offload.experts_forward(layer, x_TH, ids_TK, w_TK)
         got = q.moesys_offload.experts_forward(layer, x_TH, ids_TK, w_TK)

@@ -37,7 +37,7 @@ from moesys.config import ParallelConfig  # noqa: E402
 from moesys.layers.moe import MoELayer  # noqa: E402
 from moesys.layers.router import Router, RouterOutput  # noqa: E402
 from moesys.parallel import parallelize  # noqa: E402
-from moesys.parallel.testing import Holder, spawn  # noqa: E402
+from moesys.parallel.testing import Holder, run_workers  # noqa: E402
 
 
 class ForcedRouter(Router):
@@ -245,25 +245,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off on the GPU machines
-    args = parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:        # torchrun
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        kwargs = {}
-        if args.device == "cuda":
-            kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-            torch.cuda.set_device(kwargs["device_id"])
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=600), **kwargs)
-        try:
-            _worker(rank, world, args)
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    else:
-        if args.device == "cuda":
-            raise SystemExit("ep_bench.py: --device cuda runs under torchrun (one process per GPU)")
-        spawn(_worker, args.nproc, args, timeout_s=600)
+    run_workers(_worker, parse_args(argv), "ep_bench.py")
 
 
 if __name__ == "__main__":

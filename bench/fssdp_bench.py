@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from ep_bench import ForcedRouter, _meta, forced_ids  # noqa: E402  (same forced
 from moesys.config import load_config  # noqa: E402
 from moesys.models import MoETransformer  # noqa: E402
 from moesys.parallel.fssdp_runtime import fssdp_parallelize  # noqa: E402
-from moesys.parallel.testing import spawn  # noqa: E402
+from moesys.parallel.testing import run_workers  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -164,27 +163,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off on the GPU machines
-    args = parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
-        import datetime
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        kwargs = {}
-        if args.device == "cuda":
-            kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-            torch.cuda.set_device(kwargs["device_id"])
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=600), **kwargs)
-        try:
-            _worker(rank, world, args)
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    else:
-        if args.device == "cuda":
-            raise SystemExit("fssdp_bench.py: --device cuda runs under torchrun (one process per GPU)")
-        spawn(_worker, args.nproc, args, timeout_s=600)
+def main(argv=None) -> None:
+    run_workers(_worker, parse_args(argv), "fssdp_bench.py")
 
 
 if __name__ == "__main__":

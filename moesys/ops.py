@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from moesys.activations import ACTIVATIONS, is_gated
-from moesys.backends import available_backends, get_backend
+from moesys.backends import get_backend
 
 __all__ = ["moe_mlp", "check_moe_mlp_inputs"]
 

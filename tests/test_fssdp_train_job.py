@@ -8,16 +8,7 @@ import shutil
 import subprocess
 
 from tests._train_helpers import REPO, env, metrics, run_torchrun, torchrun_cmd
-from tests.test_ep_train_job import _same
-
-COMMON = ("train.steps=5", "log.every=1", "log.val_every=0", "data.batch_size=4", "checkpoint.every=3",
-          "checkpoint.keep=3", "moe.shared_ffn_size=32")
-
-
-def _run(run_dir, *items):
-    proc = run_torchrun(2, run_dir, *COMMON, *items)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return metrics(run_dir)
+from tests.test_ep_train_job import COMMON, _run, _same
 
 
 def test_fssdp_and_fsdp_jobs_match_data_parallel_and_resume_under_ep(tmp_path):

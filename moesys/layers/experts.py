@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from moesys.activations import ACTIVATIONS, apply_activation, is_gated
 from moesys.ops import moe_mlp

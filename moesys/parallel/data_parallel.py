@@ -59,11 +59,16 @@ def sync_gradients(params: Iterable[torch.nn.Parameter], group=None, *, average:
         dist.all_reduce(flat, group=group)
         if average:
             flat.div_(world)
-        offset = 0
-        for p in bucket:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
+        unflatten_into_grads(flat, bucket)
+
+
+def unflatten_into_grads(flat: torch.Tensor, params) -> None:
+    """Copy consecutive slices of a flat reduced buffer back into each parameter's .grad."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:

@@ -20,7 +20,6 @@ Legend: L MoE layers, E experts per layer, W ranks.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 

@@ -16,7 +16,6 @@ Legend: L MoE layers, E experts per layer, W ranks.
 
 from __future__ import annotations
 
-import math
 import os
 from datetime import timedelta
 
@@ -26,8 +25,10 @@ import torch.nn as nn
 
 from moesys.layers.moe import MoELayer
 from moesys.parallel.comm import CommContext, guarded
+from moesys.parallel.data_parallel import sync_gradients
 from moesys.parallel.fssdp import POLICIES, FSSDPExperts, LayerPlan
 from moesys.parallel.fssdp_plan import LoadPredictor, ShardingPlan, even_sharding, plan_materialization, plan_sharding
+from moesys.parallel.handle import clip_to_norm
 
 __all__ = ["FSSDPHandle", "fssdp_parallelize"]
 
@@ -180,23 +181,9 @@ class FSSDPHandle:
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Finish the asynchronous SparseReduceScatter, then average as one process would."""
-        W = self.world_size
         self.reduce_expert_gradients()
-        if W == 1:
-            return
-        for p in self.dense_parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        dense = self.dense_parameters()
-        if dense:
-            flat = torch.cat([p.grad.reshape(-1).float() for p in dense])
-            with guarded(self.comm, "dense gradient all-reduce"):
-                dist.all_reduce(flat, group=self.group)
-            flat.div_(W)
-            offset = 0
-            for p in dense:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
+        if self.world_size > 1:
+            sync_gradients(self.dense_parameters(), self.group)
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
@@ -211,13 +198,7 @@ class FSSDPHandle:
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        norm = self.grad_norm()
-        scale = max_norm / (float(norm) + 1e-6)
-        if scale < 1.0 and math.isfinite(scale):
-            for p in self.dense_parameters() + self.expert_parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        return norm
+        return clip_to_norm(self.dense_parameters() + self.expert_parameters(), self.grad_norm(), max_norm)
 
     # -- the trainer's and checkpoint code's view (the same names as ParallelHandle) ----------------
     @property

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moesys.parallel.comm import CommContext, guarded
+from moesys.parallel.data_parallel import unflatten_into_grads
 from moesys.parallel.ep import ExpertParallelExperts
 from moesys.parallel.mesh import EPMesh
 
@@ -145,11 +146,7 @@ class ParallelHandle:
                     else:
                         work.wait(self.mesh.timeout)
             flat.div_(world)
-            offset = 0
-            for p in bucket:
-                n = p.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-                offset += n
+            unflatten_into_grads(flat, bucket)
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
@@ -169,13 +166,19 @@ class ParallelHandle:
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """`torch.nn.utils.clip_grad_norm_` with the norm of the whole model; returns the norm."""
-        norm = self.grad_norm()
-        scale = max_norm / (float(norm) + 1e-6)
-        if scale < 1.0 and math.isfinite(scale):
-            for p in self._dense + self._expert:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        return norm
+        return clip_to_norm(self._dense + self._expert, self.grad_norm(), max_norm)
+
+
+@torch.no_grad()
+def clip_to_norm(params, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale the gradients of `params` so that a global gradient norm `norm` becomes at most
+    `max_norm` (as clip_grad_norm_ does, with the norm computed over sharded parameters); returns it."""
+    scale = max_norm / (float(norm) + 1e-6)
+    if scale < 1.0 and math.isfinite(scale):
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -1,4 +1,5 @@
-"""Multi-process helpers for CPU tests and benchmarks: spawn N gloo processes on a free port.
+"""Multi-process helpers for CPU tests and benchmarks: spawn N gloo processes on a free port, or run
+under torchrun (one process per GPU on NCCL).
 
 Not imported by the library itself; tests (tests/test_ep*.py) and bench/ep_bench.py use it.
 """
@@ -44,3 +45,26 @@ class Holder(nn.Module):
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.moe = layer
+
+
+def run_workers(worker, args, script: str) -> None:
+    """Run worker(rank, world, args): under torchrun in this process (NCCL on `--device cuda`, with
+    NVLink multicast off as the GPU machines require), otherwise as `args.nproc` spawned gloo processes."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        kwargs = {}
+        if args.device == "cuda":
+            kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(kwargs["device_id"])
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=600), **kwargs)
+        try:
+            worker(rank, world, args)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    else:
+        if args.device == "cuda":
+            raise SystemExit(f"{script}: --device cuda runs under torchrun (one process per GPU)")
+        spawn(worker, args.nproc, args, timeout_s=600)

@@ -37,7 +37,7 @@ def _save(model, handle) -> dict:
 
 
 def _load(model, handle, flat: dict) -> None:
-    model.load_state_dict(merge_experts(flat, model.state_dict(), expert_offset=handle.expert_offset))
+    model.load_state_dict(merge_experts(flat, model.state_dict(), expert_ids=handle.local_expert_ids))
 
 
 def _assert_same(a: dict, b: dict, what: str) -> None:

@@ -15,7 +15,9 @@ def test_simulator_small(tmp_path):
     sim = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sim)
     out = tmp_path / "sim.json"
-    sim.main(["--ranks", "8", "16", "--experts", "32", "--layers", "2", "--tokens-per-rank", "512", "--out", str(out)])
+    sim.main(["--ranks", "8", "16", "--experts", "32", "--layers", "2", "--tokens-per-rank", "512", "--out", str(out),
+              "--plot", str(tmp_path / "sim.png")])
+    assert (tmp_path / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = json.loads(out.read_text())
     by = {(r["impl"], r["world_size"]): r for r in records}
     assert {r["impl"] for r in records} == {"ep", "fsdp_experts", "fssdp"}

@@ -35,7 +35,9 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 def get_backend(name: str, x: torch.Tensor):
     if name == "auto":
-        name = "triton" if x.is_cuda and triton_unavailable_reason(x.device) is None else "grouped_mm"
+        triton_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+        use_triton = x.is_cuda and x.dtype in triton_dtypes and triton_unavailable_reason(x.device) is None
+        name = "triton" if use_triton else "grouped_mm"
     if name not in _BACKENDS:
         raise ValueError(f"moe_mlp: backend={name!r} is unknown; use 'auto' or one of {available_backends()}")
     if name == "triton":

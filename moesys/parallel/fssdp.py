@@ -28,6 +28,7 @@ M materialised experts, K top-k, N routed rows, W ranks.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -208,8 +209,8 @@ class FSSDPExperts(nn.Module):
     def expert_bytes(self) -> int:
         dtype = self.compute_dtype or self.gate_up_proj.dtype
         size = torch.empty((), dtype=dtype).element_size()
-        return sum(getattr(self, n)[0].numel() for n in self.weight_names()) * size if self.owned_ids else \
-            (3 * self.hidden_size * self.ffn_size) * size
+        # One expert's rows of every weight (the stacks keep their row shape even when nothing is owned).
+        return sum(math.prod(getattr(self, n).shape[1:]) for n in self.weight_names()) * size
 
     def prefetch(self) -> None:
         """Start this step's SparseAllGather now (called before the attention that precedes this

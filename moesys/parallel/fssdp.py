@@ -267,10 +267,10 @@ class FSSDPExperts(nn.Module):
         counts_E = torch.bincount(ids_N[rows_N], minlength=E)
         if self.training:  # the load the next plans predict from: every micro-batch of the step
             self.step_counts_E = counts_E.detach() + (0 if self.step_counts_E is None else self.step_counts_E)
-        dest_N, send_WE = self._destinations(counts_E.tolist(), plan, rows_N.device)
+        dest_N, send_WE = self._destinations(counts_E.tolist(), plan, rows_N.device)  # host sync: the plan needs counts
         order_N = torch.sort(dest_N * E + ids_N[rows_N], stable=True).indices
         rows_N = rows_N[order_N]
-        recv_WE = exchange_counts(send_WE, self.comm)
+        recv_WE = exchange_counts(send_WE.to(rows_N.device), self.comm).cpu()  # the second (and last) host sync
         send_splits, recv_splits = send_WE.sum(1).tolist(), recv_WE.sum(1).tolist()
 
         self.last_rows_received = sum(recv_splits)
@@ -278,7 +278,7 @@ class FSSDPExperts(nn.Module):
         mat_ids = plan.materialised(rank)
         local_index_E = torch.full((E,), -1, dtype=torch.long)
         local_index_E[mat_ids] = torch.arange(len(mat_ids))
-        ids_R = torch.repeat_interleave(torch.arange(E).repeat(W), recv_WE.reshape(-1).cpu())
+        ids_R = torch.repeat_interleave(torch.arange(E).repeat(W), recv_WE.reshape(-1))
         local_ids_R1 = local_index_E[ids_R].to(x_RH.device).unsqueeze(1)
         owned = [getattr(self, n) for n in self.weight_names()]
         if not mat_ids:
@@ -303,13 +303,16 @@ class FSSDPExperts(nn.Module):
                        b_gate_up=mats.get("gate_up_proj_bias"), b_down=mats.get("down_proj_bias"))
 
     def _destinations(self, counts: list[int], plan: LayerPlan, device):
-        """Destination rank of each of this rank's rows (grouped by expert), and counts [W, E] per
-        (destination, expert), by `fssdp_plan.split_over_replicas`."""
+        """Destination rank of each of this rank's rows (grouped by expert) on `device`, and the host
+        counts [W, E] per (destination, expert), by `fssdp_plan.split_over_replicas`."""
         W, E, rank = self.world_size, self.num_experts, self.rank
         send_WE = torch.zeros(W, E, dtype=torch.int64)
-        dest = []
+        chunk_dest, chunk_rows = [], []  # per expert, its rows' consecutive chunks
         for e, n in enumerate(counts):
             for d, c in split_over_replicas(n, rank, plan.replicas_E[e], W, self.ranks_per_node):
                 send_WE[d, e] += c
-                dest += [d] * c
-        return torch.tensor(dest, dtype=torch.long, device=device), send_WE.to(device)
+                chunk_dest.append(d)
+                chunk_rows.append(c)
+        dest_N = torch.repeat_interleave(torch.tensor(chunk_dest, dtype=torch.long),
+                                         torch.tensor(chunk_rows, dtype=torch.long))
+        return dest_N.to(device), send_WE

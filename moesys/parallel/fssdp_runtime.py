@@ -148,11 +148,12 @@ class FSSDPHandle:
     def end_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Observe this step's global load; re-shard when due and the plan changed. Returns whether
         ownership moved. A collective: every rank calls it."""
-        counts_LE = torch.stack([m.step_counts_E.cpu() if m.step_counts_E is not None
-                                 else torch.zeros(self.num_experts, dtype=torch.int64) for m in self.experts]).float()
+        # Stacked on the device (NCCL reduces device tensors), read back once below.
+        counts_LE = torch.stack([m.step_counts_E if m.step_counts_E is not None
+                                 else torch.zeros(self.num_experts, dtype=torch.int64, device=self.device)
+                                 for m in self.experts]).float()
         for m in self.experts:
             m.step_counts_E = None
-        counts_LE = counts_LE.to(self.device)  # NCCL reduces device tensors
         if self.world_size > 1:
             with guarded(self.comm, "load all-reduce"):
                 dist.all_reduce(counts_LE, group=self.group)

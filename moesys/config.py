@@ -107,6 +107,8 @@ class ParallelConfig(_Section):
     # "fsdp" = the same executor with every expert materialised on every rank (FSDP over experts).
     expert_sharding: Literal["ep", "fssdp", "fsdp"] = "ep"
     fssdp: FSSDPConfig = FSSDPConfig()
+    ep_overlap: bool = True                 # run the shared expert while EP tokens are in flight
+    timeout_s: float = 600.0                # collective timeout: a dead or stuck rank fails the job
 
     @model_validator(mode="after")
     def _check(self):
@@ -114,8 +116,6 @@ class ParallelConfig(_Section):
             raise ValueError(f"expert_sharding={self.expert_sharding!r} shards experts over all ranks; "
                              f"leave parallel.ep at 1 (got {self.ep})")
         return self
-    ep_overlap: bool = True                 # run the shared expert while EP tokens are in flight
-    timeout_s: float = 600.0                # EP collective timeout: a dead or stuck rank fails the job
 
 
 class DataConfig(_Section):

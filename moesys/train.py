@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import functools
 import math
-import os
 import signal
 import sys
 import time
@@ -346,10 +345,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Everything is written and the process group is destroyed by now. Leave without interpreter
-    # shutdown: gloo's transport threads occasionally abort there ("terminate called without an active
-    # exception", seen in about 1 of 4 two-rank CPU runs), which would turn a finished job into a failure.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    bootstrap.exit_skipping_shutdown(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -115,3 +116,12 @@ def teardown(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_skipping_shutdown(code: int) -> None:
+    """Leave the process now, after everything is written and the process group destroyed: gloo's
+    transport threads occasionally abort during interpreter shutdown ("terminate called without an
+    active exception", seen in about 1 of 4 two-rank CPU runs), which would fail a finished job."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+
+from moesys.parallel.bootstrap import exit_skipping_shutdown
 
 
 def free_port() -> int:
@@ -32,12 +33,7 @@ def _entry(rank, world, port, fn, args, timeout_s):
         dist.barrier()  # gloo teardown trap (DESIGN.md section 6)
     finally:
         dist.destroy_process_group()
-    # The worker passed and its group is gone. Skip interpreter shutdown: gloo's transport threads
-    # occasionally abort there ("terminate called without an active exception", seen once in CI after
-    # every check had passed), which would fail a correct run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_skipping_shutdown(0)  # the worker passed and its group is gone
 
 
 def spawn(fn, world: int, *args, timeout_s: float = 60.0) -> None:

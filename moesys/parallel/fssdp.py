@@ -153,7 +153,8 @@ class _SparseAllGather(torch.autograd.Function):
             elif rank in plan.replicas_E[e]:
                 m = mat_ids.index(e)
                 ops += [dist.P2POp(dist.isend, g[m], owner, group=module.group) for g in grad_mat]
-        module.pending_reduce.append((_launch(ops, module.comm, "SparseReduceScatter"), inbox, grad_mat))
+        if ops:  # nothing in flight (one rank, or no remote replicas): nothing to finish or keep alive
+            module.pending_reduce.append((_launch(ops, module.comm, "SparseReduceScatter"), inbox, grad_mat))
         return (None, None, None) + tuple(g.to(d) for g, d in zip(grads, fctx.master_dtypes))
 
 
@@ -257,6 +258,8 @@ class FSSDPExperts(nn.Module):
         E, W, rank, plan = self.num_experts, self.world_size, self.rank, self.plan
         x_TH, = autocast_expert_inputs(x_TH)  # as `Experts`: the autocast dtype (bf16 copies travel, fp32 masters stay)
         self.compute_dtype = x_TH.dtype
+        if W == 1:  # one rank owns every expert: no gather, no dispatch, no process group needed
+            return self._single_rank(x_TH, topk_ids_TK, topk_weights_TK)
         ids_N = topk_ids_TK.reshape(-1)
         weights_N = topk_weights_TK.reshape(-1)
         if self.drop_zero_weight:  # capacity mode: the router zeroed dropped assignments
@@ -295,6 +298,15 @@ class FSSDPExperts(nn.Module):
         weighted_NH = back_NH.to(acc_dtype) * weights_N[rows_N].to(x_TH.dtype).to(acc_dtype).unsqueeze(1)
         full_NH = weighted_NH.new_zeros(T * K, H).index_copy(0, rows_N, weighted_NH)
         return full_NH.view(T, K, H).sum(1).to(x_TH.dtype)  # the compute dtype, as `Experts` returns
+
+    def _single_rank(self, x_TH, topk_ids_TK, topk_weights_TK):
+        if self.training:
+            counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.num_experts)
+            self.step_counts_E = counts_E + (0 if self.step_counts_E is None else self.step_counts_E)
+        _, w_gate_up, w_down, b_gate_up, b_down = autocast_expert_inputs(
+            x_TH, self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias)
+        return moe_mlp(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK.to(x_TH.dtype),
+                       activation=self.activation, backend=self.backend, b_gate_up=b_gate_up, b_down=b_down)
 
     def _gather_and_compute(self, x_RH, local_ids_R1, *owned):
         mats = dict(zip(self.weight_names(), _SparseAllGather.apply(self, self.plan, x_RH.dtype, *owned)))

@@ -245,23 +245,18 @@ class OffloadEngine:
         act = self.inner[layer].act_fn
         K = ids_TK.shape[1]
         order = sorted(experts_slots)
-        wanted = {e for e, _ in order}
-        pos = {e: [] for e in wanted}
-        # (k, t) order, as transformers' torch.where over its [E, K, T] mask gives
-        for k in range(K):
-            for t in range(len(flat_host) // K):
-                e = flat_host[t * K + k]
-                if e in wanted:
-                    pos[e].append((k, t))
-        flat = [v for e, _ in order for kt in pos[e] for v in kt]
-        if not flat:
+        ids_KT = torch.tensor(flat_host, dtype=torch.int64).view(-1, K).t()
+        # Per expert its (k, t) positions in (k, t) order, as transformers' torch.where over its
+        # [E, K, T] mask gives them (on the host copy of the ids: no device sync).
+        kt_per_expert = [(ids_KT == e).nonzero() for e, _ in order]
+        kt_N2 = torch.cat(kt_per_expert) if kt_per_expert else torch.zeros(0, 2, dtype=torch.int64)
+        if kt_N2.shape[0] == 0:
             return
-        kt_N2 = torch.tensor(flat, dtype=torch.int64).view(-1, 2)
         if self.cuda:
             kt_N2 = kt_N2.pin_memory().to(self.device, non_blocking=True)
         start = 0
-        for e, slot in order:
-            n = len(pos[e])
+        for (e, slot), kt in zip(order, kt_per_expert):
+            n = kt.shape[0]
             if n == 0:
                 continue
             top_k_pos, token_idx = kt_N2[start:start + n, 0], kt_N2[start:start + n, 1]

@@ -16,6 +16,16 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None,
                                 reason=f"Triton kernels cannot run: {triton_unavailable_reason(DEVICE)}")
 ACTS = ["silu", "gelu_tanh", "gelu", "relu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_config_on_gpu(request, monkeypatch):
+    """On a GPU, autotuning every small odd shape of this file would take minutes: launch one fitting
+    tile config instead (the same kernels), and tune only in the real-size mixtral-like case."""
+    if DEVICE.type == "cuda" and "mixtral-like" not in request.node.name:
+        monkeypatch.setenv("MOESYS_TRITON_AUTOTUNE", "0")
+
+
 # relative-error floor per dtype; beyond it the Triton result may be at most 2x the loop backend's error
 FLOOR = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 GRADS = ["x", "w_gate_up", "w_down", "topk_weights", "b_gate_up", "b_down"]
@@ -175,7 +185,8 @@ def test_kernels_compile_for_hopper():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("Triton's CUDA toolchain (ptxas) is not installed here")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("wgmma") == 8, proc.stdout
+    assert proc.stdout.count("wgmma") == 7, proc.stdout  # every GEMM variant reports its wgmma count
+    assert proc.stdout.count("act_backward") == 2, proc.stdout
 
 
 @pytest.mark.gpu

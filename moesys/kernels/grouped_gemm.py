@@ -12,8 +12,7 @@ gathered copy of x / dy is ever made). Epilogues:
                gate columns n and up columns I+n, SwiGLU in registers].
   EPI_SCATTER  y[token[r]] += w[r] * (A W^T + b) with fp32 atomics: the top-k combine is fused, no
                [N, H] intermediate is written.
-  EPI_ACT_BWD  g = dY W_down; recomputes a = act(h) from the saved h, stores a (for dW_down) and
-               dh = d act / dh * (w g), and adds a.g into d topk_weights.
+  EPI_STORE    out[r] = A W (+ nothing): g = dY[token] W_down in backward, in sorted row order.
 """
 
 from __future__ import annotations
@@ -21,9 +20,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moesys.kernels.act import act_fwd, act_grad
+from moesys.kernels.act import act_fwd
 
-EPI_ACT_FWD, EPI_SCATTER, EPI_ACT_BWD = 0, 1, 2
+EPI_ACT_FWD, EPI_SCATTER, EPI_STORE = 0, 1, 2
 
 
 @triton.jit
@@ -52,9 +51,7 @@ def grouped_gemm_kernel(
     token_ptr, offsets_ptr, rw_ptr,
     out_ptr, stride_om, stride_on,
     h_ptr, stride_hm, stride_hn,
-    dh_ptr, stride_dm, stride_dn,
     bias_ptr, stride_biase,
-    drw_ptr,
     num_rows, Kd, Nd, E, I, rows_bucket,
     E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -136,40 +133,25 @@ def grouped_gemm_kernel(
         tl.atomic_add(out_ptr + tokens[:, None] * stride_om + cols[None, :] * stride_on, acc, mask=mask,
                       sem="relaxed")
     else:
-        io_dtype = out_ptr.dtype.element_ty
-        h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn
-        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-        f = act_fwd(gate, ACT)
-        if GATED:
-            up = tl.load(h_ptrs + I * stride_hn, mask=mask, other=0.0).to(tl.float32)
-            a = (f * up).to(io_dtype)
-        else:
-            a = f.to(io_dtype)
-        tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on, a, mask=mask)
-        # d y / d topk_weight[r] = dy[token r] . (W_down a + b); the a part is sum_i a_i g_i.
-        tl.atomic_add(drw_ptr + rows, tl.sum(a.to(tl.float32) * acc, 1), mask=row_mask, sem="relaxed")
-        da = acc * tl.load(rw_ptr + rows, mask=row_mask, other=0.0)[:, None]
-        dh_ptrs = dh_ptr + rows64[:, None] * stride_dm + cols[None, :] * stride_dn
-        if GATED:
-            tl.store(dh_ptrs, (da * up * act_grad(gate, ACT)).to(io_dtype), mask=mask)
-            tl.store(dh_ptrs + I * stride_dn, (da * f).to(io_dtype), mask=mask)
-        else:
-            tl.store(dh_ptrs, (da * act_grad(gate, ACT)).to(io_dtype), mask=mask)
+        # EPI_STORE: the plain product, in the input dtype, at the sorted row (activation backward runs
+        # after, as a separate bandwidth-bound kernel: see act_backward.py for why).
+        out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def expert_wgrad_kernel(
     p_ptr, stride_pr, stride_pm,
     q_ptr, stride_qr, stride_qn,
-    token_ptr, offsets_ptr, rw_ptr,
+    token_ptr, offsets_ptr,
     out_ptr, stride_oe, stride_om, stride_on,
     Md, Nd, E, rows_bucket,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, SCALE_P: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dW[e] = sum over rows r of expert e of P[row r]^T Q[row r] (grouped X^T.dY over each expert's
-    contiguous rows), with P row r = w[r] * p[token[r]] when GATHER_P and SCALE_P, likewise Q."""
+    contiguous rows), with P row r = p[token[r]] when GATHER_P, likewise Q. No scaling in the loop: the
+    operands go from memory to the tensor cores untouched (the routing weight is folded in upstream)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(Md, BM)
     num_n = tl.cdiv(Nd, BN)
@@ -204,9 +186,6 @@ def expert_wgrad_kernel(
                     mask=r_mask[:, None] & m_mask[None, :], other=0.0)
         q = tl.load(q_ptr + q_rows[:, None] * stride_qr + offs_n[None, :] * stride_qn,
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        if SCALE_P:
-            w = tl.load(rw_ptr + rows, mask=r_mask, other=0.0)
-            p = (p.to(tl.float32) * w[:, None]).to(q.dtype)
         if UPCAST:
             p = p.to(tl.float32)
             q = q.to(tl.float32)

@@ -6,12 +6,15 @@ Legend: N routed rows in expert order, E experts; A [rows, Kd], B[e] read as [Kd
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 
 import torch
 import triton
 
-from moesys.kernels.grouped_gemm import expert_wgrad_kernel, grouped_gemm_kernel
+from moesys.kernels.act_backward import act_backward_kernel
+from moesys.kernels.grouped_gemm import EPI_ACT_FWD, expert_wgrad_kernel, grouped_gemm_kernel
 
 
 def is_interpreted() -> bool:
@@ -31,34 +34,53 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
 
 
 # Training-size tiles (many rows per expert) and decode tiles (a few rows per expert: BM=16 so each
-# touched expert's weight columns are read by exactly one row block, i.e. once).
-_GEMM_TRAIN = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3),
+# touched expert's weight columns are read by exactly one row block, i.e. once). The training lists are
+# the winners of an H100 sweep over 11 tile shapes per kernel (bench/moe_stages.py --sweep): 4-stage
+# pipelines of 128x256 tiles for the plain and scatter GEMMs, 128x128 for the gated epilogue (its two
+# accumulators spill at 128x256), plus small tiles for experts with few rows.
+_GEMM_TRAIN = [_cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3),
                _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4)]
-_GEMM_TRAIN_GATED = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
-                     _cfg(128, 128, 32, 8, 4)]
+_GEMM_TRAIN_GATED = [_cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4),
+                     _cfg(64, 128, 64, 4, 4)]
 _GEMM_DECODE = [_cfg(16, 64, 128, 4, 4, 1), _cfg(16, 128, 128, 4, 4, 1), _cfg(16, 64, 256, 4, 3, 1),
                 _cfg(32, 64, 128, 4, 4, 1)]
-_WGRAD = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4),
-          _cfg(128, 128, 32, 4, 5)]
+_WGRAD = [_cfg(128, 256, 32, 8, 5), _cfg(128, 128, 32, 4, 5), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3),
+          _cfg(64, 128, 64, 4, 4)]
+
+
+def _dedup(configs):
+    seen, out = set(), []
+    for c in configs:
+        key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
 
 
 def _prune_gemm(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}  # we launch with keywords only, which Triton passes as kwargs
     rows_per_expert = args["rows_bucket"] / max(1, args["E"])
-    gated_fwd = args["GATED"] and args["EPILOGUE"] == 0
     if rows_per_expert <= 64:
         return _GEMM_DECODE
+    gated_fwd = args["GATED"] and args["EPILOGUE"] == EPI_ACT_FWD
     return _GEMM_TRAIN_GATED if gated_fwd else _GEMM_TRAIN
 
 
+# Tuned configs are cached on disk (Triton's cache dir) where this Triton can, so each shape family is
+# tuned once per machine rather than once per process.
+_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
 _gemm_tuned = triton.autotune(
-    configs=_GEMM_TRAIN + _GEMM_TRAIN_GATED + _GEMM_DECODE,
+    configs=_dedup(_GEMM_TRAIN + _GEMM_TRAIN_GATED + _GEMM_DECODE),
     key=["rows_bucket", "Kd", "Nd", "E", "EPILOGUE", "GATED", "GATHER_A"],
     prune_configs_by={"early_config_prune": _prune_gemm},
-    reset_to_zero=["out_ptr", "drw_ptr"],  # the scatter and act-backward epilogues accumulate atomically
+    reset_to_zero=["out_ptr"],  # the scatter epilogue accumulates atomically
+    **_CACHE,
 )(grouped_gemm_kernel)
 
-_wgrad_tuned = triton.autotune(configs=_WGRAD, key=["rows_bucket", "Md", "Nd", "E", "GATHER_P"])(expert_wgrad_kernel)
+_wgrad_tuned = triton.autotune(configs=_WGRAD, key=["rows_bucket", "Md", "Nd", "E", "GATHER_P"],
+                               **_CACHE)(expert_wgrad_kernel)
 
 _INTERP = {"BM": 16, "BN": 16, "BK": 16}
 
@@ -69,13 +91,41 @@ def _autotune() -> bool:
     return os.environ.get("MOESYS_TRITON_AUTOTUNE", "1") != "0"
 
 
+def _fitting(configs, args, smem_bytes: int = 200 * 1024):
+    """The first config whose pipelined tiles fit in shared memory (fp32 tiles take twice a bf16's)."""
+    elem = 4 if not args["UPCAST"] and args["DOT_PREC"] == "ieee" else 2
+    b_tiles = 2 if args.get("GATED") and args.get("EPILOGUE") == EPI_ACT_FWD else 1
+    for c in configs:
+        k = c.kwargs
+        if c.num_stages * (k["BM"] * k["BK"] + b_tiles * k["BK"] * k["BN"]) * elem <= smem_bytes:
+            return c
+    return _cfg(32, 32, 32, 4, 2)
+
+
+_forced: triton.Config | None = None
+
+
+@contextlib.contextmanager
+def forced_config(cfg: triton.Config):
+    """Launch every kernel with `cfg` instead of tuning (benchmarks sweep tile configs with this)."""
+    global _forced
+    old, _forced = _forced, cfg
+    try:
+        yield
+    finally:
+        _forced = old
+
+
 def _launch(tuned, kernel, grid, args, configs):
-    if is_interpreted():
+    if _forced is not None:
+        cfg = _forced
+        kernel[grid(cfg.kwargs)](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif is_interpreted():
         kernel[grid(_INTERP)](**args, **_INTERP, GROUP_M=4)
     elif _autotune():
         tuned[grid](**args)
     else:
-        cfg = configs[0]
+        cfg = _fitting(configs, args)
         kernel[grid(cfg.kwargs)](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -87,7 +137,7 @@ def _common(x: torch.Tensor) -> dict:
 
 
 def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, gather_a, gated=False, I=0,
-                 h=None, dh=None, bias=None, rw_N=None, drw_N=None, save_h=False, act=0):
+                 h=None, bias=None, rw_N=None, save_h=False, act=0):
     """One launch of `grouped_gemm_kernel` over the N = token_N.numel() expert-sorted rows.
 
     `w_strides` = (stride_e, stride_k, stride_n) reading w[e] as a [Kd, Nd] matrix."""
@@ -95,16 +145,13 @@ def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, 
     E = offsets_E.numel()
     dummy = out
     h_ = h if h is not None else dummy
-    dh_ = dh if dh is not None else dummy
     args = dict(
         a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
         b_ptr=w, stride_be=w_strides[0], stride_bk=w_strides[1], stride_bn=w_strides[2],
         token_ptr=token_N, offsets_ptr=offsets_E, rw_ptr=rw_N if rw_N is not None else offsets_E,
         out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
         h_ptr=h_, stride_hm=h_.stride(0), stride_hn=h_.stride(1),
-        dh_ptr=dh_, stride_dm=dh_.stride(0), stride_dn=dh_.stride(1),
         bias_ptr=bias if bias is not None else dummy, stride_biase=bias.stride(0) if bias is not None else 0,
-        drw_ptr=drw_N if drw_N is not None else out,
         num_rows=N, Kd=Kd, Nd=Nd, E=E, I=I, rows_bucket=_rows_bucket(N),
         E_P2=triton.next_power_of_2(E), EPILOGUE=epilogue, GATHER_A=gather_a, GATED=gated,
         HAS_BIAS=bias is not None, SAVE_H=save_h, SCALE=rw_N is not None, ACT=act, **_common(a),
@@ -116,19 +163,33 @@ def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, 
     _launch(_gemm_tuned, grouped_gemm_kernel, grid, args, _prune_gemm(None, {}, **args))
 
 
-def expert_wgrad(p, q, token_N, offsets_E, out, *, gather_p, gather_q, rw_N=None):
+def expert_wgrad(p, q, token_N, offsets_E, out, *, gather_p, gather_q):
     """out[e] = sum over rows r of expert e of P[r]^T Q[r]; out is [E, Md, Nd] (a weight's layout)."""
     E, Md, Nd = out.shape
     args = dict(
         p_ptr=p, stride_pr=p.stride(0), stride_pm=p.stride(1),
         q_ptr=q, stride_qr=q.stride(0), stride_qn=q.stride(1),
-        token_ptr=token_N, offsets_ptr=offsets_E, rw_ptr=rw_N if rw_N is not None else offsets_E,
+        token_ptr=token_N, offsets_ptr=offsets_E,
         out_ptr=out, stride_oe=out.stride(0), stride_om=out.stride(1), stride_on=out.stride(2),
         Md=Md, Nd=Nd, E=E, rows_bucket=_rows_bucket(token_N.numel()),
-        GATHER_P=gather_p, GATHER_Q=gather_q, SCALE_P=rw_N is not None, **_common(p),
+        GATHER_P=gather_p, GATHER_Q=gather_q, **_common(p),
     )
 
     def grid(meta):
         return (E * triton.cdiv(Md, meta["BM"]) * triton.cdiv(Nd, meta["BN"]),)
 
     _launch(_wgrad_tuned, expert_wgrad_kernel, grid, args, _WGRAD)
+
+
+def act_backward(h, g, dh, rw_N, drw_N, *, gated, I, act):
+    """Activation backward over the N sorted rows, after g = dy[token] W_down is in `g`: writes
+    dh = d act * (w g) (both halves when gated), replaces g by w * act(h) in place, and stores
+    drw[r] = act(h[r]) . g[r]."""
+    N = g.shape[0]
+    if is_interpreted():
+        meta = {"BR": 4, "BC": 16}
+    else:
+        meta = {"BR": 16, "BC": 256, "num_warps": 4}
+    act_backward_kernel[(triton.cdiv(N, meta["BR"]),)](
+        h, h.stride(0), g, g.stride(0), dh, dh.stride(0), rw_N, drw_N, N, I,
+        GATED=gated, ACT=act, **meta)

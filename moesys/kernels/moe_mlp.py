@@ -8,9 +8,9 @@ N = T*K routed rows in expert order.
 Forward (2 launches + routing): h = x[token] W_gu^T (+b) -> a = act(h) [fused epilogue];
 y[token] += w * (a W_d^T + b) [fused top-k combine]. Saved for backward: h_NF and the routing (a_NI
 is recomputed from h in backward, which saves N*I elements of activation memory).
-Backward (4 launches): g = dy[token] W_d with a, dh, d topk_weights in its epilogue; dx[token] += dh W_gu;
-dW_gu and dW_d as grouped X^T.dY. Nothing reads device values on the host (no sync), so a decode step
-can be captured in a CUDA graph (run it once first: Triton autotunes on the first call of each shape).
+Backward (5 launches): g = dy[token] W_d; the activation backward (w*a, dh, d topk_weights) as one
+bandwidth-bound pass over g in place; dx[token] += dh W_gu; dW_gu and dW_d as grouped X^T.dY.
+Nothing reads device values on the host (no sync), so a decode step can be captured in a CUDA graph (run it once first: Triton autotunes on the first call of each shape).
 """
 
 from typing import Optional
@@ -21,8 +21,8 @@ from torch.profiler import record_function
 
 from moesys.activations import is_gated
 from moesys.kernels.act import ACT_CODES
-from moesys.kernels.grouped_gemm import EPI_ACT_BWD, EPI_ACT_FWD, EPI_SCATTER
-from moesys.kernels.launch import expert_wgrad, grouped_gemm, is_interpreted
+from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE
+from moesys.kernels.launch import act_backward, expert_wgrad, grouped_gemm, is_interpreted
 from moesys.kernels.routing import sort_routing
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -86,14 +86,15 @@ def moe_mlp_bwd(dy: Tensor, x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_i
     N = T * K
     dy = dy.contiguous()
     rw_N = topk_weights.reshape(-1)[perm_N].float()
-    a_NI = x.new_empty(N, I)
+    wa_NI = x.new_empty(N, I)  # g = dy[token] W_d first, then w * act(h) in place
     dh_NF = x.new_empty(N, F)
-    drw_N = torch.zeros(N, dtype=torch.float32, device=x.device)
-    with record_function("moesys::bwd_down_act"):
+    drw_N = torch.empty(N, dtype=torch.float32, device=x.device)
+    with record_function("moesys::bwd_down"):
         grouped_gemm(dy, w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)), H, I, token_N, offsets_E,
-                     epilogue=EPI_ACT_BWD, out=a_NI, gather_a=True, gated=F == 2 * I, I=I, h=h_NF, dh=dh_NF,
-                     rw_N=rw_N, drw_N=drw_N, act=ACT_CODES[activation])
-    # Order chosen for peak memory: dh_NF dies before dw_down is allocated, a_NI right after it is used.
+                     epilogue=EPI_STORE, out=wa_NI, gather_a=True)
+    with record_function("moesys::bwd_act"):
+        act_backward(h_NF, wa_NI, dh_NF, rw_N, drw_N, gated=F == 2 * I, I=I, act=ACT_CODES[activation])
+    # Order chosen for peak memory: dh_NF dies before dw_down is allocated, wa_NI right after it is used.
     with record_function("moesys::bwd_dx"):
         dx32_TH = torch.zeros(T, H, dtype=torch.float32, device=x.device)
         grouped_gemm(dh_NF, w_gate_up, (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2)), F, H,
@@ -111,8 +112,8 @@ def moe_mlp_bwd(dy: Tensor, x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_i
     del dh_NF
     with record_function("moesys::bwd_dw_down"):
         dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=x.device)
-        expert_wgrad(dy, a_NI, token_N, offsets_E, dw_down, gather_p=True, gather_q=False, rw_N=rw_N)
-    del a_NI
+        expert_wgrad(dy, wa_NI, token_N, offsets_E, dw_down, gather_p=True, gather_q=False)
+    del wa_NI
 
     drw_TK = torch.empty_like(drw_N).index_copy_(0, perm_N, drw_N).view(T, K)
     db_down = x.new_empty(0)

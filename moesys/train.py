@@ -162,8 +162,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     if config.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.train.compile:
-        for block in model.blocks:
-            block.compile()
+        model.compile_parts()
     autocast = autocast_context(config, device)
 
     moe_layers = model.moe_layers()

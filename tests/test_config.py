@@ -67,3 +67,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(write(tmp_path, "model: [\n"))
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(write(tmp_path, "model: 3\n"))
+
+
+@pytest.mark.parametrize("path", sorted(TINY.parent.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    """A shipped config that fails validation is a broken quick start: each must load as it is."""
+    cfg = load_config(path)
+    assert cfg.model.num_layers > 0 and cfg.moe.num_experts >= cfg.moe.top_k

@@ -2,8 +2,11 @@
 (within float32 reordering by the compiler)."""
 
 import pytest
+import torch
 
-from tests._train_helpers import metrics, train_inproc
+from moesys.config import load_config
+from moesys.models.transformer import MoETransformer
+from tests._train_helpers import TINY, metrics, train_inproc
 
 ITEMS = ("train.steps=3", "log.every=1", "log.val_every=0", "checkpoint.save_final=false", "data.batch_size=2",
          "data.seq_len=32")
@@ -16,3 +19,17 @@ def test_compiled_training_matches_eager(tmp_path):
     assert [r["step"] for r in compiled] == [1, 2, 3]
     for a, b in zip(compiled, eager):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_compile_parts_compiles_blocks_and_head():
+    config = load_config(TINY, ["train.device=cpu"])
+    torch.manual_seed(0)
+    model = MoETransformer.from_config(config)
+    ids = torch.randint(0, config.model.vocab_size, (2, 17))
+    want = model(ids[:, :-1], ids[:, 1:])
+    model.compile_parts()
+    got = model(ids[:, :-1], ids[:, 1:])
+    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None for b in model.blocks)
+    assert hasattr(model._head, "_torchdynamo_orig_callable")  # the head is a compiled function now
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)

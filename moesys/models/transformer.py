@@ -150,14 +150,26 @@ class MoETransformer(nn.Module):
             x_BSH, layer_stats = block(x_BSH, positions_S)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        logits_BSV = self.lm_head(self.norm(x_BSH)).float()
-        loss = None
-        if labels_BS is not None:
-            loss = F.cross_entropy(logits_BSV.flatten(0, 1), labels_BS.flatten(), ignore_index=-100)
+        logits_BSV, loss = self._head(x_BSH, labels_BS)
         m = self.moe_config
         aux = sum((s.weighted_loss(m.aux_loss_coef, m.seq_aux_loss_coef, m.z_loss_coef) for s in stats),
                   logits_BSV.new_zeros(()))
         return TransformerOutput(logits_BSV, loss, aux, stats)
+
+    def _head(self, x_BSH: torch.Tensor, labels_BS: torch.Tensor | None):
+        """Final norm, fp32 logits and the mean next-token cross-entropy (None without labels)."""
+        logits_BSV = self.lm_head(self.norm(x_BSH)).float()
+        loss = None
+        if labels_BS is not None:
+            loss = F.cross_entropy(logits_BSV.flatten(0, 1), labels_BS.flatten(), ignore_index=-100)
+        return logits_BSV, loss
+
+    def compile_parts(self) -> None:
+        """torch.compile each block and the head (norm, logits, loss), in place. Per block rather than the
+        whole model: one compiled graph serves every layer, and the trainer's Python loop stays eager."""
+        for block in self.blocks:
+            block.compile()
+        self._head = torch.compile(self._head)
 
     @torch.no_grad()
     def update_router_biases(self) -> None:

@@ -55,12 +55,13 @@ def _budget(path, dtype, slots, **kw):
     return p.resident_bytes + p.reserve_bytes + slots * p.slot_bytes
 
 
-def _prompt(n=9, seed=1):
-    return torch.randint(2, 101, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
 # The reference is the same model fully on the device the offload engine computes on.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prompt(n=9, seed=1):
+    """Token ids on DEVICE, where both the reference and the offloaded model take their input."""
+    return torch.randint(2, 101, (1, n), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def _reference(path, dtype, prompt, **kw):

@@ -23,9 +23,8 @@ from triton.compiler import ASTSource
 from moesys.kernels.act_backward import act_backward_kernel
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE, expert_wgrad_kernel, grouped_gemm_kernel
 
-_NOT_DIVISIBLE = {"num_rows", "E", "I", "rows_bucket"}
+_NOT_DIVISIBLE = {"num_rows", "E", "I", "rows_bucket", "N"}
 _PTR_TYPES = {"token_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32", "drw_ptr": "*fp32"}
-_NOT_DIVISIBLE |= {"N"}
 
 
 def compile_variant(kernel, consts: dict, dtype: str = "bf16", out_fp32: bool = False, num_warps=8, num_stages=3):

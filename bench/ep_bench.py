@@ -19,11 +19,8 @@ Records follow DESIGN.md section 3 (bench, impl, shape, metrics, device, torch, 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ from moesys.layers.moe import MoELayer  # noqa: E402
 from moesys.layers.router import Router, RouterOutput  # noqa: E402
 from moesys.parallel import parallelize  # noqa: E402
 from moesys.parallel.testing import Holder, run_workers  # noqa: E402
+from run_meta import run_meta  # noqa: E402
 
 
 class ForcedRouter(Router):
@@ -180,20 +178,7 @@ def bench(rank: int, world: int, args) -> list[dict]:
 
 
 def _meta(device: str, world: int) -> dict:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        sha = None
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_sha": sha, "world_size": world}
+    return {**run_meta(device), "world_size": world}
 
 
 def _worker(rank: int, world: int, args) -> None:

@@ -13,16 +13,14 @@ every touched expert's weights once at the measured device-to-device copy bandwi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from moesys.ops import moe_mlp
+from run_meta import run_meta
 
 # name: (T, H, I, E, K, decode)
 SHAPES = {
@@ -189,12 +187,7 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--profile", default=None, help="append a per-stage profile of the triton fwd+bwd to this file")
     args = ap.parse_args()
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        sha = None
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), git_sha=sha)
+    meta = run_meta()
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s", flush=True)
     records = []

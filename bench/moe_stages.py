@@ -23,6 +23,7 @@ from moesys.kernels import launch
 from moesys.kernels.act import ACT_CODES
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE
 from moesys.kernels.routing import sort_routing
+from run_meta import run_meta
 
 # the training shapes of moe_layer.py, and configs/small.yaml's layer (batch 8 x 2048 tokens)
 SHAPES = {"mixtral-8x7b": (8192, 4096, 14336, 8, 2), "qwen3-30b-a3b": (8192, 2048, 768, 128, 8),
@@ -132,7 +133,7 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--sweep", action="store_true", help="also time every config of SWEEP per stage")
     args = ap.parse_args()
-    records = []
+    records, meta = [], dict(run_meta("cuda"), bench="moe_stages")
     for shape in args.shapes.split(","):
         T, H, I, E, K = SHAPES[shape]
         ours, cublas, dense, route = stages(T, H, I, E, K)
@@ -141,7 +142,7 @@ def main():
         total = {"ours": route_ms, "cublas": 0.0, "dense": 0.0}
         for name, (fn, tuned, macs) in ours.items():
             fn()  # autotune
-            rec = {"shape": shape, "stage": name,
+            rec = {**meta, "shape": shape, "stage": name,
                    "tuned_config": str(tuned.best_config) if tuned is not None else "fixed"}
             rec["ours_ms"] = do_bench(fn, return_mode="median")
             for other, table in (("cublas", cublas), ("dense", dense)):
@@ -171,7 +172,7 @@ def main():
                   flush=True)
             records.append(rec)
         print(f"   total ms: {json.dumps({k: round(v, 3) for k, v in total.items()})}", flush=True)
-        records.append({"shape": shape, "stage": "total", **total})
+        records.append({**meta, "shape": shape, "stage": "total", **total})
         torch.cuda.empty_cache()
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)

@@ -19,38 +19,21 @@ Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import subprocess
 import time
 import traceback
 
 import torch
+
+from run_meta import run_meta
 
 START = time.time()
 
 
 def log(*args):
     print(f"[{time.time() - START:6.1f}s]", *args, flush=True)
-
-
-def env() -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    sha = os.environ.get("GIT_SHA")
-    if not sha:
-        try:
-            sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            sha = None
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton_version,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_sha": sha or None}
 
 
 def h2d_bandwidth(nbytes: int = 1 << 30) -> dict:
@@ -337,7 +320,7 @@ def main():
                    help="skip the Qwen3 shape if this many seconds have passed before it starts")
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    meta = env()
+    meta = run_meta("cuda")
     records = []
 
     def save():

@@ -15,10 +15,8 @@ FLOPs/token (moesys.train_metrics.flops_per_token) / the GPU's bf16 peak.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,27 +30,9 @@ from moesys.export import hf_config
 from moesys.models.transformer import MoETransformer
 from moesys.parallel import bootstrap
 from moesys.train_metrics import flops_per_token, peak_flops
+from run_meta import run_meta
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _versions() -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    import transformers
-    sha = os.environ.get("GIT_SHA")
-    if sha is None:
-        try:
-            sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            sha = None
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_sha": sha or None}
 
 
 def moe_backend(device: torch.device) -> str:
@@ -216,7 +196,7 @@ def main() -> int:
              "expert_ffn": moe.ffn_size, "top_k": moe.top_k, "vocab": m.vocab_size, "batch": d.batch_size,
              "seq_len": d.seq_len, "total_params": meta.num_params(), "active_params": meta.num_params(active=True)}
     common = {"bench": "train_small", "shape": shape, "world_size": 1, "flops_per_token": flops_tok,
-              "optimizer": "AdamW fused, grad clip 1.0", **_versions()}
+              "optimizer": "AdamW fused, grad clip 1.0", **run_meta()}
     # moesys as configured (configs/small.yaml: compiled, grouped_mm experts), with the Triton experts,
     # and eagerly with the Triton experts (the fastest uncompiled setup).
     runs = [("moesys", lambda: bench_moesys(config, args.steps, 5)),

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from run_meta import git_sha
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still counts the parent's pages at fork time.
@@ -84,14 +86,6 @@ def make_dense(path: Path, layers: int) -> dict:
 def _settle() -> None:
     subprocess.run(["sync"], check=True)
     time.sleep(5)
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "uncommitted"
 
 
 def cpu_model() -> str:

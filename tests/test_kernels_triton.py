@@ -142,6 +142,24 @@ def test_no_grad_forward_matches():
     assert torch.allclose(y_nograd, moe_mlp(*args, backend="loop", **kw), rtol=1e-4, atol=1e-5)
 
 
+def test_frozen_up_projection_and_second_backward():
+    """Only the down projection and the routing weights train (the up node is not in the graph); and a
+    second backward through the same graph is refused, since backward turns the saved h into dh in place."""
+    case, dy = make_case(23, 24, 20, 4, 2, "silu", False, seed=9)
+    dev = {k: v.float().to(DEVICE) if v.is_floating_point() else v.to(DEVICE) for k, v in case.items() if v is not None}
+    grads = {}
+    for backend in ("triton", "loop"):
+        w_d, tw = dev["w_down"].clone().requires_grad_(), dev["topk_weights"].clone().requires_grad_()
+        y = moe_mlp(dev["x"], dev["w_gate_up"], w_d, dev["topk_ids"], tw, backend=backend)
+        y.backward(dy.float().to(DEVICE), retain_graph=True)
+        grads[backend] = (w_d.grad, tw.grad)
+        if backend == "triton":
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.backward(dy.float().to(DEVICE))
+    for a, b in zip(grads["triton"], grads["loop"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_compile_fullgraph_forward_and_backward():
     """moe_mlp(backend="triton") traces without graph breaks: the kernels are opaque custom ops with fake impls."""
     case, dy = make_case(11, 16, 12, 3, 2, "silu", False, seed=6)

@@ -160,6 +160,25 @@ def test_frozen_up_projection_and_second_backward():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_weights_through_descriptor_and_pointers_agree(monkeypatch):
+    """The TMA path (weights read through a tensor descriptor) and the pointer path give the same forward and
+    gradients; weights whose strides TMA cannot take (H=17 fp32: 68-byte rows) use pointers."""
+    from moesys.kernels.launch import weight_descriptor
+    assert weight_descriptor(torch.empty(3, 40, 24, device=DEVICE)) is not None
+    assert weight_descriptor(torch.empty(3, 40, 17, device=DEVICE)) is None
+    assert weight_descriptor(torch.empty(3, 24, 40, device=DEVICE).transpose(1, 2)) is None
+    case, dy = make_case(45, 24, 40, 5, 2, "silu", True, seed=10, empty_expert=2)
+    results = {}
+    for tma in ("1", "0"):
+        monkeypatch.setenv("MOESYS_TRITON_TMA", tma)
+        assert (weight_descriptor(case["w_down"].float().to(DEVICE)) is not None) == (tma == "1")
+        results[tma] = run(case, dy, "silu", "triton", torch.float32, DEVICE)
+    ref = oracle(case, dy, "silu")
+    for name in ref:
+        assert torch.allclose(results["1"][name], results["0"][name], rtol=1e-5, atol=1e-6), name
+        assert rel_err(results["1"][name], ref[name]) <= FLOOR[torch.float32], name
+
+
 def test_compile_fullgraph_forward_and_backward():
     """moe_mlp(backend="triton") traces without graph breaks: the kernels are opaque custom ops with fake impls."""
     case, dy = make_case(11, 16, 12, 3, 2, "silu", False, seed=6)

@@ -29,15 +29,21 @@ _PTR_TYPES = {"token_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32", "dr
 
 def compile_variant(kernel, consts: dict, dtype: str = "bf16", out_fp32: bool = False, num_warps=8, num_stages=3):
     sig = {}
+    if "b_desc" in kernel.arg_names:  # the weight descriptor, as a launch with B_DESC passes it
+        block = [1, consts["BN"], consts["BK"]] if consts["B_KCONTIG"] else [1, consts["BK"], consts["BN"]]
+        consts = {**consts, "b_desc": None} if not consts["B_DESC"] else consts
+        sig["b_desc"] = f"tensordesc<{dtype}[{','.join(map(str, block))}]>"
     for name in kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
+        elif name in sig:
+            continue
         elif name.endswith("_ptr"):
             sig[name] = "*fp32" if (out_fp32 and name == "out_ptr") else _PTR_TYPES.get(name, "*" + dtype)
         else:
             sig[name] = "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if sig[n] != "constexpr" and n not in _NOT_DIVISIBLE}
+             if sig[n] != "constexpr" and n not in _NOT_DIVISIBLE and not sig[n].startswith("tensordesc")}
     src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -48,20 +54,26 @@ def variants(all_variants: bool, dtype: str):
     """(name, kernel, constexprs, out_fp32) for the launches of one fwd+bwd; with all_variants, every combo."""
     prec = "ieee" if dtype == "fp32" else "tf32"
     tile = dict(BM=128, BN=128, BK=64, GROUP_M=8, UPCAST=False, DOT_PREC=prec)
-    gemm = dict(tile, E_P2=8, stride_ak=1, stride_on=1, stride_hn=1)
+    gemm = dict(tile, E_P2=8, stride_ak=1, stride_on=1, stride_hn=1, B_DESC=True)
     acts = range(4) if all_variants else (0, 1)
     flags = (False, True) if all_variants else (True,)
     for act, bias, save_h in itertools.product(acts, flags, flags):
         yield (f"fwd_gate_up act={act} bias={bias} save_h={save_h}", grouped_gemm_kernel,
                dict(gemm, EPILOGUE=EPI_ACT_FWD, GATHER_A=True, GATED=act < 2, HAS_BIAS=bias, SAVE_H=save_h,
-                    SCALE=False, ACT=act, stride_bk=1), False)
+                    SCALE=False, ACT=act, stride_bk=1, B_KCONTIG=True), False)
     for scale, bias in itertools.product((False, True), flags):
         yield (f"scatter scale={scale} bias={bias}", grouped_gemm_kernel,
                dict(gemm, EPILOGUE=EPI_SCATTER, GATHER_A=False, GATED=False, HAS_BIAS=bias, SAVE_H=False,
-                    SCALE=scale, ACT=0, stride_bk=1), True)
+                    SCALE=scale, ACT=0, stride_bk=1, B_KCONTIG=True), True)
     yield ("bwd_down (gather, store)", grouped_gemm_kernel,
            dict(gemm, EPILOGUE=EPI_STORE, GATHER_A=True, GATED=False, HAS_BIAS=False, SAVE_H=False,
-                SCALE=False, ACT=0, stride_bn=1), False)
+                SCALE=False, ACT=0, stride_bn=1, B_KCONTIG=False), False)
+    if all_variants:  # weights the descriptor cannot read (unaligned strides) go through pointers
+        for kcontig in (True, False):
+            yield (f"pointer weights kcontig={kcontig}", grouped_gemm_kernel,
+                   dict(gemm, EPILOGUE=EPI_STORE, GATHER_A=True, GATED=False, HAS_BIAS=False, SAVE_H=False,
+                        SCALE=False, ACT=0, B_DESC=False, B_KCONTIG=kcontig,
+                        **({"stride_bk": 1} if kcontig else {"stride_bn": 1})), False)
     for act in acts:
         yield (f"act_backward act={act}", act_backward_kernel, dict(GATED=act < 2, ACT=act, BR=16, BC=256), False)
     for gather_p in (True, False):
@@ -85,6 +97,7 @@ def main(argv=None) -> int:
                 continue
             print(f"{dtype} {name}: shared {compiled.metadata.shared} B, "
                   f"async copies {ttgir.count('async_copy_global_to_local')}, "
+                  f"TMA loads {ttgir.count('async_tma_copy_global_to_local')}, "
                   f"wgmma {ttgir.count('warp_group_dot')}", flush=True)
     return 0
 

@@ -13,6 +13,9 @@ gathered copy of x / dy is ever made). Epilogues:
   EPI_SCATTER  y[token[r]] += w[r] * (A W^T + b) with fp32 atomics: the top-k combine is fused, no
                [N, H] intermediate is written.
   EPI_STORE    out[r] = A W (+ nothing): g = dY[token] W_down in backward, in sorted row order.
+B (the expert weights) is read through a Hopper tensor descriptor (TMA: one bulk copy per tile, no address
+arithmetic or masks in registers) when B_DESC, else through pointers; A stays pointer-based because its
+rows are gathered, which TMA cannot do on Hopper.
 """
 
 from __future__ import annotations
@@ -45,9 +48,19 @@ def _block_of_expert(offsets_ptr, pid_m, E, E_P2: tl.constexpr, BM: tl.constexpr
 
 
 @triton.jit
+def _load_b_tile(b_desc, e, n0, k0, BN: tl.constexpr, BK: tl.constexpr, B_KCONTIG: tl.constexpr):
+    """The [BK, BN] tile of B[e] at (k0, n0) through a descriptor over the weight tensor as stored: [E, Nd, Kd]
+    when its k axis is contiguous (then transposed in registers' layout, free for the dot), else [E, Kd, Nd].
+    Out-of-range rows and columns read as zeros."""
+    if B_KCONTIG:
+        return tl.trans(b_desc.load([e, n0, k0]).reshape(BN, BK))
+    return b_desc.load([e, k0, n0]).reshape(BK, BN)
+
+
+@triton.jit
 def grouped_gemm_kernel(
     a_ptr, stride_am, stride_ak,
-    b_ptr, stride_be, stride_bk, stride_bn,
+    b_ptr, stride_be, stride_bk, stride_bn, b_desc,
     token_ptr, offsets_ptr, rw_ptr,
     out_ptr, stride_om, stride_on,
     h_ptr, stride_hm, stride_hn,
@@ -56,7 +69,7 @@ def grouped_gemm_kernel(
     E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE_H: tl.constexpr, SCALE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, B_DESC: tl.constexpr, B_KCONTIG: tl.constexpr,
 ):
     # Grid is an upper bound on row blocks (N/BM + E), known without reading the offsets.
     pid = tl.program_id(0)
@@ -91,13 +104,20 @@ def grouped_gemm_kernel(
     for k0 in range(0, Kd, BK):
         k_mask = offs_k < Kd - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if B_DESC:
+            b = _load_b_tile(b_desc, e, pid_n * BN, k0, BN, BK, B_KCONTIG)
+        else:
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         if UPCAST:  # Triton-interpreter bf16 dot trap (DESIGN.md section 6)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         if GATED and EPILOGUE == 0:
-            b_up = tl.load(b_ptrs + I * stride_bn, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            # up rows I + n; with a descriptor, gate columns n >= I read up rows, which the store masks
+            if B_DESC:
+                b_up = _load_b_tile(b_desc, e, I + pid_n * BN, k0, BN, BK, B_KCONTIG)
+            else:
+                b_up = tl.load(b_ptrs + I * stride_bn, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PREC)

@@ -12,6 +12,7 @@ import os
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moesys.kernels.act_backward import act_backward_kernel
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, expert_wgrad_kernel, grouped_gemm_kernel
@@ -29,8 +30,17 @@ def _rows_bucket(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length()) if n > 0 else 0
 
 
+def _set_b_block(nargs: dict) -> None:
+    """Give the weight descriptor (if the launch has one) the tile shape of the config being launched."""
+    desc = nargs.get("b_desc")
+    if desc is not None:
+        bn, bk = nargs["BN"], nargs["BK"]
+        desc.block_shape = [1, bn, bk] if nargs["B_KCONTIG"] else [1, bk, bn]
+
+
 def _cfg(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages,
+                         pre_hook=_set_b_block)
 
 
 # Training-size tiles (many rows per expert) and decode tiles (a few rows per expert: BM=16 so each
@@ -73,7 +83,7 @@ _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.
 
 _gemm_tuned = triton.autotune(
     configs=_dedup(_GEMM_TRAIN + _GEMM_TRAIN_GATED + _GEMM_DECODE),
-    key=["rows_bucket", "Kd", "Nd", "E", "EPILOGUE", "GATED", "GATHER_A"],
+    key=["rows_bucket", "Kd", "Nd", "E", "EPILOGUE", "GATED", "GATHER_A", "B_DESC"],
     prune_configs_by={"early_config_prune": _prune_gemm},
     reset_to_zero=["out_ptr"],  # the scatter epilogue accumulates atomically
     **_CACHE,
@@ -117,16 +127,17 @@ def forced_config(cfg: triton.Config):
 
 
 def _launch(tuned, kernel, grid, args, configs):
-    if _forced is not None:
-        cfg = _forced
+    if _forced is not None or is_interpreted() or not _autotune():
+        if _forced is not None:
+            cfg = _forced
+        elif is_interpreted():
+            cfg = triton.Config({**_INTERP, "GROUP_M": 4})
+        else:
+            cfg = _fitting(configs, args)
+        _set_b_block({**args, **cfg.kwargs})
         kernel[grid(cfg.kwargs)](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    elif is_interpreted():
-        kernel[grid(_INTERP)](**args, **_INTERP, GROUP_M=4)
-    elif _autotune():
-        tuned[grid](**args)
     else:
-        cfg = _fitting(configs, args)
-        kernel[grid(cfg.kwargs)](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        tuned[grid](**args)  # each config's pre_hook shapes the descriptor
 
 
 def _common(x: torch.Tensor) -> dict:
@@ -136,18 +147,36 @@ def _common(x: torch.Tensor) -> dict:
     }
 
 
+def _tma_enabled() -> bool:
+    # MOESYS_TRITON_TMA=0 reads the weights through pointers everywhere (benchmarks compare the two paths).
+    return os.environ.get("MOESYS_TRITON_TMA", "1") != "0"
+
+
+def weight_descriptor(w: torch.Tensor) -> TensorDescriptor | None:
+    """A tensor descriptor over the 3-D weight tensor as stored, or None when TMA cannot read it: its last
+    axis must be contiguous, the base and the other strides 16-byte aligned (the hardware's rules)."""
+    if not _tma_enabled() or w.dim() != 3 or w.stride(2) != 1:
+        return None
+    es = w.element_size()
+    if w.data_ptr() % 16 or (w.stride(0) * es) % 16 or (w.stride(1) * es) % 16 or (w.shape[2] * es) < 16:
+        return None
+    return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 16, 16])  # block set per launched config
+
+
 def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, gather_a, gated=False, I=0,
                  h=None, bias=None, rw_N=None, save_h=False, act=0):
     """One launch of `grouped_gemm_kernel` over the N = token_N.numel() expert-sorted rows.
 
-    `w_strides` = (stride_e, stride_k, stride_n) reading w[e] as a [Kd, Nd] matrix."""
+    `w_strides` = (stride_e, stride_k, stride_n) reading w[e] as a [Kd, Nd] matrix (w is [E, Nd, Kd] or
+    [E, Kd, Nd] in memory; which one is read off the strides)."""
     N = token_N.numel()
+    b_desc = weight_descriptor(w)
     E = offsets_E.numel()
     dummy = out
     h_ = h if h is not None else dummy
     args = dict(
         a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
-        b_ptr=w, stride_be=w_strides[0], stride_bk=w_strides[1], stride_bn=w_strides[2],
+        b_ptr=w, stride_be=w_strides[0], stride_bk=w_strides[1], stride_bn=w_strides[2], b_desc=b_desc,
         token_ptr=token_N, offsets_ptr=offsets_E, rw_ptr=rw_N if rw_N is not None else offsets_E,
         out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
         h_ptr=h_, stride_hm=h_.stride(0), stride_hn=h_.stride(1),
@@ -155,6 +184,7 @@ def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, 
         num_rows=N, Kd=Kd, Nd=Nd, E=E, I=I, rows_bucket=_rows_bucket(N),
         E_P2=triton.next_power_of_2(E), EPILOGUE=epilogue, GATHER_A=gather_a, GATED=gated,
         HAS_BIAS=bias is not None, SAVE_H=save_h, SCALE=rw_N is not None, ACT=act, **_common(a),
+        B_DESC=b_desc is not None, B_KCONTIG=w_strides[1] == 1,
     )
 
     def grid(meta):

@@ -7,7 +7,8 @@ sweep of tile configs per kernel. Diagnostic for issue 3; the side-by-side bench
 
 Stages (N = T*K routed rows, F = 2I): fwd_gate_up [N,H]x[H,F] + SwiGLU; fwd_down [N,I]x[I,H] + combine;
 bwd_down [N,H]x[H,I]; bwd_act the activation backward (bandwidth-bound; its "grouped_mm" column is copies
-of the same bytes); bwd_dx [N,F]x[F,H] + scatter; dw_gate_up, dw_down the grouped X^T.dY weight gradients.
+of the same bytes); bwd_dx [N,F]x[F,H] + scatter; dw_gate_up, dw_down the grouped X^T.dY weight gradients;
+routing_sort the one-launch routing kernel next to its torch reference (sort_routing_reference).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from triton.testing import do_bench
 from moesys.kernels import launch
 from moesys.kernels.act import ACT_CODES
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE
-from moesys.kernels.routing import sort_routing
+from moesys.kernels.routing import sort_routing, sort_routing_reference
 from run_meta import run_meta
 
 # the training shapes of moe_layer.py, and configs/small.yaml's layer (batch 8 x 2048 tokens)
@@ -120,7 +121,8 @@ def stages(T, H, I, E, K):
         else:
             dense[name] = (lambda A=A, B=B: A @ B)
     route = lambda: sort_routing(ids, E)  # noqa: E731
-    return ours, cublas, dense, route
+    route_ref = lambda: sort_routing_reference(ids, E)  # noqa: E731  (the torch ops it replaced)
+    return ours, cublas, dense, route, route_ref
 
 
 def tf(macs, ms):
@@ -136,9 +138,10 @@ def main():
     records, meta = [], dict(run_meta("cuda"), bench="moe_stages")
     for shape in args.shapes.split(","):
         T, H, I, E, K = SHAPES[shape]
-        ours, cublas, dense, route = stages(T, H, I, E, K)
-        route_ms = do_bench(route, return_mode="median")
-        print(f"== {shape}: routing sort {route_ms:.3f} ms", flush=True)
+        ours, cublas, dense, route, route_ref = stages(T, H, I, E, K)
+        route_ms, ref_ms = do_bench(route, return_mode="median"), do_bench(route_ref, return_mode="median")
+        print(f"== {shape}: routing sort {route_ms:.3f} ms (torch reference {ref_ms:.3f} ms)", flush=True)
+        records.append({**meta, "shape": shape, "stage": "routing_sort", "ours_ms": route_ms, "reference_ms": ref_ms})
         total = {"ours": route_ms, "cublas": 0.0, "dense": 0.0}
         for name, (fn, tuned, macs) in ours.items():
             fn()  # autotune

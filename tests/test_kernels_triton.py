@@ -224,6 +224,7 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wgmma") == 7, proc.stdout  # every GEMM variant reports its wgmma count
     assert proc.stdout.count("act_backward") == 2, proc.stdout
+    assert "sort_routing" in proc.stdout, proc.stdout
 
 
 @pytest.mark.gpu

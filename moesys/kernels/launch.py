@@ -1,5 +1,6 @@
 """Launchers for the expert kernels: pick a tile config (autotuned per shape family on CUDA, cached by
-Triton per key; one fixed small config under the interpreter), compute grids, pass strides.
+Triton per key; one fixed small config under the interpreter), compute grids, pass strides. Also says
+where the kernels can run at all (`unavailable_reason`), for every kernel module of this package.
 
 Legend: N routed rows in expert order, E experts; A [rows, Kd], B[e] read as [Kd, Nd].
 """
@@ -22,6 +23,19 @@ def is_interpreted() -> bool:
     """True when Triton decorated our kernels for its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     from triton.runtime.interpreter import InterpretedFunction
     return isinstance(grouped_gemm_kernel, InterpretedFunction)
+
+
+def unavailable_reason(device) -> str | None:
+    """None when these kernels can run on `device`, else a sentence saying why not."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available in this PyTorch build or machine"
+    if device.type == "cpu":
+        if is_interpreted():
+            return None
+        return ("the Triton kernels need a CUDA device; on the CPU they run only under Triton's interpreter "
+                "(set TRITON_INTERPRET=1 before moesys.kernels is imported; slow, meant for tests)")
+    return f"device type {device.type!r} is not supported (use a CUDA device, or the CPU under TRITON_INTERPRET=1)"
 
 
 def _rows_bucket(n: int) -> int:

@@ -31,23 +31,10 @@ from torch.profiler import record_function
 from moesys.activations import is_gated
 from moesys.kernels.act import ACT_CODES
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE
-from moesys.kernels.launch import act_backward, expert_wgrad, grouped_gemm, is_interpreted
+from moesys.kernels.launch import act_backward, expert_wgrad, grouped_gemm, unavailable_reason
 from moesys.kernels.routing import sort_routing
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def unavailable_reason(device) -> Optional[str]:
-    """None when these kernels can run on `device`, else a sentence saying why not."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return None if torch.cuda.is_available() else "CUDA is not available in this PyTorch build or machine"
-    if device.type == "cpu":
-        if is_interpreted():
-            return None
-        return ("the Triton kernels need a CUDA device; on the CPU they run only under Triton's interpreter "
-                "(set TRITON_INTERPRET=1 before moesys.kernels is imported; slow, meant for tests)")
-    return f"device type {device.type!r} is not supported (use a CUDA device, or the CPU under TRITON_INTERPRET=1)"
 
 
 def _strides(w: Tensor, transpose: bool) -> tuple[int, int, int]:

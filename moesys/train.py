@@ -5,15 +5,20 @@ Order of a run: parse and validate the config and the data source (errors here n
 happen before any process group exists), create the process group, build the model on the device,
 restore the latest checkpoint when resuming, then per optimizer step: `grad_accum` micro-batches of
 forward/backward (bf16 autocast on GPU; cross-entropy plus the MoE aux losses), one all-reduce of the
-step's statistics (loss, expert load, SIGTERM flag), a stop on a non-finite loss, the data-parallel
-gradient all-reduce, clipping, AdamW with warmup + cosine, and the aux-loss-free router-bias update
-from the load summed over micro-batches and ranks. Metrics go to `metrics.jsonl`, TensorBoard and a
-tqdm bar; checkpoints to `ckpt/step_N` (see moesys.checkpoint).
+step's statistics (loss, expert load, SIGTERM flag), the data-parallel gradient all-reduce, clipping,
+AdamW with warmup + cosine, and the aux-loss-free router-bias update from the load summed over
+micro-batches and ranks. Metrics go to `metrics.jsonl`, TensorBoard and a tqdm bar; checkpoints to
+`ckpt/step_N` (see moesys.checkpoint).
+
+The host reads a step's loss, gradient norm and SIGTERM flag one step late (`_PendingStepValues`),
+so it never waits for the device mid-step; before a log line or a checkpoint it reads up to the
+current step, so a run stops at the first non-finite step without saving weights that step touched.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import math
@@ -21,6 +26,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -108,6 +114,51 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class StepValues(NamedTuple):
+    step: int
+    loss: float
+    aux_loss: float
+    grad_norm: float
+
+
+class _PendingStepValues:
+    """Each step's all-reduced loss and aux-loss sums, SIGTERM flag and gradient norm, kept off the
+    host's critical path: `push` starts a copy to pinned host memory (synchronous on the CPU) and
+    `read_through(step)` reads every pending step up to `step` in order. Reading checks each step:
+    the first non-finite loss or gradient norm raises TrainingStopped naming that step."""
+
+    def __init__(self, divisor: int):
+        self.divisor = divisor              # micro-batches x ranks: the sums become means
+        self._pending = collections.deque()  # (step, host float64 [4], CUDA event or None)
+        self.sigterm = False                # some rank saw SIGTERM in a step read so far
+        self.latest: StepValues | None = None
+
+    def push(self, step: int, packet: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        values = torch.cat([packet[:3], grad_norm.reshape(1).to(packet.dtype)])
+        on_cuda = values.is_cuda
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=on_cuda)
+        host.copy_(values, non_blocking=on_cuda)
+        event = None
+        if on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((step, host, event))
+
+    def read_through(self, step: int, last_saved: Path | None) -> None:
+        while self._pending and self._pending[0][0] <= step:
+            s, host, event = self._pending.popleft()
+            if event is not None:
+                event.synchronize()
+            loss_sum, aux_sum, sigterm, grad_norm = host.tolist()
+            loss = loss_sum / self.divisor
+            if not math.isfinite(loss):
+                raise TrainingStopped(_stop_message("loss", loss, s, last_saved))
+            if not math.isfinite(grad_norm):
+                raise TrainingStopped(_stop_message("gradient norm", grad_norm, s, last_saved))
+            self.sigterm = self.sigterm or sigterm > 0
+            self.latest = StepValues(s, loss, aux_sum / self.divisor, grad_norm)
+
+
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None = fresh start); refuses to overwrite a run without --resume."""
     latest = ckpt.latest_checkpoint(run_dir / "ckpt")
@@ -192,6 +243,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
         from tqdm import tqdm
         progress = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
 
+    step_values = _PendingStepValues(A * W)
     load_LE = torch.zeros(L, E, dtype=torch.float64, device=device)
     dropped_L = torch.zeros(L, dtype=torch.float64, device=device)
     window_start, window_steps = time.perf_counter(), 0
@@ -222,19 +274,14 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                     packet[3 + L:] += torch.stack([s.tokens_per_expert for s in out.moe_stats]).reshape(-1).double()
             packet[2] = float(sigterm.raised)
             data_parallel.all_reduce_sum(packet, ctx.group)
-            values = packet.tolist()
-            loss, aux = values[0] / (A * W), values[1] / (A * W)
-            if not math.isfinite(loss):
-                raise TrainingStopped(_stop_message("loss", loss, step, last_saved))
             if ep.shards_experts:  # expert gradients reduce over their replicas only; the norm spans all experts
                 data_parallel.sync_gradients(ep.dense_parameters(), ctx.group)
                 ep.reduce_expert_gradients()
-                grad_norm = float(ep.clip_grad_norm_(config.train.grad_clip))
+                grad_norm = ep.clip_grad_norm_(config.train.grad_clip)
             else:
                 data_parallel.sync_gradients(dense_params, ctx.group)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip))
-            if not math.isfinite(grad_norm):
-                raise TrainingStopped(_stop_message("gradient norm", grad_norm, step, last_saved))
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+            step_values.push(step, packet, grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             ep.end_step(optimizer)  # FSSDP: observe the load, re-shard when due (a no-op otherwise)
@@ -244,17 +291,33 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
             load_LE += step_load_LE
             dropped_L += packet[3:3 + L] / (A * W)
             window_steps += 1
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
             last = step == config.train.steps
-            if step % config.log.every == 0 or last:
+            log_due = step % config.log.every == 0 or last
+            every = config.checkpoint.every
+            save_due = (every and step % every == 0) or (last and config.checkpoint.save_final)
+            # The previous step's values are ready by now (this step is already queued on the device);
+            # this step's are waited for only when logged or saved: a checkpoint must never hold
+            # weights that a non-finite step touched. Every rank reads at the same steps, so all
+            # see a SIGTERM at the same step.
+            step_values.read_through(step - 1, last_saved)
+            if log_due or save_due or step_values.sigterm:
+                step_values.read_through(step, last_saved)
+            stop = step_values.sigterm
+            if progress is not None:
+                progress.update(1)
+                if step_values.latest is not None:  # possibly the previous step's loss
+                    progress.set_postfix(loss=f"{step_values.latest.loss:.4f}", lr=f"{lr:.2e}")
+
+            if log_due:
+                values = step_values.latest
+                assert values.step == step, (values, step)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                record = {"step": step, "loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
+                record = {"step": step, "loss": values.loss, "aux_loss": values.aux_loss, "lr": lr,
+                          "grad_norm": values.grad_norm,
                           "tokens_per_s": tokens_per_s,
                           "mfu": tokens_per_s * flops_tok / (peak * W) if peak else None,
                           "tokens_seen": step * tokens_per_step}
@@ -267,9 +330,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                 load_LE.zero_()
                 dropped_L.zero_()
                 window_start, window_steps = time.perf_counter(), 0
-            stop = values[2] > 0
-            every = config.checkpoint.every
-            if stop or (every and step % every == 0) or (last and config.checkpoint.save_final):
+            if stop or save_due:
                 path = save(step, "sigterm" if stop else ("final" if last else "every"))
                 if progress is not None:
                     progress.write(f"checkpoint {path}")

@@ -1,7 +1,9 @@
 """Checks the trainer end to end on the tiny config: the loss falls on the built-in corpus, 2 gloo ranks
-equal 1 rank with the same global batch, NaN stops name the step, SIGTERM checkpoints, bad configs fail early."""
+equal 1 rank with the same global batch, NaN stops name the first bad step (also when read a step late)
+and save nothing after it, SIGTERM checkpoints, bad configs fail early."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import time
 import pytest
 import torch.distributed as dist
 
+from moesys.models.transformer import MoETransformer
 from tests._train_helpers import REPO, TINY, env, metrics, run_torchrun, sets, train_inproc
 
 
@@ -47,6 +50,51 @@ def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint(tmp_path, capsys
     err = capsys.readouterr().err
     assert "non-finite" in err and "at step 2" in err and str(tmp_path / "ckpt" / "step_1") in err
     assert not (tmp_path / "ckpt" / "step_2").exists()
+
+
+def _at_training_forward(monkeypatch, step: int, action) -> None:
+    """Call action(out) on the output of the step-th training forward (one micro-batch per step)."""
+    forward, calls = MoETransformer.forward, []
+
+    def patched(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls.append(None)
+            if len(calls) == step:
+                action(self, out)
+        return out
+    monkeypatch.setattr(MoETransformer, "forward", patched)
+
+
+def _nan_loss(model, out):
+    out.loss = out.loss * float("nan")
+
+
+def _nan_gradient(model, out):
+    w = model.lm_head.weight  # sqrt at 0: the value adds 0, the gradient is inf * 0 = nan
+    out.loss = out.loss + (w - w.detach()).square().sum().sqrt()
+
+
+@pytest.mark.parametrize("bad_step", [3, 4])
+@pytest.mark.parametrize("what, poison", [("loss", _nan_loss), ("gradient norm", _nan_gradient)])
+def test_non_finite_step_is_named_and_never_saved(tmp_path, capsys, monkeypatch, what, poison, bad_step):
+    # Checkpoints at steps 2 and 4, no log line before 5. A bad step 3 is read a step late, during step 4
+    # (itself bad by then: nan weights); a bad step 4 must be read before its checkpoint is written.
+    _at_training_forward(monkeypatch, bad_step, poison)
+    rc = train_inproc(tmp_path, "log.every=5", "checkpoint.every=2", "checkpoint.keep=5")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"non-finite {what}" in err and f"at step {bad_step}" in err, err
+    assert str(tmp_path / "ckpt" / "step_2") in err
+    assert sorted(d.name for d in (tmp_path / "ckpt").iterdir()) == ["step_2"]
+
+
+def test_sigterm_read_a_step_late_saves_and_exits(tmp_path, monkeypatch):
+    _at_training_forward(monkeypatch, 3, lambda model, out: os.kill(os.getpid(), signal.SIGTERM))
+    assert train_inproc(tmp_path, "log.every=5", "log.val_every=0", "checkpoint.every=0") == 0
+    (step_dir,) = (tmp_path / "ckpt").glob("step_*")
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    assert manifest["reason"] == "sigterm" and manifest["step"] in (3, 4)  # at most one step late
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):

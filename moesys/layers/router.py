@@ -181,6 +181,7 @@ class Router(nn.Module):
         if not self.aux_free_bias:
             return
         load_E = self.load_since_update if load_E is None else load_E.float()
-        if load_E.sum() > 0:
-            self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        # No update without load; chosen on the device, since a Python `if` would sync every layer and step.
+        sign_E = torch.where(load_E.sum() > 0, torch.sign(load_E.mean() - load_E), 0.0)
+        self.expert_bias += self.bias_update_rate * sign_E
         self.load_since_update.zero_()

@@ -202,6 +202,7 @@ def test_compile_fullgraph_forward_and_backward():
 def test_errors_name_the_problem():
     from moesys.kernels import unavailable_reason
     case, _ = make_case(4, 8, 8, 2, 1, "silu", False, seed=7)
+    case = {k: v.to(DEVICE) for k, v in case.items() if v is not None}  # float64 on the device under test
     with pytest.raises(TypeError, match="float64"):
         moe_mlp(case["x"], case["w_gate_up"], case["w_down"], case["topk_ids"], case["topk_weights"],
                 backend="triton")

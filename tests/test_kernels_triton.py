@@ -163,7 +163,7 @@ def test_frozen_up_projection_and_second_backward():
 def test_weights_through_descriptor_and_pointers_agree(monkeypatch):
     """The TMA path (weights read through a tensor descriptor) and the pointer path give the same forward and
     gradients; weights whose strides TMA cannot take (H=17 fp32: 68-byte rows) use pointers."""
-    from moesys.kernels.launch import weight_descriptor
+    from moesys.kernels.launch import tensor_descriptor as weight_descriptor
     assert weight_descriptor(torch.empty(3, 40, 24, device=DEVICE)) is not None
     assert weight_descriptor(torch.empty(3, 40, 17, device=DEVICE)) is None
     assert weight_descriptor(torch.empty(3, 24, 40, device=DEVICE).transpose(1, 2)) is None

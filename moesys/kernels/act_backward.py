@@ -20,8 +20,10 @@ from moesys.kernels.act import act_fwd, act_grad
 
 
 @triton.jit
-def act_backward_kernel(h_ptr, stride_h, g_ptr, stride_g, dh_ptr, stride_dh, rw_ptr, drw_ptr, N, I,
+def act_backward_kernel(h_ptr, stride_h, g_ptr, stride_g, dh_ptr, stride_dh, rw_ptr, drw_ptr, N, I, rows_bucket,
                         GATED: tl.constexpr, ACT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    # rows_bucket only keys the autotuner (a power-of-two band of N); dh may be h itself (in place: each
+    # program reads a column block of its rows before it writes it)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)

@@ -31,10 +31,18 @@ _PTR_TYPES = {"token_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32", "dr
 
 def compile_variant(kernel, consts: dict, dtype: str = "bf16", out_fp32: bool = False, num_warps=8, num_stages=3):
     sig = {}
-    if "b_desc" in kernel.arg_names:  # the weight descriptor, as a launch with B_DESC passes it
-        block = [1, consts["BN"], consts["BK"]] if consts["B_KCONTIG"] else [1, consts["BK"], consts["BN"]]
-        consts = {**consts, "b_desc": None} if not consts["B_DESC"] else consts
-        sig["b_desc"] = f"tensordesc<{dtype}[{','.join(map(str, block))}]>"
+    # tensor descriptors, as launch.py passes them: the weights (b_desc) or the sorted operand (s_desc)
+    for desc, flag in (("b_desc", "B_DESC"), ("s_desc", "S_DESC")):
+        if desc not in kernel.arg_names:
+            continue
+        if not consts[flag]:
+            consts = {**consts, desc: None}
+            continue
+        if desc == "b_desc":
+            block = [1, consts["BN"], consts["BK"]] if consts["B_KCONTIG"] else [1, consts["BK"], consts["BN"]]
+        else:
+            block = [consts["BK"], consts["BN"] if consts["GATHER_P"] else consts["BM"]]
+        sig[desc] = f"tensordesc<{dtype}[{','.join(map(str, block))}]>"
     for name in kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
@@ -69,18 +77,16 @@ def variants(all_variants: bool, dtype: str):
                     SCALE=scale, ACT=0, stride_bk=1, B_KCONTIG=True), True)
     yield ("bwd_down (gather, store)", grouped_gemm_kernel,
            dict(gemm, EPILOGUE=EPI_STORE, GATHER_A=True, GATED=False, HAS_BIAS=False, SAVE_H=False,
-                SCALE=False, ACT=0, stride_bn=1, B_KCONTIG=False), False)
-    if all_variants:  # weights the descriptor cannot read (unaligned strides) go through pointers
-        for kcontig in (True, False):
-            yield (f"pointer weights kcontig={kcontig}", grouped_gemm_kernel,
-                   dict(gemm, EPILOGUE=EPI_STORE, GATHER_A=True, GATED=False, HAS_BIAS=False, SAVE_H=False,
-                        SCALE=False, ACT=0, B_DESC=False, B_KCONTIG=kcontig,
-                        **({"stride_bk": 1} if kcontig else {"stride_bn": 1})), False)
+                SCALE=False, ACT=0, stride_bn=1, B_DESC=False, B_KCONTIG=False), False)
+    if all_variants:  # forward weights the descriptor cannot read (unaligned strides) go through pointers
+        yield ("scatter, pointer weights", grouped_gemm_kernel,
+               dict(gemm, EPILOGUE=EPI_SCATTER, GATHER_A=False, GATED=False, HAS_BIAS=False, SAVE_H=False,
+                    SCALE=True, ACT=0, B_DESC=False, B_KCONTIG=True, stride_bk=1), True)
     for act in acts:
         yield (f"act_backward act={act}", act_backward_kernel, dict(GATED=act < 2, ACT=act, BR=16, BC=256), False)
-    for gather_p in (True, False):
-        yield (f"wgrad gather_p={gather_p}", expert_wgrad_kernel,
-               dict(tile, GATHER_P=gather_p, GATHER_Q=not gather_p, stride_pm=1, stride_qn=1), False)
+    for gather_p, s_desc in itertools.product((True, False), (True, False) if all_variants else (True,)):
+        yield (f"wgrad gather_p={gather_p} s_desc={s_desc}", expert_wgrad_kernel,
+               dict(tile, GATHER_P=gather_p, GATHER_Q=not gather_p, S_DESC=s_desc, stride_pm=1, stride_qn=1), False)
     yield ("sort_routing", sort_routing_kernel, dict(BLOCK=BLOCK_GPU), False)
 
 

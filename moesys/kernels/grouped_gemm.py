@@ -165,13 +165,21 @@ def expert_wgrad_kernel(
     q_ptr, stride_qr, stride_qn,
     token_ptr, offsets_ptr,
     out_ptr, stride_oe, stride_om, stride_on,
+    s_desc, desc_ok,
     Md, Nd, E, rows_bucket,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    S_DESC: tl.constexpr,
 ):
+    # desc_ok (1 when s_desc exists) is unused here: it keys the autotuner, whose choice of S_DESC depends on it
     """dW[e] = sum over rows r of expert e of P[row r]^T Q[row r] (grouped X^T.dY over each expert's
     contiguous rows), with P row r = p[token[r]] when GATHER_P, likewise Q. No scaling in the loop: the
-    operands go from memory to the tensor cores untouched (the routing weight is folded in upstream)."""
+    operands go from memory to the tensor cores untouched (the routing weight is folded in upstream).
+
+    S_DESC: the operand that is not gathered (exactly one is, in both uses) is read through a 2-D tensor
+    descriptor `s_desc` over its [N, cols] rows. A tile may then run past the expert's last row into the
+    next expert's; the gathered operand's rows there are masked to zero, so they add nothing (for finite
+    values: an inf there makes the next expert's gradient non-finite anyway)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(Md, BM)
     num_n = tl.cdiv(Nd, BN)
@@ -202,10 +210,16 @@ def expert_wgrad_kernel(
             p_rows = tokens
         if GATHER_Q:
             q_rows = tokens
-        p = tl.load(p_ptr + p_rows[:, None] * stride_pr + offs_m[None, :] * stride_pm,
-                    mask=r_mask[:, None] & m_mask[None, :], other=0.0)
-        q = tl.load(q_ptr + q_rows[:, None] * stride_qr + offs_n[None, :] * stride_qn,
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if S_DESC and not GATHER_P:
+            p = s_desc.load([r0, pid_m * BM])
+        else:
+            p = tl.load(p_ptr + p_rows[:, None] * stride_pr + offs_m[None, :] * stride_pm,
+                        mask=r_mask[:, None] & m_mask[None, :], other=0.0)
+        if S_DESC and not GATHER_Q:
+            q = s_desc.load([r0, pid_n * BN])
+        else:
+            q = tl.load(q_ptr + q_rows[:, None] * stride_qr + offs_n[None, :] * stride_qn,
+                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         if UPCAST:
             p = p.to(tl.float32)
             q = q.to(tl.float32)

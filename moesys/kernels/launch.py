@@ -44,17 +44,18 @@ def _rows_bucket(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length()) if n > 0 else 0
 
 
-def _set_b_block(nargs: dict) -> None:
-    """Give the weight descriptor (if the launch has one) the tile shape of the config being launched."""
-    desc = nargs.get("b_desc")
-    if desc is not None:
-        bn, bk = nargs["BN"], nargs["BK"]
-        desc.block_shape = [1, bn, bk] if nargs["B_KCONTIG"] else [1, bk, bn]
+def _set_desc_blocks(nargs: dict) -> None:
+    """Give the launch's tensor descriptors, if any, the tile shape of the config being launched."""
+    bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
+    if nargs.get("b_desc") is not None:  # grouped GEMM: the weights
+        nargs["b_desc"].block_shape = [1, bn, bk] if nargs["B_KCONTIG"] else [1, bk, bn]
+    if nargs.get("s_desc") is not None:  # weight gradient: the sorted operand, P ([rows, Md]) or Q
+        nargs["s_desc"].block_shape = [bk, bn] if nargs["GATHER_P"] else [bk, bm]
 
 
-def _cfg(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages,
-                         pre_hook=_set_b_block)
+def _cfg(bm, bn, bk, warps, stages, group_m=8, **flags):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group_m, **flags}, num_warps=warps,
+                         num_stages=stages, pre_hook=_set_desc_blocks)
 
 
 # Training-size tiles (many rows per expert) and decode tiles (a few rows per expert: BM=16 so each
@@ -68,8 +69,10 @@ _GEMM_TRAIN_GATED = [_cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(12
                      _cfg(64, 128, 64, 4, 4)]
 _GEMM_DECODE = [_cfg(16, 64, 128, 4, 4, 1), _cfg(16, 128, 128, 4, 4, 1), _cfg(16, 64, 256, 4, 3, 1),
                 _cfg(32, 64, 128, 4, 4, 1)]
-_WGRAD = [_cfg(128, 256, 32, 8, 5), _cfg(128, 128, 32, 4, 5), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3),
-          _cfg(64, 128, 64, 4, 4)]
+_WGRAD_TILES = [(128, 256, 32, 8, 5), (128, 128, 32, 4, 5), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3),
+                (64, 128, 64, 4, 4)]
+# Each tile with the sorted operand through pointers and through TMA: which wins is measured per shape.
+_WGRAD = [_cfg(*t, S_DESC=False) for t in _WGRAD_TILES] + [_cfg(*t, S_DESC=True) for t in _WGRAD_TILES]
 
 
 def _dedup(configs):
@@ -103,8 +106,21 @@ _gemm_tuned = triton.autotune(
     **_CACHE,
 )(grouped_gemm_kernel)
 
-_wgrad_tuned = triton.autotune(configs=_WGRAD, key=["rows_bucket", "Md", "Nd", "E", "GATHER_P"],
-                               **_CACHE)(expert_wgrad_kernel)
+def _prune_wgrad(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    return [c for c in configs if args["desc_ok"] or not c.kwargs["S_DESC"]]
+
+
+_wgrad_tuned = triton.autotune(configs=_WGRAD, key=["rows_bucket", "Md", "Nd", "E", "GATHER_P", "desc_ok"],
+                               prune_configs_by={"early_config_prune": _prune_wgrad}, **_CACHE)(expert_wgrad_kernel)
+
+# The activation pass streams ~6 values per routed row and column at memory bandwidth; how many rows and
+# columns a program takes decides how many loads are in flight (one fixed shape ran at ~55% of copy speed
+# on an H200). It overwrites g and h in place, so tuning runs restore both between trials.
+_act_backward_tuned = triton.autotune(
+    configs=[triton.Config({"BR": br, "BC": bc}, num_warps=w) for br, bc, w in
+             [(16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (64, 128, 8), (32, 128, 4), (4, 1024, 4)]],
+    key=["rows_bucket", "I", "GATED", "ACT"], restore_value=["h_ptr", "g_ptr"], **_CACHE)(act_backward_kernel)
 
 _INTERP = {"BM": 16, "BN": 16, "BK": 16}
 
@@ -148,8 +164,11 @@ def _launch(tuned, kernel, grid, args, configs):
             cfg = triton.Config({**_INTERP, "GROUP_M": 4})
         else:
             cfg = _fitting(configs, args)
-        _set_b_block({**args, **cfg.kwargs})
-        kernel[grid(cfg.kwargs)](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        meta = dict(cfg.kwargs)
+        if "s_desc" in args:  # weight gradient: TMA when the launch has a descriptor, unless the config says not
+            meta["S_DESC"] = args["s_desc"] is not None and meta.get("S_DESC", True)
+        _set_desc_blocks({**args, **meta})
+        kernel[grid(meta)](**args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         tuned[grid](**args)  # each config's pre_hook shapes the descriptor
 
@@ -166,15 +185,15 @@ def _tma_enabled() -> bool:
     return os.environ.get("MOESYS_TRITON_TMA", "1") != "0"
 
 
-def weight_descriptor(w: torch.Tensor) -> TensorDescriptor | None:
-    """A tensor descriptor over the 3-D weight tensor as stored, or None when TMA cannot read it: its last
-    axis must be contiguous, the base and the other strides 16-byte aligned (the hardware's rules)."""
-    if not _tma_enabled() or w.dim() != 3 or w.stride(2) != 1:
+def tensor_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
+    """A tensor descriptor over `t` as stored, or None when TMA cannot read it: the last axis contiguous, the
+    base and the other strides 16-byte aligned, rows of at least 16 bytes (the hardware's rules)."""
+    if not _tma_enabled() or t.stride(-1) != 1:
         return None
-    es = w.element_size()
-    if w.data_ptr() % 16 or (w.stride(0) * es) % 16 or (w.stride(1) * es) % 16 or (w.shape[2] * es) < 16:
+    es = t.element_size()
+    if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]) or t.shape[-1] * es < 16:
         return None
-    return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 16, 16])  # block set per launched config
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16] * t.dim())  # block set per launched config
 
 
 def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, gather_a, gated=False, I=0,
@@ -184,7 +203,9 @@ def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, 
     `w_strides` = (stride_e, stride_k, stride_n) reading w[e] as a [Kd, Nd] matrix (w is [E, Nd, Kd] or
     [E, Kd, Nd] in memory; which one is read off the strides)."""
     N = token_N.numel()
-    b_desc = weight_descriptor(w)
+    # TMA for k-contiguous weights only (forward): on the n-contiguous layout of the backward GEMMs it was
+    # slower than pointer loads in an H200 A/B (bwd_dx Mixtral 6.20 vs 5.98 ms; bench/results/moe_stages*).
+    b_desc = tensor_descriptor(w) if w_strides[1] == 1 else None
     E = offsets_E.numel()
     dummy = out
     h_ = h if h is not None else dummy
@@ -210,11 +231,14 @@ def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, 
 def expert_wgrad(p, q, token_N, offsets_E, out, *, gather_p, gather_q):
     """out[e] = sum over rows r of expert e of P[r]^T Q[r]; out is [E, Md, Nd] (a weight's layout)."""
     E, Md, Nd = out.shape
+    assert gather_p != gather_q, "exactly one operand is gathered in both uses"
+    s_desc = tensor_descriptor(q if gather_p else p) if token_N.numel() else None
     args = dict(
         p_ptr=p, stride_pr=p.stride(0), stride_pm=p.stride(1),
         q_ptr=q, stride_qr=q.stride(0), stride_qn=q.stride(1),
         token_ptr=token_N, offsets_ptr=offsets_E,
         out_ptr=out, stride_oe=out.stride(0), stride_om=out.stride(1), stride_on=out.stride(2),
+        s_desc=s_desc, desc_ok=int(s_desc is not None),
         Md=Md, Nd=Nd, E=E, rows_bucket=_rows_bucket(token_N.numel()),
         GATHER_P=gather_p, GATHER_Q=gather_q, **_common(p),
     )
@@ -230,10 +254,9 @@ def act_backward(h, g, dh, rw_N, drw_N, *, gated, I, act):
     dh = d act * (w g) (both halves when gated), replaces g by w * act(h) in place, and stores
     drw[r] = act(h[r]) . g[r]."""
     N = g.shape[0]
-    if is_interpreted():
-        meta = {"BR": 4, "BC": 16}
+    args = (h, h.stride(0), g, g.stride(0), dh, dh.stride(0), rw_N, drw_N, N, I, _rows_bucket(N))
+    if is_interpreted() or not _autotune():
+        meta = {"BR": 4, "BC": 16} if is_interpreted() else {"BR": 16, "BC": 256, "num_warps": 4}
+        act_backward_kernel[(triton.cdiv(N, meta["BR"]),)](*args, GATED=gated, ACT=act, **meta)
     else:
-        meta = {"BR": 16, "BC": 256, "num_warps": 4}
-    act_backward_kernel[(triton.cdiv(N, meta["BR"]),)](
-        h, h.stride(0), g, g.stride(0), dh, dh.stride(0), rw_N, drw_N, N, I,
-        GATED=gated, ACT=act, **meta)
+        _act_backward_tuned[lambda meta: (triton.cdiv(N, meta["BR"]),)](*args, GATED=gated, ACT=act)

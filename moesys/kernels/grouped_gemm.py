@@ -171,7 +171,6 @@ def expert_wgrad_kernel(
     GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     S_DESC: tl.constexpr,
 ):
-    # desc_ok (1 when s_desc exists) is unused here: it keys the autotuner, whose choice of S_DESC depends on it
     """dW[e] = sum over rows r of expert e of P[row r]^T Q[row r] (grouped X^T.dY over each expert's
     contiguous rows), with P row r = p[token[r]] when GATHER_P, likewise Q. No scaling in the loop: the
     operands go from memory to the tensor cores untouched (the routing weight is folded in upstream).
@@ -179,7 +178,8 @@ def expert_wgrad_kernel(
     S_DESC: the operand that is not gathered (exactly one is, in both uses) is read through a 2-D tensor
     descriptor `s_desc` over its [N, cols] rows. A tile may then run past the expert's last row into the
     next expert's; the gathered operand's rows there are masked to zero, so they add nothing (for finite
-    values: an inf there makes the next expert's gradient non-finite anyway)."""
+    values: an inf there makes the next expert's gradient non-finite anyway). `desc_ok` (1 when s_desc
+    exists) is unused in the body: it keys the autotuner, whose choice of S_DESC depends on it."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(Md, BM)
     num_n = tl.cdiv(Nd, BN)

@@ -7,7 +7,8 @@ sweep of tile configs per kernel. Diagnostic for issue 3; the side-by-side bench
 
 Stages (N = T*K routed rows, F = 2I): fwd_gate_up [N,H]x[H,F] + SwiGLU; fwd_down [N,I]x[I,H] + combine;
 bwd_down [N,H]x[H,I]; bwd_act the activation backward (bandwidth-bound; its "grouped_mm" column is copies
-of the same bytes); bwd_dx [N,F]x[F,H] + scatter; dw_gate_up, dw_down the grouped X^T.dY weight gradients;
+of the same bytes); bwd_dx [N,F]x[F,H] + scatter; dw_gate_up, dw_down the grouped X^T.dY weight gradients
+as the backend runs them (launch.wgrad_impl; the Triton kernel alone in triton_kernel_ms);
 routing_sort the one-launch routing kernel next to its torch reference (sort_routing_reference).
 """
 
@@ -83,11 +84,18 @@ def stages(T, H, I, E, K):
     dw_gu = torch.empty_like(w_gu)
     dw_d = torch.empty_like(w_d)
 
+    # The weight gradients as the backend runs them (launch.wgrad_impl: cuBLAS's grouped GEMM over a gathered
+    # copy where it can, the copy included in the time), and the Triton kernel alone for the A/B.
     def dw_gate_up():
-        launch.expert_wgrad(dh, x, token_N, off_E, dw_gu, gather_p=False, gather_q=True)
+        launch.weight_grad(dh, x, token_N, off_E, gather_p=False)
 
     def dw_down():
-        launch.expert_wgrad(dy, a, token_N, off_E, dw_d, gather_p=True, gather_q=False)
+        launch.weight_grad(dy, a, token_N, off_E, gather_p=True)
+
+    triton_wgrad = {"dw_gate_up": lambda: launch.expert_wgrad(dh, x, token_N, off_E, dw_gu, gather_p=False,
+                                                              gather_q=True),
+                    "dw_down": lambda: launch.expert_wgrad(dy, a, token_N, off_E, dw_d, gather_p=True,
+                                                           gather_q=False)}
 
     gm = torch._grouped_mm
     ours = {"fwd_gate_up": (fwd_gate_up, launch._gemm_tuned, N * H * F),
@@ -122,7 +130,7 @@ def stages(T, H, I, E, K):
             dense[name] = (lambda A=A, B=B: A @ B)
     route = lambda: sort_routing(ids, E)  # noqa: E731
     route_ref = lambda: sort_routing_reference(ids, E)  # noqa: E731  (the torch ops it replaced)
-    return ours, cublas, dense, route, route_ref
+    return ours, cublas, dense, route, route_ref, triton_wgrad, dw_gu, dw_d
 
 
 def tf(macs, ms):
@@ -138,7 +146,7 @@ def main():
     records, meta = [], dict(run_meta("cuda"), bench="moe_stages")
     for shape in args.shapes.split(","):
         T, H, I, E, K = SHAPES[shape]
-        ours, cublas, dense, route, route_ref = stages(T, H, I, E, K)
+        ours, cublas, dense, route, route_ref, triton_wgrad, dw_gu, dw_d = stages(T, H, I, E, K)
         route_ms, ref_ms = do_bench(route, return_mode="median"), do_bench(route_ref, return_mode="median")
         print(f"== {shape}: routing sort {route_ms:.3f} ms (torch reference {ref_ms:.3f} ms)", flush=True)
         records.append({**meta, "shape": shape, "stage": "routing_sort", "ours_ms": route_ms, "reference_ms": ref_ms})
@@ -148,6 +156,11 @@ def main():
             rec = {**meta, "shape": shape, "stage": name,
                    "tuned_config": str(tuned.best_config) if tuned is not None else "fixed"}
             rec["ours_ms"] = do_bench(fn, return_mode="median")
+            if name in triton_wgrad:
+                w = dw_gu[0] if name == "dw_gate_up" else dw_d[0]
+                rec["wgrad_impl"] = launch.wgrad_impl(w.t(), w)  # the operands' row sizes: F, H or H, I
+                triton_wgrad[name]()  # autotune
+                rec["triton_kernel_ms"] = do_bench(triton_wgrad[name], return_mode="median")
             for other, table in (("cublas", cublas), ("dense", dense)):
                 try:
                     rec[f"{other}_ms"] = do_bench(table[name], return_mode="median") if name in table else None
@@ -170,7 +183,8 @@ def main():
                 best = min((v, k) for k, v in rec["sweep"].items() if isinstance(v, float))
                 rec["sweep_best"] = {"config": best[1], "ms": best[0], "tflops": tf(macs, best[0])}
             print(f"{name:13s} ours {rec['ours_ms']:7.3f} ms {tf(macs, rec['ours_ms']):5.0f} TF  "
-                  f"grouped_mm {rec['cublas_ms'] or float('nan'):7.3f} ms  dense {rec['dense_ms'] or float('nan'):7.3f} ms"
+                  + (f"(triton kernel {rec['triton_kernel_ms']:.3f} ms)  " if "triton_kernel_ms" in rec else "")
+                  + f"grouped_mm {rec['cublas_ms'] or float('nan'):7.3f} ms  dense {rec['dense_ms'] or float('nan'):7.3f} ms"
                   f"  tuned {rec['tuned_config']}" + (f"  sweep best {rec['sweep_best']}" if "sweep_best" in rec else ""),
                   flush=True)
             records.append(rec)

@@ -179,6 +179,28 @@ def test_weights_through_descriptor_and_pointers_agree(monkeypatch):
         assert rel_err(results["1"][name], ref[name]) <= FLOOR[torch.float32], name
 
 
+def test_weight_grad_implementations_agree(monkeypatch):
+    """The two weight-gradient GEMMs (gathered inside the Triton kernel; gathered into a copy for
+    torch._grouped_mm) give the same gradients, with an idle expert (an empty group: its dW must be zeros)."""
+    from moesys.kernels.launch import wgrad_impl
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # CUDA's grouped_mm takes bf16 only
+    case, dy = make_case(45, 32, 40, 5, 2, "silu", True, seed=11, empty_expert=1)
+    results = {}
+    for impl in ("triton", "grouped_mm"):
+        monkeypatch.setenv("MOESYS_TRITON_WGRAD", impl)
+        assert wgrad_impl(torch.empty(1, 8, device=DEVICE), torch.empty(1, 8, device=DEVICE)) == impl
+        results[impl] = run(case, dy, "silu", "triton", dtype, DEVICE)
+    ref = oracle(case, dy, "silu")
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name in ("w_gate_up", "w_down"):
+        assert torch.allclose(results["triton"][name].float(), results["grouped_mm"][name].float(), **tol), name
+        assert rel_err(results["grouped_mm"][name], ref[name]) <= FLOOR[dtype], name
+        assert torch.count_nonzero(results["grouped_mm"][name][1]) == 0, f"{name}: idle expert's gradient"
+    monkeypatch.setenv("MOESYS_TRITON_WGRAD", "cublas")
+    with pytest.raises(ValueError, match="MOESYS_TRITON_WGRAD='cublas' is unknown"):
+        wgrad_impl(torch.empty(1, 8), torch.empty(1, 8))
+
+
 def test_compile_fullgraph_forward_and_backward():
     """moe_mlp(backend="triton") traces without graph breaks: the kernels are opaque custom ops with fake impls."""
     case, dy = make_case(11, 16, 12, 3, 2, "silu", False, seed=6)

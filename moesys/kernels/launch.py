@@ -249,6 +249,42 @@ def expert_wgrad(p, q, token_N, offsets_E, out, *, gather_p, gather_q):
     _launch(_wgrad_tuned, expert_wgrad_kernel, grid, args, _WGRAD)
 
 
+WGRAD_IMPLS = ("auto", "triton", "grouped_mm")
+
+
+def wgrad_impl(p: torch.Tensor, q: torch.Tensor) -> str:
+    """Which weight-gradient GEMM runs: "grouped_mm" (gather the token-ordered operand into expert order,
+    then cuBLAS's grouped GEMM over the contiguous rows, as ScatterMoE's backward groups X) or "triton"
+    (`expert_wgrad_kernel`, gathering inside the GEMM). "auto" takes grouped_mm where torch's CUDA kernel
+    exists (bf16, sm90+, 16-byte strides): in an H200 A/B it took 0.72-0.78x the Triton kernel's time
+    (bench/results/moe_stages.json), and its gathered copy is freed at once. MOESYS_TRITON_WGRAD picks."""
+    choice = os.environ.get("MOESYS_TRITON_WGRAD", "auto")
+    if choice not in WGRAD_IMPLS:
+        raise ValueError(f"MOESYS_TRITON_WGRAD={choice!r} is unknown; use one of {list(WGRAD_IMPLS)}")
+    if choice != "auto":
+        return choice
+    ok = (p.device.type == "cuda" and p.dtype == torch.bfloat16 == q.dtype
+          and torch.cuda.get_device_capability(p.device) >= (9, 0)
+          and all((t.shape[1] * t.element_size()) % 16 == 0 for t in (p, q)))
+    return "grouped_mm" if ok else "triton"
+
+
+def weight_grad(p, q, token_N, offsets_E, *, gather_p):
+    """[E, Md, Nd]: for each expert e, the sum over its rows r of P[r]^T Q[r], where P is [N, Md] and Q is
+    [N, Nd] in expert order except the gathered one (`gather_p`: P; else Q), which is in token order and
+    read through token_N. One of the two implementations of `wgrad_impl`."""
+    E, Md, Nd = offsets_E.numel(), p.shape[1], q.shape[1]
+    if wgrad_impl(p, q) == "grouped_mm":
+        if gather_p:
+            p = p.index_select(0, token_N)
+        else:
+            q = q.index_select(0, token_N)
+        return torch._grouped_mm(p.t(), q, offs=offsets_E)
+    out = torch.empty(E, Md, Nd, dtype=p.dtype, device=p.device)
+    expert_wgrad(p, q, token_N, offsets_E, out, gather_p=gather_p, gather_q=not gather_p)
+    return out
+
+
 def act_backward(h, g, dh, rw_N, drw_N, *, gated, I, act):
     """Activation backward over the N sorted rows, after g = dy[token] W_down is in `g`: writes
     dh = d act * (w g) (both halves when gated), replaces g by w * act(h) in place, and stores

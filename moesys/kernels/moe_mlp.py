@@ -12,7 +12,8 @@ Forward: routing sorted once, then
 Saved for backward: h_NF (by `down`) and x plus the routing (by `up`); a_NI is recomputed from h.
 Backward, `down` first:  g = dy[token] W_d; one bandwidth-bound pass turns g into w*a, writes
   d topk_weights and dh *over h in place*; dW_d = dy[token]^T (w a).  Then `up`: dx[token] += dh W_gu;
-  dW_gu = dh^T x[token].
+  dW_gu = dh^T x[token]. The two dW GEMMs either gather inside a Triton kernel or, bf16 on Hopper, gather
+  the token-ordered operand into a transient copy for cuBLAS's grouped GEMM (`launch.wgrad_impl`).
 Why two autograd nodes and not one: autograd frees each node's saved tensors and accumulates its weight
 gradient once the node is done, so dW_d and the w*a buffer are gone before dW_gu is allocated; with one
 node for the whole MLP both weight gradients, h, dh and w*a were alive together (Mixtral: +1.6 GB over
@@ -31,7 +32,7 @@ from torch.profiler import record_function
 from moesys.activations import is_gated
 from moesys.kernels.act import ACT_CODES
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE
-from moesys.kernels.launch import act_backward, expert_wgrad, grouped_gemm, unavailable_reason
+from moesys.kernels.launch import act_backward, grouped_gemm, unavailable_reason, weight_grad
 from moesys.kernels.routing import sort_routing
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -80,8 +81,7 @@ def moe_mlp_up_bwd(dh_NF: Tensor, x: Tensor, w_gate_up: Tensor, has_bias: bool, 
         dx_TH = dx32_TH.to(x.dtype)
         del dx32_TH
     with record_function("moesys::bwd_dw_gate_up"):
-        dw_gate_up = torch.empty(w_gate_up.shape, dtype=w_gate_up.dtype, device=x.device)
-        expert_wgrad(dh_NF, x, token_N, offsets_E, dw_gate_up, gather_p=False, gather_q=True)
+        dw_gate_up = weight_grad(dh_NF, x, token_N, offsets_E, gather_p=False)
     db_gate_up = x.new_empty(0)
     if has_bias:
         sorted_ids_N = topk_ids.reshape(-1).long()[perm_N]
@@ -155,8 +155,7 @@ def moe_mlp_down_bwd(dy: Tensor, h_NF: Tensor, w_down: Tensor, b_down: Optional[
     with record_function("moesys::bwd_act"):
         act_backward(h_NF, wa_NI, h_NF, rw_N, drw_N, gated=h_NF.shape[1] == 2 * I, I=I, act=ACT_CODES[activation])
     with record_function("moesys::bwd_dw_down"):
-        dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=dy.device)
-        expert_wgrad(dy, wa_NI, token_N, offsets_E, dw_down, gather_p=True, gather_q=False)
+        dw_down = weight_grad(dy, wa_NI, token_N, offsets_E, gather_p=True)
     del wa_NI
     drw_TK = torch.empty_like(drw_N).index_copy_(0, perm_N, drw_N).view(T, K)
     db_down = dy.new_empty(0)

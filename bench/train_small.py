@@ -117,22 +117,29 @@ def bench_hf(config, experts_implementation: str, warmup: int, steps: int, devic
 def profile_moesys(config, device: torch.device, path: Path | None) -> None:
     """Where a moesys training step spends its GPU time: torch.profiler's top kernels over 2 steps."""
     from torch.profiler import ProfilerActivity, profile
-    from moesys.train import autocast_context, build_optimizer
+    from moesys.train import autocast_context, build_optimizer, clip_in_fused_step
     torch.manual_seed(0)
     with device:
         model = MoETransformer.from_config(config)
-    optimizer, _ = build_optimizer(model, config)
+    optimizer, opt_impl = build_optimizer(model, config)
     if config.train.compile:
-        model.compile_parts()
+        model.compile_parts(config.train.compile_mode)
     autocast = autocast_context(config, device)
     B, S = config.data.batch_size, config.data.seq_len
     ids = torch.randint(0, 256, (B, S + 1), generator=torch.Generator().manual_seed(0)).to(device)
 
+    graphs = config.train.compile and config.train.compile_mode == "reduce-overhead"
+
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast():
             out = model(ids[:, :-1], ids[:, 1:])
         (out.loss + out.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        if opt_impl == "fused":  # as the trainer clips
+            clip_in_fused_step(optimizer, model.parameters(), config.train.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -151,10 +158,18 @@ def profile_moesys(config, device: torch.device, path: Path | None) -> None:
         _sync(device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     averages = prof.key_averages()
-    # Wall time against the kernels' summed device time says whether the step is GPU- or host-bound.
-    device_ms = sum(e.self_device_time_total for e in averages) / 2 / 1e3
+    # Wall time against the kernels' summed device time says whether the step is GPU- or host-bound; only
+    # the kernels themselves count (an op's row repeats its kernels' time).
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_ms = sum(e.device_time_total for e in kernels) / 2 / 1e3
+    by_kernel: dict[str, list[float]] = {}
+    for e in kernels:
+        by_kernel.setdefault(e.name, []).append(e.device_time_total / 2 / 1e3)
+    top = sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:60]
+    kernel_lines = [f"{sum(v):8.3f} ms {len(v) // 2:5d}x  {name[:110]}" for name, v in top]
     table = (f"step wall {wall_ms:.1f} ms (unprofiled), kernels' device time {device_ms:.1f} ms per step\n"
-             + averages.table(sort_by=sort, row_limit=40, max_name_column_width=60))
+             "top kernels per step (ms, launches):\n" + "\n".join(kernel_lines) + "\n\n"
+             + averages.table(sort_by=sort, row_limit=60, max_name_column_width=60))
     print(table)
     if path is not None:
         path.write_text(table)

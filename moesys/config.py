@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -137,11 +137,14 @@ class TrainConfig(_Section):
     warmup_steps: int = 2
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, gt=0)     # max global gradient norm (clipping is always on)
     grad_accum: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
+    # torch.compile mode for the blocks and head: "reduce-overhead" replays each compiled part as a CUDA
+    # graph (fewer host launches; more memory for the graphs' private pools)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     activation_checkpointing: bool = False
     eps: float = 1e-8                       # AdamW epsilon
 

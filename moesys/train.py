@@ -77,6 +77,19 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> tuple[torch.optim
         return torch.optim.AdamW(groups, foreach=True, **kwargs), "foreach"
 
 
+def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor:
+    """Gradient clipping folded into fused AdamW's kernel: it divides every gradient by `grad_scale` and
+    skips the whole update when `found_inf` is 1 (the hooks torch.amp's GradScaler uses). Same clip as
+    clip_grad_norm_ (factor max_norm / (norm + 1e-6), at most 1) without its own pass over the gradients,
+    and a non-finite step leaves weights and optimizer state untouched. Returns the total norm (a device
+    tensor: nothing here syncs)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
+    optimizer.found_inf = (~torch.isfinite(norm)).float()
+    return norm
+
+
 def autocast_context(config: Config, device: torch.device):
     dtype = config.train.dtype
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
@@ -213,7 +226,8 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     if config.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.train.compile:
-        model.compile_parts()
+        model.compile_parts(config.train.compile_mode)
+    graphs = config.train.compile and config.train.compile_mode == "reduce-overhead"
     autocast = autocast_context(config, device)
 
     moe_layers = model.moe_layers()
@@ -259,9 +273,13 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                 group["lr"] = lr
             # [ce_sum, aux_sum, sigterm, dropped per layer (L), load per layer and expert (L*E)]
             packet = torch.zeros(3 + L + L * E, dtype=torch.float64, device=device)
+            if graphs:  # CUDA-graph replays of the last step's outputs may be overwritten from here on
+                torch.compiler.cudagraph_mark_step_begin()
             ep.begin_step()  # FSSDP: this step's materialisation plan (a no-op otherwise)
             for micro in sampler.next_step():
                 input_ids, labels = splits.sequences(micro)
+                if device.type == "cuda":  # from pageable memory the copy would wait for the device: a sync
+                    input_ids, labels = input_ids.pin_memory(), labels.pin_memory()
                 input_ids = input_ids.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 with autocast():
@@ -280,7 +298,10 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                 grad_norm = ep.clip_grad_norm_(config.train.grad_clip)
             else:
                 data_parallel.sync_gradients(dense_params, ctx.group)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+                if opt_impl == "fused":
+                    grad_norm = clip_in_fused_step(optimizer, model.parameters(), config.train.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
             step_values.push(step, packet, grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

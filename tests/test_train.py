@@ -122,3 +122,38 @@ def test_bad_config_and_missing_data_fail_before_any_process_group(tmp_path, cap
     # torchrun: every rank fails at once, none waits in a rendezvous that never completes.
     proc = run_torchrun(2, tmp_path / "tr", f"data.source={tmp_path}/nothing.jsonl", timeout=90)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+
+def test_clip_folded_into_fused_adamw_matches_clip_grad_norm():
+    """clip_in_fused_step (the clip as fused AdamW's grad_scale) updates like clip_grad_norm_ + AdamW, and a
+    non-finite gradient leaves the weights and the step count untouched (found_inf)."""
+    import torch
+    from moesys.train import clip_in_fused_step
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(7, 5, generator=g), torch.randn(3, generator=g)]
+    grads = [torch.randn(7, 5, generator=g) * 4, torch.randn(3, generator=g) * 4]
+    params = {}
+    for mode in ("folded", "reference"):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = torch.optim.AdamW(ps, lr=0.1, fused=True)
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        if mode == "folded":
+            norm = clip_in_fused_step(opt, ps, 1.0)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(ps, 1.0)
+        assert float(norm) > 1.0  # the clip is active
+        opt.step()
+        params[mode] = ps
+    for a, b in zip(params["folded"], params["reference"]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    ps = params["folded"]
+    opt = torch.optim.AdamW(ps, lr=0.1, fused=True)
+    before = [p.detach().clone() for p in ps]
+    ps[0].grad = torch.full_like(ps[0], float("nan"))
+    ps[1].grad = torch.ones_like(ps[1])
+    assert not torch.isfinite(clip_in_fused_step(opt, ps, 1.0))
+    opt.step()
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b)
+    assert all(float(opt.state[p]["step"]) == 0 for p in ps)

@@ -164,12 +164,12 @@ class MoETransformer(nn.Module):
             loss = F.cross_entropy(logits_BSV.flatten(0, 1), labels_BS.flatten(), ignore_index=-100)
         return logits_BSV, loss
 
-    def compile_parts(self) -> None:
+    def compile_parts(self, mode: str = "default") -> None:
         """torch.compile each block and the head (norm, logits, loss), in place. Per block rather than the
         whole model: one compiled graph serves every layer, and the trainer's Python loop stays eager."""
         for block in self.blocks:
-            block.compile()
-        self._head = torch.compile(self._head)
+            block.compile(mode=mode)
+        self._head = torch.compile(self._head, mode=mode)
 
     @torch.no_grad()
     def update_router_biases(self) -> None:

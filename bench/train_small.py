@@ -123,7 +123,7 @@ def profile_moesys(config, device: torch.device, path: Path | None) -> None:
         model = MoETransformer.from_config(config)
     optimizer, opt_impl = build_optimizer(model, config)
     if config.train.compile:
-        model.compile_parts(config.train.compile_mode)
+        model.compile_parts(config.train.compile_mode, config.train.compile_scope)
     autocast = autocast_context(config, device)
     B, S = config.data.batch_size, config.data.seq_len
     ids = torch.randint(0, 256, (B, S + 1), generator=torch.Generator().manual_seed(0)).to(device)
@@ -134,7 +134,7 @@ def profile_moesys(config, device: torch.device, path: Path | None) -> None:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast():
-            out = model(ids[:, :-1], ids[:, 1:])
+            out = model(ids[:, :-1], ids[:, 1:], return_logits=False)
         (out.loss + out.aux_loss).backward()
         if opt_impl == "fused":  # as the trainer clips
             clip_in_fused_step(optimizer, model.parameters(), config.train.grad_clip)

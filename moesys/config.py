@@ -145,6 +145,9 @@ class TrainConfig(_Section):
     # torch.compile mode for the blocks and head: "reduce-overhead" replays each compiled part as a CUDA
     # graph (fewer host launches; more memory for the graphs' private pools)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    # "blocks": each block and the head compiled apart (one graph serves every layer, quick to compile);
+    # "model": the whole forward as one graph (fusion across blocks; compiles every layer)
+    compile_scope: Literal["blocks", "model"] = "blocks"
     activation_checkpointing: bool = False
     eps: float = 1e-8                       # AdamW epsilon
 

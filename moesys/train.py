@@ -191,7 +191,7 @@ def evaluate(model, splits, config: Config, ctx: bootstrap.DistContext, autocast
         for input_ids, labels in val_batches(splits, config.data.batch_size, config.data.val_batches,
                                              ctx.rank, ctx.world_size):
             with autocast():
-                out = model(input_ids.to(ctx.device), labels.to(ctx.device))
+                out = model(input_ids.to(ctx.device), labels.to(ctx.device), return_logits=False)
             total += torch.stack([out.loss.double(), torch.ones((), dtype=torch.float64, device=ctx.device)])
     model.train()
     data_parallel.all_reduce_sum(total, ctx.group)
@@ -226,7 +226,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     if config.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.train.compile:
-        model.compile_parts(config.train.compile_mode)
+        model.compile_parts(config.train.compile_mode, config.train.compile_scope)
     graphs = config.train.compile and config.train.compile_mode == "reduce-overhead"
     autocast = autocast_context(config, device)
 
@@ -283,7 +283,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                 input_ids = input_ids.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 with autocast():
-                    out = model(input_ids, labels)
+                    out = model(input_ids, labels, return_logits=False)
                 ((out.loss + out.aux_loss) / A).backward()
                 packet[0] += out.loss.detach().double()
                 packet[1] += out.aux_loss.detach().double()

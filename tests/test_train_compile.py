@@ -33,3 +33,20 @@ def test_compile_parts_compiles_blocks_and_head():
     assert hasattr(model._head, "_torchdynamo_orig_callable")  # the head is a compiled function now
     assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_whole_model_compile_and_loss_only_forward():
+    """compile_scope="model" compiles the forward as one graph with the same loss; return_logits=False gives
+    the same loss and aux loss without logits."""
+    config = load_config(TINY, ["train.device=cpu"])
+    torch.manual_seed(0)
+    model = MoETransformer.from_config(config)
+    ids = torch.randint(0, config.model.vocab_size, (2, 17))
+    want = model(ids[:, :-1], ids[:, 1:])
+    lean = model(ids[:, :-1], ids[:, 1:], return_logits=False)
+    assert lean.logits is None and torch.equal(lean.loss, want.loss) and torch.equal(lean.aux_loss, want.aux_loss)
+    model.compile_parts(scope="model")
+    assert model._compiled_call_impl is not None
+    got = model(ids[:, :-1], ids[:, 1:], return_logits=False)
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+    assert got.aux_loss.item() == pytest.approx(want.aux_loss.item(), rel=1e-5)

@@ -108,7 +108,7 @@ class Block(nn.Module):
 
 @dataclass
 class TransformerOutput:
-    logits: torch.Tensor                 # [B, S, V] fp32
+    logits: torch.Tensor | None          # [B, S, V] fp32 (None when the call asked for the loss only)
     loss: torch.Tensor | None            # next-token cross-entropy (None without labels)
     aux_loss: torch.Tensor               # weighted MoE losses summed over MoE layers
     moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in layer order
@@ -141,7 +141,9 @@ class MoETransformer(nn.Module):
         return [b.ffn for b in self.blocks if b.is_moe]
 
     def forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor | None = None,
-                positions_S: torch.Tensor | None = None) -> TransformerOutput:
+                positions_S: torch.Tensor | None = None, return_logits: bool = True) -> TransformerOutput:
+        """`return_logits=False` (with labels; the trainer's call) returns the loss without the [B, S, V]
+        fp32 logits, so the compiled head never writes them out (16384 x 32000 fp32 = 2 GB per step)."""
         if positions_S is None:
             positions_S = torch.arange(input_ids_BS.shape[1], device=input_ids_BS.device)
         x_BSH = self.embed(input_ids_BS)
@@ -150,23 +152,27 @@ class MoETransformer(nn.Module):
             x_BSH, layer_stats = block(x_BSH, positions_S)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        logits_BSV, loss = self._head(x_BSH, labels_BS)
+        logits_BSV, loss = self._head(x_BSH, labels_BS, return_logits or labels_BS is None)
         m = self.moe_config
         aux = sum((s.weighted_loss(m.aux_loss_coef, m.seq_aux_loss_coef, m.z_loss_coef) for s in stats),
-                  logits_BSV.new_zeros(()))
+                  x_BSH.new_zeros((), dtype=torch.float32))
         return TransformerOutput(logits_BSV, loss, aux, stats)
 
-    def _head(self, x_BSH: torch.Tensor, labels_BS: torch.Tensor | None):
-        """Final norm, fp32 logits and the mean next-token cross-entropy (None without labels)."""
+    def _head(self, x_BSH: torch.Tensor, labels_BS: torch.Tensor | None, return_logits: bool = True):
+        """Final norm, fp32 logits (or None) and the mean next-token cross-entropy (None without labels)."""
         logits_BSV = self.lm_head(self.norm(x_BSH)).float()
         loss = None
         if labels_BS is not None:
             loss = F.cross_entropy(logits_BSV.flatten(0, 1), labels_BS.flatten(), ignore_index=-100)
-        return logits_BSV, loss
+        return (logits_BSV if return_logits else None), loss
 
-    def compile_parts(self, mode: str = "default") -> None:
-        """torch.compile each block and the head (norm, logits, loss), in place. Per block rather than the
-        whole model: one compiled graph serves every layer, and the trainer's Python loop stays eager."""
+    def compile_parts(self, mode: str = "default", scope: str = "blocks") -> None:
+        """torch.compile each block and the head (norm, logits, loss), in place: one compiled graph serves
+        every layer, and the trainer's Python loop stays eager. scope="model" compiles the whole forward
+        as one graph instead."""
+        if scope == "model":
+            self.compile(mode=mode)
+            return
         for block in self.blocks:
             block.compile(mode=mode)
         self._head = torch.compile(self._head, mode=mode)

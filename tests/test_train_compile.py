@@ -50,3 +50,23 @@ def test_whole_model_compile_and_loss_only_forward():
     got = model(ids[:, :-1], ids[:, 1:], return_logits=False)
     assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
     assert got.aux_loss.item() == pytest.approx(want.aux_loss.item(), rel=1e-5)
+
+
+def test_forward_traces_without_graph_breaks():
+    """The whole forward is one graph for dynamo, in a fresh process (nothing imported beforehand): the MoE
+    backend lookup once imported its module while being traced, which split every block in two. Under bf16
+    autocast, as on a GPU (fp32 experts on the CPU take grouped_mm's per-expert fallback, which reads the
+    offsets on the host)."""
+    import subprocess
+    import sys
+    code = ("import torch, torch._dynamo\n"
+            "from moesys.config import load_config\n"
+            "from moesys.models.transformer import MoETransformer\n"
+            f"m = MoETransformer.from_config(load_config({str(TINY)!r}, ['train.device=cpu']))\n"
+            "ids = torch.randint(0, 64, (2, 9))\n"
+            "with torch.autocast('cpu', dtype=torch.bfloat16):\n"  # bf16 experts, as on a GPU: grouped_mm
+            "    e = torch._dynamo.explain(m)(ids[:, :-1], ids[:, 1:], return_logits=False)\n"
+            "print(e.graph_count, e.graph_break_count, [b.reason[:200] for b in e.break_reasons])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:2] == ["1", "0"], out.stdout

@@ -50,5 +50,19 @@ def get_backend(name: str, x: torch.Tensor):
 
 
 def _import(module: str):
-    # sys.modules first: torch.compile(fullgraph=True) can trace a dict lookup but not importlib.
+    # sys.modules first: torch.compile can trace a dict lookup but not importlib (a graph break there split
+    # every compiled block in two). `preload` makes sure the lookup hits before anything is traced.
     return sys.modules.get(module) or importlib.import_module(module)
+
+
+def preload(name: str) -> None:
+    """Import the modules backend `name` may dispatch to, so that a later traced call finds them loaded.
+    Called when an experts module is built; a Triton that cannot be imported is left to `get_backend`
+    to report."""
+    names = ["grouped_mm", "triton"] if name == "auto" else [name]
+    for n in names:
+        if n in _BACKENDS:
+            try:
+                _import(_BACKENDS[n][0])
+            except ImportError:
+                pass

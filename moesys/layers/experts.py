@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from moesys.activations import ACTIVATIONS, apply_activation, is_gated
+from moesys.backends import preload
 from moesys.ops import moe_mlp
 
 
@@ -33,6 +34,7 @@ class Experts(nn.Module):
             raise ValueError(f"Experts: activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
         self.activation, self.backend = activation, backend
+        preload(backend)  # imported now, not while torch.compile traces forward (a graph break there)
         rows = 2 * ffn_size if is_gated(activation) else ffn_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, rows, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))

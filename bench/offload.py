@@ -54,11 +54,11 @@ def h2d_bandwidth(nbytes: int = 1 << 30) -> dict:
 
 
 @torch.no_grad()
-def forced_decode(model, prompt, steps: int, vocab: int, before_decode=None):
+def forced_decode(model, prompt, steps: int, vocab: int, before_decode=None, seed: int = 123):
     """(prefill tokens/s, decode tokens/s): one forward over the prompt, then `steps` batch-1 forwards with the
     KV cache, each fed a random token. A random-weight model's own greedy continuation repeats itself (and so
     reuses the same experts); random inputs route like real text does, so cache misses are realistic."""
-    g = torch.Generator(device="cpu").manual_seed(123)
+    g = torch.Generator(device="cpu").manual_seed(seed)
     toks = torch.randint(2, vocab, (steps, 1, 1), generator=g).to(prompt.device)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -72,6 +72,14 @@ def forced_decode(model, prompt, steps: int, vocab: int, before_decode=None):
         past = model(toks[i], past_key_values=past, use_cache=True).past_key_values
     torch.cuda.synchronize()
     return prompt.shape[1] / (t1 - t0), steps / (time.perf_counter() - t1)
+
+
+def warm_up(model, prompt, steps: int, vocab: int) -> None:
+    """One untimed pass over the timed run's sequence lengths, with other decode tokens (so the expert cache
+    is not primed with the timed routing). cuDNN attention builds an execution plan per new KV length,
+    ~5 ms of host time per layer and token on the H200 machine (bench/offload_profile.py): whoever meets a
+    length first pays it, so every implementation gets the same warm start."""
+    forced_decode(model, prompt, steps, vocab, seed=321)
 
 
 def free():
@@ -155,7 +163,7 @@ def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, 
     if want is not None:
         got = model.generate(prompt[:, :64], max_new_tokens=len(want), do_sample=False, pad_token_id=0)
         identical = got[0, 64:].tolist() == want
-    forced_decode(model, prompt[:, :16], 4, vocab)  # warm-up
+    warm_up(model, prompt, steps, vocab)
     engine.reset_stats()
     at = {}
     prefill, decode = forced_decode(model, prompt, steps, vocab,
@@ -195,7 +203,7 @@ def baseline(records, base, impl, model, prompt, steps, vocab, want_tokens=0, bu
     if want_tokens:
         out = model.generate(prompt[:, :64], max_new_tokens=want_tokens, do_sample=False, pad_token_id=0)
         want = out[0, 64:].tolist()
-    forced_decode(model, prompt[:, :16], 2, vocab)
+    warm_up(model, prompt, steps, vocab)
     torch.cuda.reset_peak_memory_stats()
     prefill, decode = forced_decode(model, prompt, steps, vocab)
     records.append(dict(base, impl=impl, tokens_per_s=decode, decode_tokens_per_s=decode,
@@ -205,7 +213,12 @@ def baseline(records, base, impl, model, prompt, steps, vocab, want_tokens=0, bu
     return want
 
 
-def bench_olmoe(records, meta, workdir, bw, steps):
+class _Skipped(Exception):
+    pass
+
+
+def bench_olmoe(records, meta, workdir, bw, steps, only=None):
+    """`only`: the impls to run besides transformers-gpu (which the identity checks need); None = all."""
     from transformers import AutoModelForCausalLM
 
     import moesys.offload as mo
@@ -228,10 +241,14 @@ def bench_olmoe(records, meta, workdir, bw, steps):
 
     budget = 4 * 2**30
     try:
+        if only is not None and "accelerate-offload" not in only:
+            raise _Skipped
         acc = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
                                                    max_memory={0: budget, "cpu": 100 * 2**30}).eval()
         baseline(records, base, "accelerate-offload", acc, prompt, 3, V, budget=budget)
         del acc
+    except _Skipped:
+        pass
     except Exception as e:  # the baseline's failure must not hide ours
         traceback.print_exc()
         records.append(dict(base, impl="accelerate-offload", error=repr(e)))
@@ -244,6 +261,8 @@ def bench_olmoe(records, meta, workdir, bw, steps):
             # a budget holding the whole model: at least as fast as transformers fully on the GPU
             ("moesys-whole-model-budget", 40 * 2**30, dict(host_memory="pinned"))]
     for impl, b, opts in runs:
+        if only is not None and impl not in only:
+            continue
         try:
             t0 = time.perf_counter()
             model = mo.load(path, gpu_memory=b, dtype=torch.bfloat16, **opts)
@@ -316,6 +335,7 @@ def main():
     p.add_argument("--workdir", default="/tmp/moesys_offload_bench")
     p.add_argument("--steps", type=int, default=24, help="timed batch-1 decode steps")
     p.add_argument("--skip-qwen3", action="store_true")
+    p.add_argument("--only", default=None, help="comma-separated OLMoE-shape impls to run (default: all)")
     p.add_argument("--qwen3-after-s", type=float, default=200.0,
                    help="skip the Qwen3 shape if this many seconds have passed before it starts")
     args = p.parse_args()
@@ -346,7 +366,8 @@ def main():
                                 **row))
 
     stage("correctness", tiny)
-    stage("olmoe", lambda: bench_olmoe(records, meta, args.workdir, bw, args.steps))
+    only = set(args.only.split(",")) if args.only else None
+    stage("olmoe", lambda: bench_olmoe(records, meta, args.workdir, bw, args.steps, only))
     if args.skip_qwen3 or time.time() - START > args.qwen3_after_s:
         log("qwen3 shape skipped (time guard)")
         records.append(dict(meta, bench="offload", shape="qwen3-30b-a3b", impl="moesys-pinned",

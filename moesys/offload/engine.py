@@ -100,9 +100,11 @@ class OffloadEngine:
             if self.prefetcher is not None:
                 self.prefetcher.pending.pop(layer, None)
             self._wait(layer, list(self.pending[layer]))
-            E = self.cache.num_experts
-            seen_E = torch.zeros(E, dtype=torch.bool, device=ids_TK.device)
-            self._fast_hits += seen_E.index_fill_(0, ids_TK.flatten(), True).sum()  # bincount would sync
+            if T == 1:  # a token's top-k experts are distinct: K hits, counted without a kernel
+                self.stats.hits += ids_TK.shape[1]
+            else:
+                seen_E = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=ids_TK.device)
+                self._fast_hits += seen_E.index_fill_(0, ids_TK.flatten(), True).sum()  # bincount would sync
             out = self._run_grouped(layer, x_TH, ids_TK, w_TK)
             self._mark_used(layer)
             return out

@@ -31,7 +31,9 @@ SYNC_NAMES = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchr
 def profile_decode(model, vocab: int, steps: int) -> dict:
     g = torch.Generator(device="cpu").manual_seed(7)
     prompt = torch.randint(2, vocab, (1, 64), generator=g).cuda()
-    forced_decode(model, prompt, 4, vocab)  # warm-up (autotuning, allocator, cache fill)
+    # warm-up over the same lengths (cuDNN attention builds a plan per new KV length: the first to meet a
+    # length pays it), with other tokens
+    forced_decode(model, prompt, steps, vocab, seed=321)
     toks = torch.randint(2, vocab, (steps, 1, 1), generator=g).cuda()
     past = model(prompt, use_cache=True, logits_to_keep=1).past_key_values
     torch.cuda.synchronize()

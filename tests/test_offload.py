@@ -294,3 +294,33 @@ def test_cli_streams_text_and_prints_stats(checkpoints, tmp_path, capsys):
     assert rc == 0
     assert "w5" in out.out and "hit rate" in out.out and "decode" in out.out
     assert "cache" in out.err
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe"])
+def test_budget_holding_every_expert_runs_the_plain_model(checkpoints, name):
+    """A budget that holds every expert, cut in two banks of 12 slots (bank_size=16; layers 0 and 2 share a
+    bank too small for both, which must not matter): all are loaded once,
+    the original experts modules come back into the model pointed at their slots (no engine in the
+    forward), and generation equals the model fully on the device; resident_if_fits=False keeps the engine."""
+    from moesys.offload.engine import OffloadedExperts
+    path = checkpoints[name]
+    prompt = _prompt(seed=8)
+    _, want = _reference(path, torch.float32, prompt)
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 32), dtype=torch.float32, bank_size=16)
+    engine = model.moesys_offload
+    assert engine.cache.num_slots == 24 and len(engine.cache.banks) == 2
+    assert not any(isinstance(m, OffloadedExperts) for m in model.modules())
+    assert torch.equal(want, model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
+    stats = engine.snapshot()
+    assert stats.resident and stats.hit_rate == 1.0 and stats.copies == 24 and stats.misses == 0
+    assert "hit rate 100.0%" in stats.summary()
+    x_TH = torch.randn(5, 32, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    ids_TK = torch.tensor([[7, 1], [0, 3], [5, 2], [6, 4], [1, 7]], device=DEVICE)
+    w_TK = torch.rand(5, 2, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    engaged = mo.load(path, gpu_memory=_budget(path, torch.float32, 32), dtype=torch.float32, bank_size=16,
+                      resident_if_fits=False)
+    assert sum(isinstance(m, OffloadedExperts) for m in engaged.modules()) == 3
+    assert torch.equal(want, engaged.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
+    for layer in range(3):  # the engine's own entry point agrees on the resident model
+        torch.testing.assert_close(engine.experts_forward(layer, x_TH, ids_TK, w_TK),
+                                   engaged.moesys_offload.experts_forward(layer, x_TH, ids_TK, w_TK))

@@ -13,6 +13,7 @@ Legend: T tokens, H hidden, K top-k, E experts per layer, L MoE layers.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -77,6 +78,41 @@ class OffloadEngine:
         if cpu_experts == "auto" and self.cuda:
             self._measure_cost_model()
 
+    # ---------------------------------------------------------------- all experts fit
+    def make_resident(self) -> dict[int, nn.Module] | None:
+        """When the cache holds every expert of every layer (and the grouped implementation runs them), load
+        them all now, layer r's experts into slots [r*E, (r+1)*E) in expert order, and return the original
+        experts modules pointed at those slots: the caller puts them back in the model, so decode runs the
+        fully-resident model's own code with no engine work per layer. Banks do not matter here (each call
+        sees E experts). None when it cannot."""
+        E, layers = self.cache.num_experts, list(self.inner)
+        if not self.grouped or self.cache.num_slots < E * len(layers) or any(self.pending.values()):
+            return None
+        cache = self.cache
+        with torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext():
+            for r, layer in enumerate(layers):
+                for e in range(E):
+                    self.store.copy_to(layer, e, cache.slot_views(r * E + e))
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        cache.free = [[] for _ in cache.banks]  # nothing is ever evicted or loaded again
+        modules = {}
+        for r, layer in enumerate(layers):
+            for e in range(E):
+                cache.slot_of[(layer, e)] = r * E + e
+            cache.resident_per_layer[layer] = E
+            module = self.inner[layer]
+            module.gate_up_proj = cache.pools["gate_up"][r * E:(r + 1) * E]
+            module.down_proj = cache.pools["down"][r * E:(r + 1) * E]
+            module.num_experts = E
+            modules[layer] = module
+            # the module sees this layer's slots only, in expert order: no remapping (keeps experts_forward,
+            # the engine's own entry point, right)
+            cache.slot_table_LE[cache.row[layer]] = torch.arange(E, device=cache.slot_table_LE.device)
+        n = E * len(layers)
+        self.stats = OffloadStats(copies=n, bytes_copied=n * self.store.expert_bytes, resident=True)
+        return modules
+
     # ---------------------------------------------------------------- public
     def snapshot(self) -> OffloadStats:
         """Current statistics (also folds in the hits counted on the device without a sync)."""
@@ -86,7 +122,7 @@ class OffloadEngine:
 
     def reset_stats(self) -> None:
         self._fast_hits.zero_()
-        self.stats = OffloadStats()
+        self.stats = OffloadStats(resident=self.stats.resident)
         if self.prefetcher is not None:
             self.prefetcher.reset()
 

@@ -26,7 +26,7 @@ from moesys.offload.store import HOST_MODES, HostExpertStore, parts_nbytes, slot
 
 _OPTIONS = {"cache_policy": "lru", "prefetch": "next-gate", "quantize_experts": "none", "cpu_experts": "off",
             "host_memory": "auto", "device": None, "max_context": 4096, "reserve": None,
-            "experts_implementation": None, "group_size": 128, "bank_size": 1023}
+            "experts_implementation": None, "group_size": 128, "bank_size": 1023, "resident_if_fits": True}
 
 
 @dataclass
@@ -191,8 +191,10 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
     engine = OffloadEngine(store=store, cache=cache, inner=inner, device=device, prefetcher=prefetcher,
                            cpu_experts=opts["cpu_experts"])
     engine.plan, engine.host_mode = plan, mode
+    resident = engine.make_resident() if opts["resident_if_fits"] else None
     for layer, block in blocks.items():
-        block.experts = OffloadedExperts(engine, layer)
+        # a budget holding every expert: the model runs as if fully on the device (no engine per layer)
+        block.experts = resident[layer] if resident is not None else OffloadedExperts(engine, layer)
     model.moesys_offload = engine
     _attach_timing(model, engine)
     if model_dir is not None:
@@ -213,7 +215,9 @@ def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
             only "off" keeps greedy output bit-identical to the model fully on the device), host_memory "auto"|"pinned"|"memory"|"mmap", device,
             max_context (tokens the KV cache is planned for), reserve (workspace bytes, overrides the
             estimate), experts_implementation, group_size (quantization group), bank_size (cache slots
-            per bank, at most 1023: torch's grouped GEMM takes fewer than 1024 groups).
+            per bank, at most 1023: torch's grouped GEMM takes fewer than 1024 groups), resident_if_fits
+            (default True: when the budget holds every expert, load them all once and run the model as if
+            fully on the device, without the engine in each layer's forward).
     Statistics: `model.moesys_offload.snapshot()` (an OffloadStats; `.summary()`, `.as_dict()`).
     """
     from transformers import AutoConfig

@@ -21,11 +21,12 @@ class OffloadStats:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    resident: bool = False     # the budget held every expert: loaded once, the engine left the forward
 
     @property
     def hit_rate(self) -> float:
         n = self.hits + self.misses
-        return self.hits / n if n else 0.0
+        return self.hits / n if n else (1.0 if self.resident else 0.0)
 
     @property
     def prefetch_accuracy(self) -> float:
@@ -46,6 +47,10 @@ class OffloadStats:
         return d
 
     def summary(self) -> str:
+        if self.resident:
+            return (f"hit rate {self.hit_rate:.1%} (every expert resident, loaded once: "
+                    f"{self.bytes_copied / 2**30:.2f} GiB) | "
+                    f"prefill {self.prefill_tokens_per_s:.1f} tok/s | decode {self.decode_tokens_per_s:.2f} tok/s")
         return (f"hit rate {self.hit_rate:.1%} | prefetch accuracy {self.prefetch_accuracy:.1%} | "
                 f"copied {self.bytes_copied / 2**30:.2f} GiB in {self.copies} copies | "
                 f"waited {self.copy_wait_s:.2f} s on copies | cpu experts {self.cpu_experts} | "

@@ -256,8 +256,10 @@ def wgrad_impl(p: torch.Tensor, q: torch.Tensor) -> str:
     """Which weight-gradient GEMM runs: "grouped_mm" (gather the token-ordered operand into expert order,
     then cuBLAS's grouped GEMM over the contiguous rows, as ScatterMoE's backward groups X) or "triton"
     (`expert_wgrad_kernel`, gathering inside the GEMM). "auto" takes grouped_mm where torch's CUDA kernel
-    exists (bf16, sm90+, 16-byte strides): in an H200 A/B it took 0.72-0.78x the Triton kernel's time
-    (bench/results/moe_stages.json), and its gathered copy is freed at once. MOESYS_TRITON_WGRAD picks."""
+    exists (bf16, sm90+, 16-byte strides): in an H200 A/B, copy included, it took 0.74-0.99x the Triton
+    kernel's time on the Mixtral / Qwen3 / OLMoE shapes (bench/results/moe_stages.json; dW_down of the
+    small training config, 2048 rows per expert, was the one loss: 1.15x). The copy is freed at once.
+    MOESYS_TRITON_WGRAD picks."""
     choice = os.environ.get("MOESYS_TRITON_WGRAD", "auto")
     if choice not in WGRAD_IMPLS:
         raise ValueError(f"MOESYS_TRITON_WGRAD={choice!r} is unknown; use one of {list(WGRAD_IMPLS)}")

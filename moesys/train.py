@@ -77,14 +77,15 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> tuple[torch.optim
         return torch.optim.AdamW(groups, foreach=True, **kwargs), "foreach"
 
 
-def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor:
+def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float,
+                       norm: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient clipping folded into fused AdamW's kernel: it divides every gradient by `grad_scale` and
     skips the whole update when `found_inf` is 1 (the hooks torch.amp's GradScaler uses). Same clip as
     clip_grad_norm_ (factor max_norm / (norm + 1e-6), at most 1) without its own pass over the gradients,
     and a non-finite step leaves weights and optimizer state untouched. Returns the total norm (a device
-    tensor: nothing here syncs)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    tensor: nothing here syncs). `norm`: the global norm when computed elsewhere (over sharded experts)."""
+    if norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0)
     optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
     optimizer.found_inf = (~torch.isfinite(norm)).float()
     return norm
@@ -295,7 +296,10 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
             if ep.shards_experts:  # expert gradients reduce over their replicas only; the norm spans all experts
                 data_parallel.sync_gradients(ep.dense_parameters(), ctx.group)
                 ep.reduce_expert_gradients()
-                grad_norm = ep.clip_grad_norm_(config.train.grad_clip)
+                if opt_impl == "fused":
+                    grad_norm = clip_in_fused_step(optimizer, (), config.train.grad_clip, norm=ep.grad_norm())
+                else:
+                    grad_norm = ep.clip_grad_norm_(config.train.grad_clip)
             else:
                 data_parallel.sync_gradients(dense_params, ctx.group)
                 if opt_impl == "fused":

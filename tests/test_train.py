@@ -157,3 +157,25 @@ def test_clip_folded_into_fused_adamw_matches_clip_grad_norm():
     for p, b in zip(ps, before):
         assert torch.equal(p.detach(), b)
     assert all(float(opt.state[p]["step"]) == 0 for p in ps)
+
+
+def test_clip_to_norm_matches_clip_grad_norm_without_a_sync():
+    """The sharded-model clip (a device-side factor): as clip_grad_norm_ for a finite norm; a NaN norm leaves
+    the gradients alone, an infinite one zeroes them."""
+    import torch
+    from moesys.parallel.handle import clip_to_norm
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(4, 3, generator=g) * 3, torch.randn(5, generator=g) * 3]
+    ref = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    got = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    for p, t in zip(ref + got, grads + grads):
+        p.grad = t.clone()
+    norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    clip_to_norm(got, torch.nn.utils.get_total_norm([p.grad for p in got]), 1.0)
+    for a, b in zip(got, ref):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    assert float(norm) > 1.0
+    clip_to_norm(got, torch.tensor(float("nan")), 1.0)
+    assert all(torch.allclose(a.grad, b.grad) for a, b in zip(got, ref))
+    clip_to_norm(got, torch.tensor(float("inf")), 1.0)
+    assert all(torch.count_nonzero(a.grad) == 0 for a in got)

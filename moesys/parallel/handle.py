@@ -11,7 +11,6 @@ Missing gradients count as zeros so that every rank issues the same collectives 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
@@ -173,11 +172,13 @@ class ParallelHandle:
 def clip_to_norm(params, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Scale the gradients of `params` so that a global gradient norm `norm` becomes at most
     `max_norm` (as clip_grad_norm_ does, with the norm computed over sharded parameters); returns it."""
-    scale = max_norm / (float(norm) + 1e-6)
-    if scale < 1.0 and math.isfinite(scale):
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+    # On the device, no sync: the factor is min(1, max_norm / (norm + 1e-6)); a NaN norm leaves the
+    # gradients alone (the trainer stops on it), an infinite one zeroes them, as clip_grad_norm_ does.
+    scale = (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
+    scale = torch.where(torch.isnan(scale), torch.ones_like(scale), scale)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, scale)
     return norm
 
 

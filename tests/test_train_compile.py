@@ -21,6 +21,15 @@ def test_compiled_training_matches_eager(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
+def test_reduce_overhead_mode_trains_like_eager(tmp_path):
+    """train.compile_mode=reduce-overhead (CUDA graphs on a GPU; on the CPU torch.compile skips the graphs
+    and the step-begin marks are no-ops) gives the eager losses."""
+    assert train_inproc(tmp_path / "eager", *ITEMS) == 0
+    assert train_inproc(tmp_path / "ro", *ITEMS, "train.compile=true", "train.compile_mode=reduce-overhead") == 0
+    for a, b in zip(metrics(tmp_path / "ro"), metrics(tmp_path / "eager")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
 def test_compile_parts_compiles_blocks_and_head():
     config = load_config(TINY, ["train.device=cpu"])
     torch.manual_seed(0)

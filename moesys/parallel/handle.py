@@ -11,7 +11,6 @@ Missing gradients count as zeros so that every rank issues the same collectives 
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn

@@ -117,7 +117,7 @@ def bench_hf(config, experts_implementation: str, warmup: int, steps: int, devic
 def profile_moesys(config, device: torch.device, path: Path | None) -> None:
     """Where a moesys training step spends its GPU time: torch.profiler's top kernels over 2 steps."""
     from torch.profiler import ProfilerActivity, profile
-    from moesys.train import autocast_context, build_optimizer, clip_in_fused_step
+    from moesys.train import autocast_context, build_optimizer, clip_gradients
     torch.manual_seed(0)
     with device:
         model = MoETransformer.from_config(config)
@@ -136,10 +136,9 @@ def profile_moesys(config, device: torch.device, path: Path | None) -> None:
         with autocast():
             out = model(ids[:, :-1], ids[:, 1:], return_logits=False)
         (out.loss + out.aux_loss).backward()
-        if opt_impl == "fused":  # as the trainer clips
-            clip_in_fused_step(optimizer, model.parameters(), config.train.grad_clip)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        params = [p for p in model.parameters() if p.grad is not None]  # clipped as the trainer clips
+        clip_gradients(optimizer, opt_impl, params, torch.nn.utils.get_total_norm([p.grad for p in params]),
+                       config.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -36,6 +36,7 @@ from moesys.config import Config, ConfigError, dump_config, load_config
 from moesys.data import build_data, val_batches, validate_source
 from moesys.models.transformer import MoETransformer
 from moesys.parallel import CollectiveError, bootstrap, data_parallel, parallelize
+from moesys.parallel.handle import clip_to_norm
 from moesys.train_metrics import MetricsWriter, expert_load_stats, flops_per_token, peak_flops
 
 
@@ -77,18 +78,23 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> tuple[torch.optim
         return torch.optim.AdamW(groups, foreach=True, **kwargs), "foreach"
 
 
-def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float,
-                       norm: torch.Tensor | None = None) -> torch.Tensor:
+def clip_in_fused_step(optimizer: torch.optim.Optimizer, norm: torch.Tensor, max_norm: float) -> None:
     """Gradient clipping folded into fused AdamW's kernel: it divides every gradient by `grad_scale` and
     skips the whole update when `found_inf` is 1 (the hooks torch.amp's GradScaler uses). Same clip as
     clip_grad_norm_ (factor max_norm / (norm + 1e-6), at most 1) without its own pass over the gradients,
-    and a non-finite step leaves weights and optimizer state untouched. Returns the total norm (a device
-    tensor: nothing here syncs). `norm`: the global norm when computed elsewhere (over sharded experts)."""
-    if norm is None:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0)
+    and a non-finite step leaves weights and optimizer state untouched. `norm` is the global gradient
+    norm, a device tensor: nothing here syncs."""
     optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
     optimizer.found_inf = (~torch.isfinite(norm)).float()
-    return norm
+
+
+def clip_gradients(optimizer, opt_impl: str, params, norm: torch.Tensor, max_norm: float) -> None:
+    """Clip `params`' gradients to the global norm `norm`: inside the optimizer step when AdamW is fused,
+    else by scaling them now (`clip_to_norm`, also sync-free)."""
+    if opt_impl == "fused":
+        clip_in_fused_step(optimizer, norm, max_norm)
+    else:
+        clip_to_norm(params, norm, max_norm)
 
 
 def autocast_context(config: Config, device: torch.device):
@@ -296,16 +302,12 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
             if ep.shards_experts:  # expert gradients reduce over their replicas only; the norm spans all experts
                 data_parallel.sync_gradients(ep.dense_parameters(), ctx.group)
                 ep.reduce_expert_gradients()
-                if opt_impl == "fused":
-                    grad_norm = clip_in_fused_step(optimizer, (), config.train.grad_clip, norm=ep.grad_norm())
-                else:
-                    grad_norm = ep.clip_grad_norm_(config.train.grad_clip)
+                clip_params, grad_norm = ep.dense_parameters() + ep.expert_parameters(), ep.grad_norm()
             else:
                 data_parallel.sync_gradients(dense_params, ctx.group)
-                if opt_impl == "fused":
-                    grad_norm = clip_in_fused_step(optimizer, model.parameters(), config.train.grad_clip)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+                clip_params = [p for p in model.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in clip_params], 2.0)
+            clip_gradients(optimizer, opt_impl, clip_params, grad_norm, config.train.grad_clip)
             step_values.push(step, packet, grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

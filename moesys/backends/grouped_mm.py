@@ -1,7 +1,9 @@
 """Backend "grouped_mm": sort the T*K routed rows by expert, run both projections as grouped GEMMs
-(`torch.nn.functional.grouped_mm`), then weight and un-sort. No host synchronisation where
-`grouped_mm` supports the dtype and strides; elsewhere (float64, rows not 16-byte aligned, fp32 on
-CUDA) the same grouped product runs as one matmul per expert over host-read offsets.
+(`torch.nn.functional.grouped_mm`), then un-sort, weight and sum each token's K rows in one gather.
+No host synchronisation where `grouped_mm` supports the dtype and strides; elsewhere (float64, rows
+not 16-byte aligned, fp32 on CUDA) the same grouped product runs as one matmul per expert over
+host-read offsets. Gathers through the inverse permutation replace autograd's atomic scatter-adds in
+the backward: deterministic, and fewer passes over the [N, H] rows.
 
 Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, N = T*K routed rows.
 """
@@ -17,11 +19,14 @@ from moesys.activations import apply_activation
 def sort_by_expert(topk_ids_TK: torch.Tensor, num_experts: int):
     """Returns (perm_N, sorted_ids_N, offsets_E): routed row perm[i] (= t*K + j) is the i-th row in
     expert order; offsets are the cumulative row counts per expert (int32), computed on the device."""
-    ids_N = topk_ids_TK.reshape(-1).long()
-    sorted_ids_N, perm_N = torch.sort(ids_N, stable=True)
-    counts_E = torch.zeros(num_experts, dtype=torch.int32, device=ids_N.device)
-    counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N, dtype=torch.int32))
-    return perm_N, sorted_ids_N, torch.cumsum(counts_E, 0, dtype=torch.int32)
+    ids_N = topk_ids_TK.reshape(-1)
+    # A radix sort makes one pass per key byte: expert ids fit in one or two bytes, not eight.
+    key_dtype = torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 2**15 else torch.int32
+    sorted_keys_N, perm_N = torch.sort(ids_N.to(key_dtype), stable=True)
+    # Cumulative counts by binary search in the sorted keys: no atomic adds contending on E counters.
+    experts_E = torch.arange(num_experts, device=ids_N.device, dtype=key_dtype)
+    offsets_E = torch.searchsorted(sorted_keys_N, experts_E, right=True, out_int32=True)
+    return perm_N, sorted_keys_N.long(), offsets_E
 
 
 def _native_grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
@@ -47,22 +52,67 @@ def grouped_linear(a_NK: torch.Tensor, w_EMK: torch.Tensor, offsets_E: torch.Ten
     return torch.cat(outs, 0) if outs else a_NK.new_zeros(0, w_EMK.shape[1])
 
 
+def inverse_permutation(perm_N: torch.Tensor) -> torch.Tensor:
+    """inv[perm[i]] = i: where each routed row t*K + j sits in expert order (a scatter of unique indices)."""
+    return torch.empty_like(perm_N).index_put_((perm_N,), torch.arange(perm_N.numel(), device=perm_N.device))
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x_NH = x_TH[token_N]: each token copied to its K routed rows in expert order. The backward sums a
+    token's K row gradients through the inverse permutation (a gather-reduce in fp32), instead of the
+    atomic index_put(accumulate=True) that autograd derives for indexing."""
+
+    @staticmethod
+    def forward(ctx, x_TH, token_N, inv_TK):
+        ctx.save_for_backward(inv_TK)
+        return x_TH[token_N]
+
+    @staticmethod
+    def backward(ctx, dx_NH):
+        (inv_TK,) = ctx.saved_tensors
+        return dx_NH[inv_TK].to(_acc_dtype(dx_NH)).sum(1).to(dx_NH.dtype), None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """y_TH[t] = sum_j w_TK[t, j] * out_NH[inv_TK[t, j]], accumulated in fp32: un-sorting, weighting and
+    the top-k sum as one gather-reduce, with no [N, H] fp32 intermediate and no atomics (deterministic).
+    The backward is gathers too: d_out[i] = w[perm[i]] * dy[perm[i] // K], d_w[t, j] = <dy[t], out[inv[t, j]]>."""
+
+    @staticmethod
+    def forward(ctx, out_NH, w_TK, inv_TK, perm_N):
+        ctx.save_for_backward(out_NH, w_TK, inv_TK, perm_N)
+        acc = _acc_dtype(out_NH)
+        return (out_NH[inv_TK].to(acc) * w_TK.unsqueeze(-1).to(acc)).sum(1).to(out_NH.dtype)
+
+    @staticmethod
+    def backward(ctx, dy_TH):
+        out_NH, w_TK, inv_TK, perm_N = ctx.saved_tensors
+        acc, K = _acc_dtype(out_NH), w_TK.shape[1]
+        d_out_NH = d_w_TK = None
+        if ctx.needs_input_grad[0]:
+            w_N1 = w_TK.reshape(-1)[perm_N].unsqueeze(-1).to(acc)
+            d_out_NH = (dy_TH[perm_N // K].to(acc) * w_N1).to(out_NH.dtype)
+        if ctx.needs_input_grad[1]:
+            d_w_TK = (out_NH[inv_TK].to(acc) * dy_TH.unsqueeze(1).to(acc)).sum(-1).to(w_TK.dtype)
+        return d_out_NH, d_w_TK, None, None
+
+
 def moe_mlp_grouped_mm(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, *, activation,
                        b_gate_up=None, b_down=None):
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
     E = w_down.shape[0]
     perm_N, sorted_ids_N, offsets_E = sort_by_expert(topk_ids_TK, E)
-    x_NH = x_TH[perm_N // K]
+    inv_TK = inverse_permutation(perm_N).view(T, K)
+    x_NH = _GatherRows.apply(x_TH, perm_N // K, inv_TK)
     h_NF = grouped_linear(x_NH, w_gate_up, offsets_E)
     if b_gate_up is not None:
         h_NF = h_NF + b_gate_up[sorted_ids_N]
     out_NH = grouped_linear(apply_activation(h_NF, activation), w_down, offsets_E)
     if b_down is not None:
         out_NH = out_NH + b_down[sorted_ids_N]
-    acc_dtype = torch.promote_types(x_TH.dtype, torch.float32)
-    weights_N1 = topk_weights_TK.reshape(-1)[perm_N].unsqueeze(-1).to(acc_dtype)
-    weighted_NH = out_NH.to(acc_dtype) * weights_N1
-    # Un-sort, then sum the K rows of each token: deterministic, unlike an atomic index_add.
-    unsorted_NH = torch.empty_like(weighted_NH).index_copy(0, perm_N, weighted_NH)
-    return unsorted_NH.view(T, K, H).sum(1).to(x_TH.dtype)
+    return _CombineRows.apply(out_NH, topk_weights_TK, inv_TK, perm_N)

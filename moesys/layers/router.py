@@ -111,10 +111,12 @@ class Router(nn.Module):
         if self.capacity_factor is not None:
             keep_TK = self._capacity_mask(topk_ids_TK, topk_weights_TK.detach(), T)
             topk_weights_TK = topk_weights_TK * keep_TK
-        ones_N = torch.ones(topk_ids_TK.numel(), device=x_TH.device, dtype=torch.int64) if keep_TK is None \
-            else keep_TK.reshape(-1).long()
-        tokens_per_expert_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TH.device)
-        tokens_per_expert_E.scatter_add_(0, topk_ids_TK.reshape(-1), ones_N)
+        # Kept assignments per expert as a compare-and-sum (a reduction), not a scatter_add whose T*K
+        # atomic adds contend on E counters.
+        hits_NE = topk_ids_TK.reshape(-1, 1) == torch.arange(self.num_experts, device=x_TH.device)
+        if keep_TK is not None:
+            hits_NE = hits_NE & keep_TK.reshape(-1, 1)
+        tokens_per_expert_E = hits_NE.sum(0)
         if self.training and self.aux_free_bias:
             self.load_since_update += tokens_per_expert_E.float()
 

@@ -79,3 +79,17 @@ def test_forward_traces_without_graph_breaks():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[:2] == ["1", "0"], out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs (on the CPU the mode is plain compile)")
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_cuda_graph_replays_train_like_plain_compile_on_gpu(tmp_path, grad_accum):
+    """compile_mode=reduce-overhead on a GPU, also with several micro-batches per step (the second replay
+    in a step must not overwrite the first one's gradients): the losses of compile_mode=default."""
+    items = (*ITEMS, "train.compile=true", f"train.grad_accum={grad_accum}", "train.steps=6")
+    assert train_inproc(tmp_path / "plain", *items, "train.compile_mode=default") == 0
+    assert train_inproc(tmp_path / "graphs", *items, "train.compile_mode=reduce-overhead") == 0
+    plain, graphs = metrics(tmp_path / "plain"), metrics(tmp_path / "graphs")
+    assert [r["step"] for r in graphs] == list(range(1, 7))
+    for a, b in zip(graphs, plain):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3), (a["step"], a["loss"], b["loss"])

@@ -324,3 +324,26 @@ def test_budget_holding_every_expert_runs_the_plain_model(checkpoints, name):
     for layer in range(3):  # the engine's own entry point agrees on the resident model
         torch.testing.assert_close(engine.experts_forward(layer, x_TH, ids_TK, w_TK),
                                    engaged.moesys_offload.experts_forward(layer, x_TH, ids_TK, w_TK))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_experts_that_all_fit_decode_without_the_host(checkpoints, mode):
+    """A budget holding every quantized expert loads them all at once; then each batch-1 decode step takes the
+    sync-free path (slots from the device table, the K routed experts dequantized on their own), and its
+    logits equal the engine's host-routed path (resident_if_fits=False: experts loaded on demand)."""
+    path = checkpoints["olmoe"]
+    prompt = _prompt(seed=10)
+    fast = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, quantize_experts=mode)
+    slow = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, quantize_experts=mode, resident_if_fits=False)
+    engine = fast.moesys_offload
+    assert all(engine.cache.layer_complete(layer) for layer in engine.inner)
+    assert engine.snapshot().copies == 3 * 8 and not any(slow.moesys_offload.cache.resident_per_layer.values())
+    calls = []
+    run = engine._run_quantized_resident
+    engine._run_quantized_resident = lambda *a: calls.append(a[0]) or run(*a)
+    got = fast.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert len(calls) == 3 * (NEW_TOKENS - 1)  # every layer of every decode step (prefill: the wave path)
+    assert torch.equal(got, slow.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
+    torch.testing.assert_close(fast(got).logits, slow(got).logits, rtol=1e-5, atol=1e-6)
+    stats = engine.snapshot()
+    assert stats.misses == 0 and stats.hit_rate == 1.0

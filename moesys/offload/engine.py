@@ -86,7 +86,10 @@ class OffloadEngine:
         fully-resident model's own code with no engine work per layer. Banks do not matter here (each call
         sees E experts). None when it cannot."""
         E, layers = self.cache.num_experts, list(self.inner)
-        if not self.grouped or self.cache.num_slots < E * len(layers) or any(self.pending.values()):
+        if self.cache.num_slots < E * len(layers) or any(self.pending.values()):
+            return None
+        if not self.grouped:
+            self._load_every_expert()
             return None
         cache = self.cache
         with torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext():
@@ -113,6 +116,19 @@ class OffloadEngine:
         self.stats = OffloadStats(copies=n, bytes_copied=n * self.store.expert_bytes, resident=True)
         return modules
 
+    def _load_every_expert(self) -> None:
+        """Quantized experts that all fit: load every one now, so each layer is complete from the first
+        token and batch-1 decode takes the sync-free path of `_run_quantized_resident`."""
+        for layer in self.inner:
+            self._ensure(layer, list(range(self.cache.num_experts)))
+        self._wait_all()
+        n = self.cache.num_experts * len(self.inner)
+        self.stats = OffloadStats(copies=n, bytes_copied=n * self.store.expert_bytes)
+
+    def _wait_all(self) -> None:
+        for layer, slots in self.pending.items():
+            self._wait(layer, list(slots))
+
     # ---------------------------------------------------------------- public
     def snapshot(self) -> OffloadStats:
         """Current statistics (also folds in the hits counted on the device without a sync)."""
@@ -131,8 +147,12 @@ class OffloadEngine:
     def experts_forward(self, layer, x_TH, ids_TK, w_TK):
         T = x_TH.shape[0]
         use_cpu = self.cpu_mode == "on" or (self.cpu_mode == "auto" and self._cpu_faster and T == 1)
-        if self.grouped and not use_cpu and self.cache.layer_complete(layer):
-            # every expert of this layer is resident: route on the device, no host sync (and no guess to score)
+        complete = self.cache.layer_complete(layer)
+        # every expert of this layer resident: route on the device, no host sync (and no guess to score);
+        # quantized experts take this path for decode (a few routed rows, each dequantized on its own)
+        quantized_decode = (self.store.quantize != "none" and self.activation is not None
+                            and T * ids_TK.shape[1] <= self.dequant_experts)
+        if complete and not use_cpu and (self.grouped or quantized_decode):
             if self.prefetcher is not None:
                 self.prefetcher.pending.pop(layer, None)
             self._wait(layer, list(self.pending[layer]))
@@ -141,7 +161,10 @@ class OffloadEngine:
             else:
                 seen_E = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=ids_TK.device)
                 self._fast_hits += seen_E.index_fill_(0, ids_TK.flatten(), True).sum()  # bincount would sync
-            out = self._run_grouped(layer, x_TH, ids_TK, w_TK)
+            if self.grouped:
+                out = self._run_grouped(layer, x_TH, ids_TK, w_TK)
+            else:
+                out = self._run_quantized_resident(layer, x_TH, ids_TK, w_TK)
             self._mark_used(layer)
             return out
 
@@ -200,8 +223,7 @@ class OffloadEngine:
             else:
                 self.stats.hits += 1
             slots.append(slot)
-        if self.grouped:
-            self.cache.update_table(layer, loaded_e, loaded_s)
+        self.cache.update_table(layer, loaded_e, loaded_s)
         return slots
 
     def _prefetch(self, layer: int, guessed: list[int], protect: list[int]) -> None:
@@ -221,8 +243,7 @@ class OffloadEngine:
             loaded_e.append(e)
             loaded_s.append(self._load((nxt, e), keep))
             self.stats.prefetch_copies += 1
-        if self.grouped:
-            self.cache.update_table(nxt, loaded_e, loaded_s)
+        self.cache.update_table(nxt, loaded_e, loaded_s)
 
     def _load(self, key, protect) -> int:
         slot, evicted = self.cache.allocate(key, protect)
@@ -310,6 +331,20 @@ class OffloadEngine:
             h = F.linear(act(gate) * up, w_d).to(x_TH.device, x_TH.dtype)
             h = h * w_TK[token_idx, top_k_pos, None]
             out_TH.index_add_(0, token_idx, h.to(out_TH.dtype))
+
+    def _run_quantized_resident(self, layer, x_TH, ids_TK, w_TK):
+        """A few routed rows (T*K <= the dequantization workspace) of a layer whose quantized experts are all
+        resident: the slots come from the device table, each routed row gets its own dequantized expert
+        (a token's K experts are distinct), so nothing is read back to the host."""
+        T, K = ids_TK.shape
+        mode, dtype, pools = self.store.quantize, x_TH.dtype, self.cache.pools
+        start = self.cache.banks[self.cache.bank_of[layer]][0]
+        slots_N = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK.reshape(-1)] + start
+        w_gu = quant.dequantize(pools["gate_up.q"][slots_N], pools["gate_up.scale"][slots_N], mode, dtype)
+        w_d = quant.dequantize(pools["down.q"][slots_N], pools["down.scale"][slots_N], mode, dtype)
+        rows_TK = torch.arange(T * K, device=x_TH.device).view(T, K)
+        return moe_mlp(x_TH, w_gu, w_d, rows_TK, w_TK.to(dtype), activation=self.activation,
+                       backend=self.moe_backend)
 
     def _run_dequant(self, layer, x_TH, ids_TK, w_TK, experts, slots, out_TH) -> None:
         """Quantized experts: dequantize this wave's slots together into a compact [n, ...] workspace and

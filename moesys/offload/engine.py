@@ -84,7 +84,8 @@ class OffloadEngine:
         them all now, layer r's experts into slots [r*E, (r+1)*E) in expert order, and return the original
         experts modules pointed at those slots: the caller puts them back in the model, so decode runs the
         fully-resident model's own code with no engine work per layer. Banks do not matter here (each call
-        sees E experts). None when it cannot."""
+        sees E experts). None when it cannot, and for quantized experts, which the engine keeps running
+        (it dequantizes them): those are loaded now all the same (`_load_every_expert`)."""
         E, layers = self.cache.num_experts, list(self.inner)
         if self.cache.num_slots < E * len(layers) or any(self.pending.values()):
             return None
@@ -118,7 +119,8 @@ class OffloadEngine:
 
     def _load_every_expert(self) -> None:
         """Quantized experts that all fit: load every one now, so each layer is complete from the first
-        token and batch-1 decode takes the sync-free path of `_run_quantized_resident`."""
+        token and batch-1 decode takes the sync-free path of `_run_quantized_resident` (a layer whose bank
+        is too small for all the layers it serves stays on the host-routed path, as it would anyway)."""
         for layer in self.inner:
             self._ensure(layer, list(range(self.cache.num_experts)))
         self._wait_all()

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moesys.activations import apply_activation
 from moesys.offload import quant
 from moesys.ops import moe_mlp
 from moesys.offload.stats import OffloadStats
@@ -337,16 +338,19 @@ class OffloadEngine:
     def _run_quantized_resident(self, layer, x_TH, ids_TK, w_TK):
         """A few routed rows (T*K <= the dequantization workspace) of a layer whose quantized experts are all
         resident: the slots come from the device table, each routed row gets its own dequantized expert
-        (a token's K experts are distinct), so nothing is read back to the host."""
+        (a token's K experts are distinct), so nothing is read back to the host. One row per expert needs
+        no sorting or grouping: two batched matmuls (a handful of launches, which is what decode pays)."""
         T, K = ids_TK.shape
         mode, dtype, pools = self.store.quantize, x_TH.dtype, self.cache.pools
         start = self.cache.banks[self.cache.bank_of[layer]][0]
         slots_N = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK.reshape(-1)] + start
         w_gu = quant.dequantize(pools["gate_up.q"][slots_N], pools["gate_up.scale"][slots_N], mode, dtype)
         w_d = quant.dequantize(pools["down.q"][slots_N], pools["down.scale"][slots_N], mode, dtype)
-        rows_TK = torch.arange(T * K, device=x_TH.device).view(T, K)
-        return moe_mlp(x_TH, w_gu, w_d, rows_TK, w_TK.to(dtype), activation=self.activation,
-                       backend=self.moe_backend)
+        x_N1H = x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, 1, -1)  # row t*K + j: token t
+        h_N1F = torch.bmm(x_N1H, w_gu.transpose(1, 2))
+        y_TKH = torch.bmm(apply_activation(h_N1F, self.activation), w_d.transpose(1, 2)).view(T, K, -1)
+        acc = torch.promote_types(dtype, torch.float32)  # the top-k sum in fp32, as moe_mlp's
+        return (y_TKH.to(acc) * w_TK.unsqueeze(-1).to(acc)).sum(1).to(dtype)
 
     def _run_dequant(self, layer, x_TH, ids_TK, w_TK, experts, slots, out_TH) -> None:
         """Quantized experts: dequantize this wave's slots together into a compact [n, ...] workspace and

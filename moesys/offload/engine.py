@@ -335,17 +335,22 @@ class OffloadEngine:
             h = h * w_TK[token_idx, top_k_pos, None]
             out_TH.index_add_(0, token_idx, h.to(out_TH.dtype))
 
+    def _dequantize_slots(self, slots: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [n, 2I, H], down [n, H, I]) of the cache slots `slots` (a device index), in `dtype`."""
+        pools, mode = self.cache.pools, self.store.quantize
+        return tuple(quant.dequantize(pools[f"{n}.q"][slots], pools[f"{n}.scale"][slots], mode, dtype)
+                     for n in ("gate_up", "down"))
+
     def _run_quantized_resident(self, layer, x_TH, ids_TK, w_TK):
         """A few routed rows (T*K <= the dequantization workspace) of a layer whose quantized experts are all
         resident: the slots come from the device table, each routed row gets its own dequantized expert
         (a token's K experts are distinct), so nothing is read back to the host. One row per expert needs
         no sorting or grouping: two batched matmuls (a handful of launches, which is what decode pays)."""
         T, K = ids_TK.shape
-        mode, dtype, pools = self.store.quantize, x_TH.dtype, self.cache.pools
+        dtype = x_TH.dtype
         start = self.cache.banks[self.cache.bank_of[layer]][0]
         slots_N = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK.reshape(-1)] + start
-        w_gu = quant.dequantize(pools["gate_up.q"][slots_N], pools["gate_up.scale"][slots_N], mode, dtype)
-        w_d = quant.dequantize(pools["down.q"][slots_N], pools["down.scale"][slots_N], mode, dtype)
+        w_gu, w_d = self._dequantize_slots(slots_N, dtype)
         x_N1H = x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, 1, -1)  # row t*K + j: token t
         h_N1F = torch.bmm(x_N1H, w_gu.transpose(1, 2))
         y_TKH = torch.bmm(apply_activation(h_N1F, self.activation), w_d.transpose(1, 2)).view(T, K, -1)
@@ -355,7 +360,7 @@ class OffloadEngine:
     def _run_dequant(self, layer, x_TH, ids_TK, w_TK, experts, slots, out_TH) -> None:
         """Quantized experts: dequantize this wave's slots together into a compact [n, ...] workspace and
         run moesys' moe_mlp on it (ids remapped on the device; rows routed elsewhere get weight 0)."""
-        mode, dtype, E = self.store.quantize, x_TH.dtype, self.cache.num_experts
+        dtype, E = x_TH.dtype, self.cache.num_experts
         lut = torch.zeros(E, dtype=torch.int64)
         member = torch.zeros(E, dtype=torch.bool)
         lut[experts] = torch.arange(len(experts))
@@ -363,9 +368,7 @@ class OffloadEngine:
         idx = torch.tensor(slots, dtype=torch.int64)
         if self.cuda:
             lut, member, idx = (t.pin_memory().to(self.device, non_blocking=True) for t in (lut, member, idx))
-        pools = self.cache.pools
-        w_gu = quant.dequantize(pools["gate_up.q"][idx], pools["gate_up.scale"][idx], mode, dtype)
-        w_d = quant.dequantize(pools["down.q"][idx], pools["down.scale"][idx], mode, dtype)
+        w_gu, w_d = self._dequantize_slots(idx, dtype)
         w = w_TK * member[ids_TK]
         out_TH += moe_mlp(x_TH, w_gu, w_d, lut[ids_TK], w.to(dtype), activation=self.activation,
                           backend=self.moe_backend)

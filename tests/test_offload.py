@@ -55,6 +55,16 @@ def _budget(path, dtype, slots, **kw):
     return p.resident_bytes + p.reserve_bytes + slots * p.slot_bytes
 
 
+@pytest.fixture(autouse=True)
+def host_routed_path(monkeypatch):
+    """These tests pin the host-routed path (DynamicCache, each layer's routing read back, prefetch): on CUDA
+    moesys.offload.load would otherwise default generate() to a StaticCache and the device path, which
+    tests/test_offload_graph.py covers."""
+    from moesys.offload import loader
+
+    monkeypatch.setitem(loader._OPTIONS, "cuda_graph", False)
+
+
 # The reference is the same model fully on the device the offload engine computes on.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -88,7 +88,7 @@ class ExpertCache:
         if not 1 <= bank_size <= MAX_BANK_SLOTS:
             raise ValueError(f"bank_size={bank_size} must be in [1, {MAX_BANK_SLOTS}]: torch's grouped GEMM "
                              f"takes fewer than 1024 experts per call")
-        self.device, self.num_slots, self.num_experts = device, num_slots, num_experts
+        self.device, self.num_slots, self.num_experts, self.policy = device, num_slots, num_experts, policy
         self.pools = {name: torch.empty((num_slots,) + tuple(shape), dtype=dt, device=device)
                       for name, shape, dt in parts}
         num_banks = min(len(layers), -(-num_slots // bank_size))
@@ -96,14 +96,17 @@ class ExpertCache:
         self.banks = list(zip(edges[:-1], edges[1:]))  # [start, end) slot ranges
         self.policies = [_LRU() if policy == "lru" else _LFU() for _ in self.banks]
         self.free = [list(range(end - 1, start - 1, -1)) for start, end in self.banks]
+        self.layers = list(layers)
         self.row = {layer: r for r, layer in enumerate(layers)}
         self.bank_of = {layer: r % num_banks for r, layer in enumerate(layers)}
         self.slot_of: dict[tuple[int, int], int] = {}
         self.ready: list = [None] * num_slots     # event: copy into the slot done
         self.resident_per_layer = {layer: 0 for layer in layers}
         # device-side expert -> bank-local slot table: a layer whose experts are all resident routes with no
-        # host sync
-        self.slot_table_LE = torch.full((len(layers), num_experts), -1, dtype=torch.int64, device=device)
+        # host sync; one extra entry at the end takes the device bookkeeping's masked writes
+        # (moesys.offload.device_cache)
+        self.table_flat = torch.full((len(layers) * num_experts + 1,), -1, dtype=torch.int64, device=device)
+        self.slot_table_LE = self.table_flat[:-1].view(len(layers), num_experts)
 
     def capacity(self, layer: int) -> int:
         start, end = self.banks[self.bank_of[layer]]

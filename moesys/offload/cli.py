@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: the config's)")
     parser.add_argument("--max-context", type=int, default=4096, help="tokens the KV cache is planned for")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--cuda-graph", choices=("on", "off"), default="on",
+                        help="on (default): batch-1 decode keeps the expert cache's bookkeeping on the GPU and "
+                             "replays each token as one CUDA graph (static KV cache; no speculative prefetch or "
+                             "CPU experts in decode); off: every layer reads its routing back to the host")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model_dir, gpu_memory=args.gpu_memory, dtype=args.dtype,
                  cache_policy=args.cache_policy, prefetch=args.prefetch, quantize_experts=args.quantize_experts,
                  cpu_experts=args.cpu_experts, host_memory=args.host_memory, max_context=args.max_context,
-                 device=args.device)
+                 device=args.device, cuda_graph=args.cuda_graph == "on")
     engine = model.moesys_offload
     print(f"[moesys] {engine.plan.describe()}, host memory: {engine.host_mode}", file=sys.stderr)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)

@@ -21,9 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moesys.activations import apply_activation
-from moesys.offload import quant
+from moesys.offload import quant, slot_copy
 from moesys.ops import moe_mlp
 from moesys.offload.stats import OffloadStats
+from moesys.offload.store import _nbytes
 
 CPU_EXPERT_MODES = ("auto", "on", "off")
 # transformers' hidden_act -> moesys.ops activation name
@@ -78,6 +79,29 @@ class OffloadEngine:
         self._cpu_faster = False
         if cpu_experts == "auto" and self.cuda:
             self._measure_cost_model()
+        # batch-1 decode with the bookkeeping on the device (moesys.offload.device_cache): switched on by the
+        # CUDA-graph decoder (moesys.offload.graph) around the steps it runs
+        self.device_decode = False
+        self.device_tables = None
+        self._tables_on_device = False
+        self.device_path_unsupported = self._device_path_unsupported()
+
+    def _device_path_unsupported(self) -> str | None:
+        """Why batch-1 decode cannot keep the cache bookkeeping on the device, or None when it can."""
+        if self.store.arena is None:
+            return "the memory-mapped host store has no pinned copy of the experts to read from the device"
+        if self.cuda and not self.store.arena.is_pinned():
+            return "experts are in pageable host memory (host_memory='memory'); the device reads pinned memory"
+        if self.cpu_mode == "on":
+            return "cpu_experts='on' computes missed experts on the host"
+        if not (self.grouped or (self.store.quantize != "none" and self.activation is not None)):
+            return (f"experts_implementation={self.impl!r} runs transformers' per-expert loop, which needs the "
+                    "routing on the host; use the model's grouped implementation (the default)")
+        small = [layer for layer in self.inner if self.cache.capacity(layer) < self.dequant_experts]
+        if small:
+            return (f"the cache banks of layers {small} hold fewer slots than the {self.dequant_experts} experts a "
+                    "token needs; give a larger gpu_memory")
+        return None
 
     # ---------------------------------------------------------------- all experts fit
     def make_resident(self) -> dict[int, nn.Module] | None:
@@ -134,13 +158,26 @@ class OffloadEngine:
 
     # ---------------------------------------------------------------- public
     def snapshot(self) -> OffloadStats:
-        """Current statistics (also folds in the hits counted on the device without a sync)."""
+        """Current statistics (also folds in what was counted on the device without a sync)."""
         self.stats.hits += int(self._fast_hits)
         self._fast_hits.zero_()
+        d = self.device_tables
+        if d is not None:
+            lookups, misses, evictions = (int(t) for t in (d.lookups, d.misses, d.evictions))
+            self.stats.hits += lookups - misses
+            self.stats.misses += misses
+            self.stats.copies += misses
+            self.stats.bytes_copied += misses * self.store.expert_bytes
+            self.stats.evictions += evictions
+            for t in (d.lookups, d.misses, d.evictions):
+                t.zero_()
         return self.stats
 
     def reset_stats(self) -> None:
         self._fast_hits.zero_()
+        if self.device_tables is not None:
+            for t in (self.device_tables.lookups, self.device_tables.misses, self.device_tables.evictions):
+                t.zero_()
         self.stats = OffloadStats(resident=self.stats.resident)
         if self.prefetcher is not None:
             self.prefetcher.reset()
@@ -149,6 +186,10 @@ class OffloadEngine:
     @torch.no_grad()
     def experts_forward(self, layer, x_TH, ids_TK, w_TK):
         T = x_TH.shape[0]
+        if self.device_decode and T == 1 and self.device_path_unsupported is None:
+            return self._device_step(layer, x_TH, ids_TK, w_TK)
+        if self._tables_on_device:
+            self._tables_to_host()
         use_cpu = self.cpu_mode == "on" or (self.cpu_mode == "auto" and self._cpu_faster and T == 1)
         complete = self.cache.layer_complete(layer)
         # every expert of this layer resident: route on the device, no host sync (and no guess to score);
@@ -210,6 +251,47 @@ class OffloadEngine:
             self._run_loop(layer, x_TH, ids_TK, w_TK, [(e, None) for e in sorted(cpu_set)], out,
                            host[:flat.numel()])
         return out
+
+    # ---------------------------------------------------------------- batch-1 decode on the device
+    def _device_step(self, layer, x_TH, ids_TK, w_TK):
+        """One token through one layer with no host sync: hits, victims and table updates on the device
+        (DeviceCacheTables.step), misses copied by a kernel reading the pinned store, then the layer's
+        compute over its slots. Everything here is replayable from a CUDA graph; no prefetch (the copies
+        are on the compute stream, in order) and no CPU experts."""
+        if not self._tables_on_device:
+            self._tables_to_device()
+        slot_K, miss_K, key_K = self.device_tables.step(self.cache.row[layer], ids_TK[0])
+        start = self.cache.banks[self.cache.bank_of[layer]][0]
+        src_K, dst_K = torch.where(miss_K, key_K, -1), slot_K + start
+        for (name, shape, dt), offset in zip(self.store.parts, self.store.offsets):
+            slot_copy.copy_part(self.store.arena, offset, _nbytes(shape, dt), self.cache.pools[name], src_K, dst_K)
+        if self.grouped:
+            return self.inner[layer](x_TH, slot_K.view(1, -1), w_TK)
+        return self._bmm_experts(x_TH, dst_K, w_TK)
+
+    def ensure_device_tables(self) -> None:
+        """Put the cache bookkeeping on the device now (eagerly: before a CUDA graph replays steps that use
+        it), if the device path is what batch-1 decode will take."""
+        if self.device_path_unsupported is None and not self._tables_on_device:
+            self._tables_to_device()
+
+    def _tables_to_device(self) -> None:
+        from moesys.offload.device_cache import DeviceCacheTables
+
+        self._wait_all()  # host-path copies in flight land before the device reads or replaces slots
+        if self.device_tables is None:
+            self.device_tables = DeviceCacheTables(self.cache, self.cache.policy)
+        self.device_tables.load_from_host()
+        if self.prefetcher is not None:
+            self.prefetcher.reset()
+        self._tables_on_device = True
+
+    def _tables_to_host(self) -> None:
+        self.device_tables.store_to_host()
+        if self.cuda:  # host-path copies into slots must follow the device path's last reads of them
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.layer_used.clear()
+        self._tables_on_device = False
 
     # ---------------------------------------------------------------- cache traffic
     def _ensure(self, layer: int, experts: list[int]) -> list[int]:
@@ -346,11 +428,18 @@ class OffloadEngine:
         resident: the slots come from the device table, each routed row gets its own dequantized expert
         (a token's K experts are distinct), so nothing is read back to the host. One row per expert needs
         no sorting or grouping: two batched matmuls (a handful of launches, which is what decode pays)."""
-        T, K = ids_TK.shape
-        dtype = x_TH.dtype
         start = self.cache.banks[self.cache.bank_of[layer]][0]
         slots_N = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK.reshape(-1)] + start
-        w_gu, w_d = self._dequantize_slots(slots_N, dtype)
+        return self._bmm_experts(x_TH, slots_N, w_TK)
+
+    def _bmm_experts(self, x_TH, slots_N, w_TK):
+        """Row t*K + j of the routing through the (dequantized) expert in slot slots_N[t*K + j]."""
+        T, K = w_TK.shape
+        dtype = x_TH.dtype
+        if self.store.quantize == "none":
+            w_gu, w_d = self.cache.pools["gate_up"][slots_N], self.cache.pools["down"][slots_N]
+        else:
+            w_gu, w_d = self._dequantize_slots(slots_N, dtype)
         x_N1H = x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, 1, -1)  # row t*K + j: token t
         h_N1F = torch.bmm(x_N1H, w_gu.transpose(1, 2))
         y_TKH = torch.bmm(apply_activation(h_N1F, self.activation), w_d.transpose(1, 2)).view(T, K, -1)

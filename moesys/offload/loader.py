@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from moesys.offload import graph as decode_graph
 from moesys.offload.adapters import adapter_for, find_moe_blocks
 from moesys.offload.cache import CACHE_POLICIES, ExpertCache
 from moesys.offload.engine import CPU_EXPERT_MODES, OffloadedExperts, OffloadEngine
@@ -26,7 +27,8 @@ from moesys.offload.store import HOST_MODES, HostExpertStore, parts_nbytes, slot
 
 _OPTIONS = {"cache_policy": "lru", "prefetch": "next-gate", "quantize_experts": "none", "cpu_experts": "off",
             "host_memory": "auto", "device": None, "max_context": 4096, "reserve": None,
-            "experts_implementation": None, "group_size": 128, "bank_size": 1023, "resident_if_fits": True}
+            "experts_implementation": None, "group_size": 128, "bank_size": 1023, "resident_if_fits": True,
+            "cuda_graph": True}
 
 
 @dataclass
@@ -59,6 +61,8 @@ def _resolve_options(options: dict) -> dict:
                          ("host_memory", HOST_MODES)):
         if opts[key] not in allowed:
             raise ValueError(f"{key}={opts[key]!r} is not allowed; use one of {list(allowed)}")
+    if not isinstance(opts["cuda_graph"], bool):
+        raise ValueError(f"cuda_graph={opts['cuda_graph']!r} must be True or False")
     return opts
 
 
@@ -196,9 +200,16 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
         # a budget holding every expert: the model runs as if fully on the device (no engine per layer)
         block.experts = resident[layer] if resident is not None else OffloadedExperts(engine, layer)
     model.moesys_offload = engine
-    _attach_timing(model, engine)
     if model_dir is not None:
         _load_generation_config(model, model_dir)
+    if opts["cuda_graph"]:
+        # batch-1 decode with a static KV cache replays one CUDA graph per step (moesys.offload.graph);
+        # generate() then uses a StaticCache, and must not torch.compile the wrapped forward itself
+        decode_graph.install(model, engine if resident is None else None)
+        if device.type == "cuda":
+            model.generation_config.cache_implementation = "static"
+            model.generation_config.disable_compile = True
+    _attach_timing(model, engine)
     return model
 
 
@@ -217,7 +228,10 @@ def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
             estimate), experts_implementation, group_size (quantization group), bank_size (cache slots
             per bank, at most 1023: torch's grouped GEMM takes fewer than 1024 groups), resident_if_fits
             (default True: when the budget holds every expert, load them all once and run the model as if
-            fully on the device, without the engine in each layer's forward).
+            fully on the device, without the engine in each layer's forward), cuda_graph (default True:
+            batch-1 decode with a static KV cache keeps the cache bookkeeping on the device and replays each
+            step as one CUDA graph; on CUDA, generate() then uses a StaticCache. False: every step runs
+            eagerly, the routing read back per layer, with speculative prefetch and CPU experts).
     Statistics: `model.moesys_offload.snapshot()` (an OffloadStats; `.summary()`, `.as_dict()`).
     """
     from transformers import AutoConfig

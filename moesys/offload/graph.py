@@ -1,0 +1,147 @@
+"""Batch-1 decode replayed from a CUDA graph.
+
+A decode step of a transformers model is hundreds of small kernels, and launching them from Python costs
+more than running them (24-41 ms of host time per token for the OLMoE-1B-7B shape on the H200 machine,
+against 3.7 ms replayed: bench/results/offload_graph_probe.json). With a static KV cache (transformers'
+StaticCache, whose shapes never change) and an offload engine whose decode path never syncs
+(moesys.offload.device_cache), the whole step is captured once and replayed for every token.
+
+`install(model, engine)` wraps `model.forward`. A call takes the graph when it decodes one token
+(input_ids with one element), with a compileable cache, without autograd, on CUDA. The first such call
+for a given cache and argument layout runs eagerly (the warm-up: Triton kernels compile, lazy buffers are
+made); the second captures; every later one copies its tensor arguments into the captured ones and
+replays. Anything else (prefill, a DynamicCache, batch > 1) runs the model as before. On a CPU the eligible
+calls run eagerly through the same sync-free path, so tests exercise it there.
+
+Legend: V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+
+def _is_static_cache(value) -> bool:
+    return getattr(value, "is_compileable", False) and hasattr(value, "get_seq_length")
+
+
+class DecodeGraph:
+    def __init__(self, model, engine=None):
+        self.model, self.engine = model, engine
+        self.eager_forward = model.forward
+        self.cuda = next(model.parameters()).device.type == "cuda"
+        self.captures = self.replays = self.eager_steps = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.key = None
+        self.graph = None
+        self.static_inputs: dict[tuple[str, str | None], torch.Tensor] = {}
+        self.static_output = None
+
+    def _signature(self, args, kwargs):
+        """(kwargs with every argument named, key of the captured layout) or None when not eligible."""
+        if args:
+            kwargs = {"input_ids": args[0], **kwargs}
+            if len(args) > 1:
+                return None
+        if self.engine is not None and self.engine.device_path_unsupported is not None:
+            return None  # its layers read the routing back to the host: nothing a graph can replay
+        ids = kwargs.get("input_ids")
+        if ids is None or ids.numel() != 1 or kwargs.get("inputs_embeds") is not None or torch.is_grad_enabled():
+            return None
+        caches = [v for v in kwargs.values() if _is_static_cache(v)]
+        if len(caches) != 1:
+            return None
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            # a 2D padding mask grows by one column per token (no fixed shape to capture); at batch 1 it is
+            # all ones, which is what the model assumes without it
+            if not bool(mask.all()):
+                return None
+            kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        key = []
+        for name in sorted(kwargs):
+            value = kwargs[name]
+            if isinstance(value, torch.Tensor):
+                key.append((name, tuple(value.shape), value.dtype, value.device))
+            elif isinstance(value, dict):  # per-layer-type masks (sliding / full attention)
+                if not all(v is None or isinstance(v, torch.Tensor) for v in value.values()):
+                    return None
+                key.append((name, tuple((k, None if v is None else (tuple(v.shape), v.dtype, v.device))
+                                        for k, v in sorted(value.items()))))
+            elif _is_static_cache(value):
+                key.append((name, id(value)))
+            else:
+                try:
+                    hash(value)
+                except TypeError:
+                    return None
+                key.append((name, value))
+        return kwargs, tuple(key)
+
+    def __call__(self, *args, **kwargs):
+        sig = self._signature(args, kwargs)
+        if sig is None:
+            return self.eager_forward(*args, **kwargs)
+        kwargs, key = sig
+        if self.engine is not None:
+            self.engine.ensure_device_tables()
+        if key != self.key or not self.cuda:
+            self._reset()
+            self.key = key
+            self.eager_steps += 1
+            with self._device_decode():
+                return self.eager_forward(**kwargs)  # warm-up (and the CPU path)
+        if self.graph is None:
+            self._capture(kwargs)
+        for (name, sub), t in self.static_inputs.items():
+            t.copy_(kwargs[name] if sub is None else kwargs[name][sub])
+        self.graph.replay()
+        self.replays += 1
+        return self.static_output
+
+    def _capture(self, kwargs) -> None:
+        static = dict(kwargs)
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                static[name] = self.static_inputs[(name, None)] = value.clone()
+            elif isinstance(value, dict):
+                static[name] = {k: v if v is None else self.static_inputs.setdefault((name, k), v.clone())
+                                for k, v in value.items()}
+        graph = torch.cuda.CUDAGraph()
+        with self._device_decode(), torch.cuda.graph(graph):
+            self.static_output = self.eager_forward(**static)
+        self.graph = graph
+        self.captures += 1
+
+    @contextlib.contextmanager
+    def _device_decode(self):
+        """The engine's layers take their sync-free path for the steps run in here."""
+        if self.engine is None:
+            yield
+            return
+        self.engine.device_decode = True
+        try:
+            yield
+        finally:
+            self.engine.device_decode = False
+
+
+def install(model, engine=None) -> DecodeGraph:
+    """Wrap `model.forward` so batch-1 decode steps with a static cache replay a CUDA graph; returns the
+    DecodeGraph (also at `model.moesys_decode_graph`). transformers' generate() then uses a StaticCache
+    when the generation config says so (`cache_implementation="static"`), and must not torch.compile the
+    forward itself (`disable_compile=True`): moesys.offload.load sets both on CUDA."""
+    decoder = DecodeGraph(model, engine)
+
+    @functools.wraps(decoder.eager_forward)
+    def forward(*args, **kwargs):
+        return decoder(*args, **kwargs)
+
+    model.forward = forward
+    model.moesys_decode_graph = decoder
+    return decoder

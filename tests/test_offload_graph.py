@@ -1,0 +1,192 @@
+"""The device-side decode path of moesys.offload (device_cache, slot_copy, graph): the bookkeeping on the
+device makes the same hits, misses and evictions as the host path, the experts it copies land in their
+slots bit for bit, greedy generation with a StaticCache equals transformers' with a StaticCache, and the
+hand-over between the host and device paths keeps the cache consistent. On CUDA the same steps are
+captured as a CUDA graph and replayed (the GPU tests at the end)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moesys.offload as mo
+from moesys.offload import slot_copy
+from tests.test_offload import CONFIGS, DEVICE, NEW_TOKENS, _budget, _prompt, _reference  # noqa: F401
+from tests.test_offload import checkpoints  # noqa: F401  (the module-scoped fixture)
+
+STATIC = dict(max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+
+
+def _static_reference(path, dtype, prompt):
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEVICE)
+    return ref.generate(prompt, disable_compile=True, **STATIC)
+
+
+def _slots_hold_their_experts(engine):
+    """Every expert the host bookkeeping lists as resident sits in its slot, bit for bit."""
+    cache, store = engine.cache, engine.store
+    assert cache.slot_of, "nothing resident"
+    for (layer, e), slot in cache.slot_of.items():
+        src = store._views(store.arena[store._index(layer, e)])
+        for name, pool in cache.pools.items():
+            assert torch.equal(pool[slot].cpu(), src[name]), (layer, e, slot, name)
+
+
+def _table_matches_host(engine):
+    cache = engine.cache
+    want = torch.full_like(cache.slot_table_LE, -1)
+    for (layer, e), slot in cache.slot_of.items():
+        want[cache.row[layer], e] = slot - cache.banks[cache.bank_of[layer]][0]
+    assert torch.equal(cache.slot_table_LE, want)
+
+
+@pytest.mark.parametrize("nbytes,offset", [(24, 8), (13, 3), (6, 2), (40, 256 + 4)])
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_copy_part_copies_the_chosen_rows_only(nbytes, offset, use_kernel):
+    """Arena rows src_K (byte range [offset, offset + nbytes)) into pool rows dst_K; -1 skips a row. The
+    kernel (under TRITON_INTERPRET on a CPU) and the reference agree with a plain loop; odd byte counts
+    take the byte-wide variant."""
+    g = torch.Generator().manual_seed(0)
+    arena = torch.randint(0, 256, (7, 512), dtype=torch.uint8, generator=g)
+    pool = torch.randint(0, 256, (5, nbytes), dtype=torch.uint8, generator=g)
+    want = pool.clone()
+    src_K, dst_K = torch.tensor([4, -1, 0, 6]), torch.tensor([2, 0, 4, 1])
+    for s, d in zip(src_K.tolist(), dst_K.tolist()):
+        if s >= 0:
+            want[d] = arena[s, offset:offset + nbytes]
+    slot_copy.copy_part(arena, offset, nbytes, pool, src_K, dst_K, use_kernel=use_kernel)
+    assert torch.equal(pool, want)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(cache_policy="lfu"), dict(bank_size=4)])
+def test_device_bookkeeping_evicts_like_the_host_path(checkpoints, options):
+    """Same routing, same budget, no prefetch: the device tables make exactly the host path's hits, misses
+    and evictions, the slots hold the right experts afterwards, and the tokens are the same."""
+    path = checkpoints["olmoe"]
+    prompt = _prompt(seed=4)
+    kw = dict(gpu_memory=_budget(path, torch.float32, 10), dtype=torch.float32, prefetch="none", **options)
+    host = mo.load(path, cuda_graph=False, **kw)
+    dev = mo.load(path, **kw)
+    want = host.generate(prompt, **STATIC)
+    got = dev.generate(prompt, **STATIC)
+    assert torch.equal(want, got)
+    a, b = host.moesys_offload.snapshot(), dev.moesys_offload.snapshot()
+    assert dev.moesys_offload._tables_on_device
+    assert (a.hits, a.misses, a.evictions, a.bytes_copied) == (b.hits, b.misses, b.evictions, b.bytes_copied)
+    assert b.evictions > 0
+    dev.moesys_offload._tables_to_host()
+    _slots_hold_their_experts(dev.moesys_offload)
+    _table_matches_host(dev.moesys_offload)
+    assert {k: v for k, v in host.moesys_offload.cache.slot_of.items()}.keys() == \
+        dev.moesys_offload.cache.slot_of.keys()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_static_cache_decode_identical_on_every_architecture(checkpoints, arch, dtype):
+    """generate() with a StaticCache: every decode step takes the device path (no routing read back), and the
+    tokens equal transformers' fully on the device with a StaticCache."""
+    path = checkpoints[arch]
+    prompt = _prompt()
+    want = _static_reference(path, dtype, prompt)
+    model = mo.load(path, gpu_memory=_budget(path, dtype, 10), dtype=dtype)
+    engine, decoder = model.moesys_offload, model.moesys_decode_graph
+    host_calls = []
+    ensure = engine._ensure
+    engine._ensure = lambda layer, experts: host_calls.append(layer) or ensure(layer, experts)
+    got = model.generate(prompt, **STATIC)
+    assert torch.equal(want, got)
+    assert decoder.eager_steps + decoder.replays == NEW_TOKENS - 1
+    assert len(host_calls) == 3  # the prefill's three layers; decode never asked the host path
+    stats = engine.snapshot()
+    assert stats.misses > 0 and stats.evictions > 0 and stats.decode_tokens == NEW_TOKENS - 1
+
+
+def test_host_and_device_paths_hand_over_both_ways(checkpoints):
+    """Static-cache generate (device tables), then a DynamicCache generate (host path: the bookkeeping comes
+    back), then static again: each run right, and the cache consistent at every hand-over."""
+    path = checkpoints["qwen3_moe"]
+    prompt = _prompt(seed=5)
+    want_static = _static_reference(path, torch.float32, prompt)
+    _, want_dynamic = _reference(path, torch.float32, prompt)
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 8), dtype=torch.float32)
+    engine = model.moesys_offload
+    assert torch.equal(model.generate(prompt, **STATIC), want_static)
+    assert engine._tables_on_device
+    assert torch.equal(model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False), want_dynamic)
+    assert not engine._tables_on_device
+    _slots_hold_their_experts(engine)
+    assert torch.equal(model.generate(prompt, **STATIC), want_static)
+    engine._tables_to_host()
+    _slots_hold_their_experts(engine)
+    _table_matches_host(engine)
+    assert sum(engine.cache.resident_per_layer.values()) == len(engine.cache.slot_of) == engine.cache.num_slots
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_device_path_matches_the_host_path(checkpoints, mode):
+    """Quantized experts that do not all fit: the device path copies the packed experts and dequantizes the K
+    routed ones, with the same tokens and logits as the host path's waves."""
+    path = checkpoints["mixtral"]
+    prompt = _prompt(seed=6)
+    kw = dict(gpu_memory=_budget(path, torch.float32, 9, quantize_experts=mode), dtype=torch.float32,
+              quantize_experts=mode)
+    dev, host = mo.load(path, **kw), mo.load(path, cuda_graph=False, **kw)
+    assert dev.moesys_offload.cache.num_slots == 9
+    got = dev.generate(prompt, **STATIC)
+    assert torch.equal(got, host.generate(prompt, **STATIC))
+    assert dev.moesys_decode_graph.eager_steps + dev.moesys_decode_graph.replays == NEW_TOKENS - 1
+    assert dev.moesys_offload.snapshot().misses > 0
+    dev.moesys_offload._tables_to_host()
+    _slots_hold_their_experts(dev.moesys_offload)
+
+
+@pytest.mark.parametrize("options,reason", [(dict(host_memory="mmap"), "memory-mapped"),
+                                            (dict(experts_implementation="eager"), "per-expert loop"),
+                                            (dict(cpu_experts="on"), "cpu_experts")])
+def test_what_the_device_path_cannot_run_keeps_the_host_path(checkpoints, options, reason):
+    path = checkpoints["olmoe"]
+    prompt = _prompt(seed=2)
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 10), dtype=torch.float32, **options)
+    assert reason in model.moesys_offload.device_path_unsupported
+    impl = {"experts_implementation": "eager"} if "experts_implementation" in options else {}
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **impl).to(DEVICE)
+    want = ref.generate(prompt, disable_compile=True, **STATIC)
+    got = model.generate(prompt, **STATIC)
+    if "cpu_experts" not in options:  # CPU experts round differently
+        assert torch.equal(want, got)
+    assert model.moesys_decode_graph.eager_steps == 0 and not model.moesys_offload._tables_on_device
+
+
+def test_cuda_graph_option_is_checked(checkpoints):
+    with pytest.raises(ValueError, match="cuda_graph"):
+        mo.load(checkpoints["olmoe"], gpu_memory="1GiB", cuda_graph="yes")
+
+
+# ------------------------------------------------------------------ on the GPU: capture and replay
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_decode_replays_a_cuda_graph_on_gpu(checkpoints, quantize):
+    """generate() on CUDA defaults to a StaticCache: step 1 of decode runs eagerly, step 2 is captured, the
+    rest replay it; tokens equal the host path's with the same cache, and the memory peak stays in budget."""
+    path = checkpoints["olmoe"]
+    prompt = _prompt(seed=11)
+    budget = _budget(path, torch.bfloat16, 10, quantize_experts=quantize)
+    kw = dict(gpu_memory=budget, dtype=torch.bfloat16, quantize_experts=quantize)
+    host = mo.load(path, cuda_graph=False, **kw)
+    want = host.generate(prompt, **STATIC)
+    del host
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = mo.load(path, **kw)
+    assert model.generation_config.cache_implementation == "static"
+    got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.cuda.max_memory_allocated() - base <= budget
+    decoder = model.moesys_decode_graph
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (1, 1, NEW_TOKENS - 2)
+    assert torch.equal(want, got)
+    stats = model.moesys_offload.snapshot()
+    assert stats.misses > 0 and stats.evictions > 0

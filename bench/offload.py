@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import time
@@ -53,33 +54,64 @@ def h2d_bandwidth(nbytes: int = 1 << 30) -> dict:
     return out
 
 
+def static_cache_for(model, max_len: int):
+    """One StaticCache per model, reused (reset) across runs: the decode graph is keyed on the cache object,
+    so the warm-up captures it and the timed run only replays."""
+    from transformers import StaticCache
+
+    cache = getattr(model, "_bench_static_cache", None)
+    if cache is None:
+        cache = model._bench_static_cache = StaticCache(config=model.config, max_cache_len=max_len)
+    return cache
+
+
+def _cache_kwargs(model, cache, positions):
+    kw = {"past_key_values": cache, "use_cache": True}
+    if "cache_position" in inspect.signature(model.forward).parameters:  # transformers < 5.2x
+        kw["cache_position"] = positions
+    return kw
+
+
 @torch.no_grad()
-def forced_decode(model, prompt, steps: int, vocab: int, before_decode=None, seed: int = 123):
+def forced_decode(model, prompt, steps: int, vocab: int, before_decode=None, seed: int = 123, static=False):
     """(prefill tokens/s, decode tokens/s): one forward over the prompt, then `steps` batch-1 forwards with the
     KV cache, each fed a random token. A random-weight model's own greedy continuation repeats itself (and so
-    reuses the same experts); random inputs route like real text does, so cache misses are realistic."""
+    reuses the same experts); random inputs route like real text does, so cache misses are realistic.
+    static: a StaticCache (the decode steps then replay moesys' CUDA graph where the model has one)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     toks = torch.randint(2, vocab, (steps, 1, 1), generator=g).to(prompt.device)
+    P = prompt.shape[1]
+    cache = None
+    if static:
+        cache = static_cache_for(model, P + steps)
+        cache.reset()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = model(prompt, use_cache=True, logits_to_keep=1)
+    if static:
+        out = model(prompt, logits_to_keep=1, **_cache_kwargs(model, cache, torch.arange(P, device=prompt.device)))
+    else:
+        out = model(prompt, use_cache=True, logits_to_keep=1)
     torch.cuda.synchronize()
     t1 = time.perf_counter()
     if before_decode is not None:
         before_decode()
     past = out.past_key_values
     for i in range(steps):
-        past = model(toks[i], past_key_values=past, use_cache=True).past_key_values
+        if static:
+            model(toks[i], **_cache_kwargs(model, cache, torch.tensor([P + i], device=prompt.device)))
+        else:
+            past = model(toks[i], past_key_values=past, use_cache=True).past_key_values
     torch.cuda.synchronize()
-    return prompt.shape[1] / (t1 - t0), steps / (time.perf_counter() - t1)
+    return P / (t1 - t0), steps / (time.perf_counter() - t1)
 
 
-def warm_up(model, prompt, steps: int, vocab: int) -> None:
+def warm_up(model, prompt, steps: int, vocab: int, static=False) -> None:
     """One untimed pass over the timed run's sequence lengths, with other decode tokens (so the expert cache
     is not primed with the timed routing). cuDNN attention builds an execution plan per new KV length,
     ~5 ms of host time per layer and token on the H200 machine (bench/offload_profile.py): whoever meets a
-    length first pays it, so every implementation gets the same warm start."""
-    forced_decode(model, prompt, steps, vocab, seed=321)
+    length first pays it, so every implementation gets the same warm start (and a decode graph is captured
+    here, not in the timed run)."""
+    forced_decode(model, prompt, steps, vocab, seed=321, static=static)
 
 
 def free():
@@ -121,23 +153,31 @@ def correctness_tiny(workdir) -> list[dict]:
         for dtype in (torch.bfloat16, torch.float32):
             ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda()
             prompt = torch.randint(2, 256, (1, 24), device="cuda")
-            want = ref.generate(prompt, max_new_tokens=24, do_sample=False)
+            want = {"dynamic": ref.generate(prompt, max_new_tokens=24, do_sample=False),
+                    "static": ref.generate(prompt, max_new_tokens=24, do_sample=False,
+                                           cache_implementation="static", disable_compile=True)}
             del ref
             free()
             skel = build_skeleton(cfg, dtype)
             plan = plan_memory(skel, find_moe_blocks(skel, adapter_for(cfg)), dtype, 1 << 40)
             budget = plan.resident_bytes + plan.reserve_bytes + 10 * plan.slot_bytes  # 10 of 24 experts
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            model = mo.load(path, gpu_memory=budget, dtype=dtype, cpu_experts="off")
-            got = model.generate(prompt, max_new_tokens=24, do_sample=False)
-            peak = torch.cuda.max_memory_allocated() - base
-            rows.append({"model": name, "dtype": str(dtype).split(".")[-1],
-                         "identical": bool(torch.equal(want, got)), "peak_bytes": peak, "budget": budget,
-                         "hit_rate": model.moesys_offload.snapshot().hit_rate})
-            log("correctness", rows[-1])
-            del model
-            free()
+            # the default (a StaticCache, each decode step replaying the CUDA graph) against transformers
+            # with a StaticCache; cuda_graph=False (dynamic cache, routing read back) against its default
+            for graph in (True, False):
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                model = mo.load(path, gpu_memory=budget, dtype=dtype, cpu_experts="off", cuda_graph=graph)
+                got = model.generate(prompt, max_new_tokens=24, do_sample=False)
+                peak = torch.cuda.max_memory_allocated() - base
+                dec = getattr(model, "moesys_decode_graph", None)
+                rows.append({"model": name, "dtype": str(dtype).split(".")[-1], "cuda_graph": graph,
+                             "identical": bool(torch.equal(want["static" if graph else "dynamic"], got)),
+                             "peak_bytes": peak, "budget": budget,
+                             "hit_rate": model.moesys_offload.snapshot().hit_rate,
+                             "graph_replays": dec.replays if dec is not None else None})
+                log("correctness", rows[-1])
+                del model
+                free()
     return rows
 
 
@@ -155,18 +195,22 @@ def expert_bytes(cfg, I):
     return 3 * cfg.hidden_size * I * 2
 
 
-def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, extra=None):
-    """Identity check (greedy tokens), then timed prefill + teacher-forced decode; stats, bound, memory peak."""
+def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, extra=None, static=True):
+    """Identity check (greedy tokens; `want` maps "static"/"dynamic" to transformers' tokens with that cache),
+    then timed prefill + teacher-forced decode; stats, bound, memory peak. static: decode with a StaticCache
+    (the CUDA-graph path, moesys.offload's default on CUDA), else transformers' DynamicCache."""
     engine = model.moesys_offload
     torch.cuda.reset_peak_memory_stats()
     identical = None
     if want is not None:
-        got = model.generate(prompt[:, :64], max_new_tokens=len(want), do_sample=False, pad_token_id=0)
+        want = want["static" if static else "dynamic"]
+        got = model.generate(prompt[:, :64], max_new_tokens=len(want), do_sample=False, pad_token_id=0,
+                             cache_implementation="static" if static else "dynamic")
         identical = got[0, 64:].tolist() == want
-    warm_up(model, prompt, steps, vocab)
+    warm_up(model, prompt, steps, vocab, static=static)
     engine.reset_stats()
     at = {}
-    prefill, decode = forced_decode(model, prompt, steps, vocab,
+    prefill, decode = forced_decode(model, prompt, steps, vocab, static=static,
                                     before_decode=lambda: at.update(engine.snapshot().as_dict()))
     end = engine.snapshot().as_dict()
     misses = (end["misses"] - at["misses"]) / steps
@@ -185,7 +229,8 @@ def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, 
                prefill_bytes_copied=at["bytes_copied"], expert_bytes=engine.store.expert_bytes,
                num_slots=engine.cache.num_slots, host_memory=engine.host_mode,
                budget_bytes=budget, peak_bytes=torch.cuda.max_memory_allocated(), cost_model=engine.cost_model,
-               identical_to_gpu=identical)
+               identical_to_gpu=identical, static_cache=static,
+               graph_replays=getattr(getattr(model, "moesys_decode_graph", None), "replays", None))
     rec["peak_within_budget"] = rec["peak_bytes"] <= budget
     if extra:
         rec.update(extra)
@@ -197,18 +242,24 @@ def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, 
     return rec
 
 
-def baseline(records, base, impl, model, prompt, steps, vocab, want_tokens=0, budget=None):
-    """transformers' own numbers: greedy tokens (for the identity checks) and the same timed run."""
+def baseline(records, base, impl, model, prompt, steps, vocab, want_tokens=0, budget=None, static=False):
+    """transformers' own numbers: greedy tokens (for the identity checks, with a DynamicCache and with a
+    StaticCache) and the same timed run (static: a StaticCache, the decode steps replayed as a CUDA graph by
+    moesys.offload.graph on the plain model: what transformers' own compiled static-cache generate aims at,
+    without torch.compile's minutes of compile time)."""
     want = None
     if want_tokens:
-        out = model.generate(prompt[:, :64], max_new_tokens=want_tokens, do_sample=False, pad_token_id=0)
-        want = out[0, 64:].tolist()
-    warm_up(model, prompt, steps, vocab)
+        want = {}
+        for kind in ("dynamic", "static"):
+            out = model.generate(prompt[:, :64], max_new_tokens=want_tokens, do_sample=False, pad_token_id=0,
+                                 cache_implementation=kind, disable_compile=True)
+            want[kind] = out[0, 64:].tolist()
+    warm_up(model, prompt, steps, vocab, static=static)
     torch.cuda.reset_peak_memory_stats()
-    prefill, decode = forced_decode(model, prompt, steps, vocab)
+    prefill, decode = forced_decode(model, prompt, steps, vocab, static=static)
     records.append(dict(base, impl=impl, tokens_per_s=decode, decode_tokens_per_s=decode,
                         prefill_tokens_per_s=prefill, decode_steps=steps, budget_bytes=budget,
-                        peak_bytes=torch.cuda.max_memory_allocated()))
+                        peak_bytes=torch.cuda.max_memory_allocated(), static_cache=static))
     log(impl, "decode", decode, "prefill", prefill)
     return want
 
@@ -236,6 +287,9 @@ def bench_olmoe(records, meta, workdir, bw, steps, only=None):
     base = dict(meta, bench="offload", shape="olmoe-1b-7b", prompt_tokens=512, decode_steps=steps, batch=1,
                 decode="teacher-forced random tokens, KV cache")
     want = baseline(records, base, "transformers-gpu", gpu, prompt, steps, V, want_tokens=16)
+    from moesys.offload import graph as decode_graph
+    decode_graph.install(gpu)
+    baseline(records, base, "transformers-gpu-cudagraph", gpu, prompt, steps, V, static=True)
     del gpu
     free()
 
@@ -254,13 +308,19 @@ def bench_olmoe(records, meta, workdir, bw, steps, only=None):
         records.append(dict(base, impl="accelerate-offload", error=repr(e)))
     free()
 
-    runs = [("moesys-mmap", budget, dict(host_memory="mmap")),
-            ("moesys-pinned", budget, dict(host_memory="pinned")),
-            ("moesys-int8", budget, dict(host_memory="pinned", quantize_experts="int8")),
-            ("moesys-int4", budget, dict(host_memory="pinned", quantize_experts="int4")),
+    # (impl, budget, load options, static cache): static rows take the CUDA-graph decode (the default);
+    # the mmap store cannot (no pinned copy for the device to read), and "-eager" rows are the per-layer
+    # host-routed path with speculative prefetch (cuda_graph=False)
+    runs = [("moesys-mmap", budget, dict(host_memory="mmap"), False),
+            ("moesys-pinned-eager", budget, dict(host_memory="pinned", cuda_graph=False), False),
+            ("moesys-pinned", budget, dict(host_memory="pinned"), True),
+            ("moesys-int8", budget, dict(host_memory="pinned", quantize_experts="int8"), True),
+            ("moesys-int4", budget, dict(host_memory="pinned", quantize_experts="int4"), True),
+            ("moesys-int4-eager", budget, dict(host_memory="pinned", quantize_experts="int4", cuda_graph=False),
+             False),
             # a budget holding the whole model: at least as fast as transformers fully on the GPU
-            ("moesys-whole-model-budget", 40 * 2**30, dict(host_memory="pinned"))]
-    for impl, b, opts in runs:
+            ("moesys-whole-model-budget", 40 * 2**30, dict(host_memory="pinned"), True)]
+    for impl, b, opts, static in runs:
         if only is not None and impl not in only:
             continue
         try:
@@ -269,7 +329,7 @@ def bench_olmoe(records, meta, workdir, bw, steps, only=None):
             load_s = time.perf_counter() - t0
             exact = opts.get("quantize_experts", "none") == "none"
             run_ours(records, dict(base, impl=impl), model, prompt, steps, b, bw["h2d_pinned_GBps"] * 1e9, V,
-                     want=want if exact else None, extra={"load_s": load_s, "options": opts})
+                     want=want if exact else None, extra={"load_s": load_s, "options": opts}, static=static)
             del model
         except Exception as e:
             traceback.print_exc()

@@ -43,8 +43,8 @@ def _table_matches_host(engine):
 @pytest.mark.parametrize("use_kernel", [False, True])
 def test_copy_part_copies_the_chosen_rows_only(nbytes, offset, use_kernel):
     """Arena rows src_K (byte range [offset, offset + nbytes)) into pool rows dst_K; -1 skips a row. The
-    kernel (under TRITON_INTERPRET on a CPU) and the reference agree with a plain loop; odd byte counts
-    take the byte-wide variant."""
+    kernel (under TRITON_INTERPRET on a CPU; on a GPU from pinned memory) and the reference agree with a
+    plain loop; odd byte counts take the byte-wide variant."""
     g = torch.Generator().manual_seed(0)
     arena = torch.randint(0, 256, (7, 512), dtype=torch.uint8, generator=g)
     pool = torch.randint(0, 256, (5, nbytes), dtype=torch.uint8, generator=g)
@@ -53,8 +53,10 @@ def test_copy_part_copies_the_chosen_rows_only(nbytes, offset, use_kernel):
     for s, d in zip(src_K.tolist(), dst_K.tolist()):
         if s >= 0:
             want[d] = arena[s, offset:offset + nbytes]
+    if torch.cuda.is_available():  # the kernel reads pinned host memory into device memory
+        arena, pool, src_K, dst_K = arena.pin_memory(), pool.cuda(), src_K.cuda(), dst_K.cuda()
     slot_copy.copy_part(arena, offset, nbytes, pool, src_K, dst_K, use_kernel=use_kernel)
-    assert torch.equal(pool, want)
+    assert torch.equal(pool.cpu(), want)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(cache_policy="lfu"), dict(bank_size=4)])

@@ -65,11 +65,13 @@ class DeviceCacheTables:
         gslot_K = slot_K + start
         old_K = self.owner_S[gslot_K]
         trash_key, trash_slot = self.trash_key, self.owner_S.numel() - 1
+        # (the trash entries are reset with fill_: item assignment copies a host scalar, which graph
+        # capture refuses)
         self.table.scatter_(0, torch.where(miss_K, old_K, trash_key), -1)         # evict
         self.table.scatter_(0, torch.where(miss_K, key_K, trash_key), slot_K)     # install
-        self.table[trash_key] = -1
+        self.table[trash_key:].fill_(-1)
         self.owner_S.scatter_(0, torch.where(miss_K, gslot_K, trash_slot), key_K)
-        self.owner_S[trash_slot] = trash_key
+        self.owner_S[trash_slot:].fill_(trash_key)
         # last use = tick * E + expert: within a step the host path touches experts in ascending id order,
         # so ties break as they do there and both paths evict the same experts
         self.stamp_S.scatter_(0, gslot_K, self.tick * cache.num_experts + ids_K)

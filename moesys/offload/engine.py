@@ -59,6 +59,7 @@ class OffloadEngine:
         self.layer_used: dict[int, torch.cuda.Event] = {}  # last compute event of each layer
         self.pending: dict[int, set[int]] = {layer: set() for layer in inner}  # slots with copies in flight
         self._fast_hits = torch.zeros((), dtype=torch.int64, device=device)
+        self._timings: list = []  # (batch, tokens, seconds or CUDA events) per forward, see record_forward
         some = next(iter(inner.values()))
         self.impl = getattr(some.config, "_experts_implementation", "eager") or "eager"
         self.grouped = self.impl != "eager" and store.quantize == "none"
@@ -157,8 +158,29 @@ class OffloadEngine:
             self._wait(layer, list(slots))
 
     # ---------------------------------------------------------------- public
+    def record_forward(self, batch: int, tokens: int, elapsed) -> None:
+        """One model forward of `batch` x `tokens`: `elapsed` seconds, or a (start, end) pair of CUDA timing
+        events read later (bounded: every 256 forwards they are read, one sync)."""
+        self._timings.append((batch, tokens, elapsed))
+        if len(self._timings) >= 256:
+            self._fold_timings()
+
+    def _fold_timings(self) -> None:
+        timings, self._timings = self._timings, []
+        for batch, tokens, elapsed in timings:
+            if isinstance(elapsed, tuple):
+                elapsed[1].synchronize()
+                elapsed = elapsed[0].elapsed_time(elapsed[1]) / 1e3
+            if tokens > 1:
+                self.stats.prefill_tokens += batch * tokens
+                self.stats.prefill_s += elapsed
+            else:
+                self.stats.decode_tokens += batch
+                self.stats.decode_s += elapsed
+
     def snapshot(self) -> OffloadStats:
         """Current statistics (also folds in what was counted on the device without a sync)."""
+        self._fold_timings()
         self.stats.hits += int(self._fast_hits)
         self._fast_hits.zero_()
         d = self.device_tables
@@ -174,6 +196,7 @@ class OffloadEngine:
         return self.stats
 
     def reset_stats(self) -> None:
+        self._timings = []
         self._fast_hits.zero_()
         if self.device_tables is not None:
             for t in (self.device_tables.lookups, self.device_tables.misses, self.device_tables.evictions):

@@ -251,7 +251,9 @@ def _load_generation_config(model, model_dir) -> None:
 
 
 def _attach_timing(model: nn.Module, engine: OffloadEngine) -> None:
-    """Prefill / decode tokens and seconds per forward, through the model's public hook API."""
+    """Prefill / decode tokens and seconds per forward, through the model's public hook API. On CUDA each
+    forward is bracketed by two timing events rather than a sync (a sync per decode step would stall the
+    host between replayed steps); the engine reads them when its statistics are read."""
     started = {}
 
     def pre(module, args, kwargs):
@@ -259,19 +261,20 @@ def _attach_timing(model: nn.Module, engine: OffloadEngine) -> None:
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         started["shape"] = tuple(ids.shape[:2]) if ids is not None else (1, 1)
-        started["t0"] = time.perf_counter()
+        if engine.cuda:
+            started["event"] = torch.cuda.Event(enable_timing=True)
+            started["event"].record()
+        else:
+            started["t0"] = time.perf_counter()
 
     def post(module, args, kwargs, output):
-        if engine.cuda:
-            torch.cuda.synchronize(engine.device)
-        dt = time.perf_counter() - started["t0"]
         B, T = started["shape"]
-        if T > 1:
-            engine.stats.prefill_tokens += B * T
-            engine.stats.prefill_s += dt
+        if engine.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            engine.record_forward(B, T, (started["event"], end))
         else:
-            engine.stats.decode_tokens += B
-            engine.stats.decode_s += dt
+            engine.record_forward(B, T, time.perf_counter() - started["t0"])
 
     model.register_forward_pre_hook(pre, with_kwargs=True)
     model.register_forward_hook(post, with_kwargs=True)

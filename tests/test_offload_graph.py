@@ -9,16 +9,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moesys.offload as mo
-from moesys.offload import slot_copy
+from moesys.offload import quant, slot_copy
 from tests.test_offload import CONFIGS, DEVICE, NEW_TOKENS, _budget, _prompt, _reference  # noqa: F401
 from tests.test_offload import checkpoints  # noqa: F401  (the module-scoped fixture)
 
-STATIC = dict(max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+# disable_compile: transformers would otherwise torch.compile the forward for a static cache on CUDA
+STATIC = dict(max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static", disable_compile=True)
 
 
 def _static_reference(path, dtype, prompt):
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEVICE)
-    return ref.generate(prompt, disable_compile=True, **STATIC)
+    return ref.generate(prompt, **STATIC)
 
 
 def _slots_hold_their_experts(engine):
@@ -152,7 +153,7 @@ def test_what_the_device_path_cannot_run_keeps_the_host_path(checkpoints, option
     assert reason in model.moesys_offload.device_path_unsupported
     impl = {"experts_implementation": "eager"} if "experts_implementation" in options else {}
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **impl).to(DEVICE)
-    want = ref.generate(prompt, disable_compile=True, **STATIC)
+    want = ref.generate(prompt, **STATIC)
     got = model.generate(prompt, **STATIC)
     if "cpu_experts" not in options:  # CPU experts round differently
         assert torch.equal(want, got)
@@ -192,3 +193,55 @@ def test_decode_replays_a_cuda_graph_on_gpu(checkpoints, quantize):
     assert torch.equal(want, got)
     stats = model.moesys_offload.snapshot()
     assert stats.misses > 0 and stats.evictions > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype):
+    """quant_gemv's kernel (TRITON_INTERPRET on a CPU, CUDA on a GPU) on odd shapes (R and C not multiples
+    of the blocks, three groups per row, repeated slots) against a float64 oracle, and the reference too."""
+    from moesys.offload.quant_gemv import quant_gemv
+    g = torch.Generator().manual_seed(3)
+    S, R, C, N = 4, 37, 48, 5
+    w = torch.randn(S, R, C, generator=g)
+    qs, ss = zip(*(quant.quantize(w[s], mode, group_size=16) for s in range(S)))
+    q, scale = torch.stack(qs), torch.stack(ss)
+    assert scale.shape == (S, R, 3)
+    x = torch.randn(N, C, generator=g).to(dtype)
+    slots = torch.tensor([2, 0, 2, 3, 1])
+    oracle = torch.einsum("nrc,nc->nr", quant.dequantize(q, scale, mode, torch.float64)[slots], x.double())
+    dev = DEVICE
+    args = (x.to(dev), q.to(dev), scale.to(dev), slots.to(dev), mode)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    kernel = quant_gemv(*args, use_kernel=True)
+    assert kernel.dtype == dtype and kernel.shape == (N, R)
+    torch.testing.assert_close(kernel.double().cpu(), oracle, **tol)
+    torch.testing.assert_close(quant_gemv(*args, use_kernel=False).double().cpu(), oracle, **tol)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("K", [1, 3])
+def test_fused_bookkeeping_kernel_matches_the_reference(policy, K):
+    """The one-program step kernel (TRITON_INTERPRET on a CPU) and the torch reference, fed the same routing
+    for 40 steps over three layers sharing banks of 7 and 6 slots: the same slots, copies, tables, counters."""
+    from moesys.offload.cache import ExpertCache
+    from moesys.offload.device_cache import DeviceCacheTables
+    E, layers = 9, [0, 1, 2]
+    tables = []
+    for _ in range(2):
+        cache = ExpertCache([("w", (2,), torch.float32)], 13, DEVICE, policy, layers, E, bank_size=7)
+        t = DeviceCacheTables(cache, policy)
+        t.load_from_host()
+        tables.append(t)
+    assert tables[0].cache.banks == [(0, 6), (6, 13)]
+    g = torch.Generator().manual_seed(K)
+    for step in range(40):
+        row = step % 3
+        ids = torch.randperm(E, generator=g)[:K].to(DEVICE)
+        ref = tables[0].step(row, ids, use_kernel=False)
+        fused = tables[1].step(row, ids, use_kernel=True)
+        for a, b in zip(ref, fused):
+            assert torch.equal(a, b), step
+        for name in ("table", "owner_S", "stamp_S", "count_K", "tick", "counters"):
+            assert torch.equal(getattr(tables[0], name), getattr(tables[1], name)), (step, name)
+    assert tables[1].counters[2] > 0  # evictions happened

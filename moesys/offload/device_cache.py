@@ -20,6 +20,12 @@ import torch
 
 from moesys.offload.cache import ExpertCache, _LFU, _LRU
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 _STAMP_BITS = 40  # LFU score = count << 40 | last use: counts first, then recency (ticks < 2**30 at E <= 1024)
 
 
@@ -31,23 +37,41 @@ class DeviceCacheTables:
         self.trash_key = L * E
         self.table = cache.table_flat                     # [L*E + 1] bank-local slot, -1 = not resident
         self.owner_S = torch.full((S + 1,), self.trash_key, dtype=torch.int64, device=dev)  # slot -> key
-        self.stamp_S = torch.full((S + 1,), -1, dtype=torch.int64, device=dev)  # last use, -1 = free
+        # last use; a free slot s holds s - S - 1 < 0: free slots go first, lowest first (as the host's free
+        # list hands them out), and no two slots tie
+        self.stamp_S = torch.arange(S + 1, dtype=torch.int64, device=dev) - (S + 1)
         self.count_K = torch.zeros(L * E + 1, dtype=torch.int64, device=dev)    # LFU use counts per key
         self.count_K[-1] = -1  # the owner of a free slot: scored below every resident expert
         self.tick = torch.zeros((), dtype=torch.int64, device=dev)
-        # statistics, folded into OffloadStats by the engine when it reads them
-        self.lookups = torch.zeros((), dtype=torch.int64, device=dev)
-        self.misses = torch.zeros((), dtype=torch.int64, device=dev)
-        self.evictions = torch.zeros((), dtype=torch.int64, device=dev)
+        # statistics (lookups, misses, evictions), folded into OffloadStats by the engine when it reads them
+        self.counters = torch.zeros(3, dtype=torch.int64, device=dev)
 
     # ---------------------------------------------------------------- one layer, one token
-    def step(self, row: int, ids_K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, row: int, ids_K: torch.Tensor, use_kernel: bool | None = None):
         """Make the K distinct experts `ids_K` of MoE layer `row` resident. Returns (bank-local slots [K],
-        misses [K] bool, keys [K] = row * E + expert: the store row of each expert); the caller copies
-        the missed experts into their slots before computing."""
+        src [K]: the store row (row * E + expert) of each missed expert, -1 for hits, dst [K]: global
+        slots); the caller copies rows src into slots dst before computing. use_kernel: None = the fused
+        Triton kernel for CUDA tables (one launch instead of ~35 small ones: decode replays this per
+        layer and token), the torch reference otherwise."""
         cache = self.cache
-        layer = cache.layers[row]
-        start, end = cache.banks[cache.bank_of[layer]]
+        start, end = cache.banks[cache.bank_of[cache.layers[row]]]
+        if use_kernel is None:
+            use_kernel = self.table.is_cuda and triton is not None
+        if use_kernel:
+            return self._step_kernel(row, ids_K, start, end)
+        return self._step_reference(row, ids_K, start, end)
+
+    def _step_kernel(self, row, ids_K, start, end):
+        K = ids_K.numel()
+        out_3K = torch.empty(3, K, dtype=torch.int64, device=ids_K.device)
+        _step_kernel[(1,)](ids_K, self.table, self.owner_S, self.stamp_S, self.count_K, self.tick,
+                           self.counters, out_3K, row * self.cache.num_experts, self.cache.num_experts, start,
+                           end - start, K, self.trash_key, LFU=self.lfu,
+                           BLOCK_B=triton.next_power_of_2(end - start), BLOCK_K=triton.next_power_of_2(K))
+        return out_3K[0], out_3K[1], out_3K[2]
+
+    def _step_reference(self, row, ids_K, start, end):
+        cache = self.cache
         B, K = end - start, ids_K.numel()
         key_K = ids_K.to(torch.int64) + row * cache.num_experts
         slot_K = self.table[key_K]
@@ -77,10 +101,9 @@ class DeviceCacheTables:
         self.stamp_S.scatter_(0, gslot_K, self.tick * cache.num_experts + ids_K)
         if self.lfu:
             self.count_K.scatter_add_(0, key_K, torch.ones_like(key_K))
-        self.lookups += K
-        self.misses += miss_K.sum()
-        self.evictions += (miss_K & (old_K != trash_key)).sum()
-        return slot_K, miss_K, key_K
+        self.counters += torch.stack((miss_K.new_full((), K, dtype=torch.int64), miss_K.sum(),
+                                      (miss_K & (old_K != trash_key)).sum()))
+        return slot_K, torch.where(miss_K, key_K, -1), gslot_K
 
     # ---------------------------------------------------------------- hand-over with the host path
     def load_from_host(self) -> None:
@@ -93,7 +116,7 @@ class DeviceCacheTables:
         for (layer, e), slot in cache.slot_of.items():
             table[cache.row[layer] * E + e] = slot - cache.banks[cache.bank_of[layer]][0]
         owner = [self.trash_key] * (S + 1)
-        stamp = [-1] * (S + 1)
+        stamp = [s - S - 1 for s in range(S + 1)]
         count = [0] * (self.trash_key + 1)
         count[-1] = -1
         tick = 0
@@ -142,3 +165,54 @@ class DeviceCacheTables:
                     if count[k] and key not in policy.count and cache.bank_of[key[0]] == bank:
                         policy.count[key] = count[k]  # evicted experts keep their all-time count
         cache.ready = [None] * cache.num_slots
+
+
+if triton is not None:
+    @triton.jit
+    def _step_kernel(ids_ptr, table_ptr, owner_ptr, stamp_ptr, count_ptr, tick_ptr, counters_ptr, out_ptr,
+                     key_base, E, start, B, K, trash_key, LFU: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """`_step_reference` in one program: the bank's B scores sit in registers, the K victims are the K
+        successive minima (ties to the lowest slot), and masked stores replace the trash entries."""
+        kk = tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        ids = tl.load(ids_ptr + kk, mask=k_ok, other=0).to(tl.int64)
+        keys = key_base + ids
+        slot = tl.load(table_ptr + keys, mask=k_ok, other=-1)
+        miss = (slot < 0) & k_ok
+        tick = tl.load(tick_ptr) + 1
+        tl.store(tick_ptr, tick)
+        bb = tl.arange(0, BLOCK_B)
+        b_ok = bb < B
+        score = tl.load(stamp_ptr + start + bb, mask=b_ok, other=0)
+        if LFU:
+            owner_b = tl.load(owner_ptr + start + bb, mask=b_ok, other=trash_key)
+            score += tl.load(count_ptr + owner_b, mask=b_ok, other=0) << 40
+        hit_slot = tl.where(miss | (kk >= K), -1, slot)
+        is_hit = tl.sum((bb[:, None] == hit_slot[None, :]).to(tl.int32), axis=1) > 0
+        big = 0x7FFFFFFFFFFFFFFF
+        score = tl.where(is_hit | (bb >= B), big, score)
+        victims = tl.zeros([BLOCK_K], dtype=tl.int64)
+        for i in tl.static_range(BLOCK_K):
+            v = tl.argmin(score, axis=0)
+            victims = tl.where(kk == i, v.to(tl.int64), victims)
+            score = tl.where(bb == v, big, score)
+        rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1
+        chosen = tl.sum(tl.where(rank[:, None] == kk[None, :], victims[None, :], 0), axis=1)
+        slot = tl.where(miss, chosen, slot)
+        gslot = slot + start
+        old = tl.load(owner_ptr + gslot, mask=miss, other=trash_key)
+        tl.debug_barrier()  # every thread has read the old owners before any owner is overwritten
+        evicted = miss & (old != trash_key)
+        tl.store(table_ptr + old, tl.full([BLOCK_K], -1, tl.int64), mask=evicted)
+        tl.store(table_ptr + keys, slot, mask=miss)
+        tl.store(owner_ptr + gslot, keys, mask=miss)
+        tl.store(stamp_ptr + gslot, tick * E + ids, mask=k_ok)
+        if LFU:
+            tl.store(count_ptr + keys, tl.load(count_ptr + keys, mask=k_ok, other=0) + 1, mask=k_ok)
+        tl.store(counters_ptr, tl.load(counters_ptr) + K)
+        tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + tl.sum(miss.to(tl.int64), axis=0))
+        tl.store(counters_ptr + 2, tl.load(counters_ptr + 2) + tl.sum(evicted.to(tl.int64), axis=0))
+        tl.store(out_ptr + kk, slot, mask=k_ok)
+        tl.store(out_ptr + K + kk, tl.where(miss, keys, -1), mask=k_ok)
+        tl.store(out_ptr + 2 * K + kk, gslot, mask=k_ok)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from moesys.activations import apply_activation
 from moesys.offload import quant, slot_copy
+from moesys.offload.quant_gemv import quant_gemv
 from moesys.ops import moe_mlp
 from moesys.offload.stats import OffloadStats
 from moesys.offload.store import _nbytes
@@ -185,22 +186,20 @@ class OffloadEngine:
         self._fast_hits.zero_()
         d = self.device_tables
         if d is not None:
-            lookups, misses, evictions = (int(t) for t in (d.lookups, d.misses, d.evictions))
+            lookups, misses, evictions = d.counters.tolist()
             self.stats.hits += lookups - misses
             self.stats.misses += misses
             self.stats.copies += misses
             self.stats.bytes_copied += misses * self.store.expert_bytes
             self.stats.evictions += evictions
-            for t in (d.lookups, d.misses, d.evictions):
-                t.zero_()
+            d.counters.zero_()
         return self.stats
 
     def reset_stats(self) -> None:
         self._timings = []
         self._fast_hits.zero_()
         if self.device_tables is not None:
-            for t in (self.device_tables.lookups, self.device_tables.misses, self.device_tables.evictions):
-                t.zero_()
+            self.device_tables.counters.zero_()
         self.stats = OffloadStats(resident=self.stats.resident)
         if self.prefetcher is not None:
             self.prefetcher.reset()
@@ -283,14 +282,12 @@ class OffloadEngine:
         are on the compute stream, in order) and no CPU experts."""
         if not self._tables_on_device:
             self._tables_to_device()
-        slot_K, miss_K, key_K = self.device_tables.step(self.cache.row[layer], ids_TK[0])
-        start = self.cache.banks[self.cache.bank_of[layer]][0]
-        src_K, dst_K = torch.where(miss_K, key_K, -1), slot_K + start
+        slot_K, src_K, dst_K = self.device_tables.step(self.cache.row[layer], ids_TK[0])
         for (name, shape, dt), offset in zip(self.store.parts, self.store.offsets):
             slot_copy.copy_part(self.store.arena, offset, _nbytes(shape, dt), self.cache.pools[name], src_K, dst_K)
         if self.grouped:
             return self.inner[layer](x_TH, slot_K.view(1, -1), w_TK)
-        return self._bmm_experts(x_TH, dst_K, w_TK)
+        return self._quantized_rows(x_TH, dst_K, w_TK)
 
     def ensure_device_tables(self) -> None:
         """Put the cache bookkeeping on the device now (eagerly: before a CUDA graph replays steps that use
@@ -453,19 +450,18 @@ class OffloadEngine:
         no sorting or grouping: two batched matmuls (a handful of launches, which is what decode pays)."""
         start = self.cache.banks[self.cache.bank_of[layer]][0]
         slots_N = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK.reshape(-1)] + start
-        return self._bmm_experts(x_TH, slots_N, w_TK)
+        return self._quantized_rows(x_TH, slots_N, w_TK)
 
-    def _bmm_experts(self, x_TH, slots_N, w_TK):
-        """Row t*K + j of the routing through the (dequantized) expert in slot slots_N[t*K + j]."""
+    def _quantized_rows(self, x_TH, slots_N, w_TK):
+        """Row t*K + j of the routing through the quantized expert in slot slots_N[t*K + j], read packed by
+        quant_gemv (no dequantized copy of the weights), then the top-k combine."""
         T, K = w_TK.shape
         dtype = x_TH.dtype
-        if self.store.quantize == "none":
-            w_gu, w_d = self.cache.pools["gate_up"][slots_N], self.cache.pools["down"][slots_N]
-        else:
-            w_gu, w_d = self._dequantize_slots(slots_N, dtype)
-        x_N1H = x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, 1, -1)  # row t*K + j: token t
-        h_N1F = torch.bmm(x_N1H, w_gu.transpose(1, 2))
-        y_TKH = torch.bmm(apply_activation(h_N1F, self.activation), w_d.transpose(1, 2)).view(T, K, -1)
+        pools, mode = self.cache.pools, self.store.quantize
+        x_NH = x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, -1)  # row t*K + j: token t
+        h_NF = quant_gemv(x_NH, pools["gate_up.q"], pools["gate_up.scale"], slots_N, mode)
+        a_NI = apply_activation(h_NF, self.activation)
+        y_TKH = quant_gemv(a_NI, pools["down.q"], pools["down.scale"], slots_N, mode).view(T, K, -1)
         acc = torch.promote_types(dtype, torch.float32)  # the top-k sum in fp32, as moe_mlp's
         return (y_TKH.to(acc) * w_TK.unsqueeze(-1).to(acc)).sum(1).to(dtype)
 

@@ -204,11 +204,14 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
         _load_generation_config(model, model_dir)
     if opts["cuda_graph"]:
         # batch-1 decode with a static KV cache replays one CUDA graph per step (moesys.offload.graph);
-        # generate() then uses a StaticCache, and must not torch.compile the wrapped forward itself
+        # generate() then uses a StaticCache
         decode_graph.install(model, engine if resident is None else None)
         if device.type == "cuda":
             model.generation_config.cache_implementation = "static"
-            model.generation_config.disable_compile = True
+    if device.type == "cuda":
+        # transformers would torch.compile the forward for a static cache, tracing the engine (which reads
+        # routing back on its host path) or the decode graph's wrapper: neither can be traced
+        model.generation_config.disable_compile = True
     _attach_timing(model, engine)
     return model
 

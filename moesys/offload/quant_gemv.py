@@ -1,0 +1,80 @@
+"""Decode-time matrix-vector products straight from int8 / int4 expert weights.
+
+Batch-1 decode multiplies each routed row by its own expert. Dequantizing those experts first writes
+every weight out in bf16 and reads it back (for int4 that is 4x the bytes the weights hold, plus the
+unpacking): on the H200 the int4 graph decode of the OLMoE shape ran at 73 tok/s against bf16's 136
+(bench/results/offload_graph_08c2fe4.json). This kernel reads the packed weights and their group scales
+once and accumulates in fp32, so quantized decode moves fewer bytes than bf16 instead of more.
+
+    y_NR[n] = dequantize(q[slots_N[n]], scale[slots_N[n]]) @ x_NC[n]
+
+`quant_gemv_reference` is the definition (and the CPU path); the kernel agrees with it to fp32 rounding
+(it multiplies in fp32 without rounding the dequantized weight to the activation dtype first).
+
+Legend: N routed rows, S cache slots, R output rows, C input columns, G groups per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moesys.offload import quant
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def quant_gemv_reference(x_NC, q_S, scale_SRG, slots_N, mode: str) -> torch.Tensor:
+    w_NRC = quant.dequantize(q_S[slots_N], scale_SRG[slots_N], mode, x_NC.dtype)
+    return torch.bmm(w_NRC, x_NC.unsqueeze(-1)).squeeze(-1)
+
+
+if triton is not None:
+    @triton.jit
+    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, slot_ptr, y_ptr, R, C, G, q_slot_stride, q_row_stride,
+                           s_slot_stride, GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+        n = tl.program_id(0)
+        slot = tl.load(slot_ptr + n).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        q_base = q_ptr + slot * q_slot_stride + rows[:, None].to(tl.int64) * q_row_stride
+        s_base = s_ptr + slot * s_slot_stride + rows[:, None].to(tl.int64) * G
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < C
+            m = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(x_ptr + n * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if INT4:  # byte j holds column 2j in its low nibble, 2j + 1 in its high one, both offset by 8
+                byte = tl.load(q_base + cols[None, :] // 2, mask=m, other=0).to(tl.int32)
+                v = tl.where((cols % 2 == 0)[None, :], byte & 0xF, byte >> 4) - 8
+            else:
+                v = tl.load(q_base + cols[None, :], mask=m, other=0).to(tl.int32)
+            scale = tl.load(s_base + cols[None, :] // GROUP, mask=m, other=0.0)
+            acc += tl.sum(v.to(tl.float32) * scale * x[None, :], axis=1)
+        tl.store(y_ptr + n * R + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def quant_gemv(x_NC, q_S, scale_SRG, slots_N, mode: str, use_kernel: bool | None = None) -> torch.Tensor:
+    """[N, R] in x's dtype. q_S: [S, R, C] int8, or [S, R, C/2] uint8 (int4, two columns per byte);
+    scale_SRG: [S, R, G] fp32 per-group scales (C/G columns per group). use_kernel: None = the Triton kernel
+    for CUDA tensors, the reference otherwise."""
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"quant_gemv: mode={mode!r}; use 'int8' or 'int4'")
+    N, C = x_NC.shape
+    S, R, G = scale_SRG.shape
+    if use_kernel is None:
+        use_kernel = x_NC.is_cuda and triton is not None
+    if not use_kernel:
+        return quant_gemv_reference(x_NC, q_S, scale_SRG, slots_N, mode)
+    x_NC, q_S, scale_SRG = x_NC.contiguous(), q_S.contiguous(), scale_SRG.contiguous()
+    y_NR = torch.empty(N, R, dtype=x_NC.dtype, device=x_NC.device)
+    block_r = 16
+    _quant_gemv_kernel[(N, triton.cdiv(R, block_r))](
+        x_NC, q_S, scale_SRG, slots_N, y_NR, R, C, G, q_S.stride(0), q_S.stride(1), scale_SRG.stride(0),
+        GROUP=C // G, INT4=mode == "int4", BLOCK_R=block_r, BLOCK_C=256)
+    return y_NR

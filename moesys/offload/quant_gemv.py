@@ -37,6 +37,8 @@ if triton is not None:
     def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, slot_ptr, y_ptr, R, C, G, q_slot_stride, q_row_stride,
                            s_slot_stride, GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_C: tl.constexpr):
+        """BLOCK_C weight bytes per row per iteration: int8, one column each; int4, columns 2j (low nibble)
+        and 2j + 1 (high nibble) of byte j, both offset by 8 and in one group (groups are even)."""
         n = tl.program_id(0)
         slot = tl.load(slot_ptr + n).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -44,18 +46,25 @@ if triton is not None:
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         q_base = q_ptr + slot * q_slot_stride + rows[:, None].to(tl.int64) * q_row_stride
         s_base = s_ptr + slot * s_slot_stride + rows[:, None].to(tl.int64) * G
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            col_ok = cols < C
-            m = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(x_ptr + n * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if INT4:  # byte j holds column 2j in its low nibble, 2j + 1 in its high one, both offset by 8
-                byte = tl.load(q_base + cols[None, :] // 2, mask=m, other=0).to(tl.int32)
-                v = tl.where((cols % 2 == 0)[None, :], byte & 0xF, byte >> 4) - 8
+        x_base = x_ptr + n * C
+        n_bytes = C // 2 if INT4 else C
+        for j0 in range(0, n_bytes, BLOCK_C):
+            j = j0 + tl.arange(0, BLOCK_C)
+            j_ok = j < n_bytes
+            m = row_ok[:, None] & j_ok[None, :]
+            if INT4:
+                byte = tl.load(q_base + j[None, :], mask=m, other=0).to(tl.int32)
+                x_lo = tl.load(x_base + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_base + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+                scale = tl.load(s_base + (2 * j[None, :]) // GROUP, mask=m, other=0.0)
+                lo = ((byte & 0xF) - 8).to(tl.float32)
+                hi = ((byte >> 4) - 8).to(tl.float32)
+                acc += tl.sum((lo * x_lo[None, :] + hi * x_hi[None, :]) * scale, axis=1)
             else:
-                v = tl.load(q_base + cols[None, :], mask=m, other=0).to(tl.int32)
-            scale = tl.load(s_base + cols[None, :] // GROUP, mask=m, other=0.0)
-            acc += tl.sum(v.to(tl.float32) * scale * x[None, :], axis=1)
+                v = tl.load(q_base + j[None, :], mask=m, other=0).to(tl.float32)
+                x = tl.load(x_base + j, mask=j_ok, other=0.0).to(tl.float32)
+                scale = tl.load(s_base + j[None, :] // GROUP, mask=m, other=0.0)
+                acc += tl.sum(v * scale * x[None, :], axis=1)
         tl.store(y_ptr + n * R + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 

@@ -102,6 +102,7 @@ def test_static_cache_decode_identical_on_every_architecture(checkpoints, arch, 
     assert len(host_calls) == 3  # the prefill's three layers; decode never asked the host path
     stats = engine.snapshot()
     assert stats.misses > 0 and stats.evictions > 0 and stats.decode_tokens == NEW_TOKENS - 1
+    assert "prefetch accuracy n/a" in stats.summary()  # nothing guessed: not a 0% accuracy
 
 
 def test_host_and_device_paths_hand_over_both_ways(checkpoints):

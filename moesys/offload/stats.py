@@ -51,7 +51,9 @@ class OffloadStats:
             return (f"hit rate {self.hit_rate:.1%} (every expert resident, loaded once: "
                     f"{self.bytes_copied / 2**30:.2f} GiB) | "
                     f"prefill {self.prefill_tokens_per_s:.1f} tok/s | decode {self.decode_tokens_per_s:.2f} tok/s")
-        return (f"hit rate {self.hit_rate:.1%} | prefetch accuracy {self.prefetch_accuracy:.1%} | "
+        # the graph decode guesses nothing (its copies are in order on the compute stream)
+        prefetch = f"{self.prefetch_accuracy:.1%}" if self.prefetch_guessed else "n/a (no guesses)"
+        return (f"hit rate {self.hit_rate:.1%} | prefetch accuracy {prefetch} | "
                 f"copied {self.bytes_copied / 2**30:.2f} GiB in {self.copies} copies | "
                 f"waited {self.copy_wait_s:.2f} s on copies | cpu experts {self.cpu_experts} | "
                 f"prefill {self.prefill_tokens_per_s:.1f} tok/s | decode {self.decode_tokens_per_s:.2f} tok/s")

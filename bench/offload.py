@@ -395,6 +395,8 @@ def main():
     p.add_argument("--workdir", default="/tmp/moesys_offload_bench")
     p.add_argument("--steps", type=int, default=24, help="timed batch-1 decode steps")
     p.add_argument("--skip-qwen3", action="store_true")
+    p.add_argument("--stages", default="correctness,olmoe,qwen3",
+                   help="comma-separated stages to run (default: all three)")
     p.add_argument("--only", default=None, help="comma-separated OLMoE-shape impls to run (default: all)")
     p.add_argument("--qwen3-after-s", type=float, default=200.0,
                    help="skip the Qwen3 shape if this many seconds have passed before it starts")
@@ -425,10 +427,15 @@ def main():
             records.append(dict(meta, bench="offload-correctness", impl="moesys", shape=f"tiny-{row['model']}",
                                 **row))
 
-    stage("correctness", tiny)
+    stages = set(args.stages.split(","))
+    if "correctness" in stages:
+        stage("correctness", tiny)
     only = set(args.only.split(",")) if args.only else None
-    stage("olmoe", lambda: bench_olmoe(records, meta, args.workdir, bw, args.steps, only))
-    if args.skip_qwen3 or time.time() - START > args.qwen3_after_s:
+    if "olmoe" in stages:
+        stage("olmoe", lambda: bench_olmoe(records, meta, args.workdir, bw, args.steps, only))
+    if "qwen3" not in stages:
+        pass
+    elif args.skip_qwen3 or time.time() - START > args.qwen3_after_s:
         log("qwen3 shape skipped (time guard)")
         records.append(dict(meta, bench="offload", shape="qwen3-30b-a3b", impl="moesys-pinned",
                             error="not run: time guard"))

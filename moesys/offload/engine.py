@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 from moesys.activations import apply_activation
 from moesys.offload import quant, slot_copy
+from moesys.offload.device_cache import DeviceCacheTables
 from moesys.offload.quant_gemv import quant_gemv
 from moesys.ops import moe_mlp
 from moesys.offload.stats import OffloadStats
-from moesys.offload.store import _nbytes
 
 CPU_EXPERT_MODES = ("auto", "on", "off")
 # transformers' hidden_act -> moesys.ops activation name
@@ -96,7 +96,10 @@ class OffloadEngine:
             return "experts are in pageable host memory (host_memory='memory'); the device reads pinned memory"
         if self.cpu_mode == "on":
             return "cpu_experts='on' computes missed experts on the host"
-        if not (self.grouped or (self.store.quantize != "none" and self.activation is not None)):
+        if self.store.quantize != "none" and self.activation is None:
+            return (f"quantized experts with hidden_act={self.inner[next(iter(self.inner))].config.hidden_act!r}: "
+                    f"the device path fuses only {sorted(_MOESYS_ACTIVATIONS)}")
+        if self.store.quantize == "none" and not self.grouped:
             return (f"experts_implementation={self.impl!r} runs transformers' per-expert loop, which needs the "
                     "routing on the host; use the model's grouped implementation (the default)")
         small = [layer for layer in self.inner if self.cache.capacity(layer) < self.dequant_experts]
@@ -283,8 +286,8 @@ class OffloadEngine:
         if not self._tables_on_device:
             self._tables_to_device()
         slot_K, src_K, dst_K = self.device_tables.step(self.cache.row[layer], ids_TK[0])
-        for (name, shape, dt), offset in zip(self.store.parts, self.store.offsets):
-            slot_copy.copy_part(self.store.arena, offset, _nbytes(shape, dt), self.cache.pools[name], src_K, dst_K)
+        for name, offset, nbytes in self.store.spans:
+            slot_copy.copy_part(self.store.arena, offset, nbytes, self.cache.pools[name], src_K, dst_K)
         if self.grouped:
             return self.inner[layer](x_TH, slot_K.view(1, -1), w_TK)
         return self._quantized_rows(x_TH, dst_K, w_TK)
@@ -296,8 +299,6 @@ class OffloadEngine:
             self._tables_to_device()
 
     def _tables_to_device(self) -> None:
-        from moesys.offload.device_cache import DeviceCacheTables
-
         self._wait_all()  # host-path copies in flight land before the device reads or replaces slots
         if self.device_tables is None:
             self.device_tables = DeviceCacheTables(self.cache, self.cache.policy)
@@ -445,9 +446,9 @@ class OffloadEngine:
 
     def _run_quantized_resident(self, layer, x_TH, ids_TK, w_TK):
         """A few routed rows (T*K <= the dequantization workspace) of a layer whose quantized experts are all
-        resident: the slots come from the device table, each routed row gets its own dequantized expert
-        (a token's K experts are distinct), so nothing is read back to the host. One row per expert needs
-        no sorting or grouping: two batched matmuls (a handful of launches, which is what decode pays)."""
+        resident: the slots come from the device table and each routed row meets its own expert (a token's
+        K experts are distinct), so nothing is read back to the host. One row per expert needs no sorting
+        or grouping: two quant_gemv calls (a handful of launches, which is what decode pays)."""
         start = self.cache.banks[self.cache.bank_of[layer]][0]
         slots_N = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK.reshape(-1)] + start
         return self._quantized_rows(x_TH, slots_N, w_TK)

@@ -30,7 +30,7 @@ def _is_static_cache(value) -> bool:
 
 class DecodeGraph:
     def __init__(self, model, engine=None):
-        self.model, self.engine = model, engine
+        self.engine = engine
         self.eager_forward = model.forward
         self.cuda = next(model.parameters()).device.type == "cuda"
         self.captures = self.replays = self.eager_steps = 0

@@ -60,6 +60,8 @@ class HostExpertStore:
             self.offsets.append(off)
             off += -(-_nbytes(shape, dt) // _ALIGN) * _ALIGN
         self.stride = off
+        # (name, byte offset in an expert's row of the arena, bytes) per part: what the device-side copy reads
+        self.spans = [(name, o, _nbytes(shape, dt)) for (name, shape, dt), o in zip(self.parts, self.offsets)]
         self.expert_bytes = parts_nbytes(self.parts)  # bytes moved per miss
         self._row = {layer: r for r, layer in enumerate(self.layers)}
         self._staging = []

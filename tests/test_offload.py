@@ -284,13 +284,19 @@ def test_next_gate_prefetch_guess_and_score():
     assert p.score(1, {5}) == (0, 0)
 
 
-def test_cli_streams_text_and_prints_stats(checkpoints, tmp_path, capsys):
+@pytest.mark.parametrize("graph", ["on", "off"])
+def test_cli_streams_text_and_prints_stats(checkpoints, tmp_path, capsys, monkeypatch, graph):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     import shutil
 
     from moesys.cli import main
+    from moesys.offload import loader
+
+    loaded = []
+    load = loader.load
+    monkeypatch.setattr(loader, "load", lambda *a, **kw: loaded.append(kw) or load(*a, **kw))
 
     vocab = {f"w{i}": i for i in range(101)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
@@ -299,9 +305,10 @@ def test_cli_streams_text_and_prints_stats(checkpoints, tmp_path, capsys):
     shutil.copytree(checkpoints["olmoe"], model_dir)
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0").save_pretrained(model_dir)
     rc = main(["generate", str(model_dir), "--prompt", "w5 w7 w9", "--gpu-memory", "1GiB",
-               "--max-new-tokens", "5", "--dtype", "float32", "--cache-policy", "lfu"])
+               "--max-new-tokens", "5", "--dtype", "float32", "--cache-policy", "lfu", "--cuda-graph", graph])
     out = capsys.readouterr()
     assert rc == 0
+    assert loaded[0]["cuda_graph"] is (graph == "on")
     assert "w5" in out.out and "hit rate" in out.out and "decode" in out.out
     assert "cache" in out.err
 

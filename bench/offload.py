@@ -434,7 +434,7 @@ def main():
     if "olmoe" in stages:
         stage("olmoe", lambda: bench_olmoe(records, meta, args.workdir, bw, args.steps, only))
     if "qwen3" not in stages:
-        pass
+        log("qwen3 shape not among --stages")
     elif args.skip_qwen3 or time.time() - START > args.qwen3_after_s:
         log("qwen3 shape skipped (time guard)")
         records.append(dict(meta, bench="offload", shape="qwen3-30b-a3b", impl="moesys-pinned",

@@ -218,7 +218,7 @@ class OffloadEngine:
         use_cpu = self.cpu_mode == "on" or (self.cpu_mode == "auto" and self._cpu_faster and T == 1)
         complete = self.cache.layer_complete(layer)
         # every expert of this layer resident: route on the device, no host sync (and no guess to score);
-        # quantized experts take this path for decode (a few routed rows, each dequantized on its own)
+        # quantized experts take this path for decode (a few routed rows, each read packed by quant_gemv)
         quantized_decode = (self.store.quantize != "none" and self.activation is not None
                             and T * ids_TK.shape[1] <= self.dequant_experts)
         if complete and not use_cpu and (self.grouped or quantized_decode):

@@ -305,10 +305,12 @@ def test_cli_streams_text_and_prints_stats(checkpoints, tmp_path, capsys, monkey
     shutil.copytree(checkpoints["olmoe"], model_dir)
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0").save_pretrained(model_dir)
     rc = main(["generate", str(model_dir), "--prompt", "w5 w7 w9", "--gpu-memory", "1GiB",
-               "--max-new-tokens", "5", "--dtype", "float32", "--cache-policy", "lfu", "--cuda-graph", graph])
+               "--max-new-tokens", "5", "--dtype", "float32", "--cache-policy", "lfu", "--cuda-graph", graph,
+               "--compile", "auto" if graph == "on" else "off"])
     out = capsys.readouterr()
     assert rc == 0
     assert loaded[0]["cuda_graph"] is (graph == "on")
+    assert loaded[0]["compile"] is (None if graph == "on" else False)
     assert "w5" in out.out and "hit rate" in out.out and "decode" in out.out
     assert "cache" in out.err
 

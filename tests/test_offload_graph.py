@@ -165,6 +165,44 @@ def test_what_the_device_path_cannot_run_keeps_the_host_path(checkpoints, option
 def test_cuda_graph_option_is_checked(checkpoints):
     with pytest.raises(ValueError, match="cuda_graph"):
         mo.load(checkpoints["olmoe"], gpu_memory="1GiB", cuda_graph="yes")
+    with pytest.raises(ValueError, match="compile"):
+        mo.load(checkpoints["olmoe"], gpu_memory="1GiB", compile="yes")
+    with pytest.raises(ValueError, match="needs cuda_graph=True"):
+        mo.load(checkpoints["olmoe"], gpu_memory="1GiB", compile=True, cuda_graph=False)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_compiled_decode_step_matches_the_eager_one(checkpoints, quantize):
+    """compile=True: the decode step runs as torch.compile's graph (inductor; on a CPU, C++ kernels) with the
+    engine inside as one opaque op. Same tokens as the uncompiled device path, same hits, misses and
+    evictions; a second model of the same architecture reuses the compiled graph (no recompile per engine)."""
+    torch._dynamo.reset()
+    path = checkpoints["olmoe"]
+    prompt = _prompt(seed=4)
+    kw = dict(gpu_memory=_budget(path, torch.float32, 10, quantize_experts=quantize), dtype=torch.float32,
+              prefetch="none", quantize_experts=quantize)
+    plain = mo.load(path, compile=False, **kw)
+    want = plain.generate(prompt, **STATIC)
+    frames = torch._dynamo.utils.counters["frames"]
+    for i in range(2):
+        model = mo.load(path, compile=True, **kw)
+        got = model.generate(prompt, **STATIC)
+        assert torch.equal(want, got), i
+        a, b = plain.moesys_offload.snapshot(), model.moesys_offload.snapshot()
+        assert (a.hits, a.misses, a.evictions) == (b.hits, b.misses, b.evictions), i
+        assert b.misses > 0
+        if i == 0:
+            compiled = frames["ok"]
+            assert compiled > 0  # dynamo did compile the step
+    assert frames["ok"] == compiled, "the second engine recompiled the decode step"
+
+
+def test_compiling_the_offloaded_model_by_hand_says_how_to_do_it(checkpoints):
+    path = checkpoints["olmoe"]
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)
+    step = torch.compile(model.forward, backend="eager")
+    with pytest.raises(RuntimeError, match="compile=True"):
+        step(_prompt(seed=1))
 
 
 # ------------------------------------------------------------------ on the GPU: capture and replay
@@ -172,10 +210,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 @needs_cuda
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("quantize", ["none", "int4"])
-def test_decode_replays_a_cuda_graph_on_gpu(checkpoints, quantize):
-    """generate() on CUDA defaults to a StaticCache: step 1 of decode runs eagerly, step 2 is captured, the
-    rest replay it; tokens equal the host path's with the same cache, and the memory peak stays in budget."""
+def test_decode_replays_a_cuda_graph_on_gpu(checkpoints, quantize, compile):
+    """generate() on CUDA defaults to a StaticCache: the first decode step runs eagerly (the first two for a
+    compiled step), the next is captured, the rest replay it; tokens equal the host path's with the same
+    cache, and the memory peak stays in budget."""
     path = checkpoints["olmoe"]
     prompt = _prompt(seed=11)
     budget = _budget(path, torch.bfloat16, 10, quantize_experts=quantize)
@@ -186,12 +226,13 @@ def test_decode_replays_a_cuda_graph_on_gpu(checkpoints, quantize):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    model = mo.load(path, **kw)
+    model = mo.load(path, compile=compile, **kw)
     assert model.generation_config.cache_implementation == "static"
     got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.cuda.max_memory_allocated() - base <= budget
     decoder = model.moesys_decode_graph
-    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (1, 1, NEW_TOKENS - 2)
+    warm = 2 if compile else 1
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (warm, 1, NEW_TOKENS - 1 - warm)
     assert torch.equal(want, got)
     stats = model.moesys_offload.snapshot()
     assert stats.misses > 0 and stats.evictions > 0

@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on (default): batch-1 decode keeps the expert cache's bookkeeping on the GPU and "
                              "replays each token as one CUDA graph (static KV cache; no speculative prefetch or "
                              "CPU experts in decode); off: every layer reads its routing back to the host")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="torch.compile the decode step the CUDA graph captures (inductor fuses the "
+                             "non-expert kernels; the first decode step then waits for the compile, about a "
+                             "minute for a 16-layer model, cached on disk after); auto (default): on with "
+                             "--cuda-graph on a GPU")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model_dir, gpu_memory=args.gpu_memory, dtype=args.dtype,
                  cache_policy=args.cache_policy, prefetch=args.prefetch, quantize_experts=args.quantize_experts,
                  cpu_experts=args.cpu_experts, host_memory=args.host_memory, max_context=args.max_context,
-                 device=args.device, cuda_graph=args.cuda_graph == "on")
+                 device=args.device, cuda_graph=args.cuda_graph == "on",
+                 compile={"auto": None, "on": True, "off": False}[args.compile])
     engine = model.moesys_offload
     print(f"[moesys] {engine.plan.describe()}, host memory: {engine.host_mode}", file=sys.stderr)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)

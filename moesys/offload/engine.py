@@ -32,6 +32,30 @@ CPU_EXPERT_MODES = ("auto", "on", "off")
 _MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
+# the engine whose decode step is running (set by moesys.offload.graph around the steps it runs): the custom
+# op below takes only the layer, so one compiled graph serves every model of an architecture (an engine
+# id in the graph would be a constant that dynamo guards on, recompiling for every model loaded)
+_ACTIVE: list["OffloadEngine"] = []
+
+
+@torch.library.custom_op("moesys::offload_experts", mutates_args=())
+def offload_experts(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, layer: int) -> torch.Tensor:
+    """One MoE layer's experts through the active engine: what torch.compile sees of the engine
+    (moesys.offload.graph compiles the decode step around it). Opaque on purpose: the engine's cache state
+    (slots, tables, counters) is its own, so the compiled graph neither traces nor functionalises it; calls
+    stay in layer order because each layer's input is the previous one's output."""
+    if not _ACTIVE:
+        raise RuntimeError("an offloaded model's experts ran under torch.compile outside moesys's decode step; "
+                           "do not torch.compile the model yourself: load it with moesys.offload.load(..., "
+                           "compile=True), which compiles the decode step around the engine")
+    return _ACTIVE[-1].experts_forward(layer, x_TH, ids_TK, w_TK)
+
+
+@offload_experts.register_fake
+def _(x_TH, ids_TK, w_TK, layer):
+    return torch.empty_like(x_TH)
+
+
 class OffloadedExperts(nn.Module):
     """Drop-in for a transformers v5 experts module: same call, weights live in the engine."""
 
@@ -41,6 +65,8 @@ class OffloadedExperts(nn.Module):
         self.layer = layer
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        if torch.compiler.is_compiling():
+            return offload_experts(hidden_states, top_k_index, top_k_weights, self.layer)
         return self.engine.experts_forward(self.layer, hidden_states, top_k_index, top_k_weights)
 
     def extra_repr(self) -> str:

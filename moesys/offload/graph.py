@@ -23,21 +23,30 @@ import functools
 
 import torch
 
+from moesys.offload import engine as engine_mod
+
 
 def _is_static_cache(value) -> bool:
     return getattr(value, "is_compileable", False) and hasattr(value, "get_seq_length")
 
 
 class DecodeGraph:
-    def __init__(self, model, engine=None):
+    def __init__(self, model, engine=None, compile: bool = False):
         self.engine = engine
         self.eager_forward = model.forward
+        # compile: the step the graph captures is torch.compile's (inductor fuses the norms, rotary embedding
+        # and routing math into a few kernels; the engine's experts stay one opaque op, moesys::offload_experts)
+        self.step_forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
+        # warm-up steps before the capture: a compiled step may specialise on the first step's values once
+        # more on the second (recompiling, and autotuning, must not happen while a graph is being captured)
+        self.warmup_steps = 2 if compile else 1
         self.cuda = next(model.parameters()).device.type == "cuda"
         self.captures = self.replays = self.eager_steps = 0
         self._reset()
 
     def _reset(self) -> None:
         self.key = None
+        self.warm = 0
         self.graph = None
         self.static_inputs: dict[tuple[str, str | None], torch.Tensor] = {}
         self.static_output = None
@@ -90,12 +99,14 @@ class DecodeGraph:
         kwargs, key = sig
         if self.engine is not None:
             self.engine.ensure_device_tables()
-        if key != self.key or not self.cuda:
+        if key != self.key:
             self._reset()
             self.key = key
+        if self.warm < self.warmup_steps or not self.cuda:
+            self.warm += 1
             self.eager_steps += 1
             with self._device_decode():
-                return self.eager_forward(**kwargs)  # warm-up (and the CPU path)
+                return self.step_forward(**kwargs)  # warm-up (and the CPU path)
         if self.graph is None:
             self._capture(kwargs)
         for (name, sub), t in self.static_inputs.items():
@@ -114,7 +125,7 @@ class DecodeGraph:
                                 for k, v in value.items()}
         graph = torch.cuda.CUDAGraph()
         with self._device_decode(), torch.cuda.graph(graph):
-            self.static_output = self.eager_forward(**static)
+            self.static_output = self.step_forward(**static)
         self.graph = graph
         self.captures += 1
 
@@ -125,18 +136,20 @@ class DecodeGraph:
             yield
             return
         self.engine.device_decode = True
+        engine_mod._ACTIVE.append(self.engine)  # the engine the compiled step's experts op runs
         try:
             yield
         finally:
+            engine_mod._ACTIVE.pop()
             self.engine.device_decode = False
 
 
-def install(model, engine=None) -> DecodeGraph:
-    """Wrap `model.forward` so batch-1 decode steps with a static cache replay a CUDA graph; returns the
-    DecodeGraph (also at `model.moesys_decode_graph`). transformers' generate() then uses a StaticCache
+def install(model, engine=None, compile: bool = False) -> DecodeGraph:
+    """Wrap `model.forward` so batch-1 decode steps with a static cache replay a CUDA graph (of the
+    torch.compile'd step when `compile`); returns the DecodeGraph (also at `model.moesys_decode_graph`). transformers' generate() then uses a StaticCache
     when the generation config says so (`cache_implementation="static"`), and must not torch.compile the
     forward itself (`disable_compile=True`): moesys.offload.load sets both on CUDA."""
-    decoder = DecodeGraph(model, engine)
+    decoder = DecodeGraph(model, engine, compile)
 
     @functools.wraps(decoder.eager_forward)
     def forward(*args, **kwargs):

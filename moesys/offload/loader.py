@@ -28,7 +28,7 @@ from moesys.offload.store import HOST_MODES, HostExpertStore, parts_nbytes, slot
 _OPTIONS = {"cache_policy": "lru", "prefetch": "next-gate", "quantize_experts": "none", "cpu_experts": "off",
             "host_memory": "auto", "device": None, "max_context": 4096, "reserve": None,
             "experts_implementation": None, "group_size": 128, "bank_size": 1023, "resident_if_fits": True,
-            "cuda_graph": True}
+            "cuda_graph": True, "compile": None}
 
 
 @dataclass
@@ -63,6 +63,10 @@ def _resolve_options(options: dict) -> dict:
             raise ValueError(f"{key}={opts[key]!r} is not allowed; use one of {list(allowed)}")
     if not isinstance(opts["cuda_graph"], bool):
         raise ValueError(f"cuda_graph={opts['cuda_graph']!r} must be True or False")
+    if opts["compile"] not in (None, True, False):
+        raise ValueError(f"compile={opts['compile']!r} must be None (on with CUDA graphs on CUDA), True or False")
+    if opts["compile"] and not opts["cuda_graph"]:
+        raise ValueError("compile=True compiles the CUDA-graph decode step; it needs cuda_graph=True")
     return opts
 
 
@@ -205,7 +209,8 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
     if opts["cuda_graph"]:
         # batch-1 decode with a static KV cache replays one CUDA graph per step (moesys.offload.graph);
         # generate() then uses a StaticCache
-        decode_graph.install(model, engine if resident is None else None)
+        compile_step = opts["compile"] if opts["compile"] is not None else device.type == "cuda"
+        decode_graph.install(model, engine if resident is None else None, compile=compile_step)
         if device.type == "cuda":
             model.generation_config.cache_implementation = "static"
     if device.type == "cuda":
@@ -234,7 +239,10 @@ def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
             fully on the device, without the engine in each layer's forward), cuda_graph (default True:
             batch-1 decode with a static KV cache keeps the cache bookkeeping on the device and replays each
             step as one CUDA graph; on CUDA, generate() then uses a StaticCache. False: every step runs
-            eagerly, the routing read back per layer, with speculative prefetch and CPU experts).
+            eagerly, the routing read back per layer, with speculative prefetch and CPU experts), compile
+            (default None: on CUDA with cuda_graph; the captured decode step is torch.compile'd first, so
+            inductor fuses the non-expert kernels; the first decode step then takes a compile, about a minute
+            for a 16-layer model, cached by inductor on disk for later loads).
     Statistics: `model.moesys_offload.snapshot()` (an OffloadStats; `.summary()`, `.as_dict()`).
     """
     from transformers import AutoConfig

@@ -145,6 +145,27 @@ def test_quantized_device_path_matches_the_host_path(checkpoints, mode):
     _slots_hold_their_experts(dev.moesys_offload)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_all_resident_quantized_decode_skips_the_bookkeeping(checkpoints, mode):
+    """Quantized experts that all fit: every decode step is a lookup (no device-table step, no copy kernel),
+    with the host path's tokens and the same hit count (K per layer per token), nothing missed."""
+    path = checkpoints["mixtral"]
+    prompt = _prompt(seed=7)
+    kw = dict(gpu_memory=_budget(path, torch.float32, 1000, quantize_experts=mode), dtype=torch.float32,
+              quantize_experts=mode)
+    dev, host = mo.load(path, **kw), mo.load(path, cuda_graph=False, **kw)
+    engine = dev.moesys_offload
+    assert engine.cache.num_slots == engine.cache.num_experts * len(engine.inner)
+    want = host.generate(prompt, **STATIC)
+    got = dev.generate(prompt, **STATIC)
+    assert torch.equal(want, got)
+    assert engine._device_all_resident and engine._tables_on_device
+    assert int(engine.device_tables.counters.sum()) == 0  # the device tables never stepped
+    a, b = host.moesys_offload.snapshot(), engine.snapshot()
+    assert (a.hits, a.misses, a.evictions) == (b.hits, b.misses, b.evictions)
+    assert b.misses == 0 and b.hits > 0
+
+
 @pytest.mark.parametrize("options,reason", [(dict(host_memory="mmap"), "memory-mapped"),
                                             (dict(experts_implementation="eager"), "per-expert loop"),
                                             (dict(cpu_experts="on"), "cpu_experts")])

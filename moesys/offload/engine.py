@@ -112,6 +112,7 @@ class OffloadEngine:
         self.device_decode = False
         self.device_tables = None
         self._tables_on_device = False
+        self._device_all_resident = False
         self.device_path_unsupported = self._device_path_unsupported()
 
     def _device_path_unsupported(self) -> str | None:
@@ -311,6 +312,13 @@ class OffloadEngine:
         are on the compute stream, in order) and no CPU experts."""
         if not self._tables_on_device:
             self._tables_to_device()
+        if self._device_all_resident:
+            # every expert of every layer is in its slot and stays there (nothing can miss, so nothing is
+            # evicted): no bookkeeping or copy kernels, only the lookup; hits are counted per step on the
+            # host (note_device_step)
+            if self.grouped:
+                return self._run_grouped(layer, x_TH, ids_TK, w_TK)
+            return self._run_quantized_resident(layer, x_TH, ids_TK, w_TK)
         slot_K, src_K, dst_K = self.device_tables.step(self.cache.row[layer], ids_TK[0])
         for name, offset, nbytes in self.store.spans:
             slot_copy.copy_part(self.store.arena, offset, nbytes, self.cache.pools[name], src_K, dst_K)
@@ -332,6 +340,14 @@ class OffloadEngine:
         if self.prefetcher is not None:
             self.prefetcher.reset()
         self._tables_on_device = True
+        # complete is for good: a layer with all its experts never misses, so it never evicts
+        self._device_all_resident = all(self.cache.layer_complete(layer) for layer in self.inner)
+
+    def note_device_step(self) -> None:
+        """One batch-1 decode step taken on the device path (called by the decode graph per step, replayed
+        or not): its hits, when the all-resident shortcut skipped the device tables' counters."""
+        if self._tables_on_device and self._device_all_resident:
+            self.stats.hits += self.dequant_experts * len(self.inner)
 
     def _tables_to_host(self) -> None:
         self.device_tables.store_to_host()

@@ -99,6 +99,7 @@ class DecodeGraph:
         kwargs, key = sig
         if self.engine is not None:
             self.engine.ensure_device_tables()
+            self.engine.note_device_step()
         if key != self.key:
             self._reset()
             self.key = key

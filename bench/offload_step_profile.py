@@ -1,0 +1,138 @@
+"""Where a graph-replayed decode step of the OLMoE-1B-7B shape spends its time (issue 5), on one GPU.
+
+For transformers fully on the GPU (the compiled step under moesys' decode graph: the compute ceiling) and
+for moesys (budget holding the whole model, 4 GiB pinned bf16, 4 GiB int4), after a warm-up:
+- decode tokens/s as bench/offload.py times it (teacher-forced random tokens, StaticCache);
+- host time per step call (the Python between two replays) and the GPU time of back-to-back replays of
+  the captured graph (no host in between; the cache sees the same token again, so no misses: the step's
+  compute and bookkeeping without copies);
+- the kernels of three replays from torch.profiler, summed by name: the top ones, and kernels per step.
+
+    PYTHONPATH=.:bench python bench/offload_step_profile.py --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from offload import forced_decode, free, olmoe_config, static_cache_for, _cache_kwargs
+from run_meta import run_meta
+
+
+def log(*args):
+    print(f"[{time.perf_counter() - START:7.1f}s]", *args, flush=True)
+
+
+START = time.perf_counter()
+
+
+@torch.no_grad()
+def measure(model, prompt, vocab, steps=24) -> dict:
+    forced_decode(model, prompt, steps, vocab, seed=321, static=True)  # warm-up: compile, capture
+    decode = forced_decode(model, prompt, steps, vocab, static=True)[1]
+    decoder = model.moesys_decode_graph
+    P = prompt.shape[1]
+    cache = static_cache_for(model, P + steps)
+    cache.reset()
+    model(prompt, logits_to_keep=1, **_cache_kwargs(model, cache, torch.arange(P, device="cuda")))
+    toks = torch.randint(2, vocab, (steps, 1, 1), device="cuda")
+    pos = torch.arange(P, P + steps, device="cuda")
+    host = []
+    torch.cuda.synchronize()
+    for i in range(steps):
+        t0 = time.perf_counter()
+        model(toks[i], **_cache_kwargs(model, cache, pos[i:i + 1]))
+        host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+    host.sort()
+    graph = decoder.graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    replay_ms = start.elapsed_time(end) / 20
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    by_name = {}
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        n, t = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (n + 1, t + e.device_time_total)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]
+    rec = dict(decode_tokens_per_s=decode, host_ms_per_call_median=1e3 * host[len(host) // 2],
+               replay_ms=replay_ms, kernels_per_step=sum(n for n, _ in by_name.values()) / 3,
+               profiled_us_per_step=sum(t for _, t in by_name.values()) / 3,
+               top_kernels=[(name[:120], n / 3, t / 3) for name, (n, t) in top])
+    log({k: v for k, v in rec.items() if k != "top_kernels"})
+    for name, n, t in rec["top_kernels"][:12]:
+        log(f"   {t:8.1f} us  x{n:5.1f}  {name[:90]}")
+    return rec
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    from moesys.offload import graph as decode_graph
+    from moesys.offload.adapters import adapter_for
+    from moesys.offload.loader import build
+    from moesys.offload.source import TensorSource
+
+    meta = run_meta("cuda")
+    rows = []
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+
+    cfg = olmoe_config()
+    V = cfg.vocab_size
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        gpu = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    prompt = torch.randint(2, V, (1, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    base = dict(meta, bench="offload-step-profile", shape="olmoe-1b-7b")
+    decode_graph.install(gpu, compile=True)
+    rows.append(dict(base, impl="transformers-gpu-compiled-cudagraph", **measure(gpu, prompt, V)))
+    save()
+
+    adapter = adapter_for(cfg)
+    state = {adapter.module_name(k): v for k, v in gpu.state_dict().items() if ".experts." not in k}
+    I = cfg.intermediate_size
+
+    def expert(layer, e):
+        ex = gpu.model.layers[layer].mlp.experts
+        return ex.gate_up_proj[e, :I], ex.gate_up_proj[e, I:], ex.down_proj[e]
+
+    for impl, budget, opts in [("moesys-whole-model-budget", 40 * 2**30, {}),
+                               ("moesys-pinned", 4 * 2**30, {}),
+                               ("moesys-int4", 4 * 2**30, dict(quantize_experts="int4"))]:
+        try:
+            model = build(cfg, TensorSource(state, expert), gpu_memory=budget, dtype=torch.bfloat16,
+                          host_memory="pinned", **opts)
+            rows.append(dict(base, impl=impl, budget_bytes=budget, options=opts, **measure(model, prompt, V)))
+            del model
+        except Exception as e:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            rows.append(dict(base, impl=impl, error=repr(e)[:600]))
+        free()
+        save()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

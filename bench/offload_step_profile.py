@@ -32,6 +32,11 @@ START = time.perf_counter()
 
 @torch.no_grad()
 def measure(model, prompt, vocab, steps=24) -> dict:
+    from transformers import StaticCache
+
+    # the cache forced_decode reuses, with room for the extra replays below: the captured step advances the
+    # cache's own write position on the device (transformers' StaticCache), so each replay takes a slot
+    model._bench_static_cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps + 64)
     forced_decode(model, prompt, steps, vocab, seed=321, static=True)  # warm-up: compile, capture
     decode = forced_decode(model, prompt, steps, vocab, static=True)[1]
     decoder = model.moesys_decode_graph

@@ -268,8 +268,9 @@ class _Skipped(Exception):
     pass
 
 
-def bench_olmoe(records, meta, workdir, bw, steps, only=None):
-    """`only`: the impls to run besides transformers-gpu (which the identity checks need); None = all."""
+def bench_olmoe(records, meta, workdir, bw, steps, only=None, save=lambda: None):
+    """`only`: the impls to run besides transformers-gpu (which the identity checks need); None = all.
+    `save` is called after each implementation (a run cut short keeps what it measured)."""
     from transformers import AutoModelForCausalLM
 
     import moesys.offload as mo
@@ -345,6 +346,7 @@ def bench_olmoe(records, meta, workdir, bw, steps, only=None):
             traceback.print_exc()
             records.append(dict(base, impl=impl, error=repr(e)))
         free()
+        save()
 
 
 # ------------------------------------------------------------------ 3. Qwen3-30B-A3B-shaped
@@ -442,7 +444,7 @@ def main():
         stage("correctness", tiny)
     only = set(args.only.split(",")) if args.only else None
     if "olmoe" in stages:
-        stage("olmoe", lambda: bench_olmoe(records, meta, args.workdir, bw, args.steps, only))
+        stage("olmoe", lambda: bench_olmoe(records, meta, args.workdir, bw, args.steps, only, save))
     if "qwen3" not in stages:
         log("qwen3 shape not among --stages")
     elif args.skip_qwen3 or time.time() - START > args.qwen3_after_s:

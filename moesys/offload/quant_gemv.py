@@ -16,6 +16,8 @@ Legend: N routed rows, S cache slots, R output rows, C input columns, G groups p
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from moesys.offload import quant
@@ -33,17 +35,29 @@ def quant_gemv_reference(x_NC, q_S, scale_SRG, slots_N, mode: str) -> torch.Tens
 
 
 if triton is not None:
+    # Batch-1 decode runs a handful of rows over 2-16 MB of packed weights per call, so the kernel is
+    # bandwidth- and latency-bound; the best row block and width depend on R and C (gate_up vs down, int4
+    # vs int8). Tuned on the first call of each shape (the decode graph's eager warm-up step, never while
+    # a graph is being captured); the interpreter (CPU tests) takes one config.
+    _CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
+                for r, c, w in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (16, 512, 8), (32, 128, 4),
+                                (64, 128, 8), (4, 1024, 4))]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _CONFIGS = _CONFIGS[:1]
+
+    @triton.autotune(configs=_CONFIGS, key=["R", "C", "INT4"])
     @triton.jit
     def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, slot_ptr, y_ptr, R, C, G, q_slot_stride, q_row_stride,
                            s_slot_stride, GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_C: tl.constexpr):
         """BLOCK_C weight bytes per row per iteration: int8, one column each; int4, columns 2j (low nibble)
-        and 2j + 1 (high nibble) of byte j, both offset by 8 and in one group (groups are even)."""
+        and 2j + 1 (high nibble) of byte j, both offset by 8 and in one group (groups are even). The
+        products accumulate element-wise in fp32 and are reduced across the row once, at the end."""
         n = tl.program_id(0)
         slot = tl.load(slot_ptr + n).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
-        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         q_base = q_ptr + slot * q_slot_stride + rows[:, None].to(tl.int64) * q_row_stride
         s_base = s_ptr + slot * s_slot_stride + rows[:, None].to(tl.int64) * G
         x_base = x_ptr + n * C
@@ -59,13 +73,13 @@ if triton is not None:
                 scale = tl.load(s_base + (2 * j[None, :]) // GROUP, mask=m, other=0.0)
                 lo = ((byte & 0xF) - 8).to(tl.float32)
                 hi = ((byte >> 4) - 8).to(tl.float32)
-                acc += tl.sum((lo * x_lo[None, :] + hi * x_hi[None, :]) * scale, axis=1)
+                acc += (lo * x_lo[None, :] + hi * x_hi[None, :]) * scale
             else:
                 v = tl.load(q_base + j[None, :], mask=m, other=0).to(tl.float32)
                 x = tl.load(x_base + j, mask=j_ok, other=0.0).to(tl.float32)
                 scale = tl.load(s_base + j[None, :] // GROUP, mask=m, other=0.0)
-                acc += tl.sum(v * scale * x[None, :], axis=1)
-        tl.store(y_ptr + n * R + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+                acc += v * scale * x[None, :]
+        tl.store(y_ptr + n * R + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 def quant_gemv(x_NC, q_S, scale_SRG, slots_N, mode: str, use_kernel: bool | None = None) -> torch.Tensor:
@@ -82,8 +96,8 @@ def quant_gemv(x_NC, q_S, scale_SRG, slots_N, mode: str, use_kernel: bool | None
         return quant_gemv_reference(x_NC, q_S, scale_SRG, slots_N, mode)
     x_NC, q_S, scale_SRG = x_NC.contiguous(), q_S.contiguous(), scale_SRG.contiguous()
     y_NR = torch.empty(N, R, dtype=x_NC.dtype, device=x_NC.device)
-    block_r = 16
-    _quant_gemv_kernel[(N, triton.cdiv(R, block_r))](
+    grid = lambda meta: (N, triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
+    _quant_gemv_kernel[grid](
         x_NC, q_S, scale_SRG, slots_N, y_NR, R, C, G, q_S.stride(0), q_S.stride(1), scale_SRG.stride(0),
-        GROUP=C // G, INT4=mode == "int4", BLOCK_R=block_r, BLOCK_C=256)
+        GROUP=C // G, INT4=mode == "int4")
     return y_NR

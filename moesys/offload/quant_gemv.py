@@ -48,7 +48,8 @@ if triton is not None:
     def _bench_in_place(fn, quantiles):
         """Times `fn` with CUDA events and no allocation: triton's default benchmark allocates a 256 MB
         buffer to flush the L2 cache, which would break the offload GPU budget (max_memory_allocated)
-        on the first decode step. The weights read here are 2-16 MB per call, so L2 warmth barely matters."""
+        on the first decode step. Repeating one call keeps its 2-16 MB of weights warm in L2, faster than a
+        real step sees them; only the configs' ranking is used."""
         for _ in range(3):
             fn()
         times = []

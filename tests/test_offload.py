@@ -366,3 +366,16 @@ def test_quantized_experts_that_all_fit_decode_without_the_host(checkpoints, mod
     torch.testing.assert_close(fast(got).logits, slow(got).logits, rtol=1e-5, atol=1e-6)
     stats = engine.snapshot()
     assert stats.misses == 0 and stats.hit_rate == 1.0
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_generating_past_max_context_stops_with_a_message(checkpoints, cache):
+    """The KV cache is planned for max_context tokens: a longer generation (prompt + new tokens) stops
+    before its forward with a message naming the fix; one that fits runs."""
+    path = checkpoints["olmoe"]
+    prompt = _prompt(n=7, seed=1)
+    model = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, max_context=12)
+    kw = dict(do_sample=False, cache_implementation=cache, disable_compile=True)
+    assert model.generate(prompt, max_new_tokens=5, **kw).shape[1] == 12
+    with pytest.raises(ValueError, match=r"max_context=12; load with max_context>=1[3-9]"):
+        model.generate(prompt, max_new_tokens=9, **kw)

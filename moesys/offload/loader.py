@@ -218,6 +218,7 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
         # routing back on its host path) or the decode graph's wrapper: neither can be traced
         model.generation_config.disable_compile = True
     _attach_timing(model, engine)
+    _attach_context_guard(model, opts["max_context"])
     return model
 
 
@@ -289,3 +290,36 @@ def _attach_timing(model: nn.Module, engine: OffloadEngine) -> None:
 
     model.register_forward_pre_hook(pre, with_kwargs=True)
     model.register_forward_hook(post, with_kwargs=True)
+
+
+def _kv_tokens(cache, new_tokens: int) -> int | None:
+    """Tokens of KV cache this forward needs: a static cache's full length (allocated whole), else what is
+    cached plus the new tokens. Host-side numbers only (no device read: decode steps must not sync)."""
+    if cache is None:
+        return new_tokens
+    if getattr(cache, "is_compileable", False):  # StaticCache: fixed length
+        for name in ("get_max_length", "get_max_cache_shape"):  # transformers >= 5.2x / earlier
+            fn = getattr(cache, name, None)
+            length = fn() if fn is not None else None
+            if isinstance(length, int) and length > 0:
+                return length
+        return None
+    return cache.get_seq_length() + new_tokens
+
+
+def _attach_context_guard(model: nn.Module, max_context: int) -> None:
+    """The memory plan reserved KV cache for `max_context` tokens; a longer generation would take more
+    device memory than the budget allows, so it stops with a message before the forward runs."""
+
+    def check(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        needed = _kv_tokens(cache, ids.shape[1] if ids is not None else 0)
+        if needed is not None and needed > max_context:
+            raise ValueError(f"this generation needs a KV cache of {needed} tokens, but the memory plan reserved "
+                             f"max_context={max_context}; load with max_context>={needed} (CLI --max-context) "
+                             f"or generate fewer tokens")
+
+    model.register_forward_pre_hook(check, with_kwargs=True)

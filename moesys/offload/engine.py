@@ -101,8 +101,9 @@ class OffloadEngine:
         act = getattr(some.config, "hidden_act", None)
         self.activation = _MOESYS_ACTIVATIONS.get(act)  # None: quantized experts use the eager loop
         self.moe_backend = "grouped_mm"
-        # experts dequantized at once (the workspace the memory plan reserves)
-        self.dequant_experts = max(1, getattr(some.config, "num_experts_per_tok", 1))
+        self.top_k = max(1, getattr(some.config, "num_experts_per_tok", 1))
+        # experts dequantized at once (the workspace the memory plan reserves): one token's
+        self.dequant_experts = self.top_k
         self.cost_model = {}
         self._cpu_faster = False
         if cpu_experts == "auto" and self.cuda:
@@ -347,7 +348,7 @@ class OffloadEngine:
         """One batch-1 decode step taken on the device path (called by the decode graph per step, replayed
         or not): its hits, when the all-resident shortcut skipped the device tables' counters."""
         if self._tables_on_device and self._device_all_resident:
-            self.stats.hits += self.dequant_experts * len(self.inner)
+            self.stats.hits += self.top_k * len(self.inner)
 
     def _tables_to_host(self) -> None:
         self.device_tables.store_to_host()

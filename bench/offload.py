@@ -191,6 +191,20 @@ def olmoe_config():
                        dtype="bfloat16")
 
 
+def random_model_on_gpu(cfg, name: str):
+    """(bf16 model with random weights built on the GPU, a fixed random 512-token prompt): generating on
+    the GPU is seconds where filling 7B parameters on the host took minutes."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        gpu = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    log(name, "built on GPU", sum(p.numel() for p in gpu.parameters()) * 2 / 1e9, "GB")
+    prompt = torch.randint(2, cfg.vocab_size, (1, 512), device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(0))
+    return gpu, prompt
+
+
 def expert_bytes(cfg, I):
     return 3 * cfg.hidden_size * I * 2
 
@@ -278,13 +292,9 @@ def bench_olmoe(records, meta, workdir, bw, steps, only=None, save=lambda: None)
     cfg = olmoe_config()
     path = os.path.join(workdir, "olmoe_shaped")
     V = cfg.vocab_size
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        gpu = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    log("olmoe built on GPU", sum(p.numel() for p in gpu.parameters()) * 2 / 1e9, "GB")
+    gpu, prompt = random_model_on_gpu(cfg, "olmoe")
     gpu.save_pretrained(path)
     log("olmoe saved")
-    prompt = torch.randint(2, V, (1, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     base = dict(meta, bench="offload", shape="olmoe-1b-7b", prompt_tokens=512, decode_steps=steps, batch=1,
                 decode="teacher-forced random tokens, KV cache")
     want = baseline(records, base, "transformers-gpu", gpu, prompt, steps, V, want_tokens=16)
@@ -351,7 +361,7 @@ def bench_olmoe(records, meta, workdir, bw, steps, only=None, save=lambda: None)
 
 # ------------------------------------------------------------------ 3. Qwen3-30B-A3B-shaped
 def bench_qwen3(records, meta, bw, steps):
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import Qwen3MoeConfig
 
     from moesys.offload.adapters import adapter_for
     from moesys.offload.loader import build
@@ -362,12 +372,8 @@ def bench_qwen3(records, meta, bw, steps):
                          num_experts=128, num_experts_per_tok=8, max_position_embeddings=4096,
                          pad_token_id=0, bos_token_id=1, eos_token_id=None, dtype="bfloat16")
     shape = "qwen3-30b-a3b"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        gpu = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    log("qwen3 built on GPU", sum(p.numel() for p in gpu.parameters()) * 2 / 1e9, "GB")
+    gpu, prompt = random_model_on_gpu(cfg, "qwen3")
     V = cfg.vocab_size
-    prompt = torch.randint(2, V, (1, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     base = dict(meta, bench="offload", shape=shape, prompt_tokens=512, decode_steps=steps, batch=1,
                 decode="teacher-forced random tokens, KV cache")
     want = baseline(records, base, "transformers-gpu", gpu, prompt, steps, V, want_tokens=16)

@@ -15,19 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from offload import forced_decode, free, olmoe_config
+from offload import forced_decode, free, log, olmoe_config, random_model_on_gpu
 from run_meta import run_meta
-
-
-def log(*args):
-    print(f"[{time.perf_counter() - START:7.1f}s]", *args, flush=True)
-
-
-START = time.perf_counter()
 
 
 @torch.no_grad()
@@ -78,8 +70,6 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    from transformers import AutoModelForCausalLM
-
     from moesys.offload import graph as decode_graph
     from moesys.offload.adapters import adapter_for
     from moesys.offload.loader import build
@@ -94,10 +84,7 @@ def main():
 
     cfg = olmoe_config()
     V = cfg.vocab_size
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        gpu = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    prompt = torch.randint(2, V, (1, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    gpu, prompt = random_model_on_gpu(cfg, "olmoe")
     base = dict(meta, bench="offload-step-profile", shape="olmoe-1b-7b")
     decode_graph.install(gpu, compile=True)
     rows.append(dict(base, impl="transformers-gpu-compiled-cudagraph", **measure(gpu, prompt, V)))

@@ -259,28 +259,40 @@ def test_decode_replays_a_cuda_graph_on_gpu(checkpoints, quantize, compile):
     assert stats.misses > 0 and stats.evictions > 0
 
 
+@pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype):
+def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype, K):
     """quant_gemv's kernel (TRITON_INTERPRET on a CPU, CUDA on a GPU) on odd shapes (R and C not multiples
-    of the blocks, three groups per row, repeated slots) against a float64 oracle, and the reference too."""
+    of the blocks, three groups per row of a size that is not a power of two, repeated slots; K rows per
+    token, each reading its token), plain and with routing weights, against a float64 oracle, and the
+    reference too."""
     from moesys.offload.quant_gemv import quant_gemv
     g = torch.Generator().manual_seed(3)
-    S, R, C, N = 4, 37, 48, 5
+    S, R, C, T = 4, 37, 36, 5
     w = torch.randn(S, R, C, generator=g)
-    qs, ss = zip(*(quant.quantize(w[s], mode, group_size=16) for s in range(S)))
+    qs, ss = zip(*(quant.quantize(w[s], mode, group_size=12) for s in range(S)))
     q, scale = torch.stack(qs), torch.stack(ss)
     assert scale.shape == (S, R, 3)
-    x = torch.randn(N, C, generator=g).to(dtype)
-    slots = torch.tensor([2, 0, 2, 3, 1])
-    oracle = torch.einsum("nrc,nc->nr", quant.dequantize(q, scale, mode, torch.float64)[slots], x.double())
+    x = torch.randn(T, C, generator=g).to(dtype)
+    slots = torch.tensor([2, 0, 2, 3, 1, 0, 1, 3, 2, 0, 3, 3, 1, 2, 0])[:T * K]
+    route_w = torch.rand(T * K, generator=g).to(dtype)
+    deq = quant.dequantize(q, scale, mode, torch.float64)[slots]
+    oracle = torch.einsum("nrc,nc->nr", deq, x.double().repeat_interleave(K, dim=0))
     dev = DEVICE
     args = (x.to(dev), q.to(dev), scale.to(dev), slots.to(dev), mode)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    kernel = quant_gemv(*args, use_kernel=True)
-    assert kernel.dtype == dtype and kernel.shape == (N, R)
-    torch.testing.assert_close(kernel.double().cpu(), oracle, **tol)
-    torch.testing.assert_close(quant_gemv(*args, use_kernel=False).double().cpu(), oracle, **tol)
+    for weight, want, out_dtype in ((None, oracle, dtype),
+                                    (route_w.to(dev), oracle * route_w.double()[:, None], torch.float32)):
+        # bf16: the reference rounds each dequantized weight (and the plain output) to bf16, errors that
+        # add up over a row to about 1% of the largest outputs
+        tol = (dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else
+               dict(rtol=2e-2, atol=1e-2 * want.abs().max().item()))
+        for use_kernel in (True, False):
+            got = quant_gemv(*args, weight_N=weight, use_kernel=use_kernel)
+            assert got.dtype == out_dtype and got.shape == (T * K, R)
+            torch.testing.assert_close(got.double().cpu(), want, **tol)
+    with pytest.raises(ValueError, match="each token needs the same number of rows"):
+        quant_gemv(x[:2], q, scale, torch.tensor([0, 1, 2]), mode)
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])

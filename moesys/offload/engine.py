@@ -500,14 +500,13 @@ class OffloadEngine:
         """Row t*K + j of the routing through the quantized expert in slot slots_N[t*K + j], read packed by
         quant_gemv (no dequantized copy of the weights), then the top-k combine."""
         T, K = w_TK.shape
-        dtype = x_TH.dtype
         pools, mode = self.cache.pools, self.store.quantize
-        x_NH = x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, -1)  # row t*K + j: token t
-        h_NF = quant_gemv(x_NH, pools["gate_up.q"], pools["gate_up.scale"], slots_N, mode)
+        # row t*K + j reads token t; the down projection returns each row times its routing weight in fp32
+        # (the top-k sum in fp32, as moe_mlp's), so only the sum over K and the cast are left
+        h_NF = quant_gemv(x_TH, pools["gate_up.q"], pools["gate_up.scale"], slots_N, mode)
         a_NI = apply_activation(h_NF, self.activation)
-        y_TKH = quant_gemv(a_NI, pools["down.q"], pools["down.scale"], slots_N, mode).view(T, K, -1)
-        acc = torch.promote_types(dtype, torch.float32)  # the top-k sum in fp32, as moe_mlp's
-        return (y_TKH.to(acc) * w_TK.unsqueeze(-1).to(acc)).sum(1).to(dtype)
+        y_NH = quant_gemv(a_NI, pools["down.q"], pools["down.scale"], slots_N, mode, weight_N=w_TK.reshape(-1))
+        return y_NH.view(T, K, -1).sum(1).to(x_TH.dtype)
 
     def _run_dequant(self, layer, x_TH, ids_TK, w_TK, experts, slots, out_TH) -> None:
         """Quantized experts: dequantize this wave's slots together into a compact [n, ...] workspace and

@@ -6,12 +6,15 @@ unpacking): on the H200 the int4 graph decode of the OLMoE shape ran at 73 tok/s
 (bench/results/offload_graph_08c2fe4.json). This kernel reads the packed weights and their group scales
 once and accumulates in fp32, so quantized decode moves fewer bytes than bf16 instead of more.
 
-    y_NR[n] = dequantize(q[slots_N[n]], scale[slots_N[n]]) @ x_NC[n]
+    y_NR[n] = dequantize(q[slots_N[n]], scale[slots_N[n]]) @ x_TC[n // K]   (times weight_N[n], if given)
 
-`quant_gemv_reference` is the definition (and the CPU path); the kernel agrees with it to fp32 rounding
-(it multiplies in fp32 without rounding the dequantized weight to the activation dtype first).
+Routed row n = t*K + j is token t's j-th expert, so the gate/up call reads each token once (no [T*K, C]
+copy of x) and the down call can return the top-k combine's weighted terms. `quant_gemv_reference` is the
+definition (and the CPU path); the kernel agrees with it to fp32 rounding (it multiplies in fp32 without
+rounding the dequantized weight, or the product before the routing weight, to the activation dtype).
 
-Legend: N routed rows, S cache slots, R output rows, C input columns, G groups per row.
+Legend: T tokens, K rows per token, N = T*K routed rows, S cache slots, R output rows, C input columns,
+G groups per row.
 """
 
 from __future__ import annotations
@@ -29,21 +32,27 @@ except ImportError:
     triton = None
 
 
-def quant_gemv_reference(x_NC, q_S, scale_SRG, slots_N, mode: str) -> torch.Tensor:
+def quant_gemv_reference(x_TC, q_S, scale_SRG, slots_N, mode: str, weight_N=None) -> torch.Tensor:
+    x_NC = x_TC.repeat_interleave(slots_N.shape[0] // x_TC.shape[0], dim=0)
     w_NRC = quant.dequantize(q_S[slots_N], scale_SRG[slots_N], mode, x_NC.dtype)
-    return torch.bmm(w_NRC, x_NC.unsqueeze(-1)).squeeze(-1)
+    y_NR = torch.bmm(w_NRC, x_NC.unsqueeze(-1)).squeeze(-1)
+    if weight_N is None:
+        return y_NR
+    acc = torch.promote_types(x_TC.dtype, torch.float32)
+    return y_NR.to(acc) * weight_N.to(acc)[:, None]
 
 
 if triton is not None:
     # Batch-1 decode runs a handful of rows over 2-16 MB of packed weights per call, so the kernel is
-    # bandwidth- and latency-bound; the best row block and width depend on R and C (gate_up vs down, int4
-    # vs int8). Tuned on the first call of each shape (the decode graph's eager warm-up step, never while
+    # bandwidth- and latency-bound: what pays is many bytes in flight per program and little work per
+    # weight byte. Tuned on the first call of each shape (the decode graph's eager warm-up step, never while
     # a graph is being captured); the interpreter (CPU tests) takes one config.
-    _CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
-                for r, c, w in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (16, 512, 8), (32, 128, 4),
-                                (64, 128, 8), (4, 1024, 4))]
+    # (BLOCK_R rows, GROUPS scale groups per iteration, warps)
+    _CONFIGS = [triton.Config({"BLOCK_R": r, "GROUPS": g}, num_warps=w)
+                for r, g, w in ((16, 4, 4), (8, 8, 4), (32, 2, 4), (4, 16, 4), (16, 8, 8), (32, 4, 8),
+                                (64, 1, 4), (8, 16, 8), (2, 16, 4), (64, 2, 8))]
     if os.environ.get("TRITON_INTERPRET") == "1":
-        _CONFIGS = _CONFIGS[:1]
+        _CONFIGS = [triton.Config({"BLOCK_R": 16, "GROUPS": 2}, num_warps=4)]
 
     def _bench_in_place(fn, quantiles):
         """Times `fn` with CUDA events and no allocation: triton's default benchmark allocates a 256 MB
@@ -63,59 +72,77 @@ if triton is not None:
         times.sort()
         return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
 
-    @triton.autotune(configs=_CONFIGS, key=["R", "C", "INT4"], do_bench=_bench_in_place)
+    @triton.autotune(configs=_CONFIGS, key=["R", "C", "INT4", "HAS_W"], do_bench=_bench_in_place)
     @triton.jit
-    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, slot_ptr, y_ptr, R, C, G, q_slot_stride, q_row_stride,
-                           s_slot_stride, GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
-        """BLOCK_C weight bytes per row per iteration: int8, one column each; int4, columns 2j (low nibble)
-        and 2j + 1 (high nibble) of byte j, both offset by 8 and in one group (groups are even). The
-        products accumulate element-wise in fp32 and are reduced across the row once, at the end."""
+    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, slot_ptr, w_ptr, y_ptr, R, C, G, rows_per_x, q_slot_stride,
+                           q_row_stride, s_slot_stride, GROUP: tl.constexpr, GROUP_BYTES: tl.constexpr,
+                           INT4: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr,
+                           GROUPS: tl.constexpr):
+        """Program (n, r): rows r*BLOCK_R.. of routed row n's expert, GROUPS whole scale groups per
+        iteration as a [BLOCK_R, GROUPS, GROUP_BYTES] tile (GROUP_BYTES: the group's weight bytes, rounded
+        up to a power of two and masked). Each group's scale is loaded once and broadcast over its bytes;
+        products accumulate element-wise in fp32 and are reduced once, at the end. int4: byte b of a group
+        holds its columns 2b (low nibble) and 2b + 1 (high nibble), both offset by 8."""
         n = tl.program_id(0)
         slot = tl.load(slot_ptr + n).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
-        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        q_base = q_ptr + slot * q_slot_stride + rows[:, None].to(tl.int64) * q_row_stride
-        s_base = s_ptr + slot * s_slot_stride + rows[:, None].to(tl.int64) * G
-        x_base = x_ptr + n * C
-        n_bytes = C // 2 if INT4 else C
-        for j0 in range(0, n_bytes, BLOCK_C):
-            j = j0 + tl.arange(0, BLOCK_C)
-            j_ok = j < n_bytes
-            m = row_ok[:, None] & j_ok[None, :]
+        b = tl.arange(0, GROUP_BYTES)
+        b_ok = b < (GROUP // 2 if INT4 else GROUP)
+        acc = tl.zeros([BLOCK_R, GROUPS, GROUP_BYTES], dtype=tl.float32)
+        q_base = q_ptr + slot * q_slot_stride + rows.to(tl.int64)[:, None, None] * q_row_stride
+        s_base = s_ptr + slot * s_slot_stride + rows.to(tl.int64)[:, None] * G
+        x_base = x_ptr + (n // rows_per_x).to(tl.int64) * C
+        for g0 in range(0, G, GROUPS):
+            g = g0 + tl.arange(0, GROUPS)
+            gb_ok = (g < G)[:, None] & b_ok[None, :]  # [GROUPS, GROUP_BYTES]
+            m = row_ok[:, None, None] & gb_ok[None]
+            scale = tl.load(s_base + g[None, :], mask=row_ok[:, None] & (g < G)[None, :], other=0.0)
             if INT4:
-                byte = tl.load(q_base + j[None, :], mask=m, other=0).to(tl.int32)
-                x_lo = tl.load(x_base + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_base + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
-                scale = tl.load(s_base + (2 * j[None, :]) // GROUP, mask=m, other=0.0)
-                lo = ((byte & 0xF) - 8).to(tl.float32)
-                hi = ((byte >> 4) - 8).to(tl.float32)
-                acc += (lo * x_lo[None, :] + hi * x_hi[None, :]) * scale
+                byte = tl.load(q_base + (g[:, None] * (GROUP // 2) + b[None, :])[None], mask=m, other=0)
+                byte = byte.to(tl.int32)
+                col = g[:, None] * GROUP + 2 * b[None, :]
+                x_lo = tl.load(x_base + col, mask=gb_ok, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_base + col + 1, mask=gb_ok, other=0.0).to(tl.float32)
+                prod = ((byte & 0xF) - 8).to(tl.float32) * x_lo[None] + ((byte >> 4) - 8).to(tl.float32) * x_hi[None]
             else:
-                v = tl.load(q_base + j[None, :], mask=m, other=0).to(tl.float32)
-                x = tl.load(x_base + j, mask=j_ok, other=0.0).to(tl.float32)
-                scale = tl.load(s_base + j[None, :] // GROUP, mask=m, other=0.0)
-                acc += v * scale * x[None, :]
-        tl.store(y_ptr + n * R + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+                col = g[:, None] * GROUP + b[None, :]
+                v = tl.load(q_base + col[None], mask=m, other=0).to(tl.float32)
+                prod = v * tl.load(x_base + col, mask=gb_ok, other=0.0).to(tl.float32)[None]
+            acc += prod * scale[:, :, None]
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        if HAS_W:
+            y *= tl.load(w_ptr + n).to(tl.float32)
+        tl.store(y_ptr + n * R + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-def quant_gemv(x_NC, q_S, scale_SRG, slots_N, mode: str, use_kernel: bool | None = None) -> torch.Tensor:
-    """[N, R] in x's dtype. q_S: [S, R, C] int8, or [S, R, C/2] uint8 (int4, two columns per byte);
-    scale_SRG: [S, R, G] fp32 per-group scales (C/G columns per group). use_kernel: None = the Triton kernel
-    for CUDA tensors, the reference otherwise."""
+def quant_gemv(x_TC, q_S, scale_SRG, slots_N, mode: str, weight_N=None, use_kernel: bool | None = None):
+    """[N, R]: routed row n of N = T*K multiplies token n // K of x_TC (K = N // T: a token's rows are
+    consecutive) by the quantized expert in slot slots_N[n]. Without weight_N, in x's dtype; with it, each
+    row scaled by weight_N[n] and in fp32 or wider (the top-k combine's terms: sum them over a token's K
+    rows).
+    q_S: [S, R, C] int8, or [S, R, C/2] uint8 (int4, two columns per byte); scale_SRG: [S, R, G] fp32
+    per-group scales (C/G columns per group). use_kernel: None = the Triton kernel for CUDA tensors, the
+    reference otherwise."""
     if mode not in ("int8", "int4"):
         raise ValueError(f"quant_gemv: mode={mode!r}; use 'int8' or 'int4'")
-    N, C = x_NC.shape
+    T, C = x_TC.shape
+    N = slots_N.shape[0]
     S, R, G = scale_SRG.shape
+    if N % T:
+        raise ValueError(f"quant_gemv: {N} routed rows for {T} tokens; each token needs the same number of rows")
     if use_kernel is None:
-        use_kernel = x_NC.is_cuda and triton is not None
+        use_kernel = x_TC.is_cuda and triton is not None
     if not use_kernel:
-        return quant_gemv_reference(x_NC, q_S, scale_SRG, slots_N, mode)
-    x_NC, q_S, scale_SRG = x_NC.contiguous(), q_S.contiguous(), scale_SRG.contiguous()
-    y_NR = torch.empty(N, R, dtype=x_NC.dtype, device=x_NC.device)
+        return quant_gemv_reference(x_TC, q_S, scale_SRG, slots_N, mode, weight_N)
+    x_TC, q_S, scale_SRG = x_TC.contiguous(), q_S.contiguous(), scale_SRG.contiguous()
+    out_dtype = x_TC.dtype if weight_N is None else torch.promote_types(x_TC.dtype, torch.float32)
+    y_NR = torch.empty(N, R, dtype=out_dtype, device=x_TC.device)
+    group = C // G
     grid = lambda meta: (N, triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
     _quant_gemv_kernel[grid](
-        x_NC, q_S, scale_SRG, slots_N, y_NR, R, C, G, q_S.stride(0), q_S.stride(1), scale_SRG.stride(0),
-        GROUP=C // G, INT4=mode == "int4")
+        x_TC, q_S, scale_SRG, slots_N, slots_N if weight_N is None else weight_N, y_NR, R, C, G, N // T,
+        q_S.stride(0), q_S.stride(1), scale_SRG.stride(0), GROUP=group,
+        GROUP_BYTES=triton.next_power_of_2(group // 2 if mode == "int4" else group), INT4=mode == "int4",
+        HAS_W=weight_N is not None)
     return y_NR

@@ -108,7 +108,8 @@ def bf16_step(gate_up_SFH, down_SHI, x_H, slots_LN, w_LN):
     for layer in range(L):
         slots, w = slots_LN[layer], w_LN[layer]
         order = slots.argsort()
-        offs = torch.bincount(slots, minlength=S).cumsum(0).to(torch.int32)
+        ones = torch.ones_like(slots, dtype=torch.int32)
+        offs = torch.zeros(S, dtype=torch.int32, device=slots.device).index_add_(0, slots, ones).cumsum(0, dtype=torch.int32)
         x = x_H[None].expand(K, H).contiguous()
         h = torch._grouped_mm(x, gate_up_SFH.transpose(1, 2), offs=offs)
         a = F.silu(h[:, :I]) * h[:, I:]

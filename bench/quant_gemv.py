@@ -6,8 +6,8 @@ budget holds, bench/results/offload_77fe6bf.json), each layer on 8 distinct rand
 ~430 MB (int4) of weights that no earlier layer left in L2. Captured in a CUDA graph (no launch overhead)
 and timed over replays, median:
 - quant_gemv, the engine's path (gate/up call, SwiGLU, down call with the routing weights, top-k sum);
-  with --before PATH also the same steps through another quant_gemv module (an A/B of kernel versions);
-- the same experts dequantized to bf16 then multiplied (quant_gemv_reference, what the kernel replaced);
+  with --before PATH also the same steps through quant_gemv as it was at 9587d01 (its rows API);
+- the same experts dequantized then multiplied (quant_gemv_reference, fp32: what a kernel-less path does);
 - bf16 experts through torch._grouped_mm over the slot pool (what moesys' bf16 decode runs);
 - the bound: the step's weight and scale bytes at the device's measured read bandwidth;
 - per kernel config (no autotuning), the cold time of each projection: whether the autotuner's pick,
@@ -80,23 +80,20 @@ def routing(S: int, gen: torch.Generator):
 
 
 def quantized_step(qg, pools, mode, x_H, slots_LN, w_LN, old_api=False):
-    """The engine's _quantized_rows per layer (old_api: a quant_gemv that takes [N, C] rows and returns
-    them unweighted, as before the routing weights moved into the kernel)."""
+    """The engine's _quantized_rows per layer (old_api: a quant_gemv that takes [N, C] rows and returns them
+    unweighted, before the activation and the top-k combine moved into the kernel: moesys at 9587d01)."""
     outs = []
     for layer in range(L):
         slots, w = slots_LN[layer], w_LN[layer]
         x = x_H[None]
         if old_api:
-            x_N = x.expand(K, H).reshape(K, H)
-            h = qg.quant_gemv(x_N, pools["gate_up.q"], pools["gate_up.scale"], slots, mode)
-            a = F.silu(h[:, :I]) * h[:, I:]
-            y = qg.quant_gemv(a, pools["down.q"], pools["down.scale"], slots, mode)
+            h = qg.quant_gemv(x.expand(K, H).reshape(K, H), pools["gate_up.q"], pools["gate_up.scale"], slots, mode)
+            y = qg.quant_gemv(F.silu(h[:, :I]) * h[:, I:], pools["down.q"], pools["down.scale"], slots, mode)
             outs.append((y.float() * w.float()[:, None]).sum(0).to(x.dtype))
         else:
             h = qg.quant_gemv(x, pools["gate_up.q"], pools["gate_up.scale"], slots, mode)
-            a = F.silu(h[:, :I]) * h[:, I:]
-            y = qg.quant_gemv(a, pools["down.q"], pools["down.scale"], slots, mode, weight_N=w)
-            outs.append(y.sum(0).to(x.dtype))
+            outs.append(qg.quant_gemv(h, pools["down.q"], pools["down.scale"], slots, mode, activation="silu",
+                                      weight_TK=w[None])[0])
     return torch.stack(outs)
 
 
@@ -119,35 +116,24 @@ def bf16_step(gate_up_SFH, down_SHI, x_H, slots_LN, w_LN):
 
 
 def config_sweep(qg, pools, mode, x_H, slots_LN, w_LN) -> list[dict]:
-    """Cold ms per step of each projection under each kernel config (16 layers' slots, graph-replayed)."""
-    kern = qg._quant_gemv_kernel
+    """Cold ms per step of each call (16 layers' slots, graph-replayed) under each kernel config."""
+    h_KF = torch.randn(K, 2 * I, device="cuda", dtype=x_H.dtype)
     rows = []
-    for cfg in kern.configs:
-        rec = dict(config=dict(cfg.kwargs), num_warps=cfg.num_warps)
-        for name, (R, C) in (("gate_up", (2 * I, H)), ("down", (H, I))):
-            q, s = pools[f"{name}.q"], pools[f"{name}.scale"]
-            G = s.shape[-1]
-            group = C // G
-            xin = x_H[None] if name == "gate_up" else torch.randn(K, I, device="cuda", dtype=x_H.dtype)
-            y = torch.empty(K, R, device="cuda", dtype=torch.float32 if name == "down" else x_H.dtype)
-            br = cfg.kwargs["BLOCK_R"]
-
-            def run():
-                for layer in range(L):
-                    kern.fn[(K, triton.cdiv(R, br))](
-                        xin, q, s, slots_LN[layer], w_LN[layer], y, R, C, G, K // xin.shape[0], q.stride(0),
-                        q.stride(1), s.stride(0), GROUP=group,
-                        GROUP_BYTES=triton.next_power_of_2(group // 2 if mode == "int4" else group),
-                        INT4=mode == "int4", HAS_W=name == "down", num_warps=cfg.num_warps, **cfg.kwargs)
-            rec[f"{name}_ms"] = graph_ms(run, reps=15)
+    for cfg in qg._quant_gemv_kernel.configs:
+        config = dict(cfg.kwargs, num_warps=cfg.num_warps)
+        rec = dict(config=config)
+        rec["gate_up_ms"] = graph_ms(lambda: [
+            qg.quant_gemv(x_H[None], pools["gate_up.q"], pools["gate_up.scale"], slots_LN[r], mode, config=config)
+            for r in range(L)], reps=15)
+        rec["down_combine_ms"] = graph_ms(lambda: [
+            qg.quant_gemv(h_KF, pools["down.q"], pools["down.scale"], slots_LN[r], mode, activation="silu",
+                          weight_TK=w_LN[r][None], config=config)
+            for r in range(L)], reps=15)
         rows.append(rec)
     return rows
 
 
 def main():
-    global triton
-    import triton
-
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--before", default=None, help="path of another quant_gemv.py to time beside this one")
@@ -182,12 +168,10 @@ def main():
         common = dict(meta, bench="quant-gemv", mode=mode, weight_bytes=nbytes, bound_ms=nbytes / bw * 1e3)
         want = quantized_step(qg, pools, mode, x_H, slots_LN, w_LN)
         ref = torch.stack([
-            (qg.quant_gemv_reference(
-                F.silu(h[:, :I]) * h[:, I:], pools["down.q"], pools["down.scale"], slots_LN[r], mode, w_LN[r])
-             .sum(0).to(torch.bfloat16))
-            for r in range(L)
-            for h in [qg.quant_gemv_reference(x_H[None], pools["gate_up.q"], pools["gate_up.scale"],
-                                              slots_LN[r], mode)]])
+            qg.quant_gemv_reference(
+                qg.quant_gemv_reference(x_H[None], pools["gate_up.q"], pools["gate_up.scale"], slots_LN[r], mode),
+                pools["down.q"], pools["down.scale"], slots_LN[r], mode, "silu", w_LN[r][None])[0]
+            for r in range(L)])
         err = ((want.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         impls = [("moesys-quant-gemv", lambda: quantized_step(qg, pools, mode, x_H, slots_LN, w_LN))]
         if before is not None:
@@ -197,8 +181,8 @@ def main():
         def dequantized():
             for r in range(L):
                 h = qg.quant_gemv_reference(x_H[None], pools["gate_up.q"], pools["gate_up.scale"], slots_LN[r], mode)
-                qg.quant_gemv_reference(F.silu(h[:, :I]) * h[:, I:], pools["down.q"], pools["down.scale"],
-                                        slots_LN[r], mode, w_LN[r]).sum(0)
+                qg.quant_gemv_reference(h, pools["down.q"], pools["down.scale"], slots_LN[r], mode, "silu",
+                                        w_LN[r][None])
         impls.append(("dequantize-then-bmm", dequantized))
         for impl, fn in impls:
             ms = graph_ms(fn)

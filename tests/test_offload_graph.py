@@ -264,9 +264,10 @@ def test_decode_replays_a_cuda_graph_on_gpu(checkpoints, quantize, compile):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype, K):
     """quant_gemv's kernel (TRITON_INTERPRET on a CPU, CUDA on a GPU) on odd shapes (R and C not multiples
-    of the blocks, three groups per row of a size that is not a power of two, repeated slots; K rows per
-    token, each reading its token), plain and with routing weights, against a float64 oracle, and the
-    reference too."""
+    of the blocks, three groups per row of a size that is not a power of two, repeated slots) in the three
+    ways a layer calls it: K rows per token reading the token's row; a row per routed row through a gated
+    activation; and that with the top-k combine. Against a float64 oracle, and the reference too."""
+    from moesys.activations import apply_activation
     from moesys.offload.quant_gemv import quant_gemv
     g = torch.Generator().manual_seed(3)
     S, R, C, T = 4, 37, 36, 5
@@ -275,24 +276,28 @@ def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype, K):
     q, scale = torch.stack(qs), torch.stack(ss)
     assert scale.shape == (S, R, 3)
     x = torch.randn(T, C, generator=g).to(dtype)
+    h = torch.randn(T * K, 2 * C, generator=g).to(dtype)  # [gate | up] of each routed row
     slots = torch.tensor([2, 0, 2, 3, 1, 0, 1, 3, 2, 0, 3, 3, 1, 2, 0])[:T * K]
-    route_w = torch.rand(T * K, generator=g).to(dtype)
+    route_w = torch.rand(T, K, generator=g).to(dtype)
     deq = quant.dequantize(q, scale, mode, torch.float64)[slots]
-    oracle = torch.einsum("nrc,nc->nr", deq, x.double().repeat_interleave(K, dim=0))
+    plain = torch.einsum("nrc,nc->nr", deq, x.double().repeat_interleave(K, dim=0))
+    act = torch.einsum("nrc,nc->nr", deq, apply_activation(h.double(), "silu"))
+    combined = (act.view(T, K, R) * route_w.double()[..., None]).sum(1)
     dev = DEVICE
-    args = (x.to(dev), q.to(dev), scale.to(dev), slots.to(dev), mode)
-    for weight, want, out_dtype in ((None, oracle, dtype),
-                                    (route_w.to(dev), oracle * route_w.double()[:, None], torch.float32)):
-        # bf16: the reference rounds each dequantized weight (and the plain output) to bf16, errors that
-        # add up over a row to about 1% of the largest outputs
-        tol = (dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else
-               dict(rtol=2e-2, atol=1e-2 * want.abs().max().item()))
+    to = lambda t: t.to(dev)  # noqa: E731
+    calls = [((x, None, None), plain), ((h, "silu", None), act), ((h, "silu", route_w), combined)]
+    for (inp, activation, weight), want in calls:
+        # bf16: the output's rounding and the reference's
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
         for use_kernel in (True, False):
-            got = quant_gemv(*args, weight_N=weight, use_kernel=use_kernel)
-            assert got.dtype == out_dtype and got.shape == (T * K, R)
+            got = quant_gemv(to(inp), to(q), to(scale), to(slots), mode, activation=activation,
+                             weight_TK=None if weight is None else to(weight), use_kernel=use_kernel)
+            assert got.dtype == dtype and got.shape == want.shape
             torch.testing.assert_close(got.double().cpu(), want, **tol)
-    with pytest.raises(ValueError, match="each token needs the same number of rows"):
+    with pytest.raises(ValueError, match="the same number of routed rows"):
         quant_gemv(x[:2], q, scale, torch.tensor([0, 1, 2]), mode)
+    with pytest.raises(ValueError, match="is not gated"):
+        quant_gemv(h, q, scale, slots, mode, activation="relu")
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])

@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moesys.activations import apply_activation
 from moesys.offload import quant, slot_copy
 from moesys.offload.device_cache import DeviceCacheTables
 from moesys.offload.quant_gemv import quant_gemv
@@ -498,15 +497,12 @@ class OffloadEngine:
 
     def _quantized_rows(self, x_TH, slots_N, w_TK):
         """Row t*K + j of the routing through the quantized expert in slot slots_N[t*K + j], read packed by
-        quant_gemv (no dequantized copy of the weights), then the top-k combine."""
-        T, K = w_TK.shape
+        quant_gemv (no dequantized copy of the weights): the gate/up call reads each token's row in place,
+        the down call applies the activation and sums the top-k combine in fp32 (as moe_mlp does)."""
         pools, mode = self.cache.pools, self.store.quantize
-        # row t*K + j reads token t; the down projection returns each row times its routing weight in fp32
-        # (the top-k sum in fp32, as moe_mlp's), so only the sum over K and the cast are left
         h_NF = quant_gemv(x_TH, pools["gate_up.q"], pools["gate_up.scale"], slots_N, mode)
-        a_NI = apply_activation(h_NF, self.activation)
-        y_NH = quant_gemv(a_NI, pools["down.q"], pools["down.scale"], slots_N, mode, weight_N=w_TK.reshape(-1))
-        return y_NH.view(T, K, -1).sum(1).to(x_TH.dtype)
+        return quant_gemv(h_NF, pools["down.q"], pools["down.scale"], slots_N, mode, activation=self.activation,
+                          weight_TK=w_TK)
 
     def _run_dequant(self, layer, x_TH, ids_TK, w_TK, experts, slots, out_TH) -> None:
         """Quantized experts: dequantize this wave's slots together into a compact [n, ...] workspace and

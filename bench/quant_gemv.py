@@ -10,8 +10,8 @@ and timed over replays, median:
 - the same experts dequantized then multiplied (quant_gemv_reference, fp32: what a kernel-less path does);
 - bf16 experts through torch._grouped_mm over the slot pool (what moesys' bf16 decode runs);
 - the bound: the step's weight and scale bytes at the device's measured read bandwidth;
-- per kernel config (no autotuning), the cold time of each projection: whether the autotuner's pick,
-  ranked on warm repeats, is the cold-best one.
+- per block shape of the kernel (quant_gemv.SWEEP_CONFIGS), the cold time of each call over the step: the
+  data behind ROW_CONFIG and COMBINE_CONFIG.
 Correctness in the same run: the kernel against the reference on the timed inputs.
 
     PYTHONPATH=.:bench python bench/quant_gemv.py --out bench/results/quant_gemv.json
@@ -35,7 +35,7 @@ SLOTS = {"int4": 612, "int8": 315, "bf16": 194}
 
 def graph_ms(fn, reps: int = 30) -> float:
     """Median ms of one replay of a CUDA graph of fn (after warm-up replays)."""
-    fn()  # compile / autotune outside the capture
+    fn()  # compile outside the capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -119,8 +119,7 @@ def config_sweep(qg, pools, mode, x_H, slots_LN, w_LN) -> list[dict]:
     """Cold ms per step of each call (16 layers' slots, graph-replayed) under each kernel config."""
     h_KF = torch.randn(K, 2 * I, device="cuda", dtype=x_H.dtype)
     rows = []
-    for cfg in qg._quant_gemv_kernel.configs:
-        config = dict(cfg.kwargs, num_warps=cfg.num_warps)
+    for config in qg.SWEEP_CONFIGS:
         rec = dict(config=config)
         rec["gate_up_ms"] = graph_ms(lambda: [
             qg.quant_gemv(x_H[None], pools["gate_up.q"], pools["gate_up.scale"], slots_LN[r], mode, config=config)
@@ -190,8 +189,7 @@ def main():
                        fraction_of_bound=(nbytes / bw * 1e3) / ms)
             if impl == "moesys-quant-gemv":
                 rec["max_rel_err_vs_reference"] = err
-                rec["autotuned"] = {str(k): dict(v.kwargs, num_warps=v.num_warps)
-                                    for k, v in qg._quant_gemv_kernel.cache.items()}
+                rec["configs"] = dict(row=qg.ROW_CONFIG, combine=qg.COMBINE_CONFIG)
             records.append(rec)
         records.append(dict(common, impl="config-sweep", configs=config_sweep(qg, pools, mode, x_H, slots_LN, w_LN)))
         del pools

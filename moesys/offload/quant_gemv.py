@@ -22,7 +22,6 @@ C input columns (of the activation), G groups per row.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -56,34 +55,19 @@ if triton is not None:
 
     # Batch-1 decode runs a handful of rows over 2-16 MB of packed weights per call, so the kernel is
     # bandwidth- and latency-bound: what pays is many bytes in flight per program and little work per
-    # weight byte. The combining call has one program per token and row block (not per routed row), hence
-    # the small row blocks. Tuned on the first call of each shape (the decode graph's eager warm-up step,
-    # never while a graph is being captured); the interpreter (CPU tests) takes one config.
-    # (BLOCK_R rows, GROUPS scale groups per iteration, warps)
-    _CONFIGS = [triton.Config({"BLOCK_R": r, "GROUPS": g}, num_warps=w)
-                for r, g, w in ((32, 2, 4), (16, 4, 4), (32, 4, 8), (64, 2, 8), (8, 8, 4), (8, 4, 4),
-                                (4, 4, 4), (4, 8, 4), (2, 8, 4), (2, 4, 2), (1, 8, 2))]
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        _CONFIGS = [triton.Config({"BLOCK_R": 16, "GROUPS": 2}, num_warps=4)]
-    def _bench_in_place(fn, quantiles):
-        """Times `fn` with CUDA events and no allocation: triton's default benchmark allocates a 256 MB
-        buffer to flush the L2 cache, which would break the offload GPU budget (max_memory_allocated)
-        on the first decode step. Repeating one call keeps its 2-16 MB of weights warm in L2, faster than a
-        real step sees them; only the configs' ranking is used."""
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(15):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        times.sort()
-        return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
+    # weight byte. Fixed block shapes from a cold sweep (bench/quant_gemv.py on the H200, OLMoE shape,
+    # bench/results/quant_gemv_c46939e.json): one routed row per program, 32 rows x 2 groups; the combining
+    # call has one program per token and row block (not per routed row), so smaller row blocks keep enough
+    # programs in flight. Not autotuned: triton's autotuner ranks configs on warm repeats of one call, and
+    # a combining call's 9 MB of int8 weights stay in L2 there, which picked a config 2.4x slower than the
+    # best on cold weights (the ones a real step reads).
+    ROW_CONFIG = dict(BLOCK_R=32, GROUPS=2, num_warps=4)
+    COMBINE_CONFIG = dict(BLOCK_R=8, GROUPS=8, num_warps=4)
+    # what bench/quant_gemv.py sweeps
+    SWEEP_CONFIGS = [dict(BLOCK_R=r, GROUPS=g, num_warps=w)
+                     for r, g, w in ((32, 2, 4), (16, 4, 4), (32, 4, 8), (64, 2, 8), (8, 8, 4), (8, 4, 4),
+                                     (4, 4, 4), (4, 8, 4), (2, 8, 4), (2, 4, 2), (1, 8, 2))]
 
-    @triton.autotune(configs=_CONFIGS, key=["R", "C", "INT4", "ACT", "KC"], do_bench=_bench_in_place)
     @triton.jit
     def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, slot_ptr, w_ptr, y_ptr, R, C, G, rows_per_x, x_stride,
                            q_slot_stride, q_row_stride, s_slot_stride, GROUP: tl.constexpr,
@@ -154,7 +138,8 @@ def quant_gemv(x_XC, q_S, scale_SRG, slots_N, mode: str, activation: str | None 
     [X, 2C] ([gate | up]) with a gated `activation` ("silu", "gelu_tanh"). q_S: [S, R, C] int8, or
     [S, R, C/2] uint8 (int4, two columns per byte); scale_SRG: [S, R, G] fp32 per-group scales (C/G columns
     per group). use_kernel: None = the Triton kernel for CUDA tensors, the reference otherwise. config:
-    one kernel config ({"BLOCK_R", "GROUPS", "num_warps"}) instead of the autotuner's (benchmarks)."""
+    the kernel's block shape ({"BLOCK_R", "GROUPS", "num_warps"}) instead of ROW_CONFIG / COMBINE_CONFIG
+    (benchmarks)."""
     if mode not in ("int8", "int4"):
         raise ValueError(f"quant_gemv: mode={mode!r}; use 'int8' or 'int4'")
     X = x_XC.shape[0]
@@ -181,10 +166,6 @@ def quant_gemv(x_XC, q_S, scale_SRG, slots_N, mode: str, activation: str | None 
     meta = dict(GROUP=group, GROUP_BYTES=triton.next_power_of_2(group // 2 if mode == "int4" else group),
                 INT4=mode == "int4", ACT=-1 if activation is None else ACT_CODES[activation], KC=KC,
                 HAS_W=weight_TK is not None)
-    if config is None:
-        grid = lambda m: (N // KC, triton.cdiv(R, m["BLOCK_R"]))  # noqa: E731
-        _quant_gemv_kernel[grid](*args, **meta)
-    else:
-        config = dict(config)
-        _quant_gemv_kernel.fn[(N // KC, triton.cdiv(R, config["BLOCK_R"]))](*args, **meta, **config)
+    config = dict(config or (ROW_CONFIG if KC == 1 else COMBINE_CONFIG))
+    _quant_gemv_kernel[(N // KC, triton.cdiv(R, config["BLOCK_R"]))](*args, **meta, **config)
     return y

@@ -135,7 +135,8 @@ def config_sweep(qg, pools, mode, x_H, slots_LN, w_LN) -> list[dict]:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--before", default=None, help="path of another quant_gemv.py to time beside this one")
+    p.add_argument("--before", default=None,
+                   help="path of a quant_gemv.py with 9587d01's API ([N, C] rows in, unweighted rows out) to time beside")
     args = p.parse_args()
     from moesys.offload import quant_gemv as qg
 

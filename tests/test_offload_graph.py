@@ -266,7 +266,8 @@ def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype, K):
     """quant_gemv's kernel (TRITON_INTERPRET on a CPU, CUDA on a GPU) on odd shapes (R and C not multiples
     of the blocks, three groups per row of a size that is not a power of two, repeated slots) in the three
     ways a layer calls it: K rows per token reading the token's row; a row per routed row through a gated
-    activation; and that with the top-k combine. Against a float64 oracle, and the reference too."""
+    activation; and that with the top-k combine (SwiGLU, and gelu_tanh). Against a float64 oracle, and the
+    reference too."""
     from moesys.activations import apply_activation
     from moesys.offload.quant_gemv import quant_gemv
     g = torch.Generator().manual_seed(3)
@@ -283,9 +284,12 @@ def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype, K):
     plain = torch.einsum("nrc,nc->nr", deq, x.double().repeat_interleave(K, dim=0))
     act = torch.einsum("nrc,nc->nr", deq, apply_activation(h.double(), "silu"))
     combined = (act.view(T, K, R) * route_w.double()[..., None]).sum(1)
+    gelu = torch.einsum("nrc,nc->nr", deq, apply_activation(h.double(), "gelu_tanh"))
+    gelu_combined = (gelu.view(T, K, R) * route_w.double()[..., None]).sum(1)
     dev = DEVICE
     to = lambda t: t.to(dev)  # noqa: E731
-    calls = [((x, None, None), plain), ((h, "silu", None), act), ((h, "silu", route_w), combined)]
+    calls = [((x, None, None), plain), ((h, "silu", None), act), ((h, "silu", route_w), combined),
+             ((h, "gelu_tanh", route_w), gelu_combined)]
     for (inp, activation, weight), want in calls:
         # bf16: the output's rounding and the reference's
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)

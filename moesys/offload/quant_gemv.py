@@ -12,7 +12,7 @@ once and accumulates in fp32, so quantized decode moves fewer bytes than bf16 in
 
 Routed row n = t*K + j is token t's j-th expert, so one layer is two calls: gate/up reads each token's
 row in place (no [T*K, C] copy of x), and down applies the activation to what gate/up returned and sums the
-top-k combine itself; nothing else runs per layer. Everything is computed in fp32 and rounded once, to
+top-k combine itself; no other kernel touches the experts' data or their outputs. Everything is computed in fp32 and rounded once, to
 x's dtype. `quant_gemv_reference` is the definition (and the CPU path); the kernel agrees with it to fp32
 summation order.
 
@@ -21,7 +21,6 @@ C input columns (of the activation), G groups per row.
 """
 
 from __future__ import annotations
-
 
 import torch
 
@@ -56,7 +55,7 @@ if triton is not None:
     # Batch-1 decode runs a handful of rows over 2-16 MB of packed weights per call, so the kernel is
     # bandwidth- and latency-bound: what pays is many bytes in flight per program and little work per
     # weight byte. Fixed block shapes from a cold sweep (bench/quant_gemv.py on the H200, OLMoE shape,
-    # bench/results/quant_gemv_c46939e.json): one routed row per program, 32 rows x 2 groups; the combining
+    # bench/results/quant_gemv_7363bed.json): one routed row per program, 32 rows x 2 groups; the combining
     # call has one program per token and row block (not per routed row), so smaller row blocks keep enough
     # programs in flight. Not autotuned: triton's autotuner ranks configs on warm repeats of one call, and
     # a combining call's 9 MB of int8 weights stay in L2 there, which picked a config 2.4x slower than the

@@ -106,7 +106,8 @@ def bf16_step(gate_up_SFH, down_SHI, x_H, slots_LN, w_LN):
         slots, w = slots_LN[layer], w_LN[layer]
         order = slots.argsort()
         ones = torch.ones_like(slots, dtype=torch.int32)
-        offs = torch.zeros(S, dtype=torch.int32, device=slots.device).index_add_(0, slots, ones).cumsum(0, dtype=torch.int32)
+        counts = torch.zeros(S, dtype=torch.int32, device=slots.device).index_add_(0, slots, ones)  # no sync
+        offs = counts.cumsum(0, dtype=torch.int32)
         x = x_H[None].expand(K, H).contiguous()
         h = torch._grouped_mm(x, gate_up_SFH.transpose(1, 2), offs=offs)
         a = F.silu(h[:, :I]) * h[:, I:]
@@ -136,7 +137,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--before", default=None,
-                   help="path of a quant_gemv.py with 9587d01's API ([N, C] rows in, unweighted rows out) to time beside")
+                   help="a quant_gemv.py with 9587d01's API ([N, C] rows in, unweighted rows out) to time beside")
     args = p.parse_args()
     from moesys.offload import quant_gemv as qg
 

@@ -11,10 +11,10 @@ once and accumulates in fp32, so quantized decode moves fewer bytes than bf16 in
     y[t] = sum_j weight[t, j] * (dequantize(q[slots[t*K + j]], ...) @ a_(t*K + j))      -> [T, R], with weight
 
 Routed row n = t*K + j is token t's j-th expert, so one layer is two calls: gate/up reads each token's
-row in place (no [T*K, C] copy of x), and down applies the activation to what gate/up returned and sums the
-top-k combine itself; no other kernel touches the experts' data or their outputs. Everything is computed in fp32 and rounded once, to
-x's dtype. `quant_gemv_reference` is the definition (and the CPU path); the kernel agrees with it to fp32
-summation order.
+row in place (no [T*K, C] copy of x), and down applies the activation to what gate/up returned and sums
+the top-k combine itself; no other kernel touches the experts' data or their outputs. Everything is
+computed in fp32 and rounded once, to x's dtype. `quant_gemv_reference` is the definition (and the CPU
+path); the kernel agrees with it to fp32 summation order.
 
 Legend: X rows of x, T tokens, K rows per token, N = T*K routed rows, S cache slots, R output rows,
 C input columns (of the activation), G groups per row.
@@ -143,7 +143,7 @@ def quant_gemv(x_XC, q_S, scale_SRG, slots_N, mode: str, activation: str | None 
         raise ValueError(f"quant_gemv: mode={mode!r}; use 'int8' or 'int4'")
     X = x_XC.shape[0]
     N = slots_N.shape[0]
-    S, R, G = scale_SRG.shape
+    R, G = scale_SRG.shape[1:]
     if N % X:
         raise ValueError(f"quant_gemv: {N} routed rows over {X} rows of x; each row of x needs the same number "
                          "of routed rows")

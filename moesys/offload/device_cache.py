@@ -182,24 +182,27 @@ if triton is not None:
         miss = (slot < 0) & k_ok
         tick = tl.load(tick_ptr) + 1
         tl.store(tick_ptr, tick)
-        bb = tl.arange(0, BLOCK_B)
-        b_ok = bb < B
-        score = tl.load(stamp_ptr + start + bb, mask=b_ok, other=0)
-        if LFU:
-            owner_b = tl.load(owner_ptr + start + bb, mask=b_ok, other=trash_key)
-            score += tl.load(count_ptr + owner_b, mask=b_ok, other=0) << 40
-        hit_slot = tl.where(miss | (kk >= K), -1, slot)
-        is_hit = tl.sum((bb[:, None] == hit_slot[None, :]).to(tl.int32), axis=1) > 0
-        big = 0x7FFFFFFFFFFFFFFF
-        score = tl.where(is_hit | (bb >= B), big, score)
-        victims = tl.zeros([BLOCK_K], dtype=tl.int64)
-        for i in tl.static_range(BLOCK_K):
-            v = tl.argmin(score, axis=0)
-            victims = tl.where(kk == i, v.to(tl.int64), victims)
-            score = tl.where(bb == v, big, score)
-        rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1
-        chosen = tl.sum(tl.where(rank[:, None] == kk[None, :], victims[None, :], 0), axis=1)
-        slot = tl.where(miss, chosen, slot)
+        if tl.sum(miss.to(tl.int32), axis=0) > 0:
+            # the victim search (K serial reductions over the bank) only when something missed: a decode
+            # step whose experts are all resident is most steps once the cache is warm
+            bb = tl.arange(0, BLOCK_B)
+            b_ok = bb < B
+            score = tl.load(stamp_ptr + start + bb, mask=b_ok, other=0)
+            if LFU:
+                owner_b = tl.load(owner_ptr + start + bb, mask=b_ok, other=trash_key)
+                score += tl.load(count_ptr + owner_b, mask=b_ok, other=0) << 40
+            hit_slot = tl.where(miss | (kk >= K), -1, slot)
+            is_hit = tl.sum((bb[:, None] == hit_slot[None, :]).to(tl.int32), axis=1) > 0
+            big = 0x7FFFFFFFFFFFFFFF
+            score = tl.where(is_hit | (bb >= B), big, score)
+            victims = tl.zeros([BLOCK_K], dtype=tl.int64)
+            for i in tl.static_range(BLOCK_K):
+                v = tl.argmin(score, axis=0)
+                victims = tl.where(kk == i, v.to(tl.int64), victims)
+                score = tl.where(bb == v, big, score)
+            rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1
+            chosen = tl.sum(tl.where(rank[:, None] == kk[None, :], victims[None, :], 0), axis=1)
+            slot = tl.where(miss, chosen, slot)
         gslot = slot + start
         old = tl.load(owner_ptr + gslot, mask=miss, other=trash_key)
         tl.debug_barrier()  # every thread has read the old owners before any owner is overwritten

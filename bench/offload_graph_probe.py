@@ -26,7 +26,7 @@ from run_meta import run_meta
 
 def copy_rows(src, dst, src_idx, dst_idx):
     """The offload engine's device-side copy (moesys.offload.slot_copy) of whole rows."""
-    slot_copy.copy_part(src.view(torch.uint8).view(src.shape[0], -1), 0, dst[0].nbytes, dst, src_idx, dst_idx)
+    slot_copy.copy_parts(src.view(torch.uint8).view(src.shape[0], -1), [(0, dst[0].nbytes, dst)], src_idx, dst_idx)
 
 
 def time_it(fn, n=20):

@@ -40,24 +40,34 @@ def _table_matches_host(engine):
     assert torch.equal(cache.slot_table_LE, want)
 
 
-@pytest.mark.parametrize("nbytes,offset", [(24, 8), (13, 3), (6, 2), (40, 256 + 4)])
+@pytest.mark.parametrize("parts", [[(8, 24)], [(3, 13)], [(2, 6)], [(256 + 4, 40)],
+                                   [(0, 48), (64, 16), (256, 120)],                  # one launch, 3 parts
+                                   [(0, 8), (8, 16), (24, 8), (32, 40), (256, 64)]])  # two launches: 4 + 1
+@pytest.mark.parametrize("block", [4, None])
 @pytest.mark.parametrize("use_kernel", [False, True])
-def test_copy_part_copies_the_chosen_rows_only(nbytes, offset, use_kernel):
-    """Arena rows src_K (byte range [offset, offset + nbytes)) into pool rows dst_K; -1 skips a row. The
-    kernel (under TRITON_INTERPRET on a CPU; on a GPU from pinned memory) and the reference agree with a
-    plain loop; odd byte counts take the byte-wide variant."""
+def test_copy_parts_copies_the_chosen_rows_only(parts, block, use_kernel, monkeypatch):
+    """Arena rows src_K (byte ranges [offset, offset + nbytes), each into its own pool) into pool rows
+    dst_K; -1 skips a row. The kernel (under TRITON_INTERPRET on a CPU; on a GPU from pinned memory) and
+    the reference agree with a plain loop; odd byte counts take the byte-wide variant; 4-word blocks make
+    parts span several blocks, so each program has to find its part and its block within it."""
+    if block is not None:
+        monkeypatch.setattr(slot_copy, "_BLOCK", block)
     g = torch.Generator().manual_seed(0)
     arena = torch.randint(0, 256, (7, 512), dtype=torch.uint8, generator=g)
-    pool = torch.randint(0, 256, (5, nbytes), dtype=torch.uint8, generator=g)
-    want = pool.clone()
+    pools = [torch.randint(0, 256, (5, nbytes), dtype=torch.uint8, generator=g) for _, nbytes in parts]
+    want = [pool.clone() for pool in pools]
     src_K, dst_K = torch.tensor([4, -1, 0, 6]), torch.tensor([2, 0, 4, 1])
     for s, d in zip(src_K.tolist(), dst_K.tolist()):
         if s >= 0:
-            want[d] = arena[s, offset:offset + nbytes]
+            for (offset, nbytes), w in zip(parts, want):
+                w[d] = arena[s, offset:offset + nbytes]
     if torch.cuda.is_available():  # the kernel reads pinned host memory into device memory
-        arena, pool, src_K, dst_K = arena.pin_memory(), pool.cuda(), src_K.cuda(), dst_K.cuda()
-    slot_copy.copy_part(arena, offset, nbytes, pool, src_K, dst_K, use_kernel=use_kernel)
-    assert torch.equal(pool.cpu(), want)
+        arena, src_K, dst_K = arena.pin_memory(), src_K.cuda(), dst_K.cuda()
+        pools = [pool.cuda() for pool in pools]
+    slot_copy.copy_parts(arena, [(offset, nbytes, pool) for (offset, nbytes), pool in zip(parts, pools)],
+                         src_K, dst_K, use_kernel=use_kernel)
+    for pool, w in zip(pools, want):
+        assert torch.equal(pool.cpu(), w)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(cache_policy="lfu"), dict(bank_size=4)])

@@ -320,8 +320,8 @@ class OffloadEngine:
                 return self._run_grouped(layer, x_TH, ids_TK, w_TK)
             return self._run_quantized_resident(layer, x_TH, ids_TK, w_TK)
         slot_K, src_K, dst_K = self.device_tables.step(self.cache.row[layer], ids_TK[0])
-        for name, offset, nbytes in self.store.spans:
-            slot_copy.copy_part(self.store.arena, offset, nbytes, self.cache.pools[name], src_K, dst_K)
+        slot_copy.copy_parts(self.store.arena, [(offset, nbytes, self.cache.pools[name])
+                                                for name, offset, nbytes in self.store.spans], src_K, dst_K)
         if self.grouped:
             return self.inner[layer](x_TH, slot_K.view(1, -1), w_TK)
         return self._quantized_rows(x_TH, dst_K, w_TK)

@@ -5,8 +5,8 @@ which slots they go to; a cudaMemcpy needs those addresses on the host (a sync, 
 CUDA graph). This Triton kernel instead reads the pinned host arena directly (zero-copy over PCIe: pinned
 memory is mapped into the device's address space) at rows given by a device index tensor, so a captured
 graph copies whatever each replay's routing misses. On the H200 machine it moved 49.7 GB/s against
-cudaMemcpy's 53.2 (bench/results/offload_graph_probe.json). `copy_rows_reference` is the readable
-definition, used on CPU tensors.
+cudaMemcpy's 53.2 (bench/results/offload_graph_probe.json). One launch copies all of an expert's tensors
+(its parts). `copy_rows_reference` is the readable definition, used on CPU tensors.
 
 Legend: N source rows (experts in the store), S destination rows (cache slots), K rows to copy, W words.
 """
@@ -33,18 +33,38 @@ def copy_rows_reference(src_NW: torch.Tensor, dst_SW: torch.Tensor, src_K: torch
     dst_SW[dst_K] = torch.where(take_K1, rows, dst_SW[dst_K])
 
 
+_MAX_PARTS = 4  # parts per launch (an expert's tensors: gate/up and down, each with its scales when quantized)
+
 if triton is not None:
     @triton.jit
-    def _copy_rows_kernel(src_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, src_row_words, src_offset, row_words,
-                          BLOCK: tl.constexpr):
+    def _copy_block(src_ptr, dst_ptr, s, d, src_row_words, src_offset, row_words, blk, BLOCK: tl.constexpr):
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        m = offs < row_words
+        v = tl.load(src_ptr + s * src_row_words + src_offset + offs, mask=m)
+        tl.store(dst_ptr + d * row_words + offs, v, mask=m)
+
+    @triton.jit
+    def _copy_rows_kernel(src_ptr, src_idx_ptr, dst_idx_ptr, src_row_words,
+                          dst0, off0, words0, dst1, off1, words1, dst2, off2, words2, dst3, off3, words3,
+                          end0, end1, end2, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (k, b): block b of the parts' blocks laid end to end (part j ends before block end_j), of
+        routed row k; a row whose src index is < 0 is skipped."""
         k = tl.program_id(0)
+        b = tl.program_id(1)
         s = tl.load(src_idx_ptr + k)
         if s >= 0:
             d = tl.load(dst_idx_ptr + k)
-            offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-            m = offs < row_words
-            v = tl.load(src_ptr + s * src_row_words + src_offset + offs, mask=m)
-            tl.store(dst_ptr + d * row_words + offs, v, mask=m)
+            if b < end0:
+                _copy_block(src_ptr, dst0, s, d, src_row_words, off0, words0, b, BLOCK)
+            if PARTS > 1:
+                if (b >= end0) & (b < end1):
+                    _copy_block(src_ptr, dst1, s, d, src_row_words, off1, words1, b - end0, BLOCK)
+            if PARTS > 2:
+                if (b >= end1) & (b < end2):
+                    _copy_block(src_ptr, dst2, s, d, src_row_words, off2, words2, b - end1, BLOCK)
+            if PARTS > 3:
+                if b >= end2:
+                    _copy_block(src_ptr, dst3, s, d, src_row_words, off3, words3, b - end2, BLOCK)
 
 
 def _word_dtype(*nbytes: int) -> torch.dtype:
@@ -54,20 +74,33 @@ def _word_dtype(*nbytes: int) -> torch.dtype:
     return torch.uint8
 
 
-def copy_part(arena_NB: torch.Tensor, offset: int, nbytes: int, pool: torch.Tensor, src_K: torch.Tensor,
-              dst_K: torch.Tensor, use_kernel: bool | None = None) -> None:
-    """Copy bytes [offset, offset + nbytes) of arena rows src_K (uint8 [N, row bytes], host memory) into
-    rows dst_K of `pool` ([S, ...], nbytes per row); entries with src_K < 0 are skipped.
-    use_kernel: None = the Triton kernel for CUDA pools, the reference otherwise."""
-    S = pool.shape[0]
-    wdt = _word_dtype(arena_NB.shape[1], offset, nbytes)
+def copy_parts(arena_NB: torch.Tensor, parts: list, src_K: torch.Tensor, dst_K: torch.Tensor,
+               use_kernel: bool | None = None) -> None:
+    """For each (offset, nbytes, pool) of `parts`: copy bytes [offset, offset + nbytes) of arena rows src_K
+    (uint8 [N, row bytes], host memory) into rows dst_K of `pool` ([S, ...], nbytes per row); entries with
+    src_K < 0 are skipped. One kernel launch per 4 parts (decode replays this per layer and token, and a
+    launch costs about what a step's hits-only copy does). use_kernel: None = the Triton kernel for CUDA
+    pools, the reference otherwise."""
+    wdt = _word_dtype(arena_NB.shape[1], *(n for offset, nbytes, _ in parts for n in (offset, nbytes)))
     size = torch.empty((), dtype=wdt).element_size()
     src_NW = arena_NB.view(wdt)
-    dst_SW = pool.view(S, -1).view(torch.uint8).view(wdt)
+    dst = [pool.view(pool.shape[0], -1).view(torch.uint8).view(wdt) for _, _, pool in parts]
     if use_kernel is None:
-        use_kernel = pool.is_cuda and triton is not None
+        use_kernel = all(pool.is_cuda for _, _, pool in parts) and triton is not None
     if not use_kernel:
-        return copy_rows_reference(src_NW[:, offset // size:(offset + nbytes) // size], dst_SW, src_K, dst_K)
-    words = nbytes // size
-    grid = (src_K.numel(), triton.cdiv(words, _BLOCK))
-    _copy_rows_kernel[grid](src_NW, dst_SW, src_K, dst_K, src_NW.shape[1], offset // size, words, BLOCK=_BLOCK)
+        for (offset, nbytes, _), dst_SW in zip(parts, dst):
+            copy_rows_reference(src_NW[:, offset // size:(offset + nbytes) // size], dst_SW, src_K, dst_K)
+        return
+    for first in range(0, len(parts), _MAX_PARTS):
+        group = list(zip(parts[first:first + _MAX_PARTS], dst[first:first + _MAX_PARTS]))
+        args, ends = [], []
+        for (offset, nbytes, _), dst_SW in group:
+            args += [dst_SW, offset // size, nbytes // size]
+            ends.append((ends[-1] if ends else 0) + triton.cdiv(nbytes // size, _BLOCK))
+        while len(args) < 3 * _MAX_PARTS:  # unused parts: never read (PARTS is their count)
+            args += [group[0][1], 0, 0]
+        while len(ends) < _MAX_PARTS:
+            ends.append(ends[-1])
+        grid = (src_K.numel(), ends[-1])
+        _copy_rows_kernel[grid](src_NW, src_K, dst_K, src_NW.shape[1], *args, *ends[:3], PARTS=len(group),
+                                BLOCK=_BLOCK)

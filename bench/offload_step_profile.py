@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
@@ -57,6 +58,7 @@ def measure(model, prompt, vocab, steps=24) -> dict:
                host_and_launch_ms=1e3 / decode - replay_ms, kernels_per_step=sum(n for n, _ in by_name.values()) / 3,
                profiled_us_per_step=sum(t for _, t in by_name.values()) / 3,
                top_kernels=[(name[:120], n / 3, t / 3) for name, (n, t) in top])
+    rec.update(host_split(model, prompt, vocab))
     # a third run over the same StaticCache (generate() reuses a model's cache the same way): still right?
     again = forced_decode(model, prompt, steps, vocab, static=True)[1]
     rec["third_run_tokens_per_s"] = again
@@ -66,10 +68,50 @@ def measure(model, prompt, vocab, steps=24) -> dict:
     return rec
 
 
+def host_split(model, prompt, vocab, steps=24) -> dict:
+    """Per decode step as forced_decode takes it (serial: the next step's position tensor is copied from host
+    memory, which waits for the GPU): the host time inside model() (hooks, the decode graph's argument
+    checks and input copies, the graph launch) and the whole step through a sync; then the host functions
+    of those steps by cumulative time (cProfile)."""
+    import cProfile
+    import io
+    import pstats
+    import statistics
+
+    from offload import _cache_kwargs
+
+    cache = model._bench_static_cache
+    P = prompt.shape[1]
+    cache.reset()
+    model(prompt, logits_to_keep=1, **_cache_kwargs(model, cache, torch.arange(P, device=prompt.device)))
+    toks = torch.randint(2, vocab, (steps, 1, 1), device=prompt.device)
+    host, whole = [], []
+    prof = cProfile.Profile()
+    for i in range(steps):
+        pos = torch.tensor([P + i], device=prompt.device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if i >= steps // 2:
+            prof.enable()
+        model(toks[i], **_cache_kwargs(model, cache, pos))
+        prof.disable()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append(t1 - t0)
+        whole.append(time.perf_counter() - t0)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
+    return dict(host_in_forward_ms=1e3 * statistics.median(host), step_synced_ms=1e3 * statistics.median(whole),
+                host_profile=buf.getvalue()[-6000:])
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--only", default="transformers-gpu-compiled-cudagraph,moesys-whole-model-budget,moesys-pinned,"
+                   "moesys-int4", help="comma-separated implementations to profile")
     args = p.parse_args()
+    only = set(args.only.split(","))
     from moesys.offload import graph as decode_graph
     from moesys.offload.adapters import adapter_for
     from moesys.offload.loader import build
@@ -86,9 +128,10 @@ def main():
     V = cfg.vocab_size
     gpu, prompt = random_model_on_gpu(cfg, "olmoe")
     base = dict(meta, bench="offload-step-profile", shape="olmoe-1b-7b")
-    decode_graph.install(gpu, compile=True)
-    rows.append(dict(base, impl="transformers-gpu-compiled-cudagraph", **measure(gpu, prompt, V)))
-    save()
+    if "transformers-gpu-compiled-cudagraph" in only:
+        decode_graph.install(gpu, compile=True)
+        rows.append(dict(base, impl="transformers-gpu-compiled-cudagraph", **measure(gpu, prompt, V)))
+        save()
 
     adapter = adapter_for(cfg)
     state = {adapter.module_name(k): v for k, v in gpu.state_dict().items() if ".experts." not in k}
@@ -101,6 +144,8 @@ def main():
     for impl, budget, opts in [("moesys-whole-model-budget", 40 * 2**30, {}),
                                ("moesys-pinned", 4 * 2**30, {}),
                                ("moesys-int4", 4 * 2**30, dict(quantize_experts="int4"))]:
+        if impl not in only:
+            continue
         try:
             model = build(cfg, TensorSource(state, expert), gpu_memory=budget, dtype=torch.bfloat16,
                           host_memory="pinned", **opts)

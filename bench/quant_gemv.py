@@ -6,7 +6,7 @@ budget holds, bench/results/offload_77fe6bf.json), each layer on 8 distinct rand
 ~430 MB (int4) of weights that no earlier layer left in L2. Captured in a CUDA graph (no launch overhead)
 and timed over replays, median:
 - quant_gemv, the engine's path (gate/up call, SwiGLU, down call with the routing weights, top-k sum);
-  with --before PATH also the same steps through quant_gemv as it was at 9587d01 (its rows API);
+  with --before PATH also the same steps through another quant_gemv.py (an earlier commit's: A/B in one run);
 - the same experts dequantized then multiplied (quant_gemv_reference, fp32: what a kernel-less path does);
 - bf16 experts through torch._grouped_mm over the slot pool (what moesys' bf16 decode runs);
 - the bound: the step's weight and scale bytes at the device's measured read bandwidth;
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import statistics
 
@@ -137,7 +138,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--before", default=None,
-                   help="a quant_gemv.py with 9587d01's API ([N, C] rows in, unweighted rows out) to time beside")
+                   help="another quant_gemv.py to time beside (an earlier commit's; 9587d01's rows API, [N, C] rows in "
+                        "and unweighted rows out, is recognised)")
     args = p.parse_args()
     from moesys.offload import quant_gemv as qg
 
@@ -146,6 +148,8 @@ def main():
         spec = importlib.util.spec_from_file_location("quant_gemv_before", args.before)
         before = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(before)
+        # 9587d01's rows API has no top-k combine; later modules take the engine's call forms
+        before_rows_api = "weight_TK" not in inspect.signature(before.quant_gemv).parameters
     meta = run_meta("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     bw = read_bandwidth()
@@ -177,7 +181,7 @@ def main():
         impls = [("moesys-quant-gemv", lambda: quantized_step(qg, pools, mode, x_H, slots_LN, w_LN))]
         if before is not None:
             impls.append(("before-quant-gemv",
-                          lambda: quantized_step(before, pools, mode, x_H, slots_LN, w_LN, old_api=True)))
+                          lambda: quantized_step(before, pools, mode, x_H, slots_LN, w_LN, old_api=before_rows_api)))
 
         def dequantized():
             for r in range(L):

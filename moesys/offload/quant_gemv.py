@@ -68,8 +68,8 @@ if triton is not None:
                                      (4, 4, 4), (4, 8, 4), (2, 8, 4), (2, 4, 2), (1, 8, 2))]
 
     @triton.jit
-    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, slot_ptr, w_ptr, y_ptr, R, C, G, rows_per_x, x_stride,
-                           q_slot_stride, q_row_stride, s_slot_stride, GROUP: tl.constexpr,
+    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, slot_ptr, w_ptr, y_ptr, R, C, rows_per_x, x_stride,
+                           q_slot_stride, q_row_stride, s_slot_stride, G: tl.constexpr, GROUP: tl.constexpr,
                            GROUP_BYTES: tl.constexpr, INT4: tl.constexpr, ACT: tl.constexpr, KC: tl.constexpr,
                            HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
         """Program (p, r): rows r*BLOCK_R.. of output row p, the sum over routed rows p*KC.. p*KC + KC - 1
@@ -85,7 +85,7 @@ if triton is not None:
         b = tl.arange(0, GROUP_BYTES)
         b_ok = b < (GROUP // 2 if INT4 else GROUP)
         acc = tl.zeros([BLOCK_R, GROUPS, GROUP_BYTES], dtype=tl.float32)
-        for k in range(KC):
+        for k in tl.static_range(KC):
             n = p * KC + k
             slot = tl.load(slot_ptr + n).to(tl.int64)
             q_base = q_ptr + slot * q_slot_stride + rows.to(tl.int64)[:, None, None] * q_row_stride
@@ -94,7 +94,7 @@ if triton is not None:
             w = 1.0
             if HAS_W:
                 w = tl.load(w_ptr + n).to(tl.float32)
-            for g0 in range(0, G, GROUPS):
+            for g0 in tl.static_range(0, G, GROUPS):
                 g = g0 + tl.arange(0, GROUPS)
                 gb_ok = (g < G)[:, None] & b_ok[None, :]  # [GROUPS, GROUP_BYTES]
                 m = row_ok[:, None, None] & gb_ok[None]
@@ -160,9 +160,9 @@ def quant_gemv(x_XC, q_S, scale_SRG, slots_N, mode: str, activation: str | None 
     KC = 1 if weight_TK is None else weight_TK.shape[1]
     y = torch.empty(N // KC, R, dtype=x_XC.dtype, device=x_XC.device)
     group = C // G
-    args = (x_XC, q_S, scale_SRG, slots_N, slots_N if weight_TK is None else weight_TK.reshape(-1), y, R, C, G,
+    args = (x_XC, q_S, scale_SRG, slots_N, slots_N if weight_TK is None else weight_TK.reshape(-1), y, R, C,
             N // X, x_XC.stride(0), q_S.stride(0), q_S.stride(1), scale_SRG.stride(0))
-    meta = dict(GROUP=group, GROUP_BYTES=triton.next_power_of_2(group // 2 if mode == "int4" else group),
+    meta = dict(G=G, GROUP=group, GROUP_BYTES=triton.next_power_of_2(group // 2 if mode == "int4" else group),
                 INT4=mode == "int4", ACT=-1 if activation is None else ACT_CODES[activation], KC=KC,
                 HAS_W=weight_TK is not None)
     config = dict(config or (ROW_CONFIG if KC == 1 else COMBINE_CONFIG))

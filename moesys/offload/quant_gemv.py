@@ -54,13 +54,15 @@ if triton is not None:
 
     # Batch-1 decode runs a handful of rows over 2-16 MB of packed weights per call, so the kernel is
     # bandwidth- and latency-bound: what pays is many bytes in flight per program and little work per
-    # weight byte. Fixed block shapes from a cold sweep (bench/quant_gemv.py on the H200, OLMoE shape,
-    # bench/results/quant_gemv_7363bed.json): one routed row per program, 32 rows x 2 groups; the combining
-    # call has one program per token and row block (not per routed row), so smaller row blocks keep enough
+    # weight byte. The loops over a program's experts and groups are unrolled (static_range), so all of its
+    # loads can be in flight at once instead of one round per iteration. Fixed block shapes from a cold
+    # sweep of the unrolled kernel (bench/quant_gemv.py on the H200, OLMoE shape,
+    # bench/results/quant_gemv_a5bf44f.json): one routed row per program, 8 rows x 4 groups; the combining
+    # call has one program per token and row block (not per routed row), so small row blocks keep enough
     # programs in flight. Not autotuned: triton's autotuner ranks configs on warm repeats of one call, and
     # a combining call's 9 MB of int8 weights stay in L2 there, which picked a config 2.4x slower than the
     # best on cold weights (the ones a real step reads).
-    ROW_CONFIG = dict(BLOCK_R=32, GROUPS=2, num_warps=4)
+    ROW_CONFIG = dict(BLOCK_R=8, GROUPS=4, num_warps=4)
     COMBINE_CONFIG = dict(BLOCK_R=8, GROUPS=8, num_warps=4)
     # what bench/quant_gemv.py sweeps
     SWEEP_CONFIGS = [dict(BLOCK_R=r, GROUPS=g, num_warps=w)

@@ -114,6 +114,9 @@ def main():
                    "moesys-int4", help="comma-separated implementations to profile")
     args = p.parse_args()
     only = set(args.only.split(","))
+    known = {"transformers-gpu-compiled-cudagraph", "moesys-whole-model-budget", "moesys-pinned", "moesys-int4"}
+    if only - known:
+        p.error(f"--only: unknown {sorted(only - known)}; choose from {sorted(known)}")
     from moesys.offload import graph as decode_graph
     from moesys.offload.adapters import adapter_for
     from moesys.offload.loader import build

@@ -78,9 +78,9 @@ def copy_parts(arena_NB: torch.Tensor, parts: list, src_K: torch.Tensor, dst_K: 
                use_kernel: bool | None = None) -> None:
     """For each (offset, nbytes, pool) of `parts`: copy bytes [offset, offset + nbytes) of arena rows src_K
     (uint8 [N, row bytes], host memory) into rows dst_K of `pool` ([S, ...], nbytes per row); entries with
-    src_K < 0 are skipped. One kernel launch per 4 parts (decode replays this per layer and token, and a
-    launch costs about what a step's hits-only copy does). use_kernel: None = the Triton kernel for CUDA
-    pools, the reference otherwise."""
+    src_K < 0 are skipped. One kernel launch per 4 parts: decode replays this per layer and token, and when
+    every expert hits, the launches are all it costs. use_kernel: None = the Triton kernel for CUDA pools,
+    the reference otherwise."""
     wdt = _word_dtype(arena_NB.shape[1], *(n for offset, nbytes, _ in parts for n in (offset, nbytes)))
     size = torch.empty((), dtype=wdt).element_size()
     src_NW = arena_NB.view(wdt)

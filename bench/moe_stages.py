@@ -7,8 +7,9 @@ sweep of tile configs per kernel. Diagnostic for issue 3; the side-by-side bench
 
 Stages (N = T*K routed rows, F = 2I): fwd_gate_up [N,H]x[H,F] + SwiGLU; fwd_down [N,I]x[I,H] + combine;
 bwd_down [N,H]x[H,I]; bwd_act the activation backward (bandwidth-bound; its "grouped_mm" column is copies
-of the same bytes); bwd_dx [N,F]x[F,H] + scatter; dw_gate_up, dw_down the grouped X^T.dY weight gradients
-as the backend runs them (launch.wgrad_impl; the Triton kernel alone in triton_kernel_ms);
+of the same bytes); bwd_dx [N,F]x[F,H] + the top-k fold; bwd_down and bwd_dx as the backend runs them
+(launch.dgrad_impl, the chosen one in "impl"), dw_gate_up, dw_down the grouped X^T.dY weight gradients as
+the backend runs them (launch.wgrad_impl), the Triton kernel alone in triton_kernel_ms;
 routing_sort the one-launch routing kernel next to its torch reference (sort_routing_reference).
 """
 
@@ -24,6 +25,7 @@ from triton.testing import do_bench
 from moesys.kernels import launch
 from moesys.kernels.act import ACT_CODES
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE
+from moesys.backends.grouped_mm import inverse_permutation
 from moesys.kernels.routing import sort_routing, sort_routing_reference
 from run_meta import run_meta
 
@@ -54,6 +56,7 @@ def stages(T, H, I, E, K):
     dh = x.new_empty(N, F)
     silu = ACT_CODES["silu"]
     x_s, dy_s = x[token_N.long()], dy[token_N.long()]
+    gm = torch._grouped_mm
 
     def fwd_gate_up():
         launch.grouped_gemm(x, w_gu, (w_gu.stride(0), w_gu.stride(2), w_gu.stride(1)), H, I, token_N, off_E,
@@ -64,9 +67,21 @@ def stages(T, H, I, E, K):
         launch.grouped_gemm(a, w_d, (w_d.stride(0), w_d.stride(2), w_d.stride(1)), I, H, token_N, off_E,
                             epilogue=EPI_SCATTER, out=y32, gather_a=False, rw_N=rw_N)
 
-    def bwd_down():
+    # The data gradients as the backend runs them (launch.dgrad_impl): the Triton GEMMs, or cuBLAS's grouped
+    # GEMM over dy gathered into a copy (which dW_down then reuses: its gather is counted here, not there)
+    # and over dh, each token's K dx rows folded by token_sum.
+    dgrad = launch.dgrad_impl(dy, w_d)
+    inv_N = inverse_permutation(perm_N)
+
+    def bwd_down_triton():
         launch.grouped_gemm(dy, w_d, (w_d.stride(0), w_d.stride(1), w_d.stride(2)), H, I, token_N, off_E,
                             epilogue=EPI_STORE, out=a, gather_a=True)
+
+    def bwd_down():
+        if dgrad == "grouped_mm":
+            gm(dy.index_select(0, token_N), w_d, offs=off_E)
+        else:
+            bwd_down_triton()
 
     drw = torch.empty(N, dtype=torch.float32, device=dev)
     ones_N = torch.ones_like(rw_N)
@@ -76,10 +91,17 @@ def stages(T, H, I, E, K):
         # from zero, and move the same bytes as the real pass
         launch.act_backward(h, a, dh, ones_N, drw, gated=True, I=I, act=silu)
 
-    def bwd_dx():
+    def bwd_dx_triton():
         dx32 = torch.zeros(T, H, dtype=torch.float32, device=dev)
         launch.grouped_gemm(dh, w_gu, (w_gu.stride(0), w_gu.stride(1), w_gu.stride(2)), F, H, token_N, off_E,
                             epilogue=EPI_SCATTER, out=dx32, gather_a=False)
+        dx32.to(dt)
+
+    def bwd_dx():
+        if dgrad == "grouped_mm":
+            launch.token_sum(gm(dh, w_gu, offs=off_E), inv_N, T, K)
+        else:
+            bwd_dx_triton()
 
     dw_gu = torch.empty_like(w_gu)
     dw_d = torch.empty_like(w_d)
@@ -90,14 +112,14 @@ def stages(T, H, I, E, K):
         launch.weight_grad(dh, x, token_N, off_E, gather_p=False)
 
     def dw_down():
-        launch.weight_grad(dy, a, token_N, off_E, gather_p=True)
+        launch.weight_grad(dy, a, token_N, off_E, gather_p=True, gathered=dy_s if dgrad == "grouped_mm" else None)
 
-    triton_wgrad = {"dw_gate_up": lambda: launch.expert_wgrad(dh, x, token_N, off_E, dw_gu, gather_p=False,
+    # the Triton kernel alone, for the stages that can run either implementation
+    triton_alone = {"bwd_down": bwd_down_triton, "bwd_dx": bwd_dx_triton,
+                    "dw_gate_up": lambda: launch.expert_wgrad(dh, x, token_N, off_E, dw_gu, gather_p=False,
                                                               gather_q=True),
                     "dw_down": lambda: launch.expert_wgrad(dy, a, token_N, off_E, dw_d, gather_p=True,
                                                            gather_q=False)}
-
-    gm = torch._grouped_mm
     ours = {"fwd_gate_up": (fwd_gate_up, launch._gemm_tuned, N * H * F),
             "fwd_down": (fwd_down, launch._gemm_tuned, N * I * H),
             "bwd_down": (bwd_down, launch._gemm_tuned, N * H * I),
@@ -130,7 +152,7 @@ def stages(T, H, I, E, K):
             dense[name] = (lambda A=A, B=B: A @ B)
     route = lambda: sort_routing(ids, E)  # noqa: E731
     route_ref = lambda: sort_routing_reference(ids, E)  # noqa: E731  (the torch ops it replaced)
-    return ours, cublas, dense, route, route_ref, triton_wgrad, dw_gu, dw_d
+    return ours, cublas, dense, route, route_ref, triton_alone, dgrad
 
 
 def tf(macs, ms):
@@ -146,7 +168,7 @@ def main():
     records, meta = [], dict(run_meta("cuda"), bench="moe_stages")
     for shape in args.shapes.split(","):
         T, H, I, E, K = SHAPES[shape]
-        ours, cublas, dense, route, route_ref, triton_wgrad, dw_gu, dw_d = stages(T, H, I, E, K)
+        ours, cublas, dense, route, route_ref, triton_alone, dgrad = stages(T, H, I, E, K)
         route_ms, ref_ms = do_bench(route, return_mode="median"), do_bench(route_ref, return_mode="median")
         print(f"== {shape}: routing sort {route_ms:.3f} ms (torch reference {ref_ms:.3f} ms)", flush=True)
         records.append({**meta, "shape": shape, "stage": "routing_sort", "ours_ms": route_ms, "reference_ms": ref_ms})
@@ -155,11 +177,13 @@ def main():
             fn()  # autotune
             rec = {**meta, "shape": shape, "stage": name}
             rec["ours_ms"] = do_bench(fn, return_mode="median")
-            if name in triton_wgrad:
-                w = dw_gu[0] if name == "dw_gate_up" else dw_d[0]
-                rec["wgrad_impl"] = launch.wgrad_impl(w.t(), w)  # the operands' row sizes: F, H or H, I
-                triton_wgrad[name]()  # autotune
-                rec["triton_kernel_ms"] = do_bench(triton_wgrad[name], return_mode="median")
+            if name in triton_alone:
+                if name.startswith("dw"):
+                    rec["impl"] = launch.wgrad_impl(*((dh, x) if name == "dw_gate_up" else (dy, a)))
+                else:
+                    rec["impl"] = dgrad
+                triton_alone[name]()  # autotune
+                rec["triton_kernel_ms"] = do_bench(triton_alone[name], return_mode="median")
             rec["tuned_config"] = str(getattr(tuned, "best_config", None)) if tuned is not None else "fixed"
             for other, table in (("cublas", cublas), ("dense", dense)):
                 try:

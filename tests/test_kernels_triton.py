@@ -179,26 +179,58 @@ def test_weights_through_descriptor_and_pointers_agree(monkeypatch):
         assert rel_err(results["1"][name], ref[name]) <= FLOOR[torch.float32], name
 
 
-def test_weight_grad_implementations_agree(monkeypatch):
-    """The two weight-gradient GEMMs (gathered inside the Triton kernel; gathered into a copy for
-    torch._grouped_mm) give the same gradients, with an idle expert (an empty group: its dW must be zeros)."""
-    from moesys.kernels.launch import wgrad_impl
+@pytest.mark.parametrize("var", ["MOESYS_TRITON_WGRAD", "MOESYS_TRITON_DGRAD"])
+def test_backward_gemm_implementations_agree(monkeypatch, var):
+    """The two implementations of the backward's weight-gradient GEMMs (gathered inside the Triton kernel;
+    gathered into a copy for torch._grouped_mm) and of its data-gradient GEMMs (Triton with dy gathered
+    inside and dx scatter-added in the epilogue; torch._grouped_mm over expert-ordered rows, then
+    token_sum) give the same forward and gradients, with an idle expert (an empty group: its dW must be zeros)."""
+    from moesys.kernels.launch import dgrad_impl, wgrad_impl
+    pick = wgrad_impl if var == "MOESYS_TRITON_WGRAD" else dgrad_impl
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # CUDA's grouped_mm takes bf16 only
-    case, dy = make_case(45, 32, 40, 5, 2, "silu", True, seed=11, empty_expert=1)
+    case, dy = make_case(45, 32, 40, 5, 3, "silu", True, seed=11, empty_expert=1)
     results = {}
     for impl in ("triton", "grouped_mm"):
-        monkeypatch.setenv("MOESYS_TRITON_WGRAD", impl)
-        assert wgrad_impl(torch.empty(1, 8, device=DEVICE), torch.empty(1, 8, device=DEVICE)) == impl
+        monkeypatch.setenv(var, impl)
+        assert pick(torch.empty(1, 8, device=DEVICE), torch.empty(1, 8, 8, device=DEVICE)) == impl
         results[impl] = run(case, dy, "silu", "triton", dtype, DEVICE)
     ref = oracle(case, dy, "silu")
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for name in ("w_gate_up", "w_down"):
+    for name in ref:
         assert torch.allclose(results["triton"][name].float(), results["grouped_mm"][name].float(), **tol), name
         assert rel_err(results["grouped_mm"][name], ref[name]) <= FLOOR[dtype], name
+    for name in ("w_gate_up", "w_down"):
         assert torch.count_nonzero(results["grouped_mm"][name][1]) == 0, f"{name}: idle expert's gradient"
-    monkeypatch.setenv("MOESYS_TRITON_WGRAD", "cublas")
-    with pytest.raises(ValueError, match="MOESYS_TRITON_WGRAD='cublas' is unknown"):
-        wgrad_impl(torch.empty(1, 8), torch.empty(1, 8))
+    monkeypatch.setenv(var, "cublas")
+    with pytest.raises(ValueError, match=f"{var}='cublas' is unknown"):
+        pick(torch.empty(1, 8), torch.empty(1, 8, 8))
+
+
+def test_dgrad_auto_needs_what_cublas_takes(monkeypatch):
+    """"auto" never hands cuBLAS operands it cannot take: not on the CPU, not fp32, not a weight whose
+    expert matrices are not row-major (a transposed view)."""
+    from moesys.kernels.launch import dgrad_impl
+    monkeypatch.delenv("MOESYS_TRITON_DGRAD", raising=False)
+    assert dgrad_impl(torch.empty(4, 16), torch.empty(2, 16, 8)) == "triton"
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
+        bf = dict(device=DEVICE, dtype=torch.bfloat16)
+        assert dgrad_impl(torch.empty(4, 16, **bf), torch.empty(2, 16, 8, **bf)) == "grouped_mm"
+        assert dgrad_impl(torch.empty(4, 16, **bf), torch.empty(2, 8, 16, **bf).transpose(1, 2)) == "triton"
+        assert dgrad_impl(torch.empty(4, 12, **bf), torch.empty(2, 12, 8, **bf)) == "triton"  # 24-byte rows
+        assert dgrad_impl(torch.empty(4, 16, device=DEVICE), torch.empty(2, 16, 8, device=DEVICE)) == "triton"
+
+
+@pytest.mark.parametrize("T,K,H", [(7, 3, 37), (1, 1, 5), (0, 2, 8), (33, 8, 1100)])
+def test_token_sum_folds_each_tokens_rows(T, K, H):
+    """token_sum(rows, inv) = the sum of each token's K expert-ordered rows, in fp32 (bf16 rows, fp32 oracle)."""
+    from moesys.kernels.launch import token_sum
+    g = torch.Generator().manual_seed(T * 100 + K)
+    rows_NH = torch.randn(T * K, H, generator=g).to(DEVICE, torch.bfloat16)
+    inv_N = torch.randperm(T * K, generator=g).to(DEVICE)
+    got = token_sum(rows_NH, inv_N, T, K)
+    want = rows_NH.float()[inv_N].view(T, K, H).sum(1)
+    assert got.shape == (T, H) and got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, rtol=8e-3, atol=1e-2)
 
 
 def test_compile_fullgraph_forward_and_backward():
@@ -248,6 +280,7 @@ def test_kernels_compile_for_hopper():
     assert proc.stdout.count("wgmma") == 7, proc.stdout  # every GEMM variant reports its wgmma count
     assert proc.stdout.count("act_backward") == 2, proc.stdout
     assert "sort_routing" in proc.stdout, proc.stdout
+    assert "token_sum" in proc.stdout, proc.stdout
 
 
 @pytest.mark.gpu

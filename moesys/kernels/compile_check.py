@@ -23,10 +23,11 @@ from triton.compiler import ASTSource
 from moesys.kernels.act_backward import act_backward_kernel
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE, expert_wgrad_kernel, grouped_gemm_kernel
 from moesys.kernels.routing import BLOCK_GPU, sort_routing_kernel
+from moesys.kernels.token_sum import token_sum_kernel
 
-_NOT_DIVISIBLE = {"num_rows", "E", "I", "rows_bucket", "N", "K"}
+_NOT_DIVISIBLE = {"num_rows", "E", "I", "rows_bucket", "N", "K", "H"}
 _PTR_TYPES = {"token_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32", "drw_ptr": "*fp32", "perm_ptr": "*i64",
-              "ids_ptr": "*i64"}  # ids as the router makes them
+              "ids_ptr": "*i64", "inv_ptr": "*i64"}  # ids as the router makes them
 
 
 def compile_variant(kernel, consts: dict, dtype: str = "bf16", out_fp32: bool = False, num_warps=8, num_stages=3):
@@ -88,6 +89,7 @@ def variants(all_variants: bool, dtype: str):
         yield (f"wgrad gather_p={gather_p} s_desc={s_desc}", expert_wgrad_kernel,
                dict(tile, GATHER_P=gather_p, GATHER_Q=not gather_p, S_DESC=s_desc, stride_pm=1, stride_qn=1), False)
     yield ("sort_routing", sort_routing_kernel, dict(BLOCK=BLOCK_GPU), False)
+    yield ("token_sum", token_sum_kernel, dict(BH=1024), False)
 
 
 def main(argv=None) -> int:
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
         for name, kernel, consts, out_fp32 in variants(args.all, dtype):
             compiled = compile_variant(kernel, consts, dtype, out_fp32)
             ttgir = compiled.asm["ttgir"]
-            if kernel in (act_backward_kernel, sort_routing_kernel):  # no dot, nothing to pipeline
+            if kernel in (act_backward_kernel, sort_routing_kernel, token_sum_kernel):  # no dot, nothing to pipeline
                 print(f"{dtype} {name}: shared {compiled.metadata.shared} B", flush=True)
                 continue
             print(f"{dtype} {name}: shared {compiled.metadata.shared} B, "

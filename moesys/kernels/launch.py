@@ -17,6 +17,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moesys.kernels.act_backward import act_backward_kernel
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, expert_wgrad_kernel, grouped_gemm_kernel
+from moesys.kernels.token_sum import token_sum_kernel
 
 
 def is_interpreted() -> bool:
@@ -249,7 +250,26 @@ def expert_wgrad(p, q, token_N, offsets_E, out, *, gather_p, gather_q):
     _launch(_wgrad_tuned, expert_wgrad_kernel, grid, args, _WGRAD)
 
 
-WGRAD_IMPLS = ("auto", "triton", "grouped_mm")
+GEMM_IMPLS = ("auto", "triton", "grouped_mm")
+
+
+def _cublas_grouped_ok(*operands: torch.Tensor) -> bool:
+    """Whether torch's CUDA grouped GEMM takes these operands: bf16, sm90+, every size but the leading one
+    (routed rows of [N, C] operands, experts of [E, R, C] weights) a multiple of 16 bytes."""
+    a = operands[0]
+    return (a.device.type == "cuda" and all(t.dtype == torch.bfloat16 for t in operands)
+            and torch.cuda.get_device_capability(a.device) >= (9, 0)
+            and all((d * t.element_size()) % 16 == 0 for t in operands for d in t.shape[1:]))
+
+
+def _gemm_impl(var: str, cublas_ok: bool) -> str:
+    """The environment variable `var`'s choice, or for "auto" (the default) cuBLAS where it can run."""
+    choice = os.environ.get(var, "auto")
+    if choice not in GEMM_IMPLS:
+        raise ValueError(f"{var}={choice!r} is unknown; use one of {list(GEMM_IMPLS)}")
+    if choice != "auto":
+        return choice
+    return "grouped_mm" if cublas_ok else "triton"
 
 
 def wgrad_impl(p: torch.Tensor, q: torch.Tensor) -> str:
@@ -260,30 +280,50 @@ def wgrad_impl(p: torch.Tensor, q: torch.Tensor) -> str:
     kernel's time on the Mixtral / Qwen3 / OLMoE shapes (bench/results/moe_stages.json; dW_down of the
     small training config, 2048 rows per expert, was the one loss: 1.15x). The copy is freed at once.
     MOESYS_TRITON_WGRAD picks."""
-    choice = os.environ.get("MOESYS_TRITON_WGRAD", "auto")
-    if choice not in WGRAD_IMPLS:
-        raise ValueError(f"MOESYS_TRITON_WGRAD={choice!r} is unknown; use one of {list(WGRAD_IMPLS)}")
-    if choice != "auto":
-        return choice
-    ok = (p.device.type == "cuda" and p.dtype == torch.bfloat16 == q.dtype
-          and torch.cuda.get_device_capability(p.device) >= (9, 0)
-          and all((t.shape[1] * t.element_size()) % 16 == 0 for t in (p, q)))
-    return "grouped_mm" if ok else "triton"
+    return _gemm_impl("MOESYS_TRITON_WGRAD", _cublas_grouped_ok(p, q))
 
 
-def weight_grad(p, q, token_N, offsets_E, *, gather_p):
+def dgrad_impl(a: torch.Tensor, w: torch.Tensor) -> str:
+    """Which GEMM computes the two data gradients of the backward (g = dy[token] W_down, and dx): "triton"
+    (`grouped_gemm_kernel`: dy gathered inside the GEMM; dx scatter-added into an fp32 [T, H] buffer by its
+    epilogue) or "grouped_mm" (cuBLAS's grouped GEMM over expert-ordered rows: dy gathered into a copy that
+    dW_down reuses, dx written per routed row and folded per token by `token_sum`). "auto" takes grouped_mm
+    where torch's CUDA kernel takes the operands (bf16, sm90+, 16-byte rows): on an H200 cuBLAS ran these
+    two products 0.93-0.95x the Triton kernels' time on the Mixtral shape (bench/results/moe_stages*.json).
+    MOESYS_TRITON_DGRAD picks."""
+    # cuBLAS reads the weight as stored: each expert's matrix row-major with 16-byte aligned strides
+    w_ok = w.stride(-1) == 1 and all((st * w.element_size()) % 16 == 0 for st in w.stride()[:-1])
+    return _gemm_impl("MOESYS_TRITON_DGRAD", w_ok and _cublas_grouped_ok(a, w))
+
+
+def weight_grad(p, q, token_N, offsets_E, *, gather_p, gathered=None):
     """[E, Md, Nd]: for each expert e, the sum over its rows r of P[r]^T Q[r], where P is [N, Md] and Q is
     [N, Nd] in expert order except the gathered one (`gather_p`: P; else Q), which is in token order and
-    read through token_N. One of the two implementations of `wgrad_impl`."""
+    read through token_N. `gathered`, when given, is that operand already gathered into expert order (the
+    grouped_mm path then skips its own copy). One of the two implementations of `wgrad_impl`."""
     E, Md, Nd = offsets_E.numel(), p.shape[1], q.shape[1]
     if wgrad_impl(p, q) == "grouped_mm":
+        if gathered is None:
+            gathered = (p if gather_p else q).index_select(0, token_N)
         if gather_p:
-            p = p.index_select(0, token_N)
+            p = gathered
         else:
-            q = q.index_select(0, token_N)
+            q = gathered
         return torch._grouped_mm(p.t(), q, offs=offsets_E)
     out = torch.empty(E, Md, Nd, dtype=p.dtype, device=p.device)
     expert_wgrad(p, q, token_N, offsets_E, out, gather_p=gather_p, gather_q=not gather_p)
+    return out
+
+
+def token_sum(rows_NH: torch.Tensor, inv_N: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """[T, H]: out[t] = sum over j of rows_NH[inv_N[t*K + j]] (expert-ordered rows folded per token), in fp32."""
+    H = rows_NH.shape[1]
+    out = rows_NH.new_empty(T, H)
+    if T == 0 or H == 0:
+        return out
+    BH = 16 if is_interpreted() else min(1024, triton.next_power_of_2(H))
+    token_sum_kernel[(T, triton.cdiv(H, BH))](rows_NH, rows_NH.stride(0), inv_N, out, out.stride(0), H, K, BH=BH,
+                                              num_warps=1 if is_interpreted() else 4)
     return out
 
 

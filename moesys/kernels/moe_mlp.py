@@ -13,7 +13,10 @@ Saved for backward: h_NF (by `down`) and x plus the routing (by `up`); a_NI is r
 Backward, `down` first:  g = dy[token] W_d; one bandwidth-bound pass turns g into w*a, writes
   d topk_weights and dh *over h in place*; dW_d = dy[token]^T (w a).  Then `up`: dx[token] += dh W_gu;
   dW_gu = dh^T x[token]. The two dW GEMMs either gather inside a Triton kernel or, bf16 on Hopper, gather
-  the token-ordered operand into a transient copy for cuBLAS's grouped GEMM (`launch.wgrad_impl`).
+  the token-ordered operand into a transient copy for cuBLAS's grouped GEMM (`launch.wgrad_impl`); the
+  two data-gradient GEMMs likewise gather dy inside the Triton GEMM and scatter-add dx in its epilogue, or
+  run as cuBLAS's grouped GEMM over the gathered dy (the copy dW_d then uses) and over dh, with each
+  token's K dx rows summed afterwards by `token_sum` (`launch.dgrad_impl`).
 Why two autograd nodes and not one: autograd frees each node's saved tensors and accumulates its weight
 gradient once the node is done, so dW_d and the w*a buffer are gone before dW_gu is allocated; with one
 node for the whole MLP both weight gradients, h, dh and w*a were alive together (Mixtral: +1.6 GB over
@@ -30,9 +33,11 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from moesys.activations import is_gated
+from moesys.backends.grouped_mm import inverse_permutation
 from moesys.kernels.act import ACT_CODES
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE
-from moesys.kernels.launch import act_backward, grouped_gemm, unavailable_reason, weight_grad
+from moesys.kernels.launch import (act_backward, dgrad_impl, grouped_gemm, token_sum, unavailable_reason,
+                                  weight_grad)
 from moesys.kernels.routing import sort_routing
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -75,11 +80,17 @@ def moe_mlp_up_bwd(dh_NF: Tensor, x: Tensor, w_gate_up: Tensor, has_bias: bool, 
     T, H = x.shape
     E, F, _ = w_gate_up.shape
     with record_function("moesys::bwd_dx"):
-        dx32_TH = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-        grouped_gemm(dh_NF, w_gate_up, _strides(w_gate_up, False), F, H, token_N, offsets_E, epilogue=EPI_SCATTER,
-                     out=dx32_TH, gather_a=False)
-        dx_TH = dx32_TH.to(x.dtype)
-        del dx32_TH
+        if dgrad_impl(dh_NF, w_gate_up) == "grouped_mm":
+            # each routed row's dx in expert order by cuBLAS, then each token's K rows summed in fp32
+            dx_NH = torch._grouped_mm(dh_NF, w_gate_up, offs=offsets_E)
+            dx_TH = token_sum(dx_NH, inverse_permutation(perm_N), T, topk_ids.shape[1])
+            del dx_NH
+        else:
+            dx32_TH = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+            grouped_gemm(dh_NF, w_gate_up, _strides(w_gate_up, False), F, H, token_N, offsets_E,
+                         epilogue=EPI_SCATTER, out=dx32_TH, gather_a=False)
+            dx_TH = dx32_TH.to(x.dtype)
+            del dx32_TH
     with record_function("moesys::bwd_dw_gate_up"):
         dw_gate_up = weight_grad(dh_NF, x, token_N, offsets_E, gather_p=False)
     db_gate_up = x.new_empty(0)
@@ -147,16 +158,21 @@ def moe_mlp_down_bwd(dy: Tensor, h_NF: Tensor, w_down: Tensor, b_down: Optional[
     N = T * K
     dy = dy.contiguous()
     rw_N = topk_weights.reshape(-1)[perm_N].float()
-    wa_NI = dy.new_empty(N, I)  # g = dy[token] W_d first, then w * act(h) in place
     drw_N = torch.empty(N, dtype=torch.float32, device=dy.device)
-    with record_function("moesys::bwd_down"):
-        grouped_gemm(dy, w_down, _strides(w_down, False), H, I, token_N, offsets_E, epilogue=EPI_STORE, out=wa_NI,
-                     gather_a=True)
+    dy_NH = None  # dy gathered into expert order, when cuBLAS computes g (dW_down's cuBLAS path reuses it)
+    with record_function("moesys::bwd_down"):  # wa_NI: g = dy[token] W_d first, then w * act(h) in place
+        if dgrad_impl(dy, w_down) == "grouped_mm":
+            dy_NH = dy.index_select(0, token_N)
+            wa_NI = torch._grouped_mm(dy_NH, w_down, offs=offsets_E)
+        else:
+            wa_NI = dy.new_empty(N, I)
+            grouped_gemm(dy, w_down, _strides(w_down, False), H, I, token_N, offsets_E, epilogue=EPI_STORE,
+                         out=wa_NI, gather_a=True)
     with record_function("moesys::bwd_act"):
         act_backward(h_NF, wa_NI, h_NF, rw_N, drw_N, gated=h_NF.shape[1] == 2 * I, I=I, act=ACT_CODES[activation])
     with record_function("moesys::bwd_dw_down"):
-        dw_down = weight_grad(dy, wa_NI, token_N, offsets_E, gather_p=True)
-    del wa_NI
+        dw_down = weight_grad(dy, wa_NI, token_N, offsets_E, gather_p=True, gathered=dy_NH)
+    del wa_NI, dy_NH
     drw_TK = torch.empty_like(drw_N).index_copy_(0, perm_N, drw_N).view(T, K)
     db_down = dy.new_empty(0)
     if b_down is not None:

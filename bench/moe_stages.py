@@ -7,9 +7,10 @@ sweep of tile configs per kernel. Diagnostic for issue 3; the side-by-side bench
 
 Stages (N = T*K routed rows, F = 2I): fwd_gate_up [N,H]x[H,F] + SwiGLU; fwd_down [N,I]x[I,H] + combine;
 bwd_down [N,H]x[H,I]; bwd_act the activation backward (bandwidth-bound; its "grouped_mm" column is copies
-of the same bytes); bwd_dx [N,F]x[F,H] + the top-k fold; bwd_down and bwd_dx as the backend runs them
-(launch.dgrad_impl, the chosen one in "impl"), dw_gate_up, dw_down the grouped X^T.dY weight gradients as
-the backend runs them (launch.wgrad_impl), the Triton kernel alone in triton_kernel_ms;
+of the same bytes); bwd_dx [N,F]x[F,H] + the top-k fold; dw_gate_up, dw_down the grouped X^T.dY weight
+gradients. fwd_gate_up, bwd_down, bwd_dx and the dW stages each run as a Triton kernel or as cuBLAS's grouped
+GEMM with copies and a bandwidth-bound pass around it (launch.fwd_impl / dgrad_impl / wgrad_impl): "ours"
+is the path the backend picks ("impl"), and both paths are timed (triton_path_ms, cublas_path_ms);
 routing_sort the one-launch routing kernel next to its torch reference (sort_routing_reference).
 """
 
@@ -58,30 +59,22 @@ def stages(T, H, I, E, K):
     x_s, dy_s = x[token_N.long()], dy[token_N.long()]
     gm = torch._grouped_mm
 
-    def fwd_gate_up():
+    def fwd_gate_up_triton():
         launch.grouped_gemm(x, w_gu, (w_gu.stride(0), w_gu.stride(2), w_gu.stride(1)), H, I, token_N, off_E,
                             epilogue=EPI_ACT_FWD, out=a, gather_a=True, gated=True, I=I, h=h, save_h=True, act=silu)
+
+    def fwd_gate_up_cublas():
+        launch.act_forward(gm(x.index_select(0, token_N), w_gu.transpose(1, 2), offs=off_E), a, gated=True, I=I,
+                           act=silu)
 
     def fwd_down():
         y32 = torch.zeros(T, H, dtype=torch.float32, device=dev)
         launch.grouped_gemm(a, w_d, (w_d.stride(0), w_d.stride(2), w_d.stride(1)), I, H, token_N, off_E,
                             epilogue=EPI_SCATTER, out=y32, gather_a=False, rw_N=rw_N)
 
-    # The data gradients as the backend runs them (launch.dgrad_impl): the Triton GEMMs, or cuBLAS's grouped
-    # GEMM over dy gathered into a copy (which dW_down then reuses: its gather is counted here, not there)
-    # and over dh, each token's K dx rows folded by token_sum.
-    dgrad = launch.dgrad_impl(dy, w_d)
-    inv_N = inverse_permutation(perm_N)
-
     def bwd_down_triton():
         launch.grouped_gemm(dy, w_d, (w_d.stride(0), w_d.stride(1), w_d.stride(2)), H, I, token_N, off_E,
                             epilogue=EPI_STORE, out=a, gather_a=True)
-
-    def bwd_down():
-        if dgrad == "grouped_mm":
-            gm(dy.index_select(0, token_N), w_d, offs=off_E)
-        else:
-            bwd_down_triton()
 
     drw = torch.empty(N, dtype=torch.float32, device=dev)
     ones_N = torch.ones_like(rw_N)
@@ -97,36 +90,37 @@ def stages(T, H, I, E, K):
                             epilogue=EPI_SCATTER, out=dx32, gather_a=False)
         dx32.to(dt)
 
-    def bwd_dx():
-        if dgrad == "grouped_mm":
-            launch.token_sum(gm(dh, w_gu, offs=off_E), inv_N, T, K)
-        else:
-            bwd_dx_triton()
-
+    inv_N = inverse_permutation(perm_N)
     dw_gu = torch.empty_like(w_gu)
     dw_d = torch.empty_like(w_d)
+    # Each stage the backend can run two ways: (which it picks, the Triton path, the cuBLAS path), each path
+    # as the backend runs it, copies included. When the data gradients run on cuBLAS, dy is gathered once
+    # for bwd_down and dW_down reuses the copy: its gather is counted in bwd_down, not in dw_down.
+    fwd = launch.fwd_impl(x, w_gu, save_h=True, has_bias=False)
+    dgrad = launch.dgrad_impl(dy, w_d)
+    paths = {
+        "fwd_gate_up": (fwd, fwd_gate_up_triton, fwd_gate_up_cublas),
+        "bwd_down": (dgrad, bwd_down_triton, lambda: gm(dy.index_select(0, token_N), w_d, offs=off_E)),
+        "bwd_dx": (dgrad, bwd_dx_triton, lambda: launch.token_sum(gm(dh, w_gu, offs=off_E), inv_N, T, K)),
+        "dw_gate_up": (launch.wgrad_impl(dh, x),
+                       lambda: launch.expert_wgrad(dh, x, token_N, off_E, dw_gu, gather_p=False, gather_q=True),
+                       lambda: gm(dh.t(), x.index_select(0, token_N), offs=off_E)),
+        "dw_down": (launch.wgrad_impl(dy, a),
+                    lambda: launch.expert_wgrad(dy, a, token_N, off_E, dw_d, gather_p=True, gather_q=False),
+                    lambda: gm((dy_s if dgrad == "grouped_mm" else dy.index_select(0, token_N)).t(), a, offs=off_E)),
+    }
 
-    # The weight gradients as the backend runs them (launch.wgrad_impl: cuBLAS's grouped GEMM over a gathered
-    # copy where it can, the copy included in the time), and the Triton kernel alone for the A/B.
-    def dw_gate_up():
-        launch.weight_grad(dh, x, token_N, off_E, gather_p=False)
+    def chosen(name):
+        impl, triton_fn, cublas_fn = paths[name]
+        return cublas_fn if impl == "grouped_mm" else triton_fn
 
-    def dw_down():
-        launch.weight_grad(dy, a, token_N, off_E, gather_p=True, gathered=dy_s if dgrad == "grouped_mm" else None)
-
-    # the Triton kernel alone, for the stages that can run either implementation
-    triton_alone = {"bwd_down": bwd_down_triton, "bwd_dx": bwd_dx_triton,
-                    "dw_gate_up": lambda: launch.expert_wgrad(dh, x, token_N, off_E, dw_gu, gather_p=False,
-                                                              gather_q=True),
-                    "dw_down": lambda: launch.expert_wgrad(dy, a, token_N, off_E, dw_d, gather_p=True,
-                                                           gather_q=False)}
-    ours = {"fwd_gate_up": (fwd_gate_up, launch._gemm_tuned, N * H * F),
+    ours = {"fwd_gate_up": (chosen("fwd_gate_up"), launch._gemm_tuned, N * H * F),
             "fwd_down": (fwd_down, launch._gemm_tuned, N * I * H),
-            "bwd_down": (bwd_down, launch._gemm_tuned, N * H * I),
+            "bwd_down": (chosen("bwd_down"), launch._gemm_tuned, N * H * I),
             "bwd_act": (bwd_act, None, 0),
-            "bwd_dx": (bwd_dx, launch._gemm_tuned, N * F * H),
-            "dw_gate_up": (dw_gate_up, launch._wgrad_tuned, N * F * H),
-            "dw_down": (dw_down, launch._wgrad_tuned, N * H * I)}
+            "bwd_dx": (chosen("bwd_dx"), launch._gemm_tuned, N * F * H),
+            "dw_gate_up": (chosen("dw_gate_up"), launch._wgrad_tuned, N * F * H),
+            "dw_down": (chosen("dw_down"), launch._wgrad_tuned, N * H * I)}
     cublas = {"fwd_gate_up": lambda: gm(x_s, w_gu.transpose(-2, -1), offs=off_E),
               "fwd_down": lambda: gm(a, w_d.transpose(-2, -1), offs=off_E),
               "bwd_down": lambda: gm(dy_s, w_d, offs=off_E),
@@ -152,7 +146,7 @@ def stages(T, H, I, E, K):
             dense[name] = (lambda A=A, B=B: A @ B)
     route = lambda: sort_routing(ids, E)  # noqa: E731
     route_ref = lambda: sort_routing_reference(ids, E)  # noqa: E731  (the torch ops it replaced)
-    return ours, cublas, dense, route, route_ref, triton_alone, dgrad
+    return ours, cublas, dense, route, route_ref, paths
 
 
 def tf(macs, ms):
@@ -168,7 +162,7 @@ def main():
     records, meta = [], dict(run_meta("cuda"), bench="moe_stages")
     for shape in args.shapes.split(","):
         T, H, I, E, K = SHAPES[shape]
-        ours, cublas, dense, route, route_ref, triton_alone, dgrad = stages(T, H, I, E, K)
+        ours, cublas, dense, route, route_ref, paths = stages(T, H, I, E, K)
         route_ms, ref_ms = do_bench(route, return_mode="median"), do_bench(route_ref, return_mode="median")
         print(f"== {shape}: routing sort {route_ms:.3f} ms (torch reference {ref_ms:.3f} ms)", flush=True)
         records.append({**meta, "shape": shape, "stage": "routing_sort", "ours_ms": route_ms, "reference_ms": ref_ms})
@@ -177,13 +171,11 @@ def main():
             fn()  # autotune
             rec = {**meta, "shape": shape, "stage": name}
             rec["ours_ms"] = do_bench(fn, return_mode="median")
-            if name in triton_alone:
-                if name.startswith("dw"):
-                    rec["impl"] = launch.wgrad_impl(*((dh, x) if name == "dw_gate_up" else (dy, a)))
-                else:
-                    rec["impl"] = dgrad
-                triton_alone[name]()  # autotune
-                rec["triton_kernel_ms"] = do_bench(triton_alone[name], return_mode="median")
+            if name in paths:
+                rec["impl"], triton_fn, cublas_fn = paths[name]
+                for path, path_fn in (("triton", triton_fn), ("cublas", cublas_fn)):
+                    path_fn()  # autotune
+                    rec[f"{path}_path_ms"] = do_bench(path_fn, return_mode="median")
             rec["tuned_config"] = str(getattr(tuned, "best_config", None)) if tuned is not None else "fixed"
             for other, table in (("cublas", cublas), ("dense", dense)):
                 try:
@@ -207,7 +199,8 @@ def main():
                 best = min((v, k) for k, v in rec["sweep"].items() if isinstance(v, float))
                 rec["sweep_best"] = {"config": best[1], "ms": best[0], "tflops": tf(macs, best[0])}
             print(f"{name:13s} ours {rec['ours_ms']:7.3f} ms {tf(macs, rec['ours_ms']):5.0f} TF  "
-                  + (f"(triton kernel {rec['triton_kernel_ms']:.3f} ms)  " if "triton_kernel_ms" in rec else "")
+                  + (f"[{rec['impl']}; paths: triton {rec['triton_path_ms']:.3f}, cublas {rec['cublas_path_ms']:.3f} ms]  "
+                     if "impl" in rec else "")
                   + f"grouped_mm {rec['cublas_ms'] or float('nan'):7.3f} ms  dense {rec['dense_ms'] or float('nan'):7.3f} ms"
                   f"  tuned {rec['tuned_config']}" + (f"  sweep best {rec['sweep_best']}" if "sweep_best" in rec else ""),
                   flush=True)

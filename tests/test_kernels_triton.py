@@ -179,16 +179,20 @@ def test_weights_through_descriptor_and_pointers_agree(monkeypatch):
         assert rel_err(results["1"][name], ref[name]) <= FLOOR[torch.float32], name
 
 
-@pytest.mark.parametrize("var", ["MOESYS_TRITON_WGRAD", "MOESYS_TRITON_DGRAD"])
-def test_backward_gemm_implementations_agree(monkeypatch, var):
-    """The two implementations of the backward's weight-gradient GEMMs (gathered inside the Triton kernel;
-    gathered into a copy for torch._grouped_mm) and of its data-gradient GEMMs (Triton with dy gathered
-    inside and dx scatter-added in the epilogue; torch._grouped_mm over expert-ordered rows, then
-    token_sum) give the same forward and gradients, with an idle expert (an empty group: its dW must be zeros)."""
-    from moesys.kernels.launch import dgrad_impl, wgrad_impl
-    pick = wgrad_impl if var == "MOESYS_TRITON_WGRAD" else dgrad_impl
+@pytest.mark.parametrize("var,bias", [("MOESYS_TRITON_WGRAD", True), ("MOESYS_TRITON_DGRAD", True),
+                                      ("MOESYS_TRITON_FWD", False)])
+def test_gemm_implementations_agree(monkeypatch, var, bias):
+    """The two implementations of each switchable GEMM give the same forward and gradients, with an idle
+    expert (an empty group: its dW must be zeros): the weight gradients (gathered inside the Triton kernel;
+    gathered into a copy for torch._grouped_mm), the data gradients (Triton with dy gathered inside and dx
+    scatter-added in the epilogue; torch._grouped_mm over expert-ordered rows, then token_sum) and the
+    training forward's gate/up projection (activation in the Triton epilogue; torch._grouped_mm writing h,
+    then act_forward; only without a bias)."""
+    from moesys.kernels.launch import dgrad_impl, fwd_impl, wgrad_impl
+    pick = {"MOESYS_TRITON_WGRAD": wgrad_impl, "MOESYS_TRITON_DGRAD": dgrad_impl,
+            "MOESYS_TRITON_FWD": lambda a, w: fwd_impl(a, w, save_h=True, has_bias=False)}[var]
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # CUDA's grouped_mm takes bf16 only
-    case, dy = make_case(45, 32, 40, 5, 3, "silu", True, seed=11, empty_expert=1)
+    case, dy = make_case(45, 32, 40, 5, 3, "silu", bias, seed=11, empty_expert=1)
     results = {}
     for impl in ("triton", "grouped_mm"):
         monkeypatch.setenv(var, impl)
@@ -218,6 +222,34 @@ def test_dgrad_auto_needs_what_cublas_takes(monkeypatch):
         assert dgrad_impl(torch.empty(4, 16, **bf), torch.empty(2, 8, 16, **bf).transpose(1, 2)) == "triton"
         assert dgrad_impl(torch.empty(4, 12, **bf), torch.empty(2, 12, 8, **bf)) == "triton"  # 24-byte rows
         assert dgrad_impl(torch.empty(4, 16, device=DEVICE), torch.empty(2, 16, 8, device=DEVICE)) == "triton"
+
+
+def test_fwd_cublas_path_only_when_h_is_saved_without_bias(monkeypatch):
+    """Forcing MOESYS_TRITON_FWD=grouped_mm still runs the fused kernel where cuBLAS cannot help: inference
+    (h not saved: the fused kernel never writes it) and a gate/up bias (cuBLAS's GEMM has none)."""
+    from moesys.kernels.launch import fwd_impl
+    x, w = torch.empty(4, 16), torch.empty(2, 16, 16)
+    monkeypatch.setenv("MOESYS_TRITON_FWD", "grouped_mm")
+    assert fwd_impl(x, w, save_h=True, has_bias=False) == "grouped_mm"
+    assert fwd_impl(x, w, save_h=False, has_bias=False) == "triton"
+    assert fwd_impl(x, w, save_h=True, has_bias=True) == "triton"
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("activation", ACTS)
+def test_act_forward_matches_torch(activation, gated):
+    """act_forward over odd shapes (rows and columns not multiples of the tile) against moesys.activations'
+    functions: act(gate) * up for a [N, 2I] h, act(h) for a [N, I] one."""
+    from moesys.activations import activation_fn
+    from moesys.kernels.act import ACT_CODES
+    from moesys.kernels.launch import act_forward
+    N, I = 19, 37
+    h = torch.randn(N, 2 * I if gated else I, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    a = torch.empty(N, I, device=DEVICE)
+    act_forward(h, a, gated=gated, I=I, act=ACT_CODES[activation])
+    fn = activation_fn(activation)
+    want = fn(h[:, :I]) * h[:, I:] if gated else fn(h)
+    assert torch.allclose(a, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("T,K,H", [(7, 3, 37), (1, 1, 5), (0, 2, 8), (33, 8, 1100)])
@@ -279,6 +311,7 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wgmma") == 7, proc.stdout  # every GEMM variant reports its wgmma count
     assert proc.stdout.count("act_backward") == 2, proc.stdout
+    assert proc.stdout.count("act_forward") == 2, proc.stdout
     assert "sort_routing" in proc.stdout, proc.stdout
     assert "token_sum" in proc.stdout, proc.stdout
 

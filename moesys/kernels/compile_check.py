@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moesys.kernels.act_backward import act_backward_kernel
+from moesys.kernels.act_forward import act_forward_kernel
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE, expert_wgrad_kernel, grouped_gemm_kernel
 from moesys.kernels.routing import BLOCK_GPU, sort_routing_kernel
 from moesys.kernels.token_sum import token_sum_kernel
@@ -85,6 +86,7 @@ def variants(all_variants: bool, dtype: str):
                     SCALE=True, ACT=0, B_DESC=False, B_KCONTIG=True, stride_bk=1), True)
     for act in acts:
         yield (f"act_backward act={act}", act_backward_kernel, dict(GATED=act < 2, ACT=act, BR=16, BC=256), False)
+        yield (f"act_forward act={act}", act_forward_kernel, dict(GATED=act < 2, ACT=act, BR=16, BC=256), False)
     for gather_p, s_desc in itertools.product((True, False), (True, False) if all_variants else (True,)):
         yield (f"wgrad gather_p={gather_p} s_desc={s_desc}", expert_wgrad_kernel,
                dict(tile, GATHER_P=gather_p, GATHER_Q=not gather_p, S_DESC=s_desc, stride_pm=1, stride_qn=1), False)
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
         for name, kernel, consts, out_fp32 in variants(args.all, dtype):
             compiled = compile_variant(kernel, consts, dtype, out_fp32)
             ttgir = compiled.asm["ttgir"]
-            if kernel in (act_backward_kernel, sort_routing_kernel, token_sum_kernel):  # no dot, nothing to pipeline
+            if kernel in (act_backward_kernel, act_forward_kernel, sort_routing_kernel, token_sum_kernel):  # no dot, nothing to pipeline
                 print(f"{dtype} {name}: shared {compiled.metadata.shared} B", flush=True)
                 continue
             print(f"{dtype} {name}: shared {compiled.metadata.shared} B, "

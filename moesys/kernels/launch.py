@@ -16,6 +16,7 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moesys.kernels.act_backward import act_backward_kernel
+from moesys.kernels.act_forward import act_forward_kernel
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, expert_wgrad_kernel, grouped_gemm_kernel
 from moesys.kernels.token_sum import token_sum_kernel
 
@@ -122,6 +123,13 @@ _act_backward_tuned = triton.autotune(
     configs=[triton.Config({"BR": br, "BC": bc}, num_warps=w) for br, bc, w in
              [(16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (64, 128, 8), (32, 128, 4), (4, 1024, 4)]],
     key=["rows_bucket", "I", "GATED", "ACT"], restore_value=["h_ptr", "g_ptr"], **_CACHE)(act_backward_kernel)
+
+# The forward activation pass (h -> a) streams 3 values per row and column of a; a 2D grid over rows and
+# columns, so the tile only decides the loads in flight per program.
+_act_forward_tuned = triton.autotune(
+    configs=[triton.Config({"BR": br, "BC": bc}, num_warps=w) for br, bc, w in
+             [(16, 256, 4), (8, 512, 4), (32, 256, 8), (16, 512, 8)]],
+    key=["I", "GATED", "ACT"], **_CACHE)(act_forward_kernel)
 
 _INTERP = {"BM": 16, "BN": 16, "BK": 16}
 
@@ -296,6 +304,18 @@ def dgrad_impl(a: torch.Tensor, w: torch.Tensor) -> str:
     return _gemm_impl("MOESYS_TRITON_DGRAD", w_ok and _cublas_grouped_ok(a, w))
 
 
+def fwd_impl(x: torch.Tensor, w_gate_up: torch.Tensor, *, save_h: bool, has_bias: bool) -> str:
+    """Which GEMM runs the gate/up projection of a training forward: "triton" (x gathered inside the GEMM,
+    the activation in its epilogue, h stored beside a) or "grouped_mm" (x gathered into expert order, cuBLAS's
+    grouped GEMM writes h, `act_forward` reads it back into a). Only when h is saved (training) and there
+    is no bias: otherwise the fused kernel skips writing h and cuBLAS has nothing to gain. MOESYS_TRITON_FWD
+    picks; "auto" keeps the fused kernel."""
+    choice = _gemm_impl("MOESYS_TRITON_FWD", False)
+    if choice == "grouped_mm" and not (save_h and not has_bias):
+        return "triton"
+    return choice
+
+
 def weight_grad(p, q, token_N, offsets_E, *, gather_p, gathered=None):
     """[E, Md, Nd]: for each expert e, the sum over its rows r of P[r]^T Q[r], where P is [N, Md] and Q is
     [N, Nd] in expert order except the gathered one (`gather_p`: P; else Q), which is in token order and
@@ -325,6 +345,21 @@ def token_sum(rows_NH: torch.Tensor, inv_N: torch.Tensor, T: int, K: int) -> tor
     token_sum_kernel[(T, triton.cdiv(H, BH))](rows_NH, rows_NH.stride(0), inv_N, out, out.stride(0), H, K, BH=BH,
                                               num_warps=1 if is_interpreted() else 4)
     return out
+
+
+def act_forward(h, a, *, gated, I, act):
+    """a = act(gate) * up (gated: h is [N, 2I]) or act(h), over the N sorted rows, into `a` [N, I]."""
+    N = h.shape[0]
+    if N == 0:
+        return
+    args = (h, h.stride(0), a, a.stride(0), N, I)
+    if is_interpreted() or not _autotune():
+        meta = {"BR": 4, "BC": 16} if is_interpreted() else {"BR": 16, "BC": 256, "num_warps": 4}
+        act_forward_kernel[(triton.cdiv(N, meta["BR"]), triton.cdiv(I, meta["BC"]))](*args, GATED=gated, ACT=act,
+                                                                                      **meta)
+    else:
+        _act_forward_tuned[lambda meta: (triton.cdiv(N, meta["BR"]), triton.cdiv(I, meta["BC"]))](
+            *args, GATED=gated, ACT=act)
 
 
 def act_backward(h, g, dh, rw_N, drw_N, *, gated, I, act):

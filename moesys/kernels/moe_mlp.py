@@ -36,8 +36,8 @@ from moesys.activations import is_gated
 from moesys.backends.grouped_mm import inverse_permutation
 from moesys.kernels.act import ACT_CODES
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE
-from moesys.kernels.launch import (act_backward, dgrad_impl, grouped_gemm, token_sum, unavailable_reason,
-                                  weight_grad)
+from moesys.kernels.launch import (act_backward, act_forward, dgrad_impl, fwd_impl, grouped_gemm, token_sum,
+                                  unavailable_reason, weight_grad)
 from moesys.kernels.routing import sort_routing
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -57,11 +57,15 @@ def moe_mlp_up(x: Tensor, w_gate_up: Tensor, b_gate_up: Optional[Tensor], topk_i
     N = topk_ids.numel()
     token_N, perm_N, offsets_E = sort_routing(topk_ids, E)
     a_NI = x.new_empty(N, I)
-    h_NF = x.new_empty(N if save_h else 0, F)
     with record_function("moesys::fwd_gate_up_act"):
-        grouped_gemm(x, w_gate_up, _strides(w_gate_up, True), H, I, token_N, offsets_E, epilogue=EPI_ACT_FWD,
-                     out=a_NI, gather_a=True, gated=F == 2 * I, I=I, h=h_NF if save_h else None, bias=b_gate_up,
-                     save_h=save_h, act=ACT_CODES[activation])
+        if fwd_impl(x, w_gate_up, save_h=save_h, has_bias=b_gate_up is not None) == "grouped_mm":
+            h_NF = torch._grouped_mm(x.index_select(0, token_N), w_gate_up.transpose(1, 2), offs=offsets_E)
+            act_forward(h_NF, a_NI, gated=F == 2 * I, I=I, act=ACT_CODES[activation])
+        else:
+            h_NF = x.new_empty(N if save_h else 0, F)
+            grouped_gemm(x, w_gate_up, _strides(w_gate_up, True), H, I, token_N, offsets_E, epilogue=EPI_ACT_FWD,
+                         out=a_NI, gather_a=True, gated=F == 2 * I, I=I, h=h_NF if save_h else None,
+                         bias=b_gate_up, save_h=save_h, act=ACT_CODES[activation])
     return a_NI, h_NF, token_N, perm_N, offsets_E
 
 

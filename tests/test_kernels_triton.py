@@ -224,6 +224,21 @@ def test_dgrad_auto_needs_what_cublas_takes(monkeypatch):
         assert dgrad_impl(torch.empty(4, 16, device=DEVICE), torch.empty(2, 16, 8, device=DEVICE)) == "triton"
 
 
+def test_fwd_auto_takes_cublas_for_deep_training_gemms_only(monkeypatch):
+    """"auto" runs the gate/up projection on cuBLAS only for bf16 on a GPU that has its grouped GEMM, with
+    H >= 4096, h saved and no bias; the fused Triton kernel everywhere else (the CPU included)."""
+    from moesys.kernels.launch import fwd_impl
+    monkeypatch.delenv("MOESYS_TRITON_FWD", raising=False)
+    kw = dict(device=DEVICE, dtype=torch.bfloat16)
+    deep, shallow = torch.empty(4, 4096, **kw), torch.empty(4, 2048, **kw)
+    w_deep, w_shallow = torch.empty(2, 32, 4096, **kw), torch.empty(2, 32, 2048, **kw)
+    cublas = DEVICE.type == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
+    assert fwd_impl(deep, w_deep, save_h=True, has_bias=False) == ("grouped_mm" if cublas else "triton")
+    assert fwd_impl(shallow, w_shallow, save_h=True, has_bias=False) == "triton"
+    assert fwd_impl(deep, w_deep, save_h=False, has_bias=False) == "triton"
+    assert fwd_impl(deep, w_deep, save_h=True, has_bias=True) == "triton"
+
+
 def test_fwd_cublas_path_only_when_h_is_saved_without_bias(monkeypatch):
     """Forcing MOESYS_TRITON_FWD=grouped_mm still runs the fused kernel where cuBLAS cannot help: inference
     (h not saved: the fused kernel never writes it) and a gate/up bias (cuBLAS's GEMM has none)."""

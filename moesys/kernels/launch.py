@@ -122,7 +122,8 @@ _wgrad_tuned = triton.autotune(configs=_WGRAD, key=["rows_bucket", "Md", "Nd", "
 _act_backward_tuned = triton.autotune(
     configs=[triton.Config({"BR": br, "BC": bc}, num_warps=w) for br, bc, w in
              [(16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (64, 128, 8), (32, 128, 4), (4, 1024, 4)]],
-    key=["rows_bucket", "I", "GATED", "ACT"], restore_value=["h_ptr", "g_ptr"], **_CACHE)(act_backward_kernel)
+    key=["rows_bucket", "I", "GATED", "ACT"], restore_value=["h_ptr", "g_ptr"], reset_to_zero=["drw_ptr"],
+    **_CACHE)(act_backward_kernel)
 
 # The forward activation pass (h -> a) streams 3 values per row and column of a; a 2D grid over rows and
 # columns, so the tile only decides the loads in flight per program.
@@ -296,8 +297,10 @@ def dgrad_impl(a: torch.Tensor, w: torch.Tensor) -> str:
     (`grouped_gemm_kernel`: dy gathered inside the GEMM; dx scatter-added into an fp32 [T, H] buffer by its
     epilogue) or "grouped_mm" (cuBLAS's grouped GEMM over expert-ordered rows: dy gathered into a copy that
     dW_down reuses, dx written per routed row and folded per token by `token_sum`). "auto" takes grouped_mm
-    where torch's CUDA kernel takes the operands (bf16, sm90+, 16-byte rows): on an H200 cuBLAS ran these
-    two products 0.93-0.95x the Triton kernels' time on the Mixtral shape (bench/results/moe_stages*.json).
+    where torch's CUDA kernel takes the operands (bf16, sm90+, 16-byte rows). On an H200
+    (bench/results/moe_stages_6e28313.json, copies included) cuBLAS's dx took 0.89-1.0x the Triton kernel's
+    time on the Mixtral, Qwen3-30B-A3B and OLMoE shapes; its g 0.97x on Mixtral and 1.2-1.3x on the other
+    two, which its copy of dy then saves in dW_down (the two together about even there).
     MOESYS_TRITON_DGRAD picks."""
     # cuBLAS reads the weight as stored: each expert's matrix row-major with 16-byte aligned strides
     w_ok = w.stride(-1) == 1 and all((st * w.element_size()) % 16 == 0 for st in w.stride()[:-1])
@@ -308,9 +311,13 @@ def fwd_impl(x: torch.Tensor, w_gate_up: torch.Tensor, *, save_h: bool, has_bias
     """Which GEMM runs the gate/up projection of a training forward: "triton" (x gathered inside the GEMM,
     the activation in its epilogue, h stored beside a) or "grouped_mm" (x gathered into expert order, cuBLAS's
     grouped GEMM writes h, `act_forward` reads it back into a). Only when h is saved (training) and there
-    is no bias: otherwise the fused kernel skips writing h and cuBLAS has nothing to gain. MOESYS_TRITON_FWD
-    picks; "auto" keeps the fused kernel."""
-    choice = _gemm_impl("MOESYS_TRITON_FWD", False)
+    is no bias: otherwise the fused kernel skips writing h and cuBLAS has nothing to gain. "auto" takes
+    cuBLAS for H >= 4096 where torch's CUDA kernel takes the operands: the extra pass moves ~3 values per
+    row and column of a, against H multiply-adds each in the GEMM, so it pays only for deep GEMMs. On an
+    H200 (bench/results/moe_stages_6e28313.json, copies and the pass included) cuBLAS took 0.92x the fused
+    kernel's time on Mixtral (H 4096), 1.10x on Qwen3-30B-A3B and 1.06x on OLMoE (H 2048).
+    MOESYS_TRITON_FWD picks."""
+    choice = _gemm_impl("MOESYS_TRITON_FWD", x.shape[1] >= 4096 and _cublas_grouped_ok(x, w_gate_up))
     if choice == "grouped_mm" and not (save_h and not has_bias):
         return "triton"
     return choice
@@ -367,9 +374,14 @@ def act_backward(h, g, dh, rw_N, drw_N, *, gated, I, act):
     dh = d act * (w g) (both halves when gated), replaces g by w * act(h) in place, and stores
     drw[r] = act(h[r]) . g[r]."""
     N = g.shape[0]
+    drw_N.zero_()  # the kernel adds each column block's part of every row's dot product
     args = (h, h.stride(0), g, g.stride(0), dh, dh.stride(0), rw_N, drw_N, N, I, _rows_bucket(N))
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BR"]), triton.cdiv(I, meta["BC"]))
+
     if is_interpreted() or not _autotune():
         meta = {"BR": 4, "BC": 16} if is_interpreted() else {"BR": 16, "BC": 256, "num_warps": 4}
-        act_backward_kernel[(triton.cdiv(N, meta["BR"]),)](*args, GATED=gated, ACT=act, **meta)
+        act_backward_kernel[grid(meta)](*args, GATED=gated, ACT=act, **meta)
     else:
-        _act_backward_tuned[lambda meta: (triton.cdiv(N, meta["BR"]),)](*args, GATED=gated, ACT=act)
+        _act_backward_tuned[grid](*args, GATED=gated, ACT=act)

@@ -22,33 +22,34 @@ from moesys.kernels.act import act_fwd, act_grad
 @triton.jit
 def act_backward_kernel(h_ptr, stride_h, g_ptr, stride_g, dh_ptr, stride_dh, rw_ptr, drw_ptr, N, I, rows_bucket,
                         GATED: tl.constexpr, ACT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    # One [BR, BC] tile per program on a 2D grid (rows x column blocks), so every program's loads are issued
-    # at once; drw, a sum over all columns, is accumulated with one atomic add per row and program (drw must
-    # start at zero). rows_bucket only keys the autotuner (a power-of-two band of N). dh may be h itself (in
-    # place: each program reads its tile before it writes it, and no two programs share a tile).
+    # rows_bucket only keys the autotuner (a power-of-two band of N); dh may be h itself (in place: each
+    # program reads a column block of its rows before it writes it)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
     row_mask = rows < N
-    mask = row_mask[:, None] & (cols < I)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
+    rows64 = rows.to(tl.int64)
     w = tl.load(rw_ptr + rows, mask=row_mask, other=0.0)[:, None]
-    h_ptrs = h_ptr + rows64 * stride_h + cols[None, :]
-    g_ptrs = g_ptr + rows64 * stride_g + cols[None, :]
-    dh_ptrs = dh_ptr + rows64 * stride_dh + cols[None, :]
-    io_dtype = g_ptr.dtype.element_ty
-    gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    f = act_fwd(gate, ACT)
-    if GATED:
-        up = tl.load(h_ptrs + I, mask=mask, other=0.0).to(tl.float32)
-        a = (f * up).to(io_dtype).to(tl.float32)  # rounded as the forward stored it
-    else:
-        a = f.to(io_dtype).to(tl.float32)
-    tl.atomic_add(drw_ptr + rows, tl.sum(a * g, 1), mask=row_mask, sem="relaxed")
-    da = g * w
-    tl.store(g_ptrs, (w * a).to(io_dtype), mask=mask)
-    if GATED:
-        tl.store(dh_ptrs, (da * up * act_grad(gate, ACT)).to(io_dtype), mask=mask)
-        tl.store(dh_ptrs + I, (da * f).to(io_dtype), mask=mask)
-    else:
-        tl.store(dh_ptrs, (da * act_grad(gate, ACT)).to(io_dtype), mask=mask)
+    drw = tl.zeros((BR,), dtype=tl.float32)
+    for c0 in range(0, I, BC):
+        cols = c0 + tl.arange(0, BC)
+        mask = row_mask[:, None] & (cols < I)[None, :]
+        h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+        g_ptrs = g_ptr + rows64[:, None] * stride_g + cols[None, :]
+        dh_ptrs = dh_ptr + rows64[:, None] * stride_dh + cols[None, :]
+        io_dtype = g_ptr.dtype.element_ty
+        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        f = act_fwd(gate, ACT)
+        if GATED:
+            up = tl.load(h_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+            a = (f * up).to(io_dtype).to(tl.float32)  # rounded as the forward stored it
+        else:
+            a = f.to(io_dtype).to(tl.float32)
+        drw += tl.sum(a * g, 1)
+        da = g * w
+        tl.store(g_ptrs, (w * a).to(io_dtype), mask=mask)
+        if GATED:
+            tl.store(dh_ptrs, (da * up * act_grad(gate, ACT)).to(io_dtype), mask=mask)
+            tl.store(dh_ptrs + I, (da * f).to(io_dtype), mask=mask)
+        else:
+            tl.store(dh_ptrs, (da * act_grad(gate, ACT)).to(io_dtype), mask=mask)
+    tl.store(drw_ptr + rows, drw, mask=row_mask)

@@ -118,12 +118,13 @@ _wgrad_tuned = triton.autotune(configs=_WGRAD, key=["rows_bucket", "Md", "Nd", "
 
 # The activation pass streams ~6 values per routed row and column at memory bandwidth; how many rows and
 # columns a program takes decides how many loads are in flight (one fixed shape ran at ~55% of copy speed
-# on an H200). It overwrites g and h in place, so tuning runs restore both between trials.
+# on an H200). It overwrites g and h in place, so tuning runs restore both between trials. A 2D grid of one
+# tile per program (d topk_weights by atomic adds) was 1.02-1.06x this loop's time at its best config on the
+# three training shapes (H200, bench/results/act_backward_ab_76b7b4f.json), so each program keeps its loop.
 _act_backward_tuned = triton.autotune(
     configs=[triton.Config({"BR": br, "BC": bc}, num_warps=w) for br, bc, w in
              [(16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (64, 128, 8), (32, 128, 4), (4, 1024, 4)]],
-    key=["rows_bucket", "I", "GATED", "ACT"], restore_value=["h_ptr", "g_ptr"], reset_to_zero=["drw_ptr"],
-    **_CACHE)(act_backward_kernel)
+    key=["rows_bucket", "I", "GATED", "ACT"], restore_value=["h_ptr", "g_ptr"], **_CACHE)(act_backward_kernel)
 
 # The forward activation pass (h -> a) streams 3 values per row and column of a; a 2D grid over rows and
 # columns, so the tile only decides the loads in flight per program.
@@ -374,14 +375,9 @@ def act_backward(h, g, dh, rw_N, drw_N, *, gated, I, act):
     dh = d act * (w g) (both halves when gated), replaces g by w * act(h) in place, and stores
     drw[r] = act(h[r]) . g[r]."""
     N = g.shape[0]
-    drw_N.zero_()  # the kernel adds each column block's part of every row's dot product
     args = (h, h.stride(0), g, g.stride(0), dh, dh.stride(0), rw_N, drw_N, N, I, _rows_bucket(N))
-
-    def grid(meta):
-        return (triton.cdiv(N, meta["BR"]), triton.cdiv(I, meta["BC"]))
-
     if is_interpreted() or not _autotune():
         meta = {"BR": 4, "BC": 16} if is_interpreted() else {"BR": 16, "BC": 256, "num_warps": 4}
-        act_backward_kernel[grid(meta)](*args, GATED=gated, ACT=act, **meta)
+        act_backward_kernel[(triton.cdiv(N, meta["BR"]),)](*args, GATED=gated, ACT=act, **meta)
     else:
-        _act_backward_tuned[grid](*args, GATED=gated, ACT=act)
+        _act_backward_tuned[lambda meta: (triton.cdiv(N, meta["BR"]),)](*args, GATED=gated, ACT=act)

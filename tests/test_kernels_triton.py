@@ -237,6 +237,8 @@ def test_fwd_auto_takes_cublas_for_deep_training_gemms_only(monkeypatch):
     assert fwd_impl(shallow, w_shallow, save_h=True, has_bias=False) == "triton"
     assert fwd_impl(deep, w_deep, save_h=False, has_bias=False) == "triton"
     assert fwd_impl(deep, w_deep, save_h=True, has_bias=True) == "triton"
+    w_deep_t = torch.empty(2, 4096, 32, **kw).transpose(1, 2)  # [E, F, H] whose rows are not contiguous
+    assert fwd_impl(deep, w_deep_t, save_h=True, has_bias=False) == "triton"
 
 
 def test_fwd_cublas_path_only_when_h_is_saved_without_bias(monkeypatch):

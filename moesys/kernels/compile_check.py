@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         for name, kernel, consts, out_fp32 in variants(args.all, dtype):
             compiled = compile_variant(kernel, consts, dtype, out_fp32)
             ttgir = compiled.asm["ttgir"]
-            if kernel in (act_backward_kernel, act_forward_kernel, sort_routing_kernel, token_sum_kernel):  # no dot, nothing to pipeline
+            no_dot = (act_backward_kernel, act_forward_kernel, sort_routing_kernel, token_sum_kernel)
+            if kernel in no_dot:  # nothing to pipeline
                 print(f"{dtype} {name}: shared {compiled.metadata.shared} B", flush=True)
                 continue
             print(f"{dtype} {name}: shared {compiled.metadata.shared} B, "

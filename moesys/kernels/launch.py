@@ -272,6 +272,12 @@ def _cublas_grouped_ok(*operands: torch.Tensor) -> bool:
             and all((d * t.element_size()) % 16 == 0 for t in operands for d in t.shape[1:]))
 
 
+def _rows_contiguous(w: torch.Tensor) -> bool:
+    """Whether each expert's matrix of w [E, R, C] is stored with contiguous rows and 16-byte aligned strides,
+    as cuBLAS reads a weight (the dgrad GEMMs read it as stored, the forward as its transpose)."""
+    return w.stride(-1) == 1 and all((st * w.element_size()) % 16 == 0 for st in w.stride()[:-1])
+
+
 def _gemm_impl(var: str, cublas_ok: bool) -> str:
     """The environment variable `var`'s choice, or for "auto" (the default) cuBLAS where it can run."""
     choice = os.environ.get(var, "auto")
@@ -303,9 +309,7 @@ def dgrad_impl(a: torch.Tensor, w: torch.Tensor) -> str:
     time on the Mixtral, Qwen3-30B-A3B and OLMoE shapes; its g 0.97x on Mixtral and 1.2-1.3x on the other
     two, which its copy of dy then saves in dW_down (the two together about even there).
     MOESYS_TRITON_DGRAD picks."""
-    # cuBLAS reads the weight as stored: each expert's matrix row-major with 16-byte aligned strides
-    w_ok = w.stride(-1) == 1 and all((st * w.element_size()) % 16 == 0 for st in w.stride()[:-1])
-    return _gemm_impl("MOESYS_TRITON_DGRAD", w_ok and _cublas_grouped_ok(a, w))
+    return _gemm_impl("MOESYS_TRITON_DGRAD", _rows_contiguous(w) and _cublas_grouped_ok(a, w))
 
 
 def fwd_impl(x: torch.Tensor, w_gate_up: torch.Tensor, *, save_h: bool, has_bias: bool) -> str:
@@ -318,7 +322,8 @@ def fwd_impl(x: torch.Tensor, w_gate_up: torch.Tensor, *, save_h: bool, has_bias
     H200 (bench/results/moe_stages_6e28313.json, copies and the pass included) cuBLAS took 0.92x the fused
     kernel's time on Mixtral (H 4096), 1.10x on Qwen3-30B-A3B and 1.06x on OLMoE (H 2048).
     MOESYS_TRITON_FWD picks."""
-    choice = _gemm_impl("MOESYS_TRITON_FWD", x.shape[1] >= 4096 and _cublas_grouped_ok(x, w_gate_up))
+    choice = _gemm_impl("MOESYS_TRITON_FWD", x.shape[1] >= 4096 and _rows_contiguous(w_gate_up)
+                        and _cublas_grouped_ok(x, w_gate_up))
     if choice == "grouped_mm" and not (save_h and not has_bias):
         return "triton"
     return choice

@@ -205,8 +205,10 @@ def test_cuda_graph_option_is_checked(checkpoints):
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_compiled_decode_step_matches_the_eager_one(checkpoints, quantize):
     """compile=True: the decode step runs as torch.compile's graph (inductor; on a CPU, C++ kernels) with the
-    engine inside as one opaque op. Same tokens as the uncompiled device path, same hits, misses and
-    evictions; a second model of the same architecture reuses the compiled graph (no recompile per engine)."""
+    engine inside as opaque ops: for unquantized experts only the cache step (moesys::offload_slots; the
+    model's own grouped experts are traced), for quantized ones the whole layer (moesys::offload_experts).
+    Same tokens as the uncompiled device path, same hits, misses and evictions; a second model of the same
+    architecture reuses the compiled graph (no recompile per engine)."""
     torch._dynamo.reset()
     path = checkpoints["olmoe"]
     prompt = _prompt(seed=4)
@@ -217,8 +219,22 @@ def test_compiled_decode_step_matches_the_eager_one(checkpoints, quantize):
     frames = torch._dynamo.utils.counters["frames"]
     for i in range(2):
         model = mo.load(path, compile=True, **kw)
+        engine, calls = model.moesys_offload, {"layer": 0, "slots": 0}
+        layer_fn, slots_fn = engine.experts_forward, engine.device_slots
+
+        def layer_call(layer, x_TH, *a):
+            calls["layer"] += x_TH.shape[0] == 1
+            return layer_fn(layer, x_TH, *a)
+
+        def slots_call(*a, **k):
+            calls["slots"] += 1
+            return slots_fn(*a, **k)
+
+        engine.experts_forward, engine.device_slots = layer_call, slots_call
         got = model.generate(prompt, **STATIC)
         assert torch.equal(want, got), i
+        steps = (NEW_TOKENS - 1) * len(engine.inner)  # decode steps x MoE layers
+        assert calls == ({"layer": 0, "slots": steps} if quantize == "none" else {"layer": steps, "slots": steps})
         a, b = plain.moesys_offload.snapshot(), model.moesys_offload.snapshot()
         assert (a.hits, a.misses, a.evictions) == (b.hits, b.misses, b.evictions), i
         assert b.misses > 0

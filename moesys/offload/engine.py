@@ -55,6 +55,26 @@ def _(x_TH, ids_TK, w_TK, layer):
     return torch.empty_like(x_TH)
 
 
+@torch.library.custom_op("moesys::offload_slots", mutates_args=())
+def offload_slots(ids_TK: torch.Tensor, layer: int) -> torch.Tensor:
+    """Batch-1 decode of unquantized experts: make the token's K experts of `layer` resident (the device
+    bookkeeping, and the copies of misses into their slots) and return their bank-local slot ids [1, K].
+    The compiled step runs the model's own grouped experts over the slot pool with these ids, so inductor
+    fuses its sort/offsets/gather/combine glue exactly as for the model fully on the GPU; only this op is
+    opaque (the grouped GEMMs that follow read the slots it filled: they depend on its output, so they run
+    after it)."""
+    if not _ACTIVE:
+        raise RuntimeError("an offloaded model's experts ran under torch.compile outside moesys's decode step; "
+                           "do not torch.compile the model yourself: load it with moesys.offload.load(..., "
+                           "compile=True), which compiles the decode step around the engine")
+    return _ACTIVE[-1].device_slots(layer, ids_TK).view(1, -1)
+
+
+@offload_slots.register_fake
+def _(ids_TK, layer):
+    return torch.empty_like(ids_TK)
+
+
 class OffloadedExperts(nn.Module):
     """Drop-in for a transformers v5 experts module: same call, weights live in the engine."""
 
@@ -62,9 +82,14 @@ class OffloadedExperts(nn.Module):
         super().__init__()
         self.engine = engine
         self.layer = layer
+        # unquantized experts: the model's own experts module over the slot pool (ids are slot ids); the
+        # compiled decode step traces it, with only the cache step opaque (offload_slots)
+        self.slot_experts = engine.inner[layer] if engine.grouped else None
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # only moesys.offload.graph's batch-1 decode step compiles
+            if self.slot_experts is not None:
+                return self.slot_experts(hidden_states, offload_slots(top_k_index, self.layer), top_k_weights)
             return offload_experts(hidden_states, top_k_index, top_k_weights, self.layer)
         return self.engine.experts_forward(self.layer, hidden_states, top_k_index, top_k_weights)
 
@@ -310,21 +335,27 @@ class OffloadEngine:
         (DeviceCacheTables.step), misses copied by a kernel reading the pinned store, then the layer's
         compute over its slots. Everything here is replayable from a CUDA graph; no prefetch (the copies
         are on the compute stream, in order) and no CPU experts."""
+        if self.grouped:
+            return self.inner[layer](x_TH, self.device_slots(layer, ids_TK).view(1, -1), w_TK)
+        return self._quantized_rows(x_TH, self.device_slots(layer, ids_TK, global_slots=True), w_TK)
+
+    def device_slots(self, layer: int, ids_TK: torch.Tensor, global_slots: bool = False) -> torch.Tensor:
+        """The slots [K] of the token's K experts of `layer` (bank-local, or indices into the whole pool when
+        `global_slots`), made resident without a host sync: hits, victims and table updates on the device
+        (DeviceCacheTables.step), misses copied by a kernel reading the pinned store (in stream order,
+        before whatever reads the slots next)."""
         if not self._tables_on_device:
             self._tables_to_device()
         if self._device_all_resident:
             # every expert of every layer is in its slot and stays there (nothing can miss, so nothing is
             # evicted): no bookkeeping or copy kernels, only the lookup; hits are counted per step on the
             # host (note_device_step)
-            if self.grouped:
-                return self._run_grouped(layer, x_TH, ids_TK, w_TK)
-            return self._run_quantized_resident(layer, x_TH, ids_TK, w_TK)
+            slot_K = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK[0]]
+            return slot_K + self.cache.banks[self.cache.bank_of[layer]][0] if global_slots else slot_K
         slot_K, src_K, dst_K = self.device_tables.step(self.cache.row[layer], ids_TK[0])
         slot_copy.copy_parts(self.store.arena, [(offset, nbytes, self.cache.pools[name])
                                                 for name, offset, nbytes in self.store.spans], src_K, dst_K)
-        if self.grouped:
-            return self.inner[layer](x_TH, slot_K.view(1, -1), w_TK)
-        return self._quantized_rows(x_TH, dst_K, w_TK)
+        return dst_K if global_slots else slot_K
 
     def ensure_device_tables(self) -> None:
         """Put the cache bookkeeping on the device now (eagerly: before a CUDA graph replays steps that use

@@ -16,9 +16,12 @@ calls run eagerly through the same sync-free path, so tests exercise it there.
 `install(model, engine, compile=True)` (moesys.offload.load's default on CUDA) captures torch.compile's
 step instead of the eager one: inductor fuses the norms, rotary embedding and routing math (on the H200
 the OLMoE-1B-7B shape fully on the GPU decodes at 446 tok/s replaying the compiled step, 266 replaying
-the eager one: bench/results/offload_77fe6bf.json), and the engine's experts are one opaque custom op
-(moesys.offload.engine.offload_experts). The first two eligible calls run the compiled step eagerly (the
-compile happens in the first); the third captures.
+the eager one: bench/results/offload_77fe6bf.json). Of the engine, the compiled step sees only opaque
+custom ops: for unquantized experts the cache step (moesys.offload.engine.offload_slots: bookkeeping and
+copies), after which the model's own grouped experts module runs traced over the slot pool (its glue
+fused as for the model fully on the GPU: 436 instead of 772 kernels per step for the OLMoE-1B-7B shape);
+for quantized experts the whole layer (offload_experts). The first two eligible calls run the compiled
+step eagerly (the compile happens in the first); the third captures.
 
 Legend: V vocabulary.
 """
@@ -42,7 +45,8 @@ class DecodeGraph:
         self.engine = engine
         self.eager_forward = model.forward
         # compile: the step the graph captures is torch.compile's (inductor fuses the norms, rotary embedding
-        # and routing math into a few kernels; the engine's experts stay one opaque op, moesys::offload_experts)
+        # and routing math into a few kernels; the engine's cache step stays opaque: moesys::offload_slots or,
+        # for quantized experts, moesys::offload_experts)
         self.step_forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
         # warm-up steps before the capture: a compiled step may specialise on the first step's values once
         # more on the second (recompiling, and autotuning, must not happen while a graph is being captured)

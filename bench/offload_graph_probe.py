@@ -172,13 +172,45 @@ def hf_graph(rows):
     print(rows[-1], flush=True)
 
 
+def copy_sweep(rows):
+    """slot_copy's block and warp shapes, one decode step's worth of misses (7 OLMoE-shaped bf16 experts,
+    12.6 MB each, distinct rows of a 64-expert pinned arena into a 16-slot pool) per timed call, against
+    back-to-back cudaMemcpy of the same rows; the copied rows are checked."""
+    row_bytes, E, S, K = 12582912, 64, 16, 7
+    src = torch.randint(0, 2**62, (E, row_bytes // 8), dtype=torch.int64).pin_memory()
+    dst = torch.zeros(S, row_bytes // 8, dtype=torch.int64, device="cuda")
+    src_idx, dst_idx = torch.randperm(E)[:K].cuda(), torch.randperm(S)[:K].cuda()
+    si, di = src_idx.tolist(), dst_idx.tolist()
+
+    def memcpy():
+        for a, b in zip(si, di):
+            dst[b].copy_(src[a], non_blocking=True)
+    rows.append({"bench": "offload-copy-sweep", "impl": "cudaMemcpy", "GBps": K * row_bytes / time_it(memcpy) / 1e9})
+    default = (slot_copy._BLOCK, slot_copy._NUM_WARPS)
+    for block, warps in [(4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16), (2048, 2), (1024, 4)]:
+        slot_copy._BLOCK, slot_copy._NUM_WARPS = block, warps
+        dst.zero_()
+        copy_rows(src, dst, src_idx, dst_idx)
+        torch.cuda.synchronize()
+        ok = bool(torch.equal(dst[dst_idx].cpu(), src[src_idx.cpu()]))
+        gbps = K * row_bytes / time_it(lambda: copy_rows(src, dst, src_idx, dst_idx)) / 1e9
+        rows.append({"bench": "offload-copy-sweep", "impl": "slot_copy", "block_words": block, "num_warps": warps,
+                     "correct": ok, "GBps": gbps, "default": (block, warps) == default})
+        print(rows[-1], flush=True)
+    slot_copy._BLOCK, slot_copy._NUM_WARPS = default
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--copy-sweep", action="store_true", help="only time slot_copy's block/warp shapes")
     a = p.parse_args()
     rows = []
-    zero_copy(rows)
-    hf_graph(rows)
+    if a.copy_sweep:
+        copy_sweep(rows)
+    else:
+        zero_copy(rows)
+        hf_graph(rows)
     meta = run_meta()
     with open(a.out, "w") as f:
         json.dump([{**meta, **r} for r in rows], f, indent=1)

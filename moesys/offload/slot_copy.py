@@ -22,6 +22,7 @@ except ImportError:  # the reference covers CPU tensors; the kernel needs triton
     triton = None
 
 _BLOCK = 4096  # words per program: 32 KiB of int64 in flight per program, enough to saturate PCIe reads
+_NUM_WARPS = 4  # per program (bench/offload_graph_probe.py --copy-sweep times other block/warp shapes)
 
 
 def copy_rows_reference(src_NW: torch.Tensor, dst_SW: torch.Tensor, src_K: torch.Tensor,
@@ -103,4 +104,4 @@ def copy_parts(arena_NB: torch.Tensor, parts: list, src_K: torch.Tensor, dst_K: 
             ends.append(ends[-1])
         grid = (src_K.numel(), ends[-1])
         _copy_rows_kernel[grid](src_NW, src_K, dst_K, src_NW.shape[1], *args, *ends[:3], PARTS=len(group),
-                                BLOCK=_BLOCK)
+                                BLOCK=_BLOCK, num_warps=_NUM_WARPS)

@@ -213,17 +213,21 @@ def expert_bytes(cfg, I):
 
 
 def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, extra=None, static=True):
-    """Identity check (greedy tokens; `want` maps "static"/"dynamic" to transformers' tokens with that cache),
-    then timed prefill + teacher-forced decode; stats, bound, memory peak. static: decode with a StaticCache
-    (the CUDA-graph path, moesys.offload's default on CUDA), else transformers' DynamicCache."""
+    """Identity check (greedy tokens; `want` maps "static"/"dynamic" to transformers' eager tokens with that
+    cache, and "compiled" to transformers' under moesys' compiled decode graph), then timed prefill +
+    teacher-forced decode; stats, bound, memory peak. static: decode with a StaticCache (the CUDA-graph path,
+    moesys.offload's default on CUDA), else transformers' DynamicCache."""
     engine = model.moesys_offload
     torch.cuda.reset_peak_memory_stats()
-    identical = None
+    identical = identical_compiled = None
     if want is not None:
-        want = want["static" if static else "dynamic"]
-        got = model.generate(prompt[:, :64], max_new_tokens=len(want), do_sample=False, pad_token_id=0,
-                             cache_implementation="static" if static else "dynamic")
-        identical = got[0, 64:].tolist() == want
+        tokens = want["static" if static else "dynamic"]
+        got = model.generate(prompt[:, :64], max_new_tokens=len(tokens), do_sample=False, pad_token_id=0,
+                             cache_implementation="static" if static else "dynamic")[0, 64:].tolist()
+        identical = got == tokens
+        if static and want.get("compiled") is not None:
+            # the compiled step (the default on CUDA) reproduces transformers' compiled step, not its eager one
+            identical_compiled = got == want["compiled"]
     warm_up(model, prompt, steps, vocab, static=static)
     engine.reset_stats()
     at = {}
@@ -246,7 +250,7 @@ def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, 
                prefill_bytes_copied=at["bytes_copied"], expert_bytes=engine.store.expert_bytes,
                num_slots=engine.cache.num_slots, host_memory=engine.host_mode,
                budget_bytes=budget, peak_bytes=torch.cuda.max_memory_allocated(), cost_model=engine.cost_model,
-               identical_to_gpu=identical, static_cache=static,
+               identical_to_gpu=identical, identical_to_gpu_compiled=identical_compiled, static_cache=static,
                graph_replays=getattr(getattr(model, "moesys_decode_graph", None), "replays", None))
     rec["peak_within_budget"] = rec["peak_bytes"] <= budget
     if extra:
@@ -255,7 +259,7 @@ def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, 
     log(rec["impl"], {k: rec[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "decode_hit_rate",
                                           "bound_tokens_per_s", "decode_prefetch_accuracy",
                                           "decode_copy_wait_s_per_token", "peak_within_budget",
-                                          "identical_to_gpu")})
+                                          "identical_to_gpu", "identical_to_gpu_compiled")})
     return rec
 
 
@@ -313,6 +317,7 @@ def bench_olmoe(records, meta, workdir, bw, steps, only=None, save=lambda: None)
                    static=True)
     # inductor's kernels round differently from eager's: are the greedy tokens still transformers' own?
     records[-1].update(warm_up_and_run_s=time.perf_counter() - t0, identical_to_gpu=got["static"] == want["static"])
+    want["compiled"] = got["static"]
     del gpu
     free()
 
@@ -380,6 +385,14 @@ def bench_qwen3(records, meta, bw, steps):
     base = dict(meta, bench="offload", shape=shape, prompt_tokens=512, decode_steps=steps, batch=1,
                 decode="teacher-forced random tokens, KV cache")
     want = baseline(records, base, "transformers-gpu", gpu, prompt, steps, V, want_tokens=16)
+    # the same model in moesys' compiled decode graph: its speed, and the tokens moesys' default step matches
+    from moesys.offload import graph as decode_graph
+    decode_graph.install(gpu, compile=True)
+    got = baseline(records, base, "transformers-gpu-compiled-cudagraph", gpu, prompt, steps, V, want_tokens=16,
+                   static=True)
+    records[-1].update(identical_to_gpu=got["static"] == want["static"])
+    want["compiled"] = got["static"]
+    del gpu.forward, gpu._bench_static_cache, gpu.moesys_decode_graph  # the graph's pool, before the build
 
     adapter = adapter_for(cfg)
     state = {k: v for k, v in gpu.state_dict().items() if ".experts." not in k}

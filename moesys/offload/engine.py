@@ -6,7 +6,9 @@ Numerics: when the model's experts implementation is not "eager" and experts are
 runs that same implementation (transformers' ExpertsInterface) over the slot pool with expert ids remapped
 to slot ids, so each routed row meets the same kernel as on a fully resident model; otherwise experts run
 one at a time in ascending id order exactly like transformers' eager loop. Either way greedy generation
-matches the model fully on the device, bit for bit.
+matches the model fully on the device, bit for bit. Under moesys.offload.graph's compiled decode step that
+implementation is traced too (OffloadedExperts calls it on the slot ids from offload_slots), so the step
+matches the model on the device under the same compiled step, whose rounding differs from eager's.
 
 Legend: T tokens, H hidden, K top-k, E experts per layer, L MoE layers.
 """

@@ -36,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "CPU experts in decode); off: every layer reads its routing back to the host")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the decode step the CUDA graph captures (inductor fuses the "
-                             "non-expert kernels; the first decode step then waits for the compile, about a "
-                             "minute for a 16-layer model, cached on disk after); auto (default): on with "
-                             "--cuda-graph on a GPU")
+                             "model's kernels around the expert cache; the first decode step then waits for the "
+                             "compile, about a minute for a 16-layer model, cached on disk after). Logits then "
+                             "equal the model's under the same compiled step, bit for bit; off: its eager "
+                             "logits. auto (default): on with --cuda-graph on a GPU")
 
 
 def run(args: argparse.Namespace) -> int:

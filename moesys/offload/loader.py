@@ -242,8 +242,10 @@ def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
             step as one CUDA graph; on CUDA, generate() then uses a StaticCache. False: every step runs
             eagerly, the routing read back per layer, with speculative prefetch and CPU experts), compile
             (default None: on CUDA with cuda_graph; the captured decode step is torch.compile'd first, so
-            inductor fuses the non-expert kernels; the first decode step then takes a compile, about a minute
-            for a 16-layer model, cached by inductor on disk for later loads).
+            inductor fuses the model's kernels around the expert cache; the first decode step then takes a
+            compile, about a minute for a 16-layer model, cached by inductor on disk for later loads; the
+            logits are then those of the model under the same compiled step, bit for bit, and with False
+            those of the eager model).
     Statistics: `model.moesys_offload.snapshot()` (an OffloadStats; `.summary()`, `.as_dict()`).
     """
     from transformers import AutoConfig

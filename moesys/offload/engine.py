@@ -352,8 +352,7 @@ class OffloadEngine:
             # every expert of every layer is in its slot and stays there (nothing can miss, so nothing is
             # evicted): no bookkeeping or copy kernels, only the lookup; hits are counted per step on the
             # host (note_device_step)
-            slot_K = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK[0]]
-            return slot_K + self.cache.banks[self.cache.bank_of[layer]][0] if global_slots else slot_K
+            return self._table_slots(layer, ids_TK[0], global_slots)
         slot_K, src_K, dst_K = self.device_tables.step(self.cache.row[layer], ids_TK[0])
         slot_copy.copy_parts(self.store.arena, [(offset, nbytes, self.cache.pools[name])
                                                 for name, offset, nbytes in self.store.spans], src_K, dst_K)
@@ -468,8 +467,13 @@ class OffloadEngine:
 
     # ---------------------------------------------------------------- compute
     def _run_grouped(self, layer, x_TH, ids_TK, w_TK):
-        slot_ids_TK = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK]
-        return self.inner[layer](x_TH, slot_ids_TK, w_TK)
+        return self.inner[layer](x_TH, self._table_slots(layer, ids_TK), w_TK)
+
+    def _table_slots(self, layer, ids: torch.Tensor, global_slots: bool = False) -> torch.Tensor:
+        """The slots of resident experts `ids` of `layer` (any shape), looked up in the device table:
+        bank-local, or indices into the whole pool when `global_slots`."""
+        slots = self.cache.slot_table_LE[self.cache.row[layer]][ids]
+        return slots + self.cache.banks[self.cache.bank_of[layer]][0] if global_slots else slots
 
     def _weights(self, parts: dict, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.store.quantize == "none":
@@ -524,9 +528,7 @@ class OffloadEngine:
         resident: the slots come from the device table and each routed row meets its own expert (a token's
         K experts are distinct), so nothing is read back to the host. One row per expert needs no sorting
         or grouping: two quant_gemv calls (a handful of launches, which is what decode pays)."""
-        start = self.cache.banks[self.cache.bank_of[layer]][0]
-        slots_N = self.cache.slot_table_LE[self.cache.row[layer]][ids_TK.reshape(-1)] + start
-        return self._quantized_rows(x_TH, slots_N, w_TK)
+        return self._quantized_rows(x_TH, self._table_slots(layer, ids_TK.reshape(-1), global_slots=True), w_TK)
 
     def _quantized_rows(self, x_TH, slots_N, w_TK):
         """Row t*K + j of the routing through the quantized expert in slot slots_N[t*K + j], read packed by

@@ -23,7 +23,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RopeScalingConfig(_Section):
+    """RoPE frequency scaling as transformers' rope_parameters name it (Llama-3.x uses "llama3")."""
+    rope_type: Literal["default", "linear", "llama3"] = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0            # llama3 only
+    high_freq_factor: float = 4.0           # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+
 class ModelConfig(_Section):
+    # A transformers checkpoint directory to start from: the model shape comes from its config.json
+    # (keys set here must agree with it) and the weights from its safetensors files (moesys.hf)
+    init_from: Optional[str] = None
     vocab_size: int = 256
     hidden_size: int = 64
     num_layers: int = 2
@@ -34,7 +46,15 @@ class ModelConfig(_Section):
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    qk_norm: bool = False                   # RMSNorm on per-head queries and keys (Qwen3, OLMoE)
+    qk_norm: bool = False                   # RMSNorm on queries and keys (Qwen3, OLMoE)
+    # what one q/k norm spans: "head" = each head's D features (Qwen3); "all" = the whole projection,
+    # num_heads * D for queries, num_kv_heads * D for keys, before the head split (OLMoE)
+    qk_norm_span: Literal["head", "all"] = "head"
+    qkv_bias: bool = False                  # biases on the q, k, v projections (Qwen2)
+    o_bias: bool = False                    # a bias on the output projection (Llama/OLMoE attention_bias)
+    rope_scaling: RopeScalingConfig = RopeScalingConfig()
+    sliding_window: Optional[int] = None    # attend to at most this many latest tokens (None: full causal)
+    sliding_layers: Optional[list[int]] = None  # the layers that use the window; None: every layer
     tie_embeddings: bool = False
     init_std: float = 0.02
 
@@ -45,7 +65,15 @@ class ModelConfig(_Section):
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
                              "set model.head_dim")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1, or null for full attention")
+        bad = [i for i in self.sliding_layers or [] if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"sliding_layers {bad} are not layers of a {self.num_layers}-layer model")
         return self
+
+    def uses_window(self, layer: int) -> bool:
+        return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
 
 
 class RouterConfig(_Section):
@@ -69,6 +97,7 @@ class MoEConfig(_Section):
     shared_gate: bool = False               # Qwen2-MoE's sigmoid gate on the shared expert
     every: int = 1                          # sparse step: every n-th layer (after first_dense) is MoE
     first_dense: int = 0                    # leading dense layers (DeepSeek)
+    dense_layers: list[int] = []            # further dense layers by index (Qwen-MoE mlp_only_layers)
     capacity_factor: Optional[float] = None  # None = dropless
     backend: Literal["auto", "loop", "grouped_mm", "triton"] = "auto"
     aux_loss_coef: float = 0.01
@@ -85,7 +114,8 @@ class MoEConfig(_Section):
         return self
 
     def is_moe_layer(self, layer: int) -> bool:
-        return layer >= self.first_dense and (layer - self.first_dense) % self.every == 0
+        return (layer >= self.first_dense and (layer - self.first_dense) % self.every == 0
+                and layer not in self.dense_layers)
 
 
 class FSSDPConfig(_Section):

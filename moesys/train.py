@@ -34,6 +34,9 @@ import torch.utils.checkpoint
 from moesys import checkpoint as ckpt
 from moesys.config import Config, ConfigError, dump_config, load_config
 from moesys.data import build_data, val_batches, validate_source
+from moesys.hf.load import load_init_weights
+from moesys.hf.resolve import resolve_init_from
+from moesys.hf.source import save_source
 from moesys.models.transformer import MoETransformer
 from moesys.parallel import CollectiveError, bootstrap, data_parallel, parallelize
 from moesys.parallel.handle import clip_to_norm
@@ -205,14 +208,29 @@ def evaluate(model, splits, config: Config, ctx: bootstrap.DistContext, autocast
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext) -> int:
-    device = ctx.device
+def build_model(config: Config, ctx: bootstrap.DistContext, run_dir: Path | None = None,
+                resume_from: Path | None = None):
+    """(model on ctx.device after `parallelize`, training FLOPs per token, parallel handle). With
+    `model.init_from` the weights come from that checkpoint (each rank reads only its own experts;
+    skipped when resuming, the checkpoint has them) and rank 0 keeps its config and tokenizer in
+    RUN_DIR/hf_source for `moesys export`."""
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    with device:
+    with ctx.device:
         model = MoETransformer.from_config(config)
     flops_tok = flops_per_token(model, config)  # before parallelize: it counts every expert
     # Expert parallelism (parallel.ep > 1) keeps this rank's E/ep experts per MoE layer; ep=1 changes nothing.
     ep = parallelize(model, config)
+    if config.model.init_from is not None:
+        if ctx.is_main and run_dir is not None:
+            save_source(config.model.init_from, run_dir)
+        if resume_from is None:
+            load_init_weights(model, config, ep)
+    return model, flops_tok, ep
+
+
+def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext) -> int:
+    device = ctx.device
+    model, flops_tok, ep = build_model(config, ctx, run_dir, resume_from)
     torch.manual_seed(config.train.seed * 1000 + ctx.rank + 1)  # per-rank noise (router jitter)
     optimizer, opt_impl = build_optimizer(model, config)
     splits, sampler = build_data(config, ctx.rank, ctx.world_size)
@@ -390,7 +408,7 @@ def _log_line(r: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config, args.overrides)
+        config = resolve_init_from(load_config(args.config, args.overrides))
         validate_source(config.data)
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = prepare_run_dir(run_dir, args.resume)

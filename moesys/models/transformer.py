@@ -5,9 +5,11 @@ Spec, one screen:
 - block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)), where FFN is an `MoELayer` on the
   layers `MoEConfig.is_moe_layer` picks (sparse step `every`, `first_dense` leading dense layers) and a
   dense gated MLP elsewhere;
-- attention: grouped-query (num_kv_heads <= num_heads), RoPE in the rotate-half convention of
-  transformers' Llama/Mixtral/Qwen (so exported weights give the same logits), optional per-head
-  RMSNorm on queries and keys (Qwen3/OLMoE-style qk_norm), causal `scaled_dot_product_attention`;
+- attention: grouped-query (num_kv_heads <= num_heads), optional q/k/v and output biases, RoPE in
+  the rotate-half convention of transformers' Llama/Mixtral/Qwen (so exported weights give the same
+  logits) with optional "linear"/"llama3" frequency scaling, optional RMSNorm on queries and keys
+  per head (Qwen3) or over all heads before the split (OLMoE), causal `scaled_dot_product_attention`,
+  limited to a sliding window on the layers configured for one (Mistral/Qwen2);
 - the forward returns logits, the mean next-token cross-entropy when labels are given, and the MoE
   auxiliary loss (coefficients from MoEConfig, summed over MoE layers) plus each layer's MoEStats.
 
@@ -16,13 +18,14 @@ Legend: B batch, S sequence, H hidden, N heads, G kv heads, D head dim, V vocab.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moesys.config import Config, ModelConfig, MoEConfig
+from moesys.config import Config, ModelConfig, MoEConfig, RopeScalingConfig
 from moesys.layers.experts import DenseMLP
 from moesys.layers.moe import MoELayer, MoEStats
 
@@ -39,10 +42,37 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions_S: torch.Tensor, head_dim: int, theta: float):
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_S.device, dtype=torch.float32) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies [D/2], fp32, as transformers computes them for rope_type "default",
+    "linear" (all divided by the factor) and "llama3" (long wavelengths divided by the factor, short
+    ones kept, the band between interpolated)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is None or scaling.rope_type == "default":
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_len = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions_S: torch.Tensor, head_dim: int, theta: float, inv_freq: torch.Tensor | None = None):
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_S.device, dtype=torch.float32) / head_dim))
     angles_SD = torch.outer(positions_S.float(), inv_freq).repeat(1, 2)
     return angles_SD.cos(), angles_SD.sin()
+
+
+def window_mask(positions_S: torch.Tensor, window: int) -> torch.Tensor:
+    """[S, S] bool, True where query i may attend to key j: causal and fewer than `window` positions back
+    (transformers' sliding-window mask)."""
+    q_S1, k_1S = positions_S[:, None], positions_S[None, :]
+    return (k_1S <= q_S1) & (k_1S > q_S1 - window)
 
 
 def apply_rope(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
@@ -52,29 +82,46 @@ def apply_rope(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
         self.rope_theta = cfg.rope_theta
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.norm_all_heads = cfg.qk_norm and cfg.qk_norm_span == "all"
+        q_norm_dim = self.num_heads * self.head_dim if self.norm_all_heads else self.head_dim
+        k_norm_dim = self.num_kv_heads * self.head_dim if self.norm_all_heads else self.head_dim
+        self.q_norm = RMSNorm(q_norm_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_norm_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.window = cfg.sliding_window if cfg.uses_window(layer) else None
+        # None keeps the default frequencies computed in rope_cos_sin (the path every run took before
+        # RoPE scaling existed); a scaled RoPE precomputes its frequencies once
+        inv_freq = None
+        if cfg.rope_scaling.rope_type != "default":  # a buffer, so model.to() moves it; not saved
+            inv_freq = rope_inv_freq(self.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x_BSH: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSH.shape
-        q_BNSD = self.q_proj(x_BSH).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BGSD = self.k_proj(x_BSH).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BSX, k_BSX = self.q_proj(x_BSH), self.k_proj(x_BSH)
+        if self.norm_all_heads:  # OLMoE: one norm over all heads' features, before the head split
+            q_BSX, k_BSX = self.q_norm(q_BSX), self.k_norm(k_BSX)
+        q_BNSD = q_BSX.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BGSD = k_BSX.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BGSD = self.v_proj(x_BSH).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.norm_all_heads:
             q_BNSD, k_BGSD = self.q_norm(q_BNSD), self.k_norm(k_BGSD)
-        cos_SD, sin_SD = rope_cos_sin(positions_S, self.head_dim, self.rope_theta)
+        cos_SD, sin_SD = rope_cos_sin(positions_S, self.head_dim, self.rope_theta, self.inv_freq)
         q_BNSD, k_BGSD = apply_rope(q_BNSD, cos_SD, sin_SD), apply_rope(k_BGSD, cos_SD, sin_SD)
-        out_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BGSD, v_BGSD, is_causal=True,
-                                                  enable_gqa=self.num_kv_heads != self.num_heads)
+        gqa = self.num_kv_heads != self.num_heads
+        if self.window is None:
+            out_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BGSD, v_BGSD, is_causal=True, enable_gqa=gqa)
+        else:
+            out_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BGSD, v_BGSD, enable_gqa=gqa,
+                                                      attn_mask=window_mask(positions_S, self.window))
         return self.o_proj(out_BNSD.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -82,7 +129,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.is_moe = moe.is_moe_layer(layer)
         if self.is_moe:

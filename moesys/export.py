@@ -1,18 +1,24 @@
 """`moesys export RUN_DIR OUT_DIR`: a training checkpoint as a Hugging Face model directory.
 
-The layout is Mixtral's (`MixtralForCausalLM`) or Qwen3-MoE's (`Qwen3MoeForCausalLM`), whichever the
-architecture matches; a feature neither has (sigmoid routing, the aux-loss-free bias, shared experts,
-capacity dropping, ...) is a ValueError naming it. Tensors are written under the on-disk per-expert
-names transformers reads (DESIGN.md, traps), e.g. Mixtral `block_sparse_moe.experts.{e}.w1/w2/w3`
-(gate, down, up) and Qwen3-MoE `mlp.experts.{e}.gate_proj/up_proj/down_proj`. Our RoPE is transformers'
-rotate-half convention and our qk_norm is Qwen3's per-head RMSNorm, so the logits match.
+A run started from a checkpoint (`model.init_from`) is written in its source's family (Mixtral,
+Qwen2-MoE, Qwen3-MoE or OLMoE) with the source's config.json, generation config and tokenizer,
+kept in RUN_DIR/hf_source when training started; the tensors are the inverse of what init_from read
+(moesys.hf.names), in the source's dtype by default, so importing and exporting without a training
+step gives back every tensor bit for bit.
+
+A run moesys initialised itself is written as Mixtral (`MixtralForCausalLM`) or Qwen3-MoE
+(`Qwen3MoeForCausalLM`), whichever the architecture matches; a feature neither has (sigmoid routing,
+the aux-loss-free bias, shared experts, capacity dropping, ...) is a ValueError naming it. Its
+tokenizer is the run's `data.tokenizer`, or for byte-level runs a byte tokenizer (moesys.hf.tokenizer)
+that AutoTokenizer loads. Tensors go under the on-disk per-expert names transformers reads (DESIGN.md,
+traps). Our RoPE is transformers' rotate-half convention and our qk_norm is Qwen3's, so the logits match.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,8 +28,16 @@ from safetensors.torch import load_file, save_file
 
 from moesys import checkpoint as ckpt
 from moesys.config import Config, config_from_dict
+from moesys.hf.families import ARCHITECTURES
+from moesys.hf.names import tensor_map
+from moesys.hf.source import CONFIG_FILES, TOKENIZER_FILES, copy_files, source_of
+from moesys.hf.tokenizer import save_byte_tokenizer
 
 ARCHS = ("auto", "mixtral", "qwen3_moe")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ROUTER_STATE = ("expert_bias", "load_since_update")
+_ROPE_KEYS = {"default": {"rope_type"}, "linear": {"rope_type", "factor"},
+              "llama3": {"rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="the Hugging Face model directory to write")
     parser.add_argument("--arch", choices=ARCHS, default="auto",
                         help="HF architecture; auto: Qwen3-MoE when model.qk_norm is set, else Mixtral")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="dtype of the written tensors; auto: the source checkpoint's for a run started "
+                             "with model.init_from, else float32")
     parser.add_argument("--force", action="store_true", help="replace out_dir if it exists")
 
 
@@ -66,6 +82,14 @@ def _unsupported(config: Config, arch: str) -> list[str]:
         bad.append(f"moe.capacity_factor={moe.capacity_factor} (HF routing is dropless)")
     if moe.activation not in ("silu", "gelu_tanh"):
         bad.append(f"moe.activation={moe.activation!r} (HF experts are gated: silu or gelu_tanh)")
+    if m.qk_norm and m.qk_norm_span != "head":
+        bad.append("model.qk_norm_span='all' (OLMoE's norm; neither Mixtral nor Qwen3-MoE has it)")
+    if m.sliding_layers is not None and m.sliding_window is not None:
+        bad.append(f"model.sliding_layers={m.sliding_layers} (HF {arch} applies one window to every layer)")
+    if arch == "mixtral" and (m.qkv_bias or m.o_bias):
+        bad.append("model.qkv_bias/o_bias (Mixtral attention has no biases)")
+    if arch == "qwen3_moe" and m.qkv_bias != m.o_bias:
+        bad.append(f"model.qkv_bias={m.qkv_bias} with o_bias={m.o_bias} (Qwen3-MoE's attention_bias sets all four)")
     if arch == "mixtral":
         if m.qk_norm:
             bad.append("model.qk_norm=true (Mixtral has no q/k norm; use --arch qwen3_moe)")
@@ -91,6 +115,7 @@ def pick_arch(config: Config, arch: str = "auto") -> str:
 
 
 def hf_config(config: Config, arch: str):
+    """The transformers config of a run moesys initialised itself, as `arch` (mixtral or qwen3_moe)."""
     m, moe = config.model, config.moe
     head_dim = m.head_dim or m.hidden_size // m.num_heads
     hidden_act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[moe.activation]
@@ -98,95 +123,107 @@ def hf_config(config: Config, arch: str):
                   num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, head_dim=head_dim,
                   hidden_act=hidden_act, max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
                   tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std,
-                  rope_parameters={"rope_theta": m.rope_theta, "rope_type": "default"},
+                  rope_parameters={**m.rope_scaling.model_dump(include=_ROPE_KEYS[m.rope_scaling.rope_type]),
+                                   "rope_theta": m.rope_theta},
                   num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coef)
     if arch == "mixtral":
         from transformers import MixtralConfig
         return MixtralConfig(intermediate_size=moe.ffn_size, num_local_experts=moe.num_experts,
-                             router_jitter_noise=0.0, sliding_window=None, **common)
+                             router_jitter_noise=0.0, sliding_window=m.sliding_window, **common)
     from transformers import Qwen3MoeConfig
     dense = [layer for layer in range(m.num_layers) if not moe.is_moe_layer(layer)]
     return Qwen3MoeConfig(intermediate_size=m.ffn_size, moe_intermediate_size=moe.ffn_size,
                           num_experts=moe.num_experts, norm_topk_prob=moe.router.renormalize,
-                          decoder_sparse_step=1, mlp_only_layers=dense, attention_bias=False, **common)
+                          decoder_sparse_step=1, mlp_only_layers=dense, attention_bias=m.qkv_bias,
+                          use_sliding_window=m.sliding_window is not None, sliding_window=m.sliding_window, **common)
 
 
-_ATTN = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-         "attn.q_proj.weight": "self_attn.q_proj.weight", "attn.k_proj.weight": "self_attn.k_proj.weight",
-         "attn.v_proj.weight": "self_attn.v_proj.weight", "attn.o_proj.weight": "self_attn.o_proj.weight",
-         "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(gate_up_proj|down_proj)$")
-
-
-def hf_state_dict(flat: dict[str, torch.Tensor], config: Config, arch: str) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors (experts by global id) -> HF on-disk names; every tensor must be used once."""
-    moe_prefix, router = ("block_sparse_moe", "gate") if arch == "mixtral" else ("mlp", "gate")
-    names = {"gate": "w1", "up": "w3", "down": "w2"} if arch == "mixtral" else \
-        {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-    I = config.moe.ffn_size
+def hf_state_dict(flat: dict[str, torch.Tensor], config: Config, family: str) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors (experts by global id) -> HF on-disk names (moesys.hf.names, inverted); every
+    tensor must be used once. Fused gate/up rows are split in half; tied lm_head is not written."""
+    names = tensor_map(config, family)
+    state = {k: v for k, v in flat.items() if not k.endswith(_ROUTER_STATE)}  # refused above when used
+    unknown = sorted(set(state) - set(names))
+    if unknown:
+        raise ValueError(f"checkpoint tensor {unknown[0]} has no HF {family} equivalent")
+    missing = sorted(set(names) - set(state))
+    if missing:
+        raise ValueError(f"the checkpoint lacks {missing[0]}, which a {family} model of its config has")
     out: dict[str, torch.Tensor] = {}
-    for key, t in flat.items():
-        if key == "embed.weight":
-            out["model.embed_tokens.weight"] = t
-        elif key == "norm.weight":
-            out["model.norm.weight"] = t
-        elif key == "lm_head.weight":
-            if not config.model.tie_embeddings:
-                out["lm_head.weight"] = t
-        elif (m := _BLOCK.match(key)) is not None:
-            layer, rest = m.group(1), m.group(2)
-            pre = f"model.layers.{layer}."
-            if rest in _ATTN:
-                out[pre + _ATTN[rest]] = t
-            elif rest == "ffn.router.weight":
-                out[f"{pre}{moe_prefix}.{router}.weight"] = t
-            elif (e := _EXPERT.match(rest)) is not None:
-                ex = f"{pre}{moe_prefix}.experts.{e.group(1)}."
-                if e.group(2) == "gate_up_proj":
-                    if t.shape[0] != 2 * I:
-                        raise ValueError(f"{key} has {t.shape[0]} rows; expected 2 * moe.ffn_size = {2 * I}")
-                    out[ex + names["gate"] + ".weight"], out[ex + names["up"] + ".weight"] = t[:I], t[I:]
-                else:
-                    out[ex + names["down"] + ".weight"] = t
-            elif rest == "ffn.gate_up_proj.weight":
-                F = t.shape[0] // 2
-                out[pre + "mlp.gate_proj.weight"], out[pre + "mlp.up_proj.weight"] = t[:F], t[F:]
-            elif rest == "ffn.down_proj.weight":
-                out[pre + "mlp.down_proj.weight"] = t
-            elif rest.startswith("ffn.router.") and rest.endswith(("expert_bias", "load_since_update")):
-                continue  # router state used only by the aux-loss-free update (refused above when used)
-            else:
-                raise ValueError(f"checkpoint tensor {key} has no HF {arch} equivalent")
+    for ours, hf in names.items():
+        t = state[ours]
+        if ours == "lm_head.weight" and config.model.tie_embeddings:
+            continue
+        if len(hf) == 2:
+            if t.shape[0] % 2:
+                raise ValueError(f"{ours} has {t.shape[0]} rows; a fused gate/up projection has an even number")
+            rows = t.shape[0] // 2
+            out[hf[0]], out[hf[1]] = t[:rows], t[rows:]
         else:
-            raise ValueError(f"checkpoint tensor {key} has no HF {arch} equivalent")
+            out[hf[0]] = t
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "float32", force: bool = False) -> Path:
+def _source_dtype(hf_config: dict) -> str:
+    dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    return dtype if dtype in DTYPES else "float32"
+
+
+def _write_tokenizer(config: Config, source: Path | None, out: Path) -> None:
+    """The run's tokenizer: the source checkpoint's (kept in hf_source), `data.tokenizer`, or bytes."""
+    tokenizer = config.data.tokenizer
+    if source is not None and (tokenizer is None or tokenizer == config.model.init_from):
+        if copy_files(source, out, TOKENIZER_FILES):
+            return
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
+        return
+    save_byte_tokenizer(out, config.model.max_seq_len)
+
+
+def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "auto", force: bool = False) -> Path:
     """Write the latest checkpoint of `run_dir` (or the checkpoint `run_dir`) as an HF directory."""
     step_dir = resolve_checkpoint(Path(run_dir))
     manifest = ckpt.read_manifest(step_dir)
     config = config_from_dict(manifest["config"], f"{step_dir}/manifest.json")
-    arch = pick_arch(config, arch)
+    source = source_of(step_dir) if config.model.init_from is not None else None
+    if config.model.init_from is not None and source is None:
+        raise ValueError(f"{step_dir} belongs to a run started from {config.model.init_from} but its run "
+                         "directory has no hf_source/config.json (written when training starts); export the "
+                         "run directory the trainer wrote")
+    if source is not None:
+        source_config = json.loads((source / "config.json").read_text())
+        family = source_config["model_type"]
+        if arch not in ("auto", family):
+            raise ValueError(f"--arch {arch}: this run started from a {family} checkpoint and is written as one; "
+                             "leave --arch at auto")
+    else:
+        family = pick_arch(config, arch)
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"--dtype {dtype!r} is unknown; use auto or one of {list(DTYPES)}")
+    if dtype == "auto":
+        dtype = _source_dtype(source_config) if source is not None else "float32"
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ValueError(f"{out_dir} exists; pass --force to replace it")
-    tensors = hf_state_dict(load_file(str(step_dir / "model.safetensors")), config, arch)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    tensors = {k: v.to(torch_dtype).contiguous() for k, v in tensors.items()}
+    tensors = hf_state_dict(load_file(str(step_dir / "model.safetensors")), config, family)
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     tmp = out_dir.with_name(out_dir.name + ".tmp-export")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    cfg = hf_config(config, arch)
-    cfg.architectures = ["MixtralForCausalLM" if arch == "mixtral" else "Qwen3MoeForCausalLM"]
-    cfg.dtype = dtype
-    cfg.save_pretrained(tmp)
+    if source is not None:
+        copy_files(source, tmp, CONFIG_FILES)
+        if dtype != _source_dtype(source_config):
+            (tmp / "config.json").write_text(json.dumps({**source_config, "dtype": dtype}, indent=2) + "\n")
+    else:
+        cfg = hf_config(config, family)
+        cfg.architectures = [ARCHITECTURES[family]]
+        cfg.dtype = dtype
+        cfg.save_pretrained(tmp)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if config.data.tokenizer is not None:
-        from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(config.data.tokenizer).save_pretrained(tmp)
+    _write_tokenizer(config, source, tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import torch
 
+from tests._train_helpers import REPO, sets
+
+FINETUNE = str(REPO / "configs" / "finetune.yaml")
+
 COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
@@ -39,13 +43,13 @@ def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
-def save_hf_model(family: str, out: Path, seed: int = 0, **overrides) -> Path:
-    """A random `family` model saved with save_pretrained (safetensors); returns the directory."""
+def save_hf_model(family: str, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """A random `family` model saved with save_pretrained (safetensors, in `dtype`); returns the directory."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(family, **overrides), dtype=torch.float32)
     perturb(model, seed)
-    model.save_pretrained(out)
+    model.to(dtype).save_pretrained(out)
     return Path(out)
 
 
@@ -66,3 +70,10 @@ def moesys_model(model_dir: Path, *overrides: str):
     model = MoETransformer.from_config(config)
     load_init_weights(model, config)
     return model.eval(), config
+
+
+def train_from(run_dir: Path, model_dir: Path, *items: str, resume: bool = False) -> int:
+    """The trainer in-process on configs/finetune.yaml (no model keys) starting from `model_dir`."""
+    from moesys.train import main
+    return main(["--config", FINETUNE, "--run-dir", str(run_dir),
+                 *sets(f"model.init_from={model_dir}", *items)] + (["--resume"] if resume else []))

@@ -8,6 +8,7 @@ from moesys.checkpoint import latest_checkpoint, load_checkpoint
 from moesys.config import load_config
 from moesys.export import export
 from moesys.models.transformer import MoETransformer
+from tests._init_from_helpers import save_hf_model, train_from
 from tests._train_helpers import TINY, train_inproc
 
 CASES = {
@@ -44,3 +45,55 @@ def test_features_without_hf_equivalent_are_named(tmp_path):
         export(tmp_path / "run", tmp_path / "hf")
     with pytest.raises(ValueError, match="qk_norm=false"):
         export(tmp_path / "run", tmp_path / "hf", arch="qwen3_moe")
+
+
+# ---- runs started from a Hugging Face checkpoint (model.init_from) ----------------------------------
+
+def _read_all(model_dir):
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("family,dtype", [("mixtral", torch.float32), ("qwen2_moe", torch.bfloat16),
+                                          ("qwen3_moe", torch.float32), ("olmoe", torch.float32)])
+def test_import_then_export_gives_back_every_tensor_bit_for_bit(tmp_path, family, dtype):
+    """A step at lr=0 changes no weight; what export writes is then the source, tensor for tensor and
+    bit for bit, in the source's family, dtype and config."""
+    source = save_hf_model(family, tmp_path / "src", dtype=dtype, vocab_size=256)
+    assert train_from(tmp_path / "run", source, "train.steps=1", "train.lr=0") == 0
+    out = export(tmp_path / "run", tmp_path / "hf")
+    want, got = _read_all(source), _read_all(out)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    assert (out / "config.json").read_text() == (source / "config.json").read_text()
+    assert (out / "generation_config.json").is_file()
+
+
+def test_export_copies_the_source_tokenizer_which_the_run_used(tmp_path):
+    from moesys.hf.tokenizer import save_byte_tokenizer
+    source = save_hf_model("mixtral", tmp_path / "src", vocab_size=256)
+    save_byte_tokenizer(source)  # the checkpoint's own tokenizer
+    assert train_from(tmp_path / "run", source, "train.steps=1") == 0
+    assert load_config(tmp_path / "run" / "config.yaml").data.tokenizer == str(source)
+    out = export(tmp_path / "run", tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+
+
+@pytest.mark.parametrize("init_from", [False, True])
+def test_byte_runs_export_a_byte_tokenizer_that_round_trips_text(tmp_path, init_from):
+    from transformers import AutoTokenizer
+    if init_from:
+        source = save_hf_model("olmoe", tmp_path / "src", vocab_size=256)
+        assert train_from(tmp_path / "run", source, "train.steps=1") == 0
+    else:
+        assert train_inproc(tmp_path / "run", "train.steps=1") == 0
+    tok = AutoTokenizer.from_pretrained(export(tmp_path / "run", tmp_path / "hf"))
+    text = "def f(x):\n\treturn x  # héllo wörld €\n"
+    ids = tok(text)["input_ids"]
+    assert ids == list(text.encode("utf-8"))  # the ids the run trained on (moesys.data's bytes)
+    assert tok.decode(ids) == text

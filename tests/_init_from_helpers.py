@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tests._train_helpers import REPO, sets
+from tests._train_helpers import REPO, env, sets
 
 FINETUNE = str(REPO / "configs" / "finetune.yaml")
 
@@ -77,3 +77,13 @@ def train_from(run_dir: Path, model_dir: Path, *items: str, resume: bool = False
     from moesys.train import main
     return main(["--config", FINETUNE, "--run-dir", str(run_dir),
                  *sets(f"model.init_from={model_dir}", *items)] + (["--resume"] if resume else []))
+
+
+def torchrun_from(nproc: int, run_dir: Path, model_dir: Path, *items: str, timeout: float = 300):
+    """The trainer under torchrun (gloo on the CPU) on configs/finetune.yaml starting from `model_dir`."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "moesys.train", "--config", FINETUNE, "--run-dir", str(run_dir),
+           *sets(f"model.init_from={model_dir}", *items)]
+    return subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)

@@ -50,6 +50,9 @@ class _HFState(Mapping):
         parts = [self.read(name) for name in self.names[key]]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def __contains__(self, key) -> bool:  # Mapping's default would read the tensor to find out
+        return key in self.names
+
     def __iter__(self):
         return iter(self.names)
 

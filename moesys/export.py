@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a training run directory (its latest checkpoint) or a ckpt/step_N directory")
     parser.add_argument("out_dir", help="the Hugging Face model directory to write")
     parser.add_argument("--arch", choices=ARCHS, default="auto",
-                        help="HF architecture; auto: Qwen3-MoE when model.qk_norm is set, else Mixtral")
+                        help="HF architecture; auto: the source's family for a run started with model.init_from, "
+                             "else Qwen3-MoE when model.qk_norm is set, else Mixtral")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="dtype of the written tensors; auto: the source checkpoint's for a run started "
                              "with model.init_from, else float32")

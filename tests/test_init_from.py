@@ -123,3 +123,14 @@ def test_sharded_index_checkpoint_loads(tmp_path):
     sharded, _ = moesys_model(tmp_path / "sharded")
     for (k, a), (_, b) in zip(one.state_dict().items(), sharded.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_text_data_defaults_to_the_checkpoints_tokenizer(tmp_path):
+    from moesys.hf.tokenizer import save_byte_tokenizer
+    bare = save_hf_model("mixtral", tmp_path / "bare")
+    assert resolve_init_from(load_config(None, [f"model.init_from={bare}"])).data.tokenizer is None  # bytes
+    with_tok = save_hf_model("mixtral", tmp_path / "tok")
+    save_byte_tokenizer(with_tok)
+    assert resolve_init_from(load_config(None, [f"model.init_from={with_tok}"])).data.tokenizer == str(with_tok)
+    explicit = resolve_init_from(load_config(None, [f"model.init_from={with_tok}", "data.tokenizer=null"]))
+    assert explicit.data.tokenizer is None  # the user's explicit choice stands

@@ -134,3 +134,11 @@ def test_text_data_defaults_to_the_checkpoints_tokenizer(tmp_path):
     assert resolve_init_from(load_config(None, [f"model.init_from={with_tok}"])).data.tokenizer == str(with_tok)
     explicit = resolve_init_from(load_config(None, [f"model.init_from={with_tok}", "data.tokenizer=null"]))
     assert explicit.data.tokenizer is None  # the user's explicit choice stands
+
+
+def test_trainer_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    from tests._init_from_helpers import train_from
+    assert train_from(tmp_path / "run", tmp_path, "train.steps=1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no config.json" in err[0]
+    assert not (tmp_path / "run").exists()  # nothing was started

@@ -142,3 +142,17 @@ def test_trainer_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no config.json" in err[0]
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+@pytest.mark.slow
+def test_resume_continues_an_init_from_run_exactly(tmp_path):
+    from tests._init_from_helpers import train_from
+    from tests._train_helpers import metrics
+    source = save_hf_model("qwen2_moe", tmp_path / "src", vocab_size=256)
+    items = ("train.steps=3", "checkpoint.every=1", "checkpoint.keep=3", "log.every=1", "log.val_every=0",
+             "data.batch_size=2", "train.lr=1e-3")
+    assert train_from(tmp_path / "a", source, *items) == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "ckpt" / "step_3")
+    assert train_from(tmp_path / "b", source, *items, resume=True) == 0
+    assert [r["loss"] for r in metrics(tmp_path / "b")] == [r["loss"] for r in metrics(tmp_path / "a")]

@@ -3,7 +3,6 @@ upcycle -> train with init_from at ep=2 -> export -> offloaded generation. Check
 model (step-1 loss on the same batch), itself (the loss falls) and plain transformers (the exported
 model's greedy tokens under moesys.offload.load)."""
 
-import os
 import subprocess
 import sys
 

@@ -15,6 +15,7 @@ from moesys.hf.families import derive, read_hf_config
 from moesys.hf.load import check_checkpoint
 from moesys.hf.source import has_tokenizer
 
+
 def _explicit(config: Config, dotted: str) -> tuple[bool, Any]:
     """(whether the user set the key, its value)."""
     *path, leaf = dotted.split(".")

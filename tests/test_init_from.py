@@ -56,8 +56,7 @@ class _NoReads(CountingReader):
 
 
 def _load_fails(model_dir, match):
-    """The error comes from resolving the config (headers only) and again from the loader, before its reader
-    is ever called."""
+    """The error comes from resolving the config, which reads config.json and the safetensors headers only."""
     with pytest.raises(ValueError, match=match):
         resolve_init_from(load_config(None, [f"model.init_from={model_dir}"]))
 

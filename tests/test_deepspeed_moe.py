@@ -188,3 +188,54 @@ def _ep_worker(rank, world):
 @pytest.mark.slow
 def test_ep2_equals_ep1():
     spawn(_ep_worker, 2, timeout_s=120)
+
+
+# ---- inside a DeepSpeed job: deepspeed.initialize with ZeRO-2 ---------------------------------------
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(H, H)
+        self.moe = MoE(H, _expert(), num_experts=E, k=2, backend="grouped_mm")
+
+    def forward(self, x):
+        y, l_aux, _ = self.moe(self.inp(x))
+        return y.square().mean() + 0.01 * l_aux
+
+
+def _zero2_worker(rank, world):
+    import os
+
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    os.environ.setdefault("LOCAL_RANK", str(rank))  # what torchrun / the deepspeed launcher set
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    ref, net = _Net(), _Net()
+    net.load_state_dict(ref.state_dict())
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(net.parameters()), "name": "all"})
+    moe_groups = [g for g in groups if g.get("moe")]
+    assert [set(map(id, g["params"])) for g in moe_groups] == [set(map(id, net.moe.experts.parameters()))]
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(groups, lr=1e-2),
+                                           config={"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}})
+    assert engine.has_moe_layers  # DeepSpeed sees an MoE layer: expert groups, MoE reductions
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(4, H, generator=gen)
+        torch.manual_seed(step)
+        loss = engine(x)
+        engine.backward(loss)
+        engine.step()
+        torch.manual_seed(step)
+        ref_loss = ref(x)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step}: loss\n{m}")
+    for name, p in engine.module.named_parameters():
+        torch.testing.assert_close(p, ref.get_parameter(name), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}\n{m}")
+
+
+@pytest.mark.slow
+def test_zero2_engine_steps_equal_plain_adamw():
+    spawn(_zero2_worker, 1, timeout_s=120)

@@ -5,6 +5,7 @@ ep_size=2 (2 gloo processes, DeepSpeed's own expert groups) against ep_size=1 on
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def _pair(seed: int = 0, **kwargs):
         for p in ds.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     ours = MoE(H, ours_expert, num_experts=E, backend="grouped_mm", **kwargs).double()
-    ours.load_deepspeed_state_dict(ds.state_dict())
+    ours.load_state_dict(ds.state_dict())  # DeepSpeed's keys, strict
     return ds, ours
 
 
@@ -133,6 +134,19 @@ def test_refuses_what_it_does_not_reproduce():
         MoE(H, _expert(), num_experts=E, ep_size=2)(torch.randn(8, H))
 
 
+def test_state_dict_has_deepspeeds_keys_and_round_trips():
+    ds, ours = _pair(k=2, use_residual=True)
+    theirs_sd, ours_sd = ds.state_dict(), ours.state_dict()
+    assert {k: tuple(v.shape) for k, v in ours_sd.items()} == {k: tuple(v.shape) for k, v in theirs_sd.items()}
+    for k in theirs_sd:
+        assert torch.equal(ours_sd[k], theirs_sd[k]), k
+    fresh = MoE(H, _expert(), num_experts=E, k=2, use_residual=True).double()
+    fresh.load_state_dict(ours_sd)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), ours.parameters()))
+    with pytest.raises(RuntimeError, match="deepspeed_experts.3"):
+        fresh.load_state_dict({k: v for k, v in ours_sd.items() if "deepspeed_experts.3." not in k})
+
+
 def test_expert_marks_and_sizes_mode():
     moe = MoE(H, None, num_experts=E, k=2, ffn_size=I, activation="silu")
     assert moe.experts.gate_up_proj.shape == (E, 2 * I, H)
@@ -203,7 +217,7 @@ class _Net(nn.Module):
         return y.square().mean() + 0.01 * l_aux
 
 
-def _zero2_worker(rank, world):
+def _zero2_worker(rank, world, ckpt_dir):
     import os
 
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -234,8 +248,18 @@ def _zero2_worker(rank, world):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step}: loss\n{m}")
     for name, p in engine.module.named_parameters():
         torch.testing.assert_close(p, ref.get_parameter(name), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}\n{m}")
+    # DeepSpeed's own checkpoint: the experts saved one file per expert, merged back on load.
+    engine.save_checkpoint(ckpt_dir, tag="t")
+    assert len(list(Path(ckpt_dir, "t").glob("*expert_*"))) == E
+    again = _Net()
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(again.parameters()), "name": "all"})
+    engine2, _, _, _ = deepspeed.initialize(model=again, optimizer=torch.optim.AdamW(groups, lr=1e-2),
+                                            config={"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}})
+    engine2.load_checkpoint(ckpt_dir, tag="t")
+    for (name, a), b in zip(engine.module.named_parameters(), engine2.module.parameters()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.slow
-def test_zero2_engine_steps_equal_plain_adamw():
-    spawn(_zero2_worker, 1, timeout_s=120)
+def test_zero2_engine_steps_equal_plain_adamw(tmp_path):
+    spawn(_zero2_worker, 1, str(tmp_path), timeout_s=180)

@@ -17,6 +17,11 @@ DeepSpeed's examples pass), a moesys `DenseMLP` (gated SiLU and others), or size
 ffn_size=I, activation=...`). Like DeepSpeed, every expert starts as a copy of `expert`.
 Arguments whose behaviour moesys does not reproduce are refused with a ValueError.
 
+State dicts use DeepSpeed's keys (`deepspeed_moe.gate.wg.weight`,
+`deepspeed_moe.experts.deepspeed_experts.{i}.<expert's names>`, one entry per local expert, views of
+the fused tensors), so `engine.save_checkpoint` / `load_checkpoint` split and merge experts as for
+DeepSpeed's layer, and a DeepSpeed MoE checkpoint loads with `load_state_dict`.
+
 Importing this module imports DeepSpeed (the optional extra `moesys[deepspeed]`).
 
 Legend: T tokens, H hidden, I expert intermediate, E experts, L local experts.
@@ -43,6 +48,8 @@ from moesys.parallel.mesh import DEFAULT_TIMEOUT_S, EPMesh
 __all__ = ["MoE"]
 
 _EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+_DS_GATE = "deepspeed_moe.gate.wg.weight"
+_DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
 
 
 @dataclass
@@ -51,8 +58,8 @@ class _ExpertLayout:
     activation: str
     ffn_size: int
     bias: bool
-    up: str | None = None     # submodule holding the [gate; up] (or up) projection, e.g. "0"
-    down: str | None = None   # submodule holding the down projection, e.g. "2"
+    up: str                   # submodule holding the [gate; up] (or up) projection, e.g. "0"
+    down: str                 # submodule holding the down projection, e.g. "2"
 
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu"}
@@ -64,7 +71,7 @@ def _expert_layout(expert, hidden_size: int, ffn_size, activation: str) -> _Expe
             raise ValueError(f"deepspeed MoE: expert=None needs ffn_size=<int >= 1>, got {ffn_size!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"deepspeed MoE: activation={activation!r}; use one of {sorted(ACTIVATIONS)}")
-        return _ExpertLayout(activation, ffn_size, False)
+        return _ExpertLayout(activation, ffn_size, False, "gate_up_proj", "down_proj")  # DenseMLP's names
     if ffn_size is not None:
         raise ValueError("deepspeed MoE: pass either an expert module or ffn_size=, not both")
     if isinstance(expert, DenseMLP):
@@ -131,6 +138,15 @@ class MoE(ds_layer.MoE):
         if use_residual:
             self.mlp = expert if expert is not None else DenseMLP(hidden_size, layout.ffn_size, activation=activation)
             self.coefficient = nn.Linear(hidden_size, 2)
+        self.register_state_dict_post_hook(_to_deepspeed_keys)
+        self.register_load_state_dict_pre_hook(_from_deepspeed_keys)
+
+    def _key_map(self) -> list[tuple[str, str]]:
+        """(our tensor, DeepSpeed's per-expert key with {i} for the local expert) for each expert tensor."""
+        pairs = [("gate_up_proj", f"{self.layout.up}.weight"), ("down_proj", f"{self.layout.down}.weight")]
+        if self.layout.bias:
+            pairs += [("gate_up_proj_bias", f"{self.layout.up}.bias"), ("down_proj_bias", f"{self.layout.down}.bias")]
+        return [(ours, _DS_EXPERTS + "{i}." + theirs) for ours, theirs in pairs]
 
     @torch.no_grad()
     def _copy_expert_into_all(self, expert: nn.Module) -> None:
@@ -197,25 +213,27 @@ class MoE(ds_layer.MoE):
             output = output * coef[..., 0:1] + output_mlp * coef[..., 1:]
         return output, routed.l_aux, routed.exp_counts_E
 
-    @torch.no_grad()
-    def load_deepspeed_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a `deepspeed.moe.layer.MoE` state dict (this rank's local experts) into this layer."""
-        if self.layout.up is None:
-            raise ValueError("deepspeed MoE: load_deepspeed_state_dict needs the layer built from an expert module "
-                             "(it names the expert's submodules); this one was built with ffn_size=")
-        prefix = "deepspeed_moe.experts.deepspeed_experts."
-        sd = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
-        if "deepspeed_moe.gate.wg.weight" not in sd:
-            raise ValueError(f"deepspeed MoE: no 'deepspeed_moe.gate.wg.weight' in the state dict (keys: {sorted(state_dict)[:6]}...)")
-        sd["gate.wg.weight"] = sd.pop("deepspeed_moe.gate.wg.weight")
-        L = self.num_local_experts
-        names = [(self.layout.up, "weight", "gate_up_proj"), (self.layout.down, "weight", "down_proj")]
-        if self.layout.bias:
-            names += [(self.layout.up, "bias", "gate_up_proj_bias"), (self.layout.down, "bias", "down_proj_bias")]
-        expert_keys = {k for k in state_dict if k.startswith(prefix)}
-        if len(expert_keys) != L * len(names):
-            raise ValueError(f"deepspeed MoE: expected {L * len(names)} expert tensors ({L} local experts x "
-                             f"{[f'{m}.{t}' for m, t, _ in names]}), found {len(expert_keys)}")
-        for module, tensor, ours in names:
-            sd[f"experts.{ours}"] = torch.stack([state_dict[f"{prefix}{i}.{module}.{tensor}"] for i in range(L)])
-        self.load_state_dict(sd, strict=True)
+
+def _to_deepspeed_keys(module: MoE, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: our keys -> DeepSpeed's (one view per local expert)."""
+    state_dict[prefix + _DS_GATE] = state_dict.pop(prefix + "gate.wg.weight")
+    for ours, theirs in module._key_map():
+        fused = state_dict.pop(prefix + "experts." + ours)
+        for i in range(fused.shape[0]):
+            state_dict[prefix + theirs.format(i=i)] = fused[i]
+
+
+def _from_deepspeed_keys(module: MoE, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                         unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: DeepSpeed's keys -> ours (stacking the local experts); a state dict
+    without them is left alone (load_state_dict then names what is missing)."""
+    if prefix + _DS_GATE in state_dict:
+        state_dict[prefix + "gate.wg.weight"] = state_dict.pop(prefix + _DS_GATE)
+    for ours, theirs in module._key_map():
+        keys = [prefix + theirs.format(i=i) for i in range(module.num_local_experts)]
+        present = [k in state_dict for k in keys]
+        if all(present):
+            state_dict[prefix + "experts." + ours] = torch.stack([state_dict.pop(k) for k in keys])
+        elif any(present):
+            error_msgs.append(f"missing DeepSpeed expert key(s) {[k for k, p in zip(keys, present) if not p]} "
+                              f"({module.num_local_experts} local experts expected)")

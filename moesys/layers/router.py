@@ -144,17 +144,7 @@ class Router(nn.Module):
 
     def _capacity_mask(self, topk_ids_TK, topk_weights_TK, T) -> torch.Tensor:
         """Keep each expert's `capacity` highest-weighted assignments; ties go to the earlier token."""
-        ids_N = topk_ids_TK.reshape(-1)
-        score_N = topk_weights_TK.reshape(-1)
-        by_score_N = torch.sort(score_N, descending=True, stable=True).indices
-        order_N = by_score_N[torch.sort(ids_N[by_score_N], stable=True).indices]  # by expert, then score
-        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=ids_N.device)
-        counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        rank_N = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[ids_N[order_N]]
-        keep_N = torch.empty_like(ids_N, dtype=torch.bool)
-        keep_N[order_N] = rank_N < self.capacity(T)
-        return keep_N.view_as(topk_ids_TK)
+        return keep_top_per_expert(topk_ids_TK, topk_weights_TK, self.num_experts, self.capacity(T))
 
     def _balance_loss(self, scores_TE, topk_ids_TK, num_sequences: int) -> torch.Tensor:
         """Switch loss E * sum_e f_e * P_e, averaged over `num_sequences` equal chunks of the tokens.
@@ -187,3 +177,20 @@ class Router(nn.Module):
         sign_E = torch.where(load_E.sum() > 0, torch.sign(load_E.mean() - load_E), 0.0)
         self.expert_bias += self.bias_update_rate * sign_E
         self.load_since_update.zero_()
+
+
+def keep_top_per_expert(topk_ids_TK: torch.Tensor, score_TK: torch.Tensor, num_experts: int,
+                        capacity: int) -> torch.Tensor:
+    """Bool [T, K]: for each expert, its `capacity` assignments with the highest score are kept; among
+    equal scores the earlier assignment (row-major in [T, K]) wins. Capacity rules differ only in the score."""
+    ids_N = topk_ids_TK.reshape(-1)
+    score_N = score_TK.reshape(-1)
+    by_score_N = torch.sort(score_N, descending=True, stable=True).indices
+    order_N = by_score_N[torch.sort(ids_N[by_score_N], stable=True).indices]  # by expert, then score
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids_N.device)
+    counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_N = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[ids_N[order_N]]
+    keep_N = torch.empty_like(ids_N, dtype=torch.bool)
+    keep_N[order_N] = rank_N < capacity
+    return keep_N.view_as(topk_ids_TK)

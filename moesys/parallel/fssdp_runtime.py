@@ -314,6 +314,10 @@ class FSSDPHandle:
             m.owned_ids = new_ids
         self.owners = new
         self.reshards += 1
+        # The layers' current plans name the old owners; a forward before the next begin_step (the
+        # trainer's validation right after this step) would gather from ranks that no longer hold
+        # the experts. Re-plan from the same predicted load: the next begin_step computes the same.
+        self.begin_step()
 
     def _optimizer_has_state(self, optimizer) -> bool:
         """Whether every rank's optimizer has stepped (state exists): both ends of a move must agree."""

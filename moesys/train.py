@@ -37,6 +37,7 @@ from moesys.data import build_data, val_batches, validate_source
 from moesys.models.transformer import MoETransformer
 from moesys.parallel import CollectiveError, bootstrap, data_parallel, parallelize
 from moesys.parallel.handle import clip_to_norm
+from moesys.run_lock import RunDirBusy, RunDirLock
 from moesys.train_metrics import MetricsWriter, expert_load_stats, flops_per_token, peak_flops
 
 
@@ -398,12 +399,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"moesys.train: error: {e}", file=sys.stderr)
         return 2
     ctx = bootstrap.init_distributed(config)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    bootstrap.barrier(ctx)
-    peer_failed = False
+    lock = RunDirLock(run_dir) if ctx.is_main else None
+    busy = None
+    if lock is not None:
+        try:
+            note = lock.acquire()
+            if note:
+                print(f"moesys.train: {note}", file=sys.stderr)
+        except RunDirBusy as e:
+            busy = e
+    if bootstrap.any_rank(ctx, busy is not None):  # also the barrier: the run directory exists from here
+        if busy is not None:
+            print(f"moesys.train: error: {busy}", file=sys.stderr)
+        bootstrap.teardown(ctx)
+        return 2
+    peer_failed, rc = False, 1
     try:
-        return train(config, run_dir, resume_from, ctx)
+        rc = train(config, run_dir, resume_from, ctx)
+        return rc
     except TrainingStopped as e:
         if ctx.is_main:
             print(f"moesys.train: error: {e}", file=sys.stderr)
@@ -413,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
         # global batch): every rank reads the same data and fails alike, so the teardown is safe.
         if ctx.is_main:
             print(f"moesys.train: error: {e}", file=sys.stderr)
+        rc = 2
         return 2
     except CollectiveError as e:
         # A peer is dead or stuck (the message names this rank and the layer): every rank reports,
@@ -423,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if not peer_failed:
             bootstrap.teardown(ctx)
+        if lock is not None:  # a failed job that never logged nor saved leaves no run directory behind
+            lock.release(remove_unused_dir=rc != 0)
 
 
 def main(argv: list[str] | None = None) -> int:

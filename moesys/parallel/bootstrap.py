@@ -111,6 +111,15 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier(group=ctx.group)
 
 
+def any_rank(ctx: DistContext, flag: bool) -> bool:
+    """Whether `flag` is true on any rank (a collective: every rank calls it; also a barrier)."""
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
+    return bool(t.item())
+
+
 def teardown(ctx: DistContext) -> None:
     """Destroy the process group; the barrier first avoids gloo aborts at exit (DESIGN.md, traps)."""
     if ctx.distributed:

@@ -32,12 +32,13 @@ import torch
 import torch.utils.checkpoint
 
 from moesys import checkpoint as ckpt
+from moesys import checkpoint_integrity as ckpt_integrity
 from moesys.config import Config, ConfigError, dump_config, load_config
 from moesys.data import build_data, val_batches, validate_source
 from moesys.models.transformer import MoETransformer
 from moesys.parallel import CollectiveError, bootstrap, data_parallel, parallelize
 from moesys.parallel.handle import clip_to_norm
-from moesys.run_lock import RunDirBusy, RunDirLock
+from moesys.run_lock import RunDirLock
 from moesys.train_metrics import MetricsWriter, expert_load_stats, flops_per_token, peak_flops
 
 
@@ -148,8 +149,9 @@ class _PendingStepValues:
     `read_through(step)` reads every pending step up to `step` in order. Reading checks each step:
     the first non-finite loss or gradient norm raises TrainingStopped naming that step."""
 
-    def __init__(self, divisor: int):
+    def __init__(self, divisor: int, resumed: tuple[Path, int] | None = None):
         self.divisor = divisor              # micro-batches x ranks: the sums become means
+        self.resumed = resumed              # (checkpoint, its step) when the run resumed
         self._pending = collections.deque()  # (step, host float64 [4], CUDA event or None)
         self.sigterm = False                # some rank saw SIGTERM in a step read so far
         self.latest: StepValues | None = None
@@ -173,9 +175,9 @@ class _PendingStepValues:
             loss_sum, aux_sum, sigterm, grad_norm = host.tolist()
             loss = loss_sum / self.divisor
             if not math.isfinite(loss):
-                raise TrainingStopped(_stop_message("loss", loss, s, last_saved))
+                raise TrainingStopped(_stop_message("loss", loss, s, last_saved, self.resumed))
             if not math.isfinite(grad_norm):
-                raise TrainingStopped(_stop_message("gradient norm", grad_norm, s, last_saved))
+                raise TrainingStopped(_stop_message("gradient norm", grad_norm, s, last_saved, self.resumed))
             self.sigterm = self.sigterm or sigterm > 0
             self.latest = StepValues(s, loss, aux_sum / self.divisor, grad_norm)
 
@@ -187,6 +189,22 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
         raise ValueError(f"--run-dir {run_dir} already holds checkpoints (latest {latest.name}); pass --resume "
                          "to continue that run, or choose another --run-dir")
     return latest if resume else None
+
+
+def choose_checkpoint(ckpt_root: Path) -> Path:
+    """The newest checkpoint whose files match their manifest; each newer damaged one is named with
+    what is wrong and renamed to `damaged-step_N`. ValueError when none is intact."""
+    intact, damaged = ckpt_integrity.newest_intact(ckpt_root)
+    for path, problem in damaged:
+        moved = ckpt_integrity.set_aside(path)
+        print(f"moesys.train: checkpoint {path.name} is damaged: {problem}; renamed it to {moved.name}",
+              file=sys.stderr)
+    if intact is None:
+        raise ValueError(f"--resume: no intact checkpoint in {ckpt_root} (the damaged ones are named above and "
+                         "were renamed to damaged-step_N); start a fresh run in another --run-dir")
+    if damaged:
+        print(f"moesys.train: resuming from {intact.name}, the newest intact checkpoint", file=sys.stderr)
+    return intact
 
 
 def evaluate(model, splits, config: Config, ctx: bootstrap.DistContext, autocast) -> float | None:
@@ -245,7 +263,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     peak = peak_flops(device, config.log.peak_tflops)
     dense_params = [p for p in model.parameters() if p.requires_grad]
     val_every = config.log.every if config.log.val_every is None else config.log.val_every
-    last_saved = ckpt.latest_checkpoint(run_dir / "ckpt")
+    last_saved = resume_from  # verified by its checksums (fresh runs start with no checkpoint)
 
     def save(step: int, reason: str) -> Path:
         nonlocal last_saved
@@ -265,7 +283,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
         from tqdm import tqdm
         progress = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    step_values = _PendingStepValues(A * W)
+    step_values = _PendingStepValues(A * W, None if resume_from is None else (resume_from, start_step))
     load_LE = torch.zeros(L, E, dtype=torch.float64, device=device)
     dropped_L = torch.zeros(L, dtype=torch.float64, device=device)
     window_start, window_steps = time.perf_counter(), 0
@@ -369,7 +387,14 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     return 0
 
 
-def _stop_message(what: str, value: float, step: int, last_saved: Path | None) -> str:
+def _stop_message(what: str, value: float, step: int, last_saved: Path | None,
+                  resumed: tuple[Path, int] | None = None) -> str:
+    if resumed is not None and last_saved == resumed[0] and step == resumed[1] + 1:
+        # The first step on loaded weights: the checkpoint's values, not the learning rate, are suspect.
+        return (f"non-finite {what} ({value}) at step {step}, the first step after resuming from "
+                f"{last_saved}; stopping without saving. Its files match the checksums recorded when it was "
+                f"saved, so it was written with these values: resume from an earlier checkpoint (move "
+                f"{last_saved.name} out of {last_saved.parent}) rather than changing train.lr")
     where = f"the last good checkpoint is {last_saved}" if last_saved is not None else \
         "no checkpoint was written yet"
     return (f"non-finite {what} ({value}) at step {step}; stopping without saving. {where}; lower "
@@ -399,20 +424,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"moesys.train: error: {e}", file=sys.stderr)
         return 2
     ctx = bootstrap.init_distributed(config)
-    lock = RunDirLock(run_dir) if ctx.is_main else None
-    busy = None
-    if lock is not None:
+    lock, refused = None, None
+    if ctx.is_main:
         try:
+            lock = RunDirLock(run_dir)
             note = lock.acquire()
             if note:
                 print(f"moesys.train: {note}", file=sys.stderr)
-        except RunDirBusy as e:
-            busy = e
-    if bootstrap.any_rank(ctx, busy is not None):  # also the barrier: the run directory exists from here
-        if busy is not None:
-            print(f"moesys.train: error: {busy}", file=sys.stderr)
+            if resume_from is not None:
+                resume_from = choose_checkpoint(run_dir / "ckpt")
+        except ValueError as e:  # RunDirBusy, or no intact checkpoint
+            refused = e
+            if lock is not None:
+                lock.release()
+    # Rank 0's verdict for every rank (also the barrier after which the run directory exists):
+    # the step to resume from, -1 for a fresh start, -2 for a refusal.
+    mine = -3  # below every verdict: other ranks take rank 0's
+    if ctx.is_main:
+        mine = -2 if refused is not None else (-1 if resume_from is None else ckpt.read_manifest(resume_from)["step"])
+    verdict = int(bootstrap.max_over_ranks(ctx, mine))
+    if verdict == -2:
+        if refused is not None:
+            print(f"moesys.train: error: {refused}", file=sys.stderr)
         bootstrap.teardown(ctx)
         return 2
+    resume_from = None if verdict == -1 else run_dir / "ckpt" / f"step_{verdict}"
     peer_failed, rc = False, 1
     try:
         rc = train(config, run_dir, resume_from, ctx)

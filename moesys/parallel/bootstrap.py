@@ -111,13 +111,13 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier(group=ctx.group)
 
 
-def any_rank(ctx: DistContext, flag: bool) -> bool:
-    """Whether `flag` is true on any rank (a collective: every rank calls it; also a barrier)."""
+def max_over_ranks(ctx: DistContext, value: float) -> float:
+    """The largest `value` over ranks (a collective: every rank calls it; also a barrier)."""
     if not ctx.distributed:
-        return flag
-    t = torch.tensor([float(flag)], device=ctx.device)
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
-    return bool(t.item())
+    return t.item()
 
 
 def teardown(ctx: DistContext) -> None:

@@ -22,8 +22,10 @@ import collections
 import contextlib
 import functools
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -115,25 +117,56 @@ def apply_activation_checkpointing(model: MoETransformer) -> None:
 
 
 class _SigtermFlag:
-    """Remembers a SIGTERM; the loop saves a checkpoint at the end of the step and exits cleanly."""
+    """Remembers a SIGTERM; the loop saves a checkpoint at the end of the step and exits cleanly.
 
-    def __init__(self):
+    Python runs the handler only when the main thread returns to the interpreter, which a collective
+    waiting for a stuck peer does not do until parallel.timeout_s. So the signal also wakes a thread
+    (through signal.set_wakeup_fd); if the handler has not run `grace_s` later, the main thread is
+    stuck in native code and the process exits at once (143) without a checkpoint, which would need
+    every rank anyway, instead of ignoring the scheduler's stop until it is killed."""
+
+    def __init__(self, grace_s: float = 5.0):
         self.raised = False
+        self.grace_s = grace_s
         self._previous = None
+        self._pipe = None
+        self._old_wakeup = -1
 
     def __enter__(self):
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:              # not the main thread (an embedding application): no handler
             self._previous = None
+            return self
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._pipe = (r, w)
+        threading.Thread(target=self._watch, args=(r,), name="moesys-sigterm", daemon=True).start()
         return self
 
     def _handle(self, signum, frame):
         self.raised = True
 
+    def _watch(self, r: int) -> None:
+        while data := os.read(r, 64):
+            if signal.SIGTERM in data and not self.raised:
+                deadline = time.monotonic() + self.grace_s
+                while not self.raised and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not self.raised:
+                    print(f"moesys.train: SIGTERM, but the main thread has been blocked for {self.grace_s:g}s "
+                          "(a collective waiting for a stuck peer): exiting now without saving a checkpoint",
+                          file=sys.stderr, flush=True)
+                    os._exit(143)
+        os.close(r)
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            os.close(self._pipe[1])  # the watcher reads end-of-file, closes its end and returns
 
 
 class StepValues(NamedTuple):
@@ -220,7 +253,7 @@ def evaluate(model, splits, config: Config, ctx: bootstrap.DistContext, autocast
                 out = model(input_ids.to(ctx.device), labels.to(ctx.device), return_logits=False)
             total += torch.stack([out.loss.double(), torch.ones((), dtype=torch.float64, device=ctx.device)])
     model.train()
-    data_parallel.all_reduce_sum(total, ctx.group)
+    data_parallel.all_reduce_sum(total, ctx.group, what="validation-loss all-reduce", timeout=ctx.timeout)
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
@@ -317,13 +350,13 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                     packet[3:3 + L] += torch.stack([s.dropped_fraction.detach() for s in out.moe_stats]).double()
                     packet[3 + L:] += torch.stack([s.tokens_per_expert for s in out.moe_stats]).reshape(-1).double()
             packet[2] = float(sigterm.raised)
-            data_parallel.all_reduce_sum(packet, ctx.group)
+            data_parallel.all_reduce_sum(packet, ctx.group, what="step-statistics all-reduce", timeout=ctx.timeout)
             if ep.shards_experts:  # expert gradients reduce over their replicas only; the norm spans all experts
-                data_parallel.sync_gradients(ep.dense_parameters(), ctx.group)
+                data_parallel.sync_gradients(ep.dense_parameters(), ctx.group, timeout=ctx.timeout)
                 ep.reduce_expert_gradients()
                 clip_params, grad_norm = ep.dense_parameters() + ep.expert_parameters(), ep.grad_norm()
             else:
-                data_parallel.sync_gradients(dense_params, ctx.group)
+                data_parallel.sync_gradients(dense_params, ctx.group, timeout=ctx.timeout)
                 clip_params = [p for p in model.parameters() if p.grad is not None]
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in clip_params], 2.0)
             clip_gradients(optimizer, opt_impl, clip_params, grad_norm, config.train.grad_clip)
@@ -465,9 +498,10 @@ def run(args: argparse.Namespace) -> int:
         rc = 2
         return 2
     except CollectiveError as e:
-        # A peer is dead or stuck (the message names this rank and the layer): every rank reports,
-        # and none waits in the teardown barrier for the peer that will never come.
-        print(f"moesys.train: error: {e}", file=sys.stderr)
+        # A peer is dead or stuck (the message names this rank and the operation): every rank reports,
+        # naming the ranks whose heartbeat stopped, and none waits in the teardown barrier for them.
+        peers = f"; {ctx.peers.report()}" if ctx.peers is not None else ""
+        print(f"moesys.train: error: {e}{peers}", file=sys.stderr)
         peer_failed = True
         return 1
     finally:

@@ -273,6 +273,8 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     start_step = 0
     writer = MetricsWriter(run_dir, config.log.tensorboard, enabled=ctx.is_main)
     if resume_from is not None:
+        if hasattr(ep, "load_state_dict"):  # FSSDP: the saved owners and re-shard schedule (exact resume)
+            ep.load_state_dict(ckpt.read_manifest(resume_from).get("fssdp", {}), optimizer)
         manifest = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=ctx.rank, device=device,
                                         ep=ep)
         start_step = manifest["step"]
@@ -306,6 +308,8 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                                   "weight_decay": config.train.weight_decay, "eps": config.train.eps},
                     "tokens_seen": step * tokens_per_step, "num_experts": E,
                     "config": config.model_dump(mode="json")}
+        if hasattr(ep, "state_dict"):
+            manifest["fssdp"] = ep.state_dict()
         last_saved = ckpt.save_checkpoint(run_dir / "ckpt", step, model=model, optimizer=optimizer,
                                           manifest=manifest, rank=ctx.rank, world_size=W, device=device,
                                           barrier=barrier, keep=config.checkpoint.keep, ep=ep)

@@ -20,7 +20,8 @@ from tests._train_helpers import REPO, TINY, env, sets
 pytestmark = pytest.mark.slow
 
 
-def _start(run_dir, *items):
+def _launch(run_dir, *items, resume=False):
+    """Two ranks of the training job with torchrun's environment (no agent that would stop rank 0)."""
     port = free_port()
     procs = []
     for rank in range(2):
@@ -28,15 +29,24 @@ def _start(run_dir, *items):
         e.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                  MASTER_PORT=str(port))
         cmd = [sys.executable, "-m", "moesys.train", "--config", TINY, "--run-dir", str(run_dir),
-               *sets("train.steps=100000", "log.every=1", "log.val_every=0", "data.batch_size=2", *items)]
+               *sets(*items)] + (["--resume"] if resume else [])
         procs.append(subprocess.Popen(cmd, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
-    deadline = time.time() + 120
-    metrics = run_dir / "metrics.jsonl"
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+    return procs
+
+
+def _wait_for(procs, ready, timeout=120):
+    deadline = time.time() + timeout
+    while not ready():
         assert all(p.poll() is None for p in procs) and time.time() < deadline, \
             [p.communicate() for p in procs]
-        time.sleep(0.1)
+        time.sleep(0.05)
+
+
+def _start(run_dir, *items):
+    procs = _launch(run_dir, "train.steps=100000", "log.every=1", "log.val_every=0", "data.batch_size=2", *items)
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(procs, lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2)
     return procs
 
 

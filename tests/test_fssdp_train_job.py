@@ -57,7 +57,6 @@ def test_fssdp_reshards_with_validation_checkpointing_and_resume(tmp_path):
     proc = subprocess.run(torchrun_cmd(2, dst, *items) + ["--resume"], env=env(), cwd=REPO,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = metrics(dst)
-    _same(resumed[3:], full[3:], "fssdp resumed at step 3")
-    for x, y in zip(resumed[3:], full[3:]):
-        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-5), x["step"]
+    # Exact: the checkpoint holds the owners and the re-shard schedule (FSSDPHandle.state_dict).
+    keys = ("step", "loss", "grad_norm", "val_loss", "expert_load_fraction")
+    assert [[r[k] for k in keys] for r in metrics(dst)] == [[r[k] for k in keys] for r in full]

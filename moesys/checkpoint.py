@@ -9,7 +9,8 @@ Layout of `RUN_DIR/ckpt/step_N/`:
   `step/...`), experts split the same way;
 - `rng_rank{r}.safetensors`: each rank's torch CPU (and CUDA) generator state;
 - `manifest.json` (written last): step, data-sampler position, scheduler state, optimizer
-  hyper-parameters, world size, the config and the file list.
+  hyper-parameters, world size, the config and each file's size and SHA-256
+  (`moesys.checkpoint_integrity` verifies them on resume and falls back past damaged checkpoints).
 
 A checkpoint is written into `ckpt/.tmp-step_N` and renamed to `ckpt/step_N` once complete, so a
 crash never leaves a half-written `step_N`; the newest `keep` checkpoints are kept.
@@ -24,7 +25,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from moesys.checkpoint_integrity import file_records
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -196,7 +200,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
     if rank == 0:
         files = sorted(p.name for p in tmp.iterdir())
         full = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size, **manifest,
-                "files": files}
+                "files": file_records(tmp, files)}  # size and SHA-256 per file: resume verifies them
         write_json_atomic(tmp / "manifest.json", full)
         if final.exists():                      # a re-run of the same step: replace it
             trash = ckpt_root / f".old-step_{step}"
@@ -244,6 +248,14 @@ def merge_experts_optim(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} cannot be read ({e}): the checkpoint is damaged; resume from another "
+                         "one (moesys.train --resume picks the newest intact checkpoint)") from e
+
+
 def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     rank: int, device: torch.device, ep=None) -> dict:
     """Load model (and optimizer) state and this rank's RNG state; returns the manifest. With `ep`
@@ -254,17 +266,17 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{ckpt_dir}: checkpoint format_version={manifest.get('format_version')} but this "
                          f"moesys reads version {FORMAT_VERSION}")
-    flat = load_file(str(ckpt_dir / "model.safetensors"))
+    flat = _load_tensors(ckpt_dir / "model.safetensors")
     wanted = model.state_dict()
     state = merge_experts(flat, wanted, expert_ids=None if ep is None else ep.local_expert_ids)
     model.load_state_dict(state, strict=True)
     if optimizer is not None:
         names = {p: n for n, p in model.named_parameters()}
-        merged = merge_experts_optim(load_file(str(ckpt_dir / "optimizer.safetensors")))
+        merged = merge_experts_optim(_load_tensors(ckpt_dir / "optimizer.safetensors"))
         if ep is not None:
             merged = ep.local_expert_state(merged, param_name=_optim_param_name)
         load_optimizer_tensors(optimizer, names, merged)
     rng_file = ckpt_dir / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():
-        set_rng_state(load_file(str(rng_file)), device)
+        set_rng_state(_load_tensors(rng_file), device)
     return manifest

@@ -70,27 +70,65 @@ def _stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
 
 
+# A text file may hold a few bytes that are not UTF-8 (they become U+FFFD); above this fraction of its
+# bytes it is not text (binary data, or another encoding whose every accent would become U+FFFD).
+MAX_UNDECODABLE_FRACTION = 0.01
+
+
+def _decode_text(path: Path, data: bytes) -> str:
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.count("\ufffd".encode())  # U+FFFD written in the file is text
+    if data and bad / len(data) > MAX_UNDECODABLE_FRACTION:
+        raise ValueError(f"{path}: {bad} of its {len(data)} bytes ({bad / len(data):.0%}) are not valid UTF-8, "
+                         f"above the {MAX_UNDECODABLE_FRACTION:.0%} a text file may have: it is binary or in "
+                         "another encoding; remove it from data.source or convert it (iconv -t utf-8)")
+    return text
+
+
 def _documents(path: Path, text_field: str):
-    """Yield the text documents of one file."""
+    """Yield the text documents of one file; bad records raise ValueError naming the file and line."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if text_field not in record:
-                        raise ValueError(f"{path}:{lineno}: no field {text_field!r}; set data.text_field to one "
-                                         f"of {sorted(record)}")
-                    yield record[text_field]
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1} of the line); fix or "
+                                     "remove that line") from None
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix or "
+                                     "remove that line") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{lineno}: a JSON {type(record).__name__}, not an object with "
+                                     f"a {text_field!r} field")
+                if text_field not in record:
+                    raise ValueError(f"{path}:{lineno}: no field {text_field!r}; set data.text_field to one "
+                                     f"of {sorted(record)}")
+                yield _text_value(record[text_field], f"{path}:{lineno}: field {text_field!r}")
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError(f"data.source {path} is a parquet file but pyarrow is not installed; "
                              "pip install 'moesys[data]' (pyarrow)") from None
+        columns = pq.read_schema(path).names
+        if text_field not in columns:
+            raise ValueError(f"{path}: no column {text_field!r}; its columns are {columns}: set "
+                             "data.text_field to the one holding the text")
         table = pq.read_table(path, columns=[text_field])
-        yield from table.column(text_field).to_pylist()
+        for row, value in enumerate(table.column(text_field).to_pylist()):
+            yield _text_value(value, f"{path}: row {row} of column {text_field!r}")
     else:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield _decode_text(path, path.read_bytes())
+
+
+def _text_value(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where} is {type(value).__name__} {str(value)[:40]!r}, not a string; "
+                         "data.text_field must name the field holding each document's text")
+    return value
 
 
 def load_tokens(cfg: DataConfig) -> torch.Tensor:

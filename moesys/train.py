@@ -22,8 +22,10 @@ import collections
 import contextlib
 import functools
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +34,7 @@ import torch
 import torch.utils.checkpoint
 
 from moesys import checkpoint as ckpt
+from moesys import checkpoint_integrity as ckpt_integrity
 from moesys.config import Config, ConfigError, dump_config, load_config
 from moesys.data import build_data, val_batches, validate_source
 from moesys.hf.load import load_init_weights
@@ -40,6 +43,7 @@ from moesys.hf.source import save_source
 from moesys.models.transformer import MoETransformer
 from moesys.parallel import CollectiveError, bootstrap, data_parallel, parallelize
 from moesys.parallel.handle import clip_to_norm
+from moesys.run_lock import RunDirLock
 from moesys.train_metrics import MetricsWriter, expert_load_stats, flops_per_token, peak_flops
 
 
@@ -116,25 +120,56 @@ def apply_activation_checkpointing(model: MoETransformer) -> None:
 
 
 class _SigtermFlag:
-    """Remembers a SIGTERM; the loop saves a checkpoint at the end of the step and exits cleanly."""
+    """Remembers a SIGTERM; the loop saves a checkpoint at the end of the step and exits cleanly.
 
-    def __init__(self):
+    Python runs the handler only when the main thread returns to the interpreter, which a collective
+    waiting for a stuck peer does not do until parallel.timeout_s. So the signal also wakes a thread
+    (through signal.set_wakeup_fd); if the handler has not run `grace_s` later, the main thread is
+    stuck in native code and the process exits at once (143) without a checkpoint, which would need
+    every rank anyway, instead of ignoring the scheduler's stop until it is killed."""
+
+    def __init__(self, grace_s: float = 5.0):
         self.raised = False
+        self.grace_s = grace_s
         self._previous = None
+        self._pipe = None
+        self._old_wakeup = -1
 
     def __enter__(self):
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:              # not the main thread (an embedding application): no handler
             self._previous = None
+            return self
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._pipe = (r, w)
+        threading.Thread(target=self._watch, args=(r,), name="moesys-sigterm", daemon=True).start()
         return self
 
     def _handle(self, signum, frame):
         self.raised = True
 
+    def _watch(self, r: int) -> None:
+        while data := os.read(r, 64):
+            if signal.SIGTERM in data and not self.raised:
+                deadline = time.monotonic() + self.grace_s
+                while not self.raised and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not self.raised:
+                    print(f"moesys.train: SIGTERM, but the main thread has been blocked for {self.grace_s:g}s "
+                          "(a collective waiting for a stuck peer): exiting now without saving a checkpoint",
+                          file=sys.stderr, flush=True)
+                    os._exit(143)
+        os.close(r)
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            os.close(self._pipe[1])  # the watcher reads end-of-file, closes its end and returns
 
 
 class StepValues(NamedTuple):
@@ -150,8 +185,9 @@ class _PendingStepValues:
     `read_through(step)` reads every pending step up to `step` in order. Reading checks each step:
     the first non-finite loss or gradient norm raises TrainingStopped naming that step."""
 
-    def __init__(self, divisor: int):
+    def __init__(self, divisor: int, resumed: tuple[Path, int] | None = None):
         self.divisor = divisor              # micro-batches x ranks: the sums become means
+        self.resumed = resumed              # (checkpoint, its step) when the run resumed
         self._pending = collections.deque()  # (step, host float64 [4], CUDA event or None)
         self.sigterm = False                # some rank saw SIGTERM in a step read so far
         self.latest: StepValues | None = None
@@ -175,9 +211,9 @@ class _PendingStepValues:
             loss_sum, aux_sum, sigterm, grad_norm = host.tolist()
             loss = loss_sum / self.divisor
             if not math.isfinite(loss):
-                raise TrainingStopped(_stop_message("loss", loss, s, last_saved))
+                raise TrainingStopped(_stop_message("loss", loss, s, last_saved, self.resumed))
             if not math.isfinite(grad_norm):
-                raise TrainingStopped(_stop_message("gradient norm", grad_norm, s, last_saved))
+                raise TrainingStopped(_stop_message("gradient norm", grad_norm, s, last_saved, self.resumed))
             self.sigterm = self.sigterm or sigterm > 0
             self.latest = StepValues(s, loss, aux_sum / self.divisor, grad_norm)
 
@@ -189,6 +225,22 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
         raise ValueError(f"--run-dir {run_dir} already holds checkpoints (latest {latest.name}); pass --resume "
                          "to continue that run, or choose another --run-dir")
     return latest if resume else None
+
+
+def choose_checkpoint(ckpt_root: Path) -> Path:
+    """The newest checkpoint whose files match their manifest; each newer damaged one is named with
+    what is wrong and renamed to `damaged-step_N`. ValueError when none is intact."""
+    intact, damaged = ckpt_integrity.newest_intact(ckpt_root)
+    for path, problem in damaged:
+        moved = ckpt_integrity.set_aside(path)
+        print(f"moesys.train: checkpoint {path.name} is damaged: {problem}; renamed it to {moved.name}",
+              file=sys.stderr)
+    if intact is None:
+        raise ValueError(f"--resume: no intact checkpoint in {ckpt_root} (the damaged ones are named above and "
+                         "were renamed to damaged-step_N); start a fresh run in another --run-dir")
+    if damaged:
+        print(f"moesys.train: resuming from {intact.name}, the newest intact checkpoint", file=sys.stderr)
+    return intact
 
 
 def evaluate(model, splits, config: Config, ctx: bootstrap.DistContext, autocast) -> float | None:
@@ -204,7 +256,7 @@ def evaluate(model, splits, config: Config, ctx: bootstrap.DistContext, autocast
                 out = model(input_ids.to(ctx.device), labels.to(ctx.device), return_logits=False)
             total += torch.stack([out.loss.double(), torch.ones((), dtype=torch.float64, device=ctx.device)])
     model.train()
-    data_parallel.all_reduce_sum(total, ctx.group)
+    data_parallel.all_reduce_sum(total, ctx.group, what="validation-loss all-reduce", timeout=ctx.timeout)
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
@@ -239,6 +291,8 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     start_step = 0
     writer = MetricsWriter(run_dir, config.log.tensorboard, enabled=ctx.is_main)
     if resume_from is not None:
+        if hasattr(ep, "load_state_dict"):  # FSSDP: the saved owners and re-shard schedule (exact resume)
+            ep.load_state_dict(ckpt.read_manifest(resume_from).get("fssdp", {}), optimizer)
         manifest = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=ctx.rank, device=device,
                                         ep=ep)
         start_step = manifest["step"]
@@ -262,7 +316,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     peak = peak_flops(device, config.log.peak_tflops)
     dense_params = [p for p in model.parameters() if p.requires_grad]
     val_every = config.log.every if config.log.val_every is None else config.log.val_every
-    last_saved = ckpt.latest_checkpoint(run_dir / "ckpt")
+    last_saved = resume_from  # verified by its checksums (fresh runs start with no checkpoint)
 
     def save(step: int, reason: str) -> Path:
         nonlocal last_saved
@@ -272,6 +326,8 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                                   "weight_decay": config.train.weight_decay, "eps": config.train.eps},
                     "tokens_seen": step * tokens_per_step, "num_experts": E,
                     "config": config.model_dump(mode="json")}
+        if hasattr(ep, "state_dict"):
+            manifest["fssdp"] = ep.state_dict()
         last_saved = ckpt.save_checkpoint(run_dir / "ckpt", step, model=model, optimizer=optimizer,
                                           manifest=manifest, rank=ctx.rank, world_size=W, device=device,
                                           barrier=barrier, keep=config.checkpoint.keep, ep=ep)
@@ -282,7 +338,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
         from tqdm import tqdm
         progress = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    step_values = _PendingStepValues(A * W)
+    step_values = _PendingStepValues(A * W, None if resume_from is None else (resume_from, start_step))
     load_LE = torch.zeros(L, E, dtype=torch.float64, device=device)
     dropped_L = torch.zeros(L, dtype=torch.float64, device=device)
     window_start, window_steps = time.perf_counter(), 0
@@ -316,13 +372,13 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                     packet[3:3 + L] += torch.stack([s.dropped_fraction.detach() for s in out.moe_stats]).double()
                     packet[3 + L:] += torch.stack([s.tokens_per_expert for s in out.moe_stats]).reshape(-1).double()
             packet[2] = float(sigterm.raised)
-            data_parallel.all_reduce_sum(packet, ctx.group)
+            data_parallel.all_reduce_sum(packet, ctx.group, what="step-statistics all-reduce", timeout=ctx.timeout)
             if ep.shards_experts:  # expert gradients reduce over their replicas only; the norm spans all experts
-                data_parallel.sync_gradients(ep.dense_parameters(), ctx.group)
+                data_parallel.sync_gradients(ep.dense_parameters(), ctx.group, timeout=ctx.timeout)
                 ep.reduce_expert_gradients()
                 clip_params, grad_norm = ep.dense_parameters() + ep.expert_parameters(), ep.grad_norm()
             else:
-                data_parallel.sync_gradients(dense_params, ctx.group)
+                data_parallel.sync_gradients(dense_params, ctx.group, timeout=ctx.timeout)
                 clip_params = [p for p in model.parameters() if p.grad is not None]
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in clip_params], 2.0)
             clip_gradients(optimizer, opt_impl, clip_params, grad_norm, config.train.grad_clip)
@@ -386,7 +442,14 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     return 0
 
 
-def _stop_message(what: str, value: float, step: int, last_saved: Path | None) -> str:
+def _stop_message(what: str, value: float, step: int, last_saved: Path | None,
+                  resumed: tuple[Path, int] | None = None) -> str:
+    if resumed is not None and last_saved == resumed[0] and step == resumed[1] + 1:
+        # The first step on loaded weights: the checkpoint's values, not the learning rate, are suspect.
+        return (f"non-finite {what} ({value}) at step {step}, the first step after resuming from "
+                f"{last_saved}; stopping without saving. Its files match the checksums recorded when it was "
+                f"saved, so it was written with these values: resume from an earlier checkpoint (move "
+                f"{last_saved.name} out of {last_saved.parent}) rather than changing train.lr")
     where = f"the last good checkpoint is {last_saved}" if last_saved is not None else \
         "no checkpoint was written yet"
     return (f"non-finite {what} ({value}) at step {step}; stopping without saving. {where}; lower "
@@ -416,12 +479,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"moesys.train: error: {e}", file=sys.stderr)
         return 2
     ctx = bootstrap.init_distributed(config)
+    lock, refused = None, None
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    bootstrap.barrier(ctx)
-    peer_failed = False
+        try:
+            lock = RunDirLock(run_dir)
+            note = lock.acquire()
+            if note:
+                print(f"moesys.train: {note}", file=sys.stderr)
+            if resume_from is not None:
+                resume_from = choose_checkpoint(run_dir / "ckpt")
+        except ValueError as e:  # RunDirBusy, or no intact checkpoint
+            refused = e
+            if lock is not None:
+                lock.release()
+    # Rank 0's verdict for every rank (also the barrier after which the run directory exists):
+    # the step to resume from, -1 for a fresh start, -2 for a refusal.
+    mine = -3  # below every verdict: other ranks take rank 0's
+    if ctx.is_main:
+        mine = -2 if refused is not None else (-1 if resume_from is None else ckpt.read_manifest(resume_from)["step"])
+    verdict = int(bootstrap.max_over_ranks(ctx, mine))
+    if verdict == -2:
+        if refused is not None:
+            print(f"moesys.train: error: {refused}", file=sys.stderr)
+        bootstrap.teardown(ctx)
+        return 2
+    resume_from = None if verdict == -1 else run_dir / "ckpt" / f"step_{verdict}"
+    peer_failed, rc = False, 1
     try:
-        return train(config, run_dir, resume_from, ctx)
+        rc = train(config, run_dir, resume_from, ctx)
+        return rc
     except TrainingStopped as e:
         if ctx.is_main:
             print(f"moesys.train: error: {e}", file=sys.stderr)
@@ -431,16 +517,20 @@ def run(args: argparse.Namespace) -> int:
         # global batch): every rank reads the same data and fails alike, so the teardown is safe.
         if ctx.is_main:
             print(f"moesys.train: error: {e}", file=sys.stderr)
+        rc = 2
         return 2
     except CollectiveError as e:
-        # A peer is dead or stuck (the message names this rank and the layer): every rank reports,
-        # and none waits in the teardown barrier for the peer that will never come.
-        print(f"moesys.train: error: {e}", file=sys.stderr)
+        # A peer is dead or stuck (the message names this rank and the operation): every rank reports,
+        # naming the ranks whose heartbeat stopped, and none waits in the teardown barrier for them.
+        peers = f"; {ctx.peers.report()}" if ctx.peers is not None else ""
+        print(f"moesys.train: error: {e}{peers}", file=sys.stderr)
         peer_failed = True
         return 1
     finally:
         if not peer_failed:
             bootstrap.teardown(ctx)
+        if lock is not None:  # a failed job that never logged nor saved leaves no run directory behind
+            lock.release(remove_unused_dir=rc != 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,3 +83,48 @@ def test_tokenizer_and_parquet_sources(tmp_path):
     import pyarrow as pa
     pq.write_table(pa.table({"text": ["moe hello", "world"]}), tmp_path / "d.parquet")
     assert load_tokens(DataConfig(source=str(tmp_path / "d.parquet"), tokenizer=tok)).tolist() == [4, 2, 1, 3, 1]
+
+
+def test_bad_records_name_the_file_line_and_field(tmp_path):
+    f = tmp_path / "d.jsonl"
+    good = [json.dumps({"text": f"doc {i}"}) for i in range(100)]
+    f.write_text("\n".join(good + ['{"text": "tab\there"}']) + "\n")   # a raw control character: line 101
+    with pytest.raises(ValueError, match=rf"{f}:101: not valid JSON \(Invalid control character at column 14\)"):
+        load_tokens(DataConfig(source=str(f)))
+    f.write_text("\n".join(good[:2] + [json.dumps({"text": 7})]) + "\n")
+    with pytest.raises(ValueError, match=rf"{f}:3: field 'text' is int '7', not a string"):
+        load_tokens(DataConfig(source=str(f)))
+    f.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(ValueError, match=rf"{f}:2: not UTF-8"):
+        load_tokens(DataConfig(source=str(f)))
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    pq.write_table(pa.table({"body": ["a"], "id": [1]}), tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match=r"d.parquet: no column 'text'; its columns are \['body', 'id'\]"):
+        load_tokens(DataConfig(source=str(tmp_path / "d.parquet")))
+
+
+def test_binary_renamed_txt_is_refused_above_the_stated_fraction(tmp_path):
+    from moesys.data import MAX_UNDECODABLE_FRACTION
+    g = torch.Generator().manual_seed(0)
+    f = tmp_path / "random.txt"
+    f.write_bytes(bytes(torch.randint(0, 256, (20_000,), generator=g, dtype=torch.uint8).tolist()))
+    with pytest.raises(ValueError, match=rf"{f}: \d+ of its 20000 bytes \(\d+%\) are not valid UTF-8, above the 1%"):
+        load_tokens(DataConfig(source=str(f)))
+    # Text with a few stray bytes (at the stated fraction) still loads; one byte more is refused.
+    n = int(1000 * MAX_UNDECODABLE_FRACTION)
+    f.write_bytes(b"a" * (1000 - n) + b"\xff" * n)
+    assert load_tokens(DataConfig(source=str(f))).numel() == 1000 - n + 3 * n + 1  # U+FFFD is 3 bytes
+    f.write_bytes(b"a" * (999 - n) + b"\xff" * (n + 1))
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        load_tokens(DataConfig(source=str(f)))
+
+
+def test_a_job_failing_on_its_data_leaves_no_run_dir(tmp_path, capsys):
+    from tests._train_helpers import train_inproc
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "x" * 5000}) + "\n{broken\n")
+    run = tmp_path / "run"
+    assert train_inproc(run, f"data.source={f}", "train.steps=1", "train.device=cpu") == 2
+    assert f"{f}:2: not valid JSON" in capsys.readouterr().err
+    assert not run.exists()

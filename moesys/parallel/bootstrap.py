@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moesys.config import Config
+from moesys.parallel.peers import PeerMonitor
 
 # Environment variables by which MPI launchers announce themselves (Open MPI, MPICH/Hydra, PMIx/Slurm).
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -33,6 +34,8 @@ class DistContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     launcher: str = "single"                 # "torchrun" | "mpi" | "single"
     group: object = None
+    timeout: timedelta | None = None         # every collective's timeout (parallel.timeout_s)
+    peers: PeerMonitor | None = None         # the ranks' heartbeats, to name the ones a failure waited for
 
     @property
     def is_main(self) -> bool:
@@ -82,9 +85,12 @@ def pick_device(config: Config, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(config: Config, timeout_s: float = 1800.0) -> DistContext:
+def init_distributed(config: Config) -> DistContext:
     """Create the default process group (NCCL on GPUs, gloo on CPUs) when there is more than one
-    process, set the CUDA device, and return the context. Call after the config and data are checked."""
+    process, set the CUDA device, and return the context. Call after the config and data are checked.
+    The group's timeout is `parallel.timeout_s`, so plain data parallelism fails on a stuck rank as
+    expert parallelism does (torch's default would wait 30 minutes)."""
+    timeout = timedelta(seconds=config.parallel.timeout_s)
     launcher = detect_launcher()
     if launcher == "torchrun":
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -102,8 +108,11 @@ def init_distributed(config: Config, timeout_s: float = 1800.0) -> DistContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout_s), **kwargs)
-    return DistContext(rank, size, local_rank, device, launcher)
+                                timeout=timeout, **kwargs)
+    peers = None
+    if size > 1:
+        peers = PeerMonitor(dist.distributed_c10d._get_default_store(), rank, size).start()
+    return DistContext(rank, size, local_rank, device, launcher, timeout=timeout, peers=peers)
 
 
 def barrier(ctx: DistContext) -> None:
@@ -111,8 +120,19 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier(group=ctx.group)
 
 
+def max_over_ranks(ctx: DistContext, value: float) -> float:
+    """The largest `value` over ranks (a collective: every rank calls it; also a barrier)."""
+    if not ctx.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
+    return t.item()
+
+
 def teardown(ctx: DistContext) -> None:
     """Destroy the process group; the barrier first avoids gloo aborts at exit (DESIGN.md, traps)."""
+    if ctx.peers is not None:
+        ctx.peers.stop()
     if ctx.distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -31,8 +31,23 @@ class CollectiveError(RuntimeError):
 class CommContext:
     """What a layer's collectives need: the group, who we are (for messages) and the wait timeout."""
 
-    def __init__(self, group, *, rank: int, group_size: int, layer: str, timeout: timedelta | None = None):
+    def __init__(self, group, *, rank: int, group_size: int, layer: str | None, timeout: timedelta | None = None):
         self.group, self.rank, self.group_size, self.layer, self.timeout = group, rank, group_size, layer, timeout
+
+
+_RESET = ("connection reset", "closed by peer", "connection closed", "broken pipe", "connection refused")
+
+
+def describe_failure(error: Exception, timeout: timedelta | None) -> str:
+    """What a failed collective's error means: a reset (a peer process died) or a timeout (a peer is
+    stuck, dead on another host, or in another collective)."""
+    text = str(error).lower()
+    if any(s in text for s in _RESET):
+        return "the connection to a peer was reset: a peer process died"
+    limit = f" after {timeout.total_seconds():g}s (parallel.timeout_s)" if timeout is not None else ""
+    if "timed out" in text or "timeout" in text:
+        return f"timed out{limit}: a peer rank is stuck or dead, or issued different collectives"
+    return "a peer rank is dead, stuck, or issued different collectives"
 
 
 @contextmanager
@@ -43,8 +58,9 @@ def guarded(ctx: CommContext, what: str):
         raise
     except (RuntimeError, ValueError) as e:
         timeout = f" (timeout {ctx.timeout.total_seconds():g}s)" if ctx.timeout is not None else ""
-        raise CollectiveError(f"rank {ctx.rank}: {what} in layer {ctx.layer!r} failed{timeout}: a peer rank "
-                              f"is dead, stuck, or issued different collectives. Cause: {e}") from e
+        where = f" in layer {ctx.layer!r}" if ctx.layer else ""
+        raise CollectiveError(f"rank {ctx.rank}: {what}{where} failed{timeout}: "
+                              f"{describe_failure(e, ctx.timeout)}. Cause: {e}") from e
 
 
 def _wait(work, ctx: CommContext, what: str, host_sync: bool = True) -> None:

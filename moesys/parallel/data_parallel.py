@@ -13,10 +13,13 @@ Why our own all-reduce rather than DDP or FSDP2:
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
+
+from moesys.parallel.comm import CommContext, guarded
 
 DEFAULT_BUCKET_BYTES = 32 * 1024 * 1024
 
@@ -38,13 +41,30 @@ def _buckets(params: list[torch.nn.Parameter], bucket_bytes: int):
     yield from (b for b in current.values() if b)
 
 
+def _comm(group, timeout) -> CommContext:
+    return CommContext(group, rank=dist.get_rank(), group_size=dist.get_world_size(group), layer=None,
+                       timeout=timeout)
+
+
+def _all_reduce(t: torch.Tensor, ctx: CommContext, what: str) -> None:
+    """A sum all-reduce that fails with CollectiveError (naming `what`) after ctx.timeout instead of
+    hanging; on CUDA the host does not wait (NCCL's watchdog and the group's timeout apply)."""
+    with guarded(ctx, what):
+        work = dist.all_reduce(t, group=ctx.group, async_op=True)
+        if t.is_cuda or ctx.timeout is None:
+            work.wait()
+        else:
+            work.wait(ctx.timeout)
+
+
 @torch.no_grad()
 def sync_gradients(params: Iterable[torch.nn.Parameter], group=None, *, average: bool = True,
-                   bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+                   bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: timedelta | None = None) -> None:
     """All-reduce the gradients of `params` over `group` (default: the world), averaging by default.
 
     Every rank must pass the same parameters in the same order. A parameter without a gradient on
-    this rank (say, an expert no token reached) reduces as zeros, so collectives stay aligned."""
+    this rank (say, an expert no token reached) reduces as zeros, so collectives stay aligned.
+    A dead or stuck peer raises CollectiveError (after `timeout`, default the group's own)."""
     if not dist.is_initialized():
         return
     world = dist.get_world_size(group)
@@ -54,9 +74,10 @@ def sync_gradients(params: Iterable[torch.nn.Parameter], group=None, *, average:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    ctx = _comm(group, timeout)
     for bucket in _buckets(params, bucket_bytes):
         flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        dist.all_reduce(flat, group=group)
+        _all_reduce(flat, ctx, "data-parallel gradient all-reduce")
         if average:
             flat.div_(world)
         unflatten_into_grads(flat, bucket)
@@ -71,8 +92,10 @@ def unflatten_into_grads(flat: torch.Tensor, params) -> None:
         offset += n
 
 
-def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum a tensor over ranks in place (a no-op without a process group) and return it."""
+def all_reduce_sum(t: torch.Tensor, group=None, *, what: str = "all-reduce",
+                   timeout: timedelta | None = None) -> torch.Tensor:
+    """Sum a tensor over ranks in place (a no-op without a process group) and return it; a dead or
+    stuck peer raises CollectiveError naming `what`."""
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
+        _all_reduce(t, _comm(group, timeout), what)
     return t

@@ -90,6 +90,8 @@ def start_gather(module: "FSSDPExperts", plan: LayerPlan, dtype: torch.dtype, ow
     rank = module.rank
     mat_ids = plan.materialised(rank)
     owned_index = {e: i for i, e in enumerate(module.owned_ids)}
+    assert [e for e, o in enumerate(plan.owner_E) if o == rank] == module.owned_ids, \
+        f"{module.layer_name}: the plan's owners are not this rank's experts (a plan from before a re-shard)"
     with torch.no_grad():
         out = [w.new_empty((len(mat_ids),) + tuple(w.shape[1:]), dtype=dtype) for w in owned]
         ops, keepalive = [], []

@@ -275,6 +275,30 @@ class FSSDPHandle:
                     raise KeyError(f"load_full_expert_state: {key} missing")
                 getattr(m, name).copy_(state[key][m.owned_ids])
 
+    # -- the schedule's state, for exact resumes ---------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Ownership, load history, step count and gather budgets (JSON-able). Without them a resumed
+        run would re-shard at other steps and sum expert gradients on other ranks, in another order."""
+        return {"policy": self.policy, "world_size": self.world_size, "step": self.step, "reshards": self.reshards,
+                "owner_LE": [list(row) for row in self.owners.owner_LE], "budgets_L": list(self.budgets_L),
+                "history": [h.tolist() for h in self.predictor.history]}
+
+    def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Restore `state_dict()`: call before the weights are loaded (taking the saved owners moves
+        the current, soon overwritten, weights). Returns False and changes nothing when the state is
+        from another policy or world size (the run then re-plans from scratch)."""
+        if state.get("policy") != self.policy or state.get("world_size") != self.world_size:
+            return False
+        owners = ShardingPlan(tuple(tuple(int(r) for r in row) for row in state["owner_LE"]), self.world_size)
+        if owners != self.owners:
+            self.reshard(owners, optimizer)
+        self.step, self.reshards = int(state["step"]), int(state["reshards"])
+        self.budgets_L = [int(b) for b in state["budgets_L"]]
+        self.predictor.history.clear()
+        for h in state["history"]:
+            self.predictor.observe(torch.tensor(h, dtype=torch.float64))
+        return True
+
     # -- re-sharding ---------------------------------------------------------------------------------
     @torch.no_grad()
     def reshard(self, new: ShardingPlan, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -314,6 +338,10 @@ class FSSDPHandle:
             m.owned_ids = new_ids
         self.owners = new
         self.reshards += 1
+        # The layers' current plans name the old owners; a forward before the next begin_step (the
+        # trainer's validation right after this step) would gather from ranks that no longer hold
+        # the experts. Re-plan from the same predicted load: the next begin_step computes the same.
+        self.begin_step()
 
     def _optimizer_has_state(self, optimizer) -> bool:
         """Whether every rank's optimizer has stepped (state exists): both ends of a move must agree."""

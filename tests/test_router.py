@@ -138,3 +138,23 @@ def test_bad_router_config(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         Router(8, 4, args.pop("top_k"), **args)
+
+
+def test_sigmoid_balance_loss_normalises_scores_per_token_by_hand():
+    # Sigmoid scores do not sum to 1 per token; the balance loss divides each token's scores by their
+    # sum first (DeepSeek-V3). Top-1, 3 experts, 2 tokens of one sequence each in 2 sequences.
+    logits = [[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [-1.0, 0.0, 3.0], [1.0, 1.5, 0.0]]
+    r, x = router_with_logits(torch.tensor(logits), top_k=1, score_func="sigmoid")
+    sig = [[1 / (1 + math.exp(-v)) for v in row] for row in logits]
+    probs = [[s / sum(row) for s in row] for row in sig]
+    chosen = [0, 1, 2, 1]
+
+    def loss(tokens):
+        f = [sum(chosen[t] == e for t in tokens) / len(tokens) for e in range(3)]
+        p = [sum(probs[t][e] for t in tokens) / len(tokens) for e in range(3)]
+        return 3 * sum(fe * pe for fe, pe in zip(f, p))
+
+    out = r(x, num_sequences=2)
+    assert out.topk_ids_TK[:, 0].tolist() == chosen
+    assert out.aux_loss.item() == pytest.approx(loss([0, 1, 2, 3]), rel=1e-6)
+    assert out.seq_aux_loss.item() == pytest.approx((loss([0, 1]) + loss([2, 3])) / 2, rel=1e-6)

@@ -158,3 +158,28 @@ def test_sigmoid_balance_loss_normalises_scores_per_token_by_hand():
     assert out.topk_ids_TK[:, 0].tolist() == chosen
     assert out.aux_loss.item() == pytest.approx(loss([0, 1, 2, 3]), rel=1e-6)
     assert out.seq_aux_loss.item() == pytest.approx((loss([0, 1]) + loss([2, 3])) / 2, rel=1e-6)
+
+
+def test_group_limited_sigmoid_with_one_expert_per_group():
+    # 4 groups of 1 expert: a group's score is its only expert (no top-2 sum to take), so the 2 best
+    # groups are the 2 best experts.
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
+    r, x = router_with_logits(logits, top_k=2, n_groups=4, topk_groups=2, score_func="sigmoid")
+    assert sorted(r(x).topk_ids_TK[0].tolist()) == [1, 3]
+
+
+def test_capacity_counts_tokens_not_hidden_size():
+    # 6 tokens of hidden size 2, top-1 over 2 experts: capacity ceil(0.5 * 6 / 2) = 2 per expert.
+    r = Router(2, 2, 1, capacity_factor=0.5, renormalize=False)
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(2))
+    x = torch.tensor([[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [4.0, 0.0], [0.5, 0.0], [0.0, 1.0]])
+    out = r(x)
+    assert (out.topk_weights_TK[:, 0] > 0).tolist() == [True, False, False, True, False, True]
+    assert out.tokens_per_expert_E.tolist() == [2, 1]
+    torch.testing.assert_close(out.dropped_fraction, torch.tensor(0.5))
+
+
+def test_zero_groups_is_a_value_error():
+    with pytest.raises(ValueError, match="n_groups=0 must be >= 1"):
+        Router(8, 4, 2, n_groups=0)

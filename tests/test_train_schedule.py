@@ -60,3 +60,23 @@ def test_adamw_groups_decay_matrices_only():
     assert {"embed.weight", "blocks.1.ffn.experts.gate_up_proj", "blocks.1.ffn.router.weight"} <= trainable - want_no_decay
     for g in opt.param_groups:
         assert g["lr"] == 0.003 and g["betas"] == (0.8, 0.9) and g["eps"] == 1e-7
+
+
+def test_schedule_past_a_warmup_only_run_stays_at_the_floor():
+    # steps == warmup_steps: no cosine span at all; a step past the end (a resumed, extended run) is at lr_min.
+    c = _config("train.lr=0.001", "train.warmup_steps=4", "train.steps=4", "train.min_lr_ratio=0.1")
+    assert lr_at(4, c) == pytest.approx(0.001) and lr_at(5, c) == pytest.approx(0.0001, rel=1e-12)
+
+
+def test_adamw_falls_back_to_foreach_when_fused_refuses(monkeypatch):
+    real = torch.optim.AdamW
+
+    def no_fused(params, fused=None, **kw):
+        if fused:
+            raise RuntimeError("fused=True requires all the params to be floating point Tensors")
+        return real(params, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    c = _config("model.vocab_size=32", "model.hidden_size=16", "model.num_layers=1", "model.num_heads=2",
+                "model.num_kv_heads=1", "model.ffn_size=16", "moe.num_experts=4", "moe.top_k=2", "moe.ffn_size=8")
+    opt, impl = build_optimizer(MoETransformer.from_config(c), c)
+    assert impl == "foreach" and opt.defaults["foreach"] is True

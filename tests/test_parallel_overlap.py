@@ -4,6 +4,7 @@ dispatch is started before the shared expert runs and waited for only after it."
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import moesys.parallel.ep as ep_module
@@ -76,5 +77,6 @@ def _both(rank, world):
     _ep_dispatch_around_shared_expert(rank, world)
 
 
+@pytest.mark.slow
 def test_gather_overlaps_attention_and_dispatch_overlaps_shared_expert():
     spawn(_both, 2)

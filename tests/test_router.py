@@ -118,6 +118,13 @@ def test_jitter_only_in_training():
     assert torch.equal(r(x).logits_TE, r(x).logits_TE)
     r.train()
     assert not torch.equal(r(x).logits_TE, r(x).logits_TE)
+    # The noise multiplies each input by a factor in [0.9, 1.1]: with an identity gate, logits / x.
+    r = Router(4, 4, 2, jitter=0.1)
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(4))
+    x = torch.rand(500, 4) + 1.0
+    factor = r(x).logits_TE / x
+    assert 0.9 <= factor.min() < 0.91 and 1.09 < factor.max() <= 1.1
 
 
 def test_gate_runs_in_fp32():

@@ -45,7 +45,7 @@ def test_adamw_groups_decay_matrices_only():
     model = MoETransformer.from_config(c)
     model.blocks[0].attn.requires_grad_(False)  # frozen parameters stay out of both groups
     opt, impl = build_optimizer(model, c)
-    assert impl in ("fused", "foreach")
+    assert impl in ("fused", "foreach") and opt.defaults[impl] is True  # the clip relies on the name
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.25 and no_decay["weight_decay"] == 0.0

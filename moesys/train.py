@@ -72,10 +72,12 @@ def lr_at(step: int, config: Config) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> tuple[torch.optim.AdamW, str]:
-    """AdamW without weight decay on vectors (norms, biases); fused kernels where torch has them."""
+    """AdamW without weight decay on vectors (norms) and biases; fused kernels where torch has them.
+    Experts' biases are [E, F] matrices, so a bias is known by its name, not only by its dimension."""
     t = config.train
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and not n.endswith("bias")]
+    no_decay = [p for n, p in trainable if p.dim() < 2 or n.endswith("bias")]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     try:

@@ -18,12 +18,37 @@ pytestmark = pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None,
 ACTS = ["silu", "gelu_tanh", "gelu", "relu"]
 
 
+@pytest.fixture
+def switch():
+    """switch(VAR, value or None): set or unset a MOESYS_TRITON_* variable and make the kernels read the
+    switches again (they read them once); both are undone after the test."""
+    import os
+
+    from moesys.kernels.launch import reload_switches
+    saved = {}
+
+    def set_switch(var, value):
+        saved.setdefault(var, os.environ.get(var))
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+        return reload_switches()
+    yield set_switch
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    reload_switches()
+
+
 @pytest.fixture(autouse=True)
-def _one_config_on_gpu(request, monkeypatch):
+def _one_config_on_gpu(request, switch):
     """On a GPU, autotuning every small odd shape of this file would take minutes: launch one fitting
     tile config instead (the same kernels), and tune only in the real-size mixtral-like case."""
     if DEVICE.type == "cuda" and "mixtral-like" not in request.node.name:
-        monkeypatch.setenv("MOESYS_TRITON_AUTOTUNE", "0")
+        switch("MOESYS_TRITON_AUTOTUNE", "0")
 
 
 # relative-error floor per dtype; beyond it the Triton result may be at most 2x the loop backend's error
@@ -160,7 +185,7 @@ def test_frozen_up_projection_and_second_backward():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_weights_through_descriptor_and_pointers_agree(monkeypatch):
+def test_weights_through_descriptor_and_pointers_agree(switch):
     """The TMA path (weights read through a tensor descriptor) and the pointer path give the same forward and
     gradients; weights whose strides TMA cannot take (H=17 fp32: 68-byte rows) use pointers."""
     from moesys.kernels.launch import tensor_descriptor as weight_descriptor
@@ -170,7 +195,7 @@ def test_weights_through_descriptor_and_pointers_agree(monkeypatch):
     case, dy = make_case(45, 24, 40, 5, 2, "silu", True, seed=10, empty_expert=2)
     results = {}
     for tma in ("1", "0"):
-        monkeypatch.setenv("MOESYS_TRITON_TMA", tma)
+        switch("MOESYS_TRITON_TMA", tma)
         assert (weight_descriptor(case["w_down"].float().to(DEVICE)) is not None) == (tma == "1")
         results[tma] = run(case, dy, "silu", "triton", torch.float32, DEVICE)
     ref = oracle(case, dy, "silu")
@@ -181,7 +206,7 @@ def test_weights_through_descriptor_and_pointers_agree(monkeypatch):
 
 @pytest.mark.parametrize("var,bias", [("MOESYS_TRITON_WGRAD", True), ("MOESYS_TRITON_DGRAD", True),
                                       ("MOESYS_TRITON_FWD", False)])
-def test_gemm_implementations_agree(monkeypatch, var, bias):
+def test_gemm_implementations_agree(switch, var, bias):
     """The two implementations of each switchable GEMM give the same forward and gradients, with an idle
     expert (an empty group: its dW must be zeros): the weight gradients (gathered inside the Triton kernel;
     gathered into a copy for torch._grouped_mm), the data gradients (Triton with dy gathered inside and dx
@@ -195,7 +220,7 @@ def test_gemm_implementations_agree(monkeypatch, var, bias):
     case, dy = make_case(45, 32, 40, 5, 3, "silu", bias, seed=11, empty_expert=1)
     results = {}
     for impl in ("triton", "grouped_mm"):
-        monkeypatch.setenv(var, impl)
+        switch(var, impl)
         assert pick(torch.empty(1, 8, device=DEVICE), torch.empty(1, 8, 8, device=DEVICE)) == impl
         results[impl] = run(case, dy, "silu", "triton", dtype, DEVICE)
     ref = oracle(case, dy, "silu")
@@ -205,16 +230,17 @@ def test_gemm_implementations_agree(monkeypatch, var, bias):
         assert rel_err(results["grouped_mm"][name], ref[name]) <= FLOOR[dtype], name
     for name in ("w_gate_up", "w_down"):
         assert torch.count_nonzero(results["grouped_mm"][name][1]) == 0, f"{name}: idle expert's gradient"
-    monkeypatch.setenv(var, "cublas")
     with pytest.raises(ValueError, match=f"{var}='cublas' is unknown"):
+        switch(var, "cublas")
+    with pytest.raises(ValueError, match=f"{var}='cublas' is unknown"):  # and at each launch until fixed
         pick(torch.empty(1, 8), torch.empty(1, 8, 8))
 
 
-def test_dgrad_auto_needs_what_cublas_takes(monkeypatch):
+def test_dgrad_auto_needs_what_cublas_takes(switch):
     """"auto" never hands cuBLAS operands it cannot take: not on the CPU, not fp32, not a weight whose
     expert matrices are not row-major (a transposed view)."""
     from moesys.kernels.launch import dgrad_impl
-    monkeypatch.delenv("MOESYS_TRITON_DGRAD", raising=False)
+    switch("MOESYS_TRITON_DGRAD", None)
     assert dgrad_impl(torch.empty(4, 16), torch.empty(2, 16, 8)) == "triton"
     if DEVICE.type == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
         bf = dict(device=DEVICE, dtype=torch.bfloat16)
@@ -224,11 +250,11 @@ def test_dgrad_auto_needs_what_cublas_takes(monkeypatch):
         assert dgrad_impl(torch.empty(4, 16, device=DEVICE), torch.empty(2, 16, 8, device=DEVICE)) == "triton"
 
 
-def test_fwd_auto_takes_cublas_for_deep_training_gemms_only(monkeypatch):
+def test_fwd_auto_takes_cublas_for_deep_training_gemms_only(switch):
     """"auto" runs the gate/up projection on cuBLAS only for bf16 on a GPU that has its grouped GEMM, with
     H >= 4096, h saved and no bias; the fused Triton kernel everywhere else (the CPU included)."""
     from moesys.kernels.launch import fwd_impl
-    monkeypatch.delenv("MOESYS_TRITON_FWD", raising=False)
+    switch("MOESYS_TRITON_FWD", None)
     kw = dict(device=DEVICE, dtype=torch.bfloat16)
     deep, shallow = torch.empty(4, 4096, **kw), torch.empty(4, 2048, **kw)
     w_deep, w_shallow = torch.empty(2, 32, 4096, **kw), torch.empty(2, 32, 2048, **kw)
@@ -241,12 +267,12 @@ def test_fwd_auto_takes_cublas_for_deep_training_gemms_only(monkeypatch):
     assert fwd_impl(deep, w_deep_t, save_h=True, has_bias=False) == "triton"
 
 
-def test_fwd_cublas_path_only_when_h_is_saved_without_bias(monkeypatch):
+def test_fwd_cublas_path_only_when_h_is_saved_without_bias(switch):
     """Forcing MOESYS_TRITON_FWD=grouped_mm still runs the fused kernel where cuBLAS cannot help: inference
     (h not saved: the fused kernel never writes it) and a gate/up bias (cuBLAS's GEMM has none)."""
     from moesys.kernels.launch import fwd_impl
     x, w = torch.empty(4, 16), torch.empty(2, 16, 16)
-    monkeypatch.setenv("MOESYS_TRITON_FWD", "grouped_mm")
+    switch("MOESYS_TRITON_FWD", "grouped_mm")
     assert fwd_impl(x, w, save_h=True, has_bias=False) == "grouped_mm"
     assert fwd_impl(x, w, save_h=False, has_bias=False) == "triton"
     assert fwd_impl(x, w, save_h=True, has_bias=True) == "triton"
@@ -352,3 +378,16 @@ def test_gpu_real_sizes(shape, activation, bias):
     for name in ref:
         err, err_base = rel_err(got[name], ref[name]), rel_err(base[name], ref[name])
         assert err <= 2e-3 + 2 * err_base, f"{name}: triton {err:.2e} vs grouped_mm {err_base:.2e}"
+
+
+def test_switches_are_read_once(switch):
+    """A launch reads the switches kept since the last read, not os.environ: changing the variable alone
+    changes nothing until reload_switches()."""
+    import os
+
+    from moesys.kernels.launch import dgrad_impl, switches
+    a, w = torch.empty(4, 16), torch.empty(2, 16, 8)
+    assert switch("MOESYS_TRITON_DGRAD", "grouped_mm").dgrad == "grouped_mm"
+    os.environ["MOESYS_TRITON_DGRAD"] = "triton"  # the fixture restores it
+    assert switches().dgrad == "grouped_mm" and dgrad_impl(a, w) == "grouped_mm"
+    assert switch("MOESYS_TRITON_DGRAD", "triton").dgrad == "triton" and dgrad_impl(a, w) == "triton"

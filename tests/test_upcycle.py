@@ -364,3 +364,43 @@ def test_peak_rss_does_not_grow_with_output_size(tmp_path):
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["written"] > 90e6
     assert stats["growth"] < 32e6, stats
+
+
+def _in_memory_source(seed: int, shift: float = 0.0, scale: float = 0.15):
+    """A tiny Llama config (defaults filled in) and a state dict whose MLP matrices have mean `shift`
+    and std `scale`, each layer different."""
+    config = transformers.LlamaConfig(**COMMON)
+    torch.manual_seed(seed)
+    sd = {k: (shift + scale * torch.randn_like(v)) if ".mlp." in k else 0.1 * torch.randn_like(v)
+          for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
+    return config.to_dict(), sd
+
+
+def test_every_moe_layer_gets_its_own_router():
+    src, sd = _in_memory_source(0)
+    _, out, _ = upcycle_state_dict(src, sd, UpcycleOptions(num_experts=4, top_k=2, target="mixtral",
+                                                           router_std=0.05))
+    routers = [out[f"model.layers.{i}.block_sparse_moe.gate.weight"] for i in range(3)]
+    for i in range(3):
+        assert routers[i].shape == (4, 64) and float(routers[i].std()) == pytest.approx(0.05, rel=0.2)
+        for j in range(i):
+            assert not torch.equal(routers[i], routers[j]), (i, j)
+    again = upcycle_state_dict(src, sd, UpcycleOptions(num_experts=4, top_k=2, target="mixtral", router_std=0.05))[1]
+    assert all(torch.equal(again[f"model.layers.{i}.block_sparse_moe.gate.weight"], routers[i]) for i in range(3))
+
+
+def test_drop_upcycling_redraws_with_the_dense_weights_statistics():
+    # Dense MLP weights ~ N(0.3, 0.02): the re-drawn neurons must look like them, not like N(0, 1).
+    src, sd = _in_memory_source(1, shift=0.3, scale=0.02)
+    _, out, _ = upcycle_state_dict(src, sd, UpcycleOptions(num_experts=4, top_k=2, target="mixtral", drop_ratio=0.5))
+    for i in range(3):
+        dense = sd[f"model.layers.{i}.mlp.gate_proj.weight"]
+        new = []
+        for e in range(4):
+            w = out[f"model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight"]
+            changed = (w != dense).any(dim=1)
+            assert changed.sum().item() == 64
+            new.append(w[changed])
+        new = torch.cat(new)  # 4 experts x 64 neurons x 64 inputs, all re-drawn
+        assert float(new.mean()) == pytest.approx(float(dense.mean()), abs=0.002)
+        assert float(new.std()) == pytest.approx(float(dense.std()), rel=0.05)

@@ -8,6 +8,8 @@ Legend: N routed rows in expert order, E experts; A [rows, Kd], B[e] read as [Kd
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import inspect
 import os
 
@@ -136,10 +138,48 @@ _act_forward_tuned = triton.autotune(
 _INTERP = {"BM": 16, "BN": 16, "BK": 16}
 
 
+@dataclasses.dataclass(frozen=True)
+class TritonSwitches:
+    """The MOESYS_TRITON_* environment switches.
+
+    autotune: MOESYS_TRITON_AUTOTUNE=0 launches the first fitting config of the shape family instead
+        of tuning (tests, where compiling every config of every kernel variant costs more than the checks).
+    tma: MOESYS_TRITON_TMA=0 reads the weights through pointers everywhere (benchmarks compare the paths).
+    wgrad, dgrad, fwd: MOESYS_TRITON_WGRAD / _DGRAD / _FWD, one of GEMM_IMPLS (see wgrad_impl, dgrad_impl,
+        fwd_impl)."""
+    autotune: bool = True
+    tma: bool = True
+    wgrad: str = "auto"
+    dgrad: str = "auto"
+    fwd: str = "auto"
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "TritonSwitches":
+        gemm = {}
+        for field in ("wgrad", "dgrad", "fwd"):
+            var = f"MOESYS_TRITON_{field.upper()}"
+            gemm[field] = env.get(var, "auto")
+            if gemm[field] not in GEMM_IMPLS:
+                raise ValueError(f"{var}={gemm[field]!r} is unknown; use one of {list(GEMM_IMPLS)}")
+        return cls(autotune=env.get("MOESYS_TRITON_AUTOTUNE", "1") != "0",
+                   tma=env.get("MOESYS_TRITON_TMA", "1") != "0", **gemm)
+
+
+@functools.cache
+def switches() -> TritonSwitches:
+    """The switches, read from the environment at the first kernel launch and kept: launches never read
+    os.environ. A bad value raises ValueError here (and again at each launch until it is fixed)."""
+    return TritonSwitches.from_env()
+
+
+def reload_switches() -> TritonSwitches:
+    """Read the environment again: for tests and benchmarks that change a switch within one process."""
+    switches.cache_clear()
+    return switches()
+
+
 def _autotune() -> bool:
-    # MOESYS_TRITON_AUTOTUNE=0 launches the first config of the shape family instead of tuning: for tests,
-    # where compiling every config of every kernel variant costs more than the checks themselves.
-    return os.environ.get("MOESYS_TRITON_AUTOTUNE", "1") != "0"
+    return switches().autotune
 
 
 def _fitting(configs, args, smem_bytes: int = 200 * 1024):
@@ -192,8 +232,7 @@ def _common(x: torch.Tensor) -> dict:
 
 
 def _tma_enabled() -> bool:
-    # MOESYS_TRITON_TMA=0 reads the weights through pointers everywhere (benchmarks compare the two paths).
-    return os.environ.get("MOESYS_TRITON_TMA", "1") != "0"
+    return switches().tma
 
 
 def tensor_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
@@ -278,11 +317,8 @@ def _rows_contiguous(w: torch.Tensor) -> bool:
     return w.stride(-1) == 1 and all((st * w.element_size()) % 16 == 0 for st in w.stride()[:-1])
 
 
-def _gemm_impl(var: str, cublas_ok: bool) -> str:
-    """The environment variable `var`'s choice, or for "auto" (the default) cuBLAS where it can run."""
-    choice = os.environ.get(var, "auto")
-    if choice not in GEMM_IMPLS:
-        raise ValueError(f"{var}={choice!r} is unknown; use one of {list(GEMM_IMPLS)}")
+def _gemm_impl(choice: str, cublas_ok: bool) -> str:
+    """A switch's choice (TritonSwitches), or for "auto" (the default) cuBLAS where it can run."""
     if choice != "auto":
         return choice
     return "grouped_mm" if cublas_ok else "triton"
@@ -296,7 +332,7 @@ def wgrad_impl(p: torch.Tensor, q: torch.Tensor) -> str:
     kernel's time on the Mixtral / Qwen3 / OLMoE shapes (bench/results/moe_stages.json; dW_down of the
     small training config, 2048 rows per expert, was the one loss: 1.15x). The copy is freed at once.
     MOESYS_TRITON_WGRAD picks."""
-    return _gemm_impl("MOESYS_TRITON_WGRAD", _cublas_grouped_ok(p, q))
+    return _gemm_impl(switches().wgrad, _cublas_grouped_ok(p, q))
 
 
 def dgrad_impl(a: torch.Tensor, w: torch.Tensor) -> str:
@@ -309,7 +345,7 @@ def dgrad_impl(a: torch.Tensor, w: torch.Tensor) -> str:
     time on the Mixtral, Qwen3-30B-A3B and OLMoE shapes; its g 0.97x on Mixtral and 1.2-1.3x on the other
     two, which its copy of dy then saves in dW_down (the two together about even there).
     MOESYS_TRITON_DGRAD picks."""
-    return _gemm_impl("MOESYS_TRITON_DGRAD", _rows_contiguous(w) and _cublas_grouped_ok(a, w))
+    return _gemm_impl(switches().dgrad, _rows_contiguous(w) and _cublas_grouped_ok(a, w))
 
 
 def fwd_impl(x: torch.Tensor, w_gate_up: torch.Tensor, *, save_h: bool, has_bias: bool) -> str:
@@ -322,7 +358,7 @@ def fwd_impl(x: torch.Tensor, w_gate_up: torch.Tensor, *, save_h: bool, has_bias
     H200 (bench/results/moe_stages_6e28313.json, copies and the pass included) cuBLAS took 0.92x the fused
     kernel's time on Mixtral (H 4096), 1.10x on Qwen3-30B-A3B and 1.06x on OLMoE (H 2048).
     MOESYS_TRITON_FWD picks."""
-    choice = _gemm_impl("MOESYS_TRITON_FWD", x.shape[1] >= 4096 and _rows_contiguous(w_gate_up)
+    choice = _gemm_impl(switches().fwd, x.shape[1] >= 4096 and _rows_contiguous(w_gate_up)
                         and _cublas_grouped_ok(x, w_gate_up))
     if choice == "grouped_mm" and not (save_h and not has_bias):
         return "triton"

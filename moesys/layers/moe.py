@@ -38,24 +38,46 @@ class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, ffn_size: int, *,
                  activation: str = "silu", expert_bias: bool = False, shared_ffn_size: int = 0,
                  shared_gate: bool = False, backend: str = "auto", init_std: float = 0.02, **router_kwargs):
-        super().__init__()
-        self.router = Router(hidden_size, num_experts, top_k, **router_kwargs)
-        self.experts = Experts(num_experts, hidden_size, ffn_size, activation=activation, bias=expert_bias,
-                               backend=backend, init_std=init_std)
-        self.shared_expert = DenseMLP(hidden_size, shared_ffn_size, activation=activation) if shared_ffn_size else None
-        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_ffn_size and shared_gate else None
+        # Built in this order (the random initialisation draws in it), then registered by _adopt.
+        router = Router(hidden_size, num_experts, top_k, **router_kwargs)
+        experts = Experts(num_experts, hidden_size, ffn_size, activation=activation, bias=expert_bias,
+                          backend=backend, init_std=init_std)
+        shared_expert = DenseMLP(hidden_size, shared_ffn_size, activation=activation) if shared_ffn_size else None
+        shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_ffn_size and shared_gate else None
+        self._adopt(router, experts, shared_expert, shared_expert_gate)
+
+    def _adopt(self, router: Router, experts: nn.Module, shared_expert: nn.Module | None,
+               shared_expert_gate: nn.Module | None) -> None:
+        """Initialise the module around built parts. Placements (moesys.parallel) build a layer from an
+        existing one's router and shared expert and their own experts module, through this same path."""
+        nn.Module.__init__(self)
+        self.router = router
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         shape = x.shape
         x_TH = x.reshape(-1, shape[-1])
         num_sequences = shape[0] if x.dim() == 3 else 1
         routed = self.router(x_TH, num_sequences=num_sequences)
-        y_TH = self.experts(x_TH, routed.topk_ids_TK, routed.topk_weights_TK)
-        if self.shared_expert is not None:
-            shared_TH = self.shared_expert(x_TH)
-            if self.shared_expert_gate is not None:
-                shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
-            y_TH = y_TH + shared_TH
+        y_TH = self.routed_and_shared(x_TH, routed.topk_ids_TK, routed.topk_weights_TK)
         stats = MoEStats(routed.aux_loss, routed.seq_aux_loss, routed.z_loss,
                          routed.tokens_per_expert_E, routed.dropped_fraction)
         return y_TH.view(shape), stats
+
+    def routed_and_shared(self, x_TH: torch.Tensor, topk_ids_TK: torch.Tensor,
+                          topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output plus the shared expert's. Expert parallelism overrides this to run
+        the shared expert while the routed tokens travel."""
+        y_TH = self.experts(x_TH, topk_ids_TK, topk_weights_TK)
+        if self.shared_expert is not None:
+            y_TH = y_TH + self.shared(x_TH)
+        return y_TH
+
+    def shared(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output, sigmoid-gated when the layer has a gate (Qwen2-MoE)."""
+        shared_TH = self.shared_expert(x_TH)
+        if self.shared_expert_gate is not None:
+            shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
+        return shared_TH

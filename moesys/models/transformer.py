@@ -224,12 +224,6 @@ class MoETransformer(nn.Module):
             block.compile(mode=mode)
         self._head = torch.compile(self._head, mode=mode)
 
-    @torch.no_grad()
-    def update_router_biases(self) -> None:
-        """Apply the aux-loss-free bias update of every router from the load seen since the last call."""
-        for layer in self.moe_layers():
-            layer.router.update_bias()
-
     def num_params(self, active: bool = False) -> int:
         """Total parameters, or those a token touches (top_k of num_experts routed experts per MoE layer)."""
         total = sum(p.numel() for p in self.parameters())

@@ -20,9 +20,10 @@ from moesys.parallel.comm import CollectiveError
 from moesys.parallel.ep import ExpertParallelExperts, ExpertParallelMoELayer
 from moesys.parallel.fssdp_runtime import FSSDPHandle, fssdp_parallelize
 from moesys.parallel.handle import ParallelHandle
+from moesys.parallel.handle_api import PlacementHandle
 from moesys.parallel.mesh import EPMesh, build_mesh, check_ep, mesh_from_device_mesh
 
-__all__ = ["parallelize", "ParallelHandle", "FSSDPHandle", "fssdp_parallelize", "EPMesh", "build_mesh", "CollectiveError",
+__all__ = ["parallelize", "PlacementHandle", "ParallelHandle", "FSSDPHandle", "fssdp_parallelize", "EPMesh", "build_mesh", "CollectiveError",
            "ExpertParallelExperts", "ExpertParallelMoELayer"]
 
 
@@ -31,8 +32,9 @@ def _parallel_section(config):
     return getattr(config, "parallel", config)
 
 
-def parallelize(model: nn.Module, config, mesh=None) -> ParallelHandle | FSSDPHandle:
-    """Make `model` expert parallel in place according to `config.parallel`; returns the handle.
+def parallelize(model: nn.Module, config, mesh=None) -> PlacementHandle:
+    """Make `model` expert parallel in place according to `config.parallel`; returns the handle
+    (a `ParallelHandle` or an `FSSDPHandle`, both `PlacementHandle`s: moesys.parallel.handle_api).
 
     Args:
         model: a built model containing `MoELayer`s (e.g. `MoETransformer`), identical on every rank.

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from moesys.layers.experts import Experts, autocast_expert_inputs
-from moesys.layers.moe import MoELayer, MoEStats
+from moesys.layers.moe import MoELayer
 from moesys.ops import moe_mlp
 from moesys.parallel.comm import CommContext, all_to_all, all_to_all_async, exchange_counts
 from moesys.parallel.mesh import EPMesh, check_ep
@@ -128,33 +128,18 @@ class ExpertParallelExperts(nn.Module):
 class ExpertParallelMoELayer(MoELayer):
     """`MoELayer` with expert-parallel experts: same submodules and parameter names (router.*,
     experts.*, shared_expert.*, shared_expert_gate.*), so state dicts and `isinstance` checks keep
-    working; the shared expert runs while the routed tokens are in flight."""
+    working; MoELayer's forward, with the shared expert run while the routed tokens are in flight.
+    Statistics stay per rank (this rank's tokens); sum them over ranks to log global load."""
 
     def __init__(self, layer: MoELayer, mesh: EPMesh, *, layer_name: str, overlap: bool = True):
-        # MoELayer.__init__ would build fresh weights; reuse the built layer's modules instead.
-        nn.Module.__init__(self)
-        self.router = layer.router
-        self.experts = ExpertParallelExperts(layer.experts, mesh, layer_name=layer_name, overlap=overlap,
-                                             drop_zero_weight=layer.router.capacity_factor is not None)
-        self.shared_expert = layer.shared_expert
-        self.shared_expert_gate = layer.shared_expert_gate
+        experts = ExpertParallelExperts(layer.experts, mesh, layer_name=layer_name, overlap=overlap,
+                                        drop_zero_weight=layer.router.capacity_factor is not None)
+        self._adopt(layer.router, experts, layer.shared_expert, layer.shared_expert_gate)
 
-    def _shared(self, x_TH: torch.Tensor) -> torch.Tensor:
-        shared_TH = self.shared_expert(x_TH)
-        if self.shared_expert_gate is not None:
-            shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
-        return shared_TH
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        shape = x.shape
-        x_TH = x.reshape(-1, shape[-1])
-        num_sequences = shape[0] if x.dim() == 3 else 1
-        routed = self.router(x_TH, num_sequences=num_sequences)
-        side = (lambda: self._shared(x_TH)) if self.shared_expert is not None else None
-        y_TH, shared_TH = self.experts.dispatch(x_TH, routed.topk_ids_TK, routed.topk_weights_TK, side)
+    def routed_and_shared(self, x_TH: torch.Tensor, topk_ids_TK: torch.Tensor,
+                          topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        side = (lambda: self.shared(x_TH)) if self.shared_expert is not None else None
+        y_TH, shared_TH = self.experts.dispatch(x_TH, topk_ids_TK, topk_weights_TK, side)
         if shared_TH is not None:
             y_TH = y_TH + shared_TH
-        # Statistics stay per rank (this rank's tokens); sum them over ranks to log global load.
-        stats = MoEStats(routed.aux_loss, routed.seq_aux_loss, routed.z_loss,
-                         routed.tokens_per_expert_E, routed.dropped_fraction)
-        return y_TH.view(shape), stats
+        return y_TH

@@ -51,14 +51,6 @@ class EPMesh:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def ep_ranks(self) -> list[int]:
-        """Global ranks of this rank's ep group, ordered by ep_rank."""
-        return [self.dp_rank * self.ep + i for i in range(self.ep)]
-
-    def expert_dp_ranks(self) -> list[int]:
-        """Global ranks holding the same experts as this rank, ordered by dp_rank."""
-        return [d * self.ep + self.ep_rank for d in range(self.dp)]
-
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size} (dp_rank {self.dp_rank}/{self.dp}, "
                 f"ep_rank {self.ep_rank}/{self.ep})")

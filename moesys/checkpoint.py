@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from moesys import owned_tmp
+
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # A fused expert tensor in the model: "<prefix>experts.<name>" whose first dim is the expert count.
@@ -179,9 +181,11 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
     tmp = ckpt_root / f".tmp-step_{step}"
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        owned_tmp.remove_stale(ckpt_root, ".tmp-step_")  # what a killed run left at other steps
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        owned_tmp.claim(tmp)
     barrier()
     save_file(_contiguous(rng_state(device)), str(tmp / f"rng_rank{rank}.safetensors"))
     names = {p: n for n, p in model.named_parameters()}
@@ -194,6 +198,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
         save_file(_contiguous(split_experts_optim(optim_state)), str(tmp / "optimizer.safetensors"))
     barrier()
     if rank == 0:
+        owned_tmp.disown(tmp)
         files = sorted(p.name for p in tmp.iterdir())
         full = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size, **manifest,
                 "files": files}

@@ -3,7 +3,7 @@
 The layout is Mixtral's (`MixtralForCausalLM`) or Qwen3-MoE's (`Qwen3MoeForCausalLM`), whichever the
 architecture matches; a feature neither has (sigmoid routing, the aux-loss-free bias, shared experts,
 capacity dropping, ...) is a ValueError naming it. Tensors are written under the on-disk per-expert
-names transformers reads (DESIGN.md, traps), e.g. Mixtral `block_sparse_moe.experts.{e}.w1/w2/w3`
+names transformers reads (docs/ARCHITECTURE.md, traps), e.g. Mixtral `block_sparse_moe.experts.{e}.w1/w2/w3`
 (gate, down, up) and Qwen3-MoE `mlp.experts.{e}.gate_proj/up_proj/down_proj`. Our RoPE is transformers'
 rotate-half convention and our qk_norm is Qwen3's per-head RMSNorm, so the logits match.
 """
@@ -11,9 +11,7 @@ rotate-half convention and our qk_norm is Qwen3's per-head RMSNorm, so the logit
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moesys import checkpoint as ckpt
+from moesys import owned_tmp
 from moesys.config import Config, config_from_dict
 
 ARCHS = ("auto", "mixtral", "qwen3_moe")
@@ -31,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="the Hugging Face model directory to write")
     parser.add_argument("--arch", choices=ARCHS, default="auto",
                         help="HF architecture; auto: Qwen3-MoE when model.qk_norm is set, else Mixtral")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the written weights")
     parser.add_argument("--force", action="store_true", help="replace out_dir if it exists")
 
 
@@ -175,21 +174,15 @@ def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "fl
     tensors = hf_state_dict(load_file(str(step_dir / "model.safetensors")), config, arch)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tensors = {k: v.to(torch_dtype).contiguous() for k, v in tensors.items()}
-    tmp = out_dir.with_name(out_dir.name + ".tmp-export")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    cfg = hf_config(config, arch)
-    cfg.architectures = ["MixtralForCausalLM" if arch == "mixtral" else "Qwen3MoeForCausalLM"]
-    cfg.dtype = dtype
-    cfg.save_pretrained(tmp)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if config.data.tokenizer is not None:
-        from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(config.data.tokenizer).save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with owned_tmp.atomic_output_dir(out_dir, overwrite=force, kind="export") as tmp:
+        cfg = hf_config(config, arch)
+        cfg.architectures = ["MixtralForCausalLM" if arch == "mixtral" else "Qwen3MoeForCausalLM"]
+        cfg.dtype = dtype
+        cfg.save_pretrained(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if config.data.tokenizer is not None:
+            from transformers import AutoTokenizer
+            AutoTokenizer.from_pretrained(config.data.tokenizer).save_pretrained(tmp)
     return out_dir
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.utils.checkpoint
 
 from moesys import checkpoint as ckpt
+from moesys import train_report
 from moesys.config import Config, ConfigError, dump_config, load_config
 from moesys.data import build_data, val_batches, validate_source
 from moesys.models.transformer import MoETransformer
@@ -47,7 +48,7 @@ class TrainingStopped(RuntimeError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config file (configs/tiny.yaml, ...)")
     parser.add_argument("--run-dir", default=None,
-                        help="where metrics, TensorBoard logs and checkpoints go (default: runs/<config name>)")
+                        help="where metrics, TensorBoard logs and checkpoints go (None: runs/<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=20 (repeatable)")
     parser.add_argument("--resume", action="store_true",
@@ -74,7 +75,7 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> tuple[torch.optim
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs), "fused"
     except (RuntimeError, ValueError) as e:  # fused needs floating-point params on a supported device
-        print(f"moesys.train: fused AdamW unavailable ({e}); using the foreach implementation", file=sys.stderr)
+        print(f"moesys train: fused AdamW unavailable ({e}); using the foreach implementation", file=sys.stderr)
         return torch.optim.AdamW(groups, foreach=True, **kwargs), "foreach"
 
 
@@ -205,12 +206,14 @@ def evaluate(model, splits, config: Config, ctx: bootstrap.DistContext, autocast
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext) -> int:
+def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext, *,
+          resume: bool = False, threads: str = "") -> int:
     device = ctx.device
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     with device:
         model = MoETransformer.from_config(config)
     flops_tok = flops_per_token(model, config)  # before parallelize: it counts every expert
+    params = train_report.param_counts(model)
     # Expert parallelism (parallel.ep > 1) keeps this rank's E/ep experts per MoE layer; ep=1 changes nothing.
     ep = parallelize(model, config)
     torch.manual_seed(config.train.seed * 1000 + ctx.rank + 1)  # per-rank noise (router jitter)
@@ -230,6 +233,11 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     if ctx.is_main:
         ckpt.write_text_atomic(run_dir / "config.yaml", dump_config(config))
     writer.open()
+    if ctx.is_main:
+        print(train_report.startup_block(
+            config, params=params, device=device, world_size=ctx.world_size, launcher=ctx.launcher,
+            num_tokens=splits.tokens.numel(), num_train=splits.num_train, num_val=splits.num_val, run_dir=run_dir,
+            threads=threads, start=train_report.resume_line(run_dir, resume, resume_from)), flush=True)
     if config.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.train.compile:
@@ -261,13 +269,13 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
 
     progress = None
     if ctx.is_main and config.log.progress_bar:
-        from tqdm import tqdm
-        progress = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
+        progress = train_report.progress_bar(config.train.steps, start_step)
 
     step_values = _PendingStepValues(A * W)
     load_LE = torch.zeros(L, E, dtype=torch.float64, device=device)
     dropped_L = torch.zeros(L, dtype=torch.float64, device=device)
     window_start, window_steps = time.perf_counter(), 0
+    run_start = window_start
     model.train()
     step = start_step
     with _SigtermFlag() as sigterm, contextlib.ExitStack() as cleanup:
@@ -365,6 +373,13 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                 if progress is not None:
                     progress.write(f"SIGTERM: saved step {step} to {last_saved}; exiting")
                 break
+    if ctx.is_main:
+        latest = step_values.latest
+        print(train_report.final_line(steps_run=step - start_step, last_step=step,
+                                      elapsed_s=time.perf_counter() - run_start,
+                                      tokens=(step - start_step) * tokens_per_step,
+                                      last_loss=latest.loss if latest is not None else None, checkpoint=last_saved),
+              flush=True)
     return 0
 
 
@@ -395,29 +410,30 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = prepare_run_dir(run_dir, args.resume)
     except (ConfigError, ValueError) as e:
-        print(f"moesys.train: error: {e}", file=sys.stderr)
+        print(f"moesys train: error: {e}", file=sys.stderr)
         return 2
     ctx = bootstrap.init_distributed(config)
+    threads = train_report.configure_threads(config, ctx.device, ctx.world_size)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     bootstrap.barrier(ctx)
     peer_failed = False
     try:
-        return train(config, run_dir, resume_from, ctx)
+        return train(config, run_dir, resume_from, ctx, resume=args.resume, threads=threads)
     except TrainingStopped as e:
         if ctx.is_main:
-            print(f"moesys.train: error: {e}", file=sys.stderr)
+            print(f"moesys train: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
         # Found once the data is read (a token id beyond model.vocab_size, too few sequences for the
         # global batch): every rank reads the same data and fails alike, so the teardown is safe.
         if ctx.is_main:
-            print(f"moesys.train: error: {e}", file=sys.stderr)
+            print(f"moesys train: error: {e}", file=sys.stderr)
         return 2
     except CollectiveError as e:
         # A peer is dead or stuck (the message names this rank and the layer): every rank reports,
         # and none waits in the teardown barrier for the peer that will never come.
-        print(f"moesys.train: error: {e}", file=sys.stderr)
+        print(f"moesys train: error: {e}", file=sys.stderr)
         peer_failed = True
         return 1
     finally:
@@ -426,9 +442,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moesys.train", description=__doc__.split("\n")[0])
+    from moesys.cli import Parser, guarded
+
+    parser = Parser(prog="python -m moesys.train", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return guarded("moesys train", lambda: run(args), sigterm=False)
 
 
 if __name__ == "__main__":

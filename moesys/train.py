@@ -33,6 +33,7 @@ import torch.utils.checkpoint
 
 from moesys import checkpoint as ckpt
 from moesys import train_report
+from moesys.cli import one_line
 from moesys.config import Config, ConfigError, dump_config, load_config
 from moesys.data import build_data, val_batches, validate_source
 from moesys.models.transformer import MoETransformer
@@ -410,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = prepare_run_dir(run_dir, args.resume)
     except (ConfigError, ValueError) as e:
-        print(f"moesys train: error: {e}", file=sys.stderr)
+        print(f"moesys train: error: {one_line(e)}", file=sys.stderr)
         return 2
     ctx = bootstrap.init_distributed(config)
     threads = train_report.configure_threads(config, ctx.device, ctx.world_size)
@@ -422,18 +423,18 @@ def run(args: argparse.Namespace) -> int:
         return train(config, run_dir, resume_from, ctx, resume=args.resume, threads=threads)
     except TrainingStopped as e:
         if ctx.is_main:
-            print(f"moesys train: error: {e}", file=sys.stderr)
+            print(f"moesys train: error: {one_line(e)}", file=sys.stderr)
         return 1
     except ValueError as e:
         # Found once the data is read (a token id beyond model.vocab_size, too few sequences for the
         # global batch): every rank reads the same data and fails alike, so the teardown is safe.
         if ctx.is_main:
-            print(f"moesys train: error: {e}", file=sys.stderr)
+            print(f"moesys train: error: {one_line(e)}", file=sys.stderr)
         return 2
     except CollectiveError as e:
         # A peer is dead or stuck (the message names this rank and the layer): every rank reports,
         # and none waits in the teardown barrier for the peer that will never come.
-        print(f"moesys train: error: {e}", file=sys.stderr)
+        print(f"moesys train: error: {one_line(e)}", file=sys.stderr)
         peer_failed = True
         return 1
     finally:

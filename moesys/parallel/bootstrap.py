@@ -112,7 +112,7 @@ def barrier(ctx: DistContext) -> None:
 
 
 def teardown(ctx: DistContext) -> None:
-    """Destroy the process group; the barrier first avoids gloo aborts at exit (DESIGN.md, traps)."""
+    """Destroy the process group; the barrier first avoids gloo aborts at exit (docs/ARCHITECTURE.md, traps)."""
     if ctx.distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -91,6 +91,7 @@ def test_every_subcommand_reports_bad_input_in_one_line(argv, needle, tmp_path, 
     assert needle in line, line
 
 
+@pytest.mark.slow
 def test_generate_bad_budget_as_a_process_is_one_line(tmp_path):
     """The command a user types: no traceback, exit code 2."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -128,6 +129,7 @@ def test_interrupt_and_errors_in_guarded_are_one_line(capsys, monkeypatch):
     assert capsys.readouterr().err == "moesys x: error: bad value\n"
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_running_command_prints_one_line(tmp_path):
     """A real SIGINT to `moesys upcycle` blocked inside the command (a FIFO as the dense config.json)."""
     fifo = tmp_path / "config.json"

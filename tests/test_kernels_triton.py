@@ -312,6 +312,7 @@ def test_errors_name_the_problem():
     assert "not supported" in unavailable_reason(torch.device("meta"))
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper():
     """What the interpreter accepts the compiler may refuse (a Python global in a kernel once passed here and
     failed on the H100): compile every launched variant for sm_90, in a process without TRITON_INTERPRET."""

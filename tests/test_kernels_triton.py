@@ -286,6 +286,7 @@ def test_token_sum_folds_each_tokens_rows(T, K, H):
     assert torch.allclose(got.float(), want, rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward():
     """moe_mlp(backend="triton") traces without graph breaks: the kernels are opaque custom ops with fake impls."""
     case, dy = make_case(11, 16, 12, 3, 2, "silu", False, seed=6)

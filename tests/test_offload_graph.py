@@ -202,6 +202,7 @@ def test_cuda_graph_option_is_checked(checkpoints):
         mo.load(checkpoints["olmoe"], gpu_memory="1GiB", compile=True, cuda_graph=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_compiled_decode_step_matches_the_eager_one(checkpoints, quantize):
     """compile=True: the decode step runs as torch.compile's graph (inductor; on a CPU, C++ kernels) with the
@@ -259,6 +260,7 @@ def _forced_logits(model, tokens_1N, prompt_len):
                         for i in range(prompt_len, tokens_1N.shape[1])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe"])
 def test_decode_logits_equal_transformers_bit_for_bit_in_both_modes(checkpoints, arch):
     """Offloaded decode (bf16, 10 of 24 experts cached: misses and evictions) reproduces transformers fully on

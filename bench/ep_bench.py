@@ -13,7 +13,7 @@ experts of ep rank 0 are the hottest. Each configuration times the layer's forwa
 and the full step (with the gradient reduction), overlap on and off alternating in rounds (medians
 reported); the all-to-all time is measured by replaying the same all-to-alls (counts, dispatch and
 combine, forward and backward; same splits and bytes) alone.
-Records follow DESIGN.md section 3 (bench, impl, shape, metrics, device, torch, date, git_sha, world_size).
+Records follow docs/ARCHITECTURE.md, contracts (bench, impl, shape, metrics, device, torch, date, git_sha, world_size).
 """
 
 from __future__ import annotations

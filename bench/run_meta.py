@@ -1,4 +1,4 @@
-"""The metadata every benchmark record carries (DESIGN.md section 3): device, library versions, date
+"""The metadata every benchmark record carries (docs/ARCHITECTURE.md, contracts): device, library versions, date
 and the commit measured. Imported by the scripts beside it (run as `python bench/X.py`, so this
 folder is on sys.path)."""
 

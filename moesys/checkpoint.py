@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moesys.checkpoint_integrity import file_records
+from moesys import owned_tmp
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -183,9 +184,11 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
     tmp = ckpt_root / f".tmp-step_{step}"
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        owned_tmp.remove_stale(ckpt_root, ".tmp-step_")  # what a killed run left at other steps
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        owned_tmp.claim(tmp)
     barrier()
     save_file(_contiguous(rng_state(device)), str(tmp / f"rng_rank{rank}.safetensors"))
     names = {p: n for n, p in model.named_parameters()}
@@ -198,6 +201,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
         save_file(_contiguous(split_experts_optim(optim_state)), str(tmp / "optimizer.safetensors"))
     barrier()
     if rank == 0:
+        owned_tmp.disown(tmp)
         files = sorted(p.name for p in tmp.iterdir())
         full = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size, **manifest,
                 "files": file_records(tmp, files)}  # size and SHA-256 per file: resume verifies them

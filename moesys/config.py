@@ -41,20 +41,22 @@ class ModelConfig(_Section):
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    head_dim: Optional[int] = None          # default hidden_size // num_heads
-    ffn_size: int = 128                     # the dense MLP's intermediate size (dense layers)
+    head_dim: Optional[int] = Field(None, description="default hidden_size // num_heads")
+    ffn_size: int = Field(128, description="the dense MLP's intermediate size (dense layers)")
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    qk_norm: bool = False                   # RMSNorm on queries and keys (Qwen3, OLMoE)
-    # what one q/k norm spans: "head" = each head's D features (Qwen3); "all" = the whole projection,
-    # num_heads * D for queries, num_kv_heads * D for keys, before the head split (OLMoE)
-    qk_norm_span: Literal["head", "all"] = "head"
-    qkv_bias: bool = False                  # biases on the q, k, v projections (Qwen2)
-    o_bias: bool = False                    # a bias on the output projection (Llama/OLMoE attention_bias)
+    qk_norm: bool = Field(False, description="RMSNorm on queries and keys (Qwen3, OLMoE)")
+    qk_norm_span: Literal["head", "all"] = Field(
+        "head", description="what one q/k norm spans: 'head' = each head's D features (Qwen3); 'all' = the "
+        "whole projection, num_heads * D for queries, num_kv_heads * D for keys, before the head split (OLMoE)")
+    qkv_bias: bool = Field(False, description="biases on the q, k, v projections (Qwen2)")
+    o_bias: bool = Field(False, description="a bias on the output projection (Llama/OLMoE attention_bias)")
     rope_scaling: RopeScalingConfig = RopeScalingConfig()
-    sliding_window: Optional[int] = None    # attend to at most this many latest tokens (None: full causal)
-    sliding_layers: Optional[list[int]] = None  # the layers that use the window; None: every layer
+    sliding_window: Optional[int] = Field(
+        None, description="attend to at most this many latest tokens (None: full causal)")
+    sliding_layers: Optional[list[int]] = Field(
+        None, description="the layers that use the window; None: every layer")
     tie_embeddings: bool = False
     init_std: float = 0.02
 
@@ -93,12 +95,12 @@ class MoEConfig(_Section):
     ffn_size: int = 64
     activation: Literal["silu", "gelu_tanh", "gelu", "relu"] = "silu"
     expert_bias: bool = False
-    shared_ffn_size: int = 0                # 0 = no shared expert
-    shared_gate: bool = False               # Qwen2-MoE's sigmoid gate on the shared expert
-    every: int = 1                          # sparse step: every n-th layer (after first_dense) is MoE
-    first_dense: int = 0                    # leading dense layers (DeepSeek)
-    dense_layers: list[int] = []            # further dense layers by index (Qwen-MoE mlp_only_layers)
-    capacity_factor: Optional[float] = None  # None = dropless
+    shared_ffn_size: int = Field(0, description="0 = no shared expert")
+    shared_gate: bool = Field(False, description="Qwen2-MoE's sigmoid gate on the shared expert")
+    every: int = Field(1, description="sparse step: every n-th layer (after first_dense) is MoE")
+    first_dense: int = Field(0, description="leading dense layers (DeepSeek)")
+    dense_layers: list[int] = Field([], description="further dense layers by index (Qwen-MoE mlp_only_layers)")
+    capacity_factor: Optional[float] = Field(None, description="None = dropless")
     backend: Literal["auto", "loop", "grouped_mm", "triton"] = "auto"
     aux_loss_coef: float = 0.01
     seq_aux_loss_coef: float = 0.0
@@ -120,25 +122,27 @@ class MoEConfig(_Section):
 
 class FSSDPConfig(_Section):
     """Fully Sharded Sparse Data Parallelism (parallel.expert_sharding: fssdp | fsdp)."""
-    rematerialize: bool = False             # free gathered experts after forward, gather again in backward
-    reshard_every: int = 100                # re-plan expert ownership every N steps (0 = never)
-    window: int = 5                         # steps of load history the plan predicts from
-    gather_budget: Union[int, Literal["auto"], None] = "auto"  # experts received per layer and step; auto:
-                                            # what the preceding attention hides at bandwidth_gbs; None: all
-    memory_cap: Optional[int] = None        # extra expert copies a rank may hold per layer (None: no cap)
-    bandwidth_gbs: float = 100.0            # point-to-point bandwidth assumed by gather_budget=auto
-    prefetch: bool = True                   # start each layer's gather before its block's attention
+    rematerialize: bool = Field(False, description="free gathered experts after forward, gather again in backward")
+    reshard_every: int = Field(100, description="re-plan expert ownership every N steps (0 = never)")
+    window: int = Field(5, description="steps of load history the plan predicts from")
+    gather_budget: Union[int, Literal["auto"], None] = Field(
+        "auto", description="experts received per layer and step; auto: what the preceding attention hides at "
+                            "bandwidth_gbs; None: all")
+    memory_cap: Optional[int] = Field(None, description="extra expert copies a rank may hold per layer (None: no cap)")
+    bandwidth_gbs: float = Field(100.0, description="point-to-point bandwidth assumed by gather_budget=auto")
+    prefetch: bool = Field(True, description="start each layer's gather before its block's attention")
 
 
 class ParallelConfig(_Section):
-    ep: int = 1                                        # expert-parallel degree; divides the world size
-    # How experts are spread over ranks: "ep" = all-to-all expert parallelism over parallel.ep ranks;
-    # "fssdp" = experts sharded over all ranks and materialised where their tokens are (Hecate);
-    # "fsdp" = the same executor with every expert materialised on every rank (FSDP over experts).
-    expert_sharding: Literal["ep", "fssdp", "fsdp"] = "ep"
+    ep: int = Field(1, description="expert-parallel degree; divides the world size")
+    expert_sharding: Literal["ep", "fssdp", "fsdp"] = Field(
+        "ep", description="how experts are spread over ranks: 'ep' = all-to-all expert parallelism over "
+                          "parallel.ep ranks; 'fssdp' = experts sharded over all ranks and materialised where "
+                          "their tokens are (Hecate); 'fsdp' = the same executor with every expert materialised "
+                          "on every rank (FSDP over experts)")
     fssdp: FSSDPConfig = FSSDPConfig()
-    ep_overlap: bool = True                 # run the shared expert while EP tokens are in flight
-    timeout_s: float = 600.0                # collective timeout: a dead or stuck rank fails the job
+    ep_overlap: bool = Field(True, description="run the shared expert while EP tokens are in flight")
+    timeout_s: float = Field(600.0, description="collective timeout: a dead or stuck rank fails the job")
 
     @model_validator(mode="after")
     def _check(self):
@@ -149,14 +153,14 @@ class ParallelConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: str = "stdlib"                  # "stdlib" (the Python standard library's sources) or a path
-    tokenizer: Optional[str] = None         # local HF tokenizer directory; None = bytes
+    source: str = Field("stdlib", description="'stdlib' (the Python standard library's sources) or a path")
+    tokenizer: Optional[str] = Field(None, description="local HF tokenizer directory; None = bytes")
     seq_len: int = 64
-    batch_size: int = 4                     # sequences per micro-batch per data-parallel rank
+    batch_size: int = Field(4, description="sequences per micro-batch per data-parallel rank")
     val_fraction: float = 0.02
-    text_field: str = "text"                # the JSONL field / parquet column holding the text
-    max_tokens: Optional[int] = 8_000_000   # cap on the corpus read (tokens); None = all of it
-    val_batches: int = 4                    # micro-batches per rank in each validation-loss evaluation
+    text_field: str = Field("text", description="the JSONL field / parquet column holding the text")
+    max_tokens: Optional[int] = Field(8_000_000, description="cap on the corpus read (tokens); None = all of it")
+    val_batches: int = Field(4, description="micro-batches per rank in each validation-loss evaluation")
 
 
 class TrainConfig(_Section):
@@ -167,33 +171,39 @@ class TrainConfig(_Section):
     warmup_steps: int = 2
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = Field(1.0, gt=0)     # max global gradient norm (clipping is always on)
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm (clipping is always on)")
     grad_accum: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     compile: bool = False
-    # torch.compile mode for the blocks and head: "reduce-overhead" replays each compiled part as a CUDA
-    # graph (fewer host launches; more memory for the graphs' private pools)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
-    # "blocks": each block and the head compiled apart (one graph serves every layer, quick to compile);
-    # "model": the whole forward as one graph (fusion across blocks; compiles every layer)
-    compile_scope: Literal["blocks", "model"] = "blocks"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode for the blocks and head: 'reduce-overhead' replays each "
+                               "compiled part as a CUDA graph (fewer host launches; more memory for the graphs' "
+                               "private pools)")
+    compile_scope: Literal["blocks", "model"] = Field(
+        "blocks", description="'blocks': each block and the head compiled apart (one graph serves every layer, "
+                              "quick to compile); 'model': the whole forward as one graph (fusion across blocks; "
+                              "compiles every layer)")
     activation_checkpointing: bool = False
-    eps: float = 1e-8                       # AdamW epsilon
+    eps: float = Field(1e-8, description="AdamW epsilon")
+    cpu_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads on the CPU; None: "
+                                       "OMP_NUM_THREADS if set, else usable cores / ranks on the node")
 
 
 class CheckpointConfig(_Section):
-    every: int = 0                          # 0 = only at the end
+    every: int = Field(0, description="0 = only at the end")
     keep: int = 2
-    save_final: bool = True                 # also save after the last step
+    save_final: bool = Field(True, description="also save after the last step")
 
 
 class LogConfig(_Section):
     every: int = 1
     tensorboard: bool = True
-    val_every: Optional[int] = None         # validation loss every N steps; None = at every log step, 0 = never
-    progress_bar: bool = True               # tqdm bar on rank 0
-    peak_tflops: Optional[float] = None     # the device's dense bf16 peak for MFU; None = built-in table
+    val_every: Optional[int] = Field(
+        None, description="validation loss every N steps; None = at every log step, 0 = never")
+    progress_bar: bool = Field(True, description="tqdm bar on rank 0")
+    peak_tflops: Optional[float] = Field(
+        None, description="the device's dense bf16 peak for MFU; None = built-in table")
 
 
 class Config(_Section):

@@ -10,7 +10,7 @@ A run moesys initialised itself is written as Mixtral (`MixtralForCausalLM`) or 
 (`Qwen3MoeForCausalLM`), whichever the architecture matches; a feature neither has (sigmoid routing,
 the aux-loss-free bias, shared experts, capacity dropping, ...) is a ValueError naming it. Its
 tokenizer is the run's `data.tokenizer`, or for byte-level runs a byte tokenizer (moesys.hf.tokenizer)
-that AutoTokenizer loads. Tensors go under the on-disk per-expert names transformers reads (DESIGN.md,
+that AutoTokenizer loads. Tensors go under the on-disk per-expert names transformers reads (docs/ARCHITECTURE.md,
 traps). Our RoPE is transformers' rotate-half convention and our qk_norm is Qwen3's, so the logits match.
 """
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moesys import checkpoint as ckpt
+from moesys import owned_tmp
 from moesys.config import Config, config_from_dict
 from moesys.hf.families import ARCHITECTURES
 from moesys.hf.names import tensor_map
@@ -210,24 +209,18 @@ def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "au
         raise ValueError(f"{out_dir} exists; pass --force to replace it")
     tensors = hf_state_dict(load_file(str(step_dir / "model.safetensors")), config, family)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
-    tmp = out_dir.with_name(out_dir.name + ".tmp-export")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if source is not None:
-        copy_files(source, tmp, CONFIG_FILES)
-        if dtype != _source_dtype(source_config):
-            (tmp / "config.json").write_text(json.dumps({**source_config, "dtype": dtype}, indent=2) + "\n")
-    else:
-        cfg = hf_config(config, family)
-        cfg.architectures = [ARCHITECTURES[family]]
-        cfg.dtype = dtype
-        cfg.save_pretrained(tmp)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    _write_tokenizer(config, source, tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with owned_tmp.atomic_output_dir(out_dir, overwrite=force, kind="export") as tmp:
+        if source is not None:
+            copy_files(source, tmp, CONFIG_FILES)
+            if dtype != _source_dtype(source_config):
+                (tmp / "config.json").write_text(json.dumps({**source_config, "dtype": dtype}, indent=2) + "\n")
+        else:
+            cfg = hf_config(config, family)
+            cfg.architectures = [ARCHITECTURES[family]]
+            cfg.dtype = dtype
+            cfg.save_pretrained(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_tokenizer(config, source, tmp)
     return out_dir
 
 

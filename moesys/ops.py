@@ -1,4 +1,4 @@
-"""The functional expert op `moe_mlp` (DESIGN.md section 3): input checks and backend dispatch.
+"""The functional expert op `moe_mlp` (docs/ARCHITECTURE.md, contracts): input checks and backend dispatch.
 
 Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
 

@@ -35,6 +35,8 @@ import torch.utils.checkpoint
 
 from moesys import checkpoint as ckpt
 from moesys import checkpoint_integrity as ckpt_integrity
+from moesys import train_report
+from moesys.cli import one_line
 from moesys.config import Config, ConfigError, dump_config, load_config
 from moesys.data import build_data, val_batches, validate_source
 from moesys.hf.load import load_init_weights
@@ -54,7 +56,7 @@ class TrainingStopped(RuntimeError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config file (configs/tiny.yaml, ...)")
     parser.add_argument("--run-dir", default=None,
-                        help="where metrics, TensorBoard logs and checkpoints go (default: runs/<config name>)")
+                        help="where metrics, TensorBoard logs and checkpoints go (None: runs/<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=20 (repeatable)")
     parser.add_argument("--resume", action="store_true",
@@ -83,7 +85,7 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> tuple[torch.optim
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs), "fused"
     except (RuntimeError, ValueError) as e:  # fused needs floating-point params on a supported device
-        print(f"moesys.train: fused AdamW unavailable ({e}); using the foreach implementation", file=sys.stderr)
+        print(f"moesys train: fused AdamW unavailable ({e}); using the foreach implementation", file=sys.stderr)
         return torch.optim.AdamW(groups, foreach=True, **kwargs), "foreach"
 
 
@@ -160,7 +162,7 @@ class _SigtermFlag:
                 while not self.raised and time.monotonic() < deadline:
                     time.sleep(0.05)
                 if not self.raised:
-                    print(f"moesys.train: SIGTERM, but the main thread has been blocked for {self.grace_s:g}s "
+                    print(f"moesys train: SIGTERM, but the main thread has been blocked for {self.grace_s:g}s "
                           "(a collective waiting for a stuck peer): exiting now without saving a checkpoint",
                           file=sys.stderr, flush=True)
                     os._exit(143)
@@ -235,13 +237,13 @@ def choose_checkpoint(ckpt_root: Path) -> Path:
     intact, damaged = ckpt_integrity.newest_intact(ckpt_root)
     for path, problem in damaged:
         moved = ckpt_integrity.set_aside(path)
-        print(f"moesys.train: checkpoint {path.name} is damaged: {problem}; renamed it to {moved.name}",
+        print(f"moesys train: checkpoint {path.name} is damaged: {problem}; renamed it to {moved.name}",
               file=sys.stderr)
     if intact is None:
         raise ValueError(f"--resume: no intact checkpoint in {ckpt_root} (the damaged ones are named above and "
                          "were renamed to damaged-step_N); start a fresh run in another --run-dir")
     if damaged:
-        print(f"moesys.train: resuming from {intact.name}, the newest intact checkpoint", file=sys.stderr)
+        print(f"moesys train: resuming from {intact.name}, the newest intact checkpoint", file=sys.stderr)
     return intact
 
 
@@ -264,7 +266,8 @@ def evaluate(model, splits, config: Config, ctx: bootstrap.DistContext, autocast
 
 def build_model(config: Config, ctx: bootstrap.DistContext, run_dir: Path | None = None,
                 resume_from: Path | None = None):
-    """(model on ctx.device after `parallelize`, training FLOPs per token, parallel handle). With
+    """(model on ctx.device after `parallelize`, training FLOPs per token, parallel handle, parameter
+    counts before parallelize for the start-up block). With
     `model.init_from` the weights come from that checkpoint (each rank reads only its own experts;
     skipped when resuming, the checkpoint has them) and rank 0 keeps its config and tokenizer in
     RUN_DIR/hf_source for `moesys export`."""
@@ -272,6 +275,7 @@ def build_model(config: Config, ctx: bootstrap.DistContext, run_dir: Path | None
     with ctx.device:
         model = MoETransformer.from_config(config)
     flops_tok = flops_per_token(model, config)  # before parallelize: it counts every expert
+    params = train_report.param_counts(model)
     # Expert parallelism (parallel.ep > 1) keeps this rank's E/ep experts per MoE layer; ep=1 changes nothing.
     ep = parallelize(model, config)
     if config.model.init_from is not None:
@@ -279,12 +283,13 @@ def build_model(config: Config, ctx: bootstrap.DistContext, run_dir: Path | None
             save_source(config.model.init_from, run_dir)
         if resume_from is None:
             load_init_weights(model, config, ep)
-    return model, flops_tok, ep
+    return model, flops_tok, ep, params
 
 
-def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext) -> int:
+def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext, *,
+          resume: bool = False, threads: str = "") -> int:
     device = ctx.device
-    model, flops_tok, ep = build_model(config, ctx, run_dir, resume_from)
+    model, flops_tok, ep, params = build_model(config, ctx, run_dir, resume_from)
     torch.manual_seed(config.train.seed * 1000 + ctx.rank + 1)  # per-rank noise (router jitter)
     optimizer, opt_impl = build_optimizer(model, config)
     splits, sampler = build_data(config, ctx.rank, ctx.world_size)
@@ -304,6 +309,11 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     if ctx.is_main:
         ckpt.write_text_atomic(run_dir / "config.yaml", dump_config(config))
     writer.open()
+    if ctx.is_main:
+        print(train_report.startup_block(
+            config, params=params, device=device, world_size=ctx.world_size, launcher=ctx.launcher,
+            num_tokens=splits.tokens.numel(), num_train=splits.num_train, num_val=splits.num_val, run_dir=run_dir,
+            threads=threads, start=train_report.resume_line(run_dir, resume, resume_from)), flush=True)
     if config.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.train.compile:
@@ -337,13 +347,13 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
 
     progress = None
     if ctx.is_main and config.log.progress_bar:
-        from tqdm import tqdm
-        progress = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
+        progress = train_report.progress_bar(config.train.steps, start_step)
 
     step_values = _PendingStepValues(A * W, None if resume_from is None else (resume_from, start_step))
     load_LE = torch.zeros(L, E, dtype=torch.float64, device=device)
     dropped_L = torch.zeros(L, dtype=torch.float64, device=device)
     window_start, window_steps = time.perf_counter(), 0
+    run_start = window_start
     model.train()
     step = start_step
     with _SigtermFlag() as sigterm, contextlib.ExitStack() as cleanup:
@@ -441,6 +451,13 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                 if progress is not None:
                     progress.write(f"SIGTERM: saved step {step} to {last_saved}; exiting")
                 break
+    if ctx.is_main:
+        latest = step_values.latest
+        print(train_report.final_line(steps_run=step - start_step, last_step=step,
+                                      elapsed_s=time.perf_counter() - run_start,
+                                      tokens=(step - start_step) * tokens_per_step,
+                                      last_loss=latest.loss if latest is not None else None, checkpoint=last_saved),
+              flush=True)
     return 0
 
 
@@ -478,16 +495,17 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = prepare_run_dir(run_dir, args.resume)
     except (ConfigError, ValueError) as e:
-        print(f"moesys.train: error: {e}", file=sys.stderr)
+        print(f"moesys train: error: {one_line(e)}", file=sys.stderr)
         return 2
     ctx = bootstrap.init_distributed(config)
     lock, refused = None, None
+    threads = train_report.configure_threads(config, ctx.device, ctx.world_size)
     if ctx.is_main:
         try:
             lock = RunDirLock(run_dir)
             note = lock.acquire()
             if note:
-                print(f"moesys.train: {note}", file=sys.stderr)
+                print(f"moesys train: {note}", file=sys.stderr)
             if resume_from is not None:
                 resume_from = choose_checkpoint(run_dir / "ckpt")
         except ValueError as e:  # RunDirBusy, or no intact checkpoint
@@ -502,30 +520,30 @@ def run(args: argparse.Namespace) -> int:
     verdict = int(bootstrap.max_over_ranks(ctx, mine))
     if verdict == -2:
         if refused is not None:
-            print(f"moesys.train: error: {refused}", file=sys.stderr)
+            print(f"moesys train: error: {one_line(refused)}", file=sys.stderr)
         bootstrap.teardown(ctx)
         return 2
     resume_from = None if verdict == -1 else run_dir / "ckpt" / f"step_{verdict}"
     peer_failed, rc = False, 1
     try:
-        rc = train(config, run_dir, resume_from, ctx)
+        rc = train(config, run_dir, resume_from, ctx, resume=args.resume, threads=threads)
         return rc
     except TrainingStopped as e:
         if ctx.is_main:
-            print(f"moesys.train: error: {e}", file=sys.stderr)
+            print(f"moesys train: error: {one_line(e)}", file=sys.stderr)
         return 1
     except ValueError as e:
         # Found once the data is read (a token id beyond model.vocab_size, too few sequences for the
         # global batch): every rank reads the same data and fails alike, so the teardown is safe.
         if ctx.is_main:
-            print(f"moesys.train: error: {e}", file=sys.stderr)
+            print(f"moesys train: error: {one_line(e)}", file=sys.stderr)
         rc = 2
         return 2
     except CollectiveError as e:
         # A peer is dead or stuck (the message names this rank and the operation): every rank reports,
         # naming the ranks whose heartbeat stopped, and none waits in the teardown barrier for them.
         peers = f"; {ctx.peers.report()}" if ctx.peers is not None else ""
-        print(f"moesys.train: error: {e}{peers}", file=sys.stderr)
+        print(f"moesys train: error: {one_line(e)}{peers}", file=sys.stderr)
         peer_failed = True
         return 1
     finally:
@@ -536,9 +554,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moesys.train", description=__doc__.split("\n")[0])
+    from moesys.cli import Parser, guarded
+
+    parser = Parser(prog="python -m moesys.train", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return guarded("moesys train", lambda: run(args), sigterm=False)
 
 
 if __name__ == "__main__":

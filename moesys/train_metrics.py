@@ -86,7 +86,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                print(f"moesys.train: TensorBoard logs skipped: {e} (pip install tensorboard, or set "
+                print(f"moesys train: TensorBoard logs skipped: {e} (pip install tensorboard, or set "
                       "log.tensorboard=false)", file=sys.stderr)
             else:
                 self._tb = SummaryWriter(str(self.tb_dir))

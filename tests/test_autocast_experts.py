@@ -1,6 +1,7 @@
 """Under autocast the expert computation runs in the autocast dtype (bf16) in the single-device layer,
 under expert parallelism and under FSSDP, and the three agree with each other (2 gloo ranks, CPU autocast)."""
 
+import pytest
 import torch
 
 from moesys.config import ParallelConfig
@@ -41,6 +42,7 @@ def _worker(rank, W, mode):
     torch.testing.assert_close(y, y_ref.view(W, 6, 16)[rank], rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_ep_and_fssdp_match_single_device_under_autocast():
     spawn(_worker, 2, "ep")
     spawn(_worker, 2, "fssdp")

@@ -3,6 +3,7 @@ CPU tiny config; experts are stored one tensor per global expert id; writes are 
 
 import shutil
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -10,6 +11,7 @@ from moesys.checkpoint import list_checkpoints, merge_experts, merge_experts_opt
 from tests._train_helpers import metrics, train_inproc
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     common = ("train.steps=8", "log.every=1", "log.val_every=3", "checkpoint.every=4", "checkpoint.keep=3",
               "moe.router.aux_free_bias=true", "moe.router.jitter=0.1", "train.grad_accum=2")

@@ -1,8 +1,24 @@
-"""The `moesys` command: every subcommand imports and prints its help; an unknown one is a clear error."""
+"""The `moesys` command through main(argv) and as a process: help with descriptions and defaults for every
+option, --version, one error style (one line `moesys CMD: error: ...`, exit 2) for every subcommand, one
+line for Ctrl-C, and `moesys config --show` against the config schema."""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
-from moesys.cli import _COMMANDS, main
+from moesys import __version__
+from moesys.cli import _COMMANDS, command_parser, guarded, main
+from moesys.config import Config, config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 @pytest.mark.parametrize("command", sorted(_COMMANDS))
@@ -13,11 +29,148 @@ def test_subcommand_help(command, capsys):
     assert f"moesys {command}" in capsys.readouterr().out
 
 
-def test_top_level_help_and_unknown_command(capsys):
+@pytest.mark.parametrize("command", sorted(_COMMANDS))
+def test_every_option_has_a_description_and_shows_its_default(command):
+    parser = command_parser(command)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"moesys {command} {action.option_strings or action.dest}: no description"
+        shown = formatter._get_help_string(action)
+        if action.option_strings and not action.required:
+            assert "%(default)" in shown or "default" in shown, (command, action.option_strings)
+    text = parser.format_help()
+    assert "(default: " in text or command == "plot" and "(default: None)" in text
+
+
+def test_top_level_help_version_and_unknown_command(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out
     assert all(c in out for c in _COMMANDS)
     with pytest.raises(SystemExit) as e:
         main(["bogus"])
     assert e.value.code == 2
-    assert "unknown command 'bogus'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown command 'bogus'" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"moesys {__version__}"
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"moesys {command}: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--config", TINY, "--set", "train.stepz=3"], "did you mean 'train.steps'"),
+    (["train", "--config", "no/such.yaml"], "no/such.yaml does not exist"),
+    (["train", "--config", TINY, "--set", "train.lr=abc"], "train.lr"),     # a multi-line config error
+    (["train"], "--config"),                                                 # argparse: required option
+    (["generate", "{tmp}", "--prompt", "x", "--gpu-memory=-1GiB"], "--gpu-memory='-1GiB'"),
+    (["generate", "{tmp}/nothing", "--prompt", "x", "--gpu-memory=1GiB"], "not a directory"),
+    (["generate", "{tmp}", "--prompt", "x", "--token-ids", "1", "--gpu-memory=1GiB"], "not allowed with"),
+    (["upcycle", "{tmp}/nothing", "{tmp}/out", "--num-experts", "4", "--top-k", "2"], "not a directory"),
+    (["upcycle", "{tmp}", "{tmp}/out", "--num-experts", "four", "--top-k", "2"], "invalid int value"),
+    (["export", "{tmp}", "{tmp}/out"], "neither a checkpoint directory"),
+    (["plot", "{tmp}"], "metrics.jsonl does not exist"),
+    (["config", "--show", "{tmp}/none.yaml"], "none.yaml does not exist"),
+    (["config"], "pass --show"),
+])
+def test_every_subcommand_reports_bad_input_in_one_line(argv, needle, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:     # argparse's own errors exit from parse_args
+        code = e.code
+    assert code == 2
+    line = _one_error_line(capsys.readouterr().err, argv[0])
+    assert needle in line, line
+
+
+@pytest.mark.slow
+def test_generate_bad_budget_as_a_process_is_one_line(tmp_path):
+    """The command a user types: no traceback, exit code 2."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "moesys.cli", "generate", str(tmp_path), "--prompt", "x",
+                           "--gpu-memory=-1GiB"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    _one_error_line(proc.stderr, "generate")
+
+
+def test_interrupt_and_errors_in_guarded_are_one_line(capsys, monkeypatch):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert guarded("moesys x", interrupted) == 130
+    assert capsys.readouterr().err == "moesys x: interrupted\n"
+
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return 0
+
+    assert guarded("moesys x", terminated) == 143
+    assert capsys.readouterr().err == "moesys x: terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+    def bug():
+        raise ValueError("bad value")
+
+    monkeypatch.setenv("MOESYS_TRACEBACK", "1")
+    with pytest.raises(ValueError):
+        guarded("moesys x", bug)
+    monkeypatch.delenv("MOESYS_TRACEBACK")
+    assert guarded("moesys x", bug) == 2
+    assert capsys.readouterr().err == "moesys x: error: bad value\n"
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_running_command_prints_one_line(tmp_path):
+    """A real SIGINT to `moesys upcycle` blocked inside the command (a FIFO as the dense config.json)."""
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "moesys.cli", "upcycle", str(tmp_path), str(tmp_path / "out"),
+                             "--num-experts", "4", "--top-k", "2"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        deadline = time.monotonic() + 60
+        while writer is None and time.monotonic() < deadline:
+            try:  # succeeds once the command has the FIFO open for reading; it then waits in read()
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.1)
+        assert writer is not None, "the command never opened its config file"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        if writer is not None:
+            os.close(writer)
+    assert proc.returncode == 130, err
+    assert err == "moesys upcycle: interrupted\n"
+
+
+def test_config_show_prints_the_whole_schema(capsys):
+    assert main(["config", "--show"]) == 0
+    out = capsys.readouterr().out
+    assert config_from_dict(yaml.safe_load(out)) == Config()   # valid YAML holding every default
+    lines = out.splitlines()
+    assert "  cpu_threads: null  # int | null; torch intra-op threads on the CPU" in "\n".join(lines)
+    assert any(line.startswith("  dtype: \"auto\"  # \"auto\" | \"float32\" | \"bfloat16\"; auto:") for line in lines)
+    n_fields = sum(1 for line in lines if "  # " in line and not line.rstrip().endswith(":"))
+    assert n_fields >= 80
+
+
+def test_config_show_with_a_file_shows_its_values_and_the_defaults(capsys):
+    assert main(["config", "--show", TINY, "--set", "train.steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "  steps: 7  # int; default 20" in out
+    assert "  num_experts: 4  # int; default 8" in out
+    assert "  top_k: 2  # int\n" in out                      # equal to its default: no note

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_ep_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "ep.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -120,5 +120,6 @@ def _reshard(rank, world, tmp):
     _assert_same(plain.state_dict(), ref_sd, "ep=2 -> one process")
 
 
+@pytest.mark.slow
 def test_resharding_across_ep_4_ranks(tmp_path):
     spawn(_reshard, 4, str(tmp_path))

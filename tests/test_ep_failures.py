@@ -7,6 +7,7 @@ import datetime
 import os
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -46,12 +47,14 @@ def _run(mode, tmp_path):
     return float(seconds), message
 
 
+@pytest.mark.slow
 def test_stuck_peer_raises_with_rank_and_layer(tmp_path):
     seconds, message = _run("stuck", tmp_path)
     assert message.startswith("rank 0: token-count all-to-all in layer 'moe' failed (timeout 2s)"), message
     assert seconds < 7, f"the error took {seconds}s for a 2s timeout"
 
 
+@pytest.mark.slow
 def test_dead_peer_raises_with_rank_and_layer(tmp_path):
     seconds, message = _run("dead", tmp_path)
     assert message.startswith("rank 0: token-count all-to-all in layer 'moe' failed"), message

@@ -98,10 +98,12 @@ def _cases_4(rank, world):
     _case(rank, world, 4, 0.75, False, "none", [0, 0, 0, 0], True)       # nobody has tokens
 
 
+@pytest.mark.slow
 def test_ep_layer_matches_single_process_2_ranks():
     spawn(_cases_2, 2)
 
 
+@pytest.mark.slow
 def test_ep_layer_matches_single_process_4_ranks():
     spawn(_cases_4, 4)
 

@@ -38,6 +38,7 @@ def _resume_from_step3(src, dst, ep):
     return subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_ep2_job_matches_ep1_and_checkpoints_reshard(tmp_path):
     ep2 = _run(tmp_path / "ep2", "parallel.ep=2")
     ep1 = _run(tmp_path / "ep1", "parallel.ep=1")
@@ -50,6 +51,7 @@ def test_ep2_job_matches_ep1_and_checkpoints_reshard(tmp_path):
     _same(metrics(dst)[3:], ep1[3:], "ep=1 run resumed with ep=2")
 
 
+@pytest.mark.slow
 def test_ep2_dp2_job_resumes_in_one_process(tmp_path):
     """4 ranks with ep=2 (so dp=2: expert gradients reduce over 2 replicas, the norm over the ep group)
     save at step 2; one process with the same global batch (grad_accum=4) continues from there with

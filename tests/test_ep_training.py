@@ -3,6 +3,7 @@ same 2 gloo processes: the losses and the final weights agree within float32 red
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moesys.config import ModelConfig, MoEConfig, ParallelConfig
@@ -53,5 +54,6 @@ def _compare(rank, world):
                                        msg=lambda m: f"cf={capacity_factor}: {k}\n{m}")
 
 
+@pytest.mark.slow
 def test_ep2_training_matches_ep1():
     spawn(_compare, 2)

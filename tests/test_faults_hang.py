@@ -77,7 +77,7 @@ def test_stopped_rank_fails_after_the_timeout_naming_it(tmp_path, items):
     finally:
         _cleanup(r1)
     assert rc == 1 and took < 15, (rc, took, err[-3000:])
-    assert "moesys.train: error: rank 0: " in err and "failed (timeout 3s): timed out after 3s" in err, err[-3000:]
+    assert "moesys train: error: rank 0: " in err and "failed (timeout 3s): timed out after 3s" in err, err[-3000:]
     assert f"ranks that did not arrive: rank 1 (pid {r1.pid} on {socket.gethostname()}: stopped or hung" in err, \
         err[-3000:]
     assert "Traceback" not in err, err[-3000:]

@@ -40,7 +40,7 @@ def test_killed_then_requeued_job_ends_like_the_uninterrupted_one(tmp_path, item
     os.kill(r1.pid, signal.SIGKILL)
     r1.communicate()
     rc, err, _ = _finish(r0, 60)
-    assert rc != 0 and "moesys.train: error: rank 0" in err, err[-3000:]
+    assert rc != 0 and "moesys train: error: rank 0" in err, err[-3000:]
     assert not (run / "ckpt" / "step_8").exists()
     _run_to_end(run, *items, resume=True)
     full, requeued = metrics(tmp_path / "full"), metrics(run)

@@ -64,6 +64,7 @@ def _experts_worker(rank, W, policy, remat, kind):
         assert any(len(r) > 1 for r in ex.plan.replicas_E), ex.plan  # the hot experts got replicas
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("W", [2, 4])
 @pytest.mark.parametrize("policy,remat,kind", [
     ("fssdp", False, "zipf"), ("fssdp", True, "all_to_one"), ("fssdp", False, "balanced"),
@@ -126,6 +127,7 @@ def _train_worker(rank, W, policy, remat, steps, reshard_every):
         assert moved >= 1, "the skewed load should have changed the sharding plan"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy,remat,W", [("fssdp", False, 2), ("fssdp", True, 4), ("ep", False, 2)])
 def test_training_equals_single_process(policy, remat, W):
     spawn(_train_worker, W, policy, remat, 4, 2 if policy == "fssdp" else 0)
@@ -161,6 +163,7 @@ def _checkpoint_worker(rank, W, path):
     torch.testing.assert_close(single(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_fssdp_ep_single(tmp_path):
     spawn(_checkpoint_worker, 2, str(tmp_path / "experts.pt"))
 
@@ -196,6 +199,7 @@ def _budget_worker(rank, W):
     assert all(len(r) == 1 for p in h.plans() for r in p.replicas_E)
 
 
+@pytest.mark.slow
 def test_auto_gather_budget_from_measured_attention_time():
     spawn(_budget_worker, 2)
 

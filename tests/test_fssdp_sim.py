@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "fssdp_sim.py"
 
 
@@ -27,6 +29,7 @@ def test_simulator_small(tmp_path):
         assert by["fsdp_experts", W]["imbalance_max_over_mean"] < 1.1
 
 
+@pytest.mark.slow
 def test_gpu_bench_script_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, str(BENCH.parent / "fssdp_bench.py"), "--device", "cpu", "--nproc", "2",

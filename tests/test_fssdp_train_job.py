@@ -13,6 +13,7 @@ from tests._train_helpers import REPO, env, metrics, run_torchrun, torchrun_cmd
 from tests.test_ep_train_job import COMMON, _run, _same
 
 
+@pytest.mark.slow
 def test_fssdp_and_fsdp_jobs_match_data_parallel_and_resume_under_ep(tmp_path):
     ref = _run(tmp_path / "dp", "parallel.ep=1")
     fssdp = _run(tmp_path / "fssdp", "parallel.expert_sharding=fssdp", "parallel.fssdp.reshard_every=2",
@@ -31,6 +32,7 @@ def test_fssdp_and_fsdp_jobs_match_data_parallel_and_resume_under_ep(tmp_path):
     _same(metrics(dst)[3:], ref[3:], "fssdp checkpoint resumed under ep=2")
 
 
+@pytest.mark.slow
 def test_fssdp_rejects_ep_above_one(tmp_path):
     proc = run_torchrun(2, tmp_path / "bad", *COMMON, "parallel.expert_sharding=fssdp", "parallel.ep=2")
     assert proc.returncode != 0 and "leave parallel.ep at 1" in proc.stderr

@@ -114,14 +114,14 @@ def check(case, dy, activation, dtype, device=DEVICE, ref_backend="loop"):
 
 
 # T=37 is not a multiple of the 16-row interpreter tile; H=24, I=20 are not powers of two; expert 3 idle.
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("bias", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["nobias", "bias"])
+@pytest.mark.parametrize("activation", ACTS[:1] + [pytest.param(a, marks=pytest.mark.slow) for a in ACTS[1:]])
 def test_fp32_matches_loop_and_oracle(activation, bias):
     case, dy = make_case(37, 24, 20, 5, 2, activation, bias, seed=0, empty_expert=3)
     check(case, dy, activation, torch.float32)
 
 
-@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("activation", ACTS[:1] + [pytest.param(a, marks=pytest.mark.slow) for a in ACTS[1:]])
 def test_bf16_matches_loop_and_oracle(activation):
     case, dy = make_case(29, 40, 36, 4, 2, activation, True, seed=1, empty_expert=0)
     check(case, dy, activation, torch.bfloat16)
@@ -132,7 +132,8 @@ def test_fp16():
     check(case, dy, "silu", torch.float16)
 
 
-@pytest.mark.parametrize("T,H,I,E,K", [(9, 17, 19, 1, 1), (13, 24, 20, 3, 3), (1, 8, 8, 4, 2), (50, 16, 33, 6, 1)],
+@pytest.mark.parametrize("T,H,I,E,K", [(9, 17, 19, 1, 1), pytest.param(13, 24, 20, 3, 3, marks=pytest.mark.slow),
+                                       (1, 8, 8, 4, 2), pytest.param(50, 16, 33, 6, 1, marks=pytest.mark.slow)],
                          ids=["E=1", "K=E", "T=1", "K=1"])
 def test_edge_shapes(T, H, I, E, K):
     case, dy = make_case(T, H, I, E, K, "silu", True, seed=3)
@@ -147,6 +148,7 @@ def test_no_tokens():
         assert torch.count_nonzero(got[name]) == 0, name
 
 
+@pytest.mark.slow
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(T=st.integers(1, 40), H=st.integers(1, 33), I=st.integers(1, 33), E=st.integers(1, 6),
        data=st.data(), activation=st.sampled_from(ACTS), bias=st.booleans())
@@ -185,6 +187,7 @@ def test_frozen_up_projection_and_second_backward():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_weights_through_descriptor_and_pointers_agree(switch):
     """The TMA path (weights read through a tensor descriptor) and the pointer path give the same forward and
     gradients; weights whose strides TMA cannot take (H=17 fp32: 68-byte rows) use pointers."""
@@ -204,6 +207,7 @@ def test_weights_through_descriptor_and_pointers_agree(switch):
         assert rel_err(results["1"][name], ref[name]) <= FLOOR[torch.float32], name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("var,bias", [("MOESYS_TRITON_WGRAD", True), ("MOESYS_TRITON_DGRAD", True),
                                       ("MOESYS_TRITON_FWD", False)])
 def test_gemm_implementations_agree(switch, var, bias):
@@ -308,6 +312,7 @@ def test_token_sum_folds_each_tokens_rows(T, K, H):
     assert torch.allclose(got.float(), want, rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward():
     """moe_mlp(backend="triton") traces without graph breaks: the kernels are opaque custom ops with fake impls."""
     case, dy = make_case(11, 16, 12, 3, 2, "silu", False, seed=6)
@@ -338,6 +343,7 @@ def test_errors_name_the_problem():
     assert "not supported" in unavailable_reason(torch.device("meta"))
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper():
     """What the interpreter accepts the compiler may refuse (a Python global in a kernel once passed here and
     failed on the H100): compile every launched variant for sm_90, in a process without TRITON_INTERPRET."""

@@ -17,6 +17,7 @@ MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil
 ITEMS = ("train.steps=4", "log.every=1", "log.val_every=0", "data.batch_size=4", "parallel.ep=2")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun: pip install 'moesys[mpi]' (mpi4py and the mpich wheel)")
 def test_mpirun_job_matches_torchrun(tmp_path):
     pytest.importorskip("mpi4py", reason="pip install 'moesys[mpi]'")

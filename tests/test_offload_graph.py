@@ -202,6 +202,7 @@ def test_cuda_graph_option_is_checked(checkpoints):
         mo.load(checkpoints["olmoe"], gpu_memory="1GiB", compile=True, cuda_graph=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_compiled_decode_step_matches_the_eager_one(checkpoints, quantize):
     """compile=True: the decode step runs as torch.compile's graph (inductor; on a CPU, C++ kernels) with the
@@ -259,6 +260,7 @@ def _forced_logits(model, tokens_1N, prompt_len):
                         for i in range(prompt_len, tokens_1N.shape[1])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe"])
 def test_decode_logits_equal_transformers_bit_for_bit_in_both_modes(checkpoints, arch):
     """Offloaded decode (bf16, 10 of 24 experts cached: misses and evictions) reproduces transformers fully on
@@ -282,6 +284,7 @@ def test_decode_logits_equal_transformers_bit_for_bit_in_both_modes(checkpoints,
         assert model.moesys_offload.snapshot().evictions > 0
 
 
+@pytest.mark.slow
 def test_compiling_the_offloaded_model_by_hand_says_how_to_do_it(checkpoints):
     path = checkpoints["olmoe"]
     model = mo.load(path, gpu_memory=_budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)
@@ -323,7 +326,7 @@ def test_decode_replays_a_cuda_graph_on_gpu(checkpoints, quantize, compile):
     assert stats.misses > 0 and stats.evictions > 0
 
 
-@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("K", [1, pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype, K):

@@ -16,6 +16,7 @@ from moesys.models.transformer import MoETransformer
 from tests._train_helpers import REPO, TINY, env, metrics, run_torchrun, sets, train_inproc
 
 
+@pytest.mark.slow
 def test_loss_falls_on_the_default_corpus(tmp_path):
     assert train_inproc(tmp_path, "train.steps=40", "log.every=1", "log.val_every=40") == 0
     m = metrics(tmp_path)
@@ -28,6 +29,7 @@ def test_loss_falls_on_the_default_corpus(tmp_path):
     assert len(m[-1]["expert_load_cv"]) == 2 and (tmp_path / "ckpt" / "step_40" / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
     common = ("train.steps=6", "log.every=1", "log.val_every=0", "data.batch_size=4",
               "moe.router.aux_free_bias=true", "moe.router.bias_update_rate=0.01", "checkpoint.save_final=false")
@@ -89,6 +91,7 @@ def test_non_finite_step_is_named_and_never_saved(tmp_path, capsys, monkeypatch,
     assert sorted(d.name for d in (tmp_path / "ckpt").iterdir()) == ["step_2"]
 
 
+@pytest.mark.slow
 def test_sigterm_read_a_step_late_saves_and_exits(tmp_path, monkeypatch):
     _at_training_forward(monkeypatch, 3, lambda model, out: os.kill(os.getpid(), signal.SIGTERM))
     assert train_inproc(tmp_path, "log.every=5", "log.val_every=0", "checkpoint.every=0") == 0
@@ -97,6 +100,7 @@ def test_sigterm_read_a_step_late_saves_and_exits(tmp_path, monkeypatch):
     assert manifest["reason"] == "sigterm" and manifest["step"] in (3, 4)  # at most one step late
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     cmd = [sys.executable, "-m", "moesys.train", "--config", TINY, "--run-dir", str(tmp_path),
            *sets("train.steps=100000", "log.every=1", "log.val_every=0")]
@@ -113,6 +117,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert manifest["reason"] == "sigterm" and manifest["step"] == metrics(tmp_path)[-1]["step"] < 100000
 
 
+@pytest.mark.slow
 def test_bad_config_and_missing_data_fail_before_any_process_group(tmp_path, capsys):
     assert train_inproc(tmp_path, "train.stepz=3") == 2
     assert "did you mean 'train.steps'" in capsys.readouterr().err

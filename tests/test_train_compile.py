@@ -12,6 +12,7 @@ ITEMS = ("train.steps=3", "log.every=1", "log.val_every=0", "checkpoint.save_fin
          "data.seq_len=32")
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     assert train_inproc(tmp_path / "eager", *ITEMS) == 0
     assert train_inproc(tmp_path / "compiled", *ITEMS, "train.compile=true") == 0
@@ -21,6 +22,7 @@ def test_compiled_training_matches_eager(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_reduce_overhead_mode_trains_like_eager(tmp_path):
     """train.compile_mode=reduce-overhead (CUDA graphs on a GPU; on the CPU torch.compile skips the graphs
     and the step-begin marks are no-ops) gives the eager losses."""
@@ -61,6 +63,7 @@ def test_whole_model_compile_and_loss_only_forward():
     assert got.aux_loss.item() == pytest.approx(want.aux_loss.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_forward_traces_without_graph_breaks():
     """The whole forward is one graph for dynamo, in a fresh process (nothing imported beforehand): the MoE
     backend lookup once imported its module while being traced, which split every block in two. Under bf16

@@ -354,6 +354,7 @@ print(json.dumps({"growth": hwm_bytes() - before, "written": r.bytes_written}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for the peak RSS")
 def test_peak_rss_does_not_grow_with_output_size(tmp_path):
     # The real bound, measured: the process's peak resident set grows by far less than the output size.

@@ -108,7 +108,7 @@ def grouped_gemm_kernel(
             b = _load_b_tile(b_desc, e, pid_n * BN, k0, BN, BK, B_KCONTIG)
         else:
             b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if UPCAST:  # Triton-interpreter bf16 dot trap (DESIGN.md section 6)
+        if UPCAST:  # Triton-interpreter bf16 dot trap (docs/ARCHITECTURE.md, traps)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)

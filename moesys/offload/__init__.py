@@ -1,5 +1,5 @@
 """Offloaded MoE inference: non-expert weights on the GPU, experts in host memory, a GPU expert cache,
-copies on a side stream, speculative next-layer prefetch (DESIGN.md section 3, "Offload API").
+copies on a side stream, speculative next-layer prefetch (docs/ARCHITECTURE.md, contracts, "Offload API").
 
     model = moesys.offload.load(MODEL_DIR, gpu_memory="16GiB")
     model.generate(...)

@@ -1,10 +1,15 @@
-"""`moesys generate`: stream text from an MoE checkpoint larger than the GPU, then print one stats line."""
+"""`moesys generate`: stream text from an MoE checkpoint larger than the GPU, then print one stats line.
+
+MODEL is a checkpoint directory or a hub id (`org/name`, from huggingface_hub's cache; see moesys.hub).
+`--prompt` needs the checkpoint's tokenizer; `--token-ids 1,2,3` works without one: the prompt goes in
+as token ids and the generated ids come out on stdout, one line.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
 from moesys.offload.cache import CACHE_POLICIES
 from moesys.offload.engine import CPU_EXPERT_MODES
@@ -12,26 +17,40 @@ from moesys.offload.prefetch import PREFETCH_POLICIES
 from moesys.offload.quant import QUANT_MODES
 from moesys.offload.store import HOST_MODES
 
+# Any of these makes AutoTokenizer try the directory; without one it has nothing to load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="transformers checkpoint directory (config.json, *.safetensors, tokenizer)")
-    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("model_dir", metavar="MODEL",
+                        help="transformers checkpoint directory (config.json, *.safetensors, tokenizer), or a hub "
+                             "id org/name resolved through the Hugging Face cache")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--token-ids", metavar="IDS",
+                        help="the prompt as comma-separated token ids, e.g. 1,2,3; prints the generated ids "
+                             "(prompt included) instead of text, so no tokenizer is needed")
     parser.add_argument("--gpu-memory", required=True, help="device memory budget, e.g. 16GiB or a byte count")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru")
-    parser.add_argument("--prefetch", choices=PREFETCH_POLICIES, default="next-gate")
-    parser.add_argument("--quantize-experts", choices=QUANT_MODES, default="none")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate after the prompt")
+    parser.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru",
+                        help="which cached expert the GPU expert cache evicts")
+    parser.add_argument("--prefetch", choices=PREFETCH_POLICIES, default="next-gate",
+                        help="speculative copy of the experts the next layer's gate predicts")
+    parser.add_argument("--quantize-experts", choices=QUANT_MODES, default="none",
+                        help="store the experts quantized (smaller copies; output within the stated error)")
     parser.add_argument("--cpu-experts", choices=CPU_EXPERT_MODES, default="off",
                         help="batch-1 decode: compute missed experts on the CPU when a measured cost model says "
-                             "it beats the copy (auto), always (on), never (off, the default: bit-identical "
-                             "output to the model fully on the GPU)")
+                             "it beats the copy (auto), always (on), never (off: bit-identical output to the "
+                             "model fully on the GPU)")
     parser.add_argument("--host-memory", choices=HOST_MODES, default="auto",
                         help="pinned host RAM, plain RAM, or memory-mapped checkpoint files (host RAM short)")
-    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: the config's)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                        help="compute dtype (None: the checkpoint config's)")
     parser.add_argument("--max-context", type=int, default=4096, help="tokens the KV cache is planned for")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")
     parser.add_argument("--cuda-graph", choices=("on", "off"), default="on",
-                        help="on (default): batch-1 decode keeps the expert cache's bookkeeping on the GPU and "
+                        help="on: batch-1 decode keeps the expert cache's bookkeeping on the GPU and "
                              "replays each token as one CUDA graph (static KV cache; no speculative prefetch or "
                              "CPU experts in decode); off: every layer reads its routing back to the host")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -39,30 +58,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model's kernels around the expert cache; the first decode step then waits for the "
                              "compile, about a minute for a 16-layer model, cached on disk after). Logits then "
                              "equal the model's under the same compiled step, bit for bit; off: its eager "
-                             "logits. auto (default): on with --cuda-graph on a GPU")
+                             "logits. auto: on with --cuda-graph on a GPU")
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """'1, 2,3' -> [1, 2, 3]; ValueError naming the bad item."""
+    ids = []
+    for item in text.replace(" ", "").split(","):
+        if not item.isdigit():
+            raise ValueError(f"--token-ids {text!r}: {item!r} is not a token id; write non-negative integers "
+                             "separated by commas, e.g. --token-ids 1,2,3")
+        ids.append(int(item))
+    return ids
+
+
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's tokenizer, or a one-line ValueError naming --token-ids when it has none."""
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{model_dir} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); give the prompt "
+                         "as ids with --token-ids 1,2,3 (prints ids), or copy the model's tokenizer files there")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (ValueError, OSError, ImportError) as e:   # e.g. a sentencepiece model without sentencepiece
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load the tokenizer in {model_dir} ({first}); give the prompt as ids with "
+                         "--token-ids 1,2,3 instead") from e
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoTokenizer, TextStreamer
 
+    from moesys.hub import resolve_model_dir
     from moesys.offload.loader import load
+    from moesys.offload.sizes import parse_bytes
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
-    if not os.path.isdir(args.model_dir):
-        raise ValueError(f"MODEL_DIR={args.model_dir!r} is not a directory")
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = load(args.model_dir, gpu_memory=args.gpu_memory, dtype=args.dtype,
+    parse_bytes(args.gpu_memory, name="--gpu-memory")   # a bad budget fails before the model is read
+    model_dir = resolve_model_dir(args.model_dir, what="MODEL")
+    ids = parse_token_ids(args.token_ids) if args.token_ids is not None else None
+    tokenizer = load_tokenizer(model_dir) if ids is None else None
+    model = load(model_dir, gpu_memory=args.gpu_memory, dtype=args.dtype,
                  cache_policy=args.cache_policy, prefetch=args.prefetch, quantize_experts=args.quantize_experts,
                  cpu_experts=args.cpu_experts, host_memory=args.host_memory, max_context=args.max_context,
                  device=args.device, cuda_graph=args.cuda_graph == "on",
                  compile={"auto": None, "on": True, "off": False}[args.compile])
     engine = model.moesys_offload
     print(f"[moesys] {engine.plan.describe()}, host memory: {engine.host_mode}", file=sys.stderr)
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
-    streamer = TextStreamer(tokenizer, skip_prompt=False)
-    with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    if ids is not None:
+        vocab = model.config.vocab_size
+        if max(ids) >= vocab:
+            raise ValueError(f"--token-ids: id {max(ids)} is outside the vocabulary (vocab_size={vocab})")
+        input_ids = torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=args.max_new_tokens, do_sample=False)
+        print(",".join(str(i) for i in out[0].tolist()), flush=True)
+    else:
+        from transformers import TextStreamer
+
+        inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+        streamer = TextStreamer(tokenizer, skip_prompt=False)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
     print(f"[moesys] {engine.snapshot().summary()}", flush=True)
     return 0

@@ -130,7 +130,7 @@ def max_over_ranks(ctx: DistContext, value: float) -> float:
 
 
 def teardown(ctx: DistContext) -> None:
-    """Destroy the process group; the barrier first avoids gloo aborts at exit (DESIGN.md, traps)."""
+    """Destroy the process group; the barrier first avoids gloo aborts at exit (docs/ARCHITECTURE.md, traps)."""
     if ctx.peers is not None:
         ctx.peers.stop()
     if ctx.distributed:

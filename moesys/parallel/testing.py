@@ -30,7 +30,7 @@ def _entry(rank, world, port, fn, args, timeout_s):
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
-        dist.barrier()  # gloo teardown trap (DESIGN.md section 6)
+        dist.barrier()  # gloo teardown trap (docs/ARCHITECTURE.md, traps)
     finally:
         dist.destroy_process_group()
     exit_skipping_shutdown(0)  # the worker passed and its group is gone

@@ -82,7 +82,9 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, *, num_experts: int, top
 
     from moesys.upcycling.io import ShardWriter, SourceReader, atomic_output_dir, parse_bytes, source_tensors
 
-    dense_dir, out_dir = Path(dense_dir), Path(out_dir)
+    from moesys.hub import resolve_model_dir
+
+    dense_dir, out_dir = resolve_model_dir(dense_dir, what="dense checkpoint"), Path(out_dir)
     src = load_dense_config(dense_dir)
     where, shapes = source_tensors(dense_dir)
     check_source_tensors(src, shapes)
@@ -116,36 +118,39 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, *, num_experts: int, top
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dense_dir", metavar="DENSE_DIR", help="dense HF checkpoint: config.json + safetensors")
+    parser.add_argument("dense_dir", metavar="DENSE_DIR", help="dense HF checkpoint directory (config.json + safetensors), or a hub id "
+                        "org/name resolved through the Hugging Face cache")
     parser.add_argument("out_dir", metavar="OUT_DIR",
                         help="where the MoE checkpoint goes (must not exist unless --overwrite)")
     parser.add_argument("--num-experts", type=int, required=True, help="routed experts per MoE layer")
     parser.add_argument("--top-k", type=int, required=True, help="experts per token")
     parser.add_argument("--target", choices=TARGETS, default=None,
-                        help="output architecture (default: mixtral for llama/mistral, qwen2_moe for qwen2, "
+                        help="output architecture (None: mixtral for llama/mistral, qwen2_moe for qwen2, "
                              "qwen3_moe for qwen3)")
     parser.add_argument("--granularity", type=int, default=1,
-                        help="split each dense copy into G experts of intermediate/G (G divides top-k and num-experts)")
+                        help="split each dense copy into G experts of intermediate/G (G must divide top-k, "
+                             "num-experts and the intermediate size)")
     parser.add_argument("--moe-layers", default="all",
                         help="all | every-other | comma list of layer ids; the rest stay dense")
     parser.add_argument("--router-init", choices=ROUTER_INITS, default="normal",
-                        help="router weight init (default normal)")
+                        help="router weight init")
     parser.add_argument("--router-std", type=float, default=None,
-                        help="std of --router-init normal (default: the config's initializer_range)")
+                        help="std of --router-init normal (None: the config's initializer_range)")
     parser.add_argument("--drop-ratio", type=float, default=0.0,
                         help="drop-upcycling: re-initialise this fraction of each expert's neurons "
                              "(not function preserving)")
     parser.add_argument("--shared-expert", action="store_true", default=None,
-                        help="add a shared expert (Qwen2-MoE; implies --target qwen2_moe)")
+                        help="add a shared expert (Qwen2-MoE; implies --target qwen2_moe; None: no shared "
+                             "expert)")
     parser.add_argument("--no-norm-topk", dest="norm_topk_prob", action="store_false",
                         help="softmax without top-k renormalisation (qwen targets; function preserving only "
                              "with --router-init zeros)")
     parser.add_argument("--seed", type=int, default=0, help="seed for router and drop-upcycling init")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard")
     parser.add_argument("--memory-budget", default="256MiB",
-                        help="produced tensor bytes held before writing them out (default 256MiB; peak memory is "
-                             "about this plus the largest tensor and torch itself)")
+                        help="produced tensor bytes held before writing them out (peak memory is about this "
+                             "plus the largest tensor and torch itself)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

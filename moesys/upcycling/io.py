@@ -17,15 +17,14 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from moesys import owned_tmp
 from moesys.upcycling.plan import OutTensor
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -234,29 +233,7 @@ class ShardWriter:
         self._held = 0
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir beside `out_dir`; rename it to `out_dir` only if the body finishes, so an
-    interrupted run leaves nothing at `out_dir` (at worst a hidden `.NAME.upcycle-*` dir beside it)."""
-    if out_dir.exists() and not overwrite:
-        raise ValueError(f"output directory {out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.upcycle-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become OUT_DIR's mode
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / "x")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-        fd = os.open(out_dir.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def atomic_output_dir(out_dir: Path, overwrite: bool) -> contextlib.AbstractContextManager[Path]:
+    """An owned temp dir `.NAME.upcycle-*` beside `out_dir`, renamed to it when the body finishes and
+    removed on any exception; a later run removes those a dead upcycle left (see moesys.owned_tmp)."""
+    return owned_tmp.atomic_output_dir(out_dir, overwrite, "upcycle")

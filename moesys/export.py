@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="the Hugging Face model directory to write")
     parser.add_argument("--arch", choices=ARCHS, default="auto",
                         help="HF architecture; auto: Qwen3-MoE when model.qk_norm is set, else Mixtral")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the written weights")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the written weights")
     parser.add_argument("--force", action="store_true", help="replace out_dir if it exists")
 
 

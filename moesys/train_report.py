@@ -76,7 +76,8 @@ def _count(n: int) -> str:
 
 def resume_line(run_dir: Path, resume: bool, resume_from: Path | None) -> str:
     if resume_from is not None:
-        return f"resumed from {resume_from.relative_to(run_dir) if resume_from.is_relative_to(run_dir) else resume_from}"
+        shown = resume_from.relative_to(run_dir) if resume_from.is_relative_to(run_dir) else resume_from
+        return f"resumed from {shown}"
     if resume:
         return f"no checkpoint in {run_dir / 'ckpt'}: starting fresh"
     return "starting fresh"

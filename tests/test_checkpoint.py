@@ -31,6 +31,7 @@ def test_resume_is_bit_identical(tmp_path):
         assert all(torch.equal(full_w[k], f.get_tensor(k)) for k in f.keys())
 
 
+@pytest.mark.slow
 def test_checkpoint_layout_names_experts_by_global_id(tmp_path):
     assert train_inproc(tmp_path, "train.steps=3", "checkpoint.every=1", "checkpoint.keep=2") == 0
     assert [s for s, _ in list_checkpoints(tmp_path / "ckpt")] == [2, 3]

@@ -12,6 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "fssdp_sim.py"
 
 
+@pytest.mark.slow
 def test_simulator_small(tmp_path):
     spec = importlib.util.spec_from_file_location("fssdp_sim", BENCH)
     sim = importlib.util.module_from_spec(spec)

@@ -32,6 +32,7 @@ def test_reduce_overhead_mode_trains_like_eager(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_compile_parts_compiles_blocks_and_head():
     config = load_config(TINY, ["train.device=cpu"])
     torch.manual_seed(0)

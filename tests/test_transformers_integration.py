@@ -61,6 +61,7 @@ def test_loop_backend_and_generation_match():
         moesys_hf.register(backend="grouped_mm")
 
 
+@pytest.mark.slow
 def test_import_moesys_registers_nothing():
     code = ("import moesys, moesys.layers, moesys.models\n"
             "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS\n"

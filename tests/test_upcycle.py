@@ -322,6 +322,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, case):
         moesys.upcycle(src, out, progress=False, **opts)
 
 
+@pytest.mark.slow
 def test_cli_success_and_lazy_import(dense, tmp_path, capsys):
     src_dir, model = dense["qwen2"]
     assert cli.main(["upcycle", str(src_dir), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "2",

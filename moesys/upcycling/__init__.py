@@ -118,8 +118,9 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, *, num_experts: int, top
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dense_dir", metavar="DENSE_DIR", help="dense HF checkpoint directory (config.json + safetensors), or a hub id "
-                        "org/name resolved through the Hugging Face cache")
+    parser.add_argument("dense_dir", metavar="DENSE_DIR",
+                        help="dense HF checkpoint directory (config.json + safetensors), or a hub id org/name "
+                             "resolved through the Hugging Face cache")
     parser.add_argument("out_dir", metavar="OUT_DIR",
                         help="where the MoE checkpoint goes (must not exist unless --overwrite)")
     parser.add_argument("--num-experts", type=int, required=True, help="routed experts per MoE layer")

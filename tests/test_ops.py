@@ -156,3 +156,15 @@ def test_triton_backend_says_why_it_cannot_run(monkeypatch):
     monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device: "no GPU and TRITON_INTERPRET unset")
     with pytest.raises(RuntimeError, match="cannot run here: no GPU"):
         _call(backend="triton")
+
+
+@pytest.mark.parametrize("fn,ref", [
+    ("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu),
+    ("gelu_tanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh")), ("relu", torch.relu),
+    ("relu2", lambda x: torch.relu(x) ** 2), ("sigmoid", torch.sigmoid), ("mish", torch.nn.functional.mish),
+    ("quick_gelu", lambda x: x * torch.sigmoid(1.702 * x))])
+def test_oracle_formulas_match_torch(fn, ref):
+    """The oracle's own formulas (written from the definitions) against torch's functions, float64."""
+    from tests.moe_oracle import FUNCTIONS
+    x = torch.linspace(-9, 9, 301, dtype=torch.float64)
+    assert torch.allclose(FUNCTIONS[fn](x), ref(x), rtol=1e-12, atol=1e-12)

@@ -392,3 +392,16 @@ def test_transposed_interleaved_weights_as_gpt_oss_stores_them():
            **{k: v.grad.transpose(1, 2) for k, v in leaves.items()}}
     for name in ref:
         assert rel_err(got[name].cpu(), ref[name]) <= FLOOR[torch.float32], name
+
+
+def test_act_launchers_take_a_bare_function_code():
+    """The launchers also take an activation as its bare function code (bench/moe_stages.py passes one): the
+    same result as its full constexprs."""
+    from moesys.kernels.act import ACT_CODES, act_constexprs
+    from moesys.kernels.launch import act_forward
+    N, I = 7, 20
+    h = torch.randn(N, 2 * I, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    a_code, a_full = torch.empty(N, I, device=DEVICE), torch.empty(N, I, device=DEVICE)
+    act_forward(h, a_code, gated=True, I=I, act=ACT_CODES["gelu"])
+    act_forward(h, a_full, gated=True, I=I, act=act_constexprs(Activation("gelu", True)))
+    assert torch.equal(a_code, a_full)

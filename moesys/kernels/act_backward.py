@@ -22,9 +22,9 @@ from moesys.kernels.act import act_fwd, act_grad, glu_bwd, glu_fwd
 
 @triton.jit
 def act_backward_kernel(h_ptr, stride_h, g_ptr, stride_g, dh_ptr, stride_dh, rw_ptr, drw_ptr, N, I, rows_bucket,
-                        GATED: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, CLAMP: tl.constexpr,
-                        LIMIT: tl.constexpr, UP_SHIFT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                        BR: tl.constexpr, BC: tl.constexpr):
+                        GATED: tl.constexpr, ACT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                        ALPHA: tl.constexpr = 1.0, CLAMP: tl.constexpr = False, LIMIT: tl.constexpr = 0.0,
+                        UP_SHIFT: tl.constexpr = 0.0, INTERLEAVED: tl.constexpr = False):
     # rows_bucket only keys the autotuner (a power-of-two band of N); dh may be h itself (in place: each
     # program reads a column block of its rows before it writes it)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)

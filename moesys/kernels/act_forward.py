@@ -17,8 +17,8 @@ from moesys.kernels.act import act_fwd, glu_fwd
 
 @triton.jit
 def act_forward_kernel(h_ptr, stride_h, a_ptr, stride_a, N, I, GATED: tl.constexpr, ACT: tl.constexpr,
-                       ALPHA: tl.constexpr, CLAMP: tl.constexpr, LIMIT: tl.constexpr, UP_SHIFT: tl.constexpr,
-                       INTERLEAVED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+                       BR: tl.constexpr, BC: tl.constexpr, ALPHA: tl.constexpr = 1.0, CLAMP: tl.constexpr = False,
+                       LIMIT: tl.constexpr = 0.0, UP_SHIFT: tl.constexpr = 0.0, INTERLEAVED: tl.constexpr = False):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (rows < N)[:, None] & (cols < I)[None, :]

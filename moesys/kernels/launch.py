@@ -207,15 +207,23 @@ def tensor_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [16] * t.dim())  # block set per launched config
 
 
+def _act_args(act) -> dict:
+    """The activation constexprs of a launch: a dict from `act.act_constexprs`, or a bare function code (the
+    plain function, no parameters: what benchmarks pass), or None (an epilogue without activation)."""
+    if act is None:
+        return {"ACT": 0}
+    return act if isinstance(act, dict) else {"ACT": int(act)}
+
+
 def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, gather_a, gated=False, I=0,
                  h=None, bias=None, rw_N=None, save_h=False, act=None):
     """One launch of `grouped_gemm_kernel` over the N = token_N.numel() expert-sorted rows.
 
     `w_strides` = (stride_e, stride_k, stride_n) reading w[e] as a [Kd, Nd] matrix (w is [E, Nd, Kd] or
     [E, Kd, Nd] in memory; which one is read off the strides). `act`: the activation epilogue's
-    constexprs (`act.act_constexprs`)."""
+    constexprs (`act.act_constexprs`, or a function code)."""
     N = token_N.numel()
-    act = act if act is not None else {"ACT": 0}
+    act = _act_args(act)
     # TMA for k-contiguous weights only (forward): on the n-contiguous layout of the backward GEMMs it was
     # slower than pointer loads in an H200 A/B (bwd_dx Mixtral 6.20 vs 5.98 ms; bench/results/moe_stages*).
     # Interleaved gate/up rows (every other row) go through pointers too.
@@ -370,6 +378,7 @@ def act_forward(h, a, *, gated, I, act):
     N = h.shape[0]
     if N == 0:
         return
+    act = _act_args(act)
     args = (h, h.stride(0), a, a.stride(0), N, I)
     if is_interpreted() or not _autotune():
         meta = {"BR": 4, "BC": 16} if is_interpreted() else {"BR": 16, "BC": 256, "num_warps": 4}
@@ -385,6 +394,7 @@ def act_backward(h, g, dh, rw_N, drw_N, *, gated, I, act):
     dh = d act * (w g) (both halves when gated), replaces g by w * act(h) in place, and stores
     drw[r] = act(h[r]) . g[r]; `act` is the activation's constexprs (`act.act_constexprs`)."""
     N = g.shape[0]
+    act = _act_args(act)
     args = (h, h.stride(0), g, g.stride(0), dh, dh.stride(0), rw_N, drw_N, N, I, _rows_bucket(N))
     if is_interpreted() or not _autotune():
         meta = {"BR": 4, "BC": 16} if is_interpreted() else {"BR": 16, "BC": 256, "num_warps": 4}

@@ -1,8 +1,10 @@
-"""Per-architecture knowledge: which model types are supported and how their experts are named on disk.
+"""Per-architecture knowledge: how a model type's experts are named on disk.
 
-The in-memory side is found generically (a sparse MoE block is a module with a `gate` router holding
-`weight [E, H]` and an `experts` module holding `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`, the
-transformers v5 layout); only the on-disk names differ. A new architecture is one entry in ADAPTERS.
+The in-memory side is found generically (a sparse MoE block is a module with a `gate` (or `router`)
+holding `weight [E, H]` and an `experts` module holding `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`,
+the transformers v5 layout); only the on-disk names differ. ADAPTERS spells them out for four families;
+any other model type gets an adapter read off transformers' own checkpoint conversion mapping (the
+per-expert names its loader merges into gate_up_proj / down_proj, and its renamings), `from_conversion_mapping`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class Adapter:
     module_block: str
     # per-expert on-disk projection names: gate, up, down
     proj_names: tuple[str, str, str]
+    # further (regex, replacement) renamings from disk to module names, applied in order (PhiMoE's router)
+    renames: tuple[tuple[str, str], ...] = ()
 
     def expert_key(self, layer: int, expert: int, part: int) -> str:
         """On-disk tensor name of projection `part` (0 gate, 1 up, 2 down) of one expert."""
@@ -38,10 +42,12 @@ class Adapter:
         """In-memory parameter name of a non-expert on-disk tensor."""
         disk = self.disk_block.split("{i}")
         mod = self.module_block.split("{i}")
-        if disk == mod:
-            return disk_name
-        pattern = re.escape(disk[0]) + r"(\d+)" + re.escape(disk[1]) + r"\."
-        return re.sub(pattern, lambda m: f"{mod[0]}{m.group(1)}{mod[1]}.", disk_name)
+        if disk != mod:
+            pattern = re.escape(disk[0]) + r"(\d+)" + re.escape(disk[1]) + r"\."
+            disk_name = re.sub(pattern, lambda m: f"{mod[0]}{m.group(1)}{mod[1]}.", disk_name)
+        for source, target in self.renames:
+            disk_name = re.sub(source, target, disk_name)
+        return disk_name
 
 
 _QWEN_LIKE = ("gate_proj", "up_proj", "down_proj")
@@ -53,12 +59,60 @@ ADAPTERS = {
 }
 
 
+_EXPERT_SOURCE = re.compile(r"^\.?(?:(?P<block>[\w.]*)\.)?experts\.\*\.(?P<proj>\w+)\.weight$")
+
+
+def from_conversion_mapping(model_type: str) -> Adapter | None:
+    """An adapter for a model whose checkpoints keep per-expert tensors under `model.layers.{i}.<block>`,
+    read off transformers' checkpoint conversion mapping: the converter merging `<block>.experts.*.<gate>` and
+    `.<up>` into gate_up_proj and `.<down>` into down_proj gives the projection names; a renaming `.<disk>.`
+    -> `.<module>.` the block's two names (Mixtral's block_sparse_moe -> mlp); the other renamings apply to
+    the non-expert names. None when the mapping has no such converters (gated experts only: the offload
+    store keeps gate, up and down per expert)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    gate_up = down = None
+    renames = []
+    for entry in get_checkpoint_conversion_mapping(model_type) or []:
+        sources, targets = list(entry.source_patterns), list(entry.target_patterns)
+        if type(entry).__name__ == "WeightRenaming":
+            renames.extend(zip(sources, targets))
+        elif targets and targets[0].endswith("experts.gate_up_proj"):
+            gate_up = sources
+        elif targets and targets[0].endswith("experts.down_proj"):
+            down = sources
+    if gate_up is None or down is None or len(gate_up) != 2 or len(down) != 1:
+        return None
+    found = [_EXPERT_SOURCE.match(s) for s in gate_up + down]
+    if not all(found) or len({m.group("block") for m in found}) != 1:
+        return None
+    block = found[0].group("block") or ""
+    disk_block = module_block = "model.layers.{i}." + block if block else None
+    rest = []
+    for source, target in renames:
+        literal = re.fullmatch(r"\.(\w+)\.", source) and re.fullmatch(r"\.(\w+)\.", target)
+        if module_block is None and literal:  # the block's renaming: .block_sparse_moe. -> .mlp.
+            disk_block, module_block = "model.layers.{i}." + source.strip("."), "model.layers.{i}." + target.strip(".")
+        else:
+            rest.append((source if not literal else re.escape(source), target))
+    if module_block is None:
+        return None
+    return Adapter(model_type, disk_block, module_block, tuple(m.group("proj") for m in found), tuple(rest))
+
+
 def adapter_for(config) -> Adapter:
     model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise ValueError(f"model_type={model_type!r} is not supported for offloaded inference; supported: "
-                         f"{sorted(ADAPTERS)} (a new architecture is one entry in moesys/offload/adapters.py)")
-    return ADAPTERS[model_type]
+    adapter = ADAPTERS.get(model_type) or (from_conversion_mapping(model_type) if model_type else None)
+    if adapter is None:
+        raise ValueError(f"model_type={model_type!r} is not supported for offloaded inference: transformers' "
+                         "checkpoint conversion mapping has no per-expert gate/up/down names for it (gated experts "
+                         f"under model.layers.{{i}}); these have explicit entries: {sorted(ADAPTERS)}")
+    return adapter
+
+
+def router_of(block: nn.Module) -> nn.Module:
+    """A sparse MoE block's router (its `gate`, or `router` as PhiMoE names it)."""
+    return block.gate if hasattr(block, "gate") else block.router
 
 
 def find_moe_blocks(model: nn.Module, adapter: Adapter) -> dict[int, nn.Module]:
@@ -68,7 +122,8 @@ def find_moe_blocks(model: nn.Module, adapter: Adapter) -> dict[int, nn.Module]:
     for name, module in model.named_modules():
         m = pattern.match(name)
         experts = getattr(module, "experts", None)
-        if m and experts is not None and hasattr(experts, "gate_up_proj") and hasattr(module, "gate"):
+        if m and experts is not None and hasattr(experts, "gate_up_proj") and (hasattr(module, "gate")
+                                                                              or hasattr(module, "router")):
             blocks[int(m.group(1))] = module
     if not blocks:
         raise ValueError(f"no sparse MoE blocks named like {adapter.module_block!r} with experts.gate_up_proj "

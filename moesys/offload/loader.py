@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from moesys.offload import graph as decode_graph
-from moesys.offload.adapters import adapter_for, find_moe_blocks
+from moesys.offload.adapters import adapter_for, find_moe_blocks, router_of
 from moesys.offload.cache import CACHE_POLICIES, ExpertCache
 from moesys.offload.engine import CPU_EXPERT_MODES, OffloadedExperts, OffloadEngine
 from moesys.offload.prefetch import PREFETCH_POLICIES, NextGatePrefetcher
@@ -195,7 +195,7 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
     prefetcher = None
     if opts["prefetch"] == "next-gate" and len(blocks) > 1:
         top_k = getattr(config.get_text_config(), "num_experts_per_tok", 1)
-        prefetcher = NextGatePrefetcher({layer: b.gate for layer, b in blocks.items()}, top_k)
+        prefetcher = NextGatePrefetcher({layer: router_of(b) for layer, b in blocks.items()}, top_k)
     engine = OffloadEngine(store=store, cache=cache, inner=inner, device=device, prefetcher=prefetcher,
                            cpu_experts=opts["cpu_experts"])
     engine.plan, engine.host_mode = plan, mode
@@ -226,8 +226,10 @@ def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
     """A transformers model (its `generate()` works as usual) with experts offloaded to host memory.
 
     Args:
-        model_dir: a transformers v5 checkpoint directory (config.json + *.safetensors) of a supported
-            architecture (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+        model_dir: a transformers v5 checkpoint directory (config.json + *.safetensors) of an architecture
+            whose gated experts (no biases, gate/up concatenated, not transposed) are stored per expert:
+            Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, and any other whose names transformers' checkpoint
+            conversion mapping gives (tested: DeepSeek-V3, GLM-4-MoE, PhiMoE, Jamba, Qwen3-Next).
         gpu_memory: the device memory budget, bytes (int) or a string like "16GiB".
         dtype: compute dtype (default: the config's dtype).
         options: cache_policy "lru"|"lfu", prefetch "next-gate"|"none", quantize_experts "none"|"int8"|"int4",

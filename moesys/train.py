@@ -208,8 +208,12 @@ def evaluate(model, splits, config: Config, ctx: bootstrap.DistContext, autocast
 def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext) -> int:
     device = ctx.device
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    with device:
-        model = MoETransformer.from_config(config)
+    if config.model.hf_model is not None:  # transformers' own class, experts through moe_mlp
+        from moesys.models.hf_source import load_hf_causal_lm
+        model = load_hf_causal_lm(config, device)
+    else:
+        with device:
+            model = MoETransformer.from_config(config)
     flops_tok = flops_per_token(model, config)  # before parallelize: it counts every expert
     # Expert parallelism (parallel.ep > 1) keeps this rank's E/ep experts per MoE layer; ep=1 changes nothing.
     ep = parallelize(model, config)
@@ -391,6 +395,9 @@ def _log_line(r: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
+        if config.model.hf_model is not None:  # the checkpoint decides the shape keys and the tokenizer
+            from moesys.models.hf_source import resolve_config
+            config = resolve_config(config)
         validate_source(config.data)
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = prepare_run_dir(run_dir, args.resume)

@@ -168,6 +168,9 @@ def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "fl
     step_dir = resolve_checkpoint(Path(run_dir))
     manifest = ckpt.read_manifest(step_dir)
     config = config_from_dict(manifest["config"], f"{step_dir}/manifest.json")
+    if config.model.hf_model is not None:  # transformers' own class: written back as the source's family
+        from moesys.hf_export import export_hf_model
+        return export_hf_model(step_dir, config, out_dir, dtype=dtype, force=force)
     arch = pick_arch(config, arch)
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:

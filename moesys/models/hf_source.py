@@ -151,8 +151,11 @@ def load_hf_causal_lm(config: Config, device: torch.device | str = "cpu") -> HFC
     from transformers import AutoModelForCausalLM
 
     d = check_hf_dir(config.model.hf_model)
+    # ignore_mismatched_sizes: report a mis-shaped tensor in `info` (named below), not as transformers'
+    # RuntimeError without its name.
     hf, info = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, use_safetensors=True,
-                                                    trust_remote_code=False, output_loading_info=True)
+                                                    trust_remote_code=False, output_loading_info=True,
+                                                    ignore_mismatched_sizes=True)
     for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
         bad = sorted(info.get(kind) or [], key=str)
         if bad:

@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests._hf_model_helpers import deepseek_v3, write_config
 from tests._train_helpers import REPO, env, metrics
+from tests.test_ep_train_job import _same
 
 COMMON = ("train.steps=4", "checkpoint.every=2", "checkpoint.keep=3")
 
@@ -26,14 +28,6 @@ def _torchrun(cfg, run_dir, *items, resume=False):
     return metrics(run_dir)
 
 
-def _same(a, b, what):
-    assert [r["step"] for r in a] == [r["step"] for r in b], what
-    for x, y in zip(a, b):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-6), (what, x["step"])
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5), (what, x["step"])
-        assert x["expert_load_fraction"] == y["expert_load_fraction"], (what, x["step"])
-
-
 @pytest.mark.slow
 def test_deepseek_v3_ep2_and_fssdp_equal_ep1(tmp_path):
     cfg = write_config(tmp_path / "hf.yaml", deepseek_v3(tmp_path / "src"))
@@ -47,3 +41,27 @@ def test_deepseek_v3_ep2_and_fssdp_equal_ep1(tmp_path):
     shutil.copytree(tmp_path / "fssdp", dst)
     shutil.rmtree(dst / "ckpt" / "step_4")
     _same(_torchrun(cfg, dst, "parallel.ep=2", resume=True), ep1, "fssdp checkpoint resumed under ep=2")
+
+
+def _ep_worker(rank, world, hf_dir):
+    from moesys.config import load_config
+    from moesys.models.hf_source import load_hf_causal_lm, resolve_config
+    from moesys.parallel import ExpertParallelExperts, parallelize
+    config = resolve_config(load_config(None, [f"model.hf_model={hf_dir}", "moe.backend=loop", "parallel.ep=2"]))
+    torch.manual_seed(0)
+    reference = load_hf_causal_lm(config)
+    model = load_hf_causal_lm(config)
+    handle = parallelize(model, config)
+    experts = model.hf.model.layers[1].mlp.experts
+    assert isinstance(experts, ExpertParallelExperts) and experts.global_expert_ids == [4 * rank + e for e in range(4)]
+    assert experts.gate_up_proj.shape[0] == 4 and handle.shards_experts
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(rank))
+    out, ref = model(ids, ids), reference(ids, ids)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.moe_stats[0].tokens_per_expert, ref.moe_stats[0].tokens_per_expert)
+
+
+def test_parallelize_shards_the_experts_of_a_transformers_model(tmp_path):
+    """EP replaces the experts inside transformers' own MoE block; each rank holds its half, logits unchanged."""
+    from moesys.parallel.testing import spawn
+    spawn(_ep_worker, 2, deepseek_v3(tmp_path / "src"))

@@ -74,6 +74,10 @@ def experts_activation(module: nn.Module, layout: ExpertsLayout) -> str:
     if layout.has_gate and gate_fn is not None and gate_fn.__name__ != "_default_apply_gate":
         raise ValueError(f"hf_model: {cls} has its own gate function (_apply_gate), which moesys' experts op "
                          "does not compute yet; this architecture cannot be trained with model.hf_model")
+    if layout.has_gate and not layout.is_concatenated:
+        # transformers' default gate splits [gate; up] halves whatever the flag says: no defined layout.
+        raise ValueError(f"hf_model: {cls} declares interleaved gate/up rows but uses the default gate, which "
+                         "reads them as concatenated halves; moesys will not guess which is meant")
     from moesys.integrations.hf_activations import moesys_activation
     try:
         return moesys_activation(module.act_fn, layout.has_gate, cls)

@@ -61,6 +61,7 @@ def _ep_worker(rank, world, hf_dir):
     assert torch.equal(out.moe_stats[0].tokens_per_expert, ref.moe_stats[0].tokens_per_expert)
 
 
+@pytest.mark.slow
 def test_parallelize_shards_the_experts_of_a_transformers_model(tmp_path):
     """EP replaces the experts inside transformers' own MoE block; each rank holds its half, logits unchanged."""
     from moesys.parallel.testing import spawn

@@ -4,16 +4,18 @@ Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
 
     y[t] = sum_j topk_weights[t, j] * (W_down[e] @ act(x[t]) + b_down[e]),   e = topk_ids[t, j]
 
-where, for the gated activations ("silu", "gelu_tanh"), act(x) = f(W_gate[e] x + b_gate) * (W_up[e] x + b_up)
-with `w_gate_up[e] = [W_gate; W_up]` (gate rows first, transformers v5's fused layout), and for the
-non-gated ones ("gelu", "relu") act(x) = f(W_up[e] x + b_up) with `w_gate_up[e] = W_up`.
+where, for gated activations, act(x) = f(W_gate[e] x + b_gate) * (W_up[e] x + b_up) with
+`w_gate_up[e] = [W_gate; W_up]` (gate rows first, transformers v5's fused layout; or gate and up rows
+alternating, for an interleaved activation), and for non-gated ones act(x) = f(W_up[e] x + b_up) with
+`w_gate_up[e] = W_up`. `moesys.activations` defines the activations (any of its functions, gated or not,
+with GPT-OSS's clamp, alpha and up shift) and their names.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moesys.activations import ACTIVATIONS, is_gated
+from moesys.activations import resolve_activation
 from moesys.backends import get_backend
 
 __all__ = ["moe_mlp", "check_moe_mlp_inputs"]
@@ -24,13 +26,15 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def check_moe_mlp_inputs(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, activation, b_gate_up, b_down):
-    """Raise ValueError/TypeError naming the bad input; returns (E, I)."""
+    """Raise ValueError/TypeError naming the bad input; returns (E, I, the resolved Activation)."""
     for name, t in (("x", x_TH), ("w_gate_up", w_gate_up), ("w_down", w_down),
                     ("topk_ids", topk_ids_TK), ("topk_weights", topk_weights_TK)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"moe_mlp: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"moe_mlp: activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    try:
+        spec = resolve_activation(activation)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"moe_mlp: {e}") from None
     if x_TH.dim() != 2:
         raise ValueError(f"moe_mlp: x must be 2-D [T, H], got shape {_shape(x_TH)}; flatten batch and sequence first")
     if not x_TH.is_floating_point():
@@ -40,12 +44,12 @@ def check_moe_mlp_inputs(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, 
         raise ValueError(f"moe_mlp: w_gate_up and w_down must be 3-D [E, 2I, H] and [E, H, I], "
                          f"got {_shape(w_gate_up)} and {_shape(w_down)}")
     E, H_down, I = w_down.shape
-    rows = 2 * I if is_gated(activation) else I
+    rows = 2 * I if spec.gated else I
     if tuple(w_gate_up.shape) != (E, rows, H) or H_down != H:
-        want = f"[{E}, {'2*' if is_gated(activation) else ''}{I}, {H}]"
+        want = f"[{E}, {'2*' if spec.gated else ''}{I}, {H}]"
         raise ValueError(f"moe_mlp: w_gate_up has shape {_shape(w_gate_up)} but x [T, H={H}] and w_down "
                          f"{_shape(w_down)} [E, H, I] need w_gate_up {want} for activation={activation!r}"
-                         + (" (gated: gate rows then up rows)" if is_gated(activation) else ""))
+                         + (" (gated: gate rows then up rows)" if spec.gated else ""))
     if E < 1:
         raise ValueError("moe_mlp: need at least one expert (E >= 1)")
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
@@ -74,7 +78,7 @@ def check_moe_mlp_inputs(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, 
     if len(devices) > 1:
         raise ValueError(f"moe_mlp: all inputs must be on one device, got {sorted(str(d) for d in devices)}")
     _check_ids_in_range(topk_ids_TK, E)
-    return E, I
+    return E, I, spec
 
 
 def _check_ids_in_range(topk_ids_TK: torch.Tensor, E: int) -> None:
@@ -99,16 +103,17 @@ def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, *, activation="silu", 
     Args:
         x: [T, H] tokens.  w_gate_up: [E, 2I, H] (gated) or [E, I, H] (non-gated).  w_down: [E, H, I].
         topk_ids: [T, K] integer expert ids.  topk_weights: [T, K] combine weights.
-        activation: "silu" | "gelu_tanh" (gated) or "gelu" | "relu" (non-gated).
+        activation: a name in `moesys.activations.ACTIVATIONS` ("silu", "gelu_tanh" gated; "gelu", "relu" plain;
+            "gated_<f>" / "plain_<f>" for any function) or a `moesys.activations.Activation`.
         backend: "auto" | "loop" | "grouped_mm" | "triton" (see `moesys.backends.available_backends()`).
         b_gate_up: optional [E, 2I] (or [E, I]).  b_down: optional [E, H].
     Returns:
         y: [T, H] in x's dtype, differentiable in x, the weights, the biases and topk_weights.
     """
-    check_moe_mlp_inputs(x, w_gate_up, w_down, topk_ids, topk_weights, activation, b_gate_up, b_down)
+    _, _, spec = check_moe_mlp_inputs(x, w_gate_up, w_down, topk_ids, topk_weights, activation, b_gate_up, b_down)
     if not isinstance(backend, str):
         raise TypeError(f"moe_mlp: backend must be a string, got {type(backend).__name__}")
     impl = get_backend(backend, x)
-    return impl(x, w_gate_up, w_down, topk_ids, topk_weights, activation=activation,
+    return impl(x, w_gate_up, w_down, topk_ids, topk_weights, activation=spec,
                 b_gate_up=b_gate_up, b_down=b_down)
 

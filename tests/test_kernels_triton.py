@@ -1,6 +1,7 @@
 """backend="triton" (moesys.kernels; Triton's CPU interpreter without a GPU) against the "loop" backend and the
-float64 per-token oracle: forward and every gradient (x, both weights, both biases, topk_weights), all four
-activations, odd shapes and edge cases; torch.compile(fullgraph=True); the same checks at real sizes on a GPU."""
+float64 per-token oracle: forward and every gradient (x, both weights, both biases, topk_weights), every
+activation gated and plain (GPT-OSS's clamped SwiGLU included), odd shapes and edge cases;
+torch.compile(fullgraph=True); the same checks at real sizes on a GPU."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesys import moe_mlp
-from moesys.activations import is_gated
+from moesys.activations import FUNCTIONS, Activation, clamped_swiglu, is_gated
 from moesys.backends import triton_unavailable_reason
 from tests.moe_oracle import moe_mlp_oracle, rel_err
 
@@ -86,6 +87,26 @@ def check(case, dy, activation, dtype, device=DEVICE, ref_backend="loop"):
         err, err_base = rel_err(got[name], ref[name]), rel_err(base[name], ref[name])
         assert err <= FLOOR[dtype] + 2 * err_base, (
             f"{name} ({activation}, {dtype}): triton rel err {err:.2e} vs {ref_backend} {err_base:.2e}")
+
+
+# Every elementwise function, gated and plain, plus quick GELU (silu's alpha) and the clamped SwiGLU with a
+# limit small enough to clamp both halves (interleaved as GPT-OSS stores it, and concatenated): forward
+# and all gradients at one small odd shape (the interpreter is slow), with biases and an idle expert.
+ALL_SPECS = ([Activation(fn, gated) for fn in FUNCTIONS for gated in (True, False)]
+             + [Activation("silu", True, alpha=1.702), Activation("silu", False, alpha=1.702),
+                clamped_swiglu(limit=0.6), clamped_swiglu(alpha=1.3, limit=0.4, up_shift=0.5, interleaved=False)])
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda a: a.key)
+def test_every_activation_fp32(spec):
+    case, dy = make_case(9, 12, 7, 4, 2, spec, True, seed=12, empty_expert=1)
+    check(case, dy, spec, torch.float32)
+
+
+@pytest.mark.parametrize("spec", [Activation("gelu", True), clamped_swiglu(limit=0.6)], ids=lambda a: a.key)
+def test_activation_bf16(spec):
+    case, dy = make_case(11, 16, 9, 3, 2, spec, True, seed=13)
+    check(case, dy, spec, torch.bfloat16)
 
 
 # T=37 is not a multiple of the 16-row interpreter tile; H=24, I=20 are not powers of two; expert 3 idle.
@@ -252,21 +273,19 @@ def test_fwd_cublas_path_only_when_h_is_saved_without_bias(monkeypatch):
     assert fwd_impl(x, w, save_h=True, has_bias=True) == "triton"
 
 
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("activation", ACTS)
-def test_act_forward_matches_torch(activation, gated):
-    """act_forward over odd shapes (rows and columns not multiples of the tile) against moesys.activations'
-    functions: act(gate) * up for a [N, 2I] h, act(h) for a [N, I] one."""
-    from moesys.activations import activation_fn
-    from moesys.kernels.act import ACT_CODES
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda a: a.key)
+def test_act_forward_matches_oracle(spec):
+    """act_forward over odd shapes (rows and columns not multiples of the tile) against the oracle's
+    activation: glu(gate, up) for a [N, 2I] h (either layout), act(h) for a [N, I] one."""
+    from moesys.kernels.act import act_constexprs
     from moesys.kernels.launch import act_forward
+    from tests.moe_oracle import act_oracle
     N, I = 19, 37
-    h = torch.randn(N, 2 * I if gated else I, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    h = torch.randn(N, 2 * I if spec.gated else I, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     a = torch.empty(N, I, device=DEVICE)
-    act_forward(h, a, gated=gated, I=I, act=ACT_CODES[activation])
-    fn = activation_fn(activation)
-    want = fn(h[:, :I]) * h[:, I:] if gated else fn(h)
-    assert torch.allclose(a, want, rtol=1e-5, atol=1e-6)
+    act_forward(h, a, gated=spec.gated, I=I, act=act_constexprs(spec))
+    want = act_oracle(h.cpu().double(), spec)
+    assert torch.allclose(a.cpu().double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("T,K,H", [(7, 3, 37), (1, 1, 5), (0, 2, 8), (33, 8, 1100)])
@@ -326,9 +345,9 @@ def test_kernels_compile_for_hopper():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("Triton's CUDA toolchain (ptxas) is not installed here")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("wgmma") == 7, proc.stdout  # every GEMM variant reports its wgmma count
-    assert proc.stdout.count("act_backward") == 2, proc.stdout
-    assert proc.stdout.count("act_forward") == 2, proc.stdout
+    assert proc.stdout.count("wgmma") == 8, proc.stdout  # every GEMM variant reports its wgmma count
+    assert proc.stdout.count("act_backward") == 3, proc.stdout  # silu, gelu_tanh, clamped SwiGLU
+    assert proc.stdout.count("act_forward") == 3, proc.stdout
     assert "sort_routing" in proc.stdout, proc.stdout
     assert "token_sum" in proc.stdout, proc.stdout
 
@@ -352,3 +371,24 @@ def test_gpu_real_sizes(shape, activation, bias):
     for name in ref:
         err, err_base = rel_err(got[name], ref[name]), rel_err(base[name], ref[name])
         assert err <= 2e-3 + 2 * err_base, f"{name}: triton {err:.2e} vs grouped_mm {err_base:.2e}"
+
+
+def test_transposed_interleaved_weights_as_gpt_oss_stores_them():
+    """GPT-OSS's layout through the kernels without a copy: gate_up_proj stored [E, H, 2I] with gate/up columns
+    interleaved, down_proj [E, I, H], both passed as transposed views; biases; clamped SwiGLU. Forward and
+    every gradient against the oracle on the contiguous equivalents."""
+    spec = clamped_swiglu(limit=0.6)
+    case, dy = make_case(10, 12, 7, 3, 2, spec, True, seed=14)
+    ref = oracle(case, dy, spec)
+    stored = {"w_gate_up": case["w_gate_up"].float().transpose(1, 2).contiguous(),
+              "w_down": case["w_down"].float().transpose(1, 2).contiguous()}
+    leaves = {k: stored[k].to(DEVICE).requires_grad_() for k in stored}
+    others = {k: case[k].float().to(DEVICE).requires_grad_() for k in ("x", "topk_weights", "b_gate_up", "b_down")}
+    y = moe_mlp(others["x"], leaves["w_gate_up"].transpose(1, 2), leaves["w_down"].transpose(1, 2),
+                case["topk_ids"].to(DEVICE), others["topk_weights"], activation=spec, backend="triton",
+                b_gate_up=others["b_gate_up"], b_down=others["b_down"])
+    y.backward(dy.float().to(DEVICE))
+    got = {"y": y.detach(), **{k: v.grad for k, v in others.items()},
+           **{k: v.grad.transpose(1, 2) for k, v in leaves.items()}}
+    for name in ref:
+        assert rel_err(got[name].cpu(), ref[name]) <= FLOOR[torch.float32], name

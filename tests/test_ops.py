@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesys import moe_mlp
-from moesys.activations import ACTIVATIONS, is_gated
+from moesys.activations import ACTIVATIONS, Activation, clamped_swiglu, is_gated
 from tests.moe_oracle import moe_mlp_oracle, rel_err
 
 BACKENDS = ["loop", "grouped_mm"]
@@ -156,3 +156,40 @@ def test_triton_backend_says_why_it_cannot_run(monkeypatch):
     monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device: "no GPU and TRITON_INTERPRET unset")
     with pytest.raises(RuntimeError, match="cannot run here: no GPU"):
         _call(backend="triton")
+
+
+@pytest.mark.parametrize("fn,ref", [
+    ("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu),
+    ("gelu_tanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh")), ("relu", torch.relu),
+    ("relu2", lambda x: torch.relu(x) ** 2), ("sigmoid", torch.sigmoid), ("mish", torch.nn.functional.mish),
+    ("quick_gelu", lambda x: x * torch.sigmoid(1.702 * x))])
+def test_oracle_formulas_match_torch(fn, ref):
+    """The oracle's own formulas (written from the definitions) against torch's functions, float64."""
+    from tests.moe_oracle import FUNCTIONS
+    x = torch.linspace(-9, 9, 301, dtype=torch.float64)
+    assert torch.allclose(FUNCTIONS[fn](x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+PARAM_SPECS = [clamped_swiglu(limit=0.6), clamped_swiglu(alpha=1.3, limit=0.4, up_shift=0.5, interleaved=False),
+               Activation("silu", False, alpha=1.702), Activation("mish", True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec", PARAM_SPECS, ids=lambda a: a.key)
+def test_parameterized_activations_match_oracle(backend, spec):
+    """Activations with parameters (GPT-OSS's clamped SwiGLU with a limit that clamps both halves, in either
+    gate/up layout; silu's alpha) as Activation objects, forward and every gradient, float64."""
+    inp = make_inputs(11, 7, 5, 4, 2, spec, True, torch.float64, seed=21)
+    check_against_oracle(backend, inp, spec, 1e-10)
+    assert Activation.from_key(spec.key) == spec
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(fn="swish", gated=True), "fn='swish' is unknown"),
+    (dict(fn="gelu", gated=True, alpha=2.0), "alpha=2.0 applies to fn='silu' only"),
+    (dict(fn="relu", gated=False, limit=1.0), "set gated=True"),
+    (dict(fn="silu", gated=True, limit=-1.0), "limit=-1.0 must be positive"),
+])
+def test_bad_activation_specs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Activation(**kwargs)

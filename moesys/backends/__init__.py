@@ -1,7 +1,8 @@
 """Registry of `moe_mlp` backends: name -> implementation, and the "auto" choice.
 
 Each backend is `fn(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, *, activation, b_gate_up, b_down)`
-with inputs already checked by `moesys.ops.check_moe_mlp_inputs`.
+with inputs already checked by `moesys.ops.check_moe_mlp_inputs` and `activation` resolved to a
+`moesys.activations.Activation`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from moesys.activations import FUNCTIONS, Activation, clamped_swiglu
+from moesys.kernels.act import act_constexprs
 from moesys.kernels.act_backward import act_backward_kernel
 from moesys.kernels.act_forward import act_forward_kernel
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE, expert_wgrad_kernel, grouped_gemm_kernel
@@ -67,12 +69,16 @@ def variants(all_variants: bool, dtype: str):
     prec = "ieee" if dtype == "fp32" else "tf32"
     tile = dict(BM=128, BN=128, BK=64, GROUP_M=8, UPCAST=False, DOT_PREC=prec)
     gemm = dict(tile, E_P2=8, stride_ak=1, stride_on=1, stride_hn=1, B_DESC=True)
-    acts = range(4) if all_variants else (0, 1)
+    # the default run: gated silu and gelu_tanh (descriptor weights), GPT-OSS's clamped SwiGLU (interleaved,
+    # so pointer weights); --all: every function gated and plain
+    acts = ([Activation(fn, gated) for fn in FUNCTIONS for gated in (True, False)] + [clamped_swiglu()]
+            if all_variants else [Activation("silu", True), Activation("gelu_tanh", True), clamped_swiglu()])
     flags = (False, True) if all_variants else (True,)
     for act, bias, save_h in itertools.product(acts, flags, flags):
-        yield (f"fwd_gate_up act={act} bias={bias} save_h={save_h}", grouped_gemm_kernel,
-               dict(gemm, EPILOGUE=EPI_ACT_FWD, GATHER_A=True, GATED=act < 2, HAS_BIAS=bias, SAVE_H=save_h,
-                    SCALE=False, ACT=act, stride_bk=1, B_KCONTIG=True), False)
+        yield (f"fwd_gate_up act={act.key} bias={bias} save_h={save_h}", grouped_gemm_kernel,
+               dict(gemm, EPILOGUE=EPI_ACT_FWD, GATHER_A=True, GATED=act.gated, HAS_BIAS=bias, SAVE_H=save_h,
+                    SCALE=False, **act_constexprs(act), stride_bk=1, B_KCONTIG=True,
+                    B_DESC=not act.interleaved), False)
     for scale, bias in itertools.product((False, True), flags):
         yield (f"scatter scale={scale} bias={bias}", grouped_gemm_kernel,
                dict(gemm, EPILOGUE=EPI_SCATTER, GATHER_A=False, GATED=False, HAS_BIAS=bias, SAVE_H=False,
@@ -85,8 +91,9 @@ def variants(all_variants: bool, dtype: str):
                dict(gemm, EPILOGUE=EPI_SCATTER, GATHER_A=False, GATED=False, HAS_BIAS=False, SAVE_H=False,
                     SCALE=True, ACT=0, B_DESC=False, B_KCONTIG=True, stride_bk=1), True)
     for act in acts:
-        yield (f"act_backward act={act}", act_backward_kernel, dict(GATED=act < 2, ACT=act, BR=16, BC=256), False)
-        yield (f"act_forward act={act}", act_forward_kernel, dict(GATED=act < 2, ACT=act, BR=16, BC=256), False)
+        consts = dict(GATED=act.gated, **act_constexprs(act), BR=16, BC=256)
+        yield (f"act_backward act={act.key}", act_backward_kernel, consts, False)
+        yield (f"act_forward act={act.key}", act_forward_kernel, consts, False)
     for gather_p, s_desc in itertools.product((True, False), (True, False) if all_variants else (True,)):
         yield (f"wgrad gather_p={gather_p} s_desc={s_desc}", expert_wgrad_kernel,
                dict(tile, GATHER_P=gather_p, GATHER_Q=not gather_p, S_DESC=s_desc, stride_pm=1, stride_qn=1), False)

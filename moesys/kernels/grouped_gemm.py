@@ -9,7 +9,8 @@ Grouped GEMM (`grouped_gemm_kernel`): out rows r of expert e = A[row r] @ B[e], 
 through strides (so W and W^T need no copy). A row r is `a[token[r]]` when GATHER_A (no padded or
 gathered copy of x / dy is ever made). Epilogues:
   EPI_ACT_FWD  h = A W^T (+b); stores h (for backward, optional) and act(h) [gated: two accumulators,
-               gate columns n and up columns I+n, SwiGLU in registers].
+               gate columns n and up columns I+n (or 2n and 2n+1 when INTERLEAVED: weight rows, bias and
+               h alike), the gated activation (`act.glu_fwd`) in registers].
   EPI_SCATTER  y[token[r]] += w[r] * (A W^T + b) with fp32 atomics: the top-k combine is fused, no
                [N, H] intermediate is written.
   EPI_STORE    out[r] = A W (+ nothing): g = dY[token] W_down in backward, in sorted row order.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moesys.kernels.act import act_fwd
+from moesys.kernels.act import act_fwd, glu_fwd
 
 EPI_ACT_FWD, EPI_SCATTER, EPI_STORE = 0, 1, 2
 
@@ -70,6 +71,8 @@ def grouped_gemm_kernel(
     EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE_H: tl.constexpr, SCALE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr, B_DESC: tl.constexpr, B_KCONTIG: tl.constexpr,
+    ALPHA: tl.constexpr = 1.0, CLAMP: tl.constexpr = False, LIMIT: tl.constexpr = 0.0, UP_SHIFT: tl.constexpr = 0.0,
+    INTERLEAVED: tl.constexpr = False,
 ):
     # Grid is an upper bound on row blocks (N/BM + E), known without reading the offsets.
     pid = tl.program_id(0)
@@ -96,9 +99,16 @@ def grouped_gemm_kernel(
     cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < Nd
     offs_k = tl.arange(0, BK)
+    # where a gated epilogue's gate and up columns sit (in the weight's rows, the bias and h)
+    if GATED and EPILOGUE == 0 and INTERLEAVED:
+        gate_cols = 2 * cols
+        up_delta = 1
+    else:
+        gate_cols = cols
+        up_delta = I
 
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    b_ptrs = b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + gate_cols[None, :] * stride_bn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, Kd, BK):
@@ -117,7 +127,7 @@ def grouped_gemm_kernel(
             if B_DESC:
                 b_up = _load_b_tile(b_desc, e, I + pid_n * BN, k0, BN, BK, B_KCONTIG)
             else:
-                b_up = tl.load(b_ptrs + I * stride_bn, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                b_up = tl.load(b_ptrs + up_delta * stride_bn, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PREC)
@@ -130,20 +140,21 @@ def grouped_gemm_kernel(
         io_dtype = out_ptr.dtype.element_ty
         if HAS_BIAS:
             bias_row = bias_ptr + e.to(tl.int64) * stride_biase
-            acc += tl.load(bias_row + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_row + gate_cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             if GATED:
-                acc_up += tl.load(bias_row + I + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                acc_up += tl.load(bias_row + up_delta + gate_cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         # Round h as it is stored, so backward's recomputed activation equals this one.
         gate = acc.to(io_dtype)
-        h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn
+        h_ptrs = h_ptr + rows64[:, None] * stride_hm + gate_cols[None, :] * stride_hn
         if SAVE_H:
             tl.store(h_ptrs, gate, mask=mask)
-        act = act_fwd(gate.to(tl.float32), ACT)
         if GATED:
             up = acc_up.to(io_dtype)
             if SAVE_H:
-                tl.store(h_ptrs + I * stride_hn, up, mask=mask)
-            act = act * up.to(tl.float32)
+                tl.store(h_ptrs + up_delta * stride_hn, up, mask=mask)
+            act = glu_fwd(gate.to(tl.float32), up.to(tl.float32), ACT, ALPHA, CLAMP, LIMIT, UP_SHIFT)
+        else:
+            act = act_fwd(gate.to(tl.float32), ACT, ALPHA)
         tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on, act.to(io_dtype), mask=mask)
     elif EPILOGUE == 1:
         if HAS_BIAS:

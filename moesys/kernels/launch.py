@@ -208,15 +208,19 @@ def tensor_descriptor(t: torch.Tensor) -> TensorDescriptor | None:
 
 
 def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, gather_a, gated=False, I=0,
-                 h=None, bias=None, rw_N=None, save_h=False, act=0):
+                 h=None, bias=None, rw_N=None, save_h=False, act=None):
     """One launch of `grouped_gemm_kernel` over the N = token_N.numel() expert-sorted rows.
 
     `w_strides` = (stride_e, stride_k, stride_n) reading w[e] as a [Kd, Nd] matrix (w is [E, Nd, Kd] or
-    [E, Kd, Nd] in memory; which one is read off the strides)."""
+    [E, Kd, Nd] in memory; which one is read off the strides). `act`: the activation epilogue's
+    constexprs (`act.act_constexprs`)."""
     N = token_N.numel()
+    act = act if act is not None else {"ACT": 0}
     # TMA for k-contiguous weights only (forward): on the n-contiguous layout of the backward GEMMs it was
     # slower than pointer loads in an H200 A/B (bwd_dx Mixtral 6.20 vs 5.98 ms; bench/results/moe_stages*).
-    b_desc = tensor_descriptor(w) if w_strides[1] == 1 else None
+    # Interleaved gate/up rows (every other row) go through pointers too.
+    interleaved = gated and epilogue == EPI_ACT_FWD and act.get("INTERLEAVED", False)
+    b_desc = tensor_descriptor(w) if w_strides[1] == 1 and not interleaved else None
     E = offsets_E.numel()
     dummy = out
     h_ = h if h is not None else dummy
@@ -229,7 +233,7 @@ def grouped_gemm(a, w, w_strides, Kd, Nd, token_N, offsets_E, *, epilogue, out, 
         bias_ptr=bias if bias is not None else dummy, stride_biase=bias.stride(0) if bias is not None else 0,
         num_rows=N, Kd=Kd, Nd=Nd, E=E, I=I, rows_bucket=_rows_bucket(N),
         E_P2=triton.next_power_of_2(E), EPILOGUE=epilogue, GATHER_A=gather_a, GATED=gated,
-        HAS_BIAS=bias is not None, SAVE_H=save_h, SCALE=rw_N is not None, ACT=act, **_common(a),
+        HAS_BIAS=bias is not None, SAVE_H=save_h, SCALE=rw_N is not None, **act, **_common(a),
         B_DESC=b_desc is not None, B_KCONTIG=w_strides[1] == 1,
     )
 
@@ -361,28 +365,29 @@ def token_sum(rows_NH: torch.Tensor, inv_N: torch.Tensor, T: int, K: int) -> tor
 
 
 def act_forward(h, a, *, gated, I, act):
-    """a = act(gate) * up (gated: h is [N, 2I]) or act(h), over the N sorted rows, into `a` [N, I]."""
+    """a = glu(gate, up) (gated: h is [N, 2I]) or act(h), over the N sorted rows, into `a` [N, I]; `act` is
+    the activation's constexprs (`act.act_constexprs`)."""
     N = h.shape[0]
     if N == 0:
         return
     args = (h, h.stride(0), a, a.stride(0), N, I)
     if is_interpreted() or not _autotune():
         meta = {"BR": 4, "BC": 16} if is_interpreted() else {"BR": 16, "BC": 256, "num_warps": 4}
-        act_forward_kernel[(triton.cdiv(N, meta["BR"]), triton.cdiv(I, meta["BC"]))](*args, GATED=gated, ACT=act,
+        act_forward_kernel[(triton.cdiv(N, meta["BR"]), triton.cdiv(I, meta["BC"]))](*args, GATED=gated, **act,
                                                                                       **meta)
     else:
         _act_forward_tuned[lambda meta: (triton.cdiv(N, meta["BR"]), triton.cdiv(I, meta["BC"]))](
-            *args, GATED=gated, ACT=act)
+            *args, GATED=gated, **act)
 
 
 def act_backward(h, g, dh, rw_N, drw_N, *, gated, I, act):
     """Activation backward over the N sorted rows, after g = dy[token] W_down is in `g`: writes
     dh = d act * (w g) (both halves when gated), replaces g by w * act(h) in place, and stores
-    drw[r] = act(h[r]) . g[r]."""
+    drw[r] = act(h[r]) . g[r]; `act` is the activation's constexprs (`act.act_constexprs`)."""
     N = g.shape[0]
     args = (h, h.stride(0), g, g.stride(0), dh, dh.stride(0), rw_N, drw_N, N, I, _rows_bucket(N))
     if is_interpreted() or not _autotune():
         meta = {"BR": 4, "BC": 16} if is_interpreted() else {"BR": 16, "BC": 256, "num_warps": 4}
-        act_backward_kernel[(triton.cdiv(N, meta["BR"]),)](*args, GATED=gated, ACT=act, **meta)
+        act_backward_kernel[(triton.cdiv(N, meta["BR"]),)](*args, GATED=gated, **act, **meta)
     else:
-        _act_backward_tuned[lambda meta: (triton.cdiv(N, meta["BR"]),)](*args, GATED=gated, ACT=act)
+        _act_backward_tuned[lambda meta: (triton.cdiv(N, meta["BR"]),)](*args, GATED=gated, **act)

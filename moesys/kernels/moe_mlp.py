@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from moesys.activations import is_gated
+from moesys.activations import Activation, resolve_activation
 from moesys.backends.grouped_mm import inverse_permutation
-from moesys.kernels.act import ACT_CODES
+from moesys.kernels.act import act_constexprs
 from moesys.kernels.grouped_gemm import EPI_ACT_FWD, EPI_SCATTER, EPI_STORE
 from moesys.kernels.launch import (act_backward, act_forward, dgrad_impl, fwd_impl, grouped_gemm, token_sum,
                                   unavailable_reason, weight_grad)
@@ -52,20 +52,22 @@ def _strides(w: Tensor, transpose: bool) -> tuple[int, int, int]:
 @torch.library.custom_op("moesys::moe_mlp_triton_up", mutates_args=())
 def moe_mlp_up(x: Tensor, w_gate_up: Tensor, b_gate_up: Optional[Tensor], topk_ids: Tensor, I: int,
                activation: str, save_h: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (a_NI, h_NF or an empty [0, F] when not save_h, token_N, perm_N, offsets_E)."""
+    """Returns (a_NI, h_NF or an empty [0, F] when not save_h, token_N, perm_N, offsets_E). `activation` is
+    an `Activation.key`; h_NF's columns are in w_gate_up's row order (gate/up interleaved if its rows are)."""
     E, F, H = w_gate_up.shape
+    act = act_constexprs(Activation.from_key(activation))
     N = topk_ids.numel()
     token_N, perm_N, offsets_E = sort_routing(topk_ids, E)
     a_NI = x.new_empty(N, I)
     with record_function("moesys::fwd_gate_up_act"):
         if fwd_impl(x, w_gate_up, save_h=save_h, has_bias=b_gate_up is not None) == "grouped_mm":
             h_NF = torch._grouped_mm(x.index_select(0, token_N), w_gate_up.transpose(1, 2), offs=offsets_E)
-            act_forward(h_NF, a_NI, gated=F == 2 * I, I=I, act=ACT_CODES[activation])
+            act_forward(h_NF, a_NI, gated=F == 2 * I, I=I, act=act)
         else:
             h_NF = x.new_empty(N if save_h else 0, F)
             grouped_gemm(x, w_gate_up, _strides(w_gate_up, True), H, I, token_N, offsets_E, epilogue=EPI_ACT_FWD,
                          out=a_NI, gather_a=True, gated=F == 2 * I, I=I, h=h_NF if save_h else None,
-                         bias=b_gate_up, save_h=save_h, act=ACT_CODES[activation])
+                         bias=b_gate_up, save_h=save_h, act=act)
     return a_NI, h_NF, token_N, perm_N, offsets_E
 
 
@@ -173,7 +175,8 @@ def moe_mlp_down_bwd(dy: Tensor, h_NF: Tensor, w_down: Tensor, b_down: Optional[
             grouped_gemm(dy, w_down, _strides(w_down, False), H, I, token_N, offsets_E, epilogue=EPI_STORE,
                          out=wa_NI, gather_a=True)
     with record_function("moesys::bwd_act"):
-        act_backward(h_NF, wa_NI, h_NF, rw_N, drw_N, gated=h_NF.shape[1] == 2 * I, I=I, act=ACT_CODES[activation])
+        act_backward(h_NF, wa_NI, h_NF, rw_N, drw_N, gated=h_NF.shape[1] == 2 * I, I=I,
+                     act=act_constexprs(Activation.from_key(activation)))
     with record_function("moesys::bwd_dw_down"):
         dw_down = weight_grad(dy, wa_NI, token_N, offsets_E, gather_p=True, gathered=dy_NH)
     del wa_NI, dy_NH
@@ -226,15 +229,13 @@ def moe_mlp_triton(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, *, act
     if x_TH.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"moe_mlp: backend='triton' supports dtypes {[str(d) for d in SUPPORTED_DTYPES]}, got "
                         f"{x_TH.dtype}; use backend='loop' or 'grouped_mm' for it")
-    if activation not in ACT_CODES:
-        raise ValueError(f"moe_mlp: backend='triton' has no kernel for activation={activation!r}; "
-                         f"supported: {sorted(ACT_CODES)}")
-    assert is_gated(activation) == (w_gate_up.shape[1] == 2 * w_down.shape[2])
+    activation = resolve_activation(activation)
+    assert activation.gated == (w_gate_up.shape[1] == 2 * w_down.shape[2])
     b_gate_up = b_gate_up.contiguous() if b_gate_up is not None else None
     b_down = b_down.contiguous() if b_down is not None else None
     tensors = (x_TH, w_gate_up, w_down, topk_weights_TK, b_gate_up, b_down)
     save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     a_NI, h_NF, token_N, perm_N, offsets_E = moe_mlp_up(x_TH, w_gate_up, b_gate_up, topk_ids_TK, w_down.shape[2],
-                                                        activation, save_h)
+                                                        activation.key, save_h)
     return moe_mlp_down(a_NI, h_NF, w_down, b_down, topk_ids_TK, topk_weights_TK, token_N, perm_N, offsets_E,
-                        activation)
+                        activation.key)

@@ -49,7 +49,8 @@ def gpt_oss(path: Path, seed: int = 0) -> Path:
     from transformers import GptOssConfig
     cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
-                       num_experts_per_tok=2, sliding_window=8, max_position_embeddings=128)
+                       num_experts_per_tok=2, sliding_window=8, max_position_embeddings=128,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     return _save(cfg, path, seed)
 
 

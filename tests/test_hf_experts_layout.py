@@ -71,3 +71,25 @@ def test_layout_round_trip_is_exact(concat, transposed, bias, gated):
         assert torch.equal(ours["gate_up_proj"][:, I], first_up)
     back = to_hf(ours, layout)
     assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+def test_a_custom_gate_is_taken_only_when_an_activation_computes_it_exactly():
+    """GPT-OSS's clamped SwiGLU is recognised by probing; the same class with another gate is refused."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    from moesys.activations import clamped_swiglu
+    cfg = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E)
+    module = GptOssExperts(cfg)
+    for p in module.parameters():
+        nn.init.normal_(p, std=0.3)
+    experts, _ = moesys_experts(module, backend="loop")
+    assert experts.activation == clamped_swiglu(interleaved=False)
+
+    class WithoutUpShift(GptOssExperts):
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            return up * gate * torch.sigmoid(gate * self.alpha)
+
+    with pytest.raises(ValueError, match="does not recognise"):
+        moesys_experts(WithoutUpShift(cfg), backend="loop")

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moesys.config import load_config
-from tests._hf_model_helpers import deepseek_v3, qwen3_moe, write_config
+from moesys.models.hf_experts_layout import to_moesys
+from tests._hf_model_helpers import deepseek_v3, gpt_oss, qwen3_moe, write_config
 from tests._train_helpers import metrics
 
 
@@ -29,7 +30,7 @@ def _load(hf_dir, *items):
     return config, load_hf_causal_lm(config)
 
 
-@pytest.mark.parametrize("family", [deepseek_v3, qwen3_moe])
+@pytest.mark.parametrize("family", [deepseek_v3, qwen3_moe, gpt_oss])
 def test_logits_and_gradients_equal_transformers(tmp_path, family):
     from transformers import AutoModelForCausalLM
     hf_dir = family(tmp_path / "src")
@@ -39,11 +40,16 @@ def test_logits_and_gradients_equal_transformers(tmp_path, family):
     out = model(ids, ids)
     ref_logits = ref(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(out.logits, ref_logits, rtol=1e-5, atol=1e-5)
-    # Gradients of an expert tensor agree too (transformers' layout is ours for these families).
+    # Gradients of the experts agree too, in moe_mlp's layout (GPT-OSS's are transposed and interleaved).
     out.logits.square().mean().backward()
     ref_logits.square().mean().backward()
-    name = next(n for n, _ in ref.named_parameters() if n.endswith("experts.gate_up_proj"))
-    torch.testing.assert_close(model.hf.get_parameter(name).grad, ref.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
+    holder = next(n for n, _ in ref.named_modules() if n.endswith(".mlp") and n in model.layouts)
+    ref_experts = ref.get_submodule(holder + ".experts")
+    want = to_moesys({n: p.grad for n, p in ref_experts.named_parameters()}, model.layouts[holder])
+    for n, g in want.items():
+        torch.testing.assert_close(model.hf.get_submodule(holder + ".experts").get_parameter(n).grad, g,
+                                   rtol=1e-4, atol=1e-6)
+    name = holder + ".experts.down_proj"
     # The config's shape keys come from the checkpoint; each block's load is counted.
     assert config.moe.num_experts == ref.get_parameter(name).shape[0] and config.model.vocab_size == 300
     assert [int(s.tokens_per_expert.sum()) for s in out.moe_stats] == [24 * config.moe.top_k] * len(out.moe_stats)
@@ -59,45 +65,69 @@ def test_qwen3_moe_uses_its_own_load_balancing_loss(tmp_path):
     assert model(ids, ids).aux_loss.item() == pytest.approx(0.5 * expected.item(), rel=1e-5)
 
 
-@pytest.mark.slow
-def test_deepseek_v3_trains_resumes_bit_for_bit_and_exports(tmp_path):
+def _train_resume_export(tmp_path, hf_dir, *items):
+    """Train 5 steps (checkpoints at 2 and 4), resume from step 2, export; checks what every family shares.
+    Returns the final checkpoint's tensors and the exported directory."""
     from transformers import AutoModelForCausalLM
-    hf_dir = deepseek_v3(tmp_path / "src")
+    from moesys.checkpoint import merge_experts
+    from moesys.export import export
     cfg = write_config(tmp_path / "hf.yaml", hf_dir, "checkpoint:", "  every: 2", "  keep: 3")
-    items = ("train.steps=5", "moe.router.aux_free_bias=true", "moe.router.bias_update_rate=0.01")
-    assert _train(cfg, tmp_path / "run", *items) == 0
+    assert _train(cfg, tmp_path / "run", "train.steps=5", *items) == 0
     full = metrics(tmp_path / "run")
     assert full[-1]["loss"] < full[0]["loss"] - 0.1
-    assert len(full[0]["expert_load_fraction"]) == 1 and len(full[0]["expert_load_fraction"][0]) == 8
-    flat = load_file(str(tmp_path / "run" / "ckpt" / "step_5" / "model.safetensors"))
-    bias = flat["hf.model.layers.1.mlp.gate.e_score_correction_bias"]
-    assert bias.abs().max() > 0  # the aux-loss-free update moved DeepSeek-V3's selection bias
 
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "run", resumed)
     for d in (resumed / "ckpt").iterdir():
         if d.name != "step_2":
             shutil.rmtree(d)
-    assert _train(cfg, resumed, *items, resume=True) == 0
+    assert _train(cfg, resumed, "train.steps=5", *items, resume=True) == 0
     again = metrics(resumed)
     assert [(r["loss"], r["grad_norm"]) for r in again] == [(r["loss"], r["grad_norm"]) for r in full]
 
-    # Export: transformers' own directory, on-disk names, the trained weights, the same logits.
-    from moesys.export import export
+    # Export: transformers' own directory and on-disk names, with the trained model's logits exactly.
+    flat = load_file(str(tmp_path / "run" / "ckpt" / "step_5" / "model.safetensors"))
     out = export(tmp_path / "run", tmp_path / "exported")
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["DeepseekV3ForCausalLM"]
+    source_config = json.loads((hf_dir / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["architectures"] == source_config["architectures"]
+    assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(hf_dir / "model.safetensors")))
+    # Loaded back by moesys, the export holds the checkpoint's tensors bit for bit; transformers' own
+    # class computes the trained model's logits (to fp32 rounding: its experts sum in another order).
+    _, trained = _load(hf_dir)
+    trained.load_state_dict(merge_experts(flat, trained.state_dict()))
+    _, reloaded = _load(out)
+    want = trained.state_dict()
+    got = reloaded.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in got.items())
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(exported(input_ids=ids, use_cache=False).logits, trained(ids).logits,
+                               rtol=1e-5, atol=1e-6)
+    return flat, out, full
+
+
+@pytest.mark.slow
+def test_deepseek_v3_trains_resumes_bit_for_bit_and_exports(tmp_path):
+    hf_dir = deepseek_v3(tmp_path / "src")
+    flat, out, full = _train_resume_export(tmp_path, hf_dir, "moe.router.aux_free_bias=true",
+                                           "moe.router.bias_update_rate=0.01")
+    assert len(full[0]["expert_load_fraction"]) == 1 and len(full[0]["expert_load_fraction"][0]) == 8
+    bias = flat["hf.model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert bias.abs().max() > 0  # the aux-loss-free update moved DeepSeek-V3's selection bias
     on_disk = load_file(str(out / "model.safetensors"))
-    assert set(on_disk) == set(load_file(str(hf_dir / "model.safetensors")))
     assert torch.equal(on_disk["model.layers.1.mlp.experts.5.up_proj.weight"],
                        flat["hf.model.layers.1.mlp.experts.5.gate_up_proj"][16:])
     assert torch.equal(on_disk["model.layers.1.mlp.gate.e_score_correction_bias"], bias)
-    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    from moesys.checkpoint import merge_experts
-    _, trained = _load(hf_dir)
-    trained.load_state_dict(merge_experts(flat, trained.state_dict()))
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(exported(input_ids=ids, use_cache=False).logits, trained(ids).logits,
-                               rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_gpt_oss_trains_resumes_bit_for_bit_and_exports(tmp_path):
+    """Biases, clamped SwiGLU, transposed interleaved experts (converted at load, converted back at export)."""
+    flat, out, full = _train_resume_export(tmp_path, gpt_oss(tmp_path / "src"), "moe.aux_loss_coef=0.01")
+    assert full[0]["aux_loss"] > 0  # GPT-OSS's own load-balancing loss
+    on_disk = load_file(str(out / "model.safetensors"))
+    ours_IH = flat["hf.model.layers.0.mlp.experts.1.gate_up_proj"]  # [gate; up] rows
+    assert torch.equal(on_disk["model.layers.0.mlp.experts.gate_up_proj"][1][:, 1::2], ours_IH[16:].T)
 
 
 def test_export_of_an_untrained_checkpoint_reproduces_every_tensor(tmp_path):

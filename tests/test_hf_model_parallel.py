@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests._hf_model_helpers import deepseek_v3, write_config
+from tests._hf_model_helpers import deepseek_v3, gpt_oss, write_config
 from tests._train_helpers import REPO, env, metrics
 from tests.test_ep_train_job import _same
 
@@ -59,6 +59,15 @@ def _ep_worker(rank, world, hf_dir):
     out, ref = model(ids, ids), reference(ids, ids)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
     assert torch.equal(out.moe_stats[0].tokens_per_expert, ref.moe_stats[0].tokens_per_expert)
+
+
+@pytest.mark.slow
+def test_gpt_oss_ep2_equals_ep1(tmp_path):
+    """Expert biases and the clamped SwiGLU travel with the experts: ep=2 keeps ep=1's losses."""
+    cfg = write_config(tmp_path / "hf.yaml", gpt_oss(tmp_path / "src"))  # with its own aux loss (coef 0.01)
+    ep1 = _torchrun(cfg, tmp_path / "ep1", "parallel.ep=1")
+    assert ep1[-1]["loss"] < ep1[0]["loss"]
+    _same(_torchrun(cfg, tmp_path / "ep2", "parallel.ep=2"), ep1, "ep=2 vs ep=1")
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@ transformers v5 marks an experts class with `@use_experts_implementation(is_conc
 is_transposed=..., has_bias=..., has_gate=..., has_post_expert_norm=...)`; each instance carries
 those flags. moesys' `Experts` holds one layout only (gate_up_proj [E, 2I, H] with the gate rows
 first, down_proj [E, H, I], biases [E, 2I] / [E, H]), so an HF model trained by moesys gets its
-experts converted to that layout once at load (no per-call copies) and back at export. The
+experts converted to that layout once at load (no per-call copies) and back at export. A class with its own gate function
+(`_apply_gate`, GPT-OSS's clamped SwiGLU) is accepted only when one of moesys' activations computes
+exactly the same on probe inputs. The
 parameter names are the same (`experts.gate_up_proj`, ...), so state dicts keep transformers' names.
 
 Legend: E experts, H hidden, I expert intermediate.
@@ -12,11 +14,13 @@ Legend: E experts, H hidden, I expert intermediate.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from moesys.activations import Activation, apply_activation, clamped_swiglu
 from moesys.layers.experts import Experts
 
 _FLAG_DEFAULTS = {"is_concatenated": True, "is_transposed": False, "has_bias": False, "has_gate": True,
@@ -67,13 +71,13 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
     return ExpertsLayout(flags["is_concatenated"], flags["is_transposed"], flags["has_bias"], flags["has_gate"])
 
 
-def experts_activation(module: nn.Module, layout: ExpertsLayout) -> str:
-    """moe_mlp's activation name for the module's gate, or a ValueError naming what is unsupported."""
+def experts_activation(module: nn.Module, layout: ExpertsLayout) -> str | Activation:
+    """moe_mlp's activation for the module's gate, as it applies to the converted (concatenated) rows,
+    or a ValueError naming what is unsupported."""
     cls = type(module).__name__
     gate_fn = getattr(type(module), "_apply_gate", None)
     if layout.has_gate and gate_fn is not None and gate_fn.__name__ != "_default_apply_gate":
-        raise ValueError(f"hf_model: {cls} has its own gate function (_apply_gate), which moesys' experts op "
-                         "does not compute yet; this architecture cannot be trained with model.hf_model")
+        return _recognised_gate(module, layout)
     if layout.has_gate and not layout.is_concatenated:
         # transformers' default gate splits [gate; up] halves whatever the flag says: no defined layout.
         raise ValueError(f"hf_model: {cls} declares interleaved gate/up rows but uses the default gate, which "
@@ -83,6 +87,31 @@ def experts_activation(module: nn.Module, layout: ExpertsLayout) -> str:
         return moesys_activation(module.act_fn, layout.has_gate, cls)
     except NotImplementedError as e:
         raise ValueError(f"hf_model: {e}") from None
+
+
+def _gate_candidates(module: nn.Module, layout: ExpertsLayout) -> list[Activation]:
+    """Activations a custom `_apply_gate` may be: GPT-OSS's clamped SwiGLU with the module's alpha and limit."""
+    alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
+    if alpha is None or limit is None:
+        return []
+    return [clamped_swiglu(alpha=float(alpha), limit=float(limit), interleaved=not layout.is_concatenated)]
+
+
+def _recognised_gate(module: nn.Module, layout: ExpertsLayout) -> Activation:
+    """The candidate activation that computes exactly what the module's own `_apply_gate` computes on
+    probe rows (float64, values well past any clamp), for the rows after conversion (concatenated);
+    a ValueError when none does, so a gate moesys cannot compute is never replaced by another."""
+    rows = module.down_proj.shape[1 if layout.is_transposed else 2] * 2
+    probe_NF = torch.randn(257, rows, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 12
+    with torch.no_grad():
+        want = module._apply_gate(probe_NF)
+        for spec in _gate_candidates(module, layout):
+            if want.shape == (probe_NF.shape[0], rows // 2) and torch.allclose(
+                    apply_activation(probe_NF, spec), want, rtol=1e-12, atol=1e-12):
+                return dataclasses.replace(spec, interleaved=False)  # the rows are de-interleaved at load
+    raise ValueError(f"hf_model: {type(module).__name__} has its own gate function (_apply_gate) that moesys does not "
+                     "recognise (it matches none of moesys' activations on probe inputs); this architecture cannot "
+                     "be trained with model.hf_model")
 
 
 def _deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -130,18 +130,23 @@ def test_gpt_oss_trains_resumes_bit_for_bit_and_exports(tmp_path):
     assert torch.equal(on_disk["model.layers.0.mlp.experts.gate_up_proj"][1][:, 1::2], ours_IH[16:].T)
 
 
-def test_export_of_an_untrained_checkpoint_reproduces_every_tensor(tmp_path):
-    """Load, save a checkpoint without a step, export: every source tensor comes back bit for bit."""
+def _export_untrained(tmp_path, hf_dir, **kwargs):
+    """Load `hf_dir`, save its state as a step-0 checkpoint (no training step), export it."""
     from moesys import checkpoint as ckpt
     from moesys.export import export
-    hf_dir = deepseek_v3(tmp_path / "src")
     config, model = _load(hf_dir)
-    step = tmp_path / "run" / "ckpt" / "step_0"
-    step.mkdir(parents=True)
+    step = tmp_path / "untrained" / "ckpt" / "step_0"
+    step.mkdir(parents=True, exist_ok=True)
     save_file(ckpt._contiguous(ckpt.split_experts(model.state_dict())), str(step / "model.safetensors"))
     (step / "manifest.json").write_text(json.dumps({"format_version": ckpt.FORMAT_VERSION, "step": 0,
                                                     "config": config.model_dump(mode="json")}))
-    out = export(tmp_path / "run", tmp_path / "exported")
+    return export(tmp_path / "untrained", tmp_path / "exported_untrained", force=True, **kwargs)
+
+
+@pytest.mark.parametrize("family", [deepseek_v3, gpt_oss])
+def test_export_of_an_untrained_checkpoint_reproduces_every_tensor(tmp_path, family):
+    hf_dir = family(tmp_path / "src")
+    out = _export_untrained(tmp_path, hf_dir)
     src, back = load_file(str(hf_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert set(src) == set(back)
     for k in src:
@@ -194,3 +199,27 @@ def test_tensors_that_do_not_match_the_config_are_named(tmp_path):
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing_keys: 1, the first model.layers.0.mlp.up_proj.weight"):
         load_hf_causal_lm(config)
+
+
+def test_activation_checkpointing_keeps_the_losses(tmp_path):
+    hf_dir = deepseek_v3(tmp_path / "src")
+    cfg = write_config(tmp_path / "hf.yaml", hf_dir)
+    assert _train(cfg, tmp_path / "plain", "train.steps=2") == 0
+    assert _train(cfg, tmp_path / "ckpt", "train.steps=2", "train.activation_checkpointing=true") == 0
+    plain, recomputed = metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")
+    assert [(r["loss"], r["grad_norm"], r["expert_load_fraction"]) for r in recomputed] == \
+        [(r["loss"], r["grad_norm"], r["expert_load_fraction"]) for r in plain]
+
+
+def test_the_checkpoint_tokenizer_is_the_default_and_is_exported(tmp_path):
+    from moesys.models.hf_source import resolve_config
+    src = deepseek_v3(tmp_path / "src")
+    (src / "tokenizer.json").write_text('{"stand-in": "copied byte for byte"}')
+    assert resolve_config(load_config(None, [f"model.hf_model={src}"])).data.tokenizer == str(src)
+    other = tmp_path / "other_tokenizer"
+    chosen = resolve_config(load_config(None, [f"model.hf_model={src}", f"data.tokenizer={other}"]))
+    assert chosen.data.tokenizer == str(other)
+    with pytest.raises(ValueError, match="exports as its source's class"):
+        _export_untrained(tmp_path, src, arch="mixtral")
+    out = _export_untrained(tmp_path, src)
+    assert (out / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()

@@ -123,6 +123,11 @@ class HFCausalLM(nn.Module):
     def embed(self) -> nn.Embedding:
         return self.hf.get_input_embeddings()
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder layers (the trainer's activation checkpointing wraps each one's forward)."""
+        return decoder_layers(self.hf)
+
     def moe_layers(self) -> list[HFMoESite]:
         return list(self._sites)
 
@@ -158,6 +163,14 @@ class HFCausalLM(nn.Module):
             expert_params = sum(p.numel() for p in site.experts.parameters())
             total -= expert_params - expert_params * top_k // site.num_experts
         return total
+
+
+def decoder_layers(hf: nn.Module) -> nn.ModuleList:
+    layers = getattr(hf.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(hf).__name__} keeps no decoder layers at base_model.layers; "
+                         "train.activation_checkpointing needs them")
+    return layers
 
 
 def _find_buffer(module: nn.Module, name: str) -> str | None:

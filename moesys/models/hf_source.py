@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from moesys.config import Config
-from moesys.models.hf_causal_lm import HFCausalLM
+from moesys.models.hf_causal_lm import HFCausalLM, decoder_layers
 from moesys.models.hf_experts_layout import experts_activation, experts_layout, find_hf_experts
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -94,7 +94,7 @@ def describe(path: str | Path) -> dict:
                   "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads, "head_dim": head_dim,
                   "tie_embeddings": bool(getattr(cfg, "tie_word_embeddings", False))}
     moe_keys = {"num_experts": E, "top_k": cfg.num_experts_per_tok, "ffn_size": ffn}
-    return {"model": model_keys, "moe": moe_keys, "moe_layers": len(found)}
+    return {"model": model_keys, "moe": moe_keys, "moe_layers": len(found), "meta_model": model}
 
 
 def _explicit(section, prefix: str) -> dict:
@@ -134,8 +134,7 @@ def resolve_config(config: Config) -> Config:
     if config.train.compile:
         raise ValueError("train.compile=true is not supported with model.hf_model yet; set it to false")
     if config.train.activation_checkpointing:
-        raise ValueError("train.activation_checkpointing=true is not supported with model.hf_model yet; "
-                         "set it to false")
+        decoder_layers(facts["meta_model"])  # the layers it wraps must exist
     raw = config.model_dump(mode="json")
     for key, value in derived.items():
         section, name = key.split(".")

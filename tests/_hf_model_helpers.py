@@ -62,3 +62,33 @@ def write_config(path: Path, hf_dir: Path, *extra: str) -> Path:
              "  tensorboard: false", *extra]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _other_configs() -> dict:
+    """More families whose experts use transformers' experts interface (shared experts with a sigmoid gate,
+    hybrid linear attention, group-limited sigmoid routing, ...)."""
+    from transformers import Glm4MoeConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3NextConfig
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    return {
+        "glm4_moe": lambda: Glm4MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                                          head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                                          topk_group=1, n_shared_experts=1, first_k_dense_replace=1, **common),
+        "qwen3_next": lambda: Qwen3NextConfig(intermediate_size=64, moe_intermediate_size=16,
+                                              shared_expert_intermediate_size=16, num_hidden_layers=4, head_dim=8,
+                                              num_experts=4, num_experts_per_tok=2, linear_num_value_heads=4,
+                                              linear_num_key_heads=2, linear_key_head_dim=8,
+                                              linear_value_head_dim=8, **common),
+        "mixtral": lambda: MixtralConfig(intermediate_size=16, num_hidden_layers=2, num_local_experts=4, **common),
+        "qwen2_moe": lambda: Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=16,
+                                            shared_expert_intermediate_size=16, num_hidden_layers=2, num_experts=4,
+                                            num_experts_per_tok=2, **common),
+        "olmoe": lambda: OlmoeConfig(intermediate_size=16, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                     **common),
+    }
+
+
+OTHER_FAMILIES = ("glm4_moe", "qwen3_next", "mixtral", "qwen2_moe", "olmoe")
+
+
+def other_family(name: str, path: Path, seed: int = 0) -> Path:
+    return _save(_other_configs()[name](), path, seed)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from moesys.config import load_config
 from moesys.models.hf_experts_layout import to_moesys
-from tests._hf_model_helpers import deepseek_v3, gpt_oss, qwen3_moe, write_config
+from tests._hf_model_helpers import OTHER_FAMILIES, deepseek_v3, gpt_oss, other_family, qwen3_moe, write_config
 from tests._train_helpers import metrics
 
 
@@ -53,6 +53,16 @@ def test_logits_and_gradients_equal_transformers(tmp_path, family):
     # The config's shape keys come from the checkpoint; each block's load is counted.
     assert config.moe.num_experts == ref.get_parameter(name).shape[0] and config.model.vocab_size == 300
     assert [int(s.tokens_per_expert.sum()) for s in out.moe_stats] == [24 * config.moe.top_k] * len(out.moe_stats)
+
+
+@pytest.mark.parametrize("name", OTHER_FAMILIES)
+def test_more_families_give_transformers_logits(tmp_path, name):
+    from transformers import AutoModelForCausalLM
+    hf_dir = other_family(name, tmp_path / "src")
+    _, model = _load(hf_dir)
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids).logits, ref(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_qwen3_moe_uses_its_own_load_balancing_loss(tmp_path):

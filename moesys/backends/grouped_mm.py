@@ -10,6 +10,8 @@ Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, N = T*K r
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -101,8 +103,13 @@ class _CombineRows(torch.autograd.Function):
         return d_out_NH, d_w_TK, None, None
 
 
-def moe_mlp_grouped_mm(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, *, activation,
-                       b_gate_up=None, b_down=None):
+def grouped_experts(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, act_fn, *, b_gate_up=None, b_down=None,
+                    post_fn=None):
+    """The expert MLPs with any function between the two grouped GEMMs: `act_fn(h_NF) -> a_NI` on the routed
+    rows' gate/up projection (in w_gate_up's row order), and `post_fn(out_NH)`, if given, on each routed row's
+    down projection (plus bias) before the routing weight (a post-expert norm). Rows are independent, so
+    any row-wise function may stand in either place. `moe_mlp_grouped_mm` is this with a moesys activation;
+    the transformers integration runs experts with their own gate or norm through it."""
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
     E = w_down.shape[0]
@@ -112,7 +119,16 @@ def moe_mlp_grouped_mm(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, *,
     h_NF = grouped_linear(x_NH, w_gate_up, offsets_E)
     if b_gate_up is not None:
         h_NF = h_NF + b_gate_up[sorted_ids_N]
-    out_NH = grouped_linear(apply_activation(h_NF, activation), w_down, offsets_E)
+    out_NH = grouped_linear(act_fn(h_NF), w_down, offsets_E)
     if b_down is not None:
         out_NH = out_NH + b_down[sorted_ids_N]
+    if post_fn is not None:
+        out_NH = post_fn(out_NH)
     return _CombineRows.apply(out_NH, topk_weights_TK, inv_TK, perm_N)
+
+
+def moe_mlp_grouped_mm(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK, *, activation,
+                       b_gate_up=None, b_down=None):
+    return grouped_experts(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK,
+                           functools.partial(apply_activation, activation=activation),
+                           b_gate_up=b_gate_up, b_down=b_down)

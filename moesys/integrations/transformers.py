@@ -1,13 +1,21 @@
-"""Run transformers' MoE models through `moesys.moe_mlp`: an experts implementation named "moesys".
+"""Run transformers' MoE models through moesys: an experts implementation named "moesys".
 
     import moesys.integrations.transformers as mt
     mt.register()   # explicit: importing moesys never touches transformers
     model = AutoModelForCausalLM.from_pretrained(d, experts_implementation="moesys")
 
-Registration goes through transformers' public extension point (`ExpertsInterface.register`). The
-experts modules of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (and any `@use_experts_implementation` class
-with the standard layout) hold `gate_up_proj [E, 2I, H]` (gate rows first) and `down_proj [E, H, I]`,
-which is exactly moe_mlp's contract.
+Registration goes through transformers' public extension point (`ExpertsInterface.register`). Any
+`@use_experts_implementation` class runs, in every layout the decorator declares: gate/up concatenated or
+interleaved, weights transposed or not, with or without biases, with or without a gate. The weights are
+read as views (no copy per call, when they are already in the tokens' dtype).
+
+Two paths:
+- fused: the activation is one moesys knows (`experts_activation`): the default gate with an act_fn of
+  `hf_activations`, or a custom `_apply_gate` listed in `_KNOWN_GATES` (GPT-OSS's clamped SwiGLU and the
+  clamped SiLU gates). `moesys.ops.moe_mlp` then runs it in the chosen backend (Triton kernels on a GPU).
+- generic: anything else (another custom `_apply_gate`, an unknown act_fn, a post-expert norm) runs as
+  the grouped GEMMs of `moesys.backends.grouped_mm.grouped_experts` with the class's own gate (or act_fn)
+  between them and its norm after the down projection, in PyTorch.
 
 Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
 """
@@ -15,11 +23,73 @@ Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
 from __future__ import annotations
 
 import torch
+from transformers.integrations.moe import _default_apply_gate
 
-from moesys.integrations.hf_activations import moesys_activation
+from moesys.activations import Activation, clamped_swiglu
+from moesys.backends import preload
+from moesys.backends.grouped_mm import grouped_experts
+from moesys.integrations.hf_activations import hf_function, moesys_activation
 from moesys.ops import moe_mlp
 
 NAME = "moesys"
+
+
+def _clamped(found: tuple[str, float] | None, limit) -> Activation | None:
+    """f(min(gate, limit)) * clamp(up, -limit, limit) for `found` = (function, alpha) of `hf_function`:
+    DeepSeek-V4's gate (its act_fn), HY-V4's and GLM-5-Next's (SiLU)."""
+    if found is None or not isinstance(limit, (int, float)) or not limit > 0:
+        return None
+    return Activation(found[0], True, alpha=found[1], limit=float(limit))
+
+
+def _swiglu(alpha, limit, interleaved: bool) -> Activation | None:
+    if not isinstance(limit, (int, float)) or not limit > 0 or not isinstance(alpha, (int, float)):
+        return None
+    return clamped_swiglu(alpha=float(alpha), limit=float(limit), interleaved=interleaved)
+
+
+# Custom gates whose math moesys's activations express, by the gate function's qualified name; each reads
+# its parameters off the experts module. tests/test_transformers_integration.py checks every entry against
+# the class's own _apply_gate, so a changed formula in transformers fails there instead of here.
+_KNOWN_GATES = {
+    "GptOssExperts._apply_gate": lambda m: _swiglu(m.alpha, m.limit, interleaved=True),
+    "OpenAIPrivacyFilterExperts._apply_gate": lambda m: _swiglu(m.alpha, m.limit, interleaved=False),
+    "MiniMaxM3VLExperts._apply_gate": lambda m: _swiglu(m.swiglu_alpha, m.swiglu_limit, interleaved=False),
+    "DeepseekV4Experts._apply_gate": lambda m: _clamped(hf_function(m.act_fn), m.limit),
+    "HYV4Experts._apply_gate": lambda m: _clamped(("silu", 1.0), m.swiglu_limit),
+    "HYV4VLExperts._apply_gate": lambda m: _clamped(("silu", 1.0), m.swiglu_limit),
+    "Glm5NextTextExperts._apply_gate": lambda m: _clamped(("silu", 1.0), m.swiglu_limit),
+}
+
+
+def experts_activation(experts) -> Activation | None:
+    """The moesys Activation computing this experts module's gate (or act_fn), or None when the generic
+    path must run its own functions (an unknown gate or act_fn, a post-expert norm)."""
+    if getattr(experts, "has_post_expert_norm", False):
+        return None
+    if not getattr(experts, "has_gate", True):
+        return moesys_activation(experts.act_fn, gated=False)
+    gate_fn = type(experts)._apply_gate
+    if gate_fn is _default_apply_gate:
+        return moesys_activation(experts.act_fn, gated=True)
+    known = _KNOWN_GATES.get(getattr(gate_fn, "__qualname__", ""))
+    return known(experts) if known is not None else None
+
+
+def experts_tensors(experts, dtype: torch.dtype):
+    """(w_gate_up [E, F, H], w_down [E, H, I], b_gate_up [E, F] or None, b_down [E, H] or None) of an experts
+    module as moe_mlp reads them: transposed storage as transposed views, rows in the stored order (gate/up
+    interleaved stays interleaved; the activation says so), cast to `dtype` (a no-op when it matches)."""
+    gated = getattr(experts, "has_gate", True)
+    w_gate_up = experts.gate_up_proj if gated else experts.up_proj
+    w_down = experts.down_proj
+    b_gate_up = b_down = None
+    if getattr(experts, "has_bias", False):
+        b_gate_up = experts.gate_up_proj_bias if gated else experts.up_proj_bias
+        b_down = experts.down_proj_bias
+    if getattr(experts, "is_transposed", False):  # stored [E, H, F] / [E, I, H]
+        w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
+    return tuple(None if t is None else t.to(dtype) for t in (w_gate_up, w_down, b_gate_up, b_down))
 
 
 def make_experts_forward(backend: str = "auto"):
@@ -27,43 +97,34 @@ def make_experts_forward(backend: str = "auto"):
 
     def moesys_experts_forward(self, hidden_states_TH: torch.Tensor, top_k_index_TK: torch.Tensor,
                                top_k_weights_TK: torch.Tensor) -> torch.Tensor:
-        cls = type(self).__name__
         if getattr(self, "_is_expert_parallel", False):
-            raise NotImplementedError(f"{cls}: transformers' own expert parallelism is not supported by the "
-                                      "'moesys' experts implementation; use moesys.parallel instead")
-        if getattr(self, "has_post_expert_norm", False):
-            raise NotImplementedError(f"{cls}: experts with a post-expert norm are not supported by 'moesys'")
-        if type(self)._apply_gate.__name__ != "_default_apply_gate":
-            raise NotImplementedError(f"{cls}: a custom gating function (_apply_gate) is not supported by 'moesys'")
-        gated = getattr(self, "has_gate", True)
-        activation = moesys_activation(self.act_fn, gated, cls)
-        w_gate_up = self.gate_up_proj if gated else self.up_proj
-        w_down = self.down_proj
-        b_gate_up = b_down = None
-        if getattr(self, "has_bias", False):
-            b_gate_up = self.gate_up_proj_bias if gated else self.up_proj_bias
-            b_down = self.down_proj_bias
-        if getattr(self, "is_transposed", False):  # stored [E, H, 2I] / [E, I, H]
-            w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
-        if gated and not getattr(self, "is_concatenated", True):
-            # Interleaved [g0, u0, g1, u1, ...] rows -> [gate; up]; a copy per call, so slower.
-            w_gate_up = torch.cat((w_gate_up[:, 0::2], w_gate_up[:, 1::2]), dim=1)
-            if b_gate_up is not None:
-                b_gate_up = torch.cat((b_gate_up[:, 0::2], b_gate_up[:, 1::2]), dim=1)
+            raise NotImplementedError(f"{type(self).__name__}: transformers' own expert parallelism is not supported "
+                                      "by the 'moesys' experts implementation; use moesys.parallel instead")
         x_TH = hidden_states_TH
-        return moe_mlp(x_TH, w_gate_up.to(x_TH.dtype), w_down.to(x_TH.dtype), top_k_index_TK,
-                       top_k_weights_TK.to(x_TH.dtype), activation=activation, backend=backend,
-                       b_gate_up=None if b_gate_up is None else b_gate_up.to(x_TH.dtype),
-                       b_down=None if b_down is None else b_down.to(x_TH.dtype))
+        w_gate_up, w_down, b_gate_up, b_down = experts_tensors(self, x_TH.dtype)
+        weights_TK = top_k_weights_TK.to(x_TH.dtype)
+        activation = experts_activation(self)
+        if activation is not None:
+            return moe_mlp(x_TH, w_gate_up, w_down, top_k_index_TK, weights_TK, activation=activation,
+                           backend=backend, b_gate_up=b_gate_up, b_down=b_down)
+        act_fn = self._apply_gate if getattr(self, "has_gate", True) else self.act_fn
+        post_fn = self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None
+        y_TH = grouped_experts(x_TH, w_gate_up, w_down, top_k_index_TK, weights_TK, act_fn, b_gate_up=b_gate_up,
+                               b_down=b_down, post_fn=post_fn)
+        return y_TH.to(x_TH.dtype)
 
     return moesys_experts_forward
 
 
 def register(backend: str = "auto", name: str = NAME) -> str:
-    """Register moe_mlp in transformers' ExpertsInterface under `name`; returns the name.
+    """Register moesys's experts forward in transformers' ExpertsInterface under `name`; returns the name.
 
-    Calling it again replaces the registration (e.g. to change the backend)."""
+    Imports the backends the forward may dispatch to now, so that the first call may come under
+    torch.compile(fullgraph=True) (dynamo cannot trace the lazy import). Calling it again replaces the
+    registration (e.g. to change the backend)."""
     from transformers.integrations.moe import ExpertsInterface
 
+    preload(backend)
+    preload("grouped_mm")  # the generic path
     ExpertsInterface.register(name, make_experts_forward(backend))
     return name

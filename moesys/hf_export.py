@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from moesys.config import Config
-from moesys.models.hf_experts_layout import experts_layout, find_hf_experts, to_hf
+from moesys.models.hf_experts_layout import experts_spec, find_hf_experts, to_hf
 from moesys.models.hf_source import check_hf_dir, hf_config
 
 PREFIX = "hf."
@@ -33,7 +33,7 @@ def hf_state_from_checkpoint(flat: dict[str, torch.Tensor], model: torch.nn.Modu
     if stray:
         raise ValueError(f"checkpoint tensor {stray[0]} is not part of an hf_model run's model (no '{PREFIX}' prefix)")
     for holder_name, _, module in find_hf_experts(model):
-        layout = experts_layout(module)
+        layout, _ = experts_spec(module)
         E = module.down_proj.shape[0]
         prefix = f"{holder_name}.experts."
         fused = {}

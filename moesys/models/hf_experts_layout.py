@@ -4,10 +4,12 @@ transformers v5 marks an experts class with `@use_experts_implementation(is_conc
 is_transposed=..., has_bias=..., has_gate=..., has_post_expert_norm=...)`; each instance carries
 those flags. moesys' `Experts` holds one layout only (gate_up_proj [E, 2I, H] with the gate rows
 first, down_proj [E, H, I], biases [E, 2I] / [E, H]), so an HF model trained by moesys gets its
-experts converted to that layout once at load (no per-call copies) and back at export. A class with its own gate function
-(`_apply_gate`, GPT-OSS's clamped SwiGLU) is accepted only when one of moesys' activations computes
-exactly the same on probe inputs. The
-parameter names are the same (`experts.gate_up_proj`, ...), so state dicts keep transformers' names.
+experts converted to that layout once at load (no per-call copies) and back at export. The gate is
+the one the transformers integration recognises (`integrations.transformers.experts_activation`: the
+default gate with a known act_fn, or a known custom `_apply_gate` such as GPT-OSS's clamped SwiGLU);
+its `interleaved` says how the gate reads the rows, so that is how they are reordered. A gate or norm
+moesys has no activation for is refused: expert parallelism and FSSDP run `moe_mlp` with an activation.
+The parameter names are the same (`experts.gate_up_proj`, ...), so state dicts keep transformers' names.
 
 Legend: E experts, H hidden, I expert intermediate.
 """
@@ -20,17 +22,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from moesys.activations import Activation, apply_activation, clamped_swiglu
+from moesys.activations import Activation
 from moesys.layers.experts import Experts
-
-_FLAG_DEFAULTS = {"is_concatenated": True, "is_transposed": False, "has_bias": False, "has_gate": True,
-                  "has_post_expert_norm": False}
 
 
 @dataclass(frozen=True)
 class ExpertsLayout:
-    """How one transformers experts class stores its weights (the decorator's flags)."""
-    is_concatenated: bool
+    """How one transformers experts module stores its weights: gate/up rows interleaved ([g0, u0, g1, ...],
+    as its gate reads them), transposed ([E, H, 2I] / [E, I, H]), with biases, gated (else `up_proj`)."""
+    interleaved: bool
     is_transposed: bool
     has_bias: bool
     has_gate: bool
@@ -62,56 +62,24 @@ def find_hf_experts(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     return found
 
 
-def experts_layout(module: nn.Module) -> ExpertsLayout:
-    flags = {k: getattr(module, k, v) for k, v in _FLAG_DEFAULTS.items()}
+def experts_spec(module: nn.Module) -> tuple[ExpertsLayout, Activation]:
+    """The module's storage layout and the activation moe_mlp applies to the converted (concatenated)
+    rows; a ValueError naming what moesys cannot compute."""
+    from moesys.integrations.transformers import experts_activation
+
     cls = type(module).__name__
-    if flags["has_post_expert_norm"]:
-        raise ValueError(f"hf_model: {cls} applies a norm after each expert, which moesys' experts op does not "
-                         "compute; this architecture cannot be trained with model.hf_model yet")
-    return ExpertsLayout(flags["is_concatenated"], flags["is_transposed"], flags["has_bias"], flags["has_gate"])
-
-
-def experts_activation(module: nn.Module, layout: ExpertsLayout) -> str | Activation:
-    """moe_mlp's activation for the module's gate, as it applies to the converted (concatenated) rows,
-    or a ValueError naming what is unsupported."""
-    cls = type(module).__name__
-    gate_fn = getattr(type(module), "_apply_gate", None)
-    if layout.has_gate and gate_fn is not None and gate_fn.__name__ != "_default_apply_gate":
-        return _recognised_gate(module, layout)
-    if layout.has_gate and not layout.is_concatenated:
-        # transformers' default gate splits [gate; up] halves whatever the flag says: no defined layout.
-        raise ValueError(f"hf_model: {cls} declares interleaved gate/up rows but uses the default gate, which "
-                         "reads them as concatenated halves; moesys will not guess which is meant")
-    from moesys.integrations.hf_activations import moesys_activation
-    try:
-        return moesys_activation(module.act_fn, layout.has_gate, cls)
-    except NotImplementedError as e:
-        raise ValueError(f"hf_model: {e}") from None
-
-
-def _gate_candidates(module: nn.Module, layout: ExpertsLayout) -> list[Activation]:
-    """Activations a custom `_apply_gate` may be: GPT-OSS's clamped SwiGLU with the module's alpha and limit."""
-    alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
-    if alpha is None or limit is None:
-        return []
-    return [clamped_swiglu(alpha=float(alpha), limit=float(limit), interleaved=not layout.is_concatenated)]
-
-
-def _recognised_gate(module: nn.Module, layout: ExpertsLayout) -> Activation:
-    """The candidate activation that computes exactly what the module's own `_apply_gate` computes on
-    probe rows (float64, values well past any clamp), for the rows after conversion (concatenated);
-    a ValueError when none does, so a gate moesys cannot compute is never replaced by another."""
-    rows = module.down_proj.shape[1 if layout.is_transposed else 2] * 2
-    probe_NF = torch.randn(257, rows, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 12
-    with torch.no_grad():
-        want = module._apply_gate(probe_NF)
-        for spec in _gate_candidates(module, layout):
-            if want.shape == (probe_NF.shape[0], rows // 2) and torch.allclose(
-                    apply_activation(probe_NF, spec), want, rtol=1e-12, atol=1e-12):
-                return dataclasses.replace(spec, interleaved=False)  # the rows are de-interleaved at load
-    raise ValueError(f"hf_model: {type(module).__name__} has its own gate function (_apply_gate) that moesys does not "
-                     "recognise (it matches none of moesys' activations on probe inputs); this architecture cannot "
-                     "be trained with model.hf_model")
+    if getattr(module, "has_post_expert_norm", False):
+        raise ValueError(f"hf_model: {cls} applies a norm after each expert, which moe_mlp does not compute; this "
+                         "architecture cannot be trained with model.hf_model yet")
+    spec = experts_activation(module)
+    if spec is None:
+        what = "gate function (_apply_gate)" if getattr(module, "has_gate", True) else "activation"
+        raise ValueError(f"hf_model: {cls}'s {what} matches none of moesys' activations; it runs only through the "
+                         "generic path of experts_implementation='moesys', which moesys.parallel does not shard, so "
+                         "this architecture cannot be trained with model.hf_model yet")
+    layout = ExpertsLayout(spec.interleaved, getattr(module, "is_transposed", False), getattr(module, "has_bias", False),
+                           getattr(module, "has_gate", True))
+    return layout, dataclasses.replace(spec, interleaved=False)  # the rows are de-interleaved at load
 
 
 def _deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -136,7 +104,7 @@ def to_moesys(weights: dict[str, torch.Tensor], layout: ExpertsLayout) -> dict[s
     if layout.has_bias:
         out["gate_up_proj_bias"] = weights[layout.up_name + "_bias"]
         out["down_proj_bias"] = weights["down_proj_bias"]
-    if layout.has_gate and not layout.is_concatenated:
+    if layout.interleaved:
         out["gate_up_proj"] = _deinterleave(out["gate_up_proj"], 1)
         if layout.has_bias:
             out["gate_up_proj_bias"] = _deinterleave(out["gate_up_proj_bias"], 1)
@@ -147,7 +115,7 @@ def to_hf(weights: dict[str, torch.Tensor], layout: ExpertsLayout) -> dict[str, 
     """The inverse of `to_moesys`: moesys tensors (keys gate_up_proj, ...) -> transformers' in-memory names."""
     w_up, w_down = weights["gate_up_proj"], weights["down_proj"]
     b_up = weights.get("gate_up_proj_bias")
-    if layout.has_gate and not layout.is_concatenated:
+    if layout.interleaved:
         w_up = _interleave(w_up, 1)
         b_up = None if b_up is None else _interleave(b_up, 1)
     if layout.is_transposed:
@@ -161,8 +129,7 @@ def to_hf(weights: dict[str, torch.Tensor], layout: ExpertsLayout) -> dict[str, 
 
 def moesys_experts(module: nn.Module, backend: str) -> tuple[Experts, ExpertsLayout]:
     """A moesys `Experts` computing what the transformers experts `module` computes, with its weights."""
-    layout = experts_layout(module)
-    activation = experts_activation(module, layout)
+    layout, activation = experts_spec(module)
     hf = {n: p for n, p in module.named_parameters(recurse=False)}
     converted = to_moesys(hf, layout)
     E, rows, H = converted["gate_up_proj"].shape

@@ -19,7 +19,7 @@ import torch
 
 from moesys.config import Config
 from moesys.models.hf_causal_lm import HFCausalLM, decoder_layers
-from moesys.models.hf_experts_layout import experts_activation, experts_layout, find_hf_experts
+from moesys.models.hf_experts_layout import experts_spec, find_hf_experts
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -78,8 +78,7 @@ def describe(path: str | Path) -> dict:
                          "transformers' experts interface, so it is not an MoE model moesys can train this way")
     sizes = set()
     for _, _, module in found:
-        layout = experts_layout(module)
-        experts_activation(module, layout)
+        layout, _ = experts_spec(module)
         E = module.down_proj.shape[0]
         ffn = module.down_proj.shape[1 if layout.is_transposed else 2]
         sizes.add((E, ffn))

@@ -59,9 +59,15 @@ class ModelConfig(_Section):
         None, description="the layers that use the window; None: every layer")
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # A transformers v5 checkpoint directory trained as transformers' own class with moesys experts
+    # (moesys.models.hf_source); its config.json decides the architecture.
+    hf_model: Optional[str] = None
 
     @model_validator(mode="after")
     def _check(self):
+        if self.hf_model is not None and getattr(self, "init_from", None) is not None:
+            raise ValueError(f"model.hf_model={self.hf_model!r} and model.init_from={self.init_from!r} both name a "
+                             "checkpoint; set one (init_from: the moesys model, hf_model: transformers' class)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim is None and self.hidden_size % self.num_heads:

@@ -187,6 +187,11 @@ def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "au
     step_dir = resolve_checkpoint(Path(run_dir))
     manifest = ckpt.read_manifest(step_dir)
     config = config_from_dict(manifest["config"], f"{step_dir}/manifest.json")
+    if config.model.hf_model is not None:  # transformers' own class: written back as the source's family
+        if arch != "auto":
+            raise ValueError(f"--arch {arch}: a model.hf_model run exports as its source's class; leave --arch out")
+        from moesys.hf_export import export_hf_model
+        return export_hf_model(step_dir, config, out_dir, dtype=dtype, force=force)
     source = source_of(step_dir) if config.model.init_from is not None else None
     if config.model.init_from is not None and source is None:
         raise ValueError(f"{step_dir} belongs to a run started from {config.model.init_from} but its run "

@@ -272,8 +272,12 @@ def build_model(config: Config, ctx: bootstrap.DistContext, run_dir: Path | None
     skipped when resuming, the checkpoint has them) and rank 0 keeps its config and tokenizer in
     RUN_DIR/hf_source for `moesys export`."""
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    with ctx.device:
-        model = MoETransformer.from_config(config)
+    if config.model.hf_model is not None:  # transformers' own class, experts through moe_mlp
+        from moesys.models.hf_source import load_hf_causal_lm
+        model = load_hf_causal_lm(config, ctx.device)
+    else:
+        with ctx.device:
+            model = MoETransformer.from_config(config)
     flops_tok = flops_per_token(model, config)  # before parallelize: it counts every expert
     params = train_report.param_counts(model)
     # Expert parallelism (parallel.ep > 1) keeps this rank's E/ep experts per MoE layer; ep=1 changes nothing.
@@ -491,6 +495,9 @@ def _log_line(r: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         config = resolve_init_from(load_config(args.config, args.overrides))
+        if config.model.hf_model is not None:  # the checkpoint decides the shape keys and the tokenizer
+            from moesys.models.hf_source import resolve_config
+            config = resolve_config(config)
         validate_source(config.data)
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = prepare_run_dir(run_dir, args.resume)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moesys.activations import ACTIVATIONS, apply_activation, is_gated
+from moesys.activations import ACTIVATIONS, Activation, apply_activation, is_gated
 from moesys.backends import preload
 from moesys.ops import moe_mlp
 
@@ -27,11 +27,12 @@ class Experts(nn.Module):
     """E expert MLPs: gate_up_proj [E, 2I, H] (gate rows first; [E, I, H] for non-gated activations),
     down_proj [E, H, I], optional biases [E, 2I] / [E, H]."""
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *, activation: str = "silu",
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *, activation: str | Activation = "silu",
                  bias: bool = False, backend: str = "auto", init_std: float = 0.02):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"Experts: activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+        if not isinstance(activation, Activation) and activation not in ACTIVATIONS:
+            raise ValueError(f"Experts: activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)} "
+                             "or a moesys.activations.Activation")
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
         self.activation, self.backend = activation, backend
         preload(backend)  # imported now, not while torch.compile traces forward (a graph break there)

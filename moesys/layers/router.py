@@ -173,9 +173,7 @@ class Router(nn.Module):
         if not self.aux_free_bias:
             return
         load_E = self.load_since_update if load_E is None else load_E.float()
-        # No update without load; chosen on the device, since a Python `if` would sync every layer and step.
-        sign_E = torch.where(load_E.sum() > 0, torch.sign(load_E.mean() - load_E), 0.0)
-        self.expert_bias += self.bias_update_rate * sign_E
+        aux_free_bias_step(self.expert_bias, load_E, self.bias_update_rate)
         self.load_since_update.zero_()
 
 
@@ -194,3 +192,11 @@ def keep_top_per_expert(topk_ids_TK: torch.Tensor, score_TK: torch.Tensor, num_e
     keep_N = torch.empty_like(ids_N, dtype=torch.bool)
     keep_N[order_N] = rank_N < capacity
     return keep_N.view_as(topk_ids_TK)
+
+
+@torch.no_grad()
+def aux_free_bias_step(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3's aux-loss-free bias step, in place: +rate for experts below the mean load, -rate above."""
+    # No update without load; chosen on the device, since a Python `if` would sync every layer and step.
+    sign_E = torch.where(load_E.sum() > 0, torch.sign(load_E.mean() - load_E), 0.0)
+    bias_E += rate * sign_E.to(bias_E.dtype)

@@ -5,7 +5,8 @@
 
 `parallelize` lays the ranks out as a (dp, ep) mesh (`moesys.parallel.mesh`) and, when
 `parallel.ep > 1`, swaps every `MoELayer` for an `ExpertParallelMoELayer` holding only its
-E / ep local experts (global ids ep_rank * E/ep ...). Dense parameters stay replicated (data
+E / ep local experts (global ids ep_rank * E/ep ...), and the `Experts` of any other MoE block (a
+transformers model's, `moesys.parallel.hf_experts`) for `ExpertParallelExperts`. Dense parameters stay replicated (data
 parallel over all ranks); expert gradients reduce only over the replicas of the same experts.
 Every rank must have built the same model (same seed) before calling it.
 """
@@ -21,6 +22,7 @@ from moesys.parallel.ep import ExpertParallelExperts, ExpertParallelMoELayer
 from moesys.parallel.fssdp_runtime import FSSDPHandle, fssdp_parallelize
 from moesys.parallel.handle import ParallelHandle
 from moesys.parallel.handle_api import PlacementHandle
+from moesys.parallel.hf_experts import shard_holder_experts
 from moesys.parallel.mesh import EPMesh, build_mesh, check_ep, mesh_from_device_mesh
 
 __all__ = ["parallelize", "PlacementHandle", "ParallelHandle", "FSSDPHandle", "fssdp_parallelize", "EPMesh", "build_mesh", "CollectiveError",
@@ -77,4 +79,5 @@ def parallelize(model: nn.Module, config, mesh=None) -> PlacementHandle:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, ExpertParallelMoELayer(layer, mesh, layer_name=name, overlap=overlap))
+        shard_holder_experts(model, mesh, overlap=overlap)  # experts inside other MoE blocks (hf_model)
     return ParallelHandle(model, mesh)

@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moesys.layers.moe import MoELayer
 from moesys.parallel.comm import CommContext, guarded
 from moesys.parallel.data_parallel import sync_gradients
 from moesys.parallel.fssdp import POLICIES, FSSDPExperts, LayerPlan
 from moesys.parallel.fssdp_plan import LoadPredictor, ShardingPlan, even_sharding, plan_materialization, plan_sharding
 from moesys.parallel.handle import clip_to_norm
+from moesys.parallel.hf_experts import drops_zero_weight, moe_sites
 
 __all__ = ["FSSDPHandle", "fssdp_parallelize"]
 
@@ -57,7 +57,7 @@ def fssdp_parallelize(model: nn.Module, *, policy: str = "fssdp", group=None, re
         raise ValueError(f"fssdp_parallelize: policy={policy!r}; use one of {POLICIES}")
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if dist.is_initialized() else 0
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+    layers = moe_sites(model)  # MoELayers, and the MoE blocks of a transformers model
     if not layers:
         raise ValueError("fssdp_parallelize: the model has no MoELayer")
     E = layers[0][1].experts.num_experts
@@ -73,7 +73,7 @@ def fssdp_parallelize(model: nn.Module, *, policy: str = "fssdp", group=None, re
         comm = CommContext(group, rank=rank, group_size=world, layer=name, timeout=timeout)
         layer.experts = FSSDPExperts(layer.experts, owners.owned(rank, l), group=group, rank=rank, world_size=world,
                                      layer_name=name, comm=comm, rematerialize=rematerialize,
-                                     drop_zero_weight=layer.router.capacity_factor is not None,
+                                     drop_zero_weight=drops_zero_weight(layer),
                                      ranks_per_node=_ranks_per_node(world))
     if gather_budget is not None and gather_budget != "auto" and not (isinstance(gather_budget, int) and gather_budget >= 0):
         raise ValueError(f"fssdp_parallelize: gather_budget={gather_budget!r}; use an int >= 0, None or 'auto'")

@@ -164,7 +164,7 @@ def hf_state_dict(flat: dict[str, torch.Tensor], config: Config, family: str) ->
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _source_dtype(hf_config: dict) -> str:
+def source_dtype(hf_config: dict) -> str:
     dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
     return dtype if dtype in DTYPES else "float32"
 
@@ -208,7 +208,7 @@ def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "au
     if dtype not in ("auto", *DTYPES):
         raise ValueError(f"--dtype {dtype!r} is unknown; use auto or one of {list(DTYPES)}")
     if dtype == "auto":
-        dtype = _source_dtype(source_config) if source is not None else "float32"
+        dtype = source_dtype(source_config) if source is not None else "float32"
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ValueError(f"{out_dir} exists; pass --force to replace it")
@@ -217,7 +217,7 @@ def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "au
     with owned_tmp.atomic_output_dir(out_dir, overwrite=force, kind="export") as tmp:
         if source is not None:
             copy_files(source, tmp, CONFIG_FILES)
-            if dtype != _source_dtype(source_config):
+            if dtype != source_dtype(source_config):
                 (tmp / "config.json").write_text(json.dumps({**source_config, "dtype": dtype}, indent=2) + "\n")
         else:
             cfg = hf_config(config, family)

@@ -10,14 +10,16 @@ The source's tokenizer and generation-config files are copied beside it.
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from moesys import owned_tmp
 from moesys.config import Config
+from moesys.export import DTYPES, source_dtype
 from moesys.models.hf_experts_layout import experts_spec, find_hf_experts, to_hf
 from moesys.models.hf_source import check_hf_dir, hf_config
 
@@ -48,7 +50,7 @@ def hf_state_from_checkpoint(flat: dict[str, torch.Tensor], model: torch.nn.Modu
     return state
 
 
-def export_hf_model(step_dir: Path, config: Config, out_dir: Path, *, dtype: str = "float32",
+def export_hf_model(step_dir: Path, config: Config, out_dir: Path, *, dtype: str = "auto",
                     force: bool = False) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -60,7 +62,9 @@ def export_hf_model(step_dir: Path, config: Config, out_dir: Path, *, dtype: str
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     state = hf_state_from_checkpoint(load_file(str(Path(step_dir) / "model.safetensors")), model)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if dtype == "auto":  # the source checkpoint's dtype, as for an init_from run
+        dtype = source_dtype(json.loads((source / "config.json").read_text()))
+    torch_dtype = DTYPES[dtype]
     # Kept in fp32 where the class keeps them so (DeepSeek-V3's router weight and selection bias).
     keep_fp32 = getattr(model, "_keep_in_fp32_modules_strict", None) or []
     state = {k: v if any(m in k for m in keep_fp32) else v.to(torch_dtype) for k, v in state.items()}
@@ -71,15 +75,9 @@ def export_hf_model(step_dir: Path, config: Config, out_dir: Path, *, dtype: str
         raise ValueError(f"checkpoint {kind} tensor {bad} for {type(model).__name__}; it was written for another model")
     model.tie_weights()
     model.config.dtype = dtype
-    tmp = out_dir.with_name(out_dir.name + ".tmp-export")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    for name in _COPIED:
-        if (source / name).is_file():
-            shutil.copy2(source / name, tmp / name)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with owned_tmp.atomic_output_dir(out_dir, overwrite=force, kind="export") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in _COPIED:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
     return out_dir

@@ -96,6 +96,7 @@ def test_int32_ids_and_non_contiguous_weights(backend):
     assert rel_err(y, ref) < 1e-10
 
 
+@pytest.mark.slow
 def test_grouped_mm_compiles_as_one_graph_and_matches_the_oracle():
     """torch.compile(fullgraph=True) traces the backend's gather/combine autograd functions (a graph break
     would fail here); forward and every gradient against the float64 oracle, in bf16 as in training."""

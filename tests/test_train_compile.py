@@ -47,6 +47,7 @@ def test_compile_parts_compiles_blocks_and_head():
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_whole_model_compile_and_loss_only_forward():
     """compile_scope="model" compiles the forward as one graph with the same loss; return_logits=False gives
     the same loss and aux loss without logits."""

@@ -92,3 +92,21 @@ def test_generate_without_a_tokenizer_names_token_ids(hub_cache, capsys):
     assert "'x' is not a token id" in capsys.readouterr().err
     assert main(args[:2] + ["--token-ids", "1,640", "--gpu-memory", "1GiB", "--dtype", "float32"]) == 2
     assert "outside the vocabulary (vocab_size=64)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["init_from", "hf_model"])
+def test_training_checkpoints_take_hub_ids(hub_cache, key):
+    """model.init_from / model.hf_model = org/name train from the cached snapshot: the config names the
+    snapshot directory and takes its shape (hidden 32, 4 experts), as for a local directory."""
+    from moesys.config import load_config
+    from moesys.hf.resolve import resolve_init_from
+    from moesys.models.hf_source import resolve_config
+
+    finetune = Path(__file__).resolve().parent.parent / "configs" / "finetune.yaml"
+    config = load_config(finetune, [f"model.{key}=test-org/tiny-mixtral"])
+    resolved = (resolve_init_from if key == "init_from" else resolve_config)(config)
+    assert getattr(resolved.model, key) == str(hub_cache["test-org/tiny-mixtral"])
+    assert resolved.model.hidden_size == 32 and resolved.moe.num_experts == 4
+    with pytest.raises(ValueError, match="not in the Hugging Face cache"):
+        (resolve_init_from if key == "init_from" else resolve_config)(
+            load_config(finetune, [f"model.{key}=test-org/absent"]))

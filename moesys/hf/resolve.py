@@ -14,6 +14,7 @@ from moesys.config import Config, config_from_dict
 from moesys.hf.families import derive, read_hf_config
 from moesys.hf.load import check_checkpoint
 from moesys.hf.source import has_tokenizer
+from moesys.hub import resolve_model_dir
 
 
 def _explicit(config: Config, dotted: str) -> tuple[bool, Any]:
@@ -38,6 +39,10 @@ def resolve_init_from(config: Config) -> Config:
     source = config.model.init_from
     if source is None:
         return config
+    local = str(resolve_model_dir(source, what="model.init_from"))  # a hub id: its cached snapshot
+    if local != source:
+        config = config.model_copy(deep=True)
+        config.model.init_from = source = local
     hf_config = read_hf_config(source)
     raw = config.model_dump(mode="json")
     for dotted, (value, hf_key) in derive(hf_config).items():

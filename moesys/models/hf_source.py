@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from moesys.config import Config
+from moesys.hub import resolve_model_dir
 from moesys.models.hf_causal_lm import HFCausalLM, decoder_layers
 from moesys.models.hf_experts_layout import experts_spec, find_hf_experts
 
@@ -118,6 +119,10 @@ def _default(key: str):
 def resolve_config(config: Config) -> Config:
     """The config a `model.hf_model` run trains with (module docstring); ValueError on a contradiction."""
     path = config.model.hf_model
+    local = str(resolve_model_dir(path, what="model.hf_model"))  # a hub id: its cached snapshot
+    if local != path:
+        config = config.model_copy(deep=True)
+        config.model.hf_model = path = local
     facts = describe(path)
     derived = {f"model.{k}": v for k, v in facts["model"].items()} | {f"moe.{k}": v for k, v in facts["moe"].items()}
     explicit = _explicit(config.model, "model.") | _explicit(config.moe, "moe.")

@@ -59,6 +59,14 @@ def _ep_worker(rank, world, hf_dir):
     out, ref = model(ids, ids), reference(ids, ids)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
     assert torch.equal(out.moe_stats[0].tokens_per_expert, ref.moe_stats[0].tokens_per_expert)
+    # FSSDP shards the same experts module: each rank owns a part of the 8 experts.
+    from moesys.parallel.fssdp import FSSDPExperts
+    fssdp_config = config.model_copy(update={"parallel": config.parallel.model_copy(update={"ep": 1,
+                                                                                          "expert_sharding": "fssdp"})})
+    sharded = load_hf_causal_lm(fssdp_config)
+    parallelize(sharded, fssdp_config)
+    experts = sharded.hf.model.layers[1].mlp.experts
+    assert isinstance(experts, FSSDPExperts) and experts.gate_up_proj.shape[0] == len(experts.owned_ids) < 8
 
 
 @pytest.mark.slow
@@ -72,6 +80,7 @@ def test_gpt_oss_ep2_equals_ep1(tmp_path):
 
 @pytest.mark.slow
 def test_parallelize_shards_the_experts_of_a_transformers_model(tmp_path):
-    """EP replaces the experts inside transformers' own MoE block; each rank holds its half, logits unchanged."""
+    """EP and FSSDP replace the experts inside transformers' own MoE block; each rank holds a part (EP: its half,
+    logits unchanged)."""
     from moesys.parallel.testing import spawn
     spawn(_ep_worker, 2, deepseek_v3(tmp_path / "src"))

@@ -190,3 +190,32 @@ def test_capacity_counts_tokens_not_hidden_size():
 def test_zero_groups_is_a_value_error():
     with pytest.raises(ValueError, match="n_groups=0 must be >= 1"):
         Router(8, 4, 2, n_groups=0)
+
+
+def test_scale_multiplies_the_combine_weights():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    r, x = router_with_logits(logits, top_k=2, scale=2.5)
+    torch.testing.assert_close(r(x).topk_weights_TK.sum(), torch.tensor(2.5))
+
+
+def test_balance_loss_with_top2_and_a_single_token_by_hand():
+    # One token, top-2 of 3 experts: f = [1/2, 1/2, 0], P = softmax; loss = 3 * (P0 + P1) / 2.
+    logits = torch.tensor([[1.0, 0.5, -1.0]])
+    r, x = router_with_logits(logits, top_k=2)
+    p = logits.softmax(-1)[0]
+    torch.testing.assert_close(r(x).aux_loss, 3 * (p[0] + p[1]) / 2)
+
+
+def test_bias_update_from_one_token_and_none_from_no_load():
+    r = Router(4, 4, 1, score_func="sigmoid", aux_free_bias=True, bias_update_rate=0.01)
+    r.update_bias(torch.zeros(4))
+    assert torch.equal(r.expert_bias, torch.zeros(4))
+    r.update_bias(torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(r.expert_bias, torch.tensor([0.01, -0.01, 0.01, 0.01]))
+
+
+def test_sigmoid_groups_of_three_score_by_their_top2_sum():
+    # Groups {0,1,2} and {3,4,5}: group 0 has the best expert (max 3.0), group 1 the best top-2 sum.
+    logits = torch.tensor([[3.0, -3.0, -3.0, 2.0, 2.0, -3.0]])
+    r, x = router_with_logits(logits, top_k=2, n_groups=2, topk_groups=1, score_func="sigmoid")
+    assert sorted(r(x).topk_ids_TK[0].tolist()) == [3, 4]

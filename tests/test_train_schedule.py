@@ -66,14 +66,17 @@ def test_schedule_past_a_warmup_only_run_stays_at_the_floor():
     # steps == warmup_steps: no cosine span at all; a step past the end (a resumed, extended run) is at lr_min.
     c = _config("train.lr=0.001", "train.warmup_steps=4", "train.steps=4", "train.min_lr_ratio=0.1")
     assert lr_at(4, c) == pytest.approx(0.001) and lr_at(5, c) == pytest.approx(0.0001, rel=1e-12)
+    c = _config("train.lr=0.001", "train.warmup_steps=4", "train.steps=5", "train.min_lr_ratio=0.1")
+    assert lr_at(5, c) == pytest.approx(0.0001, rel=1e-12)  # a one-step cosine ends at the floor
 
 
-def test_adamw_falls_back_to_foreach_when_fused_refuses(monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])
+def test_adamw_falls_back_to_foreach_when_fused_refuses(monkeypatch, error):
     real = torch.optim.AdamW
 
     def no_fused(params, fused=None, **kw):
         if fused:
-            raise RuntimeError("fused=True requires all the params to be floating point Tensors")
+            raise error("fused=True requires all the params to be floating point Tensors")
         return real(params, **kw)
     monkeypatch.setattr(torch.optim, "AdamW", no_fused)
     c = _config("model.vocab_size=32", "model.hidden_size=16", "model.num_layers=1", "model.num_heads=2",

@@ -51,6 +51,11 @@ class EPMesh:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def ep_ranks(self) -> list[int]:
+        """Global ranks of this rank's ep group, ordered by ep_rank (the DeepSpeed drop-in checks that
+        DeepSpeed's expert-parallel group is this one)."""
+        return [self.dp_rank * self.ep + i for i in range(self.ep)]
+
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size} (dp_rank {self.dp_rank}/{self.dp}, "
                 f"ep_rank {self.ep_rank}/{self.ep})")

@@ -130,6 +130,13 @@ def test_interrupt_and_errors_in_guarded_are_one_line(capsys, monkeypatch):
 
 
 @pytest.mark.slow
+def _default_sigint() -> None:
+    """In the child before exec: a shell that starts a job in the background without job control (CI may
+    run the suite so) sets SIGINT to ignored, children inherit that, and Python then installs no
+    KeyboardInterrupt handler: the real Ctrl-C this test sends would be ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_a_running_command_prints_one_line(tmp_path):
     """A real SIGINT to `moesys upcycle` blocked inside the command (a FIFO as the dense config.json)."""
     fifo = tmp_path / "config.json"
@@ -137,7 +144,7 @@ def test_ctrl_c_in_a_running_command_prints_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "moesys.cli", "upcycle", str(tmp_path), str(tmp_path / "out"),
                              "--num-experts", "4", "--top-k", "2"], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     writer = None
     try:
         deadline = time.monotonic() + 60

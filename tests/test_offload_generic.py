@@ -70,6 +70,8 @@ def test_generic_adapter_greedy_and_logits_equal(arch, tmp_path):
     got = off.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(got, want)
     with torch.no_grad():
-        torch.testing.assert_close(off(want).logits, ref(want).logits, rtol=0, atol=0)
+        # fp32 rounding, not bit equality: with torch's default CPU threads the engine's per-expert GEMMs split
+        # their reductions differently from the model's batched ones (seen: 6e-8 apart with 2 threads).
+        torch.testing.assert_close(off(want).logits, ref(want).logits, rtol=1e-5, atol=1e-6)
     stats = off.moesys_offload.snapshot()
     assert stats.evictions > 0 and stats.misses > 0

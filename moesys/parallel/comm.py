@@ -63,7 +63,7 @@ def guarded(ctx: CommContext, what: str):
                               f"{describe_failure(e, ctx.timeout)}. Cause: {e}") from e
 
 
-def _wait(work, ctx: CommContext, what: str, host_sync: bool = True) -> None:
+def wait_work(work, ctx: CommContext, what: str, host_sync: bool = True) -> None:
     """Wait for `work`, failing after ctx.timeout. On CUDA a wait with a timeout blocks the host until
     the kernel finishes, so transfers the host need not see (`host_sync=False`) wait on the stream
     only and leave stuck peers to NCCL's watchdog and the group's timeout; the count exchange, which
@@ -85,7 +85,7 @@ def exchange_counts(counts_send_RE: torch.Tensor, ctx: CommContext) -> torch.Ten
     with guarded(ctx, "token-count all-to-all"):
         work = dist.all_to_all_single(recv_RE.view(-1), counts_send_RE.contiguous().view(-1),
                                       group=ctx.group, async_op=True)
-    _wait(work, ctx, "token-count all-to-all")
+    wait_work(work, ctx, "token-count all-to-all")
     return recv_RE
 
 
@@ -118,7 +118,7 @@ class AllToAllStart(torch.autograd.Function):
     def backward(fctx, grad_unused):
         ticket = fctx.ticket
         # AllToAllWait.backward launched the reverse all-to-all into ticket.buffer; finish it here.
-        _wait(ticket.work, fctx.ctx, f"{fctx.what} (backward)", host_sync=not ticket.buffer.is_cuda)
+        wait_work(ticket.work, fctx.ctx, f"{fctx.what} (backward)", host_sync=not ticket.buffer.is_cuda)
         grad_NH, ticket.work, ticket.buffer = ticket.buffer, None, None
         return grad_NH, None, None, None, None, None
 
@@ -128,7 +128,7 @@ class AllToAllWait(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, out_RH, x_shape, out_splits, in_splits, ctx: CommContext, ticket: _Ticket, what: str):
-        _wait(ticket.work, ctx, what, host_sync=not out_RH.is_cuda)
+        wait_work(ticket.work, ctx, what, host_sync=not out_RH.is_cuda)
         ticket.work, ticket.buffer = None, None
         fctx.x_shape, fctx.splits = x_shape, (out_splits, in_splits)
         fctx.ctx, fctx.ticket, fctx.what = ctx, ticket, what

@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from moesys.parallel.comm import CommContext, guarded
+from moesys.parallel.comm import CommContext, guarded, wait_work
 
 DEFAULT_BUCKET_BYTES = 32 * 1024 * 1024
 
@@ -51,10 +51,7 @@ def _all_reduce(t: torch.Tensor, ctx: CommContext, what: str) -> None:
     hanging; on CUDA the host does not wait (NCCL's watchdog and the group's timeout apply)."""
     with guarded(ctx, what):
         work = dist.all_reduce(t, group=ctx.group, async_op=True)
-        if t.is_cuda or ctx.timeout is None:
-            work.wait()
-        else:
-            work.wait(ctx.timeout)
+    wait_work(work, ctx, what, host_sync=not t.is_cuda)
 
 
 @torch.no_grad()

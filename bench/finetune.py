@@ -36,7 +36,7 @@ from moesys.models.transformer import MoETransformer
 from moesys.parallel import bootstrap
 from moesys.train_metrics import flops_per_token, peak_flops
 from run_meta import run_meta
-from train_small import _peak_gb, _reset_peak, _sync, bench_moesys
+from train_small import _sync, bench_moesys, hf_train_loop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,33 +134,7 @@ def bench_hf_loop(ckpt: Path, config, device: torch.device, warmup: int, steps: 
     model, load_s = load_hf(ckpt, device, torch.bfloat16, "grouped_mm")
     model.config.output_router_logits = True  # the load-balancing loss, as moesys adds it
     model.config.router_aux_loss_coef = config.moe.aux_loss_coef
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=tuple(config.train.betas),
-                            weight_decay=config.train.weight_decay, fused=device.type == "cuda")
-    B, S = config.data.batch_size, config.data.seq_len
-    ids = torch.randint(0, 256, (B, S), generator=torch.Generator().manual_seed(0)).to(device)
-    _reset_peak(device)
-    losses = []
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    for _ in range(warmup):
-        losses.append(step())
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        losses.append(step())
-    _sync(device)
-    elapsed = time.perf_counter() - t0
-    return {"tokens_per_s": steps * B * S / elapsed, "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
-            "peak_gb": _peak_gb(device), "timed_steps": steps, "load_s": load_s,
-            "precision": "bf16 parameters and optimizer state"}
+    return {"load_s": load_s, **hf_train_loop(model, config, device, warmup, steps)}
 
 
 def main() -> int:

@@ -83,10 +83,15 @@ def bench_hf(config, experts_implementation: str, warmup: int, steps: int, devic
     with device:
         model = Qwen3MoeForCausalLM._from_config(cfg, experts_implementation=experts_implementation,
                                                  dtype=torch.bfloat16)
+    return hf_train_loop(model, config, device, warmup, steps)
+
+
+def hf_train_loop(model, config, device: torch.device, warmup: int, steps: int) -> dict:
+    """A transformers model's plain training loop in pure bf16 (fused AdamW, the trainer's clipping) on byte
+    tokens, as the moesys run reads them (ids below 256 of the vocabulary)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=tuple(config.train.betas),
-                            weight_decay=config.train.weight_decay, fused=True)
-    # Byte tokens, as the moesys run reads (ids below 256 of the 32000-token vocabulary).
+                            weight_decay=config.train.weight_decay, fused=device.type == "cuda")
     B, S = config.data.batch_size, config.data.seq_len
     ids = torch.randint(0, 256, (B, S), generator=torch.Generator().manual_seed(0)).to(device)
     _reset_peak(device)
@@ -108,10 +113,8 @@ def bench_hf(config, experts_implementation: str, warmup: int, steps: int, devic
         losses.append(step())
     _sync(device)
     elapsed = time.perf_counter() - t0
-    out = {"tokens_per_s": steps * B * S / elapsed, "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
-           "peak_gb": _peak_gb(device), "timed_steps": steps,
-           "precision": "bf16 parameters and optimizer state"}
-    return out
+    return {"tokens_per_s": steps * B * S / elapsed, "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
+            "peak_gb": _peak_gb(device), "timed_steps": steps, "precision": "bf16 parameters and optimizer state"}
 
 
 def profile_moesys(config, device: torch.device, path: Path | None) -> None:

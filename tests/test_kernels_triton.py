@@ -450,3 +450,28 @@ def test_act_launchers_take_a_bare_function_code():
     act_forward(h, a_code, gated=True, I=I, act=ACT_CODES["gelu"])
     act_forward(h, a_full, gated=True, I=I, act=act_constexprs(Activation("gelu", True)))
     assert torch.equal(a_code, a_full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows_per_expert", [8, 512])
+def test_autotuner_only_tries_configs_that_fit_shared_memory(dtype, rows_per_expert):
+    """An fp32 forward (an fp32 model's step-0 check) once failed on an H200 with OutOfResources: every
+    gated decode tile tuned for bf16 needs more than 227 KiB in fp32. The configs the autotuner may try
+    must fit, for every dtype, kernel family and epilogue."""
+    from moesys.kernels import launch
+    from moesys.kernels.grouped_gemm import EPI_STORE
+    common = {"UPCAST": False, "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
+    elem = dtype.itemsize
+    for gated, epilogue in [(True, launch.EPI_ACT_FWD), (False, launch.EPI_ACT_FWD), (False, EPI_STORE)]:
+        args = {"rows_bucket": 64 * rows_per_expert, "E": 64, "GATED": gated, "EPILOGUE": epilogue, **common}
+        b_tiles = 2 if gated and epilogue == launch.EPI_ACT_FWD else 1
+        for c in launch._prune_gemm(None, args):
+            k = c.kwargs
+            assert c.num_stages * (k["BM"] * k["BK"] + b_tiles * k["BK"] * k["BN"]) * elem <= 227 * 1024, c
+    for desc_ok in (True, False):
+        chosen = launch._prune_wgrad(launch._WGRAD, {"desc_ok": desc_ok, **common})
+        assert chosen and all(c.num_stages * (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"] * elem
+                              <= 227 * 1024 for c in chosen)
+    if dtype == torch.bfloat16:  # the tuned bf16 lists are kept whole where they fit
+        args = {"rows_bucket": 64 * 512, "E": 64, "GATED": False, "EPILOGUE": EPI_STORE, **common}
+        assert launch._prune_gemm(None, args) == launch._GEMM_TRAIN

@@ -93,9 +93,9 @@ def _prune_gemm(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}  # we launch with keywords only, which Triton passes as kwargs
     rows_per_expert = args["rows_bucket"] / max(1, args["E"])
     if rows_per_expert <= 64:
-        return _GEMM_DECODE
+        return _fitting_all(_GEMM_DECODE, args)
     gated_fwd = args["GATED"] and args["EPILOGUE"] == EPI_ACT_FWD
-    return _GEMM_TRAIN_GATED if gated_fwd else _GEMM_TRAIN
+    return _fitting_all(_GEMM_TRAIN_GATED if gated_fwd else _GEMM_TRAIN, args)
 
 
 # Tuned configs are cached on disk (Triton's cache dir) where this Triton can, so each shape family is
@@ -112,7 +112,7 @@ _gemm_tuned = triton.autotune(
 
 def _prune_wgrad(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    return [c for c in configs if args["desc_ok"] or not c.kwargs["S_DESC"]]
+    return _fitting_all([c for c in configs if args["desc_ok"] or not c.kwargs["S_DESC"]], args)
 
 
 _wgrad_tuned = triton.autotune(configs=_WGRAD, key=["rows_bucket", "Md", "Nd", "E", "GATHER_P", "desc_ok"],
@@ -182,15 +182,28 @@ def _autotune() -> bool:
     return switches().autotune
 
 
-def _fitting(configs, args, smem_bytes: int = 200 * 1024):
-    """The first config whose pipelined tiles fit in shared memory (fp32 tiles take twice a bf16's)."""
+_SMEM_BYTES = 200 * 1024  # below the H100/H200 limit of 227 KiB per block: epilogues take some too
+_SMALL = _cfg(32, 32, 32, 4, 2)  # fits every dtype and epilogue
+
+
+def _fits(c: triton.Config, args, smem_bytes: int = _SMEM_BYTES) -> bool:
+    """Whether a config's pipelined tiles fit in shared memory (fp32 tiles take twice a bf16's; the gated
+    forward epilogue reads two weight tiles)."""
     elem = 4 if not args["UPCAST"] and args["DOT_PREC"] == "ieee" else 2
     b_tiles = 2 if args.get("GATED") and args.get("EPILOGUE") == EPI_ACT_FWD else 1
-    for c in configs:
-        k = c.kwargs
-        if c.num_stages * (k["BM"] * k["BK"] + b_tiles * k["BK"] * k["BN"]) * elem <= smem_bytes:
-            return c
-    return _cfg(32, 32, 32, 4, 2)
+    k = c.kwargs
+    return c.num_stages * (k["BM"] * k["BK"] + b_tiles * k["BK"] * k["BN"]) * elem <= smem_bytes
+
+
+def _fitting_all(configs, args) -> list:
+    """The configs that fit, or the one small config: the autotuner raises OutOfResources when every
+    config it may try is too big (the bf16-tuned tiles in fp32, as an fp32 model's forward launches)."""
+    return [c for c in configs if _fits(c, args)] or [_SMALL]
+
+
+def _fitting(configs, args):
+    """The first config that fits (the launch without autotuning)."""
+    return _fitting_all(configs, args)[0]
 
 
 _forced: triton.Config | None = None

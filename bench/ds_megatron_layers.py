@@ -155,7 +155,8 @@ def build_megatron(H, I, E, K, w, world, rank, device, dtype, backend, moesys_ex
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from moesys.integrations.megatron import with_moesys_experts
+    from moesys.integrations.megatron import define_missing_te_gemm, with_moesys_experts
+    define_missing_te_gemm()  # megatron-core 0.16.1's router needs it without Transformer Engine
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(expert_model_parallel_size=world)
         model_parallel_cuda_manual_seed(0)

@@ -111,6 +111,19 @@ def test_refuses_configs_it_does_not_reproduce():
         MoesysExperts(L, _config(expert_tensor_parallel_size=2))
 
 
+def test_router_gating_runs_without_transformer_engine():
+    """Megatron-core 0.16.1's router gating linear raises NameError without Transformer Engine (it tests
+    an unbound te_general_gemm); define_missing_te_gemm binds it, and the gating equals x @ W^T."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from moesys.integrations.megatron import define_missing_te_gemm
+    define_missing_te_gemm()
+    x, w = torch.randn(5, 8, dtype=torch.float64).float(), torch.randn(3, 8)
+    got = moe_utils.router_gating_linear(x, w, None, torch.float32)
+    torch.testing.assert_close(got, x @ w.T)
+    assert define_missing_te_gemm() is False  # bound once; a TE install's own gemm is never replaced
+
+
 # ---- the whole MoELayer (GPU only: Megatron's router moves its weight to CUDA) --------------------
 
 def _layer_cases(rank, world):
@@ -119,7 +132,8 @@ def _layer_cases(rank, world):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.spec_utils import build_module
 
-    from moesys.integrations.megatron import with_moesys_experts
+    from moesys.integrations.megatron import define_missing_te_gemm, with_moesys_experts
+    define_missing_te_gemm()
     parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(0)
     try:

@@ -29,7 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from moesys.layers.experts import Experts
 
-__all__ = ["MoesysExperts", "moesys_experts_spec", "with_moesys_experts"]
+__all__ = ["MoesysExperts", "define_missing_te_gemm", "moesys_experts_spec", "with_moesys_experts"]
 
 
 def _activation(config) -> str:
@@ -130,3 +130,17 @@ def with_moesys_experts(spec: ModuleSpec, backend: str = "auto") -> ModuleSpec:
                          "whose submodules.mlp is one; build the spec with num_experts set")
     target.submodules.experts = moesys_experts_spec(backend)
     return out
+
+
+def define_missing_te_gemm() -> bool:
+    """Let Megatron-core's router run without Transformer Engine. In megatron-core 0.16.1 the router's
+    gating linear (moe_utils.RouterGatingLinearFunction) tests `te_general_gemm is not None`, a name that
+    moe_utils binds only when Transformer Engine imports, so without TE every MoELayer forward raises
+    NameError before any expert runs. Binding the name to None selects Megatron's own torch.mm path.
+    Nothing calls this implicitly (no patching on import); returns whether the name had to be bound."""
+    from megatron.core.transformer.moe import moe_utils
+    if hasattr(moe_utils, "te_general_gemm"):
+        return False
+    moe_utils.te_general_gemm = None
+    return True
+

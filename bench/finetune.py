@@ -143,7 +143,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30, help="moesys steps (the first log window is warm-up)")
     p.add_argument("--hf-steps", type=int, default=12)
     p.add_argument("--skip", action="append", default=[],
-                   help="impl to skip: moesys_init_from, moesys_hf_model, hf_grouped_mm, correctness")
+                   help="impl to skip: moesys_init_from, moesys_init_from_triton, moesys_hf_model, hf_grouped_mm, correctness")
     p.add_argument("--workdir", default=None, help="where the checkpoint is written (default: a temp dir)")
     p.add_argument("--out", default=None)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (checks the script, not speed)")
@@ -185,6 +185,8 @@ def main() -> int:
 
         runs = [("correctness", lambda: correctness(ckpt, device, cfg.vocab_size, args.cpu_smoke)),
                 ("moesys_init_from", lambda: moesys_run("init_from", [] if args.cpu_smoke else small)),
+                ("moesys_init_from_triton", lambda: moesys_run(
+                    "init_from", [] if args.cpu_smoke else small[:-1] + ["moe.backend=triton"])),
                 ("moesys_hf_model", lambda: moesys_run("hf_model", [] if args.cpu_smoke else ["moe.backend=triton"])),
                 ("hf_grouped_mm", lambda: bench_hf_loop(ckpt, base_config, device, 1 if args.cpu_smoke else 3,
                                                         hf_steps))]

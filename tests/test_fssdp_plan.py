@@ -5,7 +5,7 @@ and cuts the busiest rank's predicted work; routing keeps every token and prefer
 import pytest
 import torch
 
-from moesys.parallel.fssdp_plan import (LoadPredictor, even_sharding, plan_materialization, plan_sharding,
+from moesys.parallel.fssdp_plan import (LoadPredictor, even_sharding, plan_materialization, plan_sharding, transfers,
                                         route_to_replicas, split_over_replicas)
 
 
@@ -96,3 +96,30 @@ def test_topology_aware_split_prefers_same_node():
     assert split_over_replicas(9, 6, (2, 5), 8, ranks_per_node=4) == [(5, 9)]
     assert split_over_replicas(9, 6, (2, 5), 8) == [(2, 5), (5, 4)]  # one node: even split, ring order
     assert split_over_replicas(9, 6, (0, 1), 8, ranks_per_node=4) == [(0, 5), (1, 4)]  # none on the node
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_transfers_pair_up_in_the_same_order_on_both_ends(seed):
+    """Every message one rank posts to a peer is posted back by that peer as the opposite operation, in
+    the same position of their pair's sequence: what batch_isend_irecv needs to match sends to receives.
+    Covers the gather (owner -> replicas), its reverse (gradients) and a re-shard (old -> new owner)."""
+    g = torch.Generator().manual_seed(seed)
+    W, E = 4, 9
+    owner_E = torch.randint(0, W, (E,), generator=g).tolist()
+    replicas_E = [tuple(sorted({o} | {r for r in range(W) if torch.rand((), generator=g) < 0.4}))
+                  for o in owner_E]
+    new_owner_E = torch.randint(0, W, (E,), generator=g).tolist()
+    cases = [(owner_E, replicas_E, False), (owner_E, replicas_E, True), (owner_E, [(d,) for d in new_owner_E], False)]
+    for src_E, dsts_E, reverse in cases:
+        lists = {r: transfers(src_E, dsts_E, r, reverse) for r in range(W)}
+        for a in range(W):
+            for b in range(W):
+                a_to_b = [(e, send) for e, peer, send in lists[a] if peer == b]
+                b_to_a = [(e, not send) for e, peer, send in lists[b] if peer == a]
+                assert a_to_b == b_to_a, (a, b, reverse)
+        # every needed copy is there exactly once, in the direction asked for
+        for e, (src, dsts) in enumerate(zip(src_E, dsts_E)):
+            for d in set(dsts) - {src}:
+                assert lists[src].count((e, d, not reverse)) == 1
+                assert lists[d].count((e, src, reverse)) == 1
+        assert sum(len(v) for v in lists.values()) == 2 * sum(len(set(d) - {s}) for s, d in zip(src_E, dsts_E))

@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from moesys.layers.experts import Experts, autocast_expert_inputs
 from moesys.ops import moe_mlp
 from moesys.parallel.comm import CommContext, all_to_all, exchange_counts, guarded
-from moesys.parallel.fssdp_plan import split_over_replicas
+from moesys.parallel.fssdp_plan import split_over_replicas, transfers
 
 __all__ = ["FSSDPExperts", "LayerPlan", "POLICIES"]
 
@@ -99,16 +99,16 @@ def start_gather(module: "FSSDPExperts", plan: LayerPlan, dtype: torch.dtype, ow
             if e in owned_index:
                 for o, w in zip(out, owned):
                     o[m] = w[owned_index[e]]
-        for e in range(len(plan.owner_E)):
-            owner = plan.owner_E[e]
-            if owner == rank:
-                for w in owned:
-                    row = w[owned_index[e]].to(dtype).contiguous()
-                    keepalive.append(row)
-                    ops += [dist.P2POp(dist.isend, row, r, group=module.group) for r in plan.replicas_E[e] if r != rank]
-            elif rank in plan.replicas_E[e]:
+        sent = {}  # expert -> its rows in the compute dtype, cast once for all its replicas
+        for e, peer, send in transfers(plan.owner_E, plan.replicas_E, rank):
+            if send:
+                if e not in sent:
+                    sent[e] = [w[owned_index[e]].to(dtype).contiguous() for w in owned]
+                    keepalive += sent[e]
+                ops += [dist.P2POp(dist.isend, row, peer, group=module.group) for row in sent[e]]
+            else:
                 m = mat_ids.index(e)
-                ops += [dist.P2POp(dist.irecv, o[m], owner, group=module.group) for o in out]
+                ops += [dist.P2POp(dist.irecv, o[m], peer, group=module.group) for o in out]
     return PendingGather(plan, dtype, out, _launch(ops, module.comm, "SparseAllGather"), keepalive)
 
 
@@ -142,19 +142,15 @@ class _SparseAllGather(torch.autograd.Function):
                 for acc, g in zip(grads, grad_mat):
                     acc[owned_index[e]] += g[m].float()
         ops, inbox = [], []
-        for e in range(len(plan.owner_E)):
-            owner = plan.owner_E[e]
-            if owner == rank:
-                for r in plan.replicas_E[e]:
-                    if r == rank:
-                        continue
-                    for k, g in enumerate(grad_mat):
-                        buf = torch.empty(g.shape[1:], dtype=g.dtype, device=g.device)
-                        inbox.append((k, owned_index[e], buf))
-                        ops.append(dist.P2POp(dist.irecv, buf, r, group=module.group))
-            elif rank in plan.replicas_E[e]:
+        for e, peer, send in transfers(plan.owner_E, plan.replicas_E, rank, reverse=True):
+            if send:  # a replica's gradient back to the owner
                 m = mat_ids.index(e)
-                ops += [dist.P2POp(dist.isend, g[m], owner, group=module.group) for g in grad_mat]
+                ops += [dist.P2POp(dist.isend, g[m], peer, group=module.group) for g in grad_mat]
+            else:
+                for k, g in enumerate(grad_mat):
+                    buf = torch.empty(g.shape[1:], dtype=g.dtype, device=g.device)
+                    inbox.append((k, owned_index[e], buf))
+                    ops.append(dist.P2POp(dist.irecv, buf, peer, group=module.group))
         if ops:  # nothing in flight (one rank, or no remote replicas): nothing to finish or keep alive
             module.pending_reduce.append((_launch(ops, module.comm, "SparseReduceScatter"), inbox, grad_mat))
         return (None, None, None) + tuple(g.to(d) for g, d in zip(grads, fctx.master_dtypes))

@@ -14,6 +14,8 @@ executor then issues the same collectives in the same order on every rank.
 - `split_over_replicas` / `route_to_replicas`: each rank's tokens for an expert go to its local
   replica if it has one, else are split evenly over the replicas (those on the same node first).
 - `LoadPredictor`: per-expert load predicted as the mean of the last `window` steps' global counts.
+- `transfers`: the point-to-point messages that move expert rows from one rank set to another, in the
+  one order both ends post them (the gather, the gradients' way back and a re-shard all use it).
 
 Legend: L MoE layers, E experts per layer, W ranks.
 """
@@ -159,6 +161,22 @@ def route_to_replicas(counts_WE: torch.Tensor, replicas: tuple[tuple[int, ...], 
         for s in range(W):
             for d, c in split_over_replicas(int(counts_WE[s, e]), s, replicas[e], W, ranks_per_node):
                 out[s, d, e] = c
+    return out
+
+
+def transfers(src_E, dsts_E, rank: int, reverse: bool = False) -> list[tuple[int, int, bool]]:
+    """This rank's messages for copying expert e's rows from rank `src_E[e]` to every other rank in
+    `dsts_E[e]`, as [(expert, peer, is_send)], ordered by expert id and then peer rank. Both ends of a
+    pair derive their lists from the same plan through this function, so the k-th message one posts to
+    a peer is the k-th the peer posts back (batch_isend_irecv pairs messages in posting order).
+    `reverse=True` runs every message the other way: the replicas' gradients back to the owner."""
+    out = []
+    for e, (src, dsts) in enumerate(zip(src_E, dsts_E)):
+        for peer in sorted(d for d in dsts if d != src):
+            if rank == src:
+                out.append((e, peer, not reverse))
+            elif rank == peer:
+                out.append((e, src, reverse))
     return out
 
 

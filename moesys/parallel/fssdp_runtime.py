@@ -26,7 +26,8 @@ import torch.nn as nn
 from moesys.parallel.comm import CommContext, guarded
 from moesys.parallel.data_parallel import sync_gradients
 from moesys.parallel.fssdp import POLICIES, FSSDPExperts, LayerPlan
-from moesys.parallel.fssdp_plan import LoadPredictor, ShardingPlan, even_sharding, plan_materialization, plan_sharding
+from moesys.parallel.fssdp_plan import (LoadPredictor, ShardingPlan, even_sharding, plan_materialization, plan_sharding,
+                                       transfers)
 from moesys.parallel.handle import clip_to_norm
 from moesys.parallel.hf_experts import drops_zero_weight, moe_sites
 
@@ -314,19 +315,18 @@ class FSSDPHandle:
                 keys = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == old_p.shape)
                 tensors = [old_p.data] + [state[k] for k in keys]
                 new_tensors = [t.new_empty((len(new_ids),) + tuple(t.shape[1:])) for t in tensors]
+                for e in set(m.owned_ids) & set(new_ids):  # staying on this rank
+                    i, j = m.owned_ids.index(e), new_ids.index(e)
+                    for t, n in zip(tensors, new_tensors):
+                        n[j] = t[i]
                 ops = []
-                for e in range(self.num_experts):
-                    src, dst = old_owner[e], new_owner[e]
-                    if src == self.rank and dst == self.rank:
-                        i, j = m.owned_ids.index(e), new_ids.index(e)
-                        for t, n in zip(tensors, new_tensors):
-                            n[j] = t[i]
-                    elif src == self.rank:
+                for e, peer, send in transfers(old_owner, [(d,) for d in new_owner], self.rank):
+                    if send:
                         i = m.owned_ids.index(e)
-                        ops += [dist.P2POp(dist.isend, t[i].contiguous(), dst, group=self.group) for t in tensors]
-                    elif dst == self.rank:
+                        ops += [dist.P2POp(dist.isend, t[i].contiguous(), peer, group=self.group) for t in tensors]
+                    else:
                         j = new_ids.index(e)
-                        ops += [dist.P2POp(dist.irecv, n[j], src, group=self.group) for n in new_tensors]
+                        ops += [dist.P2POp(dist.irecv, n[j], peer, group=self.group) for n in new_tensors]
                 if ops:
                     with guarded(self.comm, f"re-shard of {m.layer_name}.{name}"):
                         for work in dist.batch_isend_irecv(ops):

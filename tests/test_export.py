@@ -68,8 +68,10 @@ def _read_all(model_dir):
     return out
 
 
-@pytest.mark.parametrize("family,dtype", [("mixtral", torch.float32), ("qwen2_moe", torch.bfloat16),
-                                          ("qwen3_moe", torch.float32), ("olmoe", torch.float32)])
+@pytest.mark.parametrize("family,dtype", [pytest.param("mixtral", torch.float32, marks=pytest.mark.slow),
+                                          ("qwen2_moe", torch.bfloat16),
+                                          pytest.param("qwen3_moe", torch.float32, marks=pytest.mark.slow),
+                                          pytest.param("olmoe", torch.float32, marks=pytest.mark.slow)])
 def test_import_then_export_gives_back_every_tensor_bit_for_bit(tmp_path, family, dtype):
     """A step at lr=0 changes no weight; what export writes is then the source, tensor for tensor and
     bit for bit, in the source's family, dtype and config."""
@@ -84,6 +86,7 @@ def test_import_then_export_gives_back_every_tensor_bit_for_bit(tmp_path, family
     assert (out / "generation_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_export_copies_the_source_tokenizer_which_the_run_used(tmp_path):
     from moesys.hf.tokenizer import save_byte_tokenizer
     source = save_hf_model("mixtral", tmp_path / "src", vocab_size=256)
@@ -95,7 +98,7 @@ def test_export_copies_the_source_tokenizer_which_the_run_used(tmp_path):
         assert (out / name).read_bytes() == (source / name).read_bytes()
 
 
-@pytest.mark.parametrize("init_from", [False, True])
+@pytest.mark.parametrize("init_from", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_byte_runs_export_a_byte_tokenizer_that_round_trips_text(tmp_path, init_from):
     from transformers import AutoTokenizer
     if init_from:

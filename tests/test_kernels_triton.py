@@ -122,13 +122,19 @@ ALL_SPECS = ([Activation(fn, gated) for fn in FUNCTIONS for gated in (True, Fals
                 clamped_swiglu(limit=0.6), clamped_swiglu(alpha=1.3, limit=0.4, up_shift=0.5, interleaved=False)])
 
 
-@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda a: a.key)
+# The quick set (-m "not slow") keeps one gated, one plain and the clamped interleaved SwiGLU; CI runs all.
+QUICK_SPECS = {Activation("silu", True).key, Activation("gelu", False).key, clamped_swiglu(limit=0.6).key}
+
+
+@pytest.mark.parametrize("spec", [s if s.key in QUICK_SPECS else pytest.param(s, marks=pytest.mark.slow)
+                                  for s in ALL_SPECS], ids=lambda a: a.key)
 def test_every_activation_fp32(spec):
     case, dy = make_case(9, 12, 7, 4, 2, spec, True, seed=12, empty_expert=1)
     check(case, dy, spec, torch.float32)
 
 
-@pytest.mark.parametrize("spec", [Activation("gelu", True), clamped_swiglu(limit=0.6)], ids=lambda a: a.key)
+@pytest.mark.parametrize("spec", [pytest.param(Activation("gelu", True), marks=pytest.mark.slow),
+                                  clamped_swiglu(limit=0.6)], ids=lambda a: a.key)
 def test_activation_bf16(spec):
     case, dy = make_case(11, 16, 9, 3, 2, spec, True, seed=13)
     check(case, dy, spec, torch.bfloat16)
@@ -148,6 +154,7 @@ def test_bf16_matches_loop_and_oracle(activation):
     check(case, dy, activation, torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_fp16():
     case, dy = make_case(21, 32, 24, 3, 2, "silu", True, seed=2)
     check(case, dy, "silu", torch.float16)

@@ -188,6 +188,7 @@ print("compiled-first-call-ok")
 """
 
 
+@pytest.mark.slow
 def test_first_moesys_call_may_be_compiled():
     """A fresh process whose first moesys call is under torch.compile(fullgraph=True), with the Triton backend
     (its module is imported only on demand): register() imported it beforehand, so dynamo never meets the

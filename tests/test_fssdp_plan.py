@@ -5,8 +5,8 @@ and cuts the busiest rank's predicted work; routing keeps every token and prefer
 import pytest
 import torch
 
-from moesys.parallel.fssdp_plan import (LoadPredictor, even_sharding, plan_materialization, plan_sharding, transfers,
-                                        route_to_replicas, split_over_replicas)
+from moesys.parallel.fssdp_plan import (LoadPredictor, destinations, even_sharding, plan_materialization, plan_sharding,
+                                        replica_rings, route_to_replicas, split_over_replicas, transfers)
 
 
 def zipf(E, s=1.2):
@@ -123,3 +123,24 @@ def test_transfers_pair_up_in_the_same_order_on_both_ends(seed):
                 assert lists[src].count((e, d, not reverse)) == 1
                 assert lists[d].count((e, src, reverse)) == 1
         assert sum(len(v) for v in lists.values()) == 2 * sum(len(set(d) - {s}) for s, d in zip(src_E, dsts_E))
+
+
+@pytest.mark.parametrize("ranks_per_node", [None, 2])
+def test_device_destinations_split_rows_as_split_over_replicas(ranks_per_node):
+    """The forward computes each row's destination on the device (no host sync for the counts); it must
+    send exactly the chunks split_over_replicas decides: sizes, ranks and order, for every source rank."""
+    g = torch.Generator().manual_seed(3)
+    W, E = 4, 7
+    replicas_E = [tuple(sorted(set(torch.randint(0, W, (int(torch.randint(1, W + 1, (), generator=g)),),
+                                                 generator=g).tolist()))) for _ in range(E)]
+    counts_E = torch.randint(0, 11, (E,), generator=g)
+    counts_E[2] = 0                                   # an expert without rows
+    ids_N = torch.repeat_interleave(torch.arange(E), counts_E)
+    for source in range(W):
+        ring_ER, size_E = replica_rings(replicas_E, source, W, ranks_per_node)
+        got_N = destinations(ids_N, counts_E, ring_ER, size_E)
+        want = []
+        for e in range(E):
+            for d, c in split_over_replicas(int(counts_E[e]), source, replicas_E[e], W, ranks_per_node):
+                want += [d] * c
+        assert got_N.tolist() == want, source

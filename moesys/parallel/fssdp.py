@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from moesys.layers.experts import Experts, autocast_expert_inputs
 from moesys.ops import moe_mlp
 from moesys.parallel.comm import CommContext, all_to_all, exchange_counts, guarded
-from moesys.parallel.fssdp_plan import split_over_replicas, transfers
+from moesys.parallel.fssdp_plan import destinations, replica_rings, transfers
 
 __all__ = ["FSSDPExperts", "LayerPlan", "POLICIES"]
 
@@ -176,6 +176,8 @@ class FSSDPExperts(nn.Module):
             full = getattr(experts, name)
             setattr(self, name, None if full is None else nn.Parameter(full.detach()[self.owned_ids].clone()))
         self.plan: LayerPlan | None = None
+        self._rings_of: LayerPlan | None = None  # the plan `_ring_tables` were built for
+        self._ring_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.step_counts_E: torch.Tensor | None = None   # this rank's kept assignments this step (training)
         self.last_rows_received = 0                      # rows this rank computed in the last forward
         self._prefetch: PendingGather | None = None
@@ -268,10 +270,15 @@ class FSSDPExperts(nn.Module):
         counts_E = torch.bincount(ids_N[rows_N], minlength=E)
         if self.training:  # the load the next plans predict from: every micro-batch of the step
             self.step_counts_E = counts_E.detach() + (0 if self.step_counts_E is None else self.step_counts_E)
-        dest_N, send_WE = self._destinations(counts_E.tolist(), plan, rows_N.device)  # host sync: the plan needs counts
+        ring_ER, size_E = self._rings(plan, rows_N.device)
+        dest_N = destinations(ids_N[rows_N], counts_E, ring_ER, size_E)
+        send_WE = torch.zeros(W * E, dtype=torch.long, device=rows_N.device).index_add_(
+            0, dest_N * E + ids_N[rows_N], torch.ones_like(dest_N)).view(W, E)
         order_N = torch.sort(dest_N * E + ids_N[rows_N], stable=True).indices
         rows_N = rows_N[order_N]
-        recv_WE = exchange_counts(send_WE.to(rows_N.device), self.comm).cpu()  # the second (and last) host sync
+        recv_WE = exchange_counts(send_WE, self.comm)
+        # The one host sync of the layer: the all-to-all's split sizes must be known on the host.
+        send_WE, recv_WE = torch.stack([send_WE, recv_WE]).cpu()
         send_splits, recv_splits = send_WE.sum(1).tolist(), recv_WE.sum(1).tolist()
 
         self.last_rows_received = sum(recv_splits)
@@ -312,17 +319,13 @@ class FSSDPExperts(nn.Module):
                        x_RH.new_ones(x_RH.shape[0], 1), activation=self.activation, backend=self.backend,
                        b_gate_up=mats.get("gate_up_proj_bias"), b_down=mats.get("down_proj_bias"))
 
-    def _destinations(self, counts: list[int], plan: LayerPlan, device):
-        """Destination rank of each of this rank's rows (grouped by expert) on `device`, and the host
-        counts [W, E] per (destination, expert), by `fssdp_plan.split_over_replicas`."""
-        W, E, rank = self.world_size, self.num_experts, self.rank
-        send_WE = torch.zeros(W, E, dtype=torch.int64)
-        chunk_dest, chunk_rows = [], []  # per expert, its rows' consecutive chunks
-        for e, n in enumerate(counts):
-            for d, c in split_over_replicas(n, rank, plan.replicas_E[e], W, self.ranks_per_node):
-                send_WE[d, e] += c
-                chunk_dest.append(d)
-                chunk_rows.append(c)
-        dest_N = torch.repeat_interleave(torch.tensor(chunk_dest, dtype=torch.long),
-                                         torch.tensor(chunk_rows, dtype=torch.long))
-        return dest_N.to(device), send_WE
+    def _rings(self, plan: LayerPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`replica_rings` of this rank for `plan`, on `device`, built once per plan (per step): copied from
+        pinned memory without blocking, so the forward's only host sync stays the split sizes'."""
+        if self._rings_of is not plan:
+            ring_ER, size_E = replica_rings(plan.replicas_E, self.rank, self.world_size, self.ranks_per_node)
+            if device.type == "cuda":
+                ring_ER, size_E = ring_ER.pin_memory(), size_E.pin_memory()
+            self._rings_of = plan
+            self._ring_tables = (ring_ER.to(device, non_blocking=True), size_E.to(device, non_blocking=True))
+        return self._ring_tables

@@ -12,7 +12,8 @@ executor then issues the same collectives in the same order on every rank.
   hottest experts are replicated on every rank while the per-rank gather budget (what the preceding
   attention can hide) and the memory cap allow; the rest get replicas in proportion to their load.
 - `split_over_replicas` / `route_to_replicas`: each rank's tokens for an expert go to its local
-  replica if it has one, else are split evenly over the replicas (those on the same node first).
+  replica if it has one, else are split evenly over the replicas (those on the same node first);
+  `replica_rings` + `destinations` compute the same split per row on the device, without a host sync.
 - `LoadPredictor`: per-expert load predicted as the mean of the last `window` steps' global counts.
 - `transfers`: the point-to-point messages that move expert rows from one rank set to another, in the
   one order both ends post them (the gather, the gradients' way back and a re-shard all use it).
@@ -149,6 +150,33 @@ def split_over_replicas(n: int, source: int, replicas: tuple[int, ...], world_si
     base, rem = divmod(n, len(reps))
     ring = sorted(reps, key=lambda d: (d - source) % world_size)
     return [(d, base + (1 if i < rem else 0)) for i, d in enumerate(ring)]
+
+
+def replica_rings(replicas_E, source: int, world_size: int,
+                  ranks_per_node: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The destinations of `split_over_replicas` as tables, for `destinations` to use on the device:
+    ring_ER[e, i] = the i-th rank that `source`'s rows of expert e go to (-1 padded), size_E[e] = how many."""
+    rings = [[d for d, _ in split_over_replicas(len(reps), source, reps, world_size, ranks_per_node)]
+             for reps in replicas_E]
+    ring_ER = torch.full((len(rings), max(map(len, rings), default=1)), -1, dtype=torch.long)
+    for e, ring in enumerate(rings):
+        ring_ER[e, :len(ring)] = torch.tensor(ring, dtype=torch.long)
+    return ring_ER, torch.tensor([len(r) for r in rings], dtype=torch.long)
+
+
+def destinations(ids_N: torch.Tensor, counts_E: torch.Tensor, ring_ER: torch.Tensor,
+                 size_E: torch.Tensor) -> torch.Tensor:
+    """Destination rank of each row, rows grouped by expert (`ids_N` sorted), computed where the rows are
+    (no host sync): expert e's n rows are split into size_E[e] consecutive chunks, the first n % size
+    of them one row longer, in `replica_rings` order; exactly `split_over_replicas`."""
+    N = ids_N.numel()
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    j_N = torch.arange(N, device=ids_N.device) - start_E[ids_N]    # position within its expert's rows
+    n_N, r_N = counts_E[ids_N], size_E[ids_N]
+    base_N, rem_N = n_N // r_N, n_N % r_N
+    cut_N = rem_N * (base_N + 1)                                     # rows in the longer chunks
+    chunk_N = torch.where(j_N < cut_N, j_N // (base_N + 1), rem_N + (j_N - cut_N) // base_N.clamp_min(1))
+    return ring_ER[ids_N, chunk_N]
 
 
 def route_to_replicas(counts_WE: torch.Tensor, replicas: tuple[tuple[int, ...], ...],

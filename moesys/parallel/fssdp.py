@@ -83,6 +83,25 @@ class PendingGather:
         return self.out
 
 
+def _local_rows(mat_ids: list[int], owned_index: dict[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions in the materialised list, positions in the owned list) of the experts this rank both
+    owns and materialises."""
+    pairs = [(m, owned_index[e]) for m, e in enumerate(mat_ids) if e in owned_index]
+    m_idx, o_idx = zip(*pairs) if pairs else ((), ())
+    return (to_device_async(torch.tensor(m_idx, dtype=torch.long), device),
+            to_device_async(torch.tensor(o_idx, dtype=torch.long), device))
+
+
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host-built tensor onto `device` without a host sync: a copy from pageable memory would
+    wait for the stream's earlier work; from pinned memory it is queued (torch keeps the pinned block
+    alive until the copy has run)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def start_gather(module: "FSSDPExperts", plan: LayerPlan, dtype: torch.dtype, owned: list) -> PendingGather:
     """Post the point-to-point messages of one layer's SparseAllGather: owners send each expert's
     rows (cast to `dtype`) to its replicas; replicas receive. Messages between a pair of ranks are
@@ -95,10 +114,9 @@ def start_gather(module: "FSSDPExperts", plan: LayerPlan, dtype: torch.dtype, ow
     with torch.no_grad():
         out = [w.new_empty((len(mat_ids),) + tuple(w.shape[1:]), dtype=dtype) for w in owned]
         ops, keepalive = [], []
-        for m, e in enumerate(mat_ids):
-            if e in owned_index:
-                for o, w in zip(out, owned):
-                    o[m] = w[owned_index[e]]
+        local_m, local_o = _local_rows(mat_ids, owned_index, owned[0].device)
+        for o, w in zip(out, owned):  # the materialised experts this rank owns: one batched copy
+            o[local_m] = w[local_o].to(dtype)
         sent = {}  # expert -> its rows in the compute dtype, cast once for all its replicas
         for e, peer, send in transfers(plan.owner_E, plan.replicas_E, rank):
             if send:
@@ -137,10 +155,9 @@ class _SparseAllGather(torch.autograd.Function):
         owned_index = {e: i for i, e in enumerate(module.owned_ids)}
         grads = [torch.zeros(s, dtype=torch.float32, device=g.device) for s, g in zip(fctx.owned_shapes, grad_mat)]
         grad_mat = [g.contiguous() for g in grad_mat]
-        for m, e in enumerate(mat_ids):
-            if e in owned_index:
-                for acc, g in zip(grads, grad_mat):
-                    acc[owned_index[e]] += g[m].float()
+        local_m, local_o = _local_rows(mat_ids, owned_index, grads[0].device)
+        for acc, g in zip(grads, grad_mat):  # the local replicas' gradients: one batched add
+            acc.index_add_(0, local_o, g[local_m].float())
         ops, inbox = [], []
         for e, peer, send in transfers(plan.owner_E, plan.replicas_E, rank, reverse=True):
             if send:  # a replica's gradient back to the owner
@@ -324,8 +341,6 @@ class FSSDPExperts(nn.Module):
         pinned memory without blocking, so the forward's only host sync stays the split sizes'."""
         if self._rings_of is not plan:
             ring_ER, size_E = replica_rings(plan.replicas_E, self.rank, self.world_size, self.ranks_per_node)
-            if device.type == "cuda":
-                ring_ER, size_E = ring_ER.pin_memory(), size_E.pin_memory()
             self._rings_of = plan
-            self._ring_tables = (ring_ER.to(device, non_blocking=True), size_E.to(device, non_blocking=True))
+            self._ring_tables = (to_device_async(ring_ER, device), to_device_async(size_E, device))
         return self._ring_tables

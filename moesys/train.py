@@ -535,8 +535,8 @@ def run(args: argparse.Namespace) -> int:
         validate_source(config.data)
         if config.train.engine == "deepspeed":  # the extra and its JSON, before any process group exists
             from moesys.integrations.deepspeed_config import require_deepspeed, resolve_deepspeed_config
-            require_deepspeed()
             resolve_deepspeed_config(config)
+            require_deepspeed()
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = prepare_run_dir(run_dir, args.resume)
     except (ConfigError, ValueError) as e:

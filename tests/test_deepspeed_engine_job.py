@@ -1,7 +1,8 @@
 """The training job under train.engine=deepspeed (ZeRO-2 / ZeRO-1 through the shipped JSON, 2 gloo ranks
 under torchrun, and one process alone) against moesys's own torch engine on the same batches: losses and
 gradient norms to fp32 rounding, final weights and AdamW state close, with clipping active; a resumed
-DeepSpeed run continues bit for bit; `moesys export` reads a DeepSpeed run's checkpoint."""
+DeepSpeed run continues bit for bit (fp32 with ep=2; bf16 alone, where the fp32 masters matter);
+`moesys export` reads a DeepSpeed run's checkpoint."""
 
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ ZERO1 = ("train.engine=deepspeed", "train.deepspeed_config=configs/deepspeed_zer
 
 def _run(run_dir, *items, nproc=2, resume=False):
     if nproc == 2:
-        cmd = torchrun_cmd(2, run_dir, *COMMON, *items) + (["--resume"] if resume else [])
+        cmd = torchrun_cmd(2, run_dir, *COMMON, *items)
     else:  # alone, with the argument the deepspeed launcher passes
         cmd = [sys.executable, "-m", "moesys.train", "--local_rank=0", "--config", TINY, "--run-dir", str(run_dir),
                *sets(*COMMON, *items)]
+    cmd += ["--resume"] if resume else []
     proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return metrics(run_dir)
@@ -84,3 +86,27 @@ def test_zero2_data_parallel_and_zero1_alone_equal_the_torch_engine(tmp_path):
     _close_checkpoints(tmp_path / "ds", tmp_path / "torch", "deepspeed dp=2 vs torch dp=2")
     alone = _run(tmp_path / "alone", "train.grad_accum=2", *ZERO1, nproc=1)
     _same_curve(alone, ref, "deepspeed ZeRO-1 in one process (grad_accum=2) vs torch dp=2")
+
+
+@pytest.mark.slow
+def test_bf16_zero2_alone_saves_fp32_masters_and_resumes_exactly(tmp_path):
+    """bf16 (DeepSpeed casts the module; ZeRO keeps fp32 masters): the checkpoint holds the masters and
+    fp32 buffers (the aux-loss-free router bias), and a resumed run is bit for bit the uninterrupted one."""
+    items = ("train.dtype=bfloat16", "moe.router.aux_free_bias=true", *DEEPSPEED)
+    full = _run(tmp_path / "full", *items, nproc=1)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed)
+    shutil.rmtree(resumed / "ckpt" / "step_4")
+    again = _run(resumed, *items, nproc=1, resume=True)
+    timing = ("tokens_per_s", "mfu")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in again] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in full]
+    for name in ("model", "optimizer"):
+        a, b = (load_file(str(d / "ckpt" / "step_4" / f"{name}.safetensors")) for d in (tmp_path / "full", resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    model = load_file(str(tmp_path / "full" / "ckpt" / "step_4" / "model.safetensors"))
+    assert {t.dtype for t in model.values()} == {torch.float32}
+    weights = [t for k, t in model.items() if k.endswith("weight")]
+    assert any((t != t.bfloat16().float()).any() for t in weights), "the bf16 weights were saved, not the masters"
+    bias = model["blocks.0.ffn.router.expert_bias"]
+    assert bias.abs().max() > 0 and (bias != bias.bfloat16().float()).any(), "the router bias went through bf16"

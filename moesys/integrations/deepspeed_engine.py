@@ -142,14 +142,9 @@ class DeepSpeedEngine:
                                     timeout=self.ctx.timeout or timedelta(minutes=10))
             self._own_group = True
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        # In bf16 DeepSpeed casts the parameters only: buffers (rotary tables, the aux-loss-free router
+        # bias) stay fp32, as under the torch engine's autocast (tests/test_deepspeed_engine_job.py).
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config)
-        # DeepSpeed's bf16 mode casts the whole module, buffers too; ZeRO manages only the parameters, so
-        # the buffers go back as they were (rotary tables, the aux-loss-free router bias stay fp32, as
-        # under the torch engine's autocast).
-        for name, b in buffers.items():
-            owner, _, leaf = name.rpartition(".")
-            setattr(self.model.get_submodule(owner), leaf, b)
         if resume_from is not None:
             self._restore(resume_from, optimizer)
 

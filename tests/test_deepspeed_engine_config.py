@@ -66,6 +66,7 @@ BAD = [
     ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, (), "'scheduler' section"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, (), "offload_optimizer"),
     ({"zero_optimization": {"stage": 2, "reduce_scatter": False}}, (), "reduce_scatter=False"),
+    ({"zero_optimization": {"stage": 2}}, ("parallel.expert_sharding=fssdp",), "expert_sharding='fssdp'"),
 ]
 
 
@@ -73,7 +74,7 @@ BAD = [
 def test_contradictions_and_unsupported_settings_are_refused(tmp_path, ds, items, match):
     with pytest.raises(ValueError, match=match) as err:
         resolve_deepspeed_config(_config(tmp_path, ds, *items), world_size=2)
-    assert "train.deepspeed_config=" in str(err.value)
+    assert "train.deepspeed_config=" in str(err.value) or "expert_sharding" in str(err.value)
 
 
 def test_train_batch_size_is_checked_once_the_world_size_is_known(tmp_path):

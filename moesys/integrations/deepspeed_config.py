@@ -5,9 +5,10 @@ Filled from moesys (a value the JSON leaves out or sets to "auto"; a different e
 error naming both): `train_micro_batch_size_per_gpu` = data.batch_size, `gradient_accumulation_steps`
 = train.grad_accum, `train_batch_size` = their product times the world size, `gradient_clipping` =
 train.grad_clip, `bf16.enabled` = whether moesys trains in bf16 (train.dtype bfloat16, or auto on a GPU).
-Refused: ZeRO stage 0 and 3 (stage 3 would partition the experts that moesys places itself), fp16
-(moesys has no loss scaling), `optimizer` / `scheduler` sections (moesys builds AdamW and the warmup +
-cosine schedule from train.*), ZeRO-Offload, and the ZeRO-2 switches DeepSpeed's MoE support needs on.
+Refused: FSSDP placement (parallel.expert_sharding fssdp/fsdp re-shards experts between steps), ZeRO
+stage 0 and 3 (stage 3 would partition the experts that moesys places itself), fp16 (moesys has no loss
+scaling), `optimizer` / `scheduler` sections (moesys builds AdamW and the warmup + cosine schedule from
+train.*), ZeRO-Offload, and the ZeRO-2 switches DeepSpeed's MoE support needs on.
 
 No DeepSpeed import here: the file is checked before any process starts, and `require_deepspeed` says
 how to install the extra when it is missing.
@@ -64,6 +65,11 @@ def resolve_deepspeed_config(config, world_size: int | None = None) -> dict:
     """The DeepSpeed config dict for `config` (a moesys Config with train.engine=deepspeed); ValueError,
     naming the file and the values, for anything moesys refuses. `world_size` None skips the check of
     train_batch_size (before the processes exist)."""
+    sharding = config.parallel.expert_sharding
+    if sharding != "ep":
+        raise ValueError(f"train.engine=deepspeed with parallel.expert_sharding={sharding!r}: FSSDP re-shards experts "
+                         "and their optimizer state between steps, which ZeRO's flat partitions cannot follow; use "
+                         "parallel.expert_sharding=ep (any parallel.ep) or train.engine=torch")
     path = find_config_file(config.train.deepspeed_config)
     where = f"train.deepspeed_config={str(path)!r}"
     try:

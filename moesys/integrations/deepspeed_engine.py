@@ -106,13 +106,9 @@ class DeepSpeedEngine:
     `checkpoint_states` / `close`."""
 
     def __init__(self, model: nn.Module, ep, config, ctx):
-        if not isinstance(ep, ParallelHandle):
-            raise ValueError(f"train.engine=deepspeed: parallel.expert_sharding={config.parallel.expert_sharding!r} "
-                             "re-shards experts and their optimizer state between steps, which ZeRO's flat "
-                             "partitions cannot follow; use parallel.expert_sharding=ep (any parallel.ep) or "
-                             "train.engine=torch")
+        self.ds_config = resolve_deepspeed_config(config, ctx.world_size)  # refuses FSSDP, among others
+        assert isinstance(ep, ParallelHandle), type(ep)
         self.model, self.ep, self.ctx = model, ep, ctx
-        self.ds_config = resolve_deepspeed_config(config, ctx.world_size)
         experts = expert_parameters(model)
         ep_size = ep.mesh.ep
         marker = None

@@ -9,7 +9,14 @@ logged windows after the first; transformers runs a plain loop in pure bf16 (the
 its grouped_mm path would run the experts in fp32 under autocast). MFU for all = tokens/s x the same
 FLOPs/token (moesys.train_metrics.flops_per_token) / the GPU's bf16 peak.
 
+The `moesys_deepspeed` row runs the same trainer with `train.engine=deepspeed` (configs/
+deepspeed_zero2_bf16.json: ZeRO-2, bf16 parameters over fp32 masters and AdamW state in DeepSpeed's
+optimizer) in this one process (a one-rank process group); the issue's target is within 10% of the
+`moesys` row's tokens/s (`vs_torch_engine`). Needs the extra moesys[deepspeed].
+
     PYTHONPATH=. python bench/train_small.py --out bench/results/train_small.json [--steps 20]
+    PYTHONPATH=. python bench/train_small.py --cpu-smoke --config configs/tiny.yaml --steps 4 \
+        --skip moesys_triton --skip moesys_eager --skip hf_grouped_mm --skip hf_eager   # the script on a CPU
 """
 
 from __future__ import annotations
@@ -59,6 +66,10 @@ def _sync(device: torch.device) -> None:
 
 def bench_moesys(config, steps: int, log_every: int) -> dict:
     from moesys.train import train
+    if config.train.engine == "deepspeed":  # what moesys.train.run checks before starting
+        from moesys.integrations.deepspeed_config import require_deepspeed, resolve_deepspeed_config
+        resolve_deepspeed_config(config)
+        require_deepspeed()
     ctx = bootstrap.init_distributed(config)
     _reset_peak(ctx.device)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -70,7 +81,8 @@ def bench_moesys(config, steps: int, log_every: int) -> dict:
     tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
     return {"tokens_per_s": tokens_per_s, "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"],
             "peak_gb": _peak_gb(ctx.device), "timed_steps": len(timed) * log_every,
-            "precision": "bf16 autocast, fp32 master weights",
+            "precision": "bf16 autocast, fp32 master weights" if config.train.engine == "torch" else
+                         f"DeepSpeed {config.train.deepspeed_config}: bf16 parameters (if bf16), fp32 masters",
             "moe_backend": moe_backend(ctx.device) if config.moe.backend == "auto" else config.moe.backend}
 
 
@@ -185,7 +197,8 @@ def main() -> int:
     parser.add_argument("--hf-steps", type=int, default=12)
     parser.add_argument("--eager-steps", type=int, default=3)
     parser.add_argument("--skip", action="append", default=[],
-                        help="impl to skip: moesys, moesys_triton, moesys_eager, hf_grouped_mm, hf_eager")
+                        help="impl to skip: moesys, moesys_triton, moesys_deepspeed, moesys_eager, hf_grouped_mm, "
+                             "hf_eager")
     parser.add_argument("--out", default=None, help="JSON file for the records")
     parser.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (checks the script, not speed)")
     parser.add_argument("--profile", default=None, metavar="FILE",
@@ -219,6 +232,8 @@ def main() -> int:
     runs = [("moesys", lambda: bench_moesys(config, args.steps, 5)),
             ("moesys_triton", lambda: bench_moesys(load_config(args.config, overrides + ["moe.backend=triton"]),
                                                    args.steps, 5)),
+            ("moesys_deepspeed", lambda: bench_moesys(load_config(args.config, overrides + ["train.engine=deepspeed"]),
+                                                      args.steps, 5)),
             ("moesys_eager", lambda: bench_moesys(
                 load_config(args.config, overrides + ["train.compile=false", "moe.backend=triton"]), args.steps, 5)),
             ("hf_grouped_mm", lambda: bench_hf(config, "grouped_mm", 3, args.hf_steps, device)),
@@ -240,9 +255,12 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()   # the finished implementation's model is garbage by now
     base = next((r for r in records if r["impl"] == "hf_grouped_mm" and "tokens_per_s" in r), None)
+    torch_engine = next((r for r in records if r["impl"] == "moesys" and "tokens_per_s" in r), None)
     for r in records:
         if base is not None and "tokens_per_s" in r:
             r["speedup_vs_hf_grouped_mm"] = r["tokens_per_s"] / base["tokens_per_s"]
+        if r["impl"] == "moesys_deepspeed" and torch_engine is not None and "tokens_per_s" in r:
+            r["vs_torch_engine"] = r["tokens_per_s"] / torch_engine["tokens_per_s"]  # target: >= 0.9
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -173,12 +173,14 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     manifest: dict, rank: int, world_size: int, device: torch.device,
-                    barrier=lambda: None, keep: int = 2, ep=None) -> Path:
+                    barrier=lambda: None, keep: int = 2, ep=None, states: tuple[dict, dict] | None = None) -> Path:
     """Write checkpoint `step` atomically. Every rank calls it (each writes its RNG state); rank 0
     writes the model, the optimizer and the manifest, renames the directory and prunes old ones.
     `barrier` synchronises the ranks (the temp directory must be on a file system they share).
     `ep`: the `moesys.parallel.parallelize` handle; with expert parallelism every rank then takes part
-    in gathering all experts (model and optimizer state) so rank 0 writes them by global id."""
+    in gathering all experts (model and optimizer state) so rank 0 writes them by global id.
+    `states`: (model state, optimizer state as `optimizer_tensors` names it) to write instead of
+    reading them from `model` and `optimizer` (the DeepSpeed engine's fp32 masters and ZeRO's state)."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".tmp-step_{step}"
@@ -191,8 +193,10 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
         owned_tmp.claim(tmp)
     barrier()
     save_file(_contiguous(rng_state(device)), str(tmp / f"rng_rank{rank}.safetensors"))
-    names = {p: n for n, p in model.named_parameters()}
-    model_state, optim_state = model.state_dict(), optimizer_tensors(optimizer, names)
+    if states is None:
+        names = {p: n for n, p in model.named_parameters()}
+        states = model.state_dict(), optimizer_tensors(optimizer, names)
+    model_state, optim_state = states
     if ep is not None:
         model_state = ep.gather_expert_state(model_state)
         optim_state = ep.gather_expert_state(optim_state, param_name=_optim_param_name)
@@ -260,6 +264,20 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
                          "one (moesys.train --resume picks the newest intact checkpoint)") from e
 
 
+def read_model_state(ckpt_dir: Path, model: torch.nn.Module, ep=None) -> dict[str, torch.Tensor]:
+    """The checkpoint's model state for this rank: `model.state_dict()`'s names and shapes, with this
+    rank's experts (`ep`: the parallelize handle; None: all)."""
+    flat = _load_tensors(Path(ckpt_dir) / "model.safetensors")
+    return merge_experts(flat, model.state_dict(), expert_ids=None if ep is None else ep.local_expert_ids)
+
+
+def read_optimizer_state(ckpt_dir: Path, ep=None) -> dict[str, torch.Tensor]:
+    """The checkpoint's optimizer state as `{state}/{parameter name}`, fused experts restricted to this
+    rank's (`ep`: the parallelize handle; None: all)."""
+    merged = merge_experts_optim(_load_tensors(Path(ckpt_dir) / "optimizer.safetensors"))
+    return merged if ep is None else ep.local_expert_state(merged, param_name=_optim_param_name)
+
+
 def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     rank: int, device: torch.device, ep=None) -> dict:
     """Load model (and optimizer) state and this rank's RNG state; returns the manifest. With `ep`
@@ -270,16 +288,10 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{ckpt_dir}: checkpoint format_version={manifest.get('format_version')} but this "
                          f"moesys reads version {FORMAT_VERSION}")
-    flat = _load_tensors(ckpt_dir / "model.safetensors")
-    wanted = model.state_dict()
-    state = merge_experts(flat, wanted, expert_ids=None if ep is None else ep.local_expert_ids)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(read_model_state(ckpt_dir, model, ep), strict=True)
     if optimizer is not None:
         names = {p: n for n, p in model.named_parameters()}
-        merged = merge_experts_optim(_load_tensors(ckpt_dir / "optimizer.safetensors"))
-        if ep is not None:
-            merged = ep.local_expert_state(merged, param_name=_optim_param_name)
-        load_optimizer_tensors(optimizer, names, merged)
+        load_optimizer_tensors(optimizer, names, read_optimizer_state(ckpt_dir, ep))
     rng_file = ckpt_dir / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():
         set_rng_state(_load_tensors(rng_file), device)

@@ -194,6 +194,13 @@ class TrainConfig(_Section):
     eps: float = Field(1e-8, description="AdamW epsilon")
     cpu_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads on the CPU; None: "
                                        "OMP_NUM_THREADS if set, else usable cores / ranks on the node")
+    engine: Literal["torch", "deepspeed"] = Field(
+        "torch", description="'torch': moesys's own data-parallel step; 'deepspeed': the same model, placement and "
+                             "schedule under deepspeed.initialize with ZeRO stage 1 or 2 (pip install moesys[deepspeed])")
+    deepspeed_config: str = Field(
+        "configs/deepspeed_zero2_bf16.json",
+        description="DeepSpeed JSON for train.engine=deepspeed (relative: to the working directory, else to the "
+                    "moesys checkout); batch size, accumulation, clipping and bf16 are filled from this config")
 
 
 class CheckpointConfig(_Section):

@@ -10,6 +10,11 @@ AdamW with warmup + cosine, and the aux-loss-free router-bias update from the lo
 micro-batches and ranks. Metrics go to `metrics.jsonl`, TensorBoard and a tqdm bar; checkpoints to
 `ckpt/step_N` (see moesys.checkpoint).
 
+With `train.engine: deepspeed` (moesys.integrations.deepspeed_engine) the same loop runs the model
+under `deepspeed.initialize` (ZeRO-1/2): DeepSpeed's backward and step replace the reduction, clipping
+and AdamW step; schedule, statistics, metrics and checkpoints stay as they are. The deepspeed launcher
+(`deepspeed --num_gpus N -m moesys.train ...`) sets torchrun's variables and passes `--local_rank`.
+
 The host reads a step's loss, gradient norm and SIGTERM flag one step late (`_PendingStepValues`),
 so it never waits for the device mid-step; before a log line or a checkpoint it reads up to the
 current step, so a run stops at the first non-finite step without saving weights that step touched.
@@ -61,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set train.steps=20 (repeatable)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the run directory (start fresh if none)")
+    # The deepspeed launcher passes --local_rank=N (and sets LOCAL_RANK, which the bootstrap reads).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def lr_at(step: int, config: Config) -> float:
@@ -73,14 +80,17 @@ def lr_at(step: int, config: Config) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_optimizer(model: torch.nn.Module, config: Config) -> tuple[torch.optim.AdamW, str]:
+def build_optimizer(model: torch.nn.Module, config: Config, split_groups=None) -> tuple[torch.optim.AdamW, str]:
     """AdamW without weight decay on vectors (norms) and biases; fused kernels where torch has them.
-    Experts' biases are [E, F] matrices, so a bias is known by its name, not only by its dimension."""
+    Experts' biases are [E, F] matrices, so a bias is known by its name, not only by its dimension.
+    `split_groups` rewrites the parameter groups first (the DeepSpeed engine's MoE groups)."""
     t = config.train
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.dim() >= 2 and not n.endswith("bias")]
     no_decay = [p for n, p in trainable if p.dim() < 2 or n.endswith("bias")]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if split_groups is not None:
+        groups = split_groups(groups)
     kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs), "fused"
@@ -295,7 +305,11 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     device = ctx.device
     model, flops_tok, ep, params = build_model(config, ctx, run_dir, resume_from)
     torch.manual_seed(config.train.seed * 1000 + ctx.rank + 1)  # per-rank noise (router jitter)
-    optimizer, opt_impl = build_optimizer(model, config)
+    engine = None
+    if config.train.engine == "deepspeed":  # backward, reduction, clipping and step inside DeepSpeed
+        from moesys.integrations.deepspeed_engine import DeepSpeedEngine
+        engine = DeepSpeedEngine(model, ep, config, ctx)
+    optimizer, opt_impl = build_optimizer(model, config, None if engine is None else engine.split_groups)
     splits, sampler = build_data(config, ctx.rank, ctx.world_size)
     barrier = functools.partial(bootstrap.barrier, ctx)
 
@@ -304,12 +318,14 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     if resume_from is not None:
         if hasattr(ep, "load_state_dict"):  # FSSDP: the saved owners and re-shard schedule (exact resume)
             ep.load_state_dict(ckpt.read_manifest(resume_from).get("fssdp", {}), optimizer)
-        manifest = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=ctx.rank, device=device,
-                                        ep=ep)
+        manifest = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer if engine is None else None,
+                                        rank=ctx.rank, device=device, ep=ep)
         start_step = manifest["step"]
         sampler.load_state_dict(manifest["data"])
         if ctx.is_main:
             writer.truncate_after(start_step)
+    if engine is not None:  # the engine starts from the loaded weights; it loads its optimizer state itself
+        engine.start(optimizer, resume_from)
     if ctx.is_main:
         ckpt.write_text_atomic(run_dir / "config.yaml", dump_config(config))
     writer.open()
@@ -330,7 +346,6 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     B, S, A, W = config.data.batch_size, config.data.seq_len, config.train.grad_accum, ctx.world_size
     tokens_per_step = B * S * A * W
     peak = peak_flops(device, config.log.peak_tflops)
-    dense_params = [p for p in model.parameters() if p.requires_grad]
     val_every = config.log.every if config.log.val_every is None else config.log.val_every
     last_saved = resume_from  # verified by its checksums (fresh runs start with no checkpoint)
 
@@ -344,9 +359,12 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                     "config": config.model_dump(mode="json")}
         if hasattr(ep, "state_dict"):
             manifest["fssdp"] = ep.state_dict()
+        if engine is not None:
+            manifest["engine"] = {"kind": "deepspeed", "zero_stage": engine.ds_config["zero_optimization"]["stage"]}
         last_saved = ckpt.save_checkpoint(run_dir / "ckpt", step, model=model, optimizer=optimizer,
                                           manifest=manifest, rank=ctx.rank, world_size=W, device=device,
-                                          barrier=barrier, keep=config.checkpoint.keep, ep=ep)
+                                          barrier=barrier, keep=config.checkpoint.keep, ep=ep,
+                                          states=None if engine is None else engine.checkpoint_states())
         return last_saved
 
     progress = None
@@ -360,8 +378,11 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     run_start = window_start
     model.train()
     step = start_step
+    forward = model if engine is None else engine.forward
     with _SigtermFlag() as sigterm, contextlib.ExitStack() as cleanup:
         cleanup.callback(writer.close)
+        if engine is not None:
+            cleanup.callback(engine.close)
         if progress is not None:
             cleanup.callback(progress.close)
         for step in range(start_step + 1, config.train.steps + 1):
@@ -380,8 +401,11 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                 input_ids = input_ids.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 with autocast():
-                    out = model(input_ids, labels, return_logits=False)
-                ((out.loss + out.aux_loss) / A).backward()
+                    out = forward(input_ids, labels, return_logits=False)
+                if engine is None:
+                    ((out.loss + out.aux_loss) / A).backward()
+                else:  # divided by A inside; after the last micro-batch also reduced, clipped and stepped
+                    engine.backward(out.loss + out.aux_loss)
                 packet[0] += out.loss.detach().double()
                 packet[1] += out.aux_loss.detach().double()
                 if L:
@@ -389,18 +413,10 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
                     packet[3 + L:] += torch.stack([s.tokens_per_expert for s in out.moe_stats]).reshape(-1).double()
             packet[2] = float(sigterm.raised)
             data_parallel.all_reduce_sum(packet, ctx.group, what="step-statistics all-reduce", timeout=ctx.timeout)
-            if ep.shards_experts:  # expert gradients reduce over their replicas only; the norm spans all experts
-                data_parallel.sync_gradients(ep.dense_parameters(), ctx.group, timeout=ctx.timeout)
-                ep.reduce_expert_gradients()
-                clip_params, grad_norm = ep.dense_parameters() + ep.expert_parameters(), ep.grad_norm()
+            if engine is not None:  # the optimizer step was taken in the last micro-batch's engine.backward
+                step_values.push(step, packet, engine.grad_norm())
             else:
-                data_parallel.sync_gradients(dense_params, ctx.group, timeout=ctx.timeout)
-                clip_params = [p for p in model.parameters() if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in clip_params], 2.0)
-            clip_gradients(optimizer, opt_impl, clip_params, grad_norm, config.train.grad_clip)
-            step_values.push(step, packet, grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                step_values.push(step, packet, _reduce_clip_step(model, ep, optimizer, opt_impl, config, ctx))
             ep.end_step(optimizer)  # FSSDP: observe the load, re-shard when due (a no-op otherwise)
             step_load_LE = packet[3 + L:].view(L, E)
             for layer, layer_load_E in zip(moe_layers, step_load_LE):
@@ -465,6 +481,24 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     return 0
 
 
+def _reduce_clip_step(model, ep, optimizer, opt_impl: str, config: Config, ctx: bootstrap.DistContext) -> torch.Tensor:
+    """The torch engine's end of a step: the data-parallel and expert gradient reductions, clipping to
+    train.grad_clip by the global norm, AdamW; returns the norm (a device tensor, not read here)."""
+    if ep.shards_experts:  # expert gradients reduce over their replicas only; the norm spans all experts
+        data_parallel.sync_gradients(ep.dense_parameters(), ctx.group, timeout=ctx.timeout)
+        ep.reduce_expert_gradients()
+        clip_params, grad_norm = ep.dense_parameters() + ep.expert_parameters(), ep.grad_norm()
+    else:
+        data_parallel.sync_gradients([p for p in model.parameters() if p.requires_grad], ctx.group,
+                                     timeout=ctx.timeout)
+        clip_params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in clip_params], 2.0)
+    clip_gradients(optimizer, opt_impl, clip_params, grad_norm, config.train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def _stop_message(what: str, value: float, step: int, last_saved: Path | None,
                   resumed: tuple[Path, int] | None = None) -> str:
     if resumed is not None and last_saved == resumed[0] and step == resumed[1] + 1:
@@ -499,6 +533,10 @@ def run(args: argparse.Namespace) -> int:
             from moesys.models.hf_source import resolve_config
             config = resolve_config(config)
         validate_source(config.data)
+        if config.train.engine == "deepspeed":  # the extra and its JSON, before any process group exists
+            from moesys.integrations.deepspeed_config import require_deepspeed, resolve_deepspeed_config
+            resolve_deepspeed_config(config)
+            require_deepspeed()
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = prepare_run_dir(run_dir, args.resume)
     except (ConfigError, ValueError) as e:

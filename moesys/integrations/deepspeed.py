@@ -45,7 +45,7 @@ from moesys.layers.experts import DenseMLP, Experts
 from moesys.parallel.ep import ExpertParallelExperts
 from moesys.parallel.mesh import DEFAULT_TIMEOUT_S, EPMesh
 
-__all__ = ["MoE"]
+__all__ = ["MoE", "expert_mesh"]
 
 _EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
 _DS_GATE = "deepspeed_moe.gate.wg.weight"
@@ -97,6 +97,30 @@ def _activation_name(module: nn.Module) -> str | None:
     if isinstance(module, nn.GELU):
         return "gelu" if module.approximate == "none" else None
     return _ACTIVATION_MODULES.get(type(module))
+
+
+def expert_mesh(ep_size: int, use_data_before_expert_parallel_: bool = False, who: str = "deepspeed") -> EPMesh:
+    """An `EPMesh` over DeepSpeed's expert-parallel and expert-data-parallel groups for `ep_size` (group
+    name `ep_size_{ep_size}`, created on first use), checked to be moesys's layout: consecutive ranks
+    per expert-parallel group, no model-parallel unit. ValueError, prefixed with `who`, otherwise."""
+    if use_data_before_expert_parallel_:
+        raise ValueError(f"{who}: use_data_before_expert_parallel_=True lays expert-parallel ranks out strided; "
+                         "moesys needs consecutive ranks per expert-parallel group (the default)")
+    if groups.mpu is not None:
+        raise ValueError(f"{who}: a model-parallel unit (mpu) is set; moesys's experts support data and expert "
+                         "parallelism only (no tensor-parallel non-expert layers)")
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    ep_group, edp_group = groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = EPMesh(world, rank, ep_size, rank % ep_size, rank // ep_size, ep_group, edp_group,
+                  timedelta(seconds=DEFAULT_TIMEOUT_S))
+    ranks = dist.get_process_group_ranks(ep_group)
+    if ranks != mesh.ep_ranks():
+        raise ValueError(f"{who}: DeepSpeed's expert-parallel group of rank {rank} is {ranks}; moesys expects "
+                         f"consecutive ranks {mesh.ep_ranks()}")
+    return mesh
 
 
 class MoE(ds_layer.MoE):
@@ -160,27 +184,9 @@ class MoE(ds_layer.MoE):
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by `deepspeed.initialize` (or by hand after `deepspeed.init_distributed`): create or
         reuse DeepSpeed's expert groups and, for ep_size > 1, dispatch over them."""
-        if use_data_before_expert_parallel_:
-            raise ValueError("deepspeed MoE: use_data_before_expert_parallel_=True lays expert-parallel ranks "
-                             "out strided; moesys needs consecutive ranks per expert-parallel group (the default)")
-        if groups.mpu is not None:
-            raise ValueError("deepspeed MoE: a model-parallel unit (mpu) is set; moesys's layer supports data and "
-                             "expert parallelism only (no tensor-parallel non-expert layers)")
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(self.ep_size)
+        mesh = expert_mesh(self.ep_size, use_data_before_expert_parallel_, "deepspeed MoE")
         if self.ep_size > 1 and not isinstance(self.experts, ExpertParallelExperts):
-            self._dispatch_over(self._mesh_from_deepspeed_groups())
-
-    def _mesh_from_deepspeed_groups(self) -> EPMesh:
-        ep_group = groups._get_expert_parallel_group(self.expert_group_name)
-        edp_group = groups._get_expert_data_parallel_group(self.expert_group_name)
-        world, rank, ep = dist.get_world_size(), dist.get_rank(), self.ep_size
-        mesh = EPMesh(world, rank, ep, rank % ep, rank // ep, ep_group, edp_group, timedelta(seconds=DEFAULT_TIMEOUT_S))
-        ranks = dist.get_process_group_ranks(ep_group)
-        if ranks != mesh.ep_ranks():
-            raise ValueError(f"deepspeed MoE: DeepSpeed's expert-parallel group of rank {rank} is {ranks}; moesys "
-                             f"expects consecutive ranks {mesh.ep_ranks()}")
-        return mesh
+            self._dispatch_over(mesh)
 
     def _dispatch_over(self, mesh: EPMesh) -> None:
         """Swap the local experts for expert-parallel ones that hold the same Parameter objects (an

@@ -52,7 +52,7 @@ class EPMesh:
         return self.world_size > 1
 
     def ep_ranks(self) -> list[int]:
-        """Global ranks of this rank's ep group, ordered by ep_rank (the DeepSpeed drop-in checks that
+        """Global ranks of this rank's ep group, ordered by ep_rank (moesys.integrations.deepspeed checks that
         DeepSpeed's expert-parallel group is this one)."""
         return [self.dp_rank * self.ep + i for i in range(self.ep)]
 

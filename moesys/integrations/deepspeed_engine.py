@@ -1,0 +1,235 @@
+"""`train.engine: deepspeed`: the moesys trainer's model, placement, data, schedule and metrics, with the
+backward, gradient reduction, clipping and optimizer step done by a DeepSpeed ZeRO-1/2 engine.
+
+How moesys's experts become DeepSpeed MoE parameters:
+- `parallelize()` places the experts first (expert parallelism over `parallel.ep` consecutive ranks;
+  FSSDP is refused: it moves experts and their optimizer state between ranks every few steps, which
+  ZeRO's flat partitions cannot follow);
+- every expert parameter gets DeepSpeed's marks `allreduce=False`, `group_name="ep_size_{ep}"` (what
+  `deepspeed.moe.experts.Experts` sets), and the AdamW groups go through
+  `split_params_into_different_moe_groups_for_optimizer`, so ZeRO reduces and partitions expert
+  gradients and states only over the expert-data-parallel group (ranks holding the same experts), the
+  dense ones over all ranks;
+- `deepspeed.initialize` treats a model as MoE only if it contains a `deepspeed.moe.layer.MoE`; the
+  engine gets a wrapper holding the moesys model plus `_ExpertGroups`, a parameter-free `MoE` whose
+  `set_deepspeed_parallelism` creates DeepSpeed's expert groups and checks they are moesys's.
+
+Gradient math equals the torch engine's: DeepSpeed divides the loss by gradient_accumulation_steps
+and every reduced gradient by the data-parallel world size (expert gradients are already summed over
+their ep group by the all-to-all's backward), clips by the global norm over all experts with the same
+factor, and steps moesys's own AdamW (the `torch.optim.AdamW` from `moesys.train.build_optimizer`).
+
+Checkpoints stay moesys's (moesys.checkpoint): the fp32 master weights and the AdamW moments are
+gathered from ZeRO's partitions per parameter (`deepspeed.utils.safe_get_full_*`, collectives over
+each parameter's group) and written by global expert id like the torch engine's, so a run resumes
+under either engine and `moesys export` reads it. On resume the masters and moments are scattered
+back (`safe_set_full_*`) after `deepspeed.initialize`.
+
+DeepSpeed reads LOCAL_RANK from the environment (set by torchrun and the deepspeed launcher; set here
+from moesys's bootstrap otherwise) and needs a process group: one process alone gets a one-rank group.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import deepspeed
+import deepspeed.moe.layer as ds_layer
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state)
+from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+from moesys import checkpoint as ckpt
+from moesys.integrations.deepspeed import expert_mesh
+from moesys.integrations.deepspeed_config import resolve_deepspeed_config
+from moesys.layers.experts import Experts
+from moesys.parallel.bootstrap import _free_port
+from moesys.parallel.ep import ExpertParallelExperts
+from moesys.parallel.handle import ParallelHandle
+
+__all__ = ["DeepSpeedEngine"]
+
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class _ExpertGroups(ds_layer.MoE):
+    """Makes `deepspeed.initialize` see an MoE model (it looks for `deepspeed.moe.layer.MoE` modules)
+    and creates DeepSpeed's expert groups for moesys's expert parallelism. No parameters; never called."""
+
+    def __init__(self, num_experts: int, ep_size: int, ep_ranks: list[int]):
+        nn.Module.__init__(self)  # DeepSpeed's __init__ would build a gate and experts
+        self.num_experts, self.ep_size, self.ep_ranks = num_experts, ep_size, ep_ranks
+        self.expert_group_name = f"ep_size_{ep_size}"
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        mesh = expert_mesh(self.ep_size, use_data_before_expert_parallel_, "train.engine=deepspeed")
+        if mesh.ep_ranks() != self.ep_ranks:
+            raise ValueError(f"train.engine=deepspeed: DeepSpeed's expert-parallel group {mesh.ep_ranks()} differs "
+                             f"from moesys's {self.ep_ranks}")
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("_ExpertGroups only marks the model as MoE for deepspeed.initialize; it has no forward")
+
+
+class _EngineModule(nn.Module):
+    """What deepspeed.initialize wraps: the moesys model (forward unchanged) and the MoE marker."""
+
+    def __init__(self, model: nn.Module, marker: _ExpertGroups | None):
+        super().__init__()
+        self.model, self.expert_groups = model, marker
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every experts module (`Experts`, or `ExpertParallelExperts` after parallelize)."""
+    out, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, (Experts, ExpertParallelExperts)):
+            for p in m.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+class DeepSpeedEngine:
+    """The trainer's hook (moesys.train): `prepare` before the optimizer is built, `start` after the
+    weights are loaded, then per micro-batch `forward` / `backward`, per step `grad_norm`, and
+    `checkpoint_states` / `close`."""
+
+    def __init__(self, model: nn.Module, ep, config, ctx):
+        self.ds_config = resolve_deepspeed_config(config, ctx.world_size)  # refuses FSSDP, among others
+        assert isinstance(ep, ParallelHandle), type(ep)
+        self.model, self.ep, self.ctx = model, ep, ctx
+        experts = expert_parameters(model)
+        ep_size = ep.mesh.ep
+        marker = None
+        if experts:  # a model without MoE layers runs as a dense DeepSpeed model
+            for p in experts:
+                # deepspeed.moe.experts.Experts' marks: reduce and partition over the expert-data-parallel group
+                p.allreduce, p.group_name = False, f"ep_size_{ep_size}"
+            marker = _ExpertGroups(config.moe.num_experts, ep_size, ep.mesh.ep_ranks())
+        self.module = _EngineModule(model, marker)
+        self.engine = None
+        self._own_group = False
+
+    @staticmethod
+    def split_groups(groups: list[dict]) -> list[dict]:
+        """AdamW's groups with the expert parameters moved into DeepSpeed MoE groups (`moe: True`,
+        `name: ep_size_{ep}`, the other settings of the group they came from)."""
+        named = [{**g, "name": g.get("name", f"group{i}")} for i, g in enumerate(groups)]
+        return split_params_into_different_moe_groups_for_optimizer(named)
+
+    def start(self, optimizer: torch.optim.Optimizer, resume_from: Path | None) -> None:
+        """deepspeed.initialize over the model and moesys's AdamW (built on `split_groups`); with
+        `resume_from`, the checkpoint's fp32 masters and AdamW state go into ZeRO's partitions."""
+        os.environ.setdefault("LOCAL_RANK", str(self.ctx.local_rank))
+        if not dist.is_initialized():  # one process: DeepSpeed still needs a (one-rank) process group
+            backend = "nccl" if self.ctx.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    timeout=self.ctx.timeout or timedelta(minutes=10))
+            self._own_group = True
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        # In bf16 DeepSpeed casts the parameters only: buffers (rotary tables, the aux-loss-free router
+        # bias) stay fp32, as under the torch engine's autocast (tests/test_deepspeed_engine_job.py).
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config)
+        if resume_from is not None:
+            self._restore(resume_from, optimizer)
+
+    @property
+    def zero(self):
+        """DeepSpeed's ZeRO optimizer (holds the fp32 partitions; `.optimizer` is moesys's AdamW)."""
+        return self.engine.optimizer
+
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One micro-batch's backward. DeepSpeed divides the loss by gradient_accumulation_steps and,
+        after the step's last micro-batch, reduces, clips and steps AdamW (then zeroes the gradients)."""
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def grad_norm(self) -> torch.Tensor:
+        """The step's global gradient norm before clipping (over every rank's experts)."""
+        norm = self.engine.get_global_grad_norm()
+        assert norm is not None, "DeepSpeed did not compute the gradient norm (gradient_clipping is always set)"
+        return torch.as_tensor(norm, dtype=torch.float64, device=self.ctx.device)
+
+    def checkpoint_states(self) -> tuple[dict, dict]:
+        """(model state with the fp32 masters, AdamW state as `{state}/{name}`) for moesys.checkpoint;
+        a collective (every rank, the same parameters in the same order)."""
+        model_state = self.model.state_dict()
+        optim_state = {}
+        step = self._adam_step()
+        self._link_adam_state()
+        for names, p in self._trainable():
+            master = safe_get_full_fp32_param(p)
+            moments = {key: safe_get_full_optimizer_state(p, key) for key in _ADAM_MOMENTS}
+            for name in names:
+                model_state[name] = master
+                optim_state.update({f"{key}/{name}": v for key, v in moments.items()})
+                optim_state[f"step/{name}"] = step
+        return model_state, optim_state
+
+    def _trainable(self) -> list[tuple[list[str], nn.Parameter]]:
+        """(every name of a parameter (tied ones have several), parameter) for the parameters ZeRO holds."""
+        by_id: dict[int, tuple[list[str], nn.Parameter]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                by_id.setdefault(id(p), ([], p))[0].append(name)
+        return list(by_id.values())
+
+    def _adam_step(self) -> torch.Tensor:
+        states = list(self.zero.optimizer.state.values())
+        assert states, "AdamW has no state before the first step"
+        return states[0]["step"]
+
+    @torch.no_grad()
+    def _restore(self, ckpt_dir: Path, optimizer: torch.optim.Optimizer) -> None:
+        masters = ckpt.read_model_state(ckpt_dir, self.model, self.ep)
+        moments = ckpt.read_optimizer_state(ckpt_dir, self.ep)
+        self._create_adam_state(optimizer)
+        for names, p in self._trainable():
+            safe_set_full_fp32_param(p, masters[names[0]].to(p.device, torch.float32))
+            for key in _ADAM_MOMENTS:
+                safe_set_full_optimizer_state(p, moments[f"{key}/{names[0]}"].to(p.device), key)
+        step = moments[f"step/{self._trainable()[0][0][0]}"]
+        for state in optimizer.state.values():
+            state["step"].copy_(step)
+
+    def _create_adam_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """AdamW creates its state on its first step: take one with zero gradients and lr 0 (which leaves
+        the weights exactly as they are), then link ZeRO's per-parameter views to it."""
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+            for flat in g["params"]:
+                flat.grad = torch.zeros_like(flat)
+        optimizer.step()
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+            for flat in g["params"]:
+                flat.grad = None
+        self._link_adam_state()
+
+    def _link_adam_state(self) -> None:
+        """Point each parameter's ZeRO fragment at its slice of AdamW's state. DeepSpeed links once, after
+        the first parameter group's step, when the later groups have no state yet (their fragments stay
+        empty); linking again is cheap (views)."""
+        zero = self.zero
+        for i, params in enumerate(zero.bit16_groups):
+            lazy_init_hp_params_optimizer_state(params, zero.single_partition_of_fp32_groups[i], zero.optimizer.state)
+
+    def close(self) -> None:
+        if self._own_group:
+            dist.destroy_process_group()
+            self._own_group = False

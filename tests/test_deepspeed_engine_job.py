@@ -1,0 +1,112 @@
+"""The training job under train.engine=deepspeed (ZeRO-2 / ZeRO-1 through the shipped JSON, 2 gloo ranks
+under torchrun, and one process alone) against moesys's own torch engine on the same batches: losses and
+gradient norms to fp32 rounding, final weights and AdamW state close, with clipping active; a resumed
+DeepSpeed run continues bit for bit (fp32 with ep=2; bf16 alone, where the fp32 masters matter);
+`moesys export` reads a DeepSpeed run's checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("deepspeed", reason="needs the optional extra moesys[deepspeed] (pip install deepspeed)")
+
+from moesys import cli  # noqa: E402
+from tests._train_helpers import REPO, TINY, env, metrics, sets, torchrun_cmd  # noqa: E402
+
+# grad_clip far below the gradient norms (2.5-4.5 here): every step is clipped, so skipping the clip shows.
+COMMON = ("train.steps=4", "log.every=1", "log.val_every=0", "data.batch_size=4", "train.grad_clip=0.05",
+          "checkpoint.every=2", "checkpoint.keep=3", "parallel.timeout_s=120")
+DEEPSPEED = ("train.engine=deepspeed",)  # configs/deepspeed_zero2_bf16.json: ZeRO-2, bf16 off on the CPU
+ZERO1 = ("train.engine=deepspeed", "train.deepspeed_config=configs/deepspeed_zero1_bf16.json")
+
+
+def _run(run_dir, *items, nproc=2, resume=False):
+    if nproc == 2:
+        cmd = torchrun_cmd(2, run_dir, *COMMON, *items)
+    else:  # alone, with the argument the deepspeed launcher passes
+        cmd = [sys.executable, "-m", "moesys.train", "--local_rank=0", "--config", TINY, "--run-dir", str(run_dir),
+               *sets(*COMMON, *items)]
+    cmd += ["--resume"] if resume else []
+    proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return metrics(run_dir)
+
+
+def _same_curve(a, b, what):
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4], what
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (what, x["step"])
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4), (what, x["step"])
+        assert x["grad_norm"] > 20 * 0.05, "the test needs clipping active"
+
+
+def _close_checkpoints(a, b, what, step=4):
+    for name, tol in (("model", 1e-5), ("optimizer", 1e-5)):
+        ta, tb = (load_file(str(d / "ckpt" / f"step_{step}" / f"{name}.safetensors")) for d in (a, b))
+        assert sorted(ta) == sorted(tb), (what, name)
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=tol, atol=tol, msg=lambda m: f"{what}: {name} {k}\n{m}")
+
+
+@pytest.mark.slow
+def test_zero2_with_ep2_equals_the_torch_engine_resumes_exactly_and_exports(tmp_path):
+    ds = _run(tmp_path / "ds", "parallel.ep=2", *DEEPSPEED)
+    ref = _run(tmp_path / "torch", "parallel.ep=2")
+    _same_curve(ds, ref, "deepspeed ep=2 vs torch ep=2")
+    _close_checkpoints(tmp_path / "ds", tmp_path / "torch", "deepspeed ep=2 vs torch ep=2")
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ds", resumed)
+    shutil.rmtree(resumed / "ckpt" / "step_4")
+    again = _run(resumed, "parallel.ep=2", *DEEPSPEED, resume=True)
+    timing = ("tokens_per_s", "mfu")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in again] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in ds]  # every other logged value, bit for bit
+    for name in ("model", "optimizer"):
+        a, b = (load_file(str(d / "ckpt" / "step_4" / f"{name}.safetensors")) for d in (tmp_path / "ds", resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    out = tmp_path / "hf"
+    assert cli.main(["export", str(tmp_path / "ds"), str(out)]) == 0
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_zero2_data_parallel_and_zero1_alone_equal_the_torch_engine(tmp_path):
+    """ep=1 on 2 ranks (experts in DeepSpeed's MoE group over all ranks), and one process without a
+    launcher (a one-rank group; --local_rank accepted) with grad_accum=2: the same global batch."""
+    ref = _run(tmp_path / "torch", "parallel.ep=1")
+    _same_curve(_run(tmp_path / "ds", "parallel.ep=1", *DEEPSPEED), ref, "deepspeed dp=2 vs torch dp=2")
+    _close_checkpoints(tmp_path / "ds", tmp_path / "torch", "deepspeed dp=2 vs torch dp=2")
+    alone = _run(tmp_path / "alone", "train.grad_accum=2", *ZERO1, nproc=1)
+    _same_curve(alone, ref, "deepspeed ZeRO-1 in one process (grad_accum=2) vs torch dp=2")
+
+
+@pytest.mark.slow
+def test_bf16_zero2_alone_saves_fp32_masters_and_resumes_exactly(tmp_path):
+    """bf16 (DeepSpeed casts the module; ZeRO keeps fp32 masters): the checkpoint holds the masters and
+    fp32 buffers (the aux-loss-free router bias), and a resumed run is bit for bit the uninterrupted one."""
+    items = ("train.dtype=bfloat16", "moe.router.aux_free_bias=true", *DEEPSPEED)
+    full = _run(tmp_path / "full", *items, nproc=1)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed)
+    shutil.rmtree(resumed / "ckpt" / "step_4")
+    again = _run(resumed, *items, nproc=1, resume=True)
+    timing = ("tokens_per_s", "mfu")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in again] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in full]
+    for name in ("model", "optimizer"):
+        a, b = (load_file(str(d / "ckpt" / "step_4" / f"{name}.safetensors")) for d in (tmp_path / "full", resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    model = load_file(str(tmp_path / "full" / "ckpt" / "step_4" / "model.safetensors"))
+    assert {t.dtype for t in model.values()} == {torch.float32}
+    weights = [t for k, t in model.items() if k.endswith("weight")]
+    assert any((t != t.bfloat16().float()).any() for t in weights), "the bf16 weights were saved, not the masters"
+    bias = model["blocks.0.ffn.router.expert_bias"]
+    assert bias.abs().max() > 0 and (bias != bias.bfloat16().float()).any(), "the router bias went through bf16"

@@ -9,8 +9,24 @@ from transformers import AutoModelForCausalLM
 import moesys.offload as mo
 from moesys.offload.batch import generate_batch
 from moesys.offload.routing import RoutingOverride, RoutingRecorder, load_trace
-from tests.test_offload import checkpoints  # noqa: F401  (the fixture: tiny random checkpoints per architecture)
+from tests.test_offload import CONFIGS, checkpoints  # noqa: F401  (the fixture: tiny random checkpoints)
 from tests.test_offload_batch import budget, prompts
+
+
+@pytest.fixture(scope="module")
+def strong_experts(tmp_path_factory):
+    """A tiny OLMoE whose experts move the residual stream enough that routing decides the greedy tokens
+    (at the default init their output is ~1% of it, and any routing gives the same tokens)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS["olmoe"]())
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 1.0)
+            layer.mlp.experts.gate_up_proj.normal_(0, 0.5)
+            layer.mlp.experts.down_proj.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("strong")
+    model.save_pretrained(path)
+    return path
 
 
 def _tokens(model, ps, batch_size=2):
@@ -18,8 +34,8 @@ def _tokens(model, ps, batch_size=2):
                                                                  eos=[]))
 
 
-def test_replayed_trace_reproduces_the_models_own_generation(checkpoints, tmp_path):
-    path = checkpoints["olmoe"]
+def test_replayed_trace_reproduces_the_models_own_generation(strong_experts, tmp_path):
+    path = strong_experts
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ps = prompts((5, 8, 3))
     rec = RoutingRecorder(model)
@@ -55,12 +71,14 @@ def test_uniform_routing_is_seeded_distinct_and_uniform(checkpoints):
         o.remove()
 
 
-def test_uniform_routing_reaches_the_experts(checkpoints):
-    """The experts module receives the override's ids (a recorder hooked after it sees them)."""
-    model = AutoModelForCausalLM.from_pretrained(checkpoints["olmoe"], dtype=torch.float32)
+def test_uniform_routing_reaches_the_experts(strong_experts):
+    """The experts module receives the override's ids (a recorder hooked after it sees them), and they
+    change the tokens."""
+    model = AutoModelForCausalLM.from_pretrained(strong_experts, dtype=torch.float32)
+    own = _tokens(model, prompts((4, 6)))
     uni = RoutingOverride(model, "uniform", seed=7)
     rec = RoutingRecorder(model)
-    _tokens(model, prompts((4, 6)))
+    assert _tokens(model, prompts((4, 6))) != own
     got = rec.ids_NLK()
     again = RoutingOverride(model, "uniform", seed=7)  # replays the same draws call by call: layers in order
     sizes = [len(c) for c in rec.chunks[0]]

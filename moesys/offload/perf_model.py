@@ -157,7 +157,7 @@ def lru_hit_curve(ids_NLK: torch.Tensor, num_experts: int, batch: int = 1) -> to
             for e in step:
                 if e in stack:
                     stack.remove(e)
-            stack[:0] = step
+            stack[:0] = step[::-1]  # touched in ascending id order, as the engine does: the largest is newest
     cum = torch.cumsum(hist[:num_experts], 0) / max(lookups, 1)
     return torch.cat((torch.zeros(1, dtype=torch.float64), cum))  # distance d hits with S > d slots
 

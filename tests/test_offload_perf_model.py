@@ -8,8 +8,8 @@ import torch
 
 import moesys.offload as mo
 from moesys.offload.batch import generate_batch
-from moesys.offload.perf_model import (Hardware, RoutingStats, Workload, auto_batch_size, best_plan, lru_hit_curve,
-                                       predict, workload_of)
+from moesys.offload.perf_model import (Hardware, RoutingStats, Workload, auto_batch_size, best_plan, calibrate,
+                                       calibrate_miss, lru_hit_curve, predict, workload_of)
 from moesys.offload.routing import RoutingRecorder
 from tests.test_offload import checkpoints  # noqa: F401  (the fixture: tiny random checkpoints per architecture)
 from tests.test_offload_batch import budget, prompts
@@ -109,3 +109,25 @@ def test_measured_routing_of_a_run_feeds_the_model(checkpoints):
     # auto: at most max_context // longest rows (4096 // 15), here the 4 prompts
     assert auto_batch_size(model, 4, 15, hardware=HW) == 4
     assert auto_batch_size(model, 4, 15, hardware=HW, routing=measured) == 4
+
+
+def test_calibrated_overheads_explain_resident_steps():
+    """Resident steps measured as the roofline + 3 ms + 0.5 ms per row come back as those overheads."""
+    bare = Hardware(**{**HW.__dict__, "step_overhead_s": 0.0})
+    full = 2 * 8
+    roofline = {b: predict(W, bare, RoutingStats.uniform(8, 2), b, 50, slots=full)["compute_s"] for b in (1, 4, 16)}
+    hw = calibrate(W, HW, {b: t + 3e-3 + 5e-4 * b for b, t in roofline.items()}, 50)
+    assert hw.step_overhead_s == pytest.approx(3e-3) and hw.row_overhead_s == pytest.approx(5e-4)
+    assert predict(W, hw, RoutingStats.uniform(8, 2), 4, 50, slots=full)["compute_s"] == pytest.approx(
+        roofline[4] + 3e-3 + 2e-3)
+    one = calibrate(W, HW, {4: roofline[4] + 7e-3}, 50)
+    assert (one.step_overhead_s, one.row_overhead_s) == (pytest.approx(7e-3), 0.0)
+
+
+def test_miss_overhead_fitted_to_one_row():
+    """The step above (3.5 misses, 5.22 ms) measured at 8.72 ms: 1 ms per miss more than its bytes."""
+    uni = RoutingStats.uniform(8, 2)
+    hw = calibrate_miss(W, HW, uni, 2, 100, 8, 5.22e-3 + 3.5e-3)
+    assert hw.miss_overhead_s == pytest.approx(1e-3)
+    assert predict(W, hw, uni, 2, 100, slots=8)["copy_s"] == pytest.approx(3.5e-3 + 3.5e-3)
+    assert calibrate_miss(W, HW, uni, 2, 100, 16, 1.0).miss_overhead_s == 0.0  # nothing missed: nothing to fit

@@ -8,10 +8,12 @@ One decode step of B rows through L MoE layers:
 - misses per step L * U(B) * (1 - h(S)), S = cache slots per layer, h the hit rate at S: uniform routing
   min(1, S/E) (any demand policy under uniform independent references); measured routing: an LRU
   simulation of the trace, one pass for every S (stack distances);
-- copy time: misses x expert bytes / pinned host-to-device bandwidth;
+- copy time: misses x (expert bytes / pinned host-to-device bandwidth + a per-miss overhead, fitted by
+  `calibrate_miss` to one offloaded row);
 - compute time: non-expert weights read once (roofline against their 2 B FLOPs per parameter), per layer
   the U(B) experts' weights read or B*K rows' FLOPs (roofline), attention reading B x context KV tokens
-  from device memory, plus a fixed per-step overhead (launches, the host sync per step);
+  from device memory, plus per-step and per-row overheads (launches, Python, host syncs) fitted by
+  `calibrate` to steps measured with every expert resident;
 - step time: copy + compute (the eager path waits for a layer's misses before computing it), or
   max(copy, compute) with `overlap` (the issue's bound: misses copied while resident experts compute);
 - tokens/s = B / step time.
@@ -27,7 +29,7 @@ Legend: B batch rows, L MoE layers, E experts per layer, K top-k, S cache slots 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +44,8 @@ class Hardware:
     cpu_mem_Bps: float = 100e9      # host memory bandwidth of CPU attention
     step_overhead_s: float = 2e-3   # per decode step: launches, the routing read back, the token sync
     host_roundtrip_s: float = 30e-6  # per attention layer with host KV: q to the host, the output back
+    row_overhead_s: float = 0.0     # per row per step beyond the roofline terms (see calibrate)
+    miss_overhead_s: float = 0.0    # per missed expert beyond its bytes: host bookkeeping, launch, wait (calibrate_miss)
 
     @classmethod
     def measure(cls, device: torch.device, nbytes: int = 64 << 20) -> "Hardware":
@@ -173,14 +177,14 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     U = routing.unique(batch)
     hit = routing.hit_rate(S, batch) if S_total >= w.num_layers else 0.0
     misses = w.num_layers * U * (1 - hit)
-    copy_s = misses * w.expert_bytes / hw.pcie_Bps
+    copy_s = misses * (w.expert_bytes / hw.pcie_Bps + hw.miss_overhead_s)
     dense_s = max(w.dense_bytes / hw.hbm_Bps, batch * w.dense_bytes / hw.flops)  # 2 FLOPs per 2-byte weight
     experts_s = w.num_layers * max(U * w.expert_bytes / hw.hbm_Bps,
                                    batch * w.top_k * w.expert_flops_per_row / hw.flops)
     kv_bytes = batch * context * w.kv_bytes_per_token
     attention_s = (kv_bytes / hw.hbm_Bps if kv == "gpu"
                    else kv_bytes / hw.cpu_mem_Bps + w.attention_layers * hw.host_roundtrip_s)
-    compute_s = dense_s + experts_s + attention_s + hw.step_overhead_s
+    compute_s = dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
     step_s = max(copy_s, compute_s) if overlap else copy_s + compute_s
     feasible = S_total >= w.num_layers  # the engine needs a slot per MoE layer
     return dict(batch=batch, kv=kv, slots=S_total, unique_per_layer=U, hit_rate=hit, misses_per_step=misses,
@@ -200,6 +204,33 @@ def best_plan(w: Workload, hw: Hardware, routing: RoutingStats, max_batch: int, 
         raise ValueError(f"no batch size fits: the budget leaves {w.free_bytes} bytes for KV cache and expert "
                          f"slots, fewer than one expert ({w.expert_bytes} bytes) per MoE layer")
     return best
+
+
+def calibrate(w: Workload, hw: Hardware, resident_step_s: dict[int, float], context: int) -> Hardware:
+    """`hw` with step_overhead_s and row_overhead_s fitted (least squares, clipped at 0) to decode steps
+    measured with every expert resident at several batch sizes: what the roofline terms leave unexplained
+    (kernel launches, Python, host syncs) as a + b x B. One batch size fits the constant alone."""
+    bare = replace(hw, step_overhead_s=0.0, row_overhead_s=0.0)
+    everything = RoutingStats.uniform(w.num_experts, w.top_k)
+    sizes = sorted(resident_step_s)
+    rest = [resident_step_s[b] - predict(w, bare, everything, b, context, slots=w.num_layers * w.num_experts)["compute_s"]
+            for b in sizes]
+    if len(sizes) == 1:
+        return replace(bare, step_overhead_s=max(0.0, rest[0]))
+    mean_b, mean_r = sum(sizes) / len(sizes), sum(rest) / len(rest)
+    slope = (sum((b - mean_b) * (r - mean_r) for b, r in zip(sizes, rest))
+             / sum((b - mean_b) ** 2 for b in sizes))
+    slope = max(0.0, slope)
+    return replace(bare, step_overhead_s=max(0.0, mean_r - slope * mean_b), row_overhead_s=slope)
+
+
+def calibrate_miss(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, slots: int,
+                   measured_step_s: float) -> Hardware:
+    """`hw` with miss_overhead_s fitted to one offloaded step measured at `batch` (a calibration row: the
+    other rows are then predicted with it): what the step took beyond the model's, per predicted miss."""
+    p = predict(w, replace(hw, miss_overhead_s=0.0), routing, batch, context, slots=slots)
+    extra = measured_step_s - p["step_s"]
+    return replace(hw, miss_overhead_s=max(0.0, extra / p["misses_per_step"]) if p["misses_per_step"] else 0.0)
 
 
 def workload_of(engine, config) -> Workload:

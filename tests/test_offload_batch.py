@@ -132,3 +132,39 @@ def test_each_needed_expert_is_copied_once_per_step(checkpoints):
     s = engine.snapshot()
     assert (s.copies, s.hits) == (3, 3)
     torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+def test_host_kv_cache_with_cpu_attention_gives_the_same_tokens(checkpoints, monkeypatch):
+    """kv="host": every layer's keys/values in HostKVLayer (host memory), attention through host_sdpa,
+    tokens equal to the device KV path's; a batch over the planned KV budget is allowed (it is not on the
+    device), and the model's attention implementation is restored after."""
+    from moesys.offload import batch_kv, host_kv
+
+    path = checkpoints["qwen3_moe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 10, max_context=30), dtype=torch.float32,
+                    max_context=30, cuda_graph=False)
+    ps = prompts()
+    want = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=6, batch_size=1, eos=[])]
+    calls, caches = [], []
+    monkeypatch.setattr(host_kv, "sdpa_attention_forward",
+                        lambda *a, **k: calls.append(a[2].device) or host_kv_sdpa(*a, **k))
+    new_row_cache = batch_kv.PaddedBatchKV.new_row_cache
+    monkeypatch.setattr(batch_kv.PaddedBatchKV, "new_row_cache",
+                        lambda self: caches.append(new_row_cache(self)) or caches[-1])
+    before = model.config._attn_implementation
+    got = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=6, batch_size=4, eos=[],
+                                                          kv="host")]
+    assert sorted(got) == sorted(want)
+    assert calls and all(d.type == "cpu" for d in calls)
+    assert all(isinstance(layer, host_kv.HostKVLayer) for c in caches for layer in c.layers)
+    assert model.config._attn_implementation == before
+    with pytest.raises(ValueError, match="batch_size<=1"):  # the device path keeps the budget check
+        generate_batch(model, ps, max_new_tokens=6, batch_size=4)
+    with pytest.raises(ValueError, match="kv='disk' is unknown"):
+        generate_batch(model, ps, kv="disk")
+
+
+def host_kv_sdpa(*args, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(*args, **kwargs)

@@ -11,6 +11,7 @@ decoded alone. Decoding is greedy (argmax, no logits processors).
 
 Memory: the offload loader reserved KV cache for `max_context` tokens; a batch shares them, so
 batch_size x (longest prompt + max_new_tokens) must fit in max_context (checked before anything runs).
+With kv="host" the KV cache lives in host memory and attention runs on the CPU (moesys.offload.host_kv).
 
 Legend: B rows in the batch, L cached columns, V vocabulary.
 """
@@ -25,6 +26,9 @@ from typing import Iterable, Iterator
 import torch
 
 from moesys.offload.batch_kv import PaddedBatchKV
+from moesys.offload.host_kv import host_attention
+
+KV_MODES = ("device", "host")
 
 
 @dataclass
@@ -81,9 +85,9 @@ class BatchGeneration:
     decode_steps, generated_tokens, elapsed_s) are for progress, benchmarks and tests."""
 
     def __init__(self, model, requests: list[Request], max_new_tokens: int, batch_size: int, eos: set[int],
-                 continuous: bool):
-        self.model, self.requests, self.batch_size, self.eos, self.continuous = (
-            model, requests, batch_size, eos, continuous)
+                 continuous: bool, kv: str = "device"):
+        self.model, self.requests, self.batch_size, self.eos, self.continuous, self.kv = (
+            model, requests, batch_size, eos, continuous, kv)
         self.max_new = [r.max_new_tokens if r.max_new_tokens is not None else max_new_tokens for r in requests]
         self.prefills = self.decode_steps = self.generated_tokens = 0
         self.elapsed_s = 0.0
@@ -94,8 +98,15 @@ class BatchGeneration:
         return self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
 
     def __iter__(self) -> Iterator[Result]:
+        if self.kv == "host":
+            with host_attention(self.model):
+                yield from self._run()
+        else:
+            yield from self._run()
+
+    def _run(self) -> Iterator[Result]:
         queue = deque(range(len(self.requests)))
-        kv = PaddedBatchKV(self.model.config, self.device)
+        kv = PaddedBatchKV(self.model.config, self.device, host=self.kv == "host")
         rows: list[_Row] = []
         while queue or rows:
             t0 = time.perf_counter()
@@ -147,7 +158,7 @@ class BatchGeneration:
 
 
 def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_size: int | str = 8, eos=None, *,
-                   continuous: bool = True) -> BatchGeneration:
+                   continuous: bool = True, kv: str = "device") -> BatchGeneration:
     """Greedy generation of many prompts at `batch_size` rows at a time; iterate the returned object to get
     a Result per sequence as it finishes (it runs while you iterate).
 
@@ -160,7 +171,12 @@ def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_si
         eos: token id(s) that end a sequence (included in its result); None: the generation config's.
         continuous: refill a finished sequence's place at once (True), or wait until the whole batch has
             finished before starting the next one (False: static batching, for comparison).
+        kv: "device": the batch's KV cache on the model's device, within the memory plan's max_context;
+            "host": in host memory with attention on the CPU (moesys.offload.host_kv), outside the budget
+            (perf_model.best_plan says which is faster for a budget; load with a small max_context then).
     """
+    if kv not in KV_MODES:
+        raise ValueError(f"kv={kv!r} is unknown; use one of {list(KV_MODES)}")
     requests = [_as_request(p) for p in prompts]
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
@@ -181,10 +197,10 @@ def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_si
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer or 'auto'")
     engine = getattr(model, "moesys_offload", None)
     max_context = getattr(engine, "max_context", None)
-    if max_context is not None and min(batch_size, len(requests)) * longest > max_context:
+    if kv == "device" and max_context is not None and min(batch_size, len(requests)) * longest > max_context:
         fits = max_context // longest
         raise ValueError(f"batch_size={batch_size} rows of up to {longest} tokens need a KV cache of "
                          f"{min(batch_size, len(requests)) * longest} tokens, but the memory plan reserved "
                          f"max_context={max_context}; use batch_size<={fits} or load with "
                          f"max_context>={batch_size * longest}")
-    return BatchGeneration(model, requests, max_new_tokens, batch_size, _eos_set(model, eos), continuous)
+    return BatchGeneration(model, requests, max_new_tokens, batch_size, _eos_set(model, eos), continuous, kv)

@@ -15,10 +15,13 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from moesys.offload.host_kv import HostKVLayer
+
 
 class PaddedBatchKV:
-    def __init__(self, config, device: torch.device):
-        self.config, self.device = config, device
+    def __init__(self, config, device: torch.device, host: bool = False):
+        # host: the rows' keys and values live in host memory (moesys.offload.host_kv), the mask on `device`
+        self.config, self.device, self.host = config, device, host
         self.cache: DynamicCache | None = None
         self.mask_BL = torch.zeros(0, 0, dtype=torch.long, device=device)
         self.lengths: list[int] = []  # real tokens cached per row
@@ -39,6 +42,8 @@ class PaddedBatchKV:
             raise ValueError(f"batched decoding pads each row's KV cache on the left, which needs full-attention "
                              f"cache layers; this model's cache has {sorted(set(bad))} (sliding-window or other); "
                              "decode it at batch_size=1")
+        if self.host:
+            cache.layers = [HostKVLayer() for _ in cache.layers]
         return cache
 
     def add(self, row_cache: DynamicCache, length: int) -> int:
@@ -64,9 +69,9 @@ class PaddedBatchKV:
         """Drop finished rows (the others keep their order) and the columns nobody needs any more."""
         keep = [r for r in range(self.rows) if r not in set(rows)]
         if not keep:
-            self.__init__(self.config, self.device)
+            self.__init__(self.config, self.device, self.host)
             return
-        index = torch.tensor(keep, device=self.device)
+        index = torch.tensor(keep)  # a host index selects rows of device and host tensors alike
         for layer in self.cache.layers:
             layer.batch_select_indices(index)
         self.mask_BL = self.mask_BL[index]

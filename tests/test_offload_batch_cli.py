@@ -151,3 +151,23 @@ def test_results_are_on_disk_as_they_finish(checkpoints, tmp_path, capsys, monke
     rc, out = _generate(checkpoints["olmoe"], tmp_path, "--prompts", str(src), "--batch-size", "1")
     assert rc == 0, capsys.readouterr().err
     assert seen == [1, 2, 3] and len(out.read_text().splitlines()) == 3
+
+
+def test_kv_placement_options(checkpoints, tmp_path, capsys):
+    """--kv host gives the device path's tokens; --batch-size auto --kv auto asks the performance model
+    (before loading) and says what it chose; a device KV cache raises max_context to what the batch needs."""
+    path = checkpoints["olmoe"]
+    ps = prompts((4, 6, 8))
+    src = _write(tmp_path / "in.jsonl", [{"token_ids": p} for p in ps])
+
+    def tokens(*extra):
+        rc, out = _generate(path, tmp_path, "--prompts", str(src), *extra)
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        return sorted((r["index"], r["token_ids"]) for r in map(json.loads, out.read_text().splitlines())), captured
+
+    device, _ = tokens("--batch-size", "3", "--max-context", "16")  # raised to 3 x 12 for the batch
+    host, captured = tokens("--batch-size", "3", "--kv", "host", "--max-context", "16")
+    assert host == device and "KV cache on the host" in captured.out
+    auto, captured = tokens("--batch-size", "auto", "--kv", "auto")
+    assert auto == device and "[moesys] performance model: batch size" in captured.err

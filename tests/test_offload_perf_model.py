@@ -74,16 +74,16 @@ def test_kv_placement_is_the_faster_prediction():
     """B=4 x 1000 tokens of KV (4 MB) on the device leave 12 of 16 slots (hit 3/4); in host memory all 16
     (hit 1) but attention reads 4 MB at the CPU's 1 GB/s."""
     uni = RoutingStats.uniform(8, 2)
-    gpu, host = (predict(W, HW, uni, 4, 1000, kv) for kv in ("gpu", "host"))
+    gpu, host = (predict(W, HW, uni, 4, 1000, kv) for kv in ("device", "host"))
     assert (gpu["slots"], host["slots"]) == (12, 16)
     u = 8 * (1 - 0.75 ** 4)
     assert gpu["copy_s"] == pytest.approx(2 * u * 0.25 * 1e6 / 1e9) and host["copy_s"] == 0
     assert host["compute_s"] - gpu["compute_s"] == pytest.approx(4e6 / 1e9 - 4e6 / 1e10)
     slow_cpu = best_plan(W, HW, uni, 4, 1000)
-    assert slow_cpu["kv"] == ("gpu" if gpu["tokens_per_s"] > host["tokens_per_s"] else "host")
+    assert slow_cpu["kv"] == ("device" if gpu["tokens_per_s"] > host["tokens_per_s"] else "host")
     fast_cpu = Hardware(**{**HW.__dict__, "cpu_mem_Bps": 1e12})
     assert best_plan(W, fast_cpu, uni, 4, 1000)["kv"] == "host"
-    assert best_plan(W, HW, uni, 4, 1000, kv_places=("gpu",))["kv"] == "gpu"
+    assert best_plan(W, HW, uni, 4, 1000, kv_places=("device",))["kv"] == "device"
     with pytest.raises(ValueError, match="no batch size fits"):
         best_plan(Workload(**{**W.__dict__, "free_bytes": 10**6}), HW, uni, 4, 1000)
 
@@ -131,3 +131,18 @@ def test_miss_overhead_fitted_to_one_row():
     assert hw.miss_overhead_s == pytest.approx(1e-3)
     assert predict(W, hw, uni, 2, 100, slots=8)["copy_s"] == pytest.approx(3.5e-3 + 3.5e-3)
     assert calibrate_miss(W, HW, uni, 2, 100, 16, 1.0).miss_overhead_s == 0.0  # nothing missed: nothing to fit
+
+
+def test_workload_before_load_matches_the_loaded_engine(checkpoints):
+    from transformers import AutoConfig
+
+    from moesys.offload.perf_model import workload_before_load
+
+    path = checkpoints["qwen3_moe"]
+    gpu_memory = budget(path, torch.float32, 10, max_context=20)
+    model = mo.load(path, gpu_memory=gpu_memory, dtype=torch.float32, max_context=20, cuda_graph=False)
+    loaded = workload_of(model.moesys_offload, model.config)
+    before = workload_before_load(AutoConfig.from_pretrained(path), torch.float32, gpu_memory, 20)
+    assert {**before.__dict__, "free_bytes": 0} == {**loaded.__dict__, "free_bytes": 0}
+    assert 0 <= before.free_bytes - loaded.free_bytes < loaded.expert_bytes  # the slots are whole experts
+    assert before.kv_bytes_per_token == 2 * 3 * 2 * 8 * 4  # 2 (K, V) x 3 layers x 2 KV heads x head_dim 8 x fp32

@@ -27,8 +27,7 @@ import torch
 
 from moesys.offload.batch_kv import PaddedBatchKV
 from moesys.offload.host_kv import host_attention
-
-KV_MODES = ("device", "host")
+from moesys.offload.perf_model import KV_PLACES as KV_MODES
 
 
 @dataclass

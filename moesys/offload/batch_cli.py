@@ -118,7 +118,60 @@ def check_args(args) -> None:
         raise ValueError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
 
 
-def run_batch(args, model, tokenizer, requests: list[Request]) -> None:
+def prepare(args, model_dir: Path):
+    """Batch mode before the model loads: (tokenizer or None, requests, batch size, KV place); sets
+    args.max_context to what the chosen batch needs."""
+    import torch
+    from transformers import AutoConfig
+
+    from moesys.offload.cli import TOKENIZER_FILES, load_tokenizer
+    from moesys.offload.loader import _resolve_dtype
+
+    check_args(args)
+    has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
+    config = AutoConfig.from_pretrained(model_dir)
+    requests = read_prompts(Path(args.prompts), tokenizer, config.get_text_config().vocab_size)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_size, kv, args.max_context = choose_batch(args, config, _resolve_dtype(args.dtype, config), requests,
+                                                    device)
+    return tokenizer, requests, batch_size, kv
+
+
+def choose_batch(args, config, dtype, requests: list[Request], device) -> tuple[int, str, int]:
+    """(batch size, KV place, max_context to load with) before the model is loaded. --batch-size auto or
+    --kv auto: the performance model's fastest prediction (uniform routing, or the --routing-trace
+    statistics; measured copy bandwidth and FLOP/s). A device KV cache gets max_context = batch x the
+    longest sequence (the budget then splits between that KV cache and the expert cache); a host one
+    keeps one row's length (the per-forward context guard)."""
+    longest = max(len(r.token_ids) + (r.max_new_tokens or args.max_new_tokens) for r in requests)
+    batch, kv = parse_batch_size(args.batch_size), args.kv
+    if batch == "auto" or kv == "auto":
+        from moesys.offload import perf_model as pm
+
+        w = pm.workload_before_load(config, dtype, args.gpu_memory, longest, args.quantize_experts)
+        if args.routing == "trace":
+            from moesys.offload.routing import load_trace
+
+            routing = pm.RoutingStats.from_trace(load_trace(args.routing_trace)[0], w.num_experts)
+        else:
+            routing = pm.RoutingStats.uniform(w.num_experts, w.top_k)
+        places, hw = pm.KV_PLACES if kv == "auto" else (kv,), pm.Hardware.measure(device)
+        if batch == "auto":
+            best = pm.best_plan(w, hw, routing, len(requests), longest // 2, kv_places=places)
+            batch = best["batch"]
+        else:  # a fixed batch size: the faster KV place at that size
+            best = max((pm.predict(w, hw, routing, batch, longest // 2, k) for k in places),
+                       key=lambda p: p["tokens_per_s"])
+        kv = best["kv"]
+        print(f"[moesys] performance model: batch size {batch}, KV cache on the {kv}, predicted "
+              f"{best['tokens_per_s']:.1f} tok/s (hit rate {best['hit_rate']:.1%}, {best['slots']} expert slots)",
+              file=sys.stderr)
+    rows = min(batch, len(requests))
+    return batch, kv, max(args.max_context, rows * longest) if kv == "device" else longest
+
+
+def run_batch(args, model, tokenizer, requests: list[Request], batch_size: int, kv: str) -> None:
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     override = None
@@ -126,8 +179,7 @@ def run_batch(args, model, tokenizer, requests: list[Request]) -> None:
         from moesys.offload.routing import RoutingOverride
 
         override = RoutingOverride(model, args.routing, seed=args.routing_seed, trace=args.routing_trace)
-    run = generate_batch(model, requests, max_new_tokens=args.max_new_tokens,
-                         batch_size=parse_batch_size(args.batch_size))
+    run = generate_batch(model, requests, max_new_tokens=args.max_new_tokens, batch_size=batch_size, kv=kv)
     progress = Progress(len(requests))
     with open(partial, "w", encoding="utf-8") as f:
         for result in run:
@@ -144,4 +196,4 @@ def run_batch(args, model, tokenizer, requests: list[Request]) -> None:
         override.remove()
     print(f"[moesys] {len(requests)} sequences, {run.generated_tokens} tokens in {run.elapsed_s:.2f} s: "
           f"{run.tokens_per_s:.2f} tok/s at batch size {run.batch_size} ({run.decode_steps} decode steps, "
-          f"{run.prefills} prefills) -> {out}", flush=True)
+          f"{run.prefills} prefills, KV cache on the {kv}) -> {out}", flush=True)

@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", default="8", metavar="N|auto",
                         help="with --prompts: sequences decoded together (continuous batching), or auto: the "
                              "performance model's choice")
+    parser.add_argument("--kv", choices=("device", "host", "auto"), default="device",
+                        help="with --prompts: the batch's KV cache on the device (within --gpu-memory; "
+                             "--max-context is raised to batch x longest sequence), in host memory with attention "
+                             "on the CPU (frees the budget for the expert cache), or auto: the performance "
+                             "model's faster choice")
     parser.add_argument("--routing", choices=ROUTING_MODES, default="model",
                         help="benchmarking: the model's router, uniform random top-k per token (seeded), or a "
                              "replayed routing trace (--routing-trace)")
@@ -117,13 +122,7 @@ def run(args: argparse.Namespace) -> int:
     ids = parse_token_ids(args.token_ids) if args.token_ids is not None else None
     requests = None
     if args.prompts is not None:   # batch mode: the prompts file is checked before the model is read
-        from transformers import AutoConfig
-
-        batch_cli.check_args(args)
-        has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
-        tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
-        vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
-        requests = batch_cli.read_prompts(Path(args.prompts), tokenizer, vocab)
+        tokenizer, requests, batch_size, kv = batch_cli.prepare(args, model_dir)
     else:
         tokenizer = load_tokenizer(model_dir) if ids is None else None
     model = load(model_dir, gpu_memory=args.gpu_memory, dtype=args.dtype,
@@ -134,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     engine = model.moesys_offload
     print(f"[moesys] {engine.plan.describe()}, host memory: {engine.host_mode}", file=sys.stderr)
     if requests is not None:
-        batch_cli.run_batch(args, model, tokenizer, requests)
+        batch_cli.run_batch(args, model, tokenizer, requests, batch_size, kv)
     elif ids is not None:
         vocab = model.config.vocab_size
         if max(ids) >= vocab:

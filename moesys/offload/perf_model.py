@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-KV_PLACES = ("gpu", "host")
+KV_PLACES = ("device", "host")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Workload:
 
     def slots(self, batch: int, context: int, kv: str) -> int:
         """Expert-cache slots left when the KV cache of `batch` rows of `context` tokens is on `kv`."""
-        kv_bytes = batch * context * self.kv_bytes_per_token if kv == "gpu" else 0
+        kv_bytes = batch * context * self.kv_bytes_per_token if kv == "device" else 0
         return max(0, min(self.num_layers * self.num_experts, (self.free_bytes - kv_bytes) // self.expert_bytes))
 
 
@@ -166,7 +166,7 @@ def lru_hit_curve(ids_NLK: torch.Tensor, num_experts: int, batch: int = 1) -> to
     return torch.cat((torch.zeros(1, dtype=torch.float64), cum))  # distance d hits with S > d slots
 
 
-def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, kv: str = "gpu",
+def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, kv: str = "device",
             overlap: bool = False, slots: int | None = None) -> dict:
     """Predicted decode step of `batch` rows with `context` cached tokens each; `slots` (total cache slots)
     defaults to what the budget leaves beside the KV cache on `kv`."""
@@ -182,7 +182,7 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     experts_s = w.num_layers * max(U * w.expert_bytes / hw.hbm_Bps,
                                    batch * w.top_k * w.expert_flops_per_row / hw.flops)
     kv_bytes = batch * context * w.kv_bytes_per_token
-    attention_s = (kv_bytes / hw.hbm_Bps if kv == "gpu"
+    attention_s = (kv_bytes / hw.hbm_Bps if kv == "device"
                    else kv_bytes / hw.cpu_mem_Bps + w.attention_layers * hw.host_roundtrip_s)
     compute_s = dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
     step_s = max(copy_s, compute_s) if overlap else copy_s + compute_s
@@ -233,22 +233,47 @@ def calibrate_miss(w: Workload, hw: Hardware, routing: RoutingStats, batch: int,
     return replace(hw, miss_overhead_s=max(0.0, extra / p["misses_per_step"]) if p["misses_per_step"] else 0.0)
 
 
-def workload_of(engine, config) -> Workload:
-    """The Workload of a loaded offload engine (its memory plan) and the model's text config. The plan's
-    KV reserve for max_context tokens counts as free: the batch's KV cache is taken out of it."""
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """K and V of one token over all attention layers (as the memory plan counts them)."""
     config = config.get_text_config()
-    plan, store = engine.plan, engine.store
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    elsize = torch.empty((), dtype=store.dtype).element_size()
-    kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * elsize
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def workload_of(engine, config) -> Workload:
+    """The Workload of a loaded offload engine (its memory plan) and the model's text config. The plan's
+    KV reserve for max_context tokens counts as free: the batch's KV cache is taken out of it."""
+    plan, store = engine.plan, engine.store
+    kv_per_token = kv_bytes_per_token(config, store.dtype)
     kv_reserve = getattr(engine, "max_context", 0) * kv_per_token
     return Workload(num_layers=len(engine.inner), num_experts=engine.cache.num_experts, top_k=engine.top_k,
                     expert_bytes=store.expert_bytes, expert_flops_per_row=2 * 3 * store.H * store.I,
                     dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
-                    attention_layers=config.num_hidden_layers,
+                    attention_layers=config.get_text_config().num_hidden_layers,
                     free_bytes=engine.cache.num_slots * plan.slot_bytes + kv_reserve)
+
+
+def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
+                         quantize_experts: str = "none") -> Workload:
+    """The Workload of a checkpoint not yet loaded, from its memory plan on the meta
+    device: what the budget leaves for KV cache and expert slots once the non-expert weights and the
+    workspace of one row of `longest` tokens are placed."""
+    from moesys.offload.adapters import adapter_for, find_moe_blocks
+    from moesys.offload.loader import build_skeleton, plan_memory
+
+    skel = build_skeleton(config, dtype)
+    blocks = find_moe_blocks(skel, adapter_for(config))
+    plan = plan_memory(skel, blocks, dtype, gpu_memory, quantize_experts=quantize_experts, max_context=longest)
+    text = config.get_text_config()
+    E, two_I, H = next(iter(blocks.values())).experts.gate_up_proj.shape
+    kv_per_token = kv_bytes_per_token(config, dtype)
+    return Workload(num_layers=len(blocks), num_experts=E, top_k=text.num_experts_per_tok,
+                    expert_bytes=plan.slot_bytes, expert_flops_per_row=2 * 3 * H * (two_I // 2),
+                    dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
+                    attention_layers=text.num_hidden_layers,
+                    free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + longest * kv_per_token)
 
 
 def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware | None = None,
@@ -265,4 +290,4 @@ def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware |
     routing = routing or RoutingStats.uniform(w.num_experts, w.top_k)
     hw = hardware or Hardware.measure(engine.device)
     # rows hold on average about half their final length over a run
-    return best_plan(w, hw, routing, max_batch, longest // 2, kv_places=("gpu",), slots=engine.cache.num_slots)["batch"]
+    return best_plan(w, hw, routing, max_batch, longest // 2, kv_places=("device",), slots=engine.cache.num_slots)["batch"]

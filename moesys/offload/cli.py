@@ -2,7 +2,8 @@
 
 MODEL is a checkpoint directory or a hub id (`org/name`, from huggingface_hub's cache; see moesys.hub).
 `--prompt` needs the checkpoint's tokenizer; `--token-ids 1,2,3` works without one: the prompt goes in
-as token ids and the generated ids come out on stdout, one line.
+as token ids and the generated ids come out on stdout, one line. `--prompts FILE.jsonl --out FILE.jsonl`
+generates many prompts with continuous batching (moesys.offload.batch_cli says the file formats).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from moesys.offload import batch_cli
 from moesys.offload.cache import CACHE_POLICIES
 from moesys.offload.engine import CPU_EXPERT_MODES
 from moesys.offload.prefetch import PREFETCH_POLICIES
 from moesys.offload.quant import QUANT_MODES
+from moesys.offload.routing import ROUTING_MODES
 from moesys.offload.store import HOST_MODES
 
 # Any of these makes AutoTokenizer try the directory; without one it has nothing to load.
@@ -31,6 +34,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--token-ids", metavar="IDS",
                         help="the prompt as comma-separated token ids, e.g. 1,2,3; prints the generated ids "
                              "(prompt included) instead of text, so no tokenizer is needed")
+    prompt.add_argument("--prompts", metavar="FILE.jsonl",
+                        help="batch generation: one JSON object per line, {\"prompt\": text} or {\"token_ids\": "
+                             "[...]}, optional \"max_new_tokens\" and \"id\"; results go to --out as they finish")
+    parser.add_argument("--out", metavar="FILE.jsonl", help="with --prompts: the results, one JSON line per "
+                        "sequence in finishing order (written to FILE.jsonl.partial, renamed at the end)")
+    parser.add_argument("--batch-size", default="8", metavar="N|auto",
+                        help="with --prompts: sequences decoded together (continuous batching), or auto: the "
+                             "performance model's choice")
+    parser.add_argument("--kv", choices=("device", "host", "auto"), default="device",
+                        help="with --prompts: the batch's KV cache on the device (within --gpu-memory; "
+                             "--max-context is raised to batch x longest sequence), in host memory with attention "
+                             "on the CPU (frees the budget for the expert cache), or auto: the performance "
+                             "model's faster choice")
+    parser.add_argument("--routing", choices=ROUTING_MODES, default="model",
+                        help="benchmarking: the model's router, uniform random top-k per token (seeded), or a "
+                             "replayed routing trace (--routing-trace)")
+    parser.add_argument("--routing-trace", metavar="FILE", help="routing trace (safetensors) for --routing trace")
+    parser.add_argument("--routing-seed", type=int, default=0, help="seed of --routing uniform")
     parser.add_argument("--gpu-memory", required=True, help="device memory budget, e.g. 16GiB or a byte count")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate after the prompt")
     parser.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru",
@@ -99,7 +120,11 @@ def run(args: argparse.Namespace) -> int:
     parse_bytes(args.gpu_memory, name="--gpu-memory")   # a bad budget fails before the model is read
     model_dir = resolve_model_dir(args.model_dir, what="MODEL")
     ids = parse_token_ids(args.token_ids) if args.token_ids is not None else None
-    tokenizer = load_tokenizer(model_dir) if ids is None else None
+    requests = None
+    if args.prompts is not None:   # batch mode: the prompts file is checked before the model is read
+        tokenizer, requests, batch_size, kv = batch_cli.prepare(args, model_dir)
+    else:
+        tokenizer = load_tokenizer(model_dir) if ids is None else None
     model = load(model_dir, gpu_memory=args.gpu_memory, dtype=args.dtype,
                  cache_policy=args.cache_policy, prefetch=args.prefetch, quantize_experts=args.quantize_experts,
                  cpu_experts=args.cpu_experts, host_memory=args.host_memory, max_context=args.max_context,
@@ -107,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
                  compile={"auto": None, "on": True, "off": False}[args.compile])
     engine = model.moesys_offload
     print(f"[moesys] {engine.plan.describe()}, host memory: {engine.host_mode}", file=sys.stderr)
-    if ids is not None:
+    if requests is not None:
+        batch_cli.run_batch(args, model, tokenizer, requests, batch_size, kv)
+    elif ids is not None:
         vocab = model.config.vocab_size
         if max(ids) >= vocab:
             raise ValueError(f"--token-ids: id {max(ids)} is outside the vocabulary (vocab_size={vocab})")

@@ -198,7 +198,7 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
         prefetcher = NextGatePrefetcher({layer: router_of(b) for layer, b in blocks.items()}, top_k)
     engine = OffloadEngine(store=store, cache=cache, inner=inner, device=device, prefetcher=prefetcher,
                            cpu_experts=opts["cpu_experts"])
-    engine.plan, engine.host_mode = plan, mode
+    engine.plan, engine.host_mode, engine.max_context = plan, mode, opts["max_context"]
     resident = engine.make_resident() if opts["resident_if_fits"] else None
     for layer, block in blocks.items():
         # a budget holding every expert: the model runs as if fully on the device (no engine per layer)

@@ -1,0 +1,205 @@
+"""Offline batch generation with continuous batching: `generate_batch(model, prompts, ...)` yields each
+sequence's result as soon as it finishes, and a finished sequence's place in the batch is refilled from
+the queue.
+
+Each sequence is prefilled alone (batch 1) and then decoded with the others, one token per row per step,
+through one forward of the whole batch: the offload engine then sees the batch's routing in one call per
+layer and copies each needed expert once for all rows (moesys.offload.engine.experts_forward takes the
+union of the rows' top-k). Rows are left-padded in a shared KV cache with per-row positions and an
+attention mask (moesys.offload.batch_kv), so greedy decoding gives every sequence the tokens it gets
+decoded alone. Decoding is greedy (argmax, no logits processors).
+
+Memory: the offload loader reserved KV cache for `max_context` tokens; a batch shares them, so
+batch_size x (longest prompt + max_new_tokens) must fit in max_context (checked before anything runs).
+With kv="host" the KV cache lives in host memory and attention runs on the CPU (moesys.offload.host_kv).
+
+Legend: B rows in the batch, L cached columns, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from moesys.offload.batch_kv import PaddedBatchKV
+from moesys.offload.host_kv import host_attention
+from moesys.offload.perf_model import KV_PLACES as KV_MODES
+
+
+@dataclass
+class Request:
+    """One prompt: its token ids, optionally its own max_new_tokens and an id carried to the result."""
+    token_ids: list[int]
+    max_new_tokens: int | None = None
+    id: object = None
+
+
+@dataclass
+class Result:
+    index: int               # position of the prompt in the input
+    id: object               # the request's id (None when not given)
+    prompt_ids: list[int]
+    token_ids: list[int]     # generated tokens, the EOS included when the sequence stopped on it
+    finish_reason: str       # "eos" or "length"
+
+
+@dataclass
+class _Row:
+    index: int
+    request: Request
+    max_new: int
+    tokens: list[int] = field(default_factory=list)
+
+
+def _as_request(prompt) -> Request:
+    if isinstance(prompt, Request):
+        request = prompt
+    elif isinstance(prompt, torch.Tensor):
+        request = Request(prompt.flatten().tolist())
+    elif isinstance(prompt, (list, tuple)):
+        request = Request(list(prompt))
+    else:
+        raise TypeError(f"a prompt must be a list of token ids, a 1-D tensor or a moesys.offload.batch.Request, "
+                        f"got {type(prompt).__name__}")
+    ids = request.token_ids
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"prompt token ids must be a non-empty list of non-negative integers, got {ids[:8]!r}")
+    return request
+
+
+def _eos_set(model, eos) -> set[int]:
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in ([eos] if isinstance(eos, int) else eos)}
+
+
+class BatchGeneration:
+    """Iterate to run: yields a Result per sequence in the order they finish. Counters (prefills,
+    decode_steps, generated_tokens, elapsed_s) are for progress, benchmarks and tests."""
+
+    def __init__(self, model, requests: list[Request], max_new_tokens: int, batch_size: int, eos: set[int],
+                 continuous: bool, kv: str = "device"):
+        self.model, self.requests, self.batch_size, self.eos, self.continuous, self.kv = (
+            model, requests, batch_size, eos, continuous, kv)
+        self.max_new = [r.max_new_tokens if r.max_new_tokens is not None else max_new_tokens for r in requests]
+        self.prefills = self.decode_steps = self.generated_tokens = 0
+        self.elapsed_s = 0.0
+        self.device = next(model.parameters()).device
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+    def __iter__(self) -> Iterator[Result]:
+        if self.kv == "host":
+            with host_attention(self.model):
+                yield from self._run()
+        else:
+            yield from self._run()
+
+    def _run(self) -> Iterator[Result]:
+        queue = deque(range(len(self.requests)))
+        kv = PaddedBatchKV(self.model.config, self.device, host=self.kv == "host")
+        rows: list[_Row] = []
+        while queue or rows:
+            t0 = time.perf_counter()
+            done = []
+            # continuous batching refills any free place; static batching only an empty batch
+            can_fill = self.continuous or not rows
+            while can_fill and queue and len(rows) < self.batch_size:
+                i = queue.popleft()
+                row = _Row(i, self.requests[i], self.max_new[i])
+                row_cache = kv.new_row_cache()
+                self._append(row, self._forward(torch.tensor([row.request.token_ids], device=self.device),
+                                                cache=row_cache)[0])
+                self.prefills += 1
+                if self._finished(row):
+                    done.append(row)
+                else:
+                    kv.add(row_cache, len(row.request.token_ids))
+                    rows.append(row)
+            if rows:
+                last_B1 = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
+                for row, token in zip(rows, self._forward(last_B1, **kv.step_inputs())):
+                    self._append(row, token)
+                self.decode_steps += 1
+                finished = [r for r, row in enumerate(rows) if self._finished(row)]
+                done += [rows[r] for r in finished]
+                if finished:
+                    kv.remove(finished)
+                    rows = [row for r, row in enumerate(rows) if r not in set(finished)]
+            self.elapsed_s += time.perf_counter() - t0
+            for row in done:
+                yield self._result(row)
+
+    def _forward(self, input_ids, **kwargs) -> list[int]:
+        """Greedy next token of each row (the one host sync per step: EOS decides who leaves)."""
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1].argmax(-1).tolist()
+
+    def _append(self, row: _Row, token: int) -> None:
+        row.tokens.append(token)
+        self.generated_tokens += 1
+
+    def _finished(self, row: _Row) -> bool:
+        return row.tokens[-1] in self.eos or len(row.tokens) >= row.max_new
+
+    def _result(self, row: _Row) -> Result:
+        reason = "eos" if row.tokens[-1] in self.eos else "length"
+        return Result(row.index, row.request.id, row.request.token_ids, row.tokens, reason)
+
+
+def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_size: int | str = 8, eos=None, *,
+                   continuous: bool = True, kv: str = "device") -> BatchGeneration:
+    """Greedy generation of many prompts at `batch_size` rows at a time; iterate the returned object to get
+    a Result per sequence as it finishes (it runs while you iterate).
+
+    Args:
+        model: a transformers causal LM (an offloaded one from moesys.offload.load, or any other).
+        prompts: token-id lists, 1-D tensors, or Request objects (own max_new_tokens and id).
+        max_new_tokens: tokens to generate per sequence unless its Request says otherwise.
+        batch_size: rows decoded together, or "auto": the performance model's choice
+            (moesys.offload.perf_model) for an offloaded model.
+        eos: token id(s) that end a sequence (included in its result); None: the generation config's.
+        continuous: refill a finished sequence's place at once (True), or wait until the whole batch has
+            finished before starting the next one (False: static batching, for comparison).
+        kv: "device": the batch's KV cache on the model's device, within the memory plan's max_context;
+            "host": in host memory with attention on the CPU (moesys.offload.host_kv), outside the budget
+            (perf_model.best_plan says which is faster for a budget; load with a small max_context then).
+    """
+    if kv not in KV_MODES:
+        raise ValueError(f"kv={kv!r} is unknown; use one of {list(KV_MODES)}")
+    requests = [_as_request(p) for p in prompts]
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    for r in requests:
+        if r.max_new_tokens is not None and (not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1):
+            raise ValueError(f"request {r.id!r}: max_new_tokens={r.max_new_tokens!r} must be a positive integer")
+    vocab = model.config.get_text_config().vocab_size
+    for r in requests:
+        if max(r.token_ids) >= vocab:
+            raise ValueError(f"request {r.id!r}: token id {max(r.token_ids)} is outside the vocabulary "
+                             f"(vocab_size={vocab})")
+    longest = max((len(r.token_ids) + (r.max_new_tokens or max_new_tokens) for r in requests), default=0)
+    if batch_size == "auto":
+        from moesys.offload.perf_model import auto_batch_size
+
+        batch_size = auto_batch_size(model, len(requests), longest)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer or 'auto'")
+    engine = getattr(model, "moesys_offload", None)
+    max_context = getattr(engine, "max_context", None)
+    if kv == "device" and max_context is not None and min(batch_size, len(requests)) * longest > max_context:
+        fits = max_context // longest
+        raise ValueError(f"batch_size={batch_size} rows of up to {longest} tokens need a KV cache of "
+                         f"{min(batch_size, len(requests)) * longest} tokens, but the memory plan reserved "
+                         f"max_context={max_context}; use batch_size<={fits} or load with "
+                         f"max_context>={batch_size * longest}")
+    return BatchGeneration(model, requests, max_new_tokens, batch_size, _eos_set(model, eos), continuous, kv)

@@ -1,0 +1,293 @@
+"""Performance model of offloaded batch decode (MoE-Lens style): tokens/s from batch size, expert-cache
+slots, bytes per expert, routing statistics and the hardware, used to pick the batch size and where the KV
+cache lives.
+
+One decode step of B rows through L MoE layers:
+- unique experts per layer U(B): uniform routing E * (1 - (1 - K/E)^B) (a token misses an expert with
+  probability 1 - K/E); measured routing: the mean over a routing trace's steps of B rows;
+- misses per step L * U(B) * (1 - h(S)), S = cache slots per layer, h the hit rate at S: uniform routing
+  min(1, S/E) (any demand policy under uniform independent references); measured routing: an LRU
+  simulation of the trace, one pass for every S (stack distances);
+- copy time: misses x (expert bytes / pinned host-to-device bandwidth + a per-miss overhead, fitted by
+  `calibrate_miss` to one offloaded row);
+- compute time: non-expert weights read once (roofline against their 2 B FLOPs per parameter), per layer
+  the U(B) experts' weights read or B*K rows' FLOPs (roofline), attention reading B x context KV tokens
+  from device memory, plus per-step and per-row overheads (launches, Python, host syncs) fitted by
+  `calibrate` to steps measured with every expert resident;
+- step time: copy + compute (the eager path waits for a layer's misses before computing it), or
+  max(copy, compute) with `overlap` (the issue's bound: misses copied while resident experts compute);
+- tokens/s = B / step time.
+
+KV placement: on the device the KV cache of B x context tokens takes device memory from the expert
+cache; in host memory (attention on the CPU) it frees those slots but attention reads host memory at the
+CPU's bandwidth and each layer adds a device-host round trip. `best_plan` predicts both for each batch
+size and keeps the fastest.
+
+Legend: B batch rows, L MoE layers, E experts per layer, K top-k, S cache slots per layer, N trace tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+KV_PLACES = ("device", "host")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    pcie_Bps: float = 50e9          # pinned host -> device copy bandwidth
+    hbm_Bps: float = 4.0e12         # device memory bandwidth
+    flops: float = 700e12           # device matmul FLOP/s in the compute dtype
+    cpu_mem_Bps: float = 100e9      # host memory bandwidth of CPU attention
+    step_overhead_s: float = 2e-3   # per decode step: launches, the routing read back, the token sync
+    host_roundtrip_s: float = 30e-6  # per attention layer with host KV: q to the host, the output back
+    row_overhead_s: float = 0.0     # per row per step beyond the roofline terms (see calibrate)
+    miss_overhead_s: float = 0.0    # per missed expert beyond its bytes: host bookkeeping, launch, wait (calibrate_miss)
+
+    @classmethod
+    def measure(cls, device: torch.device, nbytes: int = 64 << 20) -> "Hardware":
+        """Host-to-device copy bandwidth and matmul FLOP/s measured on `device` (a second or so); the
+        other figures keep their defaults (H200 class)."""
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+        dst.copy_(src, non_blocking=cuda)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            dst.copy_(src, non_blocking=cuda)
+        sync()
+        pcie = 3 * nbytes / (time.perf_counter() - t0)
+        n = 2048 if cuda else 256
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+        a @ a
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        sync()
+        flops = 5 * 2 * n ** 3 / (time.perf_counter() - t0)
+        if cuda:
+            return cls(pcie_Bps=pcie, flops=flops)
+        # on a CPU "device" memory is host memory: copies, attention and weights all read the same RAM
+        return cls(pcie_Bps=pcie, hbm_Bps=pcie, flops=flops, cpu_mem_Bps=pcie, step_overhead_s=1e-3,
+                   host_roundtrip_s=0.0)
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_layers: int            # MoE layers
+    num_experts: int
+    top_k: int
+    expert_bytes: int          # one expert as stored and copied (int4/int8 smaller)
+    expert_flops_per_row: int  # 2 x 3 x H x I for a gated expert
+    dense_bytes: int           # non-expert weights, read once per step
+    kv_bytes_per_token: int    # K and V of one token over all attention layers
+    attention_layers: int
+    free_bytes: int            # budget minus non-expert weights and the activation workspace: KV + slots
+
+    def slots(self, batch: int, context: int, kv: str) -> int:
+        """Expert-cache slots left when the KV cache of `batch` rows of `context` tokens is on `kv`."""
+        kv_bytes = batch * context * self.kv_bytes_per_token if kv == "device" else 0
+        return max(0, min(self.num_layers * self.num_experts, (self.free_bytes - kv_bytes) // self.expert_bytes))
+
+
+class RoutingStats:
+    """Expected unique experts per layer for B rows, and the hit rate by slots per layer."""
+
+    def __init__(self, num_experts: int, top_k: int, ids_NLK: torch.Tensor | None = None):
+        self.E, self.K, self.ids_NLK = num_experts, top_k, ids_NLK
+        self._lru: dict[int, torch.Tensor] = {}
+        self.measured_hit: tuple[int, float] | None = None  # (slots per layer, hit rate) seen by the engine
+
+    @classmethod
+    def uniform(cls, num_experts: int, top_k: int) -> "RoutingStats":
+        return cls(num_experts, top_k)
+
+    @classmethod
+    def from_trace(cls, ids_NLK: torch.Tensor, num_experts: int) -> "RoutingStats":
+        return cls(num_experts, ids_NLK.shape[2], ids_NLK.long())
+
+    def with_engine_hit_rate(self, slots_per_layer: int, hit_rate: float) -> "RoutingStats":
+        """The hit rate the engine measured at its own cache size replaces the predicted one there."""
+        self.measured_hit = (slots_per_layer, hit_rate)
+        return self
+
+    def unique(self, batch: int) -> float:
+        if self.ids_NLK is None:
+            return self.E * (1 - (1 - self.K / self.E) ** batch)
+        N, L, K = self.ids_NLK.shape
+        if batch > N:
+            raise ValueError(f"the routing trace has {N} tokens, fewer than batch={batch}")
+        # B rows of a step are tokens of B different sequences: take them N // B apart in the trace
+        stride, steps = N // batch, N // batch
+        rows_SB = torch.arange(steps)[:, None] + stride * torch.arange(batch)[None, :]
+        ids_SLBK = self.ids_NLK[rows_SB].permute(0, 2, 1, 3).reshape(steps, L, batch * K)
+        seen_SLE = torch.zeros(steps, L, self.E, dtype=torch.bool).scatter_(2, ids_SLBK, True)
+        return seen_SLE.sum(-1).float().mean().item()
+
+    def hit_rate(self, slots_per_layer: float, batch: int = 1) -> float:
+        S = int(slots_per_layer)
+        if self.measured_hit is not None and self.measured_hit[0] == S:
+            return self.measured_hit[1]
+        if self.ids_NLK is None:
+            return min(1.0, S / self.E)
+        curve = self._lru.get(batch)
+        if curve is None:
+            curve = self._lru[batch] = lru_hit_curve(self.ids_NLK, self.E, batch)
+        return curve[min(S, self.E)].item()
+
+
+def lru_hit_curve(ids_NLK: torch.Tensor, num_experts: int, batch: int = 1) -> torch.Tensor:
+    """hit[S] for S = 0..E: the share of a layer's expert lookups that an LRU cache of S slots per layer
+    finds resident, replaying the trace `batch` tokens per step (each step looks up its unique experts).
+    One pass per layer with LRU stack distances: a lookup hits in every cache larger than its distance."""
+    N, L, K = ids_NLK.shape
+    hist = torch.zeros(num_experts + 1, dtype=torch.float64)  # hist[d]: lookups at stack distance d (E: cold)
+    lookups = 0
+    for layer in range(L):
+        stack: list[int] = []  # most recent first
+        for start in range(0, N, batch):
+            step = sorted(set(ids_NLK[start:start + batch, layer].flatten().tolist()))
+            for e in step:
+                d = stack.index(e) if e in stack else num_experts
+                hist[d] += 1
+                lookups += 1
+            for e in step:
+                if e in stack:
+                    stack.remove(e)
+            stack[:0] = step[::-1]  # touched in ascending id order, as the engine does: the largest is newest
+    cum = torch.cumsum(hist[:num_experts], 0) / max(lookups, 1)
+    return torch.cat((torch.zeros(1, dtype=torch.float64), cum))  # distance d hits with S > d slots
+
+
+def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, kv: str = "device",
+            overlap: bool = False, slots: int | None = None) -> dict:
+    """Predicted decode step of `batch` rows with `context` cached tokens each; `slots` (total cache slots)
+    defaults to what the budget leaves beside the KV cache on `kv`."""
+    if kv not in KV_PLACES:
+        raise ValueError(f"kv={kv!r} must be one of {list(KV_PLACES)}")
+    S_total = w.slots(batch, context, kv) if slots is None else slots
+    S = S_total / w.num_layers
+    U = routing.unique(batch)
+    hit = routing.hit_rate(S, batch) if S_total >= w.num_layers else 0.0
+    misses = w.num_layers * U * (1 - hit)
+    copy_s = misses * (w.expert_bytes / hw.pcie_Bps + hw.miss_overhead_s)
+    dense_s = max(w.dense_bytes / hw.hbm_Bps, batch * w.dense_bytes / hw.flops)  # 2 FLOPs per 2-byte weight
+    experts_s = w.num_layers * max(U * w.expert_bytes / hw.hbm_Bps,
+                                   batch * w.top_k * w.expert_flops_per_row / hw.flops)
+    kv_bytes = batch * context * w.kv_bytes_per_token
+    attention_s = (kv_bytes / hw.hbm_Bps if kv == "device"
+                   else kv_bytes / hw.cpu_mem_Bps + w.attention_layers * hw.host_roundtrip_s)
+    compute_s = dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
+    step_s = max(copy_s, compute_s) if overlap else copy_s + compute_s
+    feasible = S_total >= w.num_layers  # the engine needs a slot per MoE layer
+    return dict(batch=batch, kv=kv, slots=S_total, unique_per_layer=U, hit_rate=hit, misses_per_step=misses,
+                copy_s=copy_s, compute_s=compute_s, step_s=step_s, feasible=feasible,
+                tokens_per_s=batch / step_s if feasible else 0.0,
+                bound_tokens_per_s=batch / max(copy_s, compute_s) if feasible else 0.0,
+                bytes_copied_per_token=misses * w.expert_bytes / batch)
+
+
+def best_plan(w: Workload, hw: Hardware, routing: RoutingStats, max_batch: int, context: int,
+              kv_places=KV_PLACES, overlap: bool = False, slots: int | None = None) -> dict:
+    """The fastest predicted (batch size in powers of two up to max_batch, and max_batch itself; KV place)."""
+    sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
+    options = [predict(w, hw, routing, b, context, kv, overlap, slots) for b in sizes for kv in kv_places]
+    best = max(options, key=lambda p: (p["tokens_per_s"], -p["batch"]))
+    if not best["feasible"]:
+        raise ValueError(f"no batch size fits: the budget leaves {w.free_bytes} bytes for KV cache and expert "
+                         f"slots, fewer than one expert ({w.expert_bytes} bytes) per MoE layer")
+    return best
+
+
+def calibrate(w: Workload, hw: Hardware, resident_step_s: dict[int, float], context: int) -> Hardware:
+    """`hw` with step_overhead_s and row_overhead_s fitted (least squares, clipped at 0) to decode steps
+    measured with every expert resident at several batch sizes: what the roofline terms leave unexplained
+    (kernel launches, Python, host syncs) as a + b x B. One batch size fits the constant alone."""
+    bare = replace(hw, step_overhead_s=0.0, row_overhead_s=0.0)
+    everything = RoutingStats.uniform(w.num_experts, w.top_k)
+    sizes = sorted(resident_step_s)
+    rest = [resident_step_s[b] - predict(w, bare, everything, b, context, slots=w.num_layers * w.num_experts)["compute_s"]
+            for b in sizes]
+    if len(sizes) == 1:
+        return replace(bare, step_overhead_s=max(0.0, rest[0]))
+    mean_b, mean_r = sum(sizes) / len(sizes), sum(rest) / len(rest)
+    slope = (sum((b - mean_b) * (r - mean_r) for b, r in zip(sizes, rest))
+             / sum((b - mean_b) ** 2 for b in sizes))
+    slope = max(0.0, slope)
+    return replace(bare, step_overhead_s=max(0.0, mean_r - slope * mean_b), row_overhead_s=slope)
+
+
+def calibrate_miss(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, slots: int,
+                   measured_step_s: float) -> Hardware:
+    """`hw` with miss_overhead_s fitted to one offloaded step measured at `batch` (a calibration row: the
+    other rows are then predicted with it): what the step took beyond the model's, per predicted miss."""
+    p = predict(w, replace(hw, miss_overhead_s=0.0), routing, batch, context, slots=slots)
+    extra = measured_step_s - p["step_s"]
+    return replace(hw, miss_overhead_s=max(0.0, extra / p["misses_per_step"]) if p["misses_per_step"] else 0.0)
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """K and V of one token over all attention layers (as the memory plan counts them)."""
+    config = config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def workload_of(engine, config) -> Workload:
+    """The Workload of a loaded offload engine (its memory plan) and the model's text config. The plan's
+    KV reserve for max_context tokens counts as free: the batch's KV cache is taken out of it."""
+    plan, store = engine.plan, engine.store
+    kv_per_token = kv_bytes_per_token(config, store.dtype)
+    kv_reserve = getattr(engine, "max_context", 0) * kv_per_token
+    return Workload(num_layers=len(engine.inner), num_experts=engine.cache.num_experts, top_k=engine.top_k,
+                    expert_bytes=store.expert_bytes, expert_flops_per_row=2 * 3 * store.H * store.I,
+                    dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
+                    attention_layers=config.get_text_config().num_hidden_layers,
+                    free_bytes=engine.cache.num_slots * plan.slot_bytes + kv_reserve)
+
+
+def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
+                         quantize_experts: str = "none") -> Workload:
+    """The Workload of a checkpoint not yet loaded, from its memory plan on the meta
+    device: what the budget leaves for KV cache and expert slots once the non-expert weights and the
+    workspace of one row of `longest` tokens are placed."""
+    from moesys.offload.adapters import adapter_for, find_moe_blocks
+    from moesys.offload.loader import build_skeleton, plan_memory
+
+    skel = build_skeleton(config, dtype)
+    blocks = find_moe_blocks(skel, adapter_for(config))
+    plan = plan_memory(skel, blocks, dtype, gpu_memory, quantize_experts=quantize_experts, max_context=longest)
+    text = config.get_text_config()
+    E, two_I, H = next(iter(blocks.values())).experts.gate_up_proj.shape
+    kv_per_token = kv_bytes_per_token(config, dtype)
+    return Workload(num_layers=len(blocks), num_experts=E, top_k=text.num_experts_per_tok,
+                    expert_bytes=plan.slot_bytes, expert_flops_per_row=2 * 3 * H * (two_I // 2),
+                    dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
+                    attention_layers=text.num_hidden_layers,
+                    free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + longest * kv_per_token)
+
+
+def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware | None = None,
+                    routing: RoutingStats | None = None) -> int:
+    """generate_batch's batch_size="auto" for a loaded model: the model's fastest batch size whose KV cache
+    fits the memory plan's max_context (the expert cache is already sized, so the KV cache stays on the
+    device here). Routing: uniform unless given (the worst case for the cache). A model without an offload
+    engine decodes every row from resident weights: the largest batch (up to 64) is the fastest."""
+    engine = getattr(model, "moesys_offload", None)
+    if engine is None or not hasattr(engine, "plan"):
+        return max(1, min(num_requests, 64))
+    max_batch = max(1, min(num_requests, getattr(engine, "max_context", longest) // max(longest, 1)))
+    w = workload_of(engine, model.config)
+    routing = routing or RoutingStats.uniform(w.num_experts, w.top_k)
+    hw = hardware or Hardware.measure(engine.device)
+    # rows hold on average about half their final length over a run
+    return best_plan(w, hw, routing, max_batch, longest // 2, kv_places=("device",), slots=engine.cache.num_slots)["batch"]

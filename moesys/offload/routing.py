@@ -1,0 +1,143 @@
+"""Routing modes for benchmarking offloaded inference, and routing traces.
+
+- "model": the model's own router (nothing installed).
+- "uniform": each token's top-k expert ids drawn independently and uniformly (K distinct of E) from a
+  seeded generator: no locality, the worst case for an expert cache.
+- "trace": replay of a recorded routing trace, token after token (wrapping at its end); MoE layer r of the
+  model replays trace layer r mod L_trace. The trace's E and K must equal the model's.
+
+The ids are swapped in by a forward pre-hook on each MoE block's experts module (transformers' public hook
+API), so the offload engine, and a model fully on the device, see them as the router's output. The
+router's top-k weights are kept (the mixing weights stay the size the model's own are). Under a CUDA-graph
+decode step the hook would be captured with its first draw, so these modes need cuda_graph=False.
+
+Trace file (safetensors, no pickle): tensor "ids_NLK" int16 [N tokens, L MoE layers, K], metadata
+{"format": "moesys-routing-trace", "version": "1", "num_experts": E, "top_k": K}. `RoutingRecorder`
+writes it from the model's own routing (temp file, then rename).
+
+Legend: T tokens, N trace tokens, L MoE layers, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moesys.offload.adapters import adapter_for, find_moe_blocks
+from moesys.offload.engine import OffloadedExperts
+
+ROUTING_MODES = ("model", "uniform", "trace")
+TRACE_FORMAT = "moesys-routing-trace"
+
+
+def _experts_modules(model) -> tuple:
+    """(text config, each MoE layer's experts module in layer order): the engine's OffloadedExperts of an
+    offloaded model, else the experts of the sparse blocks (a plain model, or an offloaded one whose budget
+    held every expert)."""
+    config = model.config.get_text_config()
+    offloaded = sorted((m.layer, id(m), m) for m in model.modules() if isinstance(m, OffloadedExperts))
+    if offloaded:
+        return config, [m for *_, m in offloaded]
+    blocks = find_moe_blocks(model, adapter_for(model.config))
+    return config, [block.experts for block in blocks.values()]
+
+
+def _moe_shape(config) -> tuple[int, int]:
+    E = next(getattr(config, n) for n in ("num_experts", "num_local_experts", "n_routed_experts")
+             if getattr(config, n, None))
+    return E, config.num_experts_per_tok
+
+
+def load_trace(path) -> tuple[torch.Tensor, int]:
+    """(ids_NLK, num_experts) of a trace file, checked: ValueError naming the file and what is wrong."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != TRACE_FORMAT or "ids_NLK" not in f.keys():
+            raise ValueError(f"{path} is not a moesys routing trace (metadata format={meta.get('format')!r}, "
+                             f"tensors {list(f.keys())}); record one with moesys.offload.routing.RoutingRecorder")
+        ids_NLK = f.get_tensor("ids_NLK").long()
+    E, K = int(meta["num_experts"]), int(meta["top_k"])
+    if ids_NLK.dim() != 3 or ids_NLK.shape[2] != K or ids_NLK.numel() == 0:
+        raise ValueError(f"{path}: ids_NLK has shape {tuple(ids_NLK.shape)}, expected [N>0, L, top_k={K}]")
+    if int(ids_NLK.min()) < 0 or int(ids_NLK.max()) >= E:
+        raise ValueError(f"{path}: expert ids span [{int(ids_NLK.min())}, {int(ids_NLK.max())}], outside [0, {E})")
+    return ids_NLK, E
+
+
+class RoutingOverride:
+    """Installs uniform or trace routing on `model` (see the module docstring); `remove()` undoes it."""
+
+    def __init__(self, model, mode: str, *, seed: int = 0, trace=None):
+        if mode not in ROUTING_MODES:
+            raise ValueError(f"routing={mode!r} is unknown; use one of {list(ROUTING_MODES)}")
+        config, modules = _experts_modules(model)
+        self.E, self.K = _moe_shape(config)
+        self.mode, self.seed, self.handles, self.generators = mode, seed, [], {}
+        if mode == "trace":
+            if trace is None:
+                raise ValueError("routing='trace' needs a trace file (trace=PATH)")
+            self.ids_NLK, trace_E = load_trace(trace)
+            if (trace_E, self.ids_NLK.shape[2]) != (self.E, self.K):
+                raise ValueError(f"{trace}: a trace of {trace_E} experts top-{self.ids_NLK.shape[2]} "
+                                 f"cannot drive a model of {self.E} experts top-{self.K}")
+            self.cursor = [0] * len(modules)
+        if mode != "model":
+            for r, module in enumerate(modules):
+                self.handles.append(module.register_forward_pre_hook(self._hook(r)))
+
+    def _hook(self, r: int):
+        def swap(module, args):
+            x_TH, ids_TK, w_TK = args[:3]
+            return (x_TH, self.ids(r, ids_TK.shape[0], ids_TK.device).to(ids_TK.dtype), w_TK) + tuple(args[3:])
+        return swap
+
+    def ids(self, r: int, T: int, device: torch.device) -> torch.Tensor:
+        """The ids_TK that MoE layer r uses for its next T tokens."""
+        if self.mode == "uniform":
+            g = self.generators.get(device)
+            if g is None:
+                g = self.generators[device] = torch.Generator(device).manual_seed(self.seed)
+            # K distinct experts per token, each K-subset equally likely: the K smallest of E uniform keys
+            return torch.rand(T, self.E, generator=g, device=device).topk(self.K, dim=1, largest=False).indices
+        N, L = self.ids_NLK.shape[:2]
+        rows = (self.cursor[r] + torch.arange(T)) % N
+        self.cursor[r] = (self.cursor[r] + T) % N
+        return self.ids_NLK[rows, r % L].to(device)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class RoutingRecorder:
+    """Records the ids each MoE layer's experts receive (the model's routing, or an override's), in call
+    order; `save(path)` writes a trace file."""
+
+    def __init__(self, model):
+        config, modules = _experts_modules(model)
+        self.E, self.K = _moe_shape(config)
+        self.chunks: list[list[torch.Tensor]] = [[] for _ in modules]
+        self.handles = [m.register_forward_pre_hook(self._hook(r)) for r, m in enumerate(modules)]
+
+    def _hook(self, r: int):
+        def record(module, args):
+            self.chunks[r].append(args[1].detach().to("cpu", torch.int16))
+        return record
+
+    def ids_NLK(self) -> torch.Tensor:
+        return torch.stack([torch.cat(c) for c in self.chunks], dim=1)
+
+    def save(self, path) -> None:
+        tmp = f"{path}.tmp"
+        save_file({"ids_NLK": self.ids_NLK().contiguous()}, tmp,
+                  metadata={"format": TRACE_FORMAT, "version": "1", "num_experts": str(self.E), "top_k": str(self.K)})
+        os.replace(tmp, path)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

@@ -1,0 +1,170 @@
+"""moesys.offload.generate_batch against each prompt generated alone by transformers (greedy, batch 1), on
+tiny random OLMoE / Qwen3-MoE / Mixtral checkpoints offloaded under a budget that evicts; continuous
+batching's order and step count against hand-computed schedules; one copy per expert per step."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import moesys.offload as mo
+from moesys.offload.adapters import adapter_for, find_moe_blocks
+from moesys.offload.batch import Request, generate_batch
+from moesys.offload.loader import build_skeleton
+from tests.test_offload import checkpoints  # noqa: F401  (the fixture: tiny random checkpoints per architecture)
+
+ARCHS = ("olmoe", "qwen3_moe", "mixtral")
+
+PROMPT_LENGTHS = (5, 9, 3, 12, 7)
+
+
+def budget(path, dtype, slots, max_context=4096):
+    config = AutoConfig.from_pretrained(path)
+    skel = build_skeleton(config, dtype)
+    p = mo.plan_memory(skel, find_moe_blocks(skel, adapter_for(config)), dtype, 1 << 40, max_context=max_context)
+    return p.resident_bytes + p.reserve_bytes + slots * p.slot_bytes
+
+
+def prompts(lengths=PROMPT_LENGTHS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 101, (n,), generator=g).tolist() for n in lengths]
+
+
+def alone(path, dtype, prompt_list, new_tokens):
+    """Each prompt generated alone (batch 1) by transformers' model of the same files."""
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    out = []
+    for p in prompt_list:
+        ids = ref.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def truncate_at(tokens, eos):
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batch_equals_each_sequence_alone(checkpoints, arch, dtype):
+    path, new = checkpoints[arch], 8
+    ps = prompts()
+    want = alone(path, dtype, ps, new)
+    # an EOS that one sequence meets mid-way (a token it generates at position 3), so it stops early
+    eos = want[1][3]
+    want = [truncate_at(w, eos) for w in want]
+    model = mo.load(path, gpu_memory=budget(path, dtype, 10), dtype=dtype, cuda_graph=False)  # 10 of 24
+    run = generate_batch(model, ps, max_new_tokens=new, batch_size=3, eos=eos)
+    got = {r.index: r for r in run}
+    assert [got[i].token_ids for i in range(len(ps))] == want
+    assert [got[i].finish_reason for i in range(len(ps))] == ["eos" if w[-1] == eos and eos in w else "length"
+                                                             for w in want]
+    stats = model.moesys_offload.snapshot()
+    assert stats.evictions > 0 and stats.misses > 0
+    assert run.generated_tokens == sum(map(len, want))
+
+
+def test_continuous_batching_order_and_steps(checkpoints):
+    """Lengths 2, 7, 3, 3, 2 at batch 2, no EOS. Continuous: rows {0,1}; 0 ends after step 1 (its first token
+    comes from prefill), 2 joins and ends at step 3, 3 joins and ends at step 5, 4 joins and ends at step 6,
+    1 ends at step 6 too (row order: 1 before 4): 6 steps. Static: {0,1} takes 6 steps, {2,3} 2, {4} 1: 9."""
+    path = checkpoints["olmoe"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    news = [2, 7, 3, 3, 2]
+    ps = prompts()
+    reqs = [Request(p, n, id=f"r{i}") for i, (p, n) in enumerate(zip(ps, news))]
+    want = [w[:n] for w, n in zip(alone(path, torch.float32, ps, max(news)), news)]
+
+    run = generate_batch(model, reqs, batch_size=2, eos=[])
+    results = list(run)
+    assert [r.id for r in results] == ["r0", "r2", "r3", "r1", "r4"]
+    assert all(r.token_ids == want[r.index] and r.prompt_ids == ps[r.index] for r in results)
+    assert (run.decode_steps, run.prefills) == (6, 5)
+
+    static = generate_batch(model, reqs, batch_size=2, eos=[], continuous=False)
+    assert sorted((r.index, r.token_ids) for r in static) == sorted((r.index, r.token_ids) for r in results)
+    assert static.decode_steps == 9 > run.decode_steps
+
+
+def test_sequence_ending_at_prefill_frees_its_place(checkpoints):
+    path = checkpoints["qwen3_moe"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ps = prompts((4, 6, 5))
+    first = alone(path, torch.float32, ps, 1)
+    run = generate_batch(model, [Request(ps[0], 1), Request(ps[1], 3), Request(ps[2], 3)], batch_size=2, eos=[])
+    results = list(run)
+    assert results[0].index == 0 and results[0].token_ids == first[0]
+    assert run.decode_steps == 2  # rows 1 and 2 decode together from the first step
+
+
+def test_batch_over_the_planned_kv_cache_is_refused(checkpoints):
+    path = checkpoints["olmoe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 10, max_context=40), dtype=torch.float32,
+                    max_context=40, cuda_graph=False)
+    ps = prompts((12, 12, 12))
+    with pytest.raises(ValueError, match=r"batch_size<=2 .*max_context>=60"):
+        generate_batch(model, ps, max_new_tokens=8, batch_size=3)
+    assert len(list(generate_batch(model, ps, max_new_tokens=8, batch_size=2))) == 3
+
+
+@pytest.mark.parametrize("bad, msg", [(dict(batch_size=0), "batch_size=0"), (dict(max_new_tokens=0), "max_new"),
+                                      (dict(prompts=[[1, 200]]), "outside the vocabulary"),
+                                      (dict(prompts=[[]]), "non-empty"), (dict(prompts=["abc"]), "list of token")])
+def test_bad_arguments_name_the_value(checkpoints, bad, msg):
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["olmoe"], dtype=torch.float32)
+    kw = dict(prompts=[[3, 4]], max_new_tokens=2, batch_size=2) | bad
+    with pytest.raises((ValueError, TypeError), match=msg):
+        generate_batch(model, kw.pop("prompts"), **kw)
+
+
+def test_each_needed_expert_is_copied_once_per_step(checkpoints):
+    """4 rows whose top-2 overlap ({0,1,2} in all): 3 copies for the batch, not 8; the same step again hits."""
+    path = checkpoints["olmoe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, prefetch="none",
+                    cuda_graph=False)
+    engine = model.moesys_offload
+    layer = next(iter(engine.inner))
+    ids_TK = torch.tensor([[0, 1], [1, 2], [0, 2], [1, 0]])
+    x_TH, w_TK = torch.randn(4, 32), torch.full((4, 2), 0.5)
+    out = engine.experts_forward(layer, x_TH, ids_TK, w_TK)
+    s = engine.snapshot()
+    assert (s.copies, s.misses, s.hits, s.bytes_copied) == (3, 3, 0, 3 * engine.store.expert_bytes)
+    again = engine.experts_forward(layer, x_TH, ids_TK, w_TK)
+    s = engine.snapshot()
+    assert (s.copies, s.hits) == (3, 3)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+def test_host_kv_cache_with_cpu_attention_gives_the_same_tokens(checkpoints, monkeypatch):
+    """kv="host": every layer's keys/values in HostKVLayer (host memory), attention through host_sdpa,
+    tokens equal to the device KV path's; a batch over the planned KV budget is allowed (it is not on the
+    device), and the model's attention implementation is restored after."""
+    from moesys.offload import batch_kv, host_kv
+
+    path = checkpoints["qwen3_moe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 10, max_context=30), dtype=torch.float32,
+                    max_context=30, cuda_graph=False)
+    ps = prompts()
+    want = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=6, batch_size=1, eos=[])]
+    calls, caches = [], []
+    monkeypatch.setattr(host_kv, "sdpa_attention_forward",
+                        lambda *a, **k: calls.append(a[2].device) or host_kv_sdpa(*a, **k))
+    new_row_cache = batch_kv.PaddedBatchKV.new_row_cache
+    monkeypatch.setattr(batch_kv.PaddedBatchKV, "new_row_cache",
+                        lambda self: caches.append(new_row_cache(self)) or caches[-1])
+    before = model.config._attn_implementation
+    got = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=6, batch_size=4, eos=[],
+                                                          kv="host")]
+    assert sorted(got) == sorted(want)
+    assert calls and all(d.type == "cpu" for d in calls)
+    assert all(isinstance(layer, host_kv.HostKVLayer) for c in caches for layer in c.layers)
+    assert model.config._attn_implementation == before
+    with pytest.raises(ValueError, match="batch_size<=1"):  # the device path keeps the budget check
+        generate_batch(model, ps, max_new_tokens=6, batch_size=4)
+    with pytest.raises(ValueError, match="kv='disk' is unknown"):
+        generate_batch(model, ps, kv="disk")
+
+
+def host_kv_sdpa(*args, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(*args, **kwargs)

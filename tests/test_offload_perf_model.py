@@ -1,0 +1,148 @@
+"""moesys.offload.perf_model against hand-computed cases (unique experts, LRU hit curve, step time, KV
+placement) and a brute-force LRU simulation; measured routing statistics of a real run feed it."""
+
+import random
+
+import pytest
+import torch
+
+import moesys.offload as mo
+from moesys.offload.batch import generate_batch
+from moesys.offload.perf_model import (Hardware, RoutingStats, Workload, auto_batch_size, best_plan, calibrate,
+                                       calibrate_miss, lru_hit_curve, predict, workload_of)
+from moesys.offload.routing import RoutingRecorder
+from tests.test_offload import checkpoints  # noqa: F401  (the fixture: tiny random checkpoints per architecture)
+from tests.test_offload_batch import budget, prompts
+
+HW = Hardware(pcie_Bps=1e9, hbm_Bps=1e10, flops=1e12, cpu_mem_Bps=1e9, step_overhead_s=0.0, host_roundtrip_s=0.0)
+W = Workload(num_layers=2, num_experts=8, top_k=2, expert_bytes=10**6, expert_flops_per_row=10**6,
+             dense_bytes=10**7, kv_bytes_per_token=1000, attention_layers=2, free_bytes=16 * 10**6)
+
+
+def test_unique_experts_per_layer():
+    uni = RoutingStats.uniform(8, 2)
+    assert uni.unique(1) == pytest.approx(2.0) and uni.unique(2) == pytest.approx(8 * (1 - 0.75 ** 2))
+    # 4 tokens, 1 layer, top-2; B=2 takes rows {0,2} ({0,1}: 2 unique) and {1,3} ({0,1,2,3}: 4)
+    ids_NLK = torch.tensor([[0, 1], [2, 3], [0, 1], [0, 1]]).view(4, 1, 2)
+    measured = RoutingStats.from_trace(ids_NLK, 8)
+    assert measured.unique(2) == pytest.approx(3.0) and measured.unique(1) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="fewer than batch=5"):
+        measured.unique(5)
+
+
+def test_lru_hit_curve_by_hand_and_by_simulation():
+    # lookups 0 1 0 2 1 (E=3): 3 cold, 0 at stack distance 1, 1 at distance 2
+    curve = lru_hit_curve(torch.tensor([0, 1, 0, 2, 1]).view(5, 1, 1), 3)
+    torch.testing.assert_close(curve, torch.tensor([0, 0, 0.2, 0.4], dtype=torch.float64))
+    rng = random.Random(0)
+    ids_NLK = torch.tensor([[rng.sample(range(6), 2) for _ in range(2)] for _ in range(40)])
+    for batch in (1, 3):
+        curve = lru_hit_curve(ids_NLK, 6, batch)
+        for S in range(7):
+            hits = lookups = 0
+            for layer in range(2):
+                cache = []  # most recent last
+                for start in range(0, 40, batch):
+                    step = sorted(set(ids_NLK[start:start + batch, layer].flatten().tolist()))
+                    hits += sum(e in cache for e in step)
+                    lookups += len(step)
+                    for e in step:
+                        if e in cache:
+                            cache.remove(e)
+                        cache.append(e)
+                    del cache[:max(0, len(cache) - S)]
+            assert curve[S].item() == pytest.approx(hits / lookups), (batch, S)
+
+
+def test_step_time_by_hand():
+    # B=2, 8 slots (4 per layer, hit 1/2 under uniform), context 100: U = 3.5, misses 2 x 3.5 x 0.5 = 3.5
+    p = predict(W, HW, RoutingStats.uniform(8, 2), 2, 100, slots=8)
+    assert p["misses_per_step"] == pytest.approx(3.5) and p["hit_rate"] == pytest.approx(0.5)
+    assert p["copy_s"] == pytest.approx(3.5e-3)
+    # dense 1e7 B / 1e10 = 1e-3; experts 2 x 3.5e6 / 1e10 = 7e-4; attention 2 x 100 x 1000 / 1e10 = 2e-5
+    assert p["compute_s"] == pytest.approx(1.72e-3)
+    assert p["tokens_per_s"] == pytest.approx(2 / 5.22e-3)
+    assert p["bound_tokens_per_s"] == pytest.approx(2 / 3.5e-3)
+    assert predict(W, HW, RoutingStats.uniform(8, 2), 2, 100, slots=8, overlap=True)["step_s"] == pytest.approx(3.5e-3)
+    assert p["bytes_copied_per_token"] == pytest.approx(3.5e6 / 2)
+    # compute-bound rows: B=512, every expert resident: experts 2 x max(8e6/1e10, 512*2*1e6/1e12) = 2.048e-3
+    q = predict(W, HW, RoutingStats.uniform(8, 2), 512, 0, slots=16)
+    assert q["copy_s"] == 0 and q["compute_s"] == pytest.approx(max(1e-3, 512e7 / 1e12) + 2.048e-3)
+
+
+def test_kv_placement_is_the_faster_prediction():
+    """B=4 x 1000 tokens of KV (4 MB) on the device leave 12 of 16 slots (hit 3/4); in host memory all 16
+    (hit 1) but attention reads 4 MB at the CPU's 1 GB/s."""
+    uni = RoutingStats.uniform(8, 2)
+    gpu, host = (predict(W, HW, uni, 4, 1000, kv) for kv in ("device", "host"))
+    assert (gpu["slots"], host["slots"]) == (12, 16)
+    u = 8 * (1 - 0.75 ** 4)
+    assert gpu["copy_s"] == pytest.approx(2 * u * 0.25 * 1e6 / 1e9) and host["copy_s"] == 0
+    assert host["compute_s"] - gpu["compute_s"] == pytest.approx(4e6 / 1e9 - 4e6 / 1e10)
+    slow_cpu = best_plan(W, HW, uni, 4, 1000)
+    assert slow_cpu["kv"] == ("device" if gpu["tokens_per_s"] > host["tokens_per_s"] else "host")
+    fast_cpu = Hardware(**{**HW.__dict__, "cpu_mem_Bps": 1e12})
+    assert best_plan(W, fast_cpu, uni, 4, 1000)["kv"] == "host"
+    assert best_plan(W, HW, uni, 4, 1000, kv_places=("device",))["kv"] == "device"
+    with pytest.raises(ValueError, match="no batch size fits"):
+        best_plan(Workload(**{**W.__dict__, "free_bytes": 10**6}), HW, uni, 4, 1000)
+
+
+def test_measured_routing_of_a_run_feeds_the_model(checkpoints):
+    path = checkpoints["olmoe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)
+    rec = RoutingRecorder(model)
+    list(generate_batch(model, prompts((6, 9, 4, 7)), max_new_tokens=6, batch_size=2, eos=[]))
+    engine = model.moesys_offload
+    w = workload_of(engine, model.config)
+    assert (w.num_layers, w.num_experts, w.top_k, w.expert_bytes) == (3, 8, 2, engine.store.expert_bytes)
+    measured = RoutingStats.from_trace(rec.ids_NLK(), 8)
+    uniform = RoutingStats.uniform(8, 2)
+    # the model's own routing is not uniform: its unique experts for 2 rows differ from uniform draws
+    assert measured.unique(2) != pytest.approx(uniform.unique(2))
+    slots_per_layer = engine.cache.num_slots // w.num_layers
+    assert predict(w, HW, measured, 2, 10, slots=engine.cache.num_slots)["hit_rate"] == pytest.approx(
+        lru_hit_curve(rec.ids_NLK().long(), 8, 2)[slots_per_layer].item())
+    hit = engine.snapshot().hit_rate
+    measured.with_engine_hit_rate(slots_per_layer, hit)
+    assert predict(w, HW, measured, 2, 10, slots=engine.cache.num_slots)["hit_rate"] == pytest.approx(hit)
+    # auto: at most max_context // longest rows (4096 // 15), here the 4 prompts
+    assert auto_batch_size(model, 4, 15, hardware=HW) == 4
+    assert auto_batch_size(model, 4, 15, hardware=HW, routing=measured) == 4
+
+
+def test_calibrated_overheads_explain_resident_steps():
+    """Resident steps measured as the roofline + 3 ms + 0.5 ms per row come back as those overheads."""
+    bare = Hardware(**{**HW.__dict__, "step_overhead_s": 0.0})
+    full = 2 * 8
+    roofline = {b: predict(W, bare, RoutingStats.uniform(8, 2), b, 50, slots=full)["compute_s"] for b in (1, 4, 16)}
+    hw = calibrate(W, HW, {b: t + 3e-3 + 5e-4 * b for b, t in roofline.items()}, 50)
+    assert hw.step_overhead_s == pytest.approx(3e-3) and hw.row_overhead_s == pytest.approx(5e-4)
+    assert predict(W, hw, RoutingStats.uniform(8, 2), 4, 50, slots=full)["compute_s"] == pytest.approx(
+        roofline[4] + 3e-3 + 2e-3)
+    one = calibrate(W, HW, {4: roofline[4] + 7e-3}, 50)
+    assert (one.step_overhead_s, one.row_overhead_s) == (pytest.approx(7e-3), 0.0)
+
+
+def test_miss_overhead_fitted_to_one_row():
+    """The step above (3.5 misses, 5.22 ms) measured at 8.72 ms: 1 ms per miss more than its bytes."""
+    uni = RoutingStats.uniform(8, 2)
+    hw = calibrate_miss(W, HW, uni, 2, 100, 8, 5.22e-3 + 3.5e-3)
+    assert hw.miss_overhead_s == pytest.approx(1e-3)
+    assert predict(W, hw, uni, 2, 100, slots=8)["copy_s"] == pytest.approx(3.5e-3 + 3.5e-3)
+    assert calibrate_miss(W, HW, uni, 2, 100, 16, 1.0).miss_overhead_s == 0.0  # nothing missed: nothing to fit
+
+
+def test_workload_before_load_matches_the_loaded_engine(checkpoints):
+    from transformers import AutoConfig
+
+    from moesys.offload.perf_model import workload_before_load
+
+    path = checkpoints["qwen3_moe"]
+    gpu_memory = budget(path, torch.float32, 10, max_context=20)
+    model = mo.load(path, gpu_memory=gpu_memory, dtype=torch.float32, max_context=20, cuda_graph=False)
+    loaded = workload_of(model.moesys_offload, model.config)
+    before = workload_before_load(AutoConfig.from_pretrained(path), torch.float32, gpu_memory, 20)
+    assert {**before.__dict__, "free_bytes": 0} == {**loaded.__dict__, "free_bytes": 0}
+    assert 0 <= before.free_bytes - loaded.free_bytes < loaded.expert_bytes  # the slots are whole experts
+    assert before.kv_bytes_per_token == 2 * 3 * 2 * 8 * 4  # 2 (K, V) x 3 layers x 2 KV heads x head_dim 8 x fp32

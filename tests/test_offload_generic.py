@@ -51,6 +51,15 @@ def test_mapping_gives_the_explicit_adapters():
     assert from_conversion_mapping("gpt_oss") is None  # fused on disk: no per-expert names to map
 
 
+@pytest.mark.parametrize("model_type, says", [("gpt_oss", "fused per layer"), ("nemotron_h", "non-gated")])
+def test_unsupported_layouts_are_refused_with_the_reason(model_type, says):
+    """GPT-OSS (experts fused on disk) and Nemotron-H (non-gated experts) are refused naming what is missing."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=f"model_type='{model_type}'.*{says}"):
+        adapter_for(SimpleNamespace(model_type=model_type))
+
+
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_generic_adapter_greedy_and_logits_equal(arch, tmp_path):
     torch.manual_seed(0)

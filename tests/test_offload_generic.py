@@ -4,7 +4,7 @@ model (experts evicted and reloaded) against transformers' from_pretrained of th
 
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV3Config, Glm4MoeConfig, JambaConfig, PhimoeConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, JambaConfig, PhimoeConfig,
                           Qwen3NextConfig)
 
 import moesys.offload as mo
@@ -18,6 +18,10 @@ CONFIGS = {
     # MLA attention, shared experts, group-limited sigmoid routing with a score-correction bias
     "deepseek_v3": lambda: DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, **MOE, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
                                             qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1),
+    # DeepSeek-V2-Lite's shape in small: MLA without a query LoRA, two shared experts, greedy softmax routing
+    "deepseek_v2": lambda: DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **MOE, n_shared_experts=2,
+                                            kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                            qk_nope_head_dim=8, v_head_dim=8),
     "glm4_moe": lambda: Glm4MoeConfig(**COMMON, **MOE, head_dim=8),
     # block_sparse_moe.gate on disk, mlp.router in memory
     "phimoe": lambda: PhimoeConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2),
@@ -45,6 +49,15 @@ def test_mapping_gives_the_explicit_adapters():
     """The adapter read off the conversion mapping names Mixtral's experts as the hand-written entry does."""
     assert from_conversion_mapping("mixtral") == ADAPTERS["mixtral"]
     assert from_conversion_mapping("gpt_oss") is None  # fused on disk: no per-expert names to map
+
+
+@pytest.mark.parametrize("model_type, says", [("gpt_oss", "fused per layer"), ("nemotron_h", "non-gated")])
+def test_unsupported_layouts_are_refused_with_the_reason(model_type, says):
+    """GPT-OSS (experts fused on disk) and Nemotron-H (non-gated experts) are refused naming what is missing."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=f"model_type='{model_type}'.*{says}"):
+        adapter_for(SimpleNamespace(model_type=model_type))
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))

@@ -112,6 +112,27 @@ def test_unknown_activation_runs_its_own_function():
     torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_generic_path_warns_once_per_class(caplog):
+    """Falling back to the generic (unfused) path is said once per experts class, not once per call."""
+    import logging
+    model = _tiny_mixtral("tanh", seed=3)
+    moesys_hf.register(backend="grouped_mm")  # a fresh registration: nothing warned yet
+    model.set_experts_implementation("moesys")
+    ids = torch.randint(0, 97, (1, 6))
+    with caplog.at_level(logging.WARNING, logger=moesys_hf.__name__):
+        for _ in range(3):
+            model(ids)
+    generic = [r for r in caplog.records if "generic (unfused)" in r.getMessage()]
+    assert len(generic) == 1, [r.getMessage() for r in caplog.records]
+    assert "MixtralExperts" in generic[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=moesys_hf.__name__):  # a fused activation says nothing
+        fused = _tiny_mixtral("silu", seed=3)
+        fused.set_experts_implementation("moesys")
+        fused(ids)
+    assert not [r for r in caplog.records if "generic (unfused)" in r.getMessage()]
+
+
 def _known_gate_classes():
     import importlib
     names = {"GptOssExperts": "gpt_oss", "OpenAIPrivacyFilterExperts": "openai_privacy_filter",

@@ -22,6 +22,8 @@ Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers.integrations.moe import _default_apply_gate
 
@@ -32,6 +34,7 @@ from moesys.integrations.hf_activations import hf_function, moesys_activation
 from moesys.ops import moe_mlp
 
 NAME = "moesys"
+logger = logging.getLogger(__name__)
 
 
 def _clamped(found: tuple[str, float] | None, limit) -> Activation | None:
@@ -93,7 +96,22 @@ def experts_tensors(experts, dtype: torch.dtype):
 
 
 def make_experts_forward(backend: str = "auto"):
-    """The function transformers calls as `forward(self, hidden_states, top_k_index, top_k_weights)`."""
+    """The function transformers calls as `forward(self, hidden_states, top_k_index, top_k_weights)`.
+
+    The first call of each experts class on the generic (unfused) path logs one warning, so a user learns
+    their model runs without the fused kernels; the set of classes already named lives in this closure (one
+    per registration), not in a global. Under torch.compile the warning is skipped (dynamo cannot trace the
+    logger); the first eager call says it."""
+    warned_classes: set[type] = set()
+
+    def warn_generic_once(experts) -> None:
+        cls = type(experts)
+        if cls in warned_classes or torch.compiler.is_compiling():
+            return
+        warned_classes.add(cls)
+        logger.warning("%s runs on moesys's generic (unfused) experts path: its gate/act_fn or post-expert norm "
+                       "has no fused moesys activation, so the grouped GEMMs run with the class's own function "
+                       "between them in PyTorch (correct, slower than the fused kernels)", cls.__name__)
 
     def moesys_experts_forward(self, hidden_states_TH: torch.Tensor, top_k_index_TK: torch.Tensor,
                                top_k_weights_TK: torch.Tensor) -> torch.Tensor:
@@ -107,6 +125,7 @@ def make_experts_forward(backend: str = "auto"):
         if activation is not None:
             return moe_mlp(x_TH, w_gate_up, w_down, top_k_index_TK, weights_TK, activation=activation,
                            backend=backend, b_gate_up=b_gate_up, b_down=b_down)
+        warn_generic_once(self)
         act_fn = self._apply_gate if getattr(self, "has_gate", True) else self.act_fn
         post_fn = self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None
         y_TH = grouped_experts(x_TH, w_gate_up, w_down, top_k_index_TK, weights_TK, act_fn, b_gate_up=b_gate_up,

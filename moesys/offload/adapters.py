@@ -104,10 +104,29 @@ def adapter_for(config) -> Adapter:
     model_type = getattr(config, "model_type", None)
     adapter = ADAPTERS.get(model_type) or (from_conversion_mapping(model_type) if model_type else None)
     if adapter is None:
-        raise ValueError(f"model_type={model_type!r} is not supported for offloaded inference: transformers' "
-                         "checkpoint conversion mapping has no per-expert gate/up/down names for it (gated experts "
-                         f"under model.layers.{{i}}); these have explicit entries: {sorted(ADAPTERS)}")
+        raise ValueError(f"model_type={model_type!r} is not supported for offloaded inference: "
+                         f"{_why_unmapped(model_type)}; these have explicit entries: {sorted(ADAPTERS)}")
     return adapter
+
+
+def _why_unmapped(model_type: str | None) -> str:
+    """What transformers' conversion mapping says about a model the generic adapter cannot read, so the
+    refusal names the actual gap (non-gated experts, experts fused on disk) instead of a generic no."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    targets = [t for e in (get_checkpoint_conversion_mapping(model_type) or []) if type(e).__name__ != "WeightRenaming"
+               for t in e.target_patterns] if model_type else []
+    if any(t.endswith("experts.up_proj") for t in targets) and not any(t.endswith("experts.gate_up_proj")
+                                                                       for t in targets):
+        return ("its experts are non-gated (per-expert up_proj/down_proj, no gate), which the offload store "
+                "(gate, up and down per expert) does not hold yet; run it with transformers and "
+                "experts_implementation='moesys' instead")
+    if not targets:
+        return ("transformers' checkpoint conversion mapping has no per-expert expert names for it: its "
+                "checkpoints store the experts fused per layer (e.g. GPT-OSS's experts.gate_up_proj "
+                "[E, H, 2I], or MXFP4 _blocks/_scales), which the offload store does not slice yet")
+    return ("transformers' checkpoint conversion mapping has no per-expert gate/up/down names for it (gated "
+            "experts under model.layers.{i})")
 
 
 def router_of(block: nn.Module) -> nn.Module:

@@ -233,3 +233,23 @@ def test_the_checkpoint_tokenizer_is_the_default_and_is_exported(tmp_path):
         _export_untrained(tmp_path, src, arch="mixtral")
     out = _export_untrained(tmp_path, src)
     assert (out / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+
+
+@pytest.mark.slow
+def test_compiled_run_gives_the_eager_losses(tmp_path):
+    hf_dir = deepseek_v3(tmp_path / "src")
+    cfg = write_config(tmp_path / "hf.yaml", hf_dir)
+    assert _train(cfg, tmp_path / "eager", "train.steps=3") == 0
+    assert _train(cfg, tmp_path / "compiled", "train.steps=3", "train.compile=true") == 0
+    eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    assert len(compiled) == len(eager) == 3
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-5, abs=1e-6)
+
+
+def test_compile_parts_compiles_each_decoder_layer(tmp_path):
+    _, model = _load(deepseek_v3(tmp_path / "src"))
+    model.compile_parts()
+    assert all(layer._compiled_call_impl is not None for layer in model.blocks)
+    _, whole = _load(tmp_path / "src")
+    whole.compile_parts(scope="model")
+    assert whole.hf._compiled_call_impl is not None

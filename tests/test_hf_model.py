@@ -211,12 +211,16 @@ def test_tensors_that_do_not_match_the_config_are_named(tmp_path):
         load_hf_causal_lm(config)
 
 
+def _plain_and_with(tmp_path, steps, *items):
+    """The metrics of a tiny DeepSeek-V3 hf_model run, plain and with `items` set."""
+    cfg = write_config(tmp_path / "hf.yaml", deepseek_v3(tmp_path / "src"))
+    assert _train(cfg, tmp_path / "plain", f"train.steps={steps}") == 0
+    assert _train(cfg, tmp_path / "with", f"train.steps={steps}", *items) == 0
+    return metrics(tmp_path / "plain"), metrics(tmp_path / "with")
+
+
 def test_activation_checkpointing_keeps_the_losses(tmp_path):
-    hf_dir = deepseek_v3(tmp_path / "src")
-    cfg = write_config(tmp_path / "hf.yaml", hf_dir)
-    assert _train(cfg, tmp_path / "plain", "train.steps=2") == 0
-    assert _train(cfg, tmp_path / "ckpt", "train.steps=2", "train.activation_checkpointing=true") == 0
-    plain, recomputed = metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")
+    plain, recomputed = _plain_and_with(tmp_path, 2, "train.activation_checkpointing=true")
     assert [(r["loss"], r["grad_norm"], r["expert_load_fraction"]) for r in recomputed] == \
         [(r["loss"], r["grad_norm"], r["expert_load_fraction"]) for r in plain]
 
@@ -233,3 +237,19 @@ def test_the_checkpoint_tokenizer_is_the_default_and_is_exported(tmp_path):
         _export_untrained(tmp_path, src, arch="mixtral")
     out = _export_untrained(tmp_path, src)
     assert (out / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+
+
+@pytest.mark.slow
+def test_compiled_run_gives_the_eager_losses(tmp_path):
+    eager, compiled = _plain_and_with(tmp_path, 3, "train.compile=true")
+    assert len(compiled) == len(eager) == 3
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-5, abs=1e-6)
+
+
+def test_compile_parts_compiles_each_decoder_layer(tmp_path):
+    _, model = _load(deepseek_v3(tmp_path / "src"))
+    model.compile_parts()
+    assert all(layer._compiled_call_impl is not None for layer in model.blocks)
+    _, whole = _load(tmp_path / "src")
+    whole.compile_parts(scope="model")
+    assert whole.hf._compiled_call_impl is not None

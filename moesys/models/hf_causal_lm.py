@@ -153,6 +153,17 @@ class HFCausalLM(nn.Module):
         stats = [MoEStats(zero, zero, zero, s.take_counts(input_ids_BS.device), zero) for s in self._sites]
         return TransformerOutput(logits_BSV if return_logits or labels_BS is None else None, loss, aux, stats)
 
+    def compile_parts(self, mode: str = "default", scope: str = "blocks") -> None:
+        """torch.compile in place, as `MoETransformer.compile_parts`: scope="blocks" compiles each decoder
+        layer (the embedding, final norm, head and loss stay eager); scope="model" the whole transformers
+        forward. Not fullgraph: transformers' layers may graph-break (mask and cache helpers), and
+        the experts' load hook runs eagerly at the break it makes."""
+        if scope == "model":
+            self.hf.compile(mode=mode)
+            return
+        for layer in decoder_layers(self.hf):
+            layer.compile(mode=mode)
+
     def num_params(self, active: bool = False) -> int:
         """Total parameters, or those a token touches (top_k of E routed experts per MoE block)."""
         total = sum(p.numel() for p in self.parameters())

@@ -135,9 +135,7 @@ def resolve_config(config: Config) -> Config:
         elif name not in _FREE_KEYS.get(section, ()) and value != _default(key):
             raise ValueError(f"{key}={value!r} has no effect with model.hf_model (the checkpoint's transformers "
                              "class decides its architecture); remove the key")
-    if config.train.compile:
-        raise ValueError("train.compile=true is not supported with model.hf_model yet; set it to false")
-    if config.train.activation_checkpointing:
+    if config.train.activation_checkpointing or (config.train.compile and config.train.compile_scope == "blocks"):
         decoder_layers(facts["meta_model"])  # the layers it wraps must exist
     raw = config.model_dump(mode="json")
     for key, value in derived.items():

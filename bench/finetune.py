@@ -2,7 +2,7 @@
 - moesys_init_from: `model.init_from: DIR`, the moesys model, its real trainer as configs/small.yaml runs it
   (bf16 autocast over fp32 master weights, torch.compile reduce-overhead, grouped_mm experts);
 - moesys_hf_model:  `model.hf_model: DIR`, transformers' own OlmoeForCausalLM with moesys experts, the same
-  trainer (eager: train.compile is not used with hf_model; Triton experts);
+  trainer (its decoder layers compiled, default mode; Triton experts);
 - hf_grouped_mm:    transformers alone, OlmoeForCausalLM.from_pretrained(experts_implementation="grouped_mm"),
   a plain loop in pure bf16 (the reference setup of bench/train_small.py).
 
@@ -187,7 +187,8 @@ def main() -> int:
                 ("moesys_init_from", lambda: moesys_run("init_from", [] if args.cpu_smoke else small)),
                 ("moesys_init_from_triton", lambda: moesys_run(
                     "init_from", [] if args.cpu_smoke else small[:-1] + ["moe.backend=triton"])),
-                ("moesys_hf_model", lambda: moesys_run("hf_model", [] if args.cpu_smoke else ["moe.backend=triton"])),
+                ("moesys_hf_model", lambda: moesys_run(
+                    "hf_model", [] if args.cpu_smoke else ["moe.backend=triton", "train.compile=true"])),
                 ("hf_grouped_mm", lambda: bench_hf_loop(ckpt, base_config, device, 1 if args.cpu_smoke else 3,
                                                         hf_steps))]
         records = []

@@ -20,12 +20,10 @@ fp32 (relative L2 error).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -36,7 +34,7 @@ from moesys.models.transformer import MoETransformer
 from moesys.parallel import bootstrap
 from moesys.train_metrics import flops_per_token, peak_flops
 from run_meta import run_meta
-from train_small import _sync, bench_moesys, hf_train_loop
+from train_small import _sync, bench_moesys, hf_train_loop, run_impls, write_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,32 +189,13 @@ def main() -> int:
                     "hf_model", [] if args.cpu_smoke else ["moe.backend=triton", "train.compile=true"])),
                 ("hf_grouped_mm", lambda: bench_hf_loop(ckpt, base_config, device, 1 if args.cpu_smoke else 3,
                                                         hf_steps))]
-        records = []
-        for impl, fn in runs:
-            if impl in args.skip:
-                continue
-            try:
-                result = fn()
-            except Exception as e:  # one failing implementation must not lose the others' numbers
-                traceback.print_exc()
-                result = {"error": f"{type(e).__name__}: {e}"[:500]}
-            if "tokens_per_s" in result:
-                result["mfu"] = result["tokens_per_s"] * flops_tok / peak if peak else None
-            record = {**common, "impl": impl, "checkpoint_write_s": write_s, **result}
-            records.append(record)
-            print(json.dumps({k: v for k, v in record.items() if k != "shape"}), flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        records = run_impls(runs, args.skip, {**common, "checkpoint_write_s": write_s}, flops_tok, peak, device)
     base = next((r for r in records if r["impl"] == "hf_grouped_mm" and "tokens_per_s" in r), None)
     for r in records:
         if base is not None and "tokens_per_s" in r:
             r["speedup_vs_hf_grouped_mm"] = r["tokens_per_s"] / base["tokens_per_s"]
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(out.name + ".tmp")
-        tmp_out.write_text(json.dumps(records, indent=2) + "\n")
-        os.replace(tmp_out, out)
+        write_records(records, Path(args.out))
     return 0
 
 

@@ -189,6 +189,35 @@ def profile_moesys(config, device: torch.device, path: Path | None) -> None:
         path.write_text(table)
 
 
+def run_impls(runs, skip, common: dict, flops_tok: float, peak, device: torch.device) -> list[dict]:
+    """Run each (impl, fn) not in `skip`, one record per impl (common fields, result, MFU), printed as it
+    finishes; a failing implementation is recorded with its error and does not lose the others' numbers."""
+    records = []
+    for impl, fn in runs:
+        if impl in skip:
+            continue
+        try:
+            result = fn()
+        except Exception as e:
+            traceback.print_exc()
+            result = {"error": f"{type(e).__name__}: {e}"[:500]}
+        if "tokens_per_s" in result:
+            result["mfu"] = result["tokens_per_s"] * flops_tok / peak if peak else None
+        record = {**common, "impl": impl, **result}
+        records.append(record)
+        print(json.dumps({k: v for k, v in record.items() if k != "shape"}), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()   # the finished implementation's model is garbage by now
+    return records
+
+
+def write_records(records: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(records, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "small.yaml"))
@@ -238,22 +267,7 @@ def main() -> int:
                 load_config(args.config, overrides + ["train.compile=false", "moe.backend=triton"]), args.steps, 5)),
             ("hf_grouped_mm", lambda: bench_hf(config, "grouped_mm", 3, args.hf_steps, device)),
             ("hf_eager", lambda: bench_hf(config, "eager", 1, args.eager_steps, device))]
-    records = []
-    for impl, fn in runs:
-        if impl in args.skip:
-            continue
-        try:
-            result = fn()
-        except Exception as e:  # one failing implementation must not lose the others' numbers
-            traceback.print_exc()
-            result = {"error": f"{type(e).__name__}: {e}"[:500]}
-        if "tokens_per_s" in result:
-            result["mfu"] = result["tokens_per_s"] * flops_tok / peak if peak else None
-        record = {**common, "impl": impl, **result}
-        records.append(record)
-        print(json.dumps({k: v for k, v in record.items() if k not in ("shape",)}), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()   # the finished implementation's model is garbage by now
+    records = run_impls(runs, args.skip, common, flops_tok, peak, device)
     base = next((r for r in records if r["impl"] == "hf_grouped_mm" and "tokens_per_s" in r), None)
     torch_engine = next((r for r in records if r["impl"] == "moesys" and "tokens_per_s" in r), None)
     for r in records:
@@ -262,11 +276,7 @@ def main() -> int:
         if r["impl"] == "moesys_deepspeed" and torch_engine is not None and "tokens_per_s" in r:
             r["vs_torch_engine"] = r["tokens_per_s"] / torch_engine["tokens_per_s"]  # target: >= 0.9
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(records, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_records(records, Path(args.out))
     return 0
 
 

@@ -137,6 +137,7 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_running_command_prints_one_line(tmp_path):
     """A real SIGINT to `moesys upcycle` blocked inside the command (a FIFO as the dense config.json)."""
     fifo = tmp_path / "config.json"

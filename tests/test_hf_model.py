@@ -246,6 +246,7 @@ def test_compiled_run_gives_the_eager_losses(tmp_path):
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_compile_parts_compiles_each_decoder_layer(tmp_path):
     _, model = _load(deepseek_v3(tmp_path / "src"))
     model.compile_parts()

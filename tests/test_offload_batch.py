@@ -43,7 +43,7 @@ def truncate_at(tokens, eos):
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_equals_each_sequence_alone(checkpoints, arch, dtype):
     path, new = checkpoints[arch], 8

@@ -93,7 +93,7 @@ def test_device_bookkeeping_evicts_like_the_host_path(checkpoints, options):
         dev.moesys_offload.cache.slot_of.keys()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_static_cache_decode_identical_on_every_architecture(checkpoints, arch, dtype):
     """generate() with a StaticCache: every decode step takes the device path (no routing read back), and the
@@ -327,7 +327,7 @@ def test_decode_replays_a_cuda_graph_on_gpu(checkpoints, quantize, compile):
 
 
 @pytest.mark.parametrize("K", [1, pytest.param(3, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype, K):
     """quant_gemv's kernel (TRITON_INTERPRET on a CPU, CUDA on a GPU) on odd shapes (R and C not multiples
@@ -371,8 +371,8 @@ def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype, K):
         quant_gemv(h, q, scale, slots, mode, activation="relu")
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("policy", ["lru", pytest.param("lfu", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("K", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_fused_bookkeeping_kernel_matches_the_reference(policy, K):
     """The one-program step kernel (TRITON_INTERPRET on a CPU) and the torch reference, fed the same routing
     for 40 steps over three layers sharing banks of 7 and 6 slots: the same slots, copies, tables, counters."""

@@ -9,6 +9,7 @@ from tests._train_helpers import train_inproc
 pytest.importorskip("matplotlib")
 
 
+@pytest.mark.slow
 def test_plot_writes_loss_and_expert_load_pngs(tmp_path, capsys):
     assert train_inproc(tmp_path, "train.steps=4", "log.every=1", "log.val_every=2",
                         "checkpoint.save_final=false") == 0

@@ -29,6 +29,7 @@ class CountingReader(SourceReader):
     def __init__(self, where):
         super().__init__(where)
         self.names_read: list[str] = []
+        self.rows_read: dict[str, list[int]] = {}  # fused tensors read in part: their rows
         self.bytes_read = 0
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -37,6 +38,13 @@ class CountingReader(SourceReader):
         if not cached:
             self.names_read.append(name)
             self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def rows(self, name: str, ids) -> torch.Tensor:
+        t = super().rows(name, ids)
+        self.names_read.append(name)
+        self.rows_read.setdefault(name, []).extend(ids)
+        self.bytes_read += t.numel() * t.element_size()
         return t
 
 

@@ -127,6 +127,20 @@ class SourceReader:
                 self._last = (name, f.get_tensor(name))
         return self._last[1]
 
+    def rows(self, name: str, ids: Sequence[int]) -> torch.Tensor:
+        """Rows `ids` (ascending) of dim 0 of tensor `name`, reading only those rows' bytes: one
+        `get_slice` per run of consecutive ids (the experts a rank owns, out of a fused [E, ...] tensor)."""
+        runs: list[list[int]] = []
+        for i in ids:
+            if runs and i == runs[-1][1]:
+                runs[-1][1] += 1
+            else:
+                runs.append([i, i + 1])
+        with safe_open(str(self.where[name][0]), framework="pt") as f:
+            part = f.get_slice(name)
+            parts = [part[a:b] for a, b in runs] or [part[0:0]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def locate(self, name: str) -> tuple[Path, int]:
         return self.where[name]
 

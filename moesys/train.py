@@ -280,7 +280,8 @@ def build_model(config: Config, ctx: bootstrap.DistContext, run_dir: Path | None
     counts before parallelize for the start-up block). With
     `model.init_from` the weights come from that checkpoint (each rank reads only its own experts;
     skipped when resuming, the checkpoint has them) and rank 0 keeps its config and tokenizer in
-    RUN_DIR/hf_source for `moesys export`."""
+    RUN_DIR/hf_source for `moesys export`. With `model.hf_model` the non-expert weights are read before
+    `parallelize` and each rank's experts after it (moesys.hf.hf_model_load), so no rank reads them all."""
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     hf_loader = None
     if config.model.hf_model is not None:  # transformers' own class, experts through moe_mlp

@@ -104,3 +104,37 @@ def test_each_rank_reads_only_its_experts(tmp_path, family):
                 assert torch.equal(t, reference[name] if ids is None else reference[name][ids]), (sharding, name)
         if family == "deepseek_v3":
             assert reads[0].isdisjoint(reads[1]) and reads[0] and reads[1], sharding
+
+
+def test_a_mapping_that_mixes_experts_reads_them_all_with_a_warning(tmp_path):
+    """Reading rows by expert is chosen from the converter's ops; any op that may mix experts (dim 0, or a
+    Transpose that checks the full shape) reads the whole tensor, warns, and gives the same rows."""
+    from transformers.core_model_loading import Concatenate, Interleave, MergeModulelist, Transpose, WeightConverter
+
+    from moesys.hf.hf_model_load import HFModelLoader, _how, _Target
+    per_expert = WeightConverter(["e.*.g.weight", "e.*.u.weight"], "e.gate_up_proj",
+                                 operations=[MergeModulelist(dim=0), Concatenate(dim=1)])
+    assert _how(_Target(per_expert)) == "per_expert" and _how(_Target(None)) == "rows"
+    assert _how(_Target(WeightConverter("e.w13", "e.gate_up_proj", operations=[Interleave(dim=1)]))) == "rows"
+    assert _how(_Target(WeightConverter("e.w", "e.down_proj", operations=[Transpose(1, 2, check_dims=True)]))) == "whole"
+    assert _how(_Target(WeightConverter("e.w", "e.down_proj", operations=[Concatenate(dim=0)]))) == "whole"
+    loader = HFModelLoader(_config(deepseek_v3(tmp_path / "src")))
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    assert loader.targets[name].how == "per_expert"
+    rows = loader.expert_rows(name, [1, 6])
+    loader.targets[name].how = "whole"
+    with pytest.warns(UserWarning, match="reads all 8 experts"):
+        assert torch.equal(loader.expert_rows(name, [1, 6]), rows)
+
+
+def test_rows_reads_only_the_rows_asked_for(tmp_path):
+    """FSSDP may own experts that are not consecutive: one slice per run of ids, bytes counted."""
+    from safetensors.torch import save_file
+
+    from moesys.hf.load import CountingReader
+    full = torch.randn(6, 3, 5)
+    save_file({"w": full}, str(tmp_path / "model.safetensors"))
+    reader = CountingReader({"w": (tmp_path / "model.safetensors", 0)})
+    assert torch.equal(reader.rows("w", [0, 2, 3]), full[[0, 2, 3]])
+    assert reader.rows("w", []).shape == (0, 3, 5)
+    assert reader.rows_read == {"w": [0, 2, 3]} and reader.bytes_read == 3 * 3 * 5 * 4

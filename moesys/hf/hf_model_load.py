@@ -86,11 +86,13 @@ class HFModelLoader:
         self.meta = {k: (tuple(v.shape), v.dtype) for k, v in self.hf.state_dict().items()}
         self.expert_params = {f"{holder}.experts.{n}" for holder, _, m in find_hf_experts(self.hf)
                               for n, _ in m.named_parameters(recurse=False)}
-        self.targets = self._plan()
+        self.targets, self.missing = self._plan()
         self.device: torch.device | None = None
 
     # -- planning (headers only) ---------------------------------------------------------------
-    def _plan(self) -> dict[str, _Target]:
+    def _plan(self) -> tuple[dict[str, _Target], set[str]]:
+        """(parameter name -> what fills it, the names no tensor fills: tied weights, filled by tie_weights);
+        ValueError naming the first missing, mis-shaped or unexpected tensor."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
 
@@ -130,8 +132,7 @@ class HFModelLoader:
             if bad:
                 raise ValueError(f"model.hf_model={str(self.dir)!r}: its tensors do not match its config.json ({kind}: "
                                  f"{len(bad)}, the first {bad[0]}); the checkpoint is damaged or its config is wrong")
-        self.missing = {k for k in meta_state if k not in filled}  # tied weights, filled by tie_weights
-        return targets
+        return targets, {k for k in meta_state if k not in filled}
 
     def _convert(self, name: str, target: _Target, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The parameter tensor(s) `target`'s sources make, by transformers' own converter ops."""
@@ -145,7 +146,7 @@ class HFModelLoader:
 
     # -- reading -------------------------------------------------------------------------------
     def build(self, device: torch.device | str = "cpu") -> HFCausalLM:
-        """transformers' class with every non-expert weight read whole onto `device` (fp32), buffers computed,
+        """(Once per loader.) transformers' class with every non-expert weight read whole onto `device` (fp32), buffers computed,
         tied weights tied; its experts (moesys `Experts`) stay on the meta device until `load_experts`."""
         self.device = torch.device(device)
         state = {}

@@ -82,7 +82,8 @@ class HFModelLoader:
             self.hf = AutoModelForCausalLM.from_config(hf_config(self.dir), dtype=torch.float32,
                                                        trust_remote_code=False)
         where, self.disk = source_tensors(self.dir)
-        self.reader = CountingReader(where) if reader is None else reader
+        # files stay open from build() to the end of load_experts(): thousands of per-expert tensors
+        self.reader = CountingReader(where, keep_open=True) if reader is None else reader
         self.meta = {k: (tuple(v.shape), v.dtype) for k, v in self.hf.state_dict().items()}
         self.expert_params = {f"{holder}.experts.{n}" for holder, _, m in find_hf_experts(self.hf)
                               for n, _ in m.named_parameters(recurse=False)}
@@ -199,6 +200,13 @@ class HFModelLoader:
         """Fill the experts `model` holds (after `parallelize`; `handle` is its result, None: all of them) from
         the checkpoint, swapping the meta parameters for real ones in place (the handle keeps the same objects).
         Returns the reader, which counted every tensor and byte read."""
+        try:
+            self._load_experts(model, handle)
+        finally:
+            self.reader.close()
+        return self.reader
+
+    def _load_experts(self, model: HFCausalLM, handle) -> None:
         for holder_name, layout in model.layouts.items():
             module = model.hf.get_submodule(holder_name).experts
             full = f"hf.{holder_name}.experts.gate_up_proj"
@@ -210,4 +218,3 @@ class HFModelLoader:
                 param = getattr(module, n)
                 assert tuple(param.shape) == tuple(t.shape), (holder_name, n, param.shape, t.shape)
                 torch.utils.swap_tensors(param, nn.Parameter(t.to(self.device), requires_grad=param.requires_grad))
-        return self.reader

@@ -26,8 +26,8 @@ from moesys.upcycling.io import SourceReader, source_tensors
 class CountingReader(SourceReader):
     """A SourceReader that records the name and bytes of every tensor it reads (tests count them)."""
 
-    def __init__(self, where):
-        super().__init__(where)
+    def __init__(self, where, keep_open: bool = False):
+        super().__init__(where, keep_open)
         self.names_read: list[str] = []
         self.rows_read: dict[str, list[int]] = {}  # fused tensors read in part: their rows
         self.bytes_read = 0

@@ -107,8 +107,11 @@ def load_init_weights(model: torch.nn.Module, config: Config, ep=None, reader=No
     """Fill `model` (after `parallelize`; `ep` is its handle) from `config.model.init_from`; returns the
     reader, which counted what this rank read. `reader(name)` may be passed to instrument the reads."""
     where, names = check_checkpoint(config.model.init_from, config)
-    reader = CountingReader(where) if reader is None else reader
+    reader = CountingReader(where, keep_open=True) if reader is None else reader
     expert_ids = None if ep is None else ep.local_expert_ids
-    state = merge_experts(_HFState(names, reader), model.state_dict(), expert_ids=expert_ids)
+    try:
+        state = merge_experts(_HFState(names, reader), model.state_dict(), expert_ids=expert_ids)
+    finally:
+        reader.close()
     model.load_state_dict(state, strict=True)
     return reader

@@ -280,11 +280,14 @@ def build_model(config: Config, ctx: bootstrap.DistContext, run_dir: Path | None
     counts before parallelize for the start-up block). With
     `model.init_from` the weights come from that checkpoint (each rank reads only its own experts;
     skipped when resuming, the checkpoint has them) and rank 0 keeps its config and tokenizer in
-    RUN_DIR/hf_source for `moesys export`."""
+    RUN_DIR/hf_source for `moesys export`. With `model.hf_model` the non-expert weights are read before
+    `parallelize` and each rank's experts after it (moesys.hf.hf_model_load), so no rank reads them all."""
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+    hf_loader = None
     if config.model.hf_model is not None:  # transformers' own class, experts through moe_mlp
-        from moesys.models.hf_source import load_hf_causal_lm
-        model = load_hf_causal_lm(config, ctx.device)
+        from moesys.hf.hf_model_load import HFModelLoader
+        hf_loader = HFModelLoader(config)
+        model = hf_loader.build(ctx.device)  # experts stay on the meta device until parallelize placed them
     else:
         with ctx.device:
             model = MoETransformer.from_config(config)
@@ -292,6 +295,8 @@ def build_model(config: Config, ctx: bootstrap.DistContext, run_dir: Path | None
     params = train_report.param_counts(model)
     # Expert parallelism (parallel.ep > 1) keeps this rank's E/ep experts per MoE layer; ep=1 changes nothing.
     ep = parallelize(model, config)
+    if hf_loader is not None:  # each rank reads only the experts it holds (also when resuming: no meta left)
+        hf_loader.load_experts(model, ep)
     if config.model.init_from is not None:
         if ctx.is_main and run_dir is not None:
             save_source(config.model.init_from, run_dir)

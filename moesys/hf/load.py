@@ -26,9 +26,10 @@ from moesys.upcycling.io import SourceReader, source_tensors
 class CountingReader(SourceReader):
     """A SourceReader that records the name and bytes of every tensor it reads (tests count them)."""
 
-    def __init__(self, where):
-        super().__init__(where)
+    def __init__(self, where, keep_open: bool = False):
+        super().__init__(where, keep_open)
         self.names_read: list[str] = []
+        self.rows_read: dict[str, list[int]] = {}  # fused tensors read in part: their rows
         self.bytes_read = 0
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -37,6 +38,13 @@ class CountingReader(SourceReader):
         if not cached:
             self.names_read.append(name)
             self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def rows(self, name: str, ids) -> torch.Tensor:
+        t = super().rows(name, ids)
+        self.names_read.append(name)
+        self.rows_read.setdefault(name, []).extend(ids)
+        self.bytes_read += t.numel() * t.element_size()
         return t
 
 
@@ -99,8 +107,11 @@ def load_init_weights(model: torch.nn.Module, config: Config, ep=None, reader=No
     """Fill `model` (after `parallelize`; `ep` is its handle) from `config.model.init_from`; returns the
     reader, which counted what this rank read. `reader(name)` may be passed to instrument the reads."""
     where, names = check_checkpoint(config.model.init_from, config)
-    reader = CountingReader(where) if reader is None else reader
+    reader = CountingReader(where, keep_open=True) if reader is None else reader
     expert_ids = None if ep is None else ep.local_expert_ids
-    state = merge_experts(_HFState(names, reader), model.state_dict(), expert_ids=expert_ids)
+    try:
+        state = merge_experts(_HFState(names, reader), model.state_dict(), expert_ids=expert_ids)
+    finally:
+        reader.close()
     model.load_state_dict(state, strict=True)
     return reader

@@ -134,7 +134,8 @@ def moesys_experts(module: nn.Module, backend: str) -> tuple[Experts, ExpertsLay
     converted = to_moesys(hf, layout)
     E, rows, H = converted["gate_up_proj"].shape
     ffn = converted["down_proj"].shape[2]
-    experts = Experts(E, H, ffn, activation=activation, bias=layout.has_bias, backend=backend)
+    with torch.device(converted["down_proj"].device):  # meta stays meta: sharded loading fills it later
+        experts = Experts(E, H, ffn, activation=activation, bias=layout.has_bias, backend=backend)
     if experts.gate_up_proj.shape[1] != rows:
         raise ValueError(f"hf_model: {type(module).__name__}.{layout.up_name} has {rows} rows per expert; a "
                          f"{'gated' if layout.has_gate else 'non-gated'} expert of intermediate size {ffn} needs "

@@ -6,8 +6,9 @@
   (an explicitly set key that disagrees is an error naming both values; keys with no meaning for a
   transformers class are refused when set to anything but their default), and the checkpoint's tokenizer as the default tokenizer.
   The experts' shapes come from the class built on the meta device, so no weight is read.
-- `load_hf_causal_lm`: `from_pretrained` in fp32 (safetensors only), every tensor name and shape
-  checked against the class, then wrapped in `HFCausalLM`.
+- `load_hf_causal_lm`: every weight in fp32 (safetensors only), every tensor name and shape checked
+  against the class first, wrapped in `HFCausalLM`; `moesys.hf.hf_model_load` reads the tensors the way
+  transformers' from_pretrained converts them, and under EP/FSSDP only each rank's experts.
 """
 
 from __future__ import annotations
@@ -148,21 +149,11 @@ def resolve_config(config: Config) -> Config:
 
 
 def load_hf_causal_lm(config: Config, device: torch.device | str = "cpu") -> HFCausalLM:
-    """The checkpoint's transformers class with its weights (fp32 masters) and moesys experts, on `device`."""
-    from transformers import AutoModelForCausalLM
+    """The checkpoint's transformers class with all its weights (fp32 masters) and moesys experts, on `device`
+    (one process; under EP/FSSDP the trainer reads each rank's experts after `parallelize`: moesys.hf.hf_model_load)."""
+    from moesys.hf.hf_model_load import HFModelLoader
 
-    d = check_hf_dir(config.model.hf_model)
-    # ignore_mismatched_sizes: report a mis-shaped tensor in `info` (named below), not as transformers'
-    # RuntimeError without its name.
-    hf, info = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, use_safetensors=True,
-                                                    trust_remote_code=False, output_loading_info=True,
-                                                    ignore_mismatched_sizes=True)
-    for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
-        bad = sorted(info.get(kind) or [], key=str)
-        if bad:
-            raise ValueError(f"model.hf_model={str(d)!r}: its tensors do not match its config.json ({kind}: "
-                             f"{len(bad)}, the first {bad[0]}); the checkpoint is damaged or its config is wrong")
-    r = config.moe.router
-    model = HFCausalLM(hf, backend=config.moe.backend, aux_loss_coef=config.moe.aux_loss_coef,
-                       aux_free_bias=r.aux_free_bias, bias_update_rate=r.bias_update_rate)
-    return model.to(device)
+    loader = HFModelLoader(config)
+    model = loader.build(device)
+    loader.load_experts(model)
+    return model

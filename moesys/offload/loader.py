@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from moesys.hf.meta import materialize_meta_buffers, still_meta
 from moesys.offload import graph as decode_graph
 from moesys.offload.adapters import adapter_for, find_moe_blocks, router_of
 from moesys.offload.cache import CACHE_POLICIES, ExpertCache
@@ -140,17 +141,9 @@ def _load_non_experts(model: nn.Module, source, adapter, device, dtype) -> None:
                          "is config.json's model_type right for these files?")
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
-    # non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild their modules on the CPU,
-    # exactly as a normal load computes them, then move them
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
-            parent_name, _, child = name.rpartition(".")
-            with torch.device("cpu"):
-                fresh = type(module)(module.config)
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh.to(device))
+    materialize_meta_buffers(model, device)  # rotary inv_freq: in no checkpoint
     expert_params = {id(p) for m in model.modules() if hasattr(m, "gate_up_proj") for p in m.parameters()}
-    left = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in expert_params]
-    left += [n for n, b in model.named_buffers() if b.is_meta]
+    left = still_meta(model, expert_params)
     if left:
         raise ValueError(f"weights {left[:5]} (and {max(0, len(left) - 5)} more) are missing from the checkpoint")
 

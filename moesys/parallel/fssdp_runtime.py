@@ -111,8 +111,13 @@ class FSSDPHandle:
         self.step = 0
         self.reshards = 0
         self.bandwidth_gbs = bandwidth_gbs
-        self.device = experts[0].gate_up_proj.device  # where collective buffers live (NCCL needs the GPU)
         self.budgets_L = [0 if gather_budget == "auto" else gather_budget] * len(experts)  # "auto": none until measured
+
+    @property
+    def device(self) -> torch.device:
+        """Where collective buffers live (NCCL needs the GPU): the experts' device, read when needed, since
+        a model may be parallelized with its experts still on the meta device (hf_model sharded loading)."""
+        return self.experts[0].gate_up_proj.device
 
     # -- parameters ----------------------------------------------------------------------------
     def expert_parameters(self) -> list[nn.Parameter]:

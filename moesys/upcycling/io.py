@@ -114,18 +114,55 @@ def source_tensors(dense_dir: Path) -> tuple[dict[str, tuple[Path, int]],
 
 class SourceReader:
     """`get(name)`: one source tensor, read through safe_open; the last one is kept, since the experts
-    of a layer read the same dense matrix E times in a row. `locate(name)`: its (file, byte offset)."""
+    of a layer read the same dense matrix E times in a row. `locate(name)`: its (file, byte offset).
 
-    def __init__(self, where: dict[str, tuple[Path, int]]):
+    Each read opens and closes its file (the mapped pages of a large shard do not pile up), unless
+    `keep_open`: then each file is opened once until `close()`, as a model load reading thousands of
+    small per-expert tensors wants (opening parses the whole header, milliseconds each time)."""
+
+    def __init__(self, where: dict[str, tuple[Path, int]], keep_open: bool = False):
         self.where = where
         self._last: tuple[str, torch.Tensor] | None = None
+        self._open: dict[Path, object] | None = {} if keep_open else None
+
+    @contextlib.contextmanager
+    def _file(self, name: str):
+        path = self.where[name][0]
+        if self._open is None:
+            with safe_open(str(path), framework="pt") as f:
+                yield f
+            return
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), framework="pt")
+        yield self._open[path]
+
+    def close(self) -> None:
+        """Close the files `keep_open` kept (nothing otherwise)."""
+        for f in (self._open or {}).values():
+            f.__exit__(None, None, None)
+        if self._open is not None:
+            self._open.clear()
 
     def __call__(self, name: str) -> torch.Tensor:
         if self._last is None or self._last[0] != name:
             self._last = None  # free the previous tensor before reading the next
-            with safe_open(str(self.where[name][0]), framework="pt") as f:
+            with self._file(name) as f:
                 self._last = (name, f.get_tensor(name))
         return self._last[1]
+
+    def rows(self, name: str, ids: Sequence[int]) -> torch.Tensor:
+        """Rows `ids` (ascending) of dim 0 of tensor `name`, reading only those rows' bytes: one
+        `get_slice` per run of consecutive ids (the experts a rank owns, out of a fused [E, ...] tensor)."""
+        runs: list[list[int]] = []
+        for i in ids:
+            if runs and i == runs[-1][1]:
+                runs[-1][1] += 1
+            else:
+                runs.append([i, i + 1])
+        with self._file(name) as f:
+            part = f.get_slice(name)
+            parts = [part[a:b] for a, b in runs] or [part[0:0]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def locate(self, name: str) -> tuple[Path, int]:
         return self.where[name]

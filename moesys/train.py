@@ -27,10 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -52,6 +49,7 @@ from moesys.parallel import CollectiveError, bootstrap, data_parallel, paralleli
 from moesys.parallel.handle import clip_to_norm
 from moesys.run_lock import RunDirLock
 from moesys.train_metrics import MetricsWindow, MetricsWriter, flops_per_token, peak_flops
+from moesys.train_sigterm import SigtermFlag
 from moesys.train_step_values import PendingStepValues, StepStats, StepValues, TrainingStopped
 
 
@@ -128,59 +126,6 @@ def apply_activation_checkpointing(model: MoETransformer) -> None:
     for block in model.blocks:
         inner = block.forward
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, inner, use_reentrant=False)
-
-
-class _SigtermFlag:
-    """Remembers a SIGTERM; the loop saves a checkpoint at the end of the step and exits cleanly.
-
-    Python runs the handler only when the main thread returns to the interpreter, which a collective
-    waiting for a stuck peer does not do until parallel.timeout_s. So the signal also wakes a thread
-    (through signal.set_wakeup_fd); if the handler has not run `grace_s` later, the main thread is
-    stuck in native code and the process exits at once (143) without a checkpoint, which would need
-    every rank anyway, instead of ignoring the scheduler's stop until it is killed."""
-
-    def __init__(self, grace_s: float = 5.0):
-        self.raised = False
-        self.grace_s = grace_s
-        self._previous = None
-        self._pipe = None
-        self._old_wakeup = -1
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:              # not the main thread (an embedding application): no handler
-            self._previous = None
-            return self
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        self._pipe = (r, w)
-        threading.Thread(target=self._watch, args=(r,), name="moesys-sigterm", daemon=True).start()
-        return self
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def _watch(self, r: int) -> None:
-        while data := os.read(r, 64):
-            if signal.SIGTERM in data and not self.raised:
-                deadline = time.monotonic() + self.grace_s
-                while not self.raised and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if not self.raised:
-                    print(f"moesys train: SIGTERM, but the main thread has been blocked for {self.grace_s:g}s "
-                          "(a collective waiting for a stuck peer): exiting now without saving a checkpoint",
-                          file=sys.stderr, flush=True)
-                    os._exit(143)
-        os.close(r)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        if self._pipe is not None:
-            signal.set_wakeup_fd(self._old_wakeup)
-            os.close(self._pipe[1])  # the watcher reads end-of-file, closes its end and returns
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
@@ -305,6 +250,9 @@ class _Due(NamedTuple):
 
 def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext, *,
           resume: bool = False, threads: str = "") -> int:
+    """Set up, restore, then per step: learning rate, forward/backward with the statistics all-reduced,
+    the update, the end-of-step hooks, and what the step ends with (reading its values, a log line, a
+    checkpoint, a stop on SIGTERM); the final line. Returns 0 (errors raise)."""
     run = _setup(config, run_dir, resume_from, ctx)
     start_step = _restore(run, resume_from)
     _announce(run, resume, resume_from, threads)
@@ -317,7 +265,7 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
     run_start = window.start
     run.model.train()
     step = start_step
-    with _SigtermFlag() as sigterm, _closing(run, progress):
+    with SigtermFlag() as sigterm, _closing(run, progress):
         for step in range(start_step + 1, config.train.steps + 1):
             lr = _set_lr(run.optimizer, step, config)
             stats = _forward_backward(run, sigterm)
@@ -325,18 +273,8 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
             _end_step(run, stats)
             window.add(stats.load_LE, stats.dropped_L)
             due = _Due.at(step, config)
-            # The previous step's values are ready by now (this step is already queued on the device);
-            # this step's are waited for only when logged or saved: a checkpoint must never hold
-            # weights that a non-finite step touched. Every rank reads at the same steps, so all
-            # see a SIGTERM at the same step.
-            pending.read_through(step - 1, last_saved)
-            if due.log or due.save or pending.sigterm:
-                pending.read_through(step, last_saved)
-            stop = pending.sigterm
-            if progress is not None:
-                progress.update(1)
-                if pending.latest is not None:  # possibly the previous step's loss
-                    progress.set_postfix(loss=f"{pending.latest.loss:.4f}", lr=f"{lr:.2e}")
+            stop = _read_values(pending, step, due, last_saved)
+            _show_progress(progress, pending.latest, lr)
             if due.log:
                 _log_step(run, step, lr, pending.latest, window, due, progress)
             if stop or due.save:
@@ -437,7 +375,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, step: int, config: Config) -> floa
     return lr
 
 
-def _forward_backward(run: _Run, sigterm: _SigtermFlag) -> StepStats:
+def _forward_backward(run: _Run, sigterm: SigtermFlag) -> StepStats:
     """The step's `grad_accum` micro-batches, forward and backward; returns their statistics summed over
     micro-batches and ranks (one all-reduce, no host sync), SIGTERM flag included: read after the
     micro-batches, so a signal that arrived during them is in this step. With DeepSpeed the last
@@ -482,6 +420,26 @@ def _end_step(run: _Run, stats: StepStats) -> None:
         layer.router.update_bias(layer_load_E)
 
 
+def _read_values(pending: PendingStepValues, step: int, due: _Due, last_saved: Path | None) -> bool:
+    """Read the step values that are due on the host; True when some rank saw SIGTERM (stop now).
+
+    The previous step's values are ready by now (this step is already queued on the device); this
+    step's are waited for only when logged or saved: a checkpoint must never hold weights that a
+    non-finite step touched. Every rank reads at the same steps, so all see a SIGTERM at the same step."""
+    pending.read_through(step - 1, last_saved)
+    if due.log or due.save or pending.sigterm:
+        pending.read_through(step, last_saved)
+    return pending.sigterm
+
+
+def _show_progress(progress, latest: StepValues | None, lr: float) -> None:
+    if progress is None:
+        return
+    progress.update(1)
+    if latest is not None:  # possibly the previous step's loss
+        progress.set_postfix(loss=f"{latest.loss:.4f}", lr=f"{lr:.2e}")
+
+
 def _log_step(run: _Run, step: int, lr: float, values: StepValues, window: MetricsWindow, due: _Due,
               progress) -> None:
     """One metrics record (validation loss when due) to metrics.jsonl, TensorBoard and the progress
@@ -501,7 +459,7 @@ def _log_step(run: _Run, step: int, lr: float, values: StepValues, window: Metri
     record.update(window.load_stats())
     run.writer.write(record)
     if progress is not None:
-        progress.write(_log_line(record))
+        progress.write(train_report.log_line(record))
     window.reset()
 
 
@@ -541,19 +499,6 @@ def _reduce_clip_step(model, ep, optimizer, opt_impl: str, config: Config, ctx: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-def _log_line(r: dict) -> str:
-    parts = [f"step {r['step']}", f"loss {r['loss']:.4f}"]
-    if r.get("val_loss") is not None:
-        parts.append(f"val {r['val_loss']:.4f}")
-    parts.append(f"{r['tokens_per_s']:.0f} tok/s")
-    if r.get("mfu") is not None:
-        parts.append(f"mfu {100 * r['mfu']:.1f}%")
-    parts.append(f"gnorm {r['grad_norm']:.3f}")
-    if r.get("expert_load_max_mean"):
-        parts.append(f"load max/mean {max(r['expert_load_max_mean']):.2f}")
-    return " | ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:

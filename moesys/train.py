@@ -30,7 +30,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -40,17 +40,21 @@ from moesys import checkpoint_integrity as ckpt_integrity
 from moesys import train_report
 from moesys.cli import one_line
 from moesys.config import Config, ConfigError, dump_config, load_config
-from moesys.data import build_data, val_batches, validate_source
+from moesys.data import PackedSplits, ShardedSampler, build_data, val_batches, validate_source
 from moesys.hf.load import load_init_weights
 from moesys.hf.resolve import resolve_init_from
 from moesys.hf.source import save_source
 from moesys.models.transformer import MoETransformer
 from moesys.parallel import CollectiveError, bootstrap, data_parallel, parallelize
 from moesys.parallel.handle import clip_to_norm
+from moesys.parallel.handle_api import PlacementHandle
 from moesys.run_lock import RunDirLock
 from moesys.train_metrics import MetricsWindow, MetricsWriter, flops_per_token, peak_flops
 from moesys.train_sigterm import SigtermFlag
 from moesys.train_step_values import PendingStepValues, StepStats, StepValues, TrainingStopped
+
+if TYPE_CHECKING:  # the DeepSpeed integration is imported only when train.engine asks for it
+    from moesys.integrations.deepspeed_engine import DeepSpeedEngine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,12 +207,12 @@ class _Run:
     ctx: bootstrap.DistContext
     run_dir: Path
     model: torch.nn.Module
-    ep: object                      # the parallel handle (moesys.parallel.handle_api)
-    engine: object | None           # DeepSpeedEngine with train.engine: deepspeed, else None
+    ep: PlacementHandle             # how experts are placed (EP, FSSDP, or all local)
+    engine: DeepSpeedEngine | None  # with train.engine: deepspeed, else None
     optimizer: torch.optim.Optimizer
     opt_impl: str                   # "fused" or "foreach"
-    splits: object                  # moesys.data: token splits and the step sampler
-    sampler: object
+    splits: PackedSplits
+    sampler: ShardedSampler         # this rank's micro-batches of each step; its position is checkpointed
     writer: MetricsWriter
     flops_tok: float
     params: dict[str, int]

@@ -17,8 +17,9 @@ One GPU:   PYTHONPATH=. python bench/ds_megatron_layers.py --out bench/results/d
 N GPUs:    PYTHONPATH=. torchrun --nproc_per_node N bench/ds_megatron_layers.py --out ...   (ep = N)
 CPU smoke: PYTHONPATH=. python bench/ds_megatron_layers.py --device cpu --shapes tiny --out /tmp/x.json
 (Megatron's router moves its weight to CUDA, so the megatron impls are skipped on the CPU.)
-Records: DESIGN.md section 3, plus world_size, and per impl the correctness against moesys
-(rel_err_y, rel_err_dx: relative L2 error of output and input gradient on the same batch).
+Records: docs/ARCHITECTURE.md section 4 (benchmark records), plus world_size, and per impl the
+correctness against moesys (rel_err_y, rel_err_dx: relative L2 error of output and input gradient on
+the same batch).
 
 Legend: T tokens per rank, H hidden, I expert intermediate, E experts, K top-k.
 """

@@ -15,7 +15,7 @@ under `deepspeed.initialize` (ZeRO-1/2): DeepSpeed's backward and step replace t
 and AdamW step; schedule, statistics, metrics and checkpoints stay as they are. The deepspeed launcher
 (`deepspeed --num_gpus N -m moesys.train ...`) sets torchrun's variables and passes `--local_rank`.
 
-The host reads a step's loss, gradient norm and SIGTERM flag one step late (`_PendingStepValues`),
+The host reads a step's loss, gradient norm and SIGTERM flag one step late (moesys.train_step_values),
 so it never waits for the device mid-step; before a log line or a checkpoint it reads up to the
 current step, so a run stops at the first non-finite step without saving weights that step touched.
 """
@@ -23,17 +23,14 @@ current step, so a run stops at the first non-finite step without saving weights
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
+import dataclasses
 import functools
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -43,19 +40,21 @@ from moesys import checkpoint_integrity as ckpt_integrity
 from moesys import train_report
 from moesys.cli import one_line
 from moesys.config import Config, ConfigError, dump_config, load_config
-from moesys.data import build_data, val_batches, validate_source
+from moesys.data import PackedSplits, ShardedSampler, build_data, val_batches, validate_source
 from moesys.hf.load import load_init_weights
 from moesys.hf.resolve import resolve_init_from
 from moesys.hf.source import save_source
 from moesys.models.transformer import MoETransformer
 from moesys.parallel import CollectiveError, bootstrap, data_parallel, parallelize
 from moesys.parallel.handle import clip_to_norm
+from moesys.parallel.handle_api import PlacementHandle
 from moesys.run_lock import RunDirLock
-from moesys.train_metrics import MetricsWriter, expert_load_stats, flops_per_token, peak_flops
+from moesys.train_metrics import MetricsWindow, MetricsWriter, flops_per_token, peak_flops
+from moesys.train_sigterm import SigtermFlag
+from moesys.train_step_values import PendingStepValues, StepStats, StepValues, TrainingStopped
 
-
-class TrainingStopped(RuntimeError):
-    """A non-finite loss or gradient norm: the message names the step and the last good checkpoint."""
+if TYPE_CHECKING:  # the DeepSpeed integration is imported only when train.engine asks for it
+    from moesys.integrations.deepspeed_engine import DeepSpeedEngine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,105 +132,6 @@ def apply_activation_checkpointing(model: MoETransformer) -> None:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, inner, use_reentrant=False)
 
 
-class _SigtermFlag:
-    """Remembers a SIGTERM; the loop saves a checkpoint at the end of the step and exits cleanly.
-
-    Python runs the handler only when the main thread returns to the interpreter, which a collective
-    waiting for a stuck peer does not do until parallel.timeout_s. So the signal also wakes a thread
-    (through signal.set_wakeup_fd); if the handler has not run `grace_s` later, the main thread is
-    stuck in native code and the process exits at once (143) without a checkpoint, which would need
-    every rank anyway, instead of ignoring the scheduler's stop until it is killed."""
-
-    def __init__(self, grace_s: float = 5.0):
-        self.raised = False
-        self.grace_s = grace_s
-        self._previous = None
-        self._pipe = None
-        self._old_wakeup = -1
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:              # not the main thread (an embedding application): no handler
-            self._previous = None
-            return self
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        self._pipe = (r, w)
-        threading.Thread(target=self._watch, args=(r,), name="moesys-sigterm", daemon=True).start()
-        return self
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def _watch(self, r: int) -> None:
-        while data := os.read(r, 64):
-            if signal.SIGTERM in data and not self.raised:
-                deadline = time.monotonic() + self.grace_s
-                while not self.raised and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if not self.raised:
-                    print(f"moesys train: SIGTERM, but the main thread has been blocked for {self.grace_s:g}s "
-                          "(a collective waiting for a stuck peer): exiting now without saving a checkpoint",
-                          file=sys.stderr, flush=True)
-                    os._exit(143)
-        os.close(r)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        if self._pipe is not None:
-            signal.set_wakeup_fd(self._old_wakeup)
-            os.close(self._pipe[1])  # the watcher reads end-of-file, closes its end and returns
-
-
-class StepValues(NamedTuple):
-    step: int
-    loss: float
-    aux_loss: float
-    grad_norm: float
-
-
-class _PendingStepValues:
-    """Each step's all-reduced loss and aux-loss sums, SIGTERM flag and gradient norm, kept off the
-    host's critical path: `push` starts a copy to pinned host memory (synchronous on the CPU) and
-    `read_through(step)` reads every pending step up to `step` in order. Reading checks each step:
-    the first non-finite loss or gradient norm raises TrainingStopped naming that step."""
-
-    def __init__(self, divisor: int, resumed: tuple[Path, int] | None = None):
-        self.divisor = divisor              # micro-batches x ranks: the sums become means
-        self.resumed = resumed              # (checkpoint, its step) when the run resumed
-        self._pending = collections.deque()  # (step, host float64 [4], CUDA event or None)
-        self.sigterm = False                # some rank saw SIGTERM in a step read so far
-        self.latest: StepValues | None = None
-
-    def push(self, step: int, packet: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        values = torch.cat([packet[:3], grad_norm.reshape(1).to(packet.dtype)])
-        on_cuda = values.is_cuda
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=on_cuda)
-        host.copy_(values, non_blocking=on_cuda)
-        event = None
-        if on_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self._pending.append((step, host, event))
-
-    def read_through(self, step: int, last_saved: Path | None) -> None:
-        while self._pending and self._pending[0][0] <= step:
-            s, host, event = self._pending.popleft()
-            if event is not None:
-                event.synchronize()
-            loss_sum, aux_sum, sigterm, grad_norm = host.tolist()
-            loss = loss_sum / self.divisor
-            if not math.isfinite(loss):
-                raise TrainingStopped(_stop_message("loss", loss, s, last_saved, self.resumed))
-            if not math.isfinite(grad_norm):
-                raise TrainingStopped(_stop_message("gradient norm", grad_norm, s, last_saved, self.resumed))
-            self.sigterm = self.sigterm or sigterm > 0
-            self.latest = StepValues(s, loss, aux_sum / self.divisor, grad_norm)
-
-
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None = fresh start); refuses to overwrite a run without --resume."""
     latest = ckpt.latest_checkpoint(run_dir / "ckpt")
@@ -305,9 +205,107 @@ def build_model(config: Config, ctx: bootstrap.DistContext, run_dir: Path | None
     return model, flops_tok, ep, params
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the loop's parts share, built once by `_setup`."""
+    config: Config
+    ctx: bootstrap.DistContext
+    run_dir: Path
+    model: torch.nn.Module
+    ep: PlacementHandle             # how experts are placed (EP, FSSDP, or all local)
+    engine: DeepSpeedEngine | None  # with train.engine: deepspeed, else None
+    optimizer: torch.optim.Optimizer
+    opt_impl: str                   # "fused" or "foreach"
+    splits: PackedSplits
+    sampler: ShardedSampler         # this rank's micro-batches of each step; its position is checkpointed
+    writer: MetricsWriter
+    flops_tok: float
+    params: dict[str, int]
+    peak: float | None              # the device's peak FLOP/s, for MFU (None: unknown)
+    moe_layers: list = dataclasses.field(default_factory=list)
+    autocast: object = contextlib.nullcontext
+    graphs: bool = False            # CUDA-graph replays (compile_mode reduce-overhead)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches summed into a step's statistics over all ranks: the divisor of their means."""
+        return self.config.train.grad_accum * self.ctx.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.data.batch_size * self.config.data.seq_len * self.micro_batches
+
+
+class _Due(NamedTuple):
+    """What a step ends with besides the update."""
+    last: bool
+    log: bool
+    validate: bool
+    save: bool
+
+    @classmethod
+    def at(cls, step: int, config: Config) -> "_Due":
+        last = step == config.train.steps
+        log = step % config.log.every == 0 or last
+        val_every = config.log.every if config.log.val_every is None else config.log.val_every
+        every = config.checkpoint.every
+        return cls(last=last, log=log, validate=bool(log and val_every and (step % val_every == 0 or last)),
+                   save=bool((every and step % every == 0) or (last and config.checkpoint.save_final)))
+
+
 def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext, *,
           resume: bool = False, threads: str = "") -> int:
-    device = ctx.device
+    """Set up, restore, then per step: learning rate, forward/backward with the statistics all-reduced,
+    the update, the end-of-step hooks, and what the step ends with (reading its values, a log line, a
+    checkpoint, a stop on SIGTERM); the final line. Returns 0 (errors raise)."""
+    run = _setup(config, run_dir, resume_from, ctx)
+    start_step = _restore(run, resume_from)
+    _announce(run, resume, resume_from, threads)
+    _prepare_step_path(run)
+    last_saved = resume_from  # verified by its checksums (fresh runs start with no checkpoint)
+    progress = train_report.progress_bar(config.train.steps, start_step) \
+        if ctx.is_main and config.log.progress_bar else None
+    pending = PendingStepValues(run.micro_batches, None if resume_from is None else (resume_from, start_step))
+    window = MetricsWindow(len(run.moe_layers), config.moe.num_experts, run.device, run.micro_batches)
+    run_start = window.start
+    run.model.train()
+    step = start_step
+    with SigtermFlag() as sigterm, _closing(run, progress):
+        for step in range(start_step + 1, config.train.steps + 1):
+            lr = _set_lr(run.optimizer, step, config)
+            stats = _forward_backward(run, sigterm)
+            pending.push(step, stats, _optimizer_step(run))
+            _end_step(run, stats)
+            window.add(stats.load_LE, stats.dropped_L)
+            due = _Due.at(step, config)
+            stop = _read_values(pending, step, due, last_saved)
+            _show_progress(progress, pending.latest, lr)
+            if due.log:
+                _log_step(run, step, lr, pending.latest, window, due, progress)
+            if stop or due.save:
+                last_saved = _save(run, step, "sigterm" if stop else ("final" if due.last else "every"))
+                if progress is not None:
+                    progress.write(f"checkpoint {last_saved}")
+            if stop:
+                if progress is not None:
+                    progress.write(f"SIGTERM: saved step {step} to {last_saved}; exiting")
+                break
+    if ctx.is_main:
+        latest = pending.latest
+        print(train_report.final_line(steps_run=step - start_step, last_step=step,
+                                      elapsed_s=time.perf_counter() - run_start,
+                                      tokens=(step - start_step) * run.tokens_per_step,
+                                      last_loss=latest.loss if latest is not None else None, checkpoint=last_saved),
+              flush=True)
+    return 0
+
+
+def _setup(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstrap.DistContext) -> _Run:
+    """The model (parallelized), the DeepSpeed engine when asked for, the optimizer, the data, the writer."""
     model, flops_tok, ep, params = build_model(config, ctx, run_dir, resume_from)
     torch.manual_seed(config.train.seed * 1000 + ctx.rank + 1)  # per-rank noise (router jitter)
     engine = None
@@ -316,174 +314,182 @@ def train(config: Config, run_dir: Path, resume_from: Path | None, ctx: bootstra
         engine = DeepSpeedEngine(model, ep, config, ctx)
     optimizer, opt_impl = build_optimizer(model, config, None if engine is None else engine.split_groups)
     splits, sampler = build_data(config, ctx.rank, ctx.world_size)
-    barrier = functools.partial(bootstrap.barrier, ctx)
-
-    start_step = 0
     writer = MetricsWriter(run_dir, config.log.tensorboard, enabled=ctx.is_main)
+    return _Run(config=config, ctx=ctx, run_dir=run_dir, model=model, ep=ep, engine=engine, optimizer=optimizer,
+                opt_impl=opt_impl, splits=splits, sampler=sampler, writer=writer, flops_tok=flops_tok, params=params,
+                peak=peak_flops(ctx.device, config.log.peak_tflops))
+
+
+def _restore(run: _Run, resume_from: Path | None) -> int:
+    """Weights, optimizer state, FSSDP placement and data position from `resume_from`; the step to
+    continue after (0 for a fresh run). The DeepSpeed engine starts here, from the loaded weights."""
+    start_step = 0
     if resume_from is not None:
-        if hasattr(ep, "load_state_dict"):  # FSSDP: the saved owners and re-shard schedule (exact resume)
-            ep.load_state_dict(ckpt.read_manifest(resume_from).get("fssdp", {}), optimizer)
-        manifest = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer if engine is None else None,
-                                        rank=ctx.rank, device=device, ep=ep)
+        if hasattr(run.ep, "load_state_dict"):  # FSSDP: the saved owners and re-shard schedule (exact resume)
+            run.ep.load_state_dict(ckpt.read_manifest(resume_from).get("fssdp", {}), run.optimizer)
+        manifest = ckpt.load_checkpoint(resume_from, model=run.model,
+                                        optimizer=run.optimizer if run.engine is None else None,
+                                        rank=run.ctx.rank, device=run.device, ep=run.ep)
         start_step = manifest["step"]
-        sampler.load_state_dict(manifest["data"])
-        if ctx.is_main:
-            writer.truncate_after(start_step)
-    if engine is not None:  # the engine starts from the loaded weights; it loads its optimizer state itself
-        engine.start(optimizer, resume_from)
-    if ctx.is_main:
-        ckpt.write_text_atomic(run_dir / "config.yaml", dump_config(config))
-    writer.open()
-    if ctx.is_main:
+        run.sampler.load_state_dict(manifest["data"])
+        if run.ctx.is_main:
+            run.writer.truncate_after(start_step)
+    if run.engine is not None:  # it loads its optimizer state itself
+        run.engine.start(run.optimizer, resume_from)
+    return start_step
+
+
+def _announce(run: _Run, resume: bool, resume_from: Path | None, threads: str) -> None:
+    """The resolved config in the run directory, the metrics files opened, the start-up block (rank 0)."""
+    if run.ctx.is_main:
+        ckpt.write_text_atomic(run.run_dir / "config.yaml", dump_config(run.config))
+    run.writer.open()
+    if run.ctx.is_main:
+        splits = run.splits
         print(train_report.startup_block(
-            config, params=params, device=device, world_size=ctx.world_size, launcher=ctx.launcher,
-            num_tokens=splits.tokens.numel(), num_train=splits.num_train, num_val=splits.num_val, run_dir=run_dir,
-            threads=threads, start=train_report.resume_line(run_dir, resume, resume_from)), flush=True)
-    if config.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if config.train.compile:
-        model.compile_parts(config.train.compile_mode, config.train.compile_scope)
-    graphs = config.train.compile and config.train.compile_mode == "reduce-overhead"
-    autocast = autocast_context(config, device)
+            run.config, params=run.params, device=run.device, world_size=run.ctx.world_size,
+            launcher=run.ctx.launcher, num_tokens=splits.tokens.numel(), num_train=splits.num_train,
+            num_val=splits.num_val, run_dir=run.run_dir, threads=threads,
+            start=train_report.resume_line(run.run_dir, resume, resume_from)), flush=True)
 
-    moe_layers = model.moe_layers()
-    L, E = len(moe_layers), config.moe.num_experts
-    B, S, A, W = config.data.batch_size, config.data.seq_len, config.train.grad_accum, ctx.world_size
-    tokens_per_step = B * S * A * W
-    peak = peak_flops(device, config.log.peak_tflops)
-    val_every = config.log.every if config.log.val_every is None else config.log.val_every
-    last_saved = resume_from  # verified by its checksums (fresh runs start with no checkpoint)
 
-    def save(step: int, reason: str) -> Path:
-        nonlocal last_saved
-        manifest = {"reason": reason, "data": sampler.state_dict(),
-                    "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(max(step, 1), config)},
-                    "optimizer": {"kind": "AdamW", "impl": opt_impl, "betas": list(config.train.betas),
-                                  "weight_decay": config.train.weight_decay, "eps": config.train.eps},
-                    "tokens_seen": step * tokens_per_step, "num_experts": E,
-                    "config": config.model_dump(mode="json")}
-        if hasattr(ep, "state_dict"):
-            manifest["fssdp"] = ep.state_dict()
-        if engine is not None:
-            manifest["engine"] = {"kind": "deepspeed", "zero_stage": engine.ds_config["zero_optimization"]["stage"]}
-        last_saved = ckpt.save_checkpoint(run_dir / "ckpt", step, model=model, optimizer=optimizer,
-                                          manifest=manifest, rank=ctx.rank, world_size=W, device=device,
-                                          barrier=barrier, keep=config.checkpoint.keep, ep=ep,
-                                          states=None if engine is None else engine.checkpoint_states())
-        return last_saved
+def _prepare_step_path(run: _Run) -> None:
+    """Activation checkpointing, torch.compile, autocast; the MoE layers whose load the step reads."""
+    t = run.config.train
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(run.model)
+    if t.compile:
+        run.model.compile_parts(t.compile_mode, t.compile_scope)
+    run.graphs = t.compile and t.compile_mode == "reduce-overhead"
+    run.autocast = autocast_context(run.config, run.device)
+    run.moe_layers = run.model.moe_layers()
 
-    progress = None
-    if ctx.is_main and config.log.progress_bar:
-        progress = train_report.progress_bar(config.train.steps, start_step)
 
-    step_values = _PendingStepValues(A * W, None if resume_from is None else (resume_from, start_step))
-    load_LE = torch.zeros(L, E, dtype=torch.float64, device=device)
-    dropped_L = torch.zeros(L, dtype=torch.float64, device=device)
-    window_start, window_steps = time.perf_counter(), 0
-    run_start = window_start
-    model.train()
-    step = start_step
-    forward = model if engine is None else engine.forward
-    with _SigtermFlag() as sigterm, contextlib.ExitStack() as cleanup:
-        cleanup.callback(writer.close)
-        if engine is not None:
-            cleanup.callback(engine.close)
+@contextlib.contextmanager
+def _closing(run: _Run, progress):
+    """Closes the metrics writer, the engine and the progress bar however the loop ends."""
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(run.writer.close)
+        if run.engine is not None:
+            cleanup.callback(run.engine.close)
         if progress is not None:
             cleanup.callback(progress.close)
-        for step in range(start_step + 1, config.train.steps + 1):
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # [ce_sum, aux_sum, sigterm, dropped per layer (L), load per layer and expert (L*E)]
-            packet = torch.zeros(3 + L + L * E, dtype=torch.float64, device=device)
-            if graphs:  # CUDA-graph replays of the last step's outputs may be overwritten from here on
-                torch.compiler.cudagraph_mark_step_begin()
-            ep.begin_step()  # FSSDP: this step's materialisation plan (a no-op otherwise)
-            for micro in sampler.next_step():
-                input_ids, labels = splits.sequences(micro)
-                if device.type == "cuda":  # from pageable memory the copy would wait for the device: a sync
-                    input_ids, labels = input_ids.pin_memory(), labels.pin_memory()
-                input_ids = input_ids.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                with autocast():
-                    out = forward(input_ids, labels, return_logits=False)
-                if engine is None:
-                    ((out.loss + out.aux_loss) / A).backward()
-                else:  # divided by A inside; after the last micro-batch also reduced, clipped and stepped
-                    engine.backward(out.loss + out.aux_loss)
-                packet[0] += out.loss.detach().double()
-                packet[1] += out.aux_loss.detach().double()
-                if L:
-                    packet[3:3 + L] += torch.stack([s.dropped_fraction.detach() for s in out.moe_stats]).double()
-                    packet[3 + L:] += torch.stack([s.tokens_per_expert for s in out.moe_stats]).reshape(-1).double()
-            packet[2] = float(sigterm.raised)
-            data_parallel.all_reduce_sum(packet, ctx.group, what="step-statistics all-reduce", timeout=ctx.timeout)
-            if engine is not None:  # the optimizer step was taken in the last micro-batch's engine.backward
-                step_values.push(step, packet, engine.grad_norm())
-            else:
-                step_values.push(step, packet, _reduce_clip_step(model, ep, optimizer, opt_impl, config, ctx))
-            ep.end_step(optimizer)  # FSSDP: observe the load, re-shard when due (a no-op otherwise)
-            step_load_LE = packet[3 + L:].view(L, E)
-            for layer, layer_load_E in zip(moe_layers, step_load_LE):
-                layer.router.update_bias(layer_load_E)
-            load_LE += step_load_LE
-            dropped_L += packet[3:3 + L] / (A * W)
-            window_steps += 1
+        yield
 
-            last = step == config.train.steps
-            log_due = step % config.log.every == 0 or last
-            every = config.checkpoint.every
-            save_due = (every and step % every == 0) or (last and config.checkpoint.save_final)
-            # The previous step's values are ready by now (this step is already queued on the device);
-            # this step's are waited for only when logged or saved: a checkpoint must never hold
-            # weights that a non-finite step touched. Every rank reads at the same steps, so all
-            # see a SIGTERM at the same step.
-            step_values.read_through(step - 1, last_saved)
-            if log_due or save_due or step_values.sigterm:
-                step_values.read_through(step, last_saved)
-            stop = step_values.sigterm
-            if progress is not None:
-                progress.update(1)
-                if step_values.latest is not None:  # possibly the previous step's loss
-                    progress.set_postfix(loss=f"{step_values.latest.loss:.4f}", lr=f"{lr:.2e}")
 
-            if log_due:
-                values = step_values.latest
-                assert values.step == step, (values, step)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                record = {"step": step, "loss": values.loss, "aux_loss": values.aux_loss, "lr": lr,
-                          "grad_norm": values.grad_norm,
-                          "tokens_per_s": tokens_per_s,
-                          "mfu": tokens_per_s * flops_tok / (peak * W) if peak else None,
-                          "tokens_seen": step * tokens_per_step}
-                if val_every and (step % val_every == 0 or last):
-                    record["val_loss"] = evaluate(model, splits, config, ctx, autocast)
-                record.update(expert_load_stats(load_LE, dropped_L / window_steps))
-                writer.write(record)
-                if progress is not None:
-                    progress.write(_log_line(record))
-                load_LE.zero_()
-                dropped_L.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-            if stop or save_due:
-                path = save(step, "sigterm" if stop else ("final" if last else "every"))
-                if progress is not None:
-                    progress.write(f"checkpoint {path}")
-            if stop:
-                if progress is not None:
-                    progress.write(f"SIGTERM: saved step {step} to {last_saved}; exiting")
-                break
-    if ctx.is_main:
-        latest = step_values.latest
-        print(train_report.final_line(steps_run=step - start_step, last_step=step,
-                                      elapsed_s=time.perf_counter() - run_start,
-                                      tokens=(step - start_step) * tokens_per_step,
-                                      last_loss=latest.loss if latest is not None else None, checkpoint=last_saved),
-              flush=True)
-    return 0
+def _set_lr(optimizer: torch.optim.Optimizer, step: int, config: Config) -> float:
+    lr = lr_at(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _forward_backward(run: _Run, sigterm: SigtermFlag) -> StepStats:
+    """The step's `grad_accum` micro-batches, forward and backward; returns their statistics summed over
+    micro-batches and ranks (one all-reduce, no host sync), SIGTERM flag included: read after the
+    micro-batches, so a signal that arrived during them is in this step. With DeepSpeed the last
+    micro-batch's backward also reduces, clips and steps."""
+    stats = StepStats(len(run.moe_layers), run.config.moe.num_experts, run.device)
+    if run.graphs:  # CUDA-graph replays of the last step's outputs may be overwritten from here on
+        torch.compiler.cudagraph_mark_step_begin()
+    run.ep.begin_step()  # FSSDP: this step's materialisation plan (a no-op otherwise)
+    forward = run.model if run.engine is None else run.engine.forward
+    device, A = run.device, run.config.train.grad_accum
+    for micro in run.sampler.next_step():
+        input_ids, labels = run.splits.sequences(micro)
+        if device.type == "cuda":  # from pageable memory the copy would wait for the device: a sync
+            input_ids, labels = input_ids.pin_memory(), labels.pin_memory()
+        input_ids = input_ids.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with run.autocast():
+            out = forward(input_ids, labels, return_logits=False)
+        if run.engine is None:
+            ((out.loss + out.aux_loss) / A).backward()
+        else:  # divided by A inside
+            run.engine.backward(out.loss + out.aux_loss)
+        stats.add_micro_batch(out)
+    stats.set_sigterm(sigterm.raised)
+    data_parallel.all_reduce_sum(stats.packed, run.ctx.group, what="step-statistics all-reduce",
+                                 timeout=run.ctx.timeout)
+    return stats
+
+
+def _optimizer_step(run: _Run) -> torch.Tensor:
+    """The update; returns the global gradient norm (a device tensor, not read here)."""
+    if run.engine is not None:  # the step was taken in the last micro-batch's engine.backward
+        return run.engine.grad_norm()
+    return _reduce_clip_step(run.model, run.ep, run.optimizer, run.opt_impl, run.config, run.ctx)
+
+
+def _end_step(run: _Run, stats: StepStats) -> None:
+    """After the update: FSSDP observes the load and re-shards when due; the aux-loss-free router
+    biases move by the load summed over micro-batches and ranks."""
+    run.ep.end_step(run.optimizer)  # a no-op unless FSSDP
+    for layer, layer_load_E in zip(run.moe_layers, stats.load_LE):
+        layer.router.update_bias(layer_load_E)
+
+
+def _read_values(pending: PendingStepValues, step: int, due: _Due, last_saved: Path | None) -> bool:
+    """Read the step values that are due on the host; True when some rank saw SIGTERM (stop now).
+
+    The previous step's values are ready by now (this step is already queued on the device); this
+    step's are waited for only when logged or saved: a checkpoint must never hold weights that a
+    non-finite step touched. Every rank reads at the same steps, so all see a SIGTERM at the same step."""
+    pending.read_through(step - 1, last_saved)
+    if due.log or due.save or pending.sigterm:
+        pending.read_through(step, last_saved)
+    return pending.sigterm
+
+
+def _show_progress(progress, latest: StepValues | None, lr: float) -> None:
+    if progress is None:
+        return
+    progress.update(1)
+    if latest is not None:  # possibly the previous step's loss
+        progress.set_postfix(loss=f"{latest.loss:.4f}", lr=f"{lr:.2e}")
+
+
+def _log_step(run: _Run, step: int, lr: float, values: StepValues, window: MetricsWindow, due: _Due,
+              progress) -> None:
+    """One metrics record (validation loss when due) to metrics.jsonl, TensorBoard and the progress
+    output; the window starts again."""
+    assert values.step == step, (values, step)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    tokens_per_s = window.tokens_per_s(run.tokens_per_step)
+    peak = run.peak
+    record = {"step": step, "loss": values.loss, "aux_loss": values.aux_loss, "lr": lr,
+              "grad_norm": values.grad_norm,
+              "tokens_per_s": tokens_per_s,
+              "mfu": tokens_per_s * run.flops_tok / (peak * run.ctx.world_size) if peak else None,
+              "tokens_seen": step * run.tokens_per_step}
+    if due.validate:
+        record["val_loss"] = evaluate(run.model, run.splits, run.config, run.ctx, run.autocast)
+    record.update(window.load_stats())
+    run.writer.write(record)
+    if progress is not None:
+        progress.write(train_report.log_line(record))
+    window.reset()
+
+
+def _save(run: _Run, step: int, reason: str) -> Path:
+    """A checkpoint of every rank's state at `step` (collective), with the manifest resume reads."""
+    config = run.config
+    manifest = {"reason": reason, "data": run.sampler.state_dict(),
+                "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(max(step, 1), config)},
+                "optimizer": {"kind": "AdamW", "impl": run.opt_impl, "betas": list(config.train.betas),
+                              "weight_decay": config.train.weight_decay, "eps": config.train.eps},
+                "tokens_seen": step * run.tokens_per_step, "num_experts": config.moe.num_experts,
+                "config": config.model_dump(mode="json")}
+    if hasattr(run.ep, "state_dict"):
+        manifest["fssdp"] = run.ep.state_dict()
+    if run.engine is not None:
+        manifest["engine"] = {"kind": "deepspeed", "zero_stage": run.engine.ds_config["zero_optimization"]["stage"]}
+    return ckpt.save_checkpoint(run.run_dir / "ckpt", step, model=run.model, optimizer=run.optimizer,
+                                manifest=manifest, rank=run.ctx.rank, world_size=run.ctx.world_size,
+                                device=run.device, barrier=functools.partial(bootstrap.barrier, run.ctx),
+                                keep=config.checkpoint.keep, ep=run.ep,
+                                states=None if run.engine is None else run.engine.checkpoint_states())
 
 
 def _reduce_clip_step(model, ep, optimizer, opt_impl: str, config: Config, ctx: bootstrap.DistContext) -> torch.Tensor:
@@ -502,33 +508,6 @@ def _reduce_clip_step(model, ep, optimizer, opt_impl: str, config: Config, ctx: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-def _stop_message(what: str, value: float, step: int, last_saved: Path | None,
-                  resumed: tuple[Path, int] | None = None) -> str:
-    if resumed is not None and last_saved == resumed[0] and step == resumed[1] + 1:
-        # The first step on loaded weights: the checkpoint's values, not the learning rate, are suspect.
-        return (f"non-finite {what} ({value}) at step {step}, the first step after resuming from "
-                f"{last_saved}; stopping without saving. Its files match the checksums recorded when it was "
-                f"saved, so it was written with these values: resume from an earlier checkpoint (move "
-                f"{last_saved.name} out of {last_saved.parent}) rather than changing train.lr")
-    where = f"the last good checkpoint is {last_saved}" if last_saved is not None else \
-        "no checkpoint was written yet"
-    return (f"non-finite {what} ({value}) at step {step}; stopping without saving. {where}; lower "
-            "train.lr or raise train.warmup_steps and resume with --resume")
-
-
-def _log_line(r: dict) -> str:
-    parts = [f"step {r['step']}", f"loss {r['loss']:.4f}"]
-    if r.get("val_loss") is not None:
-        parts.append(f"val {r['val_loss']:.4f}")
-    parts.append(f"{r['tokens_per_s']:.0f} tok/s")
-    if r.get("mfu") is not None:
-        parts.append(f"mfu {100 * r['mfu']:.1f}%")
-    parts.append(f"gnorm {r['grad_norm']:.3f}")
-    if r.get("expert_load_max_mean"):
-        parts.append(f"load max/mean {max(r['expert_load_max_mean']):.2f}")
-    return " | ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:

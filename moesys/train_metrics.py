@@ -1,5 +1,5 @@
-"""Training metrics: model FLOPs per token and MFU, expert-load statistics, and the writer of
-`metrics.jsonl` and TensorBoard logs in the run directory.
+"""Training metrics: model FLOPs per token and MFU, expert-load statistics over a logging window, and
+the writer of `metrics.jsonl` and TensorBoard logs in the run directory.
 
 FLOPs per token follow the PaLM/torchtitan convention: 6 x (active parameters that multiply a
 token: all but the input embedding, top_k of num_experts experts per MoE layer) plus attention's
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +55,34 @@ def expert_load_stats(load_LE: torch.Tensor, dropped_L: torch.Tensor) -> dict:
         "expert_load_fraction": (load_LE / load_LE.sum(1, keepdim=True).clamp_min(1e-12)).tolist(),
         "dropped_fraction": dropped_L.double().cpu().tolist(),
     }
+
+
+class MetricsWindow:
+    """The steps since the last log line: their routed load summed and their dropped fraction averaged
+    (device tensors, added without a sync), and their wall time, from which tokens/s comes."""
+
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device, divisor: int):
+        self.divisor = divisor  # micro-batches x ranks: a step's dropped-fraction sum becomes its mean
+        self.load_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
+        self.dropped_L = torch.zeros(num_layers, dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.load_LE.zero_()
+        self.dropped_L.zero_()
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add(self, load_LE: torch.Tensor, dropped_L: torch.Tensor) -> None:
+        self.load_LE += load_LE
+        self.dropped_L += dropped_L / self.divisor
+        self.steps += 1
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        """Throughput since `start`; the caller has waited for the device first."""
+        return self.steps * tokens_per_step / max(time.perf_counter() - self.start, 1e-9)
+
+    def load_stats(self) -> dict:
+        return expert_load_stats(self.load_LE, self.dropped_L / self.steps)
 
 
 class MetricsWriter:

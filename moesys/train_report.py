@@ -8,6 +8,7 @@
 - The start-up block (rank 0): parameter counts, device and dtype, world size and mesh, data, steps,
   run dir, threads, and where the run starts (resumed from ckpt/step_N, or fresh).
 - Progress: a tqdm bar on a terminal; elsewhere (a log file, CI) plain lines every tenth of the run.
+- The log line: a logged step's record in one line (loss, validation loss, throughput, MFU, gradient norm, load).
 - The final line: steps, wall time, tokens/s, last loss and where the checkpoint is.
 """
 
@@ -108,6 +109,19 @@ def final_line(*, steps_run: int, last_step: int, elapsed_s: float, tokens: int,
     where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint written"
     return (f"moesys train: done: {steps_run} steps (to step {last_step}) in {elapsed_s:.1f} s, "
             f"{tokens / max(elapsed_s, 1e-9):,.0f} tokens/s, {loss}; {where}")
+
+
+def log_line(r: dict) -> str:
+    parts = [f"step {r['step']}", f"loss {r['loss']:.4f}"]
+    if r.get("val_loss") is not None:
+        parts.append(f"val {r['val_loss']:.4f}")
+    parts.append(f"{r['tokens_per_s']:.0f} tok/s")
+    if r.get("mfu") is not None:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    parts.append(f"gnorm {r['grad_norm']:.3f}")
+    if r.get("expert_load_max_mean"):
+        parts.append(f"load max/mean {max(r['expert_load_max_mean']):.2f}")
+    return " | ".join(parts)
 
 
 class PlainProgress:

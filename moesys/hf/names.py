@@ -2,9 +2,9 @@
 
 moesys names are those of `moesys.checkpoint` (experts split by global id:
 `blocks.{i}.ffn.experts.{e}.gate_up_proj [2I, H]`); HF names are those transformers reads from disk
-(per-expert `w1/w3/w2` for Mixtral, `gate_proj/up_proj/down_proj` otherwise; DESIGN.md, traps). Each
-moesys tensor is one HF tensor, or the row concatenation of a gate and an up projection. The map is
-templated per layer and expert (torchtitan's state-dict adapters) from the moesys config, so it
+(per-expert `w1/w3/w2` for Mixtral, `gate_proj/up_proj/down_proj` otherwise; docs/ARCHITECTURE.md,
+section 6, traps). Each moesys tensor is one HF tensor, or the row concatenation of a gate and an up
+projection. The map is templated per layer and expert (torchtitan's state-dict adapters) from the moesys config, so it
 names exactly the tensors a model of that config has; the expert names come from the offload
 adapters (one table of on-disk expert names for the whole project).
 

@@ -1,0 +1,52 @@
+"""Checks the tiny config's first steps (loss, aux loss, gradient norm per step, CPU float32) against
+values recorded from the trainer: a refactor that does not mean to change math keeps them bit-identical.
+
+Exact under the torch build they were recorded with (thread count does not change them); under another
+build float rounding may differ, so there they must agree to 1e-4 (a real change of math is larger).
+Re-record after a change that is meant to change the math: `PYTHONPATH=. python -m tests.test_train_loss_curve`.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from tests._train_helpers import metrics, train_inproc
+
+RECORDED_TORCH = "2.13.0+cpu"
+# (loss, aux_loss, grad_norm) of steps 1..8 of configs/tiny.yaml on the CPU
+RECORDED = [
+    (5.589734077453613, 0.023419518023729324, 4.329025745391846),
+    (5.4757609367370605, 0.02025236189365387, 2.6103086471557617),
+    (5.197574138641357, 0.02097632735967636, 3.304995059967041),
+    (5.079922676086426, 0.021915215998888016, 2.7067744731903076),
+    (4.912014484405518, 0.02251608297228813, 2.4915292263031006),
+    (4.663016319274902, 0.021922249346971512, 2.5991854667663574),
+    (4.481917858123779, 0.021740928292274475, 2.627868175506592),
+    (4.496189117431641, 0.021503007039427757, 2.3950934410095215),
+]
+RUN = ("train.device=cpu", "train.cpu_threads=1", "train.steps=8", "log.every=1", "log.val_every=0",
+       "checkpoint.save_final=false")
+
+
+def curve(run_dir) -> list[tuple[float, float, float]]:
+    assert train_inproc(run_dir, *RUN) == 0
+    return [(r["loss"], r["aux_loss"], r["grad_norm"]) for r in metrics(run_dir)]
+
+
+@pytest.mark.slow
+def test_tiny_loss_curve_is_unchanged(tmp_path):
+    got = curve(tmp_path)
+    assert len(got) == len(RECORDED) == 8
+    if torch.__version__ == RECORDED_TORCH:
+        assert got == RECORDED
+    else:
+        assert got == pytest.approx(RECORDED, rel=1e-4)
+
+
+if __name__ == "__main__":
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        values = curve(d)
+    print(f"RECORDED_TORCH = {torch.__version__!r}", file=sys.stderr)
+    print("RECORDED = [\n" + "".join(f"    {v!r},\n" for v in values) + "]", file=sys.stderr)

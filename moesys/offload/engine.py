@@ -10,6 +10,9 @@ matches the model fully on the device, bit for bit. Under moesys.offload.graph's
 implementation is traced too (OffloadedExperts calls it on the slot ids from offload_slots), so the step
 matches the model on the device under the same compiled step, whose rounding differs from eager's.
 
+Which of these paths a call takes is decided once per engine and phase (prefill, decode, the decode graph's
+step) by moesys.offload.strategies; the engine keeps the cache traffic and the per-expert math they call.
+
 Legend: T tokens, H hidden, K top-k, E experts per layer, L MoE layers.
 """
 

@@ -10,6 +10,9 @@ matches the model fully on the device, bit for bit. Under moesys.offload.graph's
 implementation is traced too (OffloadedExperts calls it on the slot ids from offload_slots), so the step
 matches the model on the device under the same compiled step, whose rounding differs from eager's.
 
+Which of these paths a call takes is decided once per engine and phase (prefill, decode, the decode graph's
+step) by moesys.offload.strategies; the engine keeps the cache traffic and the per-expert math they call.
+
 Legend: T tokens, H hidden, K top-k, E experts per layer, L MoE layers.
 """
 
@@ -27,16 +30,27 @@ from moesys.offload.device_cache import DeviceCacheTables
 from moesys.offload.quant_gemv import quant_gemv
 from moesys.ops import moe_mlp
 from moesys.offload.stats import OffloadStats
+from moesys.offload.strategies import PHASES, phase_of, select_strategy
 
 CPU_EXPERT_MODES = ("auto", "on", "off")
 # transformers' hidden_act -> moesys.ops activation name
 _MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
-# the engine whose decode step is running (set by moesys.offload.graph around the steps it runs): the custom
-# op below takes only the layer, so one compiled graph serves every model of an architecture (an engine
-# id in the graph would be a constant that dynamo guards on, recompiling for every model loaded)
+# The engine whose decode graph step is running (pushed by OffloadEngine.graph_step). This stack must stay
+# module-level: the eager path passes the engine explicitly (OffloadedExperts holds it), but the compiled
+# decode step reaches the engine through the custom ops below, and a custom op takes only tensors and
+# scalars. Passing an engine handle (an id) instead would be a constant that dynamo guards on, recompiling
+# the step for every model loaded; with the stack one compiled graph serves every model of an architecture.
 _ACTIVE: list["OffloadEngine"] = []
+
+
+def _active_engine() -> "OffloadEngine":
+    if not _ACTIVE:
+        raise RuntimeError("an offloaded model's experts ran under torch.compile outside moesys's decode step; "
+                           "do not torch.compile the model yourself: load it with moesys.offload.load(..., "
+                           "compile=True), which compiles the decode step around the engine")
+    return _ACTIVE[-1]
 
 
 @torch.library.custom_op("moesys::offload_experts", mutates_args=())
@@ -45,11 +59,7 @@ def offload_experts(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
     (moesys.offload.graph compiles the decode step around it). Opaque on purpose: the engine's cache state
     (slots, tables, counters) is its own, so the compiled graph neither traces nor functionalises it; calls
     stay in layer order because each layer's input is the previous one's output."""
-    if not _ACTIVE:
-        raise RuntimeError("an offloaded model's experts ran under torch.compile outside moesys's decode step; "
-                           "do not torch.compile the model yourself: load it with moesys.offload.load(..., "
-                           "compile=True), which compiles the decode step around the engine")
-    return _ACTIVE[-1].experts_forward(layer, x_TH, ids_TK, w_TK)
+    return _active_engine().experts_forward(layer, x_TH, ids_TK, w_TK)
 
 
 @offload_experts.register_fake
@@ -65,11 +75,7 @@ def offload_slots(ids_TK: torch.Tensor, layer: int) -> torch.Tensor:
     fuses its sort/offsets/gather/combine glue exactly as for the model fully on the GPU; only this op is
     opaque (the grouped GEMMs that follow read the slots it filled: they depend on its output, so they run
     after it)."""
-    if not _ACTIVE:
-        raise RuntimeError("an offloaded model's experts ran under torch.compile outside moesys's decode step; "
-                           "do not torch.compile the model yourself: load it with moesys.offload.load(..., "
-                           "compile=True), which compiles the decode step around the engine")
-    return _ACTIVE[-1].device_slots(layer, ids_TK).view(1, -1)
+    return _active_engine().device_slots(layer, ids_TK).view(1, -1)
 
 
 @offload_slots.register_fake
@@ -134,13 +140,15 @@ class OffloadEngine:
         self._cpu_faster = False
         if cpu_experts == "auto" and self.cuda:
             self._measure_cost_model()
-        # batch-1 decode with the bookkeeping on the device (moesys.offload.device_cache): switched on by the
-        # CUDA-graph decoder (moesys.offload.graph) around the steps it runs
-        self.device_decode = False
+        # batch-1 decode with the bookkeeping on the device (moesys.offload.device_cache): the phase "graph",
+        # set by the CUDA-graph decoder (moesys.offload.graph) around the steps it runs (graph_step)
+        self._in_graph_step = False
         self.device_tables = None
         self._tables_on_device = False
         self._device_all_resident = False
         self.device_path_unsupported = self._device_path_unsupported()
+        # each phase's execution path, chosen once from the configuration above (moesys.offload.strategies)
+        self.strategies = {phase: select_strategy(self, phase) for phase in PHASES}
 
     def _device_path_unsupported(self) -> str | None:
         """Why batch-1 decode cannot keep the cache bookkeeping on the device, or None when it can."""
@@ -264,83 +272,24 @@ class OffloadEngine:
     # ---------------------------------------------------------------- the layer
     @torch.no_grad()
     def experts_forward(self, layer, x_TH, ids_TK, w_TK):
-        T = x_TH.shape[0]
-        if self.device_decode and T == 1 and self.device_path_unsupported is None:
-            return self._device_step(layer, x_TH, ids_TK, w_TK)
-        if self._tables_on_device:
-            self._tables_to_host()
-        use_cpu = self.cpu_mode == "on" or (self.cpu_mode == "auto" and self._cpu_faster and T == 1)
-        complete = self.cache.layer_complete(layer)
-        # every expert of this layer resident: route on the device, no host sync (and no guess to score);
-        # quantized experts take this path for decode (a few routed rows, each read packed by quant_gemv)
-        quantized_decode = (self.store.quantize != "none" and self.activation is not None
-                            and T * ids_TK.shape[1] <= self.dequant_experts)
-        if complete and not use_cpu and (self.grouped or quantized_decode):
-            if self.prefetcher is not None:
-                self.prefetcher.pending.pop(layer, None)
-            self._wait(layer, list(self.pending[layer]))
-            if T == 1:  # a token's top-k experts are distinct: K hits, counted without a kernel
-                self.stats.hits += ids_TK.shape[1]
-            else:
-                seen_E = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=ids_TK.device)
-                self._fast_hits += seen_E.index_fill_(0, ids_TK.flatten(), True).sum()  # bincount would sync
-            if self.grouped:
-                out = self._run_grouped(layer, x_TH, ids_TK, w_TK)
-            else:
-                out = self._run_quantized_resident(layer, x_TH, ids_TK, w_TK)
-            self._mark_used(layer)
-            return out
+        """y_TH of `layer`'s experts for the routing (ids_TK, w_TK): the strategy of this call's phase runs it
+        (moesys.offload.strategies; chosen when the engine was built)."""
+        phase = phase_of(x_TH.shape[0], self._in_graph_step)
+        return self.strategies[phase].forward(layer, x_TH, ids_TK, w_TK)
 
-        guess = None
-        nxt = self.prefetcher.next_layer.get(layer) if self.prefetcher is not None else None
-        if nxt is not None and not self.cache.layer_complete(nxt):
-            guess = self.prefetcher.guess(layer, x_TH)
-        flat = ids_TK.flatten()
-        host = (flat if guess is None else torch.cat((flat, guess.to(flat.dtype)))).tolist()  # the one sync
-        needed = sorted(set(host[:flat.numel()]))
-        if self.prefetcher is not None:
-            guessed_n, used_n = self.prefetcher.score(layer, set(needed))
-            self.stats.prefetch_guessed += guessed_n
-            self.stats.prefetch_used += used_n
-        cpu_set = set()
-        if use_cpu:
-            cpu_set = {e for e in needed if (layer, e) not in self.cache.slot_of}
-        gpu_needed = [e for e in needed if e not in cpu_set]
-        self.stats.misses += len(cpu_set)
-        self.stats.cpu_experts += len(cpu_set)
-
-        S = self.cache.capacity(layer)
-        waves = [gpu_needed[i:i + S] for i in range(0, len(gpu_needed), S)] or [[]]
-        out = None if (self.grouped and len(waves) == 1 and not cpu_set) else torch.zeros_like(x_TH)
-        for w_i, wave in enumerate(waves):
-            slots = self._ensure(layer, wave)
-            if w_i == 0 and guess is not None:
-                self._prefetch(layer, sorted(set(host[flat.numel():])), protect=wave)
-            self._wait(layer, slots)
-            if out is None:
-                out = self._run_grouped(layer, x_TH, ids_TK, w_TK)
-            elif self.store.quantize != "none" and self.activation is not None and wave:
-                for i in range(0, len(wave), self.dequant_experts):
-                    self._run_dequant(layer, x_TH, ids_TK, w_TK, wave[i:i + self.dequant_experts],
-                                      slots[i:i + self.dequant_experts], out)
-            else:
-                self._run_loop(layer, x_TH, ids_TK, w_TK, list(zip(wave, slots)), out, host[:flat.numel()])
-            self._mark_used(layer)
-        if cpu_set:
-            self._run_loop(layer, x_TH, ids_TK, w_TK, [(e, None) for e in sorted(cpu_set)], out,
-                           host[:flat.numel()])
-        return out
+    @contextlib.contextmanager
+    def graph_step(self):
+        """Calls made in here are moesys.offload.graph's decode steps: one token takes the graph strategy
+        (bookkeeping on the device, no host sync), and the compiled step's custom ops find this engine."""
+        self._in_graph_step = True
+        _ACTIVE.append(self)
+        try:
+            yield
+        finally:
+            _ACTIVE.pop()
+            self._in_graph_step = False
 
     # ---------------------------------------------------------------- batch-1 decode on the device
-    def _device_step(self, layer, x_TH, ids_TK, w_TK):
-        """One token through one layer with no host sync: hits, victims and table updates on the device
-        (DeviceCacheTables.step), misses copied by a kernel reading the pinned store, then the layer's
-        compute over its slots. Everything here is replayable from a CUDA graph; no prefetch (the copies
-        are on the compute stream, in order) and no CPU experts."""
-        if self.grouped:
-            return self.inner[layer](x_TH, self.device_slots(layer, ids_TK).view(1, -1), w_TK)
-        return self._quantized_rows(x_TH, self.device_slots(layer, ids_TK, global_slots=True), w_TK)
-
     def device_slots(self, layer: int, ids_TK: torch.Tensor, global_slots: bool = False) -> torch.Tensor:
         """The slots [K] of the token's K experts of `layer` (bank-local, or indices into the whole pool when
         `global_slots`), made resident without a host sync: hits, victims and table updates on the device

@@ -33,8 +33,6 @@ import functools
 
 import torch
 
-from moesys.offload import engine as engine_mod
-
 
 def _is_static_cache(value) -> bool:
     return getattr(value, "is_compileable", False) and hasattr(value, "get_seq_length")
@@ -141,19 +139,9 @@ class DecodeGraph:
         self.graph = graph
         self.captures += 1
 
-    @contextlib.contextmanager
     def _device_decode(self):
-        """The engine's layers take their sync-free path for the steps run in here."""
-        if self.engine is None:
-            yield
-            return
-        self.engine.device_decode = True
-        engine_mod._ACTIVE.append(self.engine)  # the engine the compiled step's experts op runs
-        try:
-            yield
-        finally:
-            engine_mod._ACTIVE.pop()
-            self.engine.device_decode = False
+        """The engine's layers take their sync-free path (the graph strategy) for the steps run in here."""
+        return contextlib.nullcontext() if self.engine is None else self.engine.graph_step()
 
 
 def install(model, engine=None, compile: bool = False) -> DecodeGraph:

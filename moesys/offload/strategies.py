@@ -1,0 +1,223 @@
+"""How the offload engine runs one MoE layer's experts: one strategy class per execution path, chosen once
+per engine and phase by `select_strategy` (from the engine's configuration, never per call from flags).
+
+Phases: "prefill" (more than one routed token: a prompt, or a batch's decode step with one row per
+sequence), "decode" (one token), "graph" (one token inside moesys.offload.graph's decode step, whose
+bookkeeping must stay on the device). Strategies:
+
+- GraphDecode: the decode graph's path. Cache lookups, victims and copies on the device
+  (DeviceCacheTables.step + slot_copy), then the layer over its slots; no host sync, replayable.
+- HostRouted: the routing read to the host (the one sync), misses copied on the side stream, the next
+  layer's guessed experts prefetched, the layer computed in waves of what its cache bank holds (the model's
+  grouped implementation over slot ids, or transformers' eager loop).
+- Quantized: HostRouted whose waves dequantize their experts into a workspace and run moe_mlp.
+- CpuExperts: HostRouted whose missed experts are computed on the host instead of copied.
+- DeviceResident: every expert of the layer is in the cache, so routing stays on the device (no sync, no
+  guess). Whether a layer is complete is cache state, not configuration: the host-routed strategies that
+  may use it (HostRouted for the grouped implementation, Quantized for a few routed rows) hand a complete
+  layer to it per call. (A model whose experts all fit does not reach the engine at all: make_resident
+  puts the model's own experts modules back.)
+
+The per-expert math (grouped call, eager loop, dequantized moe_mlp, quant_gemv rows, cache traffic) stays
+on the engine; strategies only decide which of it runs.
+
+Legend: T tokens, H hidden, K top-k, E experts per layer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+PHASES = ("prefill", "decode", "graph")
+
+
+def phase_of(tokens: int, in_graph_step: bool) -> str:
+    """The phase of a call with `tokens` routed tokens (the decode graph only ever runs one token)."""
+    if tokens != 1:
+        return "prefill"
+    return "graph" if in_graph_step else "decode"
+
+
+class ExpertsStrategy(ABC):
+    """One execution path of OffloadEngine.experts_forward: y_TH for the routing (ids_TK, w_TK) of `layer`."""
+
+    name: str
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @abstractmethod
+    def forward(self, layer: int, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class GraphDecode(ExpertsStrategy):
+    """One token through one layer with no host sync: hits, victims and table updates on the device, misses
+    copied by a kernel reading the pinned store, then the layer's compute over its slots. Everything here is
+    replayable from a CUDA graph; no prefetch (the copies are on the compute stream, in order) and no CPU
+    experts."""
+
+    name = "graph-decode"
+
+    def forward(self, layer, x_TH, ids_TK, w_TK):
+        eng = self.engine
+        if eng.grouped:
+            return eng.inner[layer](x_TH, eng.device_slots(layer, ids_TK).view(1, -1), w_TK)
+        return eng._quantized_rows(x_TH, eng.device_slots(layer, ids_TK, global_slots=True), w_TK)
+
+
+class DeviceResident(ExpertsStrategy):
+    """Every expert of the layer resident: route on the device, no host sync (and no guess to score);
+    quantized experts take this path for decode (a few routed rows, each read packed by quant_gemv)."""
+
+    name = "device-resident"
+
+    def forward(self, layer, x_TH, ids_TK, w_TK):
+        eng = self.engine
+        if eng.prefetcher is not None:
+            eng.prefetcher.pending.pop(layer, None)
+        eng._wait(layer, list(eng.pending[layer]))
+        if x_TH.shape[0] == 1:  # a token's top-k experts are distinct: K hits, counted without a kernel
+            eng.stats.hits += ids_TK.shape[1]
+        else:
+            seen_E = torch.zeros(eng.cache.num_experts, dtype=torch.bool, device=ids_TK.device)
+            eng._fast_hits += seen_E.index_fill_(0, ids_TK.flatten(), True).sum()  # bincount would sync
+        if eng.grouped:
+            out = eng._run_grouped(layer, x_TH, ids_TK, w_TK)
+        else:
+            out = eng._run_quantized_resident(layer, x_TH, ids_TK, w_TK)
+        eng._mark_used(layer)
+        return out
+
+
+class HostRouted(ExpertsStrategy):
+    """The routing read to the host (the one sync, together with the prefetcher's guess), misses copied on
+    the side stream, the next layer's guess prefetched, then the layer in waves of at most the bank's
+    slots: the grouped implementation over slot ids when one wave holds them all, else transformers' eager
+    loop over the slots. A complete layer goes to DeviceResident when `resident` is given."""
+
+    name = "host-routed"
+
+    def __init__(self, engine, resident: DeviceResident | None = None):
+        super().__init__(engine)
+        self.resident = resident
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(resident={self.resident is not None})"
+
+    def takes_resident(self, x_TH, ids_TK) -> bool:
+        """Whether a complete layer may skip the host routing for these rows."""
+        return self.resident is not None
+
+    def cpu_experts(self, layer: int, needed: list[int]) -> set[int]:
+        """The needed experts computed on the host instead of copied: none here."""
+        return set()
+
+    def run_wave(self, layer, x_TH, ids_TK, w_TK, wave, slots, out_TH, flat_host) -> None:
+        self.engine._run_loop(layer, x_TH, ids_TK, w_TK, list(zip(wave, slots)), out_TH, flat_host)
+
+    def forward(self, layer, x_TH, ids_TK, w_TK):
+        eng = self.engine
+        if eng._tables_on_device:  # the decode graph ran last: its bookkeeping comes back to the host
+            eng._tables_to_host()
+        if eng.cache.layer_complete(layer) and self.takes_resident(x_TH, ids_TK):
+            return self.resident.forward(layer, x_TH, ids_TK, w_TK)
+
+        guess = None
+        nxt = eng.prefetcher.next_layer.get(layer) if eng.prefetcher is not None else None
+        if nxt is not None and not eng.cache.layer_complete(nxt):
+            guess = eng.prefetcher.guess(layer, x_TH)
+        flat = ids_TK.flatten()
+        host = (flat if guess is None else torch.cat((flat, guess.to(flat.dtype)))).tolist()  # the one sync
+        needed = sorted(set(host[:flat.numel()]))
+        if eng.prefetcher is not None:
+            guessed_n, used_n = eng.prefetcher.score(layer, set(needed))
+            eng.stats.prefetch_guessed += guessed_n
+            eng.stats.prefetch_used += used_n
+        cpu_set = self.cpu_experts(layer, needed)
+        gpu_needed = [ex for ex in needed if ex not in cpu_set]
+        eng.stats.misses += len(cpu_set)
+        eng.stats.cpu_experts += len(cpu_set)
+
+        S = eng.cache.capacity(layer)
+        waves = [gpu_needed[i:i + S] for i in range(0, len(gpu_needed), S)] or [[]]
+        out = None if (eng.grouped and len(waves) == 1 and not cpu_set) else torch.zeros_like(x_TH)
+        for w_i, wave in enumerate(waves):
+            slots = eng._ensure(layer, wave)
+            if w_i == 0 and guess is not None:
+                eng._prefetch(layer, sorted(set(host[flat.numel():])), protect=wave)
+            eng._wait(layer, slots)
+            if out is None:
+                out = eng._run_grouped(layer, x_TH, ids_TK, w_TK)
+            else:
+                self.run_wave(layer, x_TH, ids_TK, w_TK, wave, slots, out, host[:flat.numel()])
+            eng._mark_used(layer)
+        if cpu_set:
+            eng._run_loop(layer, x_TH, ids_TK, w_TK, [(ex, None) for ex in sorted(cpu_set)], out, host[:flat.numel()])
+        return out
+
+
+class Quantized(HostRouted):
+    """Quantized experts with an activation moe_mlp fuses: each wave is dequantized, dequant_experts at a
+    time, into the workspace and run by moe_mlp; a complete layer's few routed rows (decode) are read packed
+    by quant_gemv (DeviceResident). Quantized experts of any other activation run HostRouted's eager loop."""
+
+    name = "quantized"
+
+    def takes_resident(self, x_TH, ids_TK) -> bool:
+        # the rows must fit the dequantization workspace (one token's K experts): decode
+        return x_TH.shape[0] * ids_TK.shape[1] <= self.engine.dequant_experts
+
+    def run_wave(self, layer, x_TH, ids_TK, w_TK, wave, slots, out_TH, flat_host) -> None:
+        n = self.engine.dequant_experts
+        for i in range(0, len(wave), n):
+            self.engine._run_dequant(layer, x_TH, ids_TK, w_TK, wave[i:i + n], slots[i:i + n], out_TH)
+
+
+class CpuExperts(HostRouted):
+    """Missed experts computed on the host, where their weights are (x sent over, y brought back), instead
+    of copied; resident ones run as HostRouted (or Quantized: `gpu`) runs them, after the host sync even for
+    a complete layer."""
+
+    name = "cpu-experts"
+
+    def __init__(self, engine, gpu: HostRouted):
+        super().__init__(engine)
+        self.gpu = gpu
+
+    def __repr__(self) -> str:
+        return f"CpuExperts(gpu={self.gpu!r})"
+
+    def takes_resident(self, x_TH, ids_TK) -> bool:
+        return False
+
+    def cpu_experts(self, layer, needed):
+        return {ex for ex in needed if (layer, ex) not in self.engine.cache.slot_of}
+
+    def run_wave(self, layer, x_TH, ids_TK, w_TK, wave, slots, out_TH, flat_host) -> None:
+        self.gpu.run_wave(layer, x_TH, ids_TK, w_TK, wave, slots, out_TH, flat_host)
+
+
+def select_strategy(engine, phase: str) -> ExpertsStrategy:
+    """The strategy `engine` runs in `phase` (one of PHASES), from its configuration: the decode graph's
+    path where the device can keep the bookkeeping (otherwise that phase is plain decode), CPU experts when
+    asked for (cpu_experts="on", or "auto" for one token when the cost model measured the host faster),
+    the dequantizing path for quantized experts moe_mlp can run, else host routing."""
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r} is unknown; use one of {list(PHASES)}")
+    if phase == "graph" and engine.device_path_unsupported is None:
+        return GraphDecode(engine)
+    resident = DeviceResident(engine)
+    if engine.store.quantize != "none" and engine.activation is not None:
+        gpu = Quantized(engine, resident)
+    else:
+        gpu = HostRouted(engine, resident if engine.grouped else None)
+    one_token = phase != "prefill"
+    if engine.cpu_mode == "on" or (engine.cpu_mode == "auto" and engine._cpu_faster and one_token):
+        return CpuExperts(engine, gpu)
+    return gpu

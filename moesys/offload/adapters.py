@@ -2,9 +2,12 @@
 
 The in-memory side is found generically (a sparse MoE block is a module with a `gate` (or `router`)
 holding `weight [E, H]` and an `experts` module holding `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`,
-the transformers v5 layout); only the on-disk names differ. ADAPTERS spells them out for four families;
-any other model type gets an adapter read off transformers' own checkpoint conversion mapping (the
-per-expert names its loader merges into gate_up_proj / down_proj, and its renamings), `from_conversion_mapping`.
+the transformers v5 layout, or GPT-OSS's transposed one with biases, see moesys.offload.layout); only the
+on-disk names differ. ADAPTERS spells them out for four families; any other model type gets an adapter read
+off transformers' own checkpoint conversion mapping (the per-expert names its loader merges into gate_up_proj
+/ down_proj, and its renamings), `from_conversion_mapping`, or, when that mapping converts no experts at all,
+the in-memory names with the experts fused per layer on disk (`fused_on_disk`, GPT-OSS). Quantized checkpoints
+(config.quantization_config, e.g. MXFP4) are refused: dequantize them first.
 """
 
 from __future__ import annotations
@@ -100,9 +103,31 @@ def from_conversion_mapping(model_type: str) -> Adapter | None:
     return Adapter(model_type, disk_block, module_block, tuple(m.group("proj") for m in found), tuple(rest))
 
 
+def fused_on_disk(model_type: str) -> Adapter | None:
+    """An adapter for a model whose checkpoints keep the experts fused per layer under the in-memory names
+    (GPT-OSS: model.layers.{i}.mlp.experts.gate_up_proj [E, H, 2I] and its biases): transformers' conversion
+    mapping has no converter for its experts at all, so the file names are the module names. None when the
+    mapping does convert its experts (those are per-expert on disk: from_conversion_mapping reads them)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    if any(type(e).__name__ != "WeightRenaming" for e in get_checkpoint_conversion_mapping(model_type) or []):
+        return None
+    return Adapter(model_type, "model.layers.{i}.mlp", "model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"))
+
+
 def adapter_for(config) -> Adapter:
     model_type = getattr(config, "model_type", None)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", quantization))
+        raise ValueError(f"this {model_type} checkpoint is quantized (quantization_config quant_method={method!r}, "
+                         "e.g. GPT-OSS's MXFP4 experts), which offloaded inference does not read; dequantize it "
+                         "first: load it with transformers (for MXFP4: quantization_config=Mxfp4Config("
+                         "dequantize=True)), save_pretrained the bf16 model, and load that directory")
     adapter = ADAPTERS.get(model_type) or (from_conversion_mapping(model_type) if model_type else None)
+    if adapter is None and model_type:
+        adapter = fused_on_disk(model_type)
     if adapter is None:
         raise ValueError(f"model_type={model_type!r} is not supported for offloaded inference: "
                          f"{_why_unmapped(model_type)}; these have explicit entries: {sorted(ADAPTERS)}")
@@ -121,10 +146,6 @@ def _why_unmapped(model_type: str | None) -> str:
         return ("its experts are non-gated (per-expert up_proj/down_proj, no gate), which the offload store "
                 "(gate, up and down per expert) does not hold yet; run it with transformers and "
                 "experts_implementation='moesys' instead")
-    if not targets:
-        return ("transformers' checkpoint conversion mapping has no per-expert expert names for it: its "
-                "checkpoints store the experts fused per layer (e.g. GPT-OSS's experts.gate_up_proj "
-                "[E, H, 2I], or MXFP4 _blocks/_scales), which the offload store does not slice yet")
     return ("transformers' checkpoint conversion mapping has no per-expert gate/up/down names for it (gated "
             "experts under model.layers.{i})")
 

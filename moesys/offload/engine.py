@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from moesys.offload import quant, slot_copy
 from moesys.offload.device_cache import DeviceCacheTables
+from moesys.offload.layout import PARAM_OF_PART, ExpertLayout
 from moesys.offload.quant_gemv import quant_gemv
 from moesys.ops import moe_mlp
 from moesys.offload.stats import OffloadStats
@@ -77,6 +78,13 @@ def _(ids_TK, layer):
     return torch.empty_like(ids_TK)
 
 
+def _biased_expert(module: nn.Module, x_NH: torch.Tensor, parts: dict) -> torch.Tensor:
+    """One expert of GPT-OSS's layout (transposed weights, biases, gate/up interleaved) as transformers'
+    eager loop computes it: the module's own _apply_gate (the clamped SwiGLU) between the two matmuls."""
+    gate_up = x_NH @ parts["gate_up"] + parts["gate_up_bias"]
+    return module._apply_gate(gate_up) @ parts["down"] + parts["down_bias"]
+
+
 class OffloadedExperts(nn.Module):
     """Drop-in for a transformers v5 experts module: same call, weights live in the engine."""
 
@@ -119,10 +127,10 @@ class OffloadEngine:
         if self.grouped:
             # the original experts modules now see the slot pool as their weights: ids are slot ids
             for layer, module in inner.items():
-                for name in ("gate_up_proj", "down_proj"):
-                    module._parameters.pop(name, None)
-                module.gate_up_proj = cache.bank_pool(layer, "gate_up")
-                module.down_proj = cache.bank_pool(layer, "down")
+                for part, name in PARAM_OF_PART.items():
+                    if part in cache.pools:  # biases too, when the experts have them (GPT-OSS)
+                        module._parameters.pop(name, None)
+                        setattr(module, name, cache.bank_pool(layer, part))
                 module.num_experts = cache.capacity(layer)
         act = getattr(some.config, "hidden_act", None)
         self.activation = _MOESYS_ACTIVATIONS.get(act)  # None: quantized experts use the eager loop
@@ -190,8 +198,9 @@ class OffloadEngine:
                 cache.slot_of[(layer, e)] = r * E + e
             cache.resident_per_layer[layer] = E
             module = self.inner[layer]
-            module.gate_up_proj = cache.pools["gate_up"][r * E:(r + 1) * E]
-            module.down_proj = cache.pools["down"][r * E:(r + 1) * E]
+            for part, name in PARAM_OF_PART.items():
+                if part in cache.pools:
+                    setattr(module, name, cache.pools[part][r * E:(r + 1) * E])
             module.num_experts = E
             modules[layer] = module
             # the module sees this layer's slots only, in expert order: no remapping (keeps experts_forward,
@@ -486,7 +495,7 @@ class OffloadEngine:
     def _run_loop(self, layer, x_TH, ids_TK, w_TK, experts_slots, out_TH, flat_host) -> None:
         """transformers' eager expert loop (same ops, same order) over slots, or the host store for slot
         None. Token positions come from the ids already read to the host, so the loop never syncs."""
-        act = self.inner[layer].act_fn
+        act = getattr(self.inner[layer], "act_fn", None)
         K = ids_TK.shape[1]
         order = sorted(experts_slots)
         ids_KT = torch.tensor(flat_host, dtype=torch.int64).view(-1, K).t()
@@ -512,8 +521,12 @@ class OffloadEngine:
                 x = x.to("cpu", w_gu.dtype)
             else:
                 w_gu, w_d = self._weights(self.cache.slot_views(slot), x_TH.dtype)
-            gate, up = F.linear(x, w_gu).chunk(2, dim=-1)
-            h = F.linear(act(gate) * up, w_d).to(x_TH.device, x_TH.dtype)
+            if self.store.layout != ExpertLayout():
+                h = _biased_expert(self.inner[layer], x, self.store.host_parts(layer, e) if slot is None
+                                   else self.cache.slot_views(slot)).to(x_TH.device, x_TH.dtype)
+            else:
+                gate, up = F.linear(x, w_gu).chunk(2, dim=-1)
+                h = F.linear(act(gate) * up, w_d).to(x_TH.device, x_TH.dtype)
             h = h * w_TK[token_idx, top_k_pos, None]
             out_TH.index_add_(0, token_idx, h.to(out_TH.dtype))
 

@@ -19,6 +19,7 @@ from moesys.offload import graph as decode_graph
 from moesys.offload.adapters import adapter_for, find_moe_blocks, router_of
 from moesys.offload.cache import CACHE_POLICIES, ExpertCache
 from moesys.offload.engine import CPU_EXPERT_MODES, OffloadedExperts, OffloadEngine
+from moesys.offload.layout import expert_dims
 from moesys.offload.prefetch import PREFETCH_POLICIES, NextGatePrefetcher
 from moesys.offload.quant import QUANT_MODES
 from moesys.offload.sizes import format_bytes, parse_bytes
@@ -102,11 +103,9 @@ def plan_memory(model: nn.Module, blocks: dict, dtype: torch.dtype, gpu_memory, 
     expert_params = {id(p) for b in blocks.values() for p in b.experts.parameters()}
     elsize = torch.empty((), dtype=dtype).element_size()
     resident = sum(p.numel() for p in model.parameters() if id(p) not in expert_params) * elsize
-    experts = next(iter(blocks.values())).experts
-    E, two_I, H = experts.gate_up_proj.shape
-    I = two_I // 2
+    E, I, H, layout = expert_dims(next(iter(blocks.values())).experts)
     K = getattr(config, "num_experts_per_tok", 1)
-    slot_bytes = parts_nbytes(slot_parts(I, H, dtype, quantize_experts, group_size))
+    slot_bytes = parts_nbytes(slot_parts(I, H, dtype, quantize_experts, group_size, layout))
     if reserve is None:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -176,10 +175,9 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
     adapter = adapter_for(config)
     model = build_skeleton(config, dtype, opts["experts_implementation"])
     blocks = find_moe_blocks(model, adapter)
-    E, two_I, H = next(iter(blocks.values())).experts.gate_up_proj.shape
-    I = two_I // 2
+    E, I, H, layout = expert_dims(next(iter(blocks.values())).experts)
     for layer in blocks:
-        source.check_experts(layer, E, I, H)
+        source.check_experts(layer, E, I, H, layout)
     plan = plan_memory(model, blocks, dtype, gpu_memory, quantize_experts=opts["quantize_experts"],
                        max_context=opts["max_context"], reserve=opts["reserve"], group_size=opts["group_size"])
 
@@ -188,7 +186,7 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
     if mode == "pinned" and device.type != "cuda":
         mode = "memory"  # page-locking only helps copies to CUDA
     store = HostExpertStore(source, list(blocks), E, I, H, dtype, mode=mode, quantize=opts["quantize_experts"],
-                            group_size=opts["group_size"], work_device=device)
+                            group_size=opts["group_size"], work_device=device, layout=layout)
     cache = ExpertCache(store.parts, plan.num_slots, device, opts["cache_policy"], list(blocks), E,
                         bank_size=opts["bank_size"])
     inner = {layer: block.experts for layer, block in blocks.items()}

@@ -69,9 +69,11 @@ def test_unsupported_layouts_are_refused_with_the_reason():
         adapter_for(mxfp4)
 
 
-def _offloaded_matches(arch, tmp_path, **options):
+def _offloaded_matches(arch, tmp_path, generate_kw=(), **options):
     """Save a tiny random `arch`, load it offloaded with room for 5 of 16 experts (eviction forced) and
-    check greedy tokens and logits against transformers' from_pretrained of the same files."""
+    check greedy tokens (generate() with `generate_kw`) and logits against transformers' from_pretrained of
+    the same files."""
+    generate_kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, **dict(generate_kw))
     torch.manual_seed(0)
     config = CONFIGS[arch]()
     assert config.model_type not in ADAPTERS
@@ -85,7 +87,7 @@ def _offloaded_matches(arch, tmp_path, **options):
     model.save_pretrained(tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     prompt = torch.randint(2, 101, (1, 9), generator=torch.Generator().manual_seed(1))
-    want = ref.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    want = ref.generate(prompt, **generate_kw)
 
     skel_config = AutoConfig.from_pretrained(tmp_path)
     skel = build_skeleton(skel_config, torch.float32)
@@ -93,7 +95,7 @@ def _offloaded_matches(arch, tmp_path, **options):
     slots = 5  # of 16 experts
     off = mo.load(tmp_path, gpu_memory=plan.resident_bytes + plan.reserve_bytes + slots * plan.slot_bytes,
                   dtype=torch.float32, **options)
-    got = off.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    got = off.generate(prompt, **generate_kw)
     assert torch.equal(got, want)
     with torch.no_grad():
         # fp32 rounding, not bit equality: with torch's default CPU threads the engine's per-expert GEMMs split
@@ -117,6 +119,19 @@ def test_gpt_oss_per_expert_paths(options, tmp_path):
     off = _offloaded_matches("gpt_oss", tmp_path, **options)
     if "cpu_experts" in options:
         assert off.moesys_offload.snapshot().cpu_experts > 0
+
+
+def test_gpt_oss_device_path(tmp_path, monkeypatch):
+    """Batch-1 decode with a StaticCache (sliding-window and full layers) on the device path: bookkeeping
+    and misses on the device, the model's own experts (biases, clamped SwiGLU) over the slots."""
+    from moesys.offload import loader
+
+    monkeypatch.setitem(loader._OPTIONS, "cuda_graph", True)
+    off = _offloaded_matches("gpt_oss", tmp_path, {"cache_implementation": "static", "disable_compile": True})
+    engine, decoder = off.moesys_offload, off.moesys_decode_graph
+    assert engine.device_path_unsupported is None
+    assert decoder.eager_steps + decoder.replays == NEW_TOKENS - 1  # every decode step took the device path
+    assert engine.snapshot().decode_tokens == NEW_TOKENS - 1
 
 
 def test_gpt_oss_quantized_experts_are_refused(tmp_path):

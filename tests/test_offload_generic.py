@@ -5,7 +5,7 @@ model (experts evicted and reloaded) against transformers' from_pretrained of th
 import pytest
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig,
-                          GptOssConfig, JambaConfig, PhimoeConfig, Qwen3NextConfig)
+                          GptOssConfig, JambaConfig, NemotronHConfig, PhimoeConfig, Qwen3NextConfig)
 
 import moesys.offload as mo
 from moesys.offload.adapters import ADAPTERS, adapter_for, find_moe_blocks, from_conversion_mapping, router_of
@@ -39,6 +39,14 @@ CONFIGS = {
     "gpt_oss": lambda: GptOssConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=4,
                                     swiglu_limit=0.5, layer_types=["sliding_attention", "full_attention",
                                                                    "sliding_attention"]),
+    # non-gated experts (up/down, relu2) stored per expert under backbone.*, Mamba-2 and attention layers
+    "nemotron_h": lambda: NemotronHConfig(**{k: v for k, v in COMMON.items() if k not in ("intermediate_size",
+                                                                                          "num_hidden_layers")},
+                                          intermediate_size=40, head_dim=8, ssm_state_size=8, mamba_num_heads=4,
+                                          mamba_head_dim=8, n_groups=2, chunk_size=8, n_routed_experts=8,
+                                          num_experts_per_tok=2, moe_intermediate_size=24,
+                                          moe_shared_expert_intermediate_size=20,
+                                          layers_block_type=["mamba", "moe", "attention", "moe"]),
 }
 NEW_TOKENS = 8
 
@@ -55,15 +63,15 @@ def test_mapping_gives_the_explicit_adapters():
     assert from_conversion_mapping("mixtral") == ADAPTERS["mixtral"]
     assert from_conversion_mapping("gpt_oss") is None  # fused on disk: no per-expert names to map
     assert adapter_for(GptOssConfig()).disk_block == "model.layers.{i}.mlp"  # the in-memory names, fused
+    nemotron = from_conversion_mapping("nemotron_h")  # non-gated, under backbone. on disk
+    assert (nemotron.disk_block, nemotron.module_block) == ("backbone.layers.{i}.mixer", "model.layers.{i}.mixer")
+    assert nemotron.proj_names == (None, "up_proj", "down_proj")
 
 
-def test_unsupported_layouts_are_refused_with_the_reason():
-    """Nemotron-H (non-gated experts) and quantized checkpoints (GPT-OSS's MXFP4) are refused naming what is
-    missing and, for the quantized one, how to proceed."""
+def test_quantized_checkpoints_are_refused_with_how_to_proceed():
+    """A quantized checkpoint (GPT-OSS's MXFP4) is refused naming the method and how to proceed."""
     from types import SimpleNamespace
 
-    with pytest.raises(ValueError, match="model_type='nemotron_h'.*non-gated"):
-        adapter_for(SimpleNamespace(model_type="nemotron_h"))
     mxfp4 = SimpleNamespace(model_type="gpt_oss", quantization_config={"quant_method": "mxfp4"})
     with pytest.raises(ValueError, match="quant_method='mxfp4'.*dequantize it first"):
         adapter_for(mxfp4)
@@ -113,29 +121,34 @@ def test_generic_adapter_greedy_and_logits_equal(arch, tmp_path):
 
 @pytest.mark.parametrize("options", [{"experts_implementation": "eager"}, {"cpu_experts": "on"},
                                      {"host_memory": "mmap"}], ids=["eager-loop", "host-experts", "mmap"])
-def test_gpt_oss_per_expert_paths(options, tmp_path):
-    """GPT-OSS's experts through the engine's own per-expert loop (bias, transposed interleaved weights, the
-    module's clamped SwiGLU) from cache slots, from the host store, and sliced from the mapped file."""
-    off = _offloaded_matches("gpt_oss", tmp_path, **options)
+@pytest.mark.parametrize("arch", ["gpt_oss", "nemotron_h"])
+def test_other_layouts_per_expert_paths(arch, options, tmp_path):
+    """Experts in GPT-OSS's layout (bias, transposed interleaved weights, the module's clamped SwiGLU) and
+    Nemotron-H's (non-gated, relu2) through the engine's own per-expert loop from cache slots, from the host
+    store, and read from the mapped file."""
+    off = _offloaded_matches(arch, tmp_path, **options)
     if "cpu_experts" in options:
         assert off.moesys_offload.snapshot().cpu_experts > 0
 
 
-def test_gpt_oss_device_path(tmp_path, monkeypatch):
-    """Batch-1 decode with a StaticCache (sliding-window and full layers) on the device path: bookkeeping
-    and misses on the device, the model's own experts (biases, clamped SwiGLU) over the slots."""
+@pytest.mark.parametrize("arch", ["gpt_oss", "nemotron_h"])
+def test_other_layouts_device_path(arch, tmp_path, monkeypatch):
+    """Batch-1 decode with a StaticCache (GPT-OSS: sliding-window and full layers; Nemotron-H: Mamba and
+    attention) on the device path: bookkeeping and misses on the device, the model's own experts (biases and
+    clamped SwiGLU; non-gated relu2) over the slots."""
     from moesys.offload import loader
 
     monkeypatch.setitem(loader._OPTIONS, "cuda_graph", True)
-    off = _offloaded_matches("gpt_oss", tmp_path, {"cache_implementation": "static", "disable_compile": True})
+    off = _offloaded_matches(arch, tmp_path, {"cache_implementation": "static", "disable_compile": True})
     engine, decoder = off.moesys_offload, off.moesys_decode_graph
     assert engine.device_path_unsupported is None
     assert decoder.eager_steps + decoder.replays == NEW_TOKENS - 1  # every decode step took the device path
     assert engine.snapshot().decode_tokens == NEW_TOKENS - 1
 
 
-def test_gpt_oss_quantized_experts_are_refused(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt_oss", "nemotron_h"])
+def test_quantized_experts_of_other_layouts_are_refused(arch, tmp_path):
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(CONFIGS["gpt_oss"]()).save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_config(CONFIGS[arch]()).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="quantize_experts='int8' supports only plain gated experts.*biases"):
         mo.load(tmp_path, gpu_memory=1 << 30, dtype=torch.float32, quantize_experts="int8")

@@ -78,9 +78,12 @@ def _(ids_TK, layer):
     return torch.empty_like(ids_TK)
 
 
-def _biased_expert(module: nn.Module, x_NH: torch.Tensor, parts: dict) -> torch.Tensor:
-    """One expert of GPT-OSS's layout (transposed weights, biases, gate/up interleaved) as transformers'
-    eager loop computes it: the module's own _apply_gate (the clamped SwiGLU) between the two matmuls."""
+def _expert_mlp(module: nn.Module, x_NH: torch.Tensor, parts: dict) -> torch.Tensor:
+    """One expert whose layout is not the plain gated one, as transformers' eager loop computes it: GPT-OSS's
+    (transposed weights, biases, gate/up interleaved) with the module's own _apply_gate (the clamped SwiGLU)
+    between the two matmuls, or a non-gated expert (Nemotron-H: down(act(up x)), relu2)."""
+    if "up" in parts:
+        return F.linear(module.act_fn(F.linear(x_NH, parts["up"])), parts["down"])
     gate_up = x_NH @ parts["gate_up"] + parts["gate_up_bias"]
     return module._apply_gate(gate_up) @ parts["down"] + parts["down_bias"]
 
@@ -515,20 +518,21 @@ class OffloadEngine:
             top_k_pos, token_idx = kt_N2[start:start + n, 0], kt_N2[start:start + n, 1]
             start += n
             x = x_TH[token_idx]
-            if slot is None:
-                # computed where the weights already are: the host
-                w_gu, w_d = self._weights(self.store.host_parts(layer, e), self.store.dtype)
-                x = x.to("cpu", w_gu.dtype)
+            if slot is None:  # computed where the weights already are: the host
+                parts, x = self.store.host_parts(layer, e), x.to("cpu", self.store.dtype)
             else:
-                w_gu, w_d = self._weights(self.cache.slot_views(slot), x_TH.dtype)
-            if self.store.layout != ExpertLayout():
-                h = _biased_expert(self.inner[layer], x, self.store.host_parts(layer, e) if slot is None
-                                   else self.cache.slot_views(slot)).to(x_TH.device, x_TH.dtype)
-            else:
-                gate, up = F.linear(x, w_gu).chunk(2, dim=-1)
-                h = F.linear(act(gate) * up, w_d).to(x_TH.device, x_TH.dtype)
+                parts = self.cache.slot_views(slot)
+            h = self._expert_out(layer, x, parts, act).to(x_TH.device, x_TH.dtype)
             h = h * w_TK[token_idx, top_k_pos, None]
             out_TH.index_add_(0, token_idx, h.to(out_TH.dtype))
+
+    def _expert_out(self, layer: int, x_NH: torch.Tensor, parts: dict, act) -> torch.Tensor:
+        """One expert's output for rows x_NH from its parts (a cache slot or the host store)."""
+        if self.store.layout != ExpertLayout():
+            return _expert_mlp(self.inner[layer], x_NH, parts)
+        w_gu, w_d = self._weights(parts, x_NH.dtype)
+        gate, up = F.linear(x_NH, w_gu).chunk(2, dim=-1)
+        return F.linear(act(gate) * up, w_d)
 
     def _dequantize_slots(self, slots: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [n, 2I, H], down [n, H, I]) of the cache slots `slots` (a device index), in `dtype`."""
@@ -574,16 +578,14 @@ class OffloadEngine:
         y back, all on the critical path) faster than copying it to the GPU? Copies are timed back to back,
         as they stream on the side stream, so their per-expert time is the bandwidth-bound one."""
         layer = next(iter(self.inner))
-        I = self.store.I
         x_dev = torch.randn(1, self.store.H, dtype=self.store.dtype, device=self.device)
         n = min(4, self.cache.num_slots, self.cache.num_experts)
         cpu_s = copy_s = float("inf")
         for _ in range(3):
             torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
-            w_gu, w_d = self._weights(self.store.host_parts(layer, 0), self.store.dtype)  # as the CPU path does
-            h = F.linear(x_dev.to("cpu"), w_gu)
-            F.linear(F.silu(h[:, :I]) * h[:, I:], w_d).to(self.device)
+            # as the CPU path does
+            self._expert_out(layer, x_dev.to("cpu"), self.store.host_parts(layer, 0), F.silu).to(self.device)
             torch.cuda.synchronize(self.device)
             cpu_s = min(cpu_s, time.perf_counter() - t0)
             t0 = time.perf_counter()

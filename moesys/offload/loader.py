@@ -19,7 +19,7 @@ from moesys.offload import graph as decode_graph
 from moesys.offload.adapters import adapter_for, find_moe_blocks, router_of
 from moesys.offload.cache import CACHE_POLICIES, ExpertCache
 from moesys.offload.engine import CPU_EXPERT_MODES, OffloadedExperts, OffloadEngine
-from moesys.offload.layout import expert_dims
+from moesys.offload.layout import expert_dims, is_experts_module
 from moesys.offload.prefetch import PREFETCH_POLICIES, NextGatePrefetcher
 from moesys.offload.quant import QUANT_MODES
 from moesys.offload.sizes import format_bytes, parse_bytes
@@ -147,7 +147,7 @@ def _load_non_experts(model: nn.Module, source, adapter, device, dtype) -> None:
             with torch.device("cpu"):
                 fresh = type(module)(module.config)
             setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh.to(device))
-    expert_params = {id(p) for m in model.modules() if hasattr(m, "gate_up_proj") for p in m.parameters()}
+    expert_params = {id(p) for m in model.modules() if is_experts_module(m) for p in m.parameters()}
     left = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in expert_params]
     left += [n for n, b in model.named_buffers() if b.is_meta]
     if left:

@@ -225,9 +225,12 @@ def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
 
     Args:
         model_dir: a transformers v5 checkpoint directory (config.json + *.safetensors) of an architecture
-            whose gated experts (no biases, gate/up concatenated, not transposed) are stored per expert:
-            Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, and any other whose names transformers' checkpoint
-            conversion mapping gives (tested: DeepSeek-V3, GLM-4-MoE, PhiMoE, Jamba, Qwen3-Next).
+            whose experts are stored per expert: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, and any other whose
+            names transformers' checkpoint conversion mapping gives (tested: DeepSeek-V2/V3, GLM-4-MoE,
+            PhiMoE, Jamba, Qwen3-Next, and non-gated Nemotron-H), or fused per layer under the in-memory
+            names (GPT-OSS, bf16: its transposed, interleaved gate/up with biases and clamped SwiGLU;
+            quantized checkpoints such as MXFP4 are refused, dequantize them first). Quantized experts
+            (int8/int4) are plain gated experts only.
         gpu_memory: the device memory budget, bytes (int) or a string like "16GiB".
         dtype: compute dtype (default: the config's dtype).
         options: cache_policy "lru"|"lfu", prefetch "next-gate"|"none", quantize_experts "none"|"int8"|"int4",

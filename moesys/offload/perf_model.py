@@ -248,8 +248,9 @@ def workload_of(engine, config) -> Workload:
     plan, store = engine.plan, engine.store
     kv_per_token = kv_bytes_per_token(config, store.dtype)
     kv_reserve = getattr(engine, "max_context", 0) * kv_per_token
+    gemms = 3 if store.layout.gated else 2  # gate, up, down; or up, down
     return Workload(num_layers=len(engine.inner), num_experts=engine.cache.num_experts, top_k=engine.top_k,
-                    expert_bytes=store.expert_bytes, expert_flops_per_row=2 * (3 if store.layout.gated else 2) * store.H * store.I,
+                    expert_bytes=store.expert_bytes, expert_flops_per_row=2 * gemms * store.H * store.I,
                     dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
                     attention_layers=config.get_text_config().num_hidden_layers,
                     free_bytes=engine.cache.num_slots * plan.slot_bytes + kv_reserve)

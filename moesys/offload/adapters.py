@@ -73,7 +73,7 @@ def from_conversion_mapping(model_type: str) -> Adapter | None:
     `.<up>` into gate_up_proj and `.<down>` into down_proj gives the projection names; a renaming `.<disk>.`
     -> `.<module>.` the block's two names (Mixtral's block_sparse_moe -> mlp); the other renamings apply to
     the non-expert names. Non-gated experts (a converter into experts.up_proj, no gate) get gate None. None
-    when the mapping has no such converters.""" 
+    when the mapping has no such converters."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     gate_up = up = down = None
@@ -122,6 +122,7 @@ def fused_on_disk(model_type: str) -> Adapter | None:
 
     if any(type(e).__name__ != "WeightRenaming" for e in get_checkpoint_conversion_mapping(model_type) or []):
         return None
+    # the per-expert names are the v5 ones: only read if a file of this model did store experts one by one
     return Adapter(model_type, "model.layers.{i}.mlp", "model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"))
 
 

@@ -19,7 +19,7 @@ from moesys.offload import graph as decode_graph
 from moesys.offload.adapters import adapter_for, find_moe_blocks, router_of
 from moesys.offload.cache import CACHE_POLICIES, ExpertCache
 from moesys.offload.engine import CPU_EXPERT_MODES, OffloadedExperts, OffloadEngine
-from moesys.offload.layout import expert_dims, is_experts_module
+from moesys.offload.layout import ExpertLayout, expert_dims, is_experts_module
 from moesys.offload.prefetch import PREFETCH_POLICIES, NextGatePrefetcher
 from moesys.offload.quant import QUANT_MODES
 from moesys.offload.sizes import format_bytes, parse_bytes
@@ -122,8 +122,8 @@ def plan_memory(model: nn.Module, blocks: dict, dtype: torch.dtype, gpu_memory, 
             f"gpu_memory={format_bytes(budget)} is too small for this model: non-expert weights need "
             f"{format_bytes(resident)}, the workspace (KV cache for max_context={max_context}, activations) "
             f"{format_bytes(plan.reserve_bytes)}, and one expert per MoE layer {len(blocks)} x "
-            f"{format_bytes(slot_bytes)}; give at least {format_bytes(plan.min_budget)}, or lower max_context, "
-            f"or use quantize_experts='int4'")
+            f"{format_bytes(slot_bytes)}; give at least {format_bytes(plan.min_budget)}, or lower max_context"
+            + (", or use quantize_experts='int4'" if layout == ExpertLayout() else ""))
     plan.num_slots = min(plan.total_experts, (budget - resident - plan.reserve_bytes) // slot_bytes)
     return plan
 

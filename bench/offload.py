@@ -12,6 +12,10 @@
    model; the bound is pinned H2D bandwidth / (expert bytes missed per decode token) at the measured hit rate.
 3. Qwen3-30B-A3B-shaped random bf16 model (~61 GB, built on the GPU, experts copied to pinned host memory,
    never written to disk) under 16 GiB, if the time guard allows.
+4. On request (--stages deepseek-v2-lite,gpt-oss-20b): DeepSeek-V2-Lite- and GPT-OSS-20B-shaped random bf16
+   models under 8 GiB, beside transformers fully on the GPU and accelerate's offload; the bound is
+   1 / max(missed bytes per token / pinned bandwidth, decode step with every expert resident).
+   --stages smoke runs both shapes tiny on the CPU (the code path, no numbers worth keeping).
 
 Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
 """
@@ -35,6 +39,20 @@ START = time.time()
 
 def log(*args):
     print(f"[{time.time() - START:6.1f}s]", *args, flush=True)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int | None:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
 def h2d_bandwidth(nbytes: int = 1 << 30) -> dict:
@@ -88,13 +106,13 @@ def forced_decode(model, prompt, steps: int, vocab: int, before_decode=None, see
     if static:
         cache = static_cache_for(model, P + steps)
         cache.reset()
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     if static:
         out = model(prompt, logits_to_keep=1, **_cache_kwargs(model, cache, torch.arange(P, device=prompt.device)))
     else:
         out = model(prompt, use_cache=True, logits_to_keep=1)
-    torch.cuda.synchronize()
+    _sync()
     t1 = time.perf_counter()
     if before_decode is not None:
         before_decode()  # the engine's statistics read (a sync): outside the decode timing
@@ -105,7 +123,7 @@ def forced_decode(model, prompt, steps: int, vocab: int, before_decode=None, see
             model(toks[i], **_cache_kwargs(model, cache, torch.tensor([P + i], device=prompt.device)))
         else:
             past = model(toks[i], past_key_values=past, use_cache=True).past_key_values
-    torch.cuda.synchronize()
+    _sync()
     return P / (t1 - t0), steps / (time.perf_counter() - t2)
 
 
@@ -120,7 +138,8 @@ def warm_up(model, prompt, steps: int, vocab: int, static=False) -> None:
 
 def free():
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if hasattr(torch._C, "_host_emptyCache"):
         torch._C._host_emptyCache()  # give cached pinned blocks back before the next store is pinned
 
@@ -195,17 +214,17 @@ def olmoe_config():
                        dtype="bfloat16")
 
 
-def random_model_on_gpu(cfg, name: str):
+def random_model_on_gpu(cfg, name: str, device: str = "cuda", prompt_tokens: int = 512):
     """(bf16 model with random weights built on the GPU, a fixed random 512-token prompt): generating on
-    the GPU is seconds where filling 7B parameters on the host took minutes."""
+    the GPU is seconds where filling 7B parameters on the host took minutes. `device`="cpu": the smoke runs."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         gpu = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    log(name, "built on GPU", sum(p.numel() for p in gpu.parameters()) * 2 / 1e9, "GB")
-    prompt = torch.randint(2, cfg.vocab_size, (1, 512), device="cuda",
-                           generator=torch.Generator("cuda").manual_seed(0))
+    log(name, "built on", device, sum(p.numel() for p in gpu.parameters()) * 2 / 1e9, "GB")
+    prompt = torch.randint(2, cfg.vocab_size, (1, prompt_tokens), device=device,
+                           generator=torch.Generator(device).manual_seed(0))
     return gpu, prompt
 
 
@@ -219,7 +238,7 @@ def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, 
     teacher-forced decode; stats, bound, memory peak. static: decode with a StaticCache (the CUDA-graph path,
     moesys.offload's default on CUDA), else transformers' DynamicCache."""
     engine = model.moesys_offload
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     identical = identical_compiled = None
     if want is not None:
         tokens = want["static" if static else "dynamic"]
@@ -250,10 +269,10 @@ def run_ours(records, base, model, prompt, steps, budget, bw, vocab, want=None, 
                decode_bytes_copied_per_token=d["bytes_copied"] / steps, decode_cpu_experts=d["cpu_experts"],
                prefill_bytes_copied=at["bytes_copied"], expert_bytes=engine.store.expert_bytes,
                num_slots=engine.cache.num_slots, host_memory=engine.host_mode,
-               budget_bytes=budget, peak_bytes=torch.cuda.max_memory_allocated(), cost_model=engine.cost_model,
+               budget_bytes=budget, peak_bytes=_peak(), cost_model=engine.cost_model,
                identical_to_gpu=identical, identical_to_gpu_compiled=identical_compiled, static_cache=static,
                graph_replays=getattr(getattr(model, "moesys_decode_graph", None), "replays", None))
-    rec["peak_within_budget"] = rec["peak_bytes"] <= budget
+    rec["peak_within_budget"] = rec["peak_bytes"] <= budget if rec["peak_bytes"] is not None else None
     if extra:
         rec.update(extra)
     records.append(rec)
@@ -277,13 +296,34 @@ def baseline(records, base, impl, model, prompt, steps, vocab, want_tokens=0, bu
                                  cache_implementation=kind, disable_compile=True)
             want[kind] = out[0, 64:].tolist()
     warm_up(model, prompt, steps, vocab, static=static)
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     prefill, decode = forced_decode(model, prompt, steps, vocab, static=static)
     records.append(dict(base, impl=impl, tokens_per_s=decode, decode_tokens_per_s=decode,
                         prefill_tokens_per_s=prefill, decode_steps=steps, budget_bytes=budget,
-                        peak_bytes=torch.cuda.max_memory_allocated(), static_cache=static))
+                        peak_bytes=_peak(), static_cache=static))
     log(impl, "decode", decode, "prefill", prefill)
     return want
+
+
+def load_and_run(records, base, path, budget, opts, bw_Bps, prompt, steps, vocab, want, static, save):
+    """mo.load the checkpoint at `path` under `budget` with `opts` and run_ours on it; a failure is recorded
+    (and the next implementation still runs). The record, or None."""
+    import moesys.offload as mo
+
+    rec = None
+    try:
+        t0 = time.perf_counter()
+        model = mo.load(path, gpu_memory=budget, dtype=torch.bfloat16, **opts)
+        load_s = time.perf_counter() - t0
+        rec = run_ours(records, base, model, prompt, steps, budget, bw_Bps, vocab, want=want,
+                       extra={"load_s": load_s, "options": opts}, static=static)
+        del model
+    except Exception as e:
+        traceback.print_exc()
+        records.append(dict(base, error=repr(e)))
+    free()
+    save()
+    return rec
 
 
 class _Skipped(Exception):
@@ -294,8 +334,6 @@ def bench_olmoe(records, meta, workdir, bw, steps, only=None, save=lambda: None)
     """`only`: the impls to run besides transformers-gpu (which the identity checks need); None = all.
     `save` is called after each implementation (a run cut short keeps what it measured)."""
     from transformers import AutoModelForCausalLM
-
-    import moesys.offload as mo
 
     cfg = olmoe_config()
     path = os.path.join(workdir, "olmoe_shaped")
@@ -353,19 +391,9 @@ def bench_olmoe(records, meta, workdir, bw, steps, only=None, save=lambda: None)
     for impl, b, opts, static in runs:
         if only is not None and impl not in only:
             continue
-        try:
-            t0 = time.perf_counter()
-            model = mo.load(path, gpu_memory=b, dtype=torch.bfloat16, **opts)
-            load_s = time.perf_counter() - t0
-            exact = opts.get("quantize_experts", "none") == "none"
-            run_ours(records, dict(base, impl=impl), model, prompt, steps, b, bw["h2d_pinned_GBps"] * 1e9, V,
-                     want=want if exact else None, extra={"load_s": load_s, "options": opts}, static=static)
-            del model
-        except Exception as e:
-            traceback.print_exc()
-            records.append(dict(base, impl=impl, error=repr(e)))
-        free()
-        save()
+        exact = opts.get("quantize_experts", "none") == "none"
+        load_and_run(records, dict(base, impl=impl), path, b, opts, bw["h2d_pinned_GBps"] * 1e9, prompt, steps, V,
+                     want if exact else None, static, save)
 
 
 # ------------------------------------------------------------------ 3. Qwen3-30B-A3B-shaped
@@ -424,6 +452,114 @@ def bench_qwen3(records, meta, bw, steps):
                         "host memory (ours + accelerate's CPU copy) does not fit 128 GB next to the time budget"))
 
 
+# ------------------------------------------------------------------ 4. DeepSeek-V2-Lite- and GPT-OSS-20B-shaped
+def shape_configs(tiny: bool = False) -> dict:
+    """name -> config: DeepSeek-V2-Lite (MLA, 2 shared + 64 routed experts, top-6) and GPT-OSS-20B (dequantized
+    to bf16: 32 experts with biases and clamped SwiGLU, top-4, sliding-window layers, attention sinks), or the
+    same architectures tiny (`tiny`: the CPU smoke run)."""
+    from transformers import DeepseekV2Config, GptOssConfig
+
+    common = dict(pad_token_id=0, bos_token_id=1, eos_token_id=None, dtype="bfloat16")
+    if tiny:
+        return {"deepseek-v2-lite": DeepseekV2Config(vocab_size=101, hidden_size=32, intermediate_size=40,
+                                                     moe_intermediate_size=24, num_hidden_layers=3,
+                                                     num_attention_heads=4, num_key_value_heads=4,
+                                                     n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                                                     first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                                                     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                                     max_position_embeddings=256, **common),
+                "gpt-oss-20b": GptOssConfig(vocab_size=101, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+                                            layer_types=["sliding_attention", "full_attention"],
+                                            max_position_embeddings=256, **common)}
+    return {"deepseek-v2-lite": DeepseekV2Config(vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                                                 moe_intermediate_size=1408, num_hidden_layers=27,
+                                                 num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+                                                 n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+                                                 kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                                                 qk_nope_head_dim=128, v_head_dim=128, routed_scaling_factor=1.0,
+                                                 max_position_embeddings=4096, **common),
+            "gpt-oss-20b": GptOssConfig(vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8,
+                                        head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                                        layer_types=["sliding_attention", "full_attention"] * 12,
+                                        max_position_embeddings=4096, **common)}
+
+
+def _few_slots_budget(path, slots: int = 4) -> int:
+    """A budget holding the non-expert weights, the workspace and `slots` experts of the checkpoint at `path`."""
+    from transformers import AutoConfig
+
+    import moesys.offload as mo
+    from moesys.offload.adapters import adapter_for, find_moe_blocks
+    from moesys.offload.loader import build_skeleton
+
+    cfg = AutoConfig.from_pretrained(path)
+    skel = build_skeleton(cfg, torch.bfloat16)
+    plan = mo.plan_memory(skel, find_moe_blocks(skel, adapter_for(cfg)), torch.bfloat16, 1 << 40)
+    return plan.resident_bytes + plan.reserve_bytes + slots * plan.slot_bytes
+
+
+def bench_shape(records, meta, workdir, bw_Bps, steps, name, cfg, budget, device="cuda", save=lambda: None,
+                prompt_tokens=512):
+    """Batch-1 decode of one random bf16 model saved to disk: transformers fully on the device (where it fits),
+    transformers + accelerate offload (device_map="auto" with max_memory = the budget), moesys under `budget`
+    (pinned store, CUDA-graph decode) and moesys with a budget holding every expert (the resident step).
+    bound = 1 / max(missed bytes per token / pinned bandwidth, resident step time): the copies and the compute
+    can at best overlap fully."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(workdir, f"{name}_shaped")
+    V = cfg.vocab_size
+    base = dict(meta, bench="offload", shape=name, prompt_tokens=prompt_tokens, decode_steps=steps, batch=1,
+                decode="teacher-forced random tokens, KV cache")
+    full, prompt = random_model_on_gpu(cfg, name, device, prompt_tokens)
+    full.save_pretrained(path)
+    log(name, "saved")
+    if callable(budget):  # the smoke run: a budget from the memory plan (a few slots, so experts are evicted)
+        budget = budget(path)
+    want = None
+    try:  # fully on the device: the tokens every exact run must give, and the speed to compare with
+        want = baseline(records, base, "transformers-gpu", full, prompt, steps, V, want_tokens=16)
+    except Exception as e:
+        traceback.print_exc()
+        records.append(dict(base, impl="transformers-gpu", error=repr(e)))
+    del full
+    free()
+    if device == "cuda":
+        try:
+            acc = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
+                                                       max_memory={0: budget, "cpu": 200 * 2**30}).eval()
+            baseline(records, base, "accelerate-offload", acc, prompt, 3, V, budget=budget)
+            del acc
+        except Exception as e:  # the baseline's failure must not hide ours
+            traceback.print_exc()
+            records.append(dict(base, impl="accelerate-offload", error=repr(e)))
+        free()
+        save()
+    ours = {}
+    host = "pinned" if device == "cuda" else "memory"
+    for impl, b in (("moesys-pinned", budget), ("moesys-whole-model-budget", 1 << 40)):
+        rec = load_and_run(records, dict(base, impl=impl), path, b, dict(host_memory=host, device=device), bw_Bps,
+                           prompt, steps, V, want, True, save)
+        if rec is not None:
+            ours[impl] = rec
+    if len(ours) == 2:
+        rec, resident = ours["moesys-pinned"], ours["moesys-whole-model-budget"]
+        copy_s = rec["decode_missed_bytes_per_token"] / bw_Bps
+        bound = 1 / max(copy_s, 1 / resident["decode_tokens_per_s"])
+        rec.update(bound_tokens_per_s=bound, fraction_of_bound=rec["decode_tokens_per_s"] / bound,
+                   resident_step_s=1 / resident["decode_tokens_per_s"], missed_copy_s_per_token=copy_s)
+        acc = [r for r in records if r.get("shape") == name and r["impl"] == "accelerate-offload"
+               and "tokens_per_s" in r]
+        if acc:
+            rec["speedup_vs_accelerate"] = rec["decode_tokens_per_s"] / acc[-1]["decode_tokens_per_s"]
+        log(name, {k: rec.get(k) for k in ("decode_tokens_per_s", "decode_hit_rate", "bound_tokens_per_s",
+                                            "fraction_of_bound", "speedup_vs_accelerate", "identical_to_gpu")})
+        save()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -431,19 +567,29 @@ def main():
     p.add_argument("--steps", type=int, default=24, help="timed batch-1 decode steps")
     p.add_argument("--skip-qwen3", action="store_true")
     p.add_argument("--stages", default="correctness,olmoe,qwen3",
-                   help="comma-separated stages to run (default: all three)")
+                   help="comma-separated stages to run (default: correctness,olmoe,qwen3); also deepseek-v2-lite and "
+                        "gpt-oss-20b (8 GiB budget each), and smoke (both of those shapes tiny, on the CPU)")
     p.add_argument("--only", default=None, help="comma-separated OLMoE-shape impls to run (default: all)")
     p.add_argument("--qwen3-after-s", type=float, default=200.0,
                    help="skip the Qwen3 shape if this many seconds have passed before it starts")
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    meta = run_meta("cuda")
+    stages = set(args.stages.split(","))
     records = []
 
-    def save():
-        with open(args.out, "w") as f:
+    def save():  # to a temporary name, then renamed: a run cut short never leaves half a file
+        with open(args.out + ".tmp", "w") as f:
             json.dump(records, f, indent=1, default=str)
+        os.replace(args.out + ".tmp", args.out)
 
+    if stages == {"smoke"}:  # CPU: the new shapes' code path on tiny models, no GPU, nominal bandwidth
+        meta = run_meta("cpu")
+        for name, cfg in shape_configs(tiny=True).items():
+            bench_shape(records, meta, args.workdir, 1e9, 4, name, cfg, _few_slots_budget, device="cpu", save=save,
+                        prompt_tokens=72)  # run_ours checks greedy tokens after a 64-token prompt
+        log("done")
+        return
+    meta = run_meta("cuda")
     bw = h2d_bandwidth()
     log("bandwidth", bw)
     records.append(dict(meta, bench="offload", impl="h2d-bandwidth", shape="1GiB", **bw))
@@ -462,7 +608,6 @@ def main():
             records.append(dict(meta, bench="offload-correctness", impl="moesys", shape=f"tiny-{row['model']}",
                                 **row))
 
-    stages = set(args.stages.split(","))
     if "correctness" in stages:
         stage("correctness", tiny)
     only = set(args.only.split(",")) if args.only else None
@@ -477,6 +622,10 @@ def main():
         save()
     else:
         stage("qwen3", lambda: bench_qwen3(records, meta, bw, args.steps))
+    for name, cfg in shape_configs().items():
+        if name in stages:
+            stage(name, lambda: bench_shape(records, meta, args.workdir, bw["h2d_pinned_GBps"] * 1e9, args.steps,
+                                            name, cfg, 8 * 2**30, save=save))
     log("done")
 
 

@@ -4,8 +4,8 @@ model (experts evicted and reloaded) against transformers' from_pretrained of th
 
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, JambaConfig, PhimoeConfig,
-                          Qwen3NextConfig)
+from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig,
+                          GptOssConfig, JambaConfig, NemotronHConfig, PhimoeConfig, Qwen3NextConfig)
 
 import moesys.offload as mo
 from moesys.offload.adapters import ADAPTERS, adapter_for, find_moe_blocks, from_conversion_mapping, router_of
@@ -34,6 +34,19 @@ CONFIGS = {
                                           shared_expert_intermediate_size=20, head_dim=8, linear_num_value_heads=4,
                                           linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
                                           layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    # experts fused on disk in the transposed, gate/up-interleaved layout with biases; clamped SwiGLU (a low
+    # limit so the clamp bites on these random weights), attention sinks, sliding-window layers
+    "gpt_oss": lambda: GptOssConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=4,
+                                    swiglu_limit=0.5, layer_types=["sliding_attention", "full_attention",
+                                                                   "sliding_attention"]),
+    # non-gated experts (up/down, relu2) stored per expert under backbone.*, Mamba-2 and attention layers
+    "nemotron_h": lambda: NemotronHConfig(**{k: v for k, v in COMMON.items() if k not in ("intermediate_size",
+                                                                                          "num_hidden_layers")},
+                                          intermediate_size=40, head_dim=8, ssm_state_size=8, mamba_num_heads=4,
+                                          mamba_head_dim=8, n_groups=2, chunk_size=8, n_routed_experts=8,
+                                          num_experts_per_tok=2, moe_intermediate_size=24,
+                                          moe_shared_expert_intermediate_size=20,
+                                          layers_block_type=["mamba", "moe", "attention", "moe"]),
 }
 NEW_TOKENS = 8
 
@@ -49,19 +62,26 @@ def test_mapping_gives_the_explicit_adapters():
     """The adapter read off the conversion mapping names Mixtral's experts as the hand-written entry does."""
     assert from_conversion_mapping("mixtral") == ADAPTERS["mixtral"]
     assert from_conversion_mapping("gpt_oss") is None  # fused on disk: no per-expert names to map
+    assert adapter_for(GptOssConfig()).disk_block == "model.layers.{i}.mlp"  # the in-memory names, fused
+    nemotron = from_conversion_mapping("nemotron_h")  # non-gated, under backbone. on disk
+    assert (nemotron.disk_block, nemotron.module_block) == ("backbone.layers.{i}.mixer", "model.layers.{i}.mixer")
+    assert nemotron.proj_names == (None, "up_proj", "down_proj")
 
 
-@pytest.mark.parametrize("model_type, says", [("gpt_oss", "fused per layer"), ("nemotron_h", "non-gated")])
-def test_unsupported_layouts_are_refused_with_the_reason(model_type, says):
-    """GPT-OSS (experts fused on disk) and Nemotron-H (non-gated experts) are refused naming what is missing."""
+def test_quantized_checkpoints_are_refused_with_how_to_proceed():
+    """A quantized checkpoint (GPT-OSS's MXFP4) is refused naming the method and how to proceed."""
     from types import SimpleNamespace
 
-    with pytest.raises(ValueError, match=f"model_type='{model_type}'.*{says}"):
-        adapter_for(SimpleNamespace(model_type=model_type))
+    mxfp4 = SimpleNamespace(model_type="gpt_oss", quantization_config={"quant_method": "mxfp4"})
+    with pytest.raises(ValueError, match="quant_method='mxfp4'.*dequantize it first"):
+        adapter_for(mxfp4)
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_generic_adapter_greedy_and_logits_equal(arch, tmp_path):
+def _offloaded_matches(arch, tmp_path, generate_kw=(), **options):
+    """Save a tiny random `arch`, load it offloaded with room for 5 of 16 experts (eviction forced) and
+    check greedy tokens (generate() with `generate_kw`) and logits against transformers' from_pretrained of
+    the same files."""
+    generate_kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, **dict(generate_kw))
     torch.manual_seed(0)
     config = CONFIGS[arch]()
     assert config.model_type not in ADAPTERS
@@ -69,18 +89,21 @@ def test_generic_adapter_greedy_and_logits_equal(arch, tmp_path):
     with torch.no_grad():  # routing that depends on the token, so the cache churns
         for block in find_moe_blocks(model, adapter_for(model.config)).values():
             router_of(block).weight.normal_(0, 1.0)
+            for name, p in block.experts.named_parameters():
+                if name.endswith("_bias"):  # initialised to zero: make them count
+                    p.normal_(0, 0.5)
     model.save_pretrained(tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     prompt = torch.randint(2, 101, (1, 9), generator=torch.Generator().manual_seed(1))
-    want = ref.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    want = ref.generate(prompt, **generate_kw)
 
     skel_config = AutoConfig.from_pretrained(tmp_path)
     skel = build_skeleton(skel_config, torch.float32)
     plan = mo.plan_memory(skel, find_moe_blocks(skel, adapter_for(skel_config)), torch.float32, 1 << 40)
     slots = 5  # of 16 experts
     off = mo.load(tmp_path, gpu_memory=plan.resident_bytes + plan.reserve_bytes + slots * plan.slot_bytes,
-                  dtype=torch.float32)
-    got = off.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+                  dtype=torch.float32, **options)
+    got = off.generate(prompt, **generate_kw)
     assert torch.equal(got, want)
     with torch.no_grad():
         # fp32 rounding, not bit equality: with torch's default CPU threads the engine's per-expert GEMMs split
@@ -88,3 +111,44 @@ def test_generic_adapter_greedy_and_logits_equal(arch, tmp_path):
         torch.testing.assert_close(off(want).logits, ref(want).logits, rtol=1e-5, atol=1e-6)
     stats = off.moesys_offload.snapshot()
     assert stats.evictions > 0 and stats.misses > 0
+    return off
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_generic_adapter_greedy_and_logits_equal(arch, tmp_path):
+    _offloaded_matches(arch, tmp_path)
+
+
+@pytest.mark.parametrize("options", [{"experts_implementation": "eager"}, {"cpu_experts": "on"},
+                                     {"host_memory": "mmap"}], ids=["eager-loop", "host-experts", "mmap"])
+@pytest.mark.parametrize("arch", ["gpt_oss", "nemotron_h"])
+def test_other_layouts_per_expert_paths(arch, options, tmp_path):
+    """Experts in GPT-OSS's layout (bias, transposed interleaved weights, the module's clamped SwiGLU) and
+    Nemotron-H's (non-gated, relu2) through the engine's own per-expert loop from cache slots, from the host
+    store, and read from the mapped file."""
+    off = _offloaded_matches(arch, tmp_path, **options)
+    if "cpu_experts" in options:
+        assert off.moesys_offload.snapshot().cpu_experts > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "nemotron_h"])
+def test_other_layouts_device_path(arch, tmp_path, monkeypatch):
+    """Batch-1 decode with a StaticCache (GPT-OSS: sliding-window and full layers; Nemotron-H: Mamba and
+    attention) on the device path: bookkeeping and misses on the device, the model's own experts (biases and
+    clamped SwiGLU; non-gated relu2) over the slots."""
+    from moesys.offload import loader
+
+    monkeypatch.setitem(loader._OPTIONS, "cuda_graph", True)
+    off = _offloaded_matches(arch, tmp_path, {"cache_implementation": "static", "disable_compile": True})
+    engine, decoder = off.moesys_offload, off.moesys_decode_graph
+    assert engine.device_path_unsupported is None
+    assert decoder.eager_steps + decoder.replays == NEW_TOKENS - 1  # every decode step took the device path
+    assert engine.snapshot().decode_tokens == NEW_TOKENS - 1
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "nemotron_h"])
+def test_quantized_experts_of_other_layouts_are_refused(arch, tmp_path):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(CONFIGS[arch]()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="quantize_experts='int8' supports only plain gated experts.*biases"):
+        mo.load(tmp_path, gpu_memory=1 << 30, dtype=torch.float32, quantize_experts="int8")

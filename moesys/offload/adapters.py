@@ -2,9 +2,12 @@
 
 The in-memory side is found generically (a sparse MoE block is a module with a `gate` (or `router`)
 holding `weight [E, H]` and an `experts` module holding `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`,
-the transformers v5 layout); only the on-disk names differ. ADAPTERS spells them out for four families;
-any other model type gets an adapter read off transformers' own checkpoint conversion mapping (the
-per-expert names its loader merges into gate_up_proj / down_proj, and its renamings), `from_conversion_mapping`.
+the transformers v5 layout, or GPT-OSS's transposed one with biases, see moesys.offload.layout); only the
+on-disk names differ. ADAPTERS spells them out for four families; any other model type gets an adapter read
+off transformers' own checkpoint conversion mapping (the per-expert names its loader merges into gate_up_proj
+/ down_proj, and its renamings), `from_conversion_mapping`, or, when that mapping converts no experts at all,
+the in-memory names with the experts fused per layer on disk (`fused_on_disk`, GPT-OSS). Quantized checkpoints
+(config.quantization_config, e.g. MXFP4) are refused: dequantize them first.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from moesys.offload.layout import is_experts_module
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -21,8 +26,8 @@ class Adapter:
     # on-disk name of a sparse block, "{i}" = layer index; and the in-memory module name
     disk_block: str
     module_block: str
-    # per-expert on-disk projection names: gate, up, down
-    proj_names: tuple[str, str, str]
+    # per-expert on-disk projection names: gate (None: non-gated experts), up, down
+    proj_names: tuple[str | None, str, str]
     # further (regex, replacement) renamings from disk to module names, applied in order (PhiMoE's router)
     renames: tuple[tuple[str, str], ...] = ()
 
@@ -67,11 +72,11 @@ def from_conversion_mapping(model_type: str) -> Adapter | None:
     read off transformers' checkpoint conversion mapping: the converter merging `<block>.experts.*.<gate>` and
     `.<up>` into gate_up_proj and `.<down>` into down_proj gives the projection names; a renaming `.<disk>.`
     -> `.<module>.` the block's two names (Mixtral's block_sparse_moe -> mlp); the other renamings apply to
-    the non-expert names. None when the mapping has no such converters (gated experts only: the offload
-    store keeps gate, up and down per expert)."""
+    the non-expert names. Non-gated experts (a converter into experts.up_proj, no gate) get gate None. None
+    when the mapping has no such converters."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    gate_up = down = None
+    gate_up = up = down = None
     renames = []
     for entry in get_checkpoint_conversion_mapping(model_type) or []:
         sources, targets = list(entry.source_patterns), list(entry.target_patterns)
@@ -79,14 +84,19 @@ def from_conversion_mapping(model_type: str) -> Adapter | None:
             renames.extend(zip(sources, targets))
         elif targets and targets[0].endswith("experts.gate_up_proj"):
             gate_up = sources
+        elif targets and targets[0].endswith("experts.up_proj"):  # non-gated experts (Nemotron-H)
+            up = sources
         elif targets and targets[0].endswith("experts.down_proj"):
             down = sources
+    if gate_up is None and up is not None and len(up) == 1:
+        gate_up = [None] + up
     if gate_up is None or down is None or len(gate_up) != 2 or len(down) != 1:
         return None
-    found = [_EXPERT_SOURCE.match(s) for s in gate_up + down]
-    if not all(found) or len({m.group("block") for m in found}) != 1:
+    found = [s if s is None else _EXPERT_SOURCE.match(s) for s in gate_up + down]
+    named = [m for m in found if m is not None]
+    if not all(found[1:]) or len({m.group("block") for m in named}) != 1:
         return None
-    block = found[0].group("block") or ""
+    block = named[0].group("block") or ""
     disk_block = module_block = "model.layers.{i}." + block if block else None
     rest = []
     for source, target in renames:
@@ -97,36 +107,44 @@ def from_conversion_mapping(model_type: str) -> Adapter | None:
             rest.append((source if not literal else re.escape(source), target))
     if module_block is None:
         return None
-    return Adapter(model_type, disk_block, module_block, tuple(m.group("proj") for m in found), tuple(rest))
+    for source, target in rest:  # a prefix renaming (Nemotron-H's backbone. -> model.) names the disk block too
+        if re.fullmatch(r"\^?\w+\.", source) and re.fullmatch(r"\w+\.", target) and disk_block.startswith(target):
+            disk_block = source.lstrip("^") + disk_block[len(target):]
+    return Adapter(model_type, disk_block, module_block, tuple(m and m.group("proj") for m in found), tuple(rest))
+
+
+def fused_on_disk(model_type: str) -> Adapter | None:
+    """An adapter for a model whose checkpoints keep the experts fused per layer under the in-memory names
+    (GPT-OSS: model.layers.{i}.mlp.experts.gate_up_proj [E, H, 2I] and its biases): transformers' conversion
+    mapping has no converter for its experts at all, so the file names are the module names. None when the
+    mapping does convert its experts (those are per-expert on disk: from_conversion_mapping reads them)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    if any(type(e).__name__ != "WeightRenaming" for e in get_checkpoint_conversion_mapping(model_type) or []):
+        return None
+    # the per-expert names are the v5 ones: only read if a file of this model did store experts one by one
+    return Adapter(model_type, "model.layers.{i}.mlp", "model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"))
 
 
 def adapter_for(config) -> Adapter:
     model_type = getattr(config, "model_type", None)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", quantization))
+        raise ValueError(f"this {model_type} checkpoint is quantized (quantization_config quant_method={method!r}, "
+                         "e.g. GPT-OSS's MXFP4 experts), which offloaded inference does not read; dequantize it "
+                         "first: load it with transformers (for MXFP4: quantization_config=Mxfp4Config("
+                         "dequantize=True)), save_pretrained the bf16 model, and load that directory")
     adapter = ADAPTERS.get(model_type) or (from_conversion_mapping(model_type) if model_type else None)
+    if adapter is None and model_type:
+        adapter = fused_on_disk(model_type)
     if adapter is None:
         raise ValueError(f"model_type={model_type!r} is not supported for offloaded inference: "
-                         f"{_why_unmapped(model_type)}; these have explicit entries: {sorted(ADAPTERS)}")
+                         "transformers' checkpoint conversion mapping converts its experts, but not from per-expert "
+                         "gate/up/down (or up/down) names under model.layers.{i}; these have explicit entries: "
+                         f"{sorted(ADAPTERS)}")
     return adapter
-
-
-def _why_unmapped(model_type: str | None) -> str:
-    """What transformers' conversion mapping says about a model the generic adapter cannot read, so the
-    refusal names the actual gap (non-gated experts, experts fused on disk) instead of a generic no."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    targets = [t for e in (get_checkpoint_conversion_mapping(model_type) or []) if type(e).__name__ != "WeightRenaming"
-               for t in e.target_patterns] if model_type else []
-    if any(t.endswith("experts.up_proj") for t in targets) and not any(t.endswith("experts.gate_up_proj")
-                                                                       for t in targets):
-        return ("its experts are non-gated (per-expert up_proj/down_proj, no gate), which the offload store "
-                "(gate, up and down per expert) does not hold yet; run it with transformers and "
-                "experts_implementation='moesys' instead")
-    if not targets:
-        return ("transformers' checkpoint conversion mapping has no per-expert expert names for it: its "
-                "checkpoints store the experts fused per layer (e.g. GPT-OSS's experts.gate_up_proj "
-                "[E, H, 2I], or MXFP4 _blocks/_scales), which the offload store does not slice yet")
-    return ("transformers' checkpoint conversion mapping has no per-expert gate/up/down names for it (gated "
-            "experts under model.layers.{i})")
 
 
 def router_of(block: nn.Module) -> nn.Module:
@@ -141,10 +159,10 @@ def find_moe_blocks(model: nn.Module, adapter: Adapter) -> dict[int, nn.Module]:
     for name, module in model.named_modules():
         m = pattern.match(name)
         experts = getattr(module, "experts", None)
-        if m and experts is not None and hasattr(experts, "gate_up_proj") and (hasattr(module, "gate")
-                                                                              or hasattr(module, "router")):
+        if m and experts is not None and is_experts_module(experts) and (hasattr(module, "gate")
+                                                                         or hasattr(module, "router")):
             blocks[int(m.group(1))] = module
     if not blocks:
         raise ValueError(f"no sparse MoE blocks named like {adapter.module_block!r} with experts.gate_up_proj "
-                         f"were found in {type(model).__name__}; is this transformers >= 5?")
+                         f"(or up_proj) were found in {type(model).__name__}; is this transformers >= 5?")
     return dict(sorted(blocks.items()))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from moesys.offload import quant, slot_copy
 from moesys.offload.device_cache import DeviceCacheTables
+from moesys.offload.layout import PARAM_OF_PART, ExpertLayout
 from moesys.offload.quant_gemv import quant_gemv
 from moesys.ops import moe_mlp
 from moesys.offload.stats import OffloadStats
@@ -83,6 +84,16 @@ def _(ids_TK, layer):
     return torch.empty_like(ids_TK)
 
 
+def _expert_mlp(module: nn.Module, x_NH: torch.Tensor, parts: dict) -> torch.Tensor:
+    """One expert whose layout is not the plain gated one, as transformers' eager loop computes it: GPT-OSS's
+    (transposed weights, biases, gate/up interleaved) with the module's own _apply_gate (the clamped SwiGLU)
+    between the two matmuls, or a non-gated expert (Nemotron-H: down(act(up x)), relu2)."""
+    if "up" in parts:
+        return F.linear(module.act_fn(F.linear(x_NH, parts["up"])), parts["down"])
+    gate_up = x_NH @ parts["gate_up"] + parts["gate_up_bias"]
+    return module._apply_gate(gate_up) @ parts["down"] + parts["down_bias"]
+
+
 class OffloadedExperts(nn.Module):
     """Drop-in for a transformers v5 experts module: same call, weights live in the engine."""
 
@@ -125,10 +136,10 @@ class OffloadEngine:
         if self.grouped:
             # the original experts modules now see the slot pool as their weights: ids are slot ids
             for layer, module in inner.items():
-                for name in ("gate_up_proj", "down_proj"):
-                    module._parameters.pop(name, None)
-                module.gate_up_proj = cache.bank_pool(layer, "gate_up")
-                module.down_proj = cache.bank_pool(layer, "down")
+                for part, name in PARAM_OF_PART.items():
+                    if part in cache.pools:  # biases too, when the experts have them (GPT-OSS)
+                        module._parameters.pop(name, None)
+                        setattr(module, name, cache.bank_pool(layer, part))
                 module.num_experts = cache.capacity(layer)
         act = getattr(some.config, "hidden_act", None)
         self.activation = _MOESYS_ACTIVATIONS.get(act)  # None: quantized experts use the eager loop
@@ -198,8 +209,9 @@ class OffloadEngine:
                 cache.slot_of[(layer, e)] = r * E + e
             cache.resident_per_layer[layer] = E
             module = self.inner[layer]
-            module.gate_up_proj = cache.pools["gate_up"][r * E:(r + 1) * E]
-            module.down_proj = cache.pools["down"][r * E:(r + 1) * E]
+            for part, name in PARAM_OF_PART.items():
+                if part in cache.pools:
+                    setattr(module, name, cache.pools[part][r * E:(r + 1) * E])
             module.num_experts = E
             modules[layer] = module
             # the module sees this layer's slots only, in expert order: no remapping (keeps experts_forward,
@@ -435,7 +447,7 @@ class OffloadEngine:
     def _run_loop(self, layer, x_TH, ids_TK, w_TK, experts_slots, out_TH, flat_host) -> None:
         """transformers' eager expert loop (same ops, same order) over slots, or the host store for slot
         None. Token positions come from the ids already read to the host, so the loop never syncs."""
-        act = self.inner[layer].act_fn
+        act = getattr(self.inner[layer], "act_fn", None)
         K = ids_TK.shape[1]
         order = sorted(experts_slots)
         ids_KT = torch.tensor(flat_host, dtype=torch.int64).view(-1, K).t()
@@ -455,16 +467,21 @@ class OffloadEngine:
             top_k_pos, token_idx = kt_N2[start:start + n, 0], kt_N2[start:start + n, 1]
             start += n
             x = x_TH[token_idx]
-            if slot is None:
-                # computed where the weights already are: the host
-                w_gu, w_d = self._weights(self.store.host_parts(layer, e), self.store.dtype)
-                x = x.to("cpu", w_gu.dtype)
+            if slot is None:  # computed where the weights already are: the host
+                parts, x = self.store.host_parts(layer, e), x.to("cpu", self.store.dtype)
             else:
-                w_gu, w_d = self._weights(self.cache.slot_views(slot), x_TH.dtype)
-            gate, up = F.linear(x, w_gu).chunk(2, dim=-1)
-            h = F.linear(act(gate) * up, w_d).to(x_TH.device, x_TH.dtype)
+                parts = self.cache.slot_views(slot)
+            h = self._expert_out(layer, x, parts, act).to(x_TH.device, x_TH.dtype)
             h = h * w_TK[token_idx, top_k_pos, None]
             out_TH.index_add_(0, token_idx, h.to(out_TH.dtype))
+
+    def _expert_out(self, layer: int, x_NH: torch.Tensor, parts: dict, act) -> torch.Tensor:
+        """One expert's output for rows x_NH from its parts (a cache slot or the host store)."""
+        if self.store.layout != ExpertLayout():
+            return _expert_mlp(self.inner[layer], x_NH, parts)
+        w_gu, w_d = self._weights(parts, x_NH.dtype)
+        gate, up = F.linear(x_NH, w_gu).chunk(2, dim=-1)
+        return F.linear(act(gate) * up, w_d)
 
     def _dequantize_slots(self, slots: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [n, 2I, H], down [n, H, I]) of the cache slots `slots` (a device index), in `dtype`."""
@@ -510,16 +527,14 @@ class OffloadEngine:
         y back, all on the critical path) faster than copying it to the GPU? Copies are timed back to back,
         as they stream on the side stream, so their per-expert time is the bandwidth-bound one."""
         layer = next(iter(self.inner))
-        I = self.store.I
         x_dev = torch.randn(1, self.store.H, dtype=self.store.dtype, device=self.device)
         n = min(4, self.cache.num_slots, self.cache.num_experts)
         cpu_s = copy_s = float("inf")
         for _ in range(3):
             torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
-            w_gu, w_d = self._weights(self.store.host_parts(layer, 0), self.store.dtype)  # as the CPU path does
-            h = F.linear(x_dev.to("cpu"), w_gu)
-            F.linear(F.silu(h[:, :I]) * h[:, I:], w_d).to(self.device)
+            # as the CPU path does
+            self._expert_out(layer, x_dev.to("cpu"), self.store.host_parts(layer, 0), F.silu).to(self.device)
             torch.cuda.synchronize(self.device)
             cpu_s = min(cpu_s, time.perf_counter() - t0)
             t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from moesys.offload import graph as decode_graph
 from moesys.offload.adapters import adapter_for, find_moe_blocks, router_of
 from moesys.offload.cache import CACHE_POLICIES, ExpertCache
 from moesys.offload.engine import CPU_EXPERT_MODES, OffloadedExperts, OffloadEngine
+from moesys.offload.layout import ExpertLayout, expert_dims, is_experts_module
 from moesys.offload.prefetch import PREFETCH_POLICIES, NextGatePrefetcher
 from moesys.offload.quant import QUANT_MODES
 from moesys.offload.sizes import format_bytes, parse_bytes
@@ -103,11 +104,9 @@ def plan_memory(model: nn.Module, blocks: dict, dtype: torch.dtype, gpu_memory, 
     expert_params = {id(p) for b in blocks.values() for p in b.experts.parameters()}
     elsize = torch.empty((), dtype=dtype).element_size()
     resident = sum(p.numel() for p in model.parameters() if id(p) not in expert_params) * elsize
-    experts = next(iter(blocks.values())).experts
-    E, two_I, H = experts.gate_up_proj.shape
-    I = two_I // 2
+    E, I, H, layout = expert_dims(next(iter(blocks.values())).experts)
     K = getattr(config, "num_experts_per_tok", 1)
-    slot_bytes = parts_nbytes(slot_parts(I, H, dtype, quantize_experts, group_size))
+    slot_bytes = parts_nbytes(slot_parts(I, H, dtype, quantize_experts, group_size, layout))
     if reserve is None:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -124,8 +123,8 @@ def plan_memory(model: nn.Module, blocks: dict, dtype: torch.dtype, gpu_memory, 
             f"gpu_memory={format_bytes(budget)} is too small for this model: non-expert weights need "
             f"{format_bytes(resident)}, the workspace (KV cache for max_context={max_context}, activations) "
             f"{format_bytes(plan.reserve_bytes)}, and one expert per MoE layer {len(blocks)} x "
-            f"{format_bytes(slot_bytes)}; give at least {format_bytes(plan.min_budget)}, or lower max_context, "
-            f"or use quantize_experts='int4'")
+            f"{format_bytes(slot_bytes)}; give at least {format_bytes(plan.min_budget)}, or lower max_context"
+            + (", or use quantize_experts='int4'" if layout == ExpertLayout() else ""))
     plan.num_slots = min(plan.total_experts, (budget - resident - plan.reserve_bytes) // slot_bytes)
     return plan
 
@@ -142,7 +141,7 @@ def _load_non_experts(model: nn.Module, source, adapter, device, dtype) -> None:
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     materialize_meta_buffers(model, device)  # rotary inv_freq: in no checkpoint
-    expert_params = {id(p) for m in model.modules() if hasattr(m, "gate_up_proj") for p in m.parameters()}
+    expert_params = {id(p) for m in model.modules() if is_experts_module(m) for p in m.parameters()}
     left = still_meta(model, expert_params)
     if left:
         raise ValueError(f"weights {left[:5]} (and {max(0, len(left) - 5)} more) are missing from the checkpoint")
@@ -169,10 +168,9 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
     adapter = adapter_for(config)
     model = build_skeleton(config, dtype, opts["experts_implementation"])
     blocks = find_moe_blocks(model, adapter)
-    E, two_I, H = next(iter(blocks.values())).experts.gate_up_proj.shape
-    I = two_I // 2
+    E, I, H, layout = expert_dims(next(iter(blocks.values())).experts)
     for layer in blocks:
-        source.check_experts(layer, E, I, H)
+        source.check_experts(layer, E, I, H, layout)
     plan = plan_memory(model, blocks, dtype, gpu_memory, quantize_experts=opts["quantize_experts"],
                        max_context=opts["max_context"], reserve=opts["reserve"], group_size=opts["group_size"])
 
@@ -181,7 +179,7 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
     if mode == "pinned" and device.type != "cuda":
         mode = "memory"  # page-locking only helps copies to CUDA
     store = HostExpertStore(source, list(blocks), E, I, H, dtype, mode=mode, quantize=opts["quantize_experts"],
-                            group_size=opts["group_size"], work_device=device)
+                            group_size=opts["group_size"], work_device=device, layout=layout)
     cache = ExpertCache(store.parts, plan.num_slots, device, opts["cache_policy"], list(blocks), E,
                         bank_size=opts["bank_size"])
     inner = {layer: block.experts for layer, block in blocks.items()}
@@ -220,9 +218,12 @@ def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
 
     Args:
         model_dir: a transformers v5 checkpoint directory (config.json + *.safetensors) of an architecture
-            whose gated experts (no biases, gate/up concatenated, not transposed) are stored per expert:
-            Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, and any other whose names transformers' checkpoint
-            conversion mapping gives (tested: DeepSeek-V3, GLM-4-MoE, PhiMoE, Jamba, Qwen3-Next).
+            whose experts are stored per expert: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, and any other whose
+            names transformers' checkpoint conversion mapping gives (tested: DeepSeek-V2/V3, GLM-4-MoE,
+            PhiMoE, Jamba, Qwen3-Next, and non-gated Nemotron-H), or fused per layer under the in-memory
+            names (GPT-OSS, bf16: its transposed, interleaved gate/up with biases and clamped SwiGLU;
+            quantized checkpoints such as MXFP4 are refused, dequantize them first). Quantized experts
+            (int8/int4) are plain gated experts only.
         gpu_memory: the device memory budget, bytes (int) or a string like "16GiB".
         dtype: compute dtype (default: the config's dtype).
         options: cache_policy "lru"|"lfu", prefetch "next-gate"|"none", quantize_experts "none"|"int8"|"int4",

@@ -248,8 +248,9 @@ def workload_of(engine, config) -> Workload:
     plan, store = engine.plan, engine.store
     kv_per_token = kv_bytes_per_token(config, store.dtype)
     kv_reserve = getattr(engine, "max_context", 0) * kv_per_token
+    gemms = 3 if store.layout.gated else 2  # gate, up, down; or up, down
     return Workload(num_layers=len(engine.inner), num_experts=engine.cache.num_experts, top_k=engine.top_k,
-                    expert_bytes=store.expert_bytes, expert_flops_per_row=2 * 3 * store.H * store.I,
+                    expert_bytes=store.expert_bytes, expert_flops_per_row=2 * gemms * store.H * store.I,
                     dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
                     attention_layers=config.get_text_config().num_hidden_layers,
                     free_bytes=engine.cache.num_slots * plan.slot_bytes + kv_reserve)
@@ -261,16 +262,17 @@ def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
     device: what the budget leaves for KV cache and expert slots once the non-expert weights and the
     workspace of one row of `longest` tokens are placed."""
     from moesys.offload.adapters import adapter_for, find_moe_blocks
+    from moesys.offload.layout import expert_dims
     from moesys.offload.loader import build_skeleton, plan_memory
 
     skel = build_skeleton(config, dtype)
     blocks = find_moe_blocks(skel, adapter_for(config))
     plan = plan_memory(skel, blocks, dtype, gpu_memory, quantize_experts=quantize_experts, max_context=longest)
     text = config.get_text_config()
-    E, two_I, H = next(iter(blocks.values())).experts.gate_up_proj.shape
+    E, I, H, layout = expert_dims(next(iter(blocks.values())).experts)
     kv_per_token = kv_bytes_per_token(config, dtype)
     return Workload(num_layers=len(blocks), num_experts=E, top_k=text.num_experts_per_tok,
-                    expert_bytes=plan.slot_bytes, expert_flops_per_row=2 * 3 * H * (two_I // 2),
+                    expert_bytes=plan.slot_bytes, expert_flops_per_row=2 * (3 if layout.gated else 2) * H * I,
                     dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
                     attention_layers=text.num_hidden_layers,
                     free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + longest * kv_per_token)

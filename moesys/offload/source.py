@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from moesys.offload.layout import PARAM_OF_PART, ExpertLayout
+
 _DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
@@ -84,9 +86,27 @@ class SafetensorsSource:
             return gate_up[:I], gate_up[I:], self.get(d_key)[e]
         return tuple(self.get(self.adapter.expert_key(layer, e, p)) for p in range(3))
 
-    def check_experts(self, layer: int, num_experts: int, I: int, H: int) -> None:
+    def expert_parts(self, layer: int, e: int) -> dict:
+        """Expert e in the module's own layout, cache part name -> a view into the file: its slices of a
+        layer's fused tensors (GPT-OSS's transposed, interleaved gate_up_proj [E, H, 2I] with its biases),
+        or a non-gated expert's own up/down tensors."""
+        base = f"{self.adapter.disk_block.format(i=layer)}.experts"
+        if f"{base}.up_proj" not in self._entries and self.adapter.expert_key(layer, 0, 1) in self._entries:
+            # non-gated experts stored per expert (Nemotron-H)
+            return {"up": self.get(self.adapter.expert_key(layer, e, 1)),
+                    "down": self.get(self.adapter.expert_key(layer, e, 2))}
+        return {part: self.get(f"{base}.{param}")[e] for part, param in PARAM_OF_PART.items()
+                if f"{base}.{param}" in self._entries}
+
+    def check_experts(self, layer: int, num_experts: int, I: int, H: int, layout=None) -> None:
         """Every expert tensor exists with the shape the config implies (checked before anything loads)."""
-        if self.has_fused(layer):
+        base = f"{self.adapter.disk_block.format(i=layer)}.experts"
+        if layout is not None and not layout.gated and f"{base}.up_proj" not in self._entries:
+            want = {self.adapter.expert_key(layer, e, p): shape for e in range(num_experts)
+                    for p, shape in ((1, (I, H)), (2, (H, I)))}
+        elif layout is not None and layout != ExpertLayout():
+            want = {f"{base}.{PARAM_OF_PART[part]}": (num_experts, *shape) for part, shape in layout.shapes(I, H)}
+        elif self.has_fused(layer):
             gu_key, d_key = self.adapter.fused_keys(layer)
             want = {gu_key: (num_experts, 2 * I, H), d_key: (num_experts, H, I)}
         else:
@@ -117,5 +137,5 @@ class TensorSource:
     def expert(self, layer: int, e: int):
         return self._expert_fn(layer, e)
 
-    def check_experts(self, layer, num_experts, I, H) -> None:
+    def check_experts(self, layer, num_experts, I, H, layout=None) -> None:
         return None

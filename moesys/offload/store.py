@@ -12,15 +12,20 @@ from __future__ import annotations
 import torch
 
 from moesys.offload import quant
+from moesys.offload.layout import ExpertLayout
 
 HOST_MODES = ("auto", "pinned", "memory", "mmap")
 _ALIGN = 256
 
 
-def slot_parts(I: int, H: int, dtype: torch.dtype, quantize: str, group_size: int = 128):
-    """[(name, shape, dtype)] of one expert as the cache holds it."""
+def slot_parts(I: int, H: int, dtype: torch.dtype, quantize: str, group_size: int = 128,
+               layout: ExpertLayout = ExpertLayout()):
+    """[(name, shape, dtype)] of one expert as the cache holds it (unquantized: in the module's `layout`)."""
     if quantize == "none":
-        return [("gate_up", (2 * I, H), dtype), ("down", (H, I), dtype)]
+        return [(name, shape, dtype) for name, shape in layout.shapes(I, H)]
+    if layout != ExpertLayout():
+        raise ValueError(f"quantize_experts={quantize!r} supports only plain gated experts (gate_up_proj "
+                         f"[E, 2I, H] without biases); these are {layout}: use quantize_experts='none'")
     parts = []
     for name, (rows, cols) in (("gate_up", (2 * I, H)), ("down", (H, I))):
         for suffix, shape, dt in quant.quantized_shapes(rows, cols, quantize, group_size):
@@ -44,7 +49,8 @@ class HostExpertStore:
 
     def __init__(self, source, layers: list[int], num_experts: int, I: int, H: int, dtype: torch.dtype, *,
                  mode: str, quantize: str = "none", group_size: int = 128,
-                 work_device: torch.device | None = None, staging_buffers: int = 4):
+                 work_device: torch.device | None = None, staging_buffers: int = 4,
+                 layout: ExpertLayout = ExpertLayout()):
         if mode not in ("pinned", "memory", "mmap"):
             raise ValueError(f"host memory mode={mode!r} is unknown; use 'pinned', 'memory' or 'mmap'")
         if mode == "mmap" and quantize != "none":
@@ -52,8 +58,8 @@ class HostExpertStore:
                              f"with quantize_experts={quantize!r}, or quantize_experts='none' with 'mmap'")
         self.source, self.layers, self.num_experts = source, list(layers), num_experts
         self.I, self.H, self.dtype, self.mode, self.quantize = I, H, dtype, mode, quantize
-        self.group_size = group_size
-        self.parts = slot_parts(I, H, dtype, quantize, group_size)
+        self.group_size, self.layout = group_size, layout
+        self.parts = slot_parts(I, H, dtype, quantize, group_size, layout)
         self.offsets = []
         off = 0
         for _, shape, dt in self.parts:
@@ -80,17 +86,25 @@ class HostExpertStore:
         return {name: buf[off:off + _nbytes(shape, dt)].view(dt).view(shape)
                 for (name, shape, dt), off in zip(self.parts, self.offsets)}
 
+    def _put(self, layer: int, e: int, dst: dict[str, torch.Tensor]) -> None:
+        """Write one unquantized expert from the source into `dst` (its parts in the slot layout)."""
+        if self.layout != ExpertLayout():  # fused on disk in the module's own layout: one slice per part
+            for name, t in self.source.expert_parts(layer, e).items():
+                dst[name].copy_(t)
+            return
+        gate, up, down = self.source.expert(layer, e)
+        dst["gate_up"][:self.I].copy_(gate)
+        dst["gate_up"][self.I:].copy_(up)
+        dst["down"].copy_(down)
+
     def _fill(self, work_device: torch.device) -> None:
-        I = self.I
         for layer in self.layers:
             for e in range(self.num_experts):
-                gate, up, down = self.source.expert(layer, e)
                 dst = self._views(self.arena[self._index(layer, e)])
                 if self.quantize == "none":
-                    dst["gate_up"][:I].copy_(gate)
-                    dst["gate_up"][I:].copy_(up)
-                    dst["down"].copy_(down)
+                    self._put(layer, e, dst)
                     continue
+                gate, up, down = self.source.expert(layer, e)
                 # quantize where it is fast (the GPU when there is one), keep the result on the host
                 gate_up = torch.cat((gate.to(work_device), up.to(work_device)))
                 for name, w in (("gate_up", gate_up), ("down", down.to(work_device))):
@@ -105,8 +119,9 @@ class HostExpertStore:
         """The expert's parts as CPU tensors (for computing an expert on the CPU)."""
         if self.mode != "mmap":
             return self._views(self.arena[self._index(layer, e)])
-        gate, up, down = self.source.expert(layer, e)
-        return {"gate_up": torch.cat((gate, up)).to(self.dtype), "down": down.to(self.dtype)}
+        parts = {name: torch.empty(shape, dtype=dt) for name, shape, dt in self.parts}
+        self._put(layer, e, parts)
+        return parts
 
     def copy_to(self, layer: int, e: int, dst: dict[str, torch.Tensor]) -> None:
         """Copy one expert into destination tensors (a cache slot) on the current stream; non-blocking for
@@ -117,11 +132,8 @@ class HostExpertStore:
             for name, t in dst.items():
                 t.copy_(src[name], non_blocking=on_cuda)
             return
-        gate, up, down = self.source.expert(layer, e)
         if not on_cuda:
-            dst["gate_up"][:self.I].copy_(gate)
-            dst["gate_up"][self.I:].copy_(up)
-            dst["down"].copy_(down)
+            self._put(layer, e, dst)
             return
         # pageable mmap pages -> pinned staging (CPU memcpy) -> async H2D; a staging buffer is reused only
         # after the copy that read it has finished
@@ -130,9 +142,7 @@ class HostExpertStore:
         if slot[1] is not None:
             slot[1].synchronize()
         stage = self._views(slot[0])
-        stage["gate_up"][:self.I].copy_(gate)
-        stage["gate_up"][self.I:].copy_(up)
-        stage["down"].copy_(down)
+        self._put(layer, e, stage)
         for name, t in dst.items():
             t.copy_(stage[name], non_blocking=True)
         slot[1] = torch.cuda.Event()

@@ -3,6 +3,8 @@ one run, with our "grouped_mm" backend, transformers' MixtralExperts (experts_im
 "grouped_mm") and an ideal balanced torch.bmm of the same FLOPs; a correctness check in the same run.
 
     PYTHONPATH=. python bench/moe_layer.py --out bench/results/moe_layer.json
+    PYTHONPATH=. python bench/moe_layer.py --sweep-auto --out bench/results/moe_auto_sweep.json
+        (backend="auto" against each backend over T and shapes: bench/moe_auto_sweep.py; --cpu-smoke: tiny, CPU)
 
 Legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
 FLOPs: forward 6*T*K*H*I (three GEMMs), forward+backward 3x that.
@@ -32,10 +34,10 @@ SHAPES = {
 }
 
 
-def make_inputs(T, H, I, E, K, seed=0):
+def make_inputs(T, H, I, E, K, seed=0, device="cuda"):
     """bf16 weights ~ N(0, 1/fan_in), tokens ~ N(0, 1), routing from a random gate (softmax top-k)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(seed)
+    dev, dt = device, torch.bfloat16
     x = torch.randn(T, H, device=dev, dtype=dt, generator=g)
     w_gu = (torch.randn(E, 2 * I, H, device=dev, generator=g) * H ** -0.5).to(dt)
     w_d = (torch.randn(E, H, I, device=dev, generator=g) * I ** -0.5).to(dt)
@@ -186,8 +188,21 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ", ".join(SHAPES))
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--profile", default=None, help="append a per-stage profile of the triton fwd+bwd to this file")
+    ap.add_argument("--sweep-auto", action="store_true", help="time backend='auto' against each backend over "
+                    "token counts and shapes (bench/moe_auto_sweep.py) instead of the table above")
+    ap.add_argument("--cpu-smoke", action="store_true", help="with --sweep-auto: a tiny shape on the CPU, seconds")
+    ap.add_argument("--sweep-shapes", default=None, help="with --sweep-auto: comma-separated subset of "
+                    "qwen3-30b-a3b, olmoe-1b-7b, mixtral-8x7b (default all)")
+    ap.add_argument("--sweep-tokens", default=None, help="with --sweep-auto: comma-separated token counts "
+                    "(default 1,4,16,64,256,1024,4096,16384)")
     args = ap.parse_args()
-    meta = run_meta()
+    meta = run_meta("cpu" if args.cpu_smoke else None)
+    if args.sweep_auto:
+        from moe_auto_sweep import run_sweep
+        run_sweep(args.out, make_inputs, meta, smoke=args.cpu_smoke,
+                  shapes=args.sweep_shapes.split(",") if args.sweep_shapes else None,
+                  tokens=[int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else None)
+        return
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s", flush=True)
     records = []

@@ -19,8 +19,9 @@ closed form), and again with the engine's measured hit rate. Bound (the issue's)
 a step at pinned bandwidth, the same step with every expert resident (measured per batch size with a
 budget holding the whole model)).
 
-Routing "trace" replays --trace (a trace of a trained model: the issue asks for one recorded from a
-moesys-trained 64-expert top-8 16-layer MoE; not made yet); without --trace the row replays the routing
+Routing "trace" replays --trace (a trace of a trained model: bench/results/routing_trace_64x8.safetensors,
+from a moesys-trained 64-expert top-8 16-layer MoE, made by bench/make_routing_trace.py; its E and K must
+be the model's: the OLMoE shape's); without --trace the row replays the routing
 recorded from the model's own "model" row and says so ("trace_source": "self-recorded").
 """
 

@@ -113,7 +113,11 @@ def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, *, activation="silu", 
     _, _, spec = check_moe_mlp_inputs(x, w_gate_up, w_down, topk_ids, topk_weights, activation, b_gate_up, b_down)
     if not isinstance(backend, str):
         raise TypeError(f"moe_mlp: backend must be a string, got {type(backend).__name__}")
-    impl = get_backend(backend, x)
+    T, K = topk_ids.shape
+    E = w_gate_up.shape[0]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_gate_up, w_down, topk_weights, b_gate_up, b_down))
+    impl = get_backend(backend, x, rows_per_expert=T * K / E, needs_grad=needs_grad)
     return impl(x, w_gate_up, w_down, topk_ids, topk_weights, activation=spec,
                 b_gate_up=b_gate_up, b_down=b_down)
 

@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from moesys.backends.auto import pick_auto
+
 # name -> (module, function); imported lazily so that `import moesys` stays cheap and Triton optional.
 _BACKENDS = {
     "loop": ("moesys.backends.loop", "moe_mlp_loop"),
@@ -34,11 +36,14 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return reason(device) if reason is not None else None
 
 
-def get_backend(name: str, x: torch.Tensor):
+def get_backend(name: str, x: torch.Tensor, *, rows_per_expert: float = float("inf"), needs_grad: bool = True):
+    """The implementation of backend `name` for inputs like `x`. For "auto", `rows_per_expert` (T*K/E) and
+    `needs_grad` pick it from the table in `moesys.backends.auto`; the defaults (a large training call)
+    keep the choice of a caller that knows neither."""
     if name == "auto":
         triton_dtypes = (torch.bfloat16, torch.float16, torch.float32)
-        use_triton = x.is_cuda and x.dtype in triton_dtypes and triton_unavailable_reason(x.device) is None
-        name = "triton" if use_triton else "grouped_mm"
+        triton_ok = x.is_cuda and x.dtype in triton_dtypes and triton_unavailable_reason(x.device) is None
+        name = pick_auto(rows_per_expert, needs_grad, triton_ok)
     if name not in _BACKENDS:
         raise ValueError(f"moe_mlp: backend={name!r} is unknown; use 'auto' or one of {available_backends()}")
     if name == "triton":

@@ -11,7 +11,8 @@ API), so the offload engine, and a model fully on the device, see them as the ro
 router's top-k weights are kept (the mixing weights stay the size the model's own are). Under a CUDA-graph
 decode step the hook would be captured with its first draw, so these modes need cuda_graph=False.
 
-Trace file (safetensors, no pickle): tensor "ids_NLK" int16 [N tokens, L MoE layers, K], metadata
+Trace file (safetensors, no pickle): tensor "ids_NLK" [N tokens, L MoE layers, K], uint8 for E <= 256 else
+int16 (any integer dtype loads), metadata
 {"format": "moesys-routing-trace", "version": "1", "num_experts": E, "top_k": K}. `RoutingRecorder`
 writes it from the model's own routing (temp file, then rename).
 
@@ -119,7 +120,18 @@ class RoutingRecorder:
 
     def __init__(self, model):
         config, modules = _experts_modules(model)
-        self.E, self.K = _moe_shape(config)
+        self._attach(modules, *_moe_shape(config))
+
+    @classmethod
+    def on_modules(cls, modules, num_experts: int, top_k: int) -> "RoutingRecorder":
+        """A recorder on any experts modules called as `module(x_TH, topk_ids_TK, topk_weights_TK)`, in MoE
+        layer order: a moesys MoETransformer's `[layer.experts for layer in model.moe_layers()]`."""
+        rec = cls.__new__(cls)
+        rec._attach(list(modules), num_experts, top_k)
+        return rec
+
+    def _attach(self, modules, E: int, K: int) -> None:
+        self.E, self.K = E, K
         self.chunks: list[list[torch.Tensor]] = [[] for _ in modules]
         self.handles = [m.register_forward_pre_hook(self._hook(r)) for r, m in enumerate(modules)]
 
@@ -133,7 +145,9 @@ class RoutingRecorder:
 
     def save(self, path) -> None:
         tmp = f"{path}.tmp"
-        save_file({"ids_NLK": self.ids_NLK().contiguous()}, tmp,
+        # uint8 holds every id of up to 256 experts: half the bytes of int16 for a committed trace
+        dtype = torch.uint8 if self.E <= 256 else torch.int16
+        save_file({"ids_NLK": self.ids_NLK().to(dtype).contiguous()}, tmp,
                   metadata={"format": TRACE_FORMAT, "version": "1", "num_experts": str(self.E), "top_k": str(self.K)})
         os.replace(tmp, path)
 

@@ -406,3 +406,25 @@ def test_drop_upcycling_redraws_with_the_dense_weights_statistics():
         new = torch.cat(new)  # 4 experts x 64 neurons x 64 inputs, all re-drawn
         assert float(new.mean()) == pytest.approx(float(dense.mean()), abs=0.002)
         assert float(new.std()) == pytest.approx(float(dense.std()), rel=0.05)
+
+
+def test_kaiming_router_is_uniform_within_one_over_sqrt_hidden():
+    # nn.Linear's default init: U(-1/sqrt(H), 1/sqrt(H)); a wrong affine map shifts or scales the range.
+    src, sd = _in_memory_source(0)
+    _, out, _ = upcycle_state_dict(src, sd, UpcycleOptions(num_experts=8, top_k=2, router_init="kaiming"))
+    w = torch.cat([out[f"model.layers.{i}.block_sparse_moe.gate.weight"] for i in range(3)])  # 3 x 8 x 64 draws
+    bound = 1 / 64 ** 0.5
+    assert float(w.abs().max()) <= bound
+    assert float(w.min()) < -0.9 * bound and float(w.max()) > 0.9 * bound
+    assert abs(float(w.mean())) < 0.1 * bound
+
+
+def test_notes_say_what_is_not_function_preserving_and_why():
+    src, sd = _in_memory_source(0)
+    notes = lambda **kw: upcycle_state_dict(src, sd, UpcycleOptions(target="qwen2_moe", **kw))[2].notes  # noqa: E731
+    nonorm = notes(num_experts=8, top_k=2, granularity=2, norm_topk_prob=False, router_init="zeros")
+    assert any("E*G/K = 8;" in n and "exact with a zero router" in n for n in nonorm)
+    assert any(n.startswith("zero router") for n in nonorm)
+    plain = notes(num_experts=4, top_k=2)  # qwen2_moe: a shared expert, so a note about its 0.5 gate
+    assert not any(n.startswith("zero router") for n in plain)
+    assert any(n.startswith("shared expert") for n in plain)

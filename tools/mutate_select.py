@@ -3,7 +3,8 @@ skipped), so that a large module can be mutation-tested one part at a time.
 
     python tools/mutate_select.py SESSION.sqlite MODULE.py NAME[,NAME...]
 
-NAME is a function, a class (all its methods) or Class.method.
+NAME is a function, a class (all its methods), Class.method, outer.inner (a nested function)
+or FIRST-LAST (a range of source lines, for a stretch of a long function).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from cosmic_ray.work_item import WorkerOutcome, WorkResult
 def line_ranges(source: str, names: set[str]) -> list[tuple[int, int]]:
     """(first, last) line of each definition named in `names` (decorators included)."""
     found, ranges = set(), []
+    for name in names:  # FIRST-LAST: a line range, for a stretch of a long function
+        first, sep, last = name.partition("-")
+        if sep and first.isdigit() and last.isdigit():
+            found.add(name)
+            ranges.append((int(first), int(last)))
 
     def visit(body, prefix):
         for node in body:
@@ -27,8 +33,8 @@ def line_ranges(source: str, names: set[str]) -> list[tuple[int, int]]:
                 if qual in names:
                     found.add(qual)
                     ranges.append((first, node.end_lineno))
-                if isinstance(node, ast.ClassDef):
-                    visit(node.body, qual + ".")
+                # Methods (Class.method) and nested functions (outer.inner) are named by their path.
+                visit(node.body, qual + ".")
     visit(ast.parse(source).body, "")
     missing = names - found
     if missing:

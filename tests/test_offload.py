@@ -149,6 +149,21 @@ def test_prefetch_that_evicts_keeps_the_logits(checkpoints):
     assert stats.prefetch_copies > 0 and stats.evictions > 0
 
 
+def test_prefetch_stops_when_every_slot_is_protected(checkpoints):
+    """A batch's guesses may name every resident expert of the next layer: with the bank full of those and
+    of the current layer's experts, a guess that is not resident has no victim, and the prefetch stops
+    there instead of failing the step."""
+    path = checkpoints["mixtral"]
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 6), dtype=torch.float32)
+    engine = model.moesys_offload
+    assert engine.cache.banks == [(0, 6)]
+    engine._ensure(1, [0, 1, 2, 3])
+    engine._ensure(0, [0, 1])
+    engine._prefetch(0, guessed=[0, 1, 2, 3, 4, 5], protect=[0, 1])
+    assert engine.snapshot().prefetch_copies == 0
+    assert {key for key in engine.cache.slot_of} == {(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3)}
+
+
 def test_cache_banks_keep_generation_identical(checkpoints):
     """Two banks of 8 slots (torch's grouped GEMM caps the groups per call): layers 0 and 2 share a bank."""
     path = checkpoints["mixtral"]
@@ -298,6 +313,27 @@ def test_lfu_evicts_least_frequent_then_least_recent():
         c.allocate((1, 2), {(0, 0), (0, 2), (1, 1)})
 
 
+def test_summary_says_when_nothing_was_guessed():
+    from moesys.offload.stats import OffloadStats
+
+    assert "prefetch accuracy n/a" in OffloadStats(hits=3, misses=1).summary()  # not a 0% accuracy
+    assert "prefetch accuracy 50.0%" in OffloadStats(prefetch_guessed=4, prefetch_used=2).summary()
+
+
+def test_batch_guess_puts_the_most_wanted_experts_first():
+    """A batch's guess: experts ordered by how many rows pick them (ties by id), -1 for unpicked places, so
+    the prefetch budget goes to the experts most of the batch will use."""
+    gate = torch.nn.Linear(3, 5, bias=False)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0.4, 0.4, 0.4]]))
+    p = NextGatePrefetcher({0: gate, 1: gate}, top_k=2)
+    # rows' top-2: {1,4} {1,4} {1,4} {2,4} {3,1}: experts 1 and 4 four votes each (tie: lower id first)
+    x_TH = torch.tensor([[1.0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0.9, 0, 1]])
+    assert p.guess(0, x_TH).tolist() == [1, 4, 2, 3, -1]
+    # one row: its top-k by id (as the batch-1 path always loaded them)
+    assert p.guess(0, torch.tensor([[0.0, 0, 1]])).tolist() == [3, 4]
+
+
 def test_next_gate_prefetch_guess_and_score():
     gates = {}
     for layer in (0, 1):
@@ -311,7 +347,7 @@ def test_next_gate_prefetch_guess_and_score():
     guess = p.guess(0, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
     assert sorted(guess.tolist()) == [3, 5]
     assert p.guess(1, torch.ones(1, 4)) is None             # last layer
-    assert p.guess(0, torch.ones(10, 4)) is None            # prefill-sized
+    assert p.guess(0, torch.ones(65, 4)) is None            # prefill-sized (over max_tokens=64)
     p.record(0, [3, 5])
     assert p.score(1, {5, 2}) == (2, 1)
     assert p.score(1, {5}) == (0, 0)

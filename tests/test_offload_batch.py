@@ -63,6 +63,20 @@ def test_batch_equals_each_sequence_alone(checkpoints, arch, dtype):
     assert run.generated_tokens == sum(map(len, want))
 
 
+def test_batch_of_six_prefetches_and_keeps_the_tokens(checkpoints):
+    """Six rows decode together with next-gate prefetch on: the batch's guesses are copied (most wanted
+    first, within the prefetch budget) and every sequence still equals itself generated alone."""
+    path, new = checkpoints["qwen3_moe"], 6
+    ps = prompts(lengths=(5, 9, 6, 12, 7, 8), seed=3)  # prefills and decode all over 4 rows
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 18), dtype=torch.float32, cuda_graph=False)
+    run = generate_batch(model, ps, max_new_tokens=new, batch_size=6)
+    got = {r.index: r.token_ids for r in run}
+    assert [got[i] for i in range(len(ps))] == alone(path, torch.float32, ps, new)
+    stats = model.moesys_offload.snapshot()
+    assert stats.prefetch_guessed > 0 and stats.prefetch_copies > 0 and stats.evictions > 0
+    assert 0 < stats.prefetch_used <= stats.prefetch_guessed
+
+
 def test_continuous_batching_order_and_steps(checkpoints):
     """Lengths 2, 7, 3, 3, 2 at batch 2, no EOS. Continuous: rows {0,1}; 0 ends after step 1 (its first token
     comes from prefill), 2 joins and ends at step 3, 3 joins and ends at step 5, 4 joins and ends at step 6,

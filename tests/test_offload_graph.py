@@ -103,16 +103,17 @@ def test_static_cache_decode_identical_on_every_architecture(checkpoints, arch, 
     want = _static_reference(path, dtype, prompt)
     model = mo.load(path, gpu_memory=_budget(path, dtype, 10), dtype=dtype)
     engine, decoder = model.moesys_offload, model.moesys_decode_graph
-    host_calls = []
-    ensure = engine._ensure
+    host_calls, guess_rows = [], []
+    ensure, guess = engine._ensure, engine.prefetcher.guess
     engine._ensure = lambda layer, experts: host_calls.append(layer) or ensure(layer, experts)
+    engine.prefetcher.guess = lambda layer, x_TH: guess_rows.append(x_TH.shape[0]) or guess(layer, x_TH)
     got = model.generate(prompt, **STATIC)
     assert torch.equal(want, got)
     assert decoder.eager_steps + decoder.replays == NEW_TOKENS - 1
     assert len(host_calls) == 3  # the prefill's three layers; decode never asked the host path
     stats = engine.snapshot()
     assert stats.misses > 0 and stats.evictions > 0 and stats.decode_tokens == NEW_TOKENS - 1
-    assert "prefetch accuracy n/a" in stats.summary()  # nothing guessed: not a 0% accuracy
+    assert guess_rows == [prompt.shape[1]] * 2  # only the prefill guesses (layers 0 -> 1 -> 2), never the graph
 
 
 def test_host_and_device_paths_hand_over_both_ways(checkpoints):

@@ -148,6 +148,11 @@ class ExpertCache:
         self.resident_per_layer[key[0]] += 1
         return slot, evicted
 
+    def can_allocate(self, layer: int, protected) -> bool:
+        """Whether `allocate` finds a slot in `layer`'s bank without evicting anything in `protected`."""
+        bank = self.bank_of[layer]
+        return bool(self.free[bank]) or self.policies[bank].victim(protected) is not None
+
     def update_table(self, layer: int, experts: list[int], slots: list[int]) -> None:
         if experts:
             start = self.banks[self.bank_of[layer]][0]

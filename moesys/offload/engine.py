@@ -378,7 +378,7 @@ class OffloadEngine:
         for e in guessed:
             if (nxt, e) in self.cache.slot_of:
                 continue
-            if budget == 0:
+            if budget == 0 or not self.cache.can_allocate(nxt, keep):  # a batch's guesses may cover the bank
                 break
             budget -= 1
             loaded_e.append(e)

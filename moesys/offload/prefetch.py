@@ -15,20 +15,28 @@ PREFETCH_POLICIES = ("next-gate", "none")
 
 
 class NextGatePrefetcher:
-    def __init__(self, gates: dict[int, nn.Module], top_k: int, max_tokens: int = 4):
+    def __init__(self, gates: dict[int, nn.Module], top_k: int, max_tokens: int = 64):
         layers = sorted(gates)
         self.next_layer = dict(zip(layers, layers[1:]))
         self.gates, self.top_k, self.max_tokens = gates, top_k, max_tokens
         self.pending: dict[int, set[int]] = {}
 
     def guess(self, layer: int, x_TH: torch.Tensor) -> torch.Tensor | None:
-        """Device tensor of guessed expert ids for the next layer, or None (last layer / too many tokens:
-        during prefill nearly every expert is needed anyway, and each is loaded once per layer)."""
+        """Device tensor of the next layer's guessed expert ids, most wanted first, or None (last layer /
+        more than `max_tokens` rows: in a prefill nearly every expert is needed anyway, and each is loaded
+        once per layer). With several rows (batch decode) the experts are ordered by how many rows' top-k
+        pick them, ties by id, so the prefetch budget goes to the experts most of the batch will use;
+        entries picked by no row are -1 (the shape stays fixed: min(E, T*K))."""
         nxt = self.next_layer.get(layer)
         if nxt is None or x_TH.shape[0] > self.max_tokens:
             return None
         logits_TE = F.linear(x_TH, self.gates[nxt].weight)
-        return torch.topk(logits_TE, self.top_k, dim=-1).indices.flatten()
+        E = logits_TE.shape[-1]
+        ids_N = torch.topk(logits_TE, self.top_k, dim=-1).indices.flatten()
+        votes_E = torch.zeros(E, dtype=torch.int64, device=ids_N.device).index_add_(0, ids_N, torch.ones_like(ids_N))
+        order_E = votes_E * (E + 1) + (E - torch.arange(E, device=ids_N.device))  # votes, then lower id first
+        top_M = torch.topk(order_E, min(E, ids_N.numel())).indices
+        return torch.where(votes_E[top_M] > 0, top_M, -1)
 
     def record(self, layer: int, guessed: list[int]) -> None:
         nxt = self.next_layer[layer]

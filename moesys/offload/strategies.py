@@ -150,7 +150,7 @@ class HostRouted(ExpertsStrategy):
         for w_i, wave in enumerate(waves):
             slots = eng._ensure(layer, wave)
             if w_i == 0 and guess is not None:
-                eng._prefetch(layer, sorted(set(host[flat.numel():])), protect=wave)
+                eng._prefetch(layer, [e for e in host[flat.numel():] if e >= 0], protect=wave)  # most wanted first
             eng._wait(layer, slots)
             if out is None:
                 out = eng._run_grouped(layer, x_TH, ids_TK, w_TK)

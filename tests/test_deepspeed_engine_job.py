@@ -89,6 +89,23 @@ def test_zero2_data_parallel_and_zero1_alone_equal_the_torch_engine(tmp_path):
 
 
 @pytest.mark.slow
+def test_engine_backward_prologue_runs_and_wall_clock_breakdown_works(tmp_path):
+    """DeepSpeed hooks its backward prologue (ZeRO's backward_prologue, the accumulation boundary, the
+    timers) onto the tensors of the forward's output: with `wall_clock_breakdown` the timers it starts
+    there are stopped after backward, which failed ("timer is not started") while the dataclass output hid
+    the loss from DeepSpeed. ZeRO-2 alone, grad_accum=2, against the torch engine on the same batches."""
+    import json
+
+    config = json.loads((REPO / "configs" / "deepspeed_zero2_bf16.json").read_text())
+    config.update(wall_clock_breakdown=True, steps_per_print=1)
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    ref = _run(tmp_path / "torch", "train.grad_accum=2", nproc=1)
+    got = _run(tmp_path / "ds", "train.grad_accum=2", *DEEPSPEED, f"train.deepspeed_config={tmp_path / 'ds.json'}",
+               nproc=1)
+    _same_curve(got, ref, "deepspeed ZeRO-2 with wall_clock_breakdown (grad_accum=2) vs torch")
+
+
+@pytest.mark.slow
 def test_bf16_zero2_alone_saves_fp32_masters_and_resumes_exactly(tmp_path):
     """bf16 (DeepSpeed casts the module; ZeRO keeps fp32 masters): the checkpoint holds the masters and
     fp32 buffers (the aux-loss-free router bias), and a resumed run is bit for bit the uninterrupted one."""

@@ -78,14 +78,19 @@ class _ExpertGroups(ds_layer.MoE):
 
 
 class _EngineModule(nn.Module):
-    """What deepspeed.initialize wraps: the moesys model (forward unchanged) and the MoE marker."""
+    """What deepspeed.initialize wraps: the moesys model and the MoE marker. The forward returns the
+    model's output inside a dict beside its loss tensors: DeepSpeed's engine registers its backward
+    prologue (ZeRO's backward_prologue/enter_backward, the gradient-accumulation boundary, the backward
+    timers) as hooks on the tensors it finds in tuples, lists and dicts, and a dataclass output hides them
+    (the prologue then never ran, and `wall_clock_breakdown` failed with "timer is not started")."""
 
     def __init__(self, model: nn.Module, marker: _ExpertGroups | None):
         super().__init__()
         self.model, self.expert_groups = model, marker
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        out = self.model(*args, **kwargs)
+        return {"output": out, "loss": out.loss, "aux_loss": out.aux_loss}
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -150,7 +155,7 @@ class DeepSpeedEngine:
         return self.engine.optimizer
 
     def forward(self, *args, **kwargs):
-        return self.engine(*args, **kwargs)
+        return self.engine(*args, **kwargs)["output"]
 
     def backward(self, loss: torch.Tensor) -> None:
         """One micro-batch's backward. DeepSpeed divides the loss by gradient_accumulation_steps and,

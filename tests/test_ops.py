@@ -163,7 +163,12 @@ def _call(**changes):
     (dict(b_down=torch.zeros(3, 7)), ValueError, "b_down must have shape"),
     (dict(activation="swish"), ValueError, "activation='swish' is not supported"),
     (dict(backend="cuda_magic"), ValueError, "backend='cuda_magic' is unknown"),
-    (dict(w_gate_up=torch.randn(3, 4, 8)), ValueError, "gate rows then up rows"),
+    (dict(w_gate_up=torch.randn(3, 4, 8)), ValueError,
+     r"need w_gate_up \[3, 2\*4, 8\] for activation='silu' \(gated: gate rows then up rows\)"),
+    (dict(activation="relu"), ValueError, r"need w_gate_up \[3, 4, 8\] for activation='relu'$"),  # not gated
+    (dict(w_gate_up=torch.randn(3, 8)), ValueError, "w_gate_up and w_down must be 3-D"),
+    (dict(w_down=torch.randn(3, 8, 4, 1)), ValueError, "w_gate_up and w_down must be 3-D"),
+    (dict(w_down=torch.randn(3, 7, 4)), ValueError, "w_gate_up has shape"),  # w_down's H alone is wrong
 ])
 def test_bad_inputs_raise_clear_errors(changes, exc, match):
     with pytest.raises(exc, match=match):

@@ -96,6 +96,24 @@ def test_int32_ids_and_non_contiguous_weights(backend):
     assert rel_err(y, ref) < 1e-10
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needs_grad", [("x", "w_gate_up", "w_down", "b_gate_up", "b_down"), ("topk_weights",)])
+def test_gradients_when_only_some_inputs_need_them(backend, needs_grad):
+    """A frozen router (combine weights without grad) and the reverse (only the combine weights train):
+    the gradients that are asked for still match the oracle's."""
+    inp = make_inputs(9, 6, 4, 3, 2, "silu", True, torch.float64, seed=5)
+    grad_out = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for fn, kw in ((moe_mlp, dict(backend=backend)), (moe_mlp_oracle, {})):
+        leaves = {k: inp[k].detach().clone().requires_grad_(k in needs_grad) for k in DIFF_INPUTS}
+        y = fn(leaves["x"], leaves["w_gate_up"], leaves["w_down"], inp["topk_ids"], leaves["topk_weights"],
+               activation="silu", b_gate_up=leaves["b_gate_up"], b_down=leaves["b_down"], **kw)
+        needed = [leaves[k] for k in needs_grad]
+        grads[fn] = torch.autograd.grad((y * grad_out).sum(), needed)
+    for k, g, g_ref in zip(needs_grad, grads[moe_mlp], grads[moe_mlp_oracle]):
+        assert rel_err(g, g_ref) < 1e-10, k
+
+
 @pytest.mark.slow
 def test_grouped_mm_compiles_as_one_graph_and_matches_the_oracle():
     """torch.compile(fullgraph=True) traces the backend's gather/combine autograd functions (a graph break
@@ -145,7 +163,12 @@ def _call(**changes):
     (dict(b_down=torch.zeros(3, 7)), ValueError, "b_down must have shape"),
     (dict(activation="swish"), ValueError, "activation='swish' is not supported"),
     (dict(backend="cuda_magic"), ValueError, "backend='cuda_magic' is unknown"),
-    (dict(w_gate_up=torch.randn(3, 4, 8)), ValueError, "gate rows then up rows"),
+    (dict(w_gate_up=torch.randn(3, 4, 8)), ValueError,
+     r"need w_gate_up \[3, 2\*4, 8\] for activation='silu' \(gated: gate rows then up rows\)"),
+    (dict(activation="relu"), ValueError, r"need w_gate_up \[3, 4, 8\] for activation='relu'$"),  # not gated
+    (dict(w_gate_up=torch.randn(3, 8)), ValueError, "w_gate_up and w_down must be 3-D"),
+    (dict(w_down=torch.randn(3, 8, 4, 1)), ValueError, "w_gate_up and w_down must be 3-D"),
+    (dict(w_down=torch.randn(3, 7, 4)), ValueError, "w_gate_up has shape"),  # w_down's H alone is wrong
 ])
 def test_bad_inputs_raise_clear_errors(changes, exc, match):
     with pytest.raises(exc, match=match):

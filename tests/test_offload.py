@@ -332,6 +332,13 @@ def test_batch_guess_puts_the_most_wanted_experts_first():
     assert p.guess(0, x_TH).tolist() == [1, 4, 2, 3, -1]
     # one row: its top-k by id (as the batch-1 path always loaded them)
     assert p.guess(0, torch.tensor([[0.0, 0, 1]])).tolist() == [3, 4]
+    # more votes beat a lower id: expert 4 (the last) picked by 2 rows, expert 0 by 1 -> [4, 0, ...]
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 0]]))
+    p1 = NextGatePrefetcher({0: gate, 1: gate}, top_k=1)
+    assert p1.guess(0, torch.tensor([[0.0, 1, 0], [0, 1, 0], [1, 0, 0]])).tolist() == [4, 0, -1]
+    # 64 rows are still a batch to guess for (the limit is "more than 64")
+    assert p.guess(0, torch.ones(64, 3)) is not None
 
 
 def test_next_gate_prefetch_guess_and_score():
@@ -350,6 +357,8 @@ def test_next_gate_prefetch_guess_and_score():
     assert p.guess(0, torch.ones(65, 4)) is None            # prefill-sized (over max_tokens=64)
     p.record(0, [3, 5])
     assert p.score(1, {5, 2}) == (2, 1)
+    p.record(0, [3, 5])
+    assert p.score(1, {3, 5, 2}) == (2, 2)
     assert p.score(1, {5}) == (0, 0)
 
 

@@ -31,6 +31,7 @@ GRAPH = "GraphDecode()"
     (dict(cpu_mode="auto", cpu_faster=True, unsupported="pageable"),
      (HOST, f"CpuExperts(gpu={HOST})", f"CpuExperts(gpu={HOST})")),
     (dict(cpu_mode="auto", cpu_faster=False), (HOST, HOST, GRAPH)),
+    (dict(cpu_mode="off", cpu_faster=True), (HOST, HOST, GRAPH)),  # the cost model counts only under "auto"
 ])
 def test_each_configuration_and_phase_selects_its_path(config, want):
     engine = _engine(**config)

@@ -164,6 +164,44 @@ def test_prefetch_stops_when_every_slot_is_protected(checkpoints):
     assert {key for key in engine.cache.slot_of} == {(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3)}
 
 
+def _prefetched(engine, layer, guessed, protect):
+    before = engine.snapshot().prefetch_copies
+    engine._prefetch(layer, guessed=guessed, protect=protect)
+    nxt = engine.prefetcher.next_layer[layer]
+    return engine.snapshot().prefetch_copies - before, sorted(e for (l, e) in engine.cache.slot_of if l == nxt)
+
+
+def test_prefetch_budget_is_half_the_bank_less_what_this_layer_holds_there(checkpoints):
+    """The prefetch budget in one bank of 11 slots: 11 // 2 = 5 slots, less the 2 experts this layer computes
+    with in the same bank, so 3 copies; an already resident guess costs nothing and the walk goes on past it;
+    each copy counts once. When this layer holds more than half the bank, nothing is prefetched."""
+    path = checkpoints["mixtral"]
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 11), dtype=torch.float32)
+    engine = model.moesys_offload
+    assert engine.cache.banks == [(0, 11)]
+    engine._ensure(1, [5])
+    engine._ensure(0, [0, 1])
+    assert _prefetched(engine, 0, guessed=[5, 2, 3, 4, 6, 7], protect=[0, 1]) == (3, [2, 3, 4, 5])
+
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 11), dtype=torch.float32)
+    engine = model.moesys_offload
+    engine._ensure(0, [0, 1, 2, 3, 4, 5, 6])
+    assert _prefetched(engine, 0, guessed=[0, 1, 2], protect=[0, 1, 2, 3, 4, 5, 6]) == (0, [])
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_prefetch_into_another_bank_may_take_half_of_it(checkpoints, layer):
+    """Two banks of 8 slots (layers 0 and 2 in bank 0, layer 1 in bank 1): a guess for the next layer in the
+    other bank may fill half of that bank, 4 copies, whatever this layer holds in its own; both directions
+    (bank 0 -> 1 and 1 -> 0) are checked."""
+    path = checkpoints["mixtral"]
+    model = mo.load(path, gpu_memory=_budget(path, torch.float32, 16), dtype=torch.float32, bank_size=8)
+    engine = model.moesys_offload
+    assert engine.cache.bank_of == {0: 0, 1: 1, 2: 0}
+    engine._ensure(layer, [0, 1, 2])
+    assert _prefetched(engine, layer, guessed=[7, 6, 5, 4, 3, 2], protect=[0, 1, 2]) == (4, [4, 5, 6, 7])
+
+
 def test_cache_banks_keep_generation_identical(checkpoints):
     """Two banks of 8 slots (torch's grouped GEMM caps the groups per call): layers 0 and 2 share a bank."""
     path = checkpoints["mixtral"]

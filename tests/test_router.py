@@ -219,3 +219,45 @@ def test_sigmoid_groups_of_three_score_by_their_top2_sum():
     logits = torch.tensor([[3.0, -3.0, -3.0, 2.0, 2.0, -3.0]])
     r, x = router_with_logits(logits, top_k=2, n_groups=2, topk_groups=1, score_func="sigmoid")
     assert sorted(r(x).topk_ids_TK[0].tolist()) == [3, 4]
+
+
+def test_capacity_with_top2_counts_every_assignment():
+    # 4 tokens, top-2 over 4 experts, each expert picked by exactly 2 tokens: capacity factor 1 gives
+    # ceil(1 * 4 * 2 / 4) = 2 slots per expert, so perfectly balanced routing drops nothing; factor 0.5
+    # gives 1 slot, and each expert keeps its higher-weighted assignment of the two.
+    logits = torch.tensor([[3.0, 2.0, 0.0, 0.0], [0.0, 3.0, 2.0, 0.0], [0.0, 0.0, 3.0, 2.0], [2.0, 0.0, 0.0, 3.0]])
+    r, x = router_with_logits(logits, top_k=2, capacity_factor=1.0, renormalize=False)
+    assert r.capacity(4) == 2
+    out = r(x)
+    assert out.dropped_fraction.item() == 0.0 and out.tokens_per_expert_E.tolist() == [2, 2, 2, 2]
+    r.capacity_factor = 0.5
+    out = r(x)
+    assert r.capacity(4) == 1
+    assert ((out.topk_weights_TK > 0) == (out.topk_ids_TK == torch.tensor([[0], [1], [2], [3]]))).all()
+    torch.testing.assert_close(out.dropped_fraction, torch.tensor(0.5))
+
+
+def test_no_tokens_gives_zero_losses_and_empty_routing():
+    # An empty micro-batch (or an empty rank's share): finite zero losses that still backpropagate.
+    r = Router(4, 4, 2, capacity_factor=1.0)
+    r.train()
+    out = r(torch.zeros(0, 4))
+    assert out.topk_ids_TK.shape == (0, 2) and out.tokens_per_expert_E.tolist() == [0, 0, 0, 0]
+    for loss in (out.aux_loss, out.seq_aux_loss, out.z_loss, out.dropped_fraction):
+        assert loss.item() == 0.0
+    (out.aux_loss + out.z_loss).backward()
+    assert torch.equal(r.weight.grad, torch.zeros(4, 4))
+
+
+def test_evaluation_does_not_count_toward_the_bias_update():
+    # The aux-loss-free bias follows the training load only: tokens routed in eval mode are not counted.
+    r = Router(4, 4, 1, score_func="sigmoid", aux_free_bias=True)
+    with torch.no_grad():
+        r.weight.zero_()
+        r.weight[2] = 1.0
+    r.eval()
+    r(torch.ones(6, 4))
+    assert r.load_since_update.sum() == 0
+    r.train()
+    r(torch.ones(6, 4))
+    assert r.load_since_update.tolist() == [0, 0, 6, 0]

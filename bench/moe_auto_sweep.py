@@ -2,7 +2,7 @@
 Qwen3-30B-A3B, OLMoE and Mixtral expert shapes; run through `python bench/moe_layer.py --sweep-auto`.
 
 For each shape and T in SWEEP_T, in three modes: "fwd_eager" (no grad, eager: decode through transformers),
-"fwd_graph" (no grad, one CUDA-graph replay: the offload engine's decode step; CUDA only), "fwdbwd"
+"fwd_graph" (no grad, one CUDA-graph replay, as a captured decode step; CUDA only), "fwdbwd"
 (training). Each backend and "auto" is timed; a record per (shape, T, mode) gives auto's choice, the best
 backend and auto's ratio to it (the issue's target: <= 1.05 everywhere). The sweep then prints the
 threshold table (moesys/backends/auto.py) that minimises the worst ratio over the measured points.
@@ -87,7 +87,7 @@ def sweep_point(shape, T, H, I, E, K, device, make_inputs, meta) -> list[dict]:
         if not timed:
             continue
         best = min(timed, key=lambda b: times[b])
-        choice = pick_auto(T * K / E, mode == "fwdbwd", "triton" in backends)
+        choice = pick_auto(T * K / E, mode == "fwdbwd", "triton" in backends, capturing=mode == "fwd_graph")
         rec = dict(bench="moe_auto_sweep", impl="auto", shape=shape, T=T, H=H, I=I, E=E, K=K, mode=mode,
                    rows_per_expert=T * K / E, ms={k: v for k, v in times.items()}, auto_choice=choice,
                    best_impl=best, auto_ratio=(times["auto"] / times[best]) if times["auto"] else None,
@@ -99,18 +99,19 @@ def sweep_point(shape, T, H, I, E, K, device, make_inputs, meta) -> list[dict]:
 
 
 def suggest_thresholds(records: list[dict]) -> dict[str, dict]:
-    """Per auto mode ("inference": fwd_eager and fwd_graph points, "training": fwdbwd), the threshold on
+    """Per auto mode ("graph": fwd_graph points, "inference": fwd_eager, "training": fwdbwd), the threshold on
     rows per expert that minimises the worst ratio (picked backend / best) over the records, with that
     worst ratio; ties go to the lower mean ratio. Records must hold ms of grouped_mm and triton."""
     out = {}
-    for mode in ("inference", "training"):
+    for mode in ("graph", "inference", "training"):
         pts = [(r["rows_per_expert"], r["ms"]["grouped_mm"], r["ms"]["triton"]) for r in records
-               if auto_mode(r["mode"] == "fwdbwd") == mode and r["ms"].get("triton") and r["ms"].get("grouped_mm")]
+               if auto_mode(r["mode"] == "fwdbwd", r["mode"] == "fwd_graph") == mode
+               and r["ms"].get("triton") and r["ms"].get("grouped_mm")]
         if not pts:
             continue
         rpes = sorted({p[0] for p in pts})
-        # one candidate below all points, one between each pair of neighbours (geometric), one above all
-        cands = [rpes[0] / 2] + [math.sqrt(a * b) for a, b in zip(rpes, rpes[1:])] + [math.inf]
+        # 0 (Triton at every size), one between each pair of neighbours (geometric), inf (never Triton)
+        cands = [0.0] + [math.sqrt(a * b) for a, b in zip(rpes, rpes[1:])] + [math.inf]
 
         def score(c):
             ratios = [(t if rpe >= c else g) / min(g, t) for rpe, g, t in pts]

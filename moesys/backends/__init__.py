@@ -37,13 +37,14 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 
 def get_backend(name: str, x: torch.Tensor, *, rows_per_expert: float = float("inf"), needs_grad: bool = True):
-    """The implementation of backend `name` for inputs like `x`. For "auto", `rows_per_expert` (T*K/E) and
-    `needs_grad` pick it from the table in `moesys.backends.auto`; the defaults (a large training call)
+    """The implementation of backend `name` for inputs like `x`. For "auto", `rows_per_expert` (T*K/E),
+    `needs_grad` and whether a CUDA graph is being captured pick it from the table in
+    `moesys.backends.auto`; the defaults (a large training call)
     keep the choice of a caller that knows neither."""
     if name == "auto":
         triton_dtypes = (torch.bfloat16, torch.float16, torch.float32)
         triton_ok = x.is_cuda and x.dtype in triton_dtypes and triton_unavailable_reason(x.device) is None
-        name = pick_auto(rows_per_expert, needs_grad, triton_ok)
+        name = pick_auto(rows_per_expert, needs_grad, triton_ok, capturing=_capturing(x))
     if name not in _BACKENDS:
         raise ValueError(f"moe_mlp: backend={name!r} is unknown; use 'auto' or one of {available_backends()}")
     if name == "triton":
@@ -53,6 +54,15 @@ def get_backend(name: str, x: torch.Tensor, *, rows_per_expert: float = float("i
                                "Use backend='grouped_mm' or 'auto'.")
     module, fn = _BACKENDS[name]
     return getattr(_import(module), fn)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether this call is being captured into a CUDA graph (torch.cuda.graph, triton's do_bench_cudagraph).
+    While torch.compile traces, capture has not begun (reduce-overhead captures the compiled graph later):
+    the eager choice is kept there."""
+    if not x.is_cuda or torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_current_stream_capturing()
 
 
 def _import(module: str):

@@ -4,34 +4,44 @@
 The choice is between cuBLAS's grouped GEMM ("grouped_mm") and our Triton kernels ("triton"). Per call
 it depends on the routed rows per expert, N/E = T*K/E (the average height of each expert's GEMM: the one
 number that says whether a call is launch/latency bound, where grouped_mm's fewer, cheaper launches win,
-or compute bound, where the fused Triton kernels win), and on whether a backward will follow (training
+or compute bound, where the fused Triton kernels win), on whether a backward will follow (training
 amortises the Triton kernels' extra launch cost over three GEMMs per projection and profits from their
-fused gather/scatter). Legend: T tokens, K top-k, E experts, N = T*K routed rows.
+fused gather/scatter), and on whether the call is being captured into a CUDA graph (a replay pays no
+launch cost at all). Legend: T tokens, K top-k, E experts, N = T*K routed rows.
 """
 
 from __future__ import annotations
 
 # mode -> the smallest routed rows per expert (T*K/E) at which "auto" takes "triton" on CUDA; below it,
-# "grouped_mm". "inference": no gradient needed (eager or CUDA-graph decode, prefill); "training": a
-# backward follows. Priors, to be replaced by the H200 sweep's suggestion (bench/moe_layer.py
-# --sweep-auto prints a table in this form): decode (Qwen3-30B-A3B at T=64 is 4 rows per expert) measured
-# 0.52 ms with grouped_mm against 1.16 ms with Triton.
+# "grouped_mm". "graph": no gradient, the call is being captured into a CUDA graph (replays pay no launch
+# cost, so the fused kernels win at every size); "inference": no gradient, eager (decode through
+# transformers, prefill): below a few hundred rows per expert a call is bound by its host-side launch cost,
+# lower for grouped_mm; "training": a backward follows.
+# Measured by `bench/moe_layer.py --sweep-auto` on one H100 (torch 2.11, triton 3.6) at 40a1754, Qwen3-30B-A3B
+# and OLMoE expert shapes, T = 1 .. 16384 (bench/results/moe_auto_sweep_h100_40a1754.json): with Triton
+# under capture at every point 1.24-1.81x faster; eager, grouped_mm faster up to 128 rows per expert and
+# Triton from 256; training, grouped_mm faster up to 64 and Triton from 128. Each threshold is the
+# geometric midpoint between the two measured sizes (the sweep's suggestion).
 AUTO_TRITON_MIN_ROWS_PER_EXPERT: dict[str, float] = {
-    "inference": 32.0,
-    "training": 4.0,
+    "graph": 0.0,
+    "inference": 181.0,
+    "training": 90.5,
 }
 
 
-def auto_mode(needs_grad: bool) -> str:
-    return "training" if needs_grad else "inference"
+def auto_mode(needs_grad: bool, capturing: bool = False) -> str:
+    if needs_grad:
+        return "training"
+    return "graph" if capturing else "inference"
 
 
 def pick_auto(rows_per_expert: float, needs_grad: bool, triton_ok: bool,
-              thresholds: dict[str, float] | None = None) -> str:
+              thresholds: dict[str, float] | None = None, capturing: bool = False) -> str:
     """The backend "auto" means for a call with `rows_per_expert` = T*K/E routed rows per expert.
     `triton_ok`: the Triton kernels can run on these inputs (CUDA, a supported dtype); otherwise
-    grouped_mm, whatever the size. `thresholds` defaults to AUTO_TRITON_MIN_ROWS_PER_EXPERT."""
+    grouped_mm, whatever the size. `capturing`: the call is being captured into a CUDA graph.
+    `thresholds` defaults to AUTO_TRITON_MIN_ROWS_PER_EXPERT."""
     table = AUTO_TRITON_MIN_ROWS_PER_EXPERT if thresholds is None else thresholds
     if not triton_ok:
         return "grouped_mm"
-    return "triton" if rows_per_expert >= table[auto_mode(needs_grad)] else "grouped_mm"
+    return "triton" if rows_per_expert >= table[auto_mode(needs_grad, capturing)] else "grouped_mm"

@@ -1,0 +1,133 @@
+"""The offload strategies' own bookkeeping on a tiny model (CPU): which path a call takes, the hits each path
+counts, the guess each path consumes or scores, and what goes to the prefetch. Outputs are checked against
+transformers by test_offload*.py; these observables are what those tests cannot see."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
+
+import moesys.offload as mo
+
+COMMON = dict(vocab_size=101, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+              eos_token_id=None)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    out = {}
+    for name, cfg in (("mixtral", MixtralConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2)),
+                      ("olmoe_top4", OlmoeConfig(**COMMON, num_experts=8, num_experts_per_tok=4))):
+        torch.manual_seed(0)
+        out[name] = tmp_path_factory.mktemp(name)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(out[name])
+    return out
+
+
+def _rows(T, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(T, 32, generator=g), torch.rand(T, 2, generator=g)
+
+
+def _resident_engine(path, **kw):
+    """Every expert in the cache, the engine kept in the forward (resident_if_fits=False)."""
+    model = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, resident_if_fits=False, **kw)
+    engine = model.moesys_offload
+    for layer in engine.inner:
+        engine._ensure(layer, list(range(8)))
+    assert all(engine.cache.layer_complete(layer) for layer in engine.inner)
+    engine.reset_stats()
+    return engine
+
+
+@pytest.mark.parametrize("ids, hits", [([[7, 1]], 2), ([[1, 2], [1, 3]], 3), ([[7, 1], [0, 3], [5, 2], [6, 4], [1, 7]], 8)])
+def test_a_complete_layer_counts_each_used_expert_once(paths, ids, hits):
+    """A complete layer runs on the device with no host sync: one token counts its K experts, several tokens
+    the distinct experts they use (two tokens sharing expert 1: 3 hits, not 4)."""
+    engine = _resident_engine(paths["mixtral"])
+    x, w = _rows(len(ids))
+    engine.experts_forward(0, x, torch.tensor(ids), w)
+    stats = engine.snapshot()
+    assert (stats.hits, stats.misses) == (hits, 0)
+
+
+@pytest.mark.parametrize("prefetch", ["next-gate", "none"])
+def test_a_complete_layer_drops_its_pending_guess_unscored(paths, prefetch):
+    """A complete layer needs no guess: the pending one is dropped without being scored (the host-routed path
+    would score it: prefetch_guessed += 2); without a prefetcher there is nothing to drop."""
+    engine = _resident_engine(paths["mixtral"], prefetch=prefetch)
+    if prefetch == "none":
+        assert engine.prefetcher is None
+    else:
+        engine.prefetcher.pending[1] = {0, 1}
+    x, w = _rows(1)
+    engine.experts_forward(1, x, torch.tensor([[2, 3]]), w)
+    assert engine.snapshot().prefetch_guessed == 0
+    if engine.prefetcher is not None:
+        assert 1 not in engine.prefetcher.pending
+
+
+def test_cpu_experts_route_a_complete_layer_on_the_host_and_score_the_guess(paths):
+    """cpu_experts="on" takes the host sync even for a complete layer (it decides per expert where to compute),
+    so the pending guess is scored there."""
+    engine = _resident_engine(paths["mixtral"], cpu_experts="on")
+    engine.prefetcher.pending[1] = {0, 1}
+    x, w = _rows(1)
+    engine.experts_forward(1, x, torch.tensor([[1, 3]]), w)
+    stats = engine.snapshot()
+    assert (stats.prefetch_guessed, stats.prefetch_used, stats.cpu_experts) == (2, 1, 0)
+
+
+def test_one_wave_runs_grouped_and_the_guess_goes_to_the_prefetch_without_pads(paths, monkeypatch):
+    """A layer whose needed experts fit the bank runs as one grouped call; the next layer's guess, -1 pads
+    dropped and expert 0 kept, is prefetched once."""
+    model = mo.load(paths["mixtral"], gpu_memory="1GiB", dtype=torch.float32, resident_if_fits=False)
+    engine = model.moesys_offload
+    grouped, prefetched = [], []
+    run_grouped, prefetch = engine._run_grouped, engine._prefetch
+    monkeypatch.setattr(engine, "_run_grouped", lambda *a: grouped.append(a[0]) or run_grouped(*a))
+    monkeypatch.setattr(engine, "_prefetch", lambda layer, guessed, protect: prefetched.append(list(guessed))
+                        or prefetch(layer, guessed, protect))
+    monkeypatch.setattr(engine.prefetcher, "guess", lambda layer, x: torch.tensor([0, 5, -1, -1]))
+    x, w = _rows(2)
+    engine.experts_forward(0, x, torch.tensor([[1, 2], [1, 3]]), w)
+    assert grouped == [0] and prefetched == [[0, 5]]
+
+
+def test_waves_prefetch_once(paths, monkeypatch):
+    """A layer needing more experts than its bank runs in waves; the guess is prefetched with the first wave
+    only (a later wave would evict what the earlier prefetch loaded)."""
+    from tests.test_offload import _budget
+
+    model = mo.load(paths["mixtral"], gpu_memory=_budget(paths["mixtral"], torch.float32, 6), dtype=torch.float32)
+    engine = model.moesys_offload
+    assert engine.cache.capacity(0) == 6
+    calls = []
+    prefetch = engine._prefetch
+    monkeypatch.setattr(engine, "_prefetch", lambda layer, guessed, protect: calls.append(layer)
+                        or prefetch(layer, guessed, protect))
+    monkeypatch.setattr(engine.prefetcher, "guess", lambda layer, x: torch.tensor([4, 5]))
+    x, w = _rows(4)
+    engine.experts_forward(0, x, torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]]), w)
+    assert calls == [0]
+
+
+@pytest.mark.parametrize("mode", ["int8"])
+def test_quantized_decode_reads_packed_only_for_one_token(paths, monkeypatch, mode):
+    """Quantized experts of a complete layer: one token's K rows (K=4 here) are read packed (quant_gemv);
+    two tokens' 8 rows exceed the dequantization workspace of K experts and take the dequantizing waves."""
+    model = mo.load(paths["olmoe_top4"], gpu_memory="1GiB", dtype=torch.float32, quantize_experts=mode,
+                    resident_if_fits=False)
+    engine = model.moesys_offload
+    for layer in engine.inner:
+        engine._ensure(layer, list(range(8)))
+    seen = []
+    packed, dequant = engine._run_quantized_resident, engine._run_dequant
+    monkeypatch.setattr(engine, "_run_quantized_resident", lambda *a: seen.append("packed") or packed(*a))
+    monkeypatch.setattr(engine, "_run_dequant", lambda *a: seen.append("dequant") or dequant(*a))
+    g = torch.Generator().manual_seed(4)
+    for T in (1, 2):
+        x, w = torch.randn(T, 32, generator=g), torch.rand(T, 4, generator=g)
+        engine.experts_forward(0, x, torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]][:T]), w)
+        seen.append("|")
+    assert seen == ["packed", "|", "dequant", "dequant", "|"]

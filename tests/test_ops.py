@@ -169,10 +169,56 @@ def _call(**changes):
     (dict(w_gate_up=torch.randn(3, 8)), ValueError, "w_gate_up and w_down must be 3-D"),
     (dict(w_down=torch.randn(3, 8, 4, 1)), ValueError, "w_gate_up and w_down must be 3-D"),
     (dict(w_down=torch.randn(3, 7, 4)), ValueError, "w_gate_up has shape"),  # w_down's H alone is wrong
+    # from the mutation run of ops.py (TESTING.md): each bound checked from both sides, each check reached
+    (dict(topk_ids=torch.tensor([[0, 4]] * 4)), ValueError, "expert id 4, outside"),
+    (dict(topk_ids=torch.tensor([[1, 3]] * 4)), ValueError, "expert id 3, outside"),  # the bad id, not the lowest
+    (dict(x=torch.randn(8)), ValueError, "must be 2-D"),
+    (dict(w_gate_up=torch.randn(3, 8, 8, 1)), ValueError, "w_gate_up and w_down must be 3-D"),
+    (dict(w_down=torch.randn(3, 8)), ValueError, "w_gate_up and w_down must be 3-D"),
+    (dict(w_down=torch.randn(3, 9, 4)), ValueError, "w_gate_up has shape"),
+    (dict(topk_ids=torch.zeros(4, dtype=torch.long)), ValueError, "topk_ids must be"),
+    (dict(topk_ids=torch.zeros(4, 2, 1, dtype=torch.long)), ValueError, "topk_ids must be"),
+    (dict(topk_ids=torch.zeros(5, 2, dtype=torch.long)), ValueError, "topk_ids must be"),
+    (dict(topk_weights=torch.ones(4, 1)), ValueError, "must have the shape of topk_ids"),
+    (dict(b_down=torch.zeros(3, 9)), ValueError, "b_down must have shape"),
+    (dict(b_gate_up=None, b_down=torch.zeros(3, 7)), ValueError, "b_down must have shape"),
+    (dict(x=[[0.0] * 8] * 4), TypeError, "x must be a torch.Tensor"),
+    (dict(w_gate_up=torch.randn(3, 8, 8, dtype=torch.float64), b_gate_up=None, b_down=None), TypeError,
+     "w_gate_up has dtype"),
+    (dict(b_down=torch.zeros(3, 8, device="meta")), ValueError, "all inputs must be on one device"),
+    (dict(x=torch.zeros(0, 8), w_gate_up=torch.zeros(0, 8, 8), w_down=torch.zeros(0, 8, 4),
+          topk_ids=torch.zeros(0, 2, dtype=torch.long), topk_weights=torch.zeros(0, 2), b_gate_up=None, b_down=None),
+     ValueError, "at least one expert"),
 ])
 def test_bad_inputs_raise_clear_errors(changes, exc, match):
     with pytest.raises(exc, match=match):
         _call(**changes)
+
+
+def test_options_are_keyword_only():
+    inp = _good()
+    with pytest.raises(TypeError):
+        moe_mlp(inp["x"], inp["w_gate_up"], inp["w_down"], inp["topk_ids"], inp["topk_weights"], "silu")
+
+
+class _CudaLookingIds(torch.Tensor):
+    """topk_ids as the id check sees a CUDA tensor, with its values on the CPU: the check must take the
+    device-side assert (no host read), which on CPU data fires at once."""
+
+    @property
+    def device(self):
+        return torch.device("cuda")
+
+
+@pytest.mark.parametrize("ids,ok", [([[0, 2], [1, 0]], True), ([[0, 3]], False), ([[4, 0]], False), ([[-1, 1]], False)])
+def test_ids_on_an_accelerator_are_checked_by_a_device_side_assert(ids, ok):
+    from moesys.ops import _check_ids_in_range
+    ids_TK = torch.tensor(ids).as_subclass(_CudaLookingIds)
+    if ok:
+        _check_ids_in_range(ids_TK, 3)
+    else:
+        with pytest.raises(RuntimeError, match=r"topk_ids outside \[0, 2\]"):
+            _check_ids_in_range(ids_TK, 3)
 
 
 def test_triton_backend_says_why_it_cannot_run(monkeypatch):

@@ -6,24 +6,27 @@ it depends on the routed rows per expert, N/E = T*K/E (the average height of eac
 number that says whether a call is launch/latency bound, where grouped_mm's fewer, cheaper launches win,
 or compute bound, where the fused Triton kernels win), on whether a backward will follow (training
 amortises the Triton kernels' extra launch cost over three GEMMs per projection and profits from their
-fused gather/scatter), and on whether the call is being captured into a CUDA graph (a replay pays no
-launch cost at all). Legend: T tokens, K top-k, E experts, N = T*K routed rows.
+fused gather/scatter), and on whether the call is being captured into a CUDA graph (its own entry in
+the table; see there why it equals the eager one for now). Legend: T tokens, K top-k, E experts, N = T*K routed rows.
 """
 
 from __future__ import annotations
 
 # mode -> the smallest routed rows per expert (T*K/E) at which "auto" takes "triton" on CUDA; below it,
-# "grouped_mm". "graph": no gradient, the call is being captured into a CUDA graph (replays pay no launch
-# cost, so the fused kernels win at every size); "inference": no gradient, eager (decode through
-# transformers, prefill): below a few hundred rows per expert a call is bound by its host-side launch cost,
-# lower for grouped_mm; "training": a backward follows.
+# "grouped_mm". "graph": no gradient, the call is being captured into a CUDA graph; "inference": no
+# gradient, eager (decode through transformers, prefill): below a few hundred rows per expert a call is
+# bound by its host-side launch cost, lower for grouped_mm; "training": a backward follows.
 # Measured by `bench/moe_layer.py --sweep-auto` on one H100 (torch 2.11, triton 3.6) at 40a1754, Qwen3-30B-A3B
-# and OLMoE expert shapes, T = 1 .. 16384 (bench/results/moe_auto_sweep_h100_40a1754.json): with Triton
-# under capture at every point 1.24-1.81x faster; eager, grouped_mm faster up to 128 rows per expert and
-# Triton from 256; training, grouped_mm faster up to 64 and Triton from 128. Each threshold is the
-# geometric midpoint between the two measured sizes (the sweep's suggestion).
+# and OLMoE expert shapes, T = 1 .. 16384 (bench/results/moe_auto_sweep_h100_40a1754.json): eager,
+# grouped_mm faster up to 128 rows per expert and Triton from 256; training, grouped_mm faster up to 64 and
+# Triton from 128. Each threshold is the geometric midpoint between the two measured sizes (the sweep's
+# suggestion). Under capture Triton was 1.24-1.81x faster at every point, yet "graph" keeps the eager
+# threshold: a capture follows an eager warm-up of the same call, which at these sizes ran grouped_mm, so
+# the Triton kernels would meet their shape for the first time inside the capture, where their autotuner
+# cannot run (it synchronizes the device). Lower it only once the kernels can launch untuned configs
+# under capture (moesys/kernels/launch.py) and that is measured.
 AUTO_TRITON_MIN_ROWS_PER_EXPERT: dict[str, float] = {
-    "graph": 0.0,
+    "graph": 181.0,
     "inference": 181.0,
     "training": 90.5,
 }

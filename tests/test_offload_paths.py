@@ -1,5 +1,6 @@
-"""The offload strategies' own bookkeeping on a tiny model (CPU): which path a call takes, the hits each path
-counts, the guess each path consumes or scores, and what goes to the prefetch. Outputs are checked against
+"""The offload strategies' own bookkeeping on a tiny model, on the CPU (`device="cpu"`, also on a GPU
+machine): which path a call takes, the hits each path counts, the guess each path consumes or scores, and
+what goes to the prefetch. Outputs are checked against
 transformers by test_offload*.py; these observables are what those tests cannot see."""
 
 import pytest
@@ -31,7 +32,7 @@ def _rows(T, seed=3):
 
 def _resident_engine(path, **kw):
     """Every expert in the cache, the engine kept in the forward (resident_if_fits=False)."""
-    model = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, resident_if_fits=False, **kw)
+    model = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, device="cpu", resident_if_fits=False, **kw)
     engine = model.moesys_offload
     for layer in engine.inner:
         engine._ensure(layer, list(range(8)))
@@ -81,7 +82,7 @@ def test_cpu_experts_route_a_complete_layer_on_the_host_and_score_the_guess(path
 def test_one_wave_runs_grouped_and_the_guess_goes_to_the_prefetch_without_pads(paths, monkeypatch):
     """A layer whose needed experts fit the bank runs as one grouped call; the next layer's guess, -1 pads
     dropped and expert 0 kept, is prefetched once."""
-    model = mo.load(paths["mixtral"], gpu_memory="1GiB", dtype=torch.float32, resident_if_fits=False)
+    model = mo.load(paths["mixtral"], gpu_memory="1GiB", dtype=torch.float32, device="cpu", resident_if_fits=False)
     engine = model.moesys_offload
     grouped, prefetched = [], []
     run_grouped, prefetch = engine._run_grouped, engine._prefetch
@@ -99,7 +100,7 @@ def test_waves_prefetch_once(paths, monkeypatch):
     only (a later wave would evict what the earlier prefetch loaded)."""
     from tests.test_offload import _budget
 
-    model = mo.load(paths["mixtral"], gpu_memory=_budget(paths["mixtral"], torch.float32, 6), dtype=torch.float32)
+    model = mo.load(paths["mixtral"], gpu_memory=_budget(paths["mixtral"], torch.float32, 6), dtype=torch.float32, device="cpu")
     engine = model.moesys_offload
     assert engine.cache.capacity(0) == 6
     calls = []
@@ -116,7 +117,7 @@ def test_waves_prefetch_once(paths, monkeypatch):
 def test_quantized_decode_reads_packed_only_for_one_token(paths, monkeypatch, mode):
     """Quantized experts of a complete layer: one token's K rows (K=4 here) are read packed (quant_gemv);
     two tokens' 8 rows exceed the dequantization workspace of K experts and take the dequantizing waves."""
-    model = mo.load(paths["olmoe_top4"], gpu_memory="1GiB", dtype=torch.float32, quantize_experts=mode,
+    model = mo.load(paths["olmoe_top4"], gpu_memory="1GiB", dtype=torch.float32, device="cpu", quantize_experts=mode,
                     resident_if_fits=False)
     engine = model.moesys_offload
     for layer in engine.inner:

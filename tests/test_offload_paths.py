@@ -8,10 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
 
 import moesys.offload as mo
-
-COMMON = dict(vocab_size=101, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-              eos_token_id=None)
+from tests.test_offload import COMMON, _budget
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +95,6 @@ def test_one_wave_runs_grouped_and_the_guess_goes_to_the_prefetch_without_pads(p
 def test_waves_prefetch_once(paths, monkeypatch):
     """A layer needing more experts than its bank runs in waves; the guess is prefetched with the first wave
     only (a later wave would evict what the earlier prefetch loaded)."""
-    from tests.test_offload import _budget
-
     model = mo.load(paths["mixtral"], gpu_memory=_budget(paths["mixtral"], torch.float32, 6), dtype=torch.float32, device="cpu")
     engine = model.moesys_offload
     assert engine.cache.capacity(0) == 6
@@ -117,11 +112,7 @@ def test_waves_prefetch_once(paths, monkeypatch):
 def test_quantized_decode_reads_packed_only_for_one_token(paths, monkeypatch, mode):
     """Quantized experts of a complete layer: one token's K rows (K=4 here) are read packed (quant_gemv);
     two tokens' 8 rows exceed the dequantization workspace of K experts and take the dequantizing waves."""
-    model = mo.load(paths["olmoe_top4"], gpu_memory="1GiB", dtype=torch.float32, device="cpu", quantize_experts=mode,
-                    resident_if_fits=False)
-    engine = model.moesys_offload
-    for layer in engine.inner:
-        engine._ensure(layer, list(range(8)))
+    engine = _resident_engine(paths["olmoe_top4"], quantize_experts=mode)
     seen = []
     packed, dequant = engine._run_quantized_resident, engine._run_dequant
     monkeypatch.setattr(engine, "_run_quantized_resident", lambda *a: seen.append("packed") or packed(*a))

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import moesys.offload as mo
 from moesys.offload.adapters import adapter_for, find_moe_blocks
 from moesys.offload.batch import Request, generate_batch
+from moesys.offload.batch_kv import PaddedBatchKV
 from moesys.offload.loader import build_skeleton
 from tests.test_offload import checkpoints  # noqa: F401  (the fixture: tiny random checkpoints per architecture)
 
@@ -108,6 +109,50 @@ def test_sequence_ending_at_prefill_frees_its_place(checkpoints):
     results = list(run)
     assert results[0].index == 0 and results[0].token_ids == first[0]
     assert run.decode_steps == 2  # rows 1 and 2 decode together from the first step
+
+
+def test_joining_prompts_prefill_together(checkpoints):
+    """Three prompts of 5, 9 and 3 tokens join an empty batch of 3 in one left-padded prefill forward (so
+    the engine copies each expert they need once for the three), then decode together; a fourth and fifth
+    join one forward each as places free up. Tokens equal each prompt alone (the first test)."""
+    path = checkpoints["olmoe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)
+    shapes, masks = [], []
+
+    def record(module, args, kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        masks.append(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].tolist())
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    ps = prompts()
+    news = [2, 4, 6, 3, 3]
+    run = generate_batch(model, [Request(p, n) for p, n in zip(ps, news)], batch_size=3, eos=[])
+    got = {r.index: r.token_ids for r in run}
+    want = alone(path, torch.float32, ps, max(news))
+    assert [got[i] for i in range(5)] == [w[:n] for w, n in zip(want, news)]
+    assert shapes[0] == (3, 9)  # one forward for the first three prompts, left-padded to the longest
+    assert masks[0] == [[0] * 4 + [1] * 5, [1] * 9, [0] * 6 + [1] * 3]
+    prefills = [s for s in shapes if s[1] > 1]
+    assert prefills == [(3, 9), (1, 12), (1, 7)] and run.prefills == 5
+
+
+def test_cache_keyword_follows_the_transformers_version(checkpoints):
+    """transformers renamed the forward's past_key_values to cache; older versions swallow an unknown
+    cache= in **kwargs and build their own, so the batch's KV cache would stay empty."""
+    from moesys.offload.batch_kv import cache_kwarg
+
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, **kwargs):
+            return None
+
+    assert cache_kwarg(Old()) == "past_key_values"
+    # the installed transformers fills the cache it is given under that name
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["olmoe"], dtype=torch.float32)
+    kv = PaddedBatchKV(model.config, torch.device("cpu"), cache_name=cache_kwarg(model))
+    group = kv.prefill_inputs([[3, 4, 5], [6, 7]])
+    model(**group, use_cache=True)
+    assert group[kv.cache_name].get_seq_length() == 3
 
 
 def test_batch_over_the_planned_kv_cache_is_refused(checkpoints):

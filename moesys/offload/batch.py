@@ -2,8 +2,8 @@
 sequence's result as soon as it finishes, and a finished sequence's place in the batch is refilled from
 the queue.
 
-Each sequence is prefilled alone (batch 1) and then decoded with the others, one token per row per step,
-through one forward of the whole batch: the offload engine then sees the batch's routing in one call per
+The sequences that join the batch at the same step are prefilled together (left-padded, one forward),
+and then decoded with the others, one token per row per step, through one forward of the whole batch: the offload engine then sees the batch's routing in one call per
 layer and copies each needed expert once for all rows (moesys.offload.engine.experts_forward takes the
 union of the rows' top-k). Rows are left-padded in a shared KV cache with per-row positions and an
 attention mask (moesys.offload.batch_kv), so greedy decoding gives every sequence the tokens it gets
@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from moesys.offload.batch_kv import PaddedBatchKV
+from moesys.offload.batch_kv import PaddedBatchKV, cache_kwarg
 from moesys.offload.host_kv import host_attention
 from moesys.offload.perf_model import KV_PLACES as KV_MODES
 
@@ -105,43 +105,47 @@ class BatchGeneration:
 
     def _run(self) -> Iterator[Result]:
         queue = deque(range(len(self.requests)))
-        kv = PaddedBatchKV(self.model.config, self.device, host=self.kv == "host")
+        kv = PaddedBatchKV(self.model.config, self.device, host=self.kv == "host", cache_name=cache_kwarg(self.model))
         rows: list[_Row] = []
         while queue or rows:
             t0 = time.perf_counter()
             done = []
-            # continuous batching refills any free place; static batching only an empty batch
-            can_fill = self.continuous or not rows
-            while can_fill and queue and len(rows) < self.batch_size:
-                i = queue.popleft()
-                row = _Row(i, self.requests[i], self.max_new[i])
-                row_cache = kv.new_row_cache()
-                self._append(row, self._forward(torch.tensor([row.request.token_ids], device=self.device),
-                                                cache=row_cache)[0])
-                self.prefills += 1
-                if self._finished(row):
-                    done.append(row)
-                else:
-                    kv.add(row_cache, len(row.request.token_ids))
-                    rows.append(row)
+            # continuous batching refills any free place; static batching only an empty batch (a sequence
+            # that ends at its prefill frees its place at once)
+            while (self.continuous or not rows) and queue and len(rows) < self.batch_size:
+                joining = [_Row(i, self.requests[i], self.max_new[i])
+                           for i in (queue.popleft() for _ in range(min(len(queue), self.batch_size - len(rows))))]
+                # the joining prompts are prefilled together (left-padded): one forward, so each expert
+                # they need is copied once for all of them
+                group = kv.prefill_inputs([row.request.token_ids for row in joining])
+                for row, token in zip(joining, self._forward(**group)):
+                    self._append(row, token)
+                self.prefills += len(joining)
+                kv.add(group, [len(row.request.token_ids) for row in joining])
+                rows += joining
+                self._leave(rows, kv, done)
             if rows:
                 last_B1 = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
-                for row, token in zip(rows, self._forward(last_B1, **kv.step_inputs())):
+                for row, token in zip(rows, self._forward(input_ids=last_B1, **kv.step_inputs())):
                     self._append(row, token)
                 self.decode_steps += 1
-                finished = [r for r, row in enumerate(rows) if self._finished(row)]
-                done += [rows[r] for r in finished]
-                if finished:
-                    kv.remove(finished)
-                    rows = [row for r, row in enumerate(rows) if r not in set(finished)]
+                self._leave(rows, kv, done)
             self.elapsed_s += time.perf_counter() - t0
             for row in done:
                 yield self._result(row)
 
-    def _forward(self, input_ids, **kwargs) -> list[int]:
+    def _leave(self, rows: list[_Row], kv: PaddedBatchKV, done: list[_Row]) -> None:
+        """Move the finished rows (in place) from `rows` and the KV cache to `done`."""
+        finished = [r for r, row in enumerate(rows) if self._finished(row)]
+        if finished:
+            done += [rows[r] for r in finished]
+            kv.remove(finished)
+            rows[:] = [row for r, row in enumerate(rows) if r not in set(finished)]
+
+    def _forward(self, **inputs) -> list[int]:
         """Greedy next token of each row (the one host sync per step: EOS decides who leaves)."""
         with torch.no_grad():
-            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs)
+            out = self.model(use_cache=True, logits_to_keep=1, **inputs)
         return out.logits[:, -1].argmax(-1).tolist()
 
     def _append(self, row: _Row, token: int) -> None:

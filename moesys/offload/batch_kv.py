@@ -1,15 +1,18 @@
 """The KV cache of a continuous batch: one transformers DynamicCache whose rows are left-padded to a shared
 length, with a [B, L] attention mask saying which columns are real.
 
-A row joins with the KV cache of its own batch-1 prefill (left-padded to the batch's length, or the batch
-padded to the row's); a finished row leaves by index selection; columns that are padding in every row are
-dropped, so the shared length stays the longest row's. Positions are per row (each row's real length), so
-rotary embeddings see the same positions as the sequence decoded alone.
+Rows join in groups: the KV cache of one prefill of several prompts, left-padded to the group's longest
+(PaddedBatchKV.prefill_inputs builds its mask and positions), is left-padded to the batch's length (or
+the batch to the group's) and appended; a finished row leaves by index selection; columns that are
+padding in every row are dropped, so the shared length stays the longest row's. Positions are per row
+(each row's real length), so rotary embeddings see the same positions as the sequence decoded alone.
 
 Legend: B rows, L cached columns, N KV heads, D head dim.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import DynamicCache
@@ -18,10 +21,18 @@ from transformers.cache_utils import DynamicLayer
 from moesys.offload.host_kv import HostKVLayer
 
 
+def cache_kwarg(model) -> str:
+    """The name the model's forward takes its KV cache under: `cache` from transformers 5.2x on,
+    `past_key_values` before (5.17 and earlier silently ignore `cache`, through **kwargs, and build their own)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class PaddedBatchKV:
-    def __init__(self, config, device: torch.device, host: bool = False):
-        # host: the rows' keys and values live in host memory (moesys.offload.host_kv), the mask on `device`
-        self.config, self.device, self.host = config, device, host
+    def __init__(self, config, device: torch.device, host: bool = False, cache_name: str = "cache"):
+        # host: the rows' keys and values live in host memory (moesys.offload.host_kv), the mask on `device`;
+        # cache_name: the forward's keyword for the cache (cache_kwarg)
+        self.config, self.device, self.host, self.cache_name = config, device, host, cache_name
         self.cache: DynamicCache | None = None
         self.mask_BL = torch.zeros(0, 0, dtype=torch.long, device=device)
         self.lengths: list[int] = []  # real tokens cached per row
@@ -35,7 +46,7 @@ class PaddedBatchKV:
         return self.mask_BL.shape[1]
 
     def new_row_cache(self) -> DynamicCache:
-        """An empty cache for one sequence's prefill; only plain (full-attention) layers can be padded."""
+        """An empty cache for one group's prefill; only plain (full-attention) layers can be padded."""
         cache = DynamicCache(config=self.config)
         bad = [type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer]
         if bad:
@@ -46,30 +57,43 @@ class PaddedBatchKV:
             cache.layers = [HostKVLayer() for _ in cache.layers]
         return cache
 
-    def add(self, row_cache: DynamicCache, length: int) -> int:
-        """Append a prefilled sequence (its batch-1 cache of `length` tokens) as the last row; returns its row."""
+    def prefill_inputs(self, prompts: list[list[int]]) -> dict:
+        """Arguments of one prefill forward of `prompts` together, left-padded to the longest: input_ids,
+        attention_mask (0 on padding), position_ids (0.. per prompt; padding at 0) and an empty cache."""
+        G, P = len(prompts), max(len(p) for p in prompts)
+        ids_GP = torch.zeros(G, P, dtype=torch.long)
+        mask_GP = torch.zeros(G, P, dtype=torch.long)
+        for g, p in enumerate(prompts):
+            ids_GP[g, P - len(p):] = torch.tensor(p)
+            mask_GP[g, P - len(p):] = 1
+        position_GP = (mask_GP.cumsum(1) - 1).clamp_min(0)
+        return {"input_ids": ids_GP.to(self.device), "attention_mask": mask_GP.to(self.device),
+                "position_ids": position_GP.to(self.device), self.cache_name: self.new_row_cache()}
+
+    def add(self, group: dict, lengths: list[int]) -> None:
+        """Append the rows of a group prefilled with `group` = prefill_inputs(...) (prompts of `lengths`
+        tokens) as the last rows."""
+        group_cache, group_mask = group[self.cache_name], group["attention_mask"]
         if self.cache is None:
-            self.cache, self.lengths = row_cache, [length]
-            self.mask_BL = torch.ones(1, length, dtype=torch.long, device=self.device)
-            return 0
-        L = max(self.length, length)
+            self.cache, self.lengths, self.mask_BL = group_cache, list(lengths), group_mask
+            return
+        P = group_mask.shape[1]
+        L = max(self.length, P)
         self._pad_left(self.cache, L - self.length)
-        self._pad_left(row_cache, L - length)
-        for mine, theirs in zip(self.cache.layers, row_cache.layers):
+        self._pad_left(group_cache, L - P)
+        for mine, theirs in zip(self.cache.layers, group_cache.layers):
             mine.keys = torch.cat((mine.keys, theirs.keys))
             mine.values = torch.cat((mine.values, theirs.values))
-        row_mask = torch.zeros(1, L, dtype=torch.long, device=self.device)
-        row_mask[:, L - length:] = 1
-        pad = torch.zeros(self.rows, L - self.length, dtype=torch.long, device=self.device)
-        self.mask_BL = torch.cat((torch.cat((pad, self.mask_BL), dim=1), row_mask))
-        self.lengths.append(length)
-        return self.rows - 1
+        pad_mine = torch.zeros(self.rows, L - self.length, dtype=torch.long, device=self.device)
+        pad_group = torch.zeros(len(lengths), L - P, dtype=torch.long, device=self.device)
+        self.mask_BL = torch.cat((torch.cat((pad_mine, self.mask_BL), 1), torch.cat((pad_group, group_mask), 1)))
+        self.lengths += list(lengths)
 
     def remove(self, rows: list[int]) -> None:
         """Drop finished rows (the others keep their order) and the columns nobody needs any more."""
         keep = [r for r in range(self.rows) if r not in set(rows)]
         if not keep:
-            self.__init__(self.config, self.device, self.host)
+            self.__init__(self.config, self.device, self.host, self.cache_name)
             return
         index = torch.tensor(keep)  # a host index selects rows of device and host tensors alike
         for layer in self.cache.layers:
@@ -87,7 +111,7 @@ class PaddedBatchKV:
         self.mask_BL = torch.cat((self.mask_BL, torch.ones(self.rows, 1, dtype=torch.long, device=self.device)), 1)
         position_B1 = torch.tensor(self.lengths, device=self.device).view(-1, 1)
         self.lengths = [n + 1 for n in self.lengths]
-        return dict(attention_mask=self.mask_BL, position_ids=position_B1, cache=self.cache)
+        return {"attention_mask": self.mask_BL, "position_ids": position_B1, self.cache_name: self.cache}
 
     @staticmethod
     def _pad_left(cache: DynamicCache, n: int) -> None:

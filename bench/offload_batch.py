@@ -12,8 +12,9 @@ expert cache is the same for every row of that precision (the memory plan reserv
 
 Per row: B prompts of --prompt-len random tokens, --new-tokens greedy tokens each, through
 moesys.offload.generate_batch (continuous batching, the eager host-routed path), after a short warm-up.
-Measured: decode tok/s (the engine's timing of decode forwards), end-to-end tok/s, hit rate, bytes copied
-per token. Predicted: perf_model with the measured hardware (pinned copy bandwidth, matmul FLOP/s) and the
+Measured: decode tok/s (the engine's timing of decode forwards), end-to-end tok/s, hit rate and bytes copied
+per token of the decode steps (the prefill's copies excluded); on the "model" routing's smallest batch above 1, how many of its sequences equal the same prompt
+generated alone (sequences_equal_to_alone: [equal, B]). Predicted: perf_model with the measured hardware (pinned copy bandwidth, matmul FLOP/s) and the
 routing statistics recorded during the row (the LRU hit curve of the recorded routing; uniform: the
 closed form), and again with the engine's measured hit rate. Bound (the issue's): B / max(missed bytes of
 a step at pinned bandwidth, the same step with every expert resident (measured per batch size with a
@@ -94,21 +95,53 @@ def smoke_budget(path, dtype, fraction, max_context):
     return p.resident_bytes + p.reserve_bytes + int(fraction * p.total_experts) * p.slot_bytes
 
 
+def row_prompts(B, args, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
+
+
 def run_row(model, B, args, vocab, seed=0):
-    """(BatchGeneration, engine stats) of B prompts after a warm-up."""
+    """(BatchGeneration, engine stats, tokens per prompt) of B prompts after a warm-up."""
     from moesys.offload.batch import generate_batch
 
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
+    prompts = row_prompts(B, args, vocab, seed)
     list(generate_batch(model, prompts, max_new_tokens=min(4, args.new_tokens), batch_size=B, eos=[]))
     engine = getattr(model, "moesys_offload", None)
     if engine is not None:
         engine.reset_stats()
-    run = generate_batch(model, prompts, max_new_tokens=args.new_tokens, batch_size=B, eos=[])
-    list(run)
-    if engine is not None and engine.cuda:
+    # the B prompts prefill together in the first forward; the copies and hits of the decode steps alone
+    # are the counters at the end minus those when the first decode forward starts
+    at_decode = {}
+
+    def mark(module, args, kwargs):
+        if engine is not None and not at_decode and kwargs["input_ids"].shape[1] == 1:
+            s = engine.snapshot()
+            at_decode.update(bytes_copied=s.bytes_copied, hits=s.hits, misses=s.misses)
+
+    hook = model.register_forward_pre_hook(mark, with_kwargs=True)
+    try:
+        run = generate_batch(model, prompts, max_new_tokens=args.new_tokens, batch_size=B, eos=[])
+        tokens = {r.index: r.token_ids for r in run}
+    finally:
+        hook.remove()
+    if engine is None:
+        return run, None, [tokens[i] for i in range(B)]
+    if engine.cuda:
         torch.cuda.synchronize()
-    return run, (engine.snapshot() if engine is not None else None)
+    stats = engine.snapshot()
+    stats.decode_bytes_copied = stats.bytes_copied - at_decode.get("bytes_copied", 0)
+    hits, misses = stats.hits - at_decode.get("hits", 0), stats.misses - at_decode.get("misses", 0)
+    stats.decode_hit_rate = hits / (hits + misses) if hits + misses else stats.hit_rate
+    return run, stats, [tokens[i] for i in range(B)]
+
+
+def matches_alone(model, tokens, args, vocab):
+    """How many of a batch row's sequences equal the same prompt generated alone (batch 1), token for token."""
+    from moesys.offload.batch import generate_batch
+
+    prompts = row_prompts(len(tokens), args, vocab)
+    return sum(next(iter(generate_batch(model, [p], max_new_tokens=args.new_tokens, batch_size=1, eos=[]))).token_ids
+               == t for p, t in zip(prompts, tokens))
 
 
 def accelerate_row(path, dtype, budget, B, args, vocab):
@@ -184,7 +217,7 @@ def main():
     full = mo.load(path, gpu_memory=1 << 40, dtype=dtype, max_context=max_context, cuda_graph=False)
     uni = RoutingOverride(full, "uniform", seed=1)
     for B in sizes:
-        run, stats = run_row(full, B, args, cfg.vocab_size)
+        run, stats, _ = run_row(full, B, args, cfg.vocab_size)
         resident_step[B] = B / stats.decode_tokens_per_s
         records.append(dict(base, impl="moesys-all-resident", batch=B, routing="uniform",
                             tokens_per_s=stats.decode_tokens_per_s, e2e_tokens_per_s=run.tokens_per_s))
@@ -210,7 +243,7 @@ def main():
         # to uniform routing at the smallest batch; every other row is predicted with it
         B0, context = min(sizes), args.prompt_len + args.new_tokens // 2
         uni = RoutingOverride(model, "uniform", seed=99)
-        _, stats0 = run_row(model, B0, args, cfg.vocab_size, seed=99)
+        _, stats0, _ = run_row(model, B0, args, cfg.vocab_size, seed=99)
         uni.remove()
         row_hw = calibrate_miss(w, hw, RoutingStats.uniform(w.num_experts, w.top_k), B0, context,
                                 engine.cache.num_slots, B0 / stats0.decode_tokens_per_s)
@@ -236,7 +269,7 @@ def main():
             for i, B in enumerate(row_sizes):
                 rec = RoutingRecorder(model)
                 try:
-                    run, stats = run_row(model, B, args, cfg.vocab_size)
+                    run, stats, tokens = run_row(model, B, args, cfg.vocab_size)
                 except Exception as e:  # one row's failure must not hide the others
                     traceback.print_exc()
                     records.append(dict(base, impl="moesys", quantize=quantize, routing=routing, batch=B,
@@ -251,16 +284,17 @@ def main():
                 stats_r = (RoutingStats.uniform(w.num_experts, w.top_k) if routing == "uniform"
                            else RoutingStats.from_trace(ids_NLK, w.num_experts))
                 pred = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots)
-                stats_r.with_engine_hit_rate(engine.cache.num_slots // w.num_layers, stats.hit_rate)
+                stats_r.with_engine_hit_rate(engine.cache.num_slots // w.num_layers, stats.decode_hit_rate)
                 pred_hit = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots)
                 steps = max(1, stats.decode_tokens // B)
-                missed_s = stats.bytes_copied / steps / hw.pcie_Bps
+                missed_s = stats.decode_bytes_copied / steps / hw.pcie_Bps
                 bound = B / max(missed_s, resident_step.get(B, 0.0)) if B in resident_step else None
                 measured = stats.decode_tokens_per_s
                 records.append(dict(
                     base, impl="moesys", quantize=quantize, routing=routing, trace_source=trace_source,
                     batch=B, auto=i >= len(sizes), tokens_per_s=measured, e2e_tokens_per_s=run.tokens_per_s,
-                    hit_rate=stats.hit_rate, bytes_copied_per_token=stats.bytes_copied / max(stats.decode_tokens, 1),
+                    hit_rate=stats.decode_hit_rate, bytes_copied_per_token=stats.decode_bytes_copied / max(
+                        stats.decode_tokens, 1), prefill_and_decode_hit_rate=stats.hit_rate,
                     lru_curve_hit_rate=float(lru_hit_curve(ids_NLK, w.num_experts, B)[min(
                         w.num_experts, engine.cache.num_slots // w.num_layers)]),
                     predicted_tokens_per_s=pred["tokens_per_s"], predicted_with_measured_hit=pred_hit["tokens_per_s"],
@@ -268,8 +302,12 @@ def main():
                     share_of_bound=measured / bound if bound else None,
                     prediction_error=pred_hit["tokens_per_s"] / measured - 1 if measured else None,
                     cache_slots=engine.cache.num_slots, budget=row_budget))
+                if routing == "model" and B == min([b for b in sizes if b > 1], default=None):
+                    # batch equals alone (greedy, the model's own routing; uniform and trace draw per call)
+                    records[-1]["sequences_equal_to_alone"] = [matches_alone(model, tokens, args, cfg.vocab_size), B]
+                    log("equal to alone:", records[-1]["sequences_equal_to_alone"])
                 log(f"{quantize} {routing} B={B}: {measured:.1f} tok/s, predicted {pred['tokens_per_s']:.1f} "
-                    f"({pred_hit['tokens_per_s']:.1f} with the measured hit rate {stats.hit_rate:.2f}), bound",
+                    f"({pred_hit['tokens_per_s']:.1f} with the measured hit rate {stats.decode_hit_rate:.2f}), bound",
                     f"{bound:.1f}" if bound else "not measured at this batch size")
                 save()
             if override is not None:

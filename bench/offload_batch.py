@@ -180,6 +180,10 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--no-accelerate", action="store_true")
+    ap.add_argument("--experts-impl", default="moesys,grouped_mm",
+                    help="comma-separated transformers experts implementations: the first runs the offloaded rows "
+                         "(int4 always runs moesys' dequantizing kernels), each one the all-resident rows; the bound "
+                         "takes the fastest all-resident step")
     args = ap.parse_args()
     args.batch_sizes = args.batch_sizes or ("1,4,16,auto" if args.smoke else "1,8,32,128,auto")
     args.quantize = args.quantize or ("none" if args.smoke else "none,int4")
@@ -212,31 +216,61 @@ def main():
     base = dict(meta, bench="offload_batch", shape="smoke-olmoe" if args.smoke else "olmoe-1b-7b",
                 prompt_tokens=args.prompt_len, new_tokens=args.new_tokens, path="eager host-routed, generate_batch",
                 hardware=hw.__dict__)
-    # every expert resident: the compute side of the bound, per batch size
-    resident_step = {}
-    full = mo.load(path, gpu_memory=1 << 40, dtype=dtype, max_context=max_context, cuda_graph=False)
-    uni = RoutingOverride(full, "uniform", seed=1)
-    for B in sizes:
-        run, stats, _ = run_row(full, B, args, cfg.vocab_size)
-        resident_step[B] = B / stats.decode_tokens_per_s
-        records.append(dict(base, impl="moesys-all-resident", batch=B, routing="uniform",
-                            tokens_per_s=stats.decode_tokens_per_s, e2e_tokens_per_s=run.tokens_per_s))
-        log(records[-1]["impl"], B, f"{stats.decode_tokens_per_s:.1f} tok/s")
-    uni.remove()
-    # what the roofline terms leave unexplained in these steps (launches, Python, syncs): fitted once here,
-    # then the offloaded rows are predicted, not fitted
-    hw = calibrate(workload_of(full.moesys_offload, full.config), hw, resident_step,
-                   args.prompt_len + args.new_tokens // 2)
+    # every expert resident: the compute side of the bound, per batch size, with each experts implementation
+    # (the bound takes the fastest; the first one also runs the offloaded rows, and calibrates the model)
+    impls = args.experts_impl.split(",")
+    if "moesys" in impls:
+        from moesys.integrations.transformers import register
+
+        register()
+    resident_step, calib = {}, None
+    for impl in impls:
+        full = mo.load(path, gpu_memory=1 << 40, dtype=dtype, max_context=max_context, cuda_graph=False,
+                       experts_implementation=impl)
+        uni = RoutingOverride(full, "uniform", seed=1)
+        steps = {}
+        for B in sizes:
+            run, stats, _ = run_row(full, B, args, cfg.vocab_size)
+            steps[B] = B / stats.decode_tokens_per_s
+            resident_step[B] = min(resident_step.get(B, steps[B]), steps[B])
+            records.append(dict(base, impl="moesys-all-resident", experts_implementation=impl, batch=B,
+                                routing="uniform", tokens_per_s=stats.decode_tokens_per_s,
+                                e2e_tokens_per_s=run.tokens_per_s))
+            log(records[-1]["impl"], impl, B, f"{stats.decode_tokens_per_s:.1f} tok/s")
+        uni.remove()
+        if calib is None:
+            # what the roofline terms leave unexplained in these steps (launches, Python, syncs): fitted once
+            # here, then the offloaded rows are predicted, not fitted
+            calib = calibrate(workload_of(full.moesys_offload, full.config), hw, steps,
+                              args.prompt_len + args.new_tokens // 2)
+        del full
+        gc.collect()
+    hw = calib
     log("calibrated", hw)
     base["hardware"] = hw.__dict__
-    del full
-    gc.collect()
     save()
 
+    # transformers + accelerate at the same batch sizes, before the offloaded rows (the slowest to run)
+    def accelerate_rows():
+        for B in sizes:
+            if args.no_accelerate or device != "cuda":
+                records.append(dict(base, impl="accelerate-offload", batch=B,
+                                    error="not run: " + ("--no-accelerate" if args.no_accelerate else "needs a GPU")))
+                continue
+            try:
+                records.append(dict(base, impl="accelerate-offload", batch=B, routing="model",
+                                    tokens_per_s=accelerate_row(path, dtype, budget, B, args, cfg.vocab_size)))
+                log("accelerate", B, records[-1]["tokens_per_s"])
+            except Exception as e:
+                traceback.print_exc()
+                records.append(dict(base, impl="accelerate-offload", batch=B, error=repr(e)))
+            save()
+
+    accelerate_rows()
     for quantize in args.quantize.split(","):
         row_budget = budget if budget is not None else smoke_budget(path, dtype, 1 / 3, max_context)
         model = mo.load(path, gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=False,
-                        quantize_experts=quantize)
+                        quantize_experts=quantize, experts_implementation=impls[0])
         engine = model.moesys_offload
         w = workload_of(engine, model.config)
         # the calibration row: the per-miss cost beyond bandwidth (host bookkeeping, launches, waits), fitted
@@ -301,7 +335,7 @@ def main():
                     predicted_bound=pred["bound_tokens_per_s"], bound_tokens_per_s=bound,
                     share_of_bound=measured / bound if bound else None,
                     prediction_error=pred_hit["tokens_per_s"] / measured - 1 if measured else None,
-                    cache_slots=engine.cache.num_slots, budget=row_budget))
+                    cache_slots=engine.cache.num_slots, budget=row_budget, experts_implementation=impls[0]))
                 if routing == "model" and B == min([b for b in sizes if b > 1], default=None):
                     # batch equals alone (greedy, the model's own routing; uniform and trace draw per call)
                     records[-1]["sequences_equal_to_alone"] = [matches_alone(model, tokens, args, cfg.vocab_size), B]
@@ -315,19 +349,6 @@ def main():
         del model, engine
         gc.collect()
 
-    for B in sizes:
-        if args.no_accelerate or device != "cuda":
-            records.append(dict(base, impl="accelerate-offload", batch=B,
-                                error="not run: " + ("--no-accelerate" if args.no_accelerate else "needs a GPU")))
-            continue
-        try:
-            records.append(dict(base, impl="accelerate-offload", batch=B, routing="model",
-                                tokens_per_s=accelerate_row(path, dtype, budget, B, args, cfg.vocab_size)))
-            log("accelerate", B, records[-1]["tokens_per_s"])
-        except Exception as e:
-            traceback.print_exc()
-            records.append(dict(base, impl="accelerate-offload", batch=B, error=repr(e)))
-        save()
     save()
     log("wrote", args.out, len(records), "records")
 

@@ -155,6 +155,18 @@ def test_cache_keyword_follows_the_transformers_version(checkpoints):
     assert group[kv.cache_name].get_seq_length() == 3
 
 
+def test_batch_forwards_keep_cudnn_attention_off(checkpoints):
+    """cuDNN's sdpa rebuilds its graph whenever the key length changes (every decode step); the batch's
+    forwards run with it disabled, and the setting is restored afterwards."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["olmoe"], dtype=torch.float32)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    list(generate_batch(model, prompts((3, 5)), max_new_tokens=3, batch_size=2, eos=[]))
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def test_batch_over_the_planned_kv_cache_is_refused(checkpoints):
     path = checkpoints["olmoe"]
     model = mo.load(path, gpu_memory=budget(path, torch.float32, 10, max_context=40), dtype=torch.float32,

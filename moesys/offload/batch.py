@@ -24,10 +24,18 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moesys.offload.batch_kv import PaddedBatchKV, cache_kwarg
 from moesys.offload.host_kv import host_attention
 from moesys.offload.perf_model import KV_PLACES as KV_MODES
+
+
+# sdpa backends for the batch's forwards: all but cuDNN. cuDNN's attention builds a graph per shape, and
+# the key length grows by one every decode step, so it rebuilt one per layer and step: on an H100 (torch
+# 2.11) 1.67 ms of host time per call, 19% of a batch-1 step's (bench/results/
+# offload_batch_profile_B1_h100_e0b33fe.txt). Flash / memory-efficient attention have no per-shape setup.
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -144,7 +152,7 @@ class BatchGeneration:
 
     def _forward(self, **inputs) -> list[int]:
         """Greedy next token of each row (the one host sync per step: EOS decides who leaves)."""
-        with torch.no_grad():
+        with torch.no_grad(), sdpa_kernel(DECODE_SDPA_BACKENDS):
             out = self.model(use_cache=True, logits_to_keep=1, **inputs)
         return out.logits[:, -1].argmax(-1).tolist()
 

@@ -180,10 +180,11 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--no-accelerate", action="store_true")
-    ap.add_argument("--experts-impl", default="moesys,grouped_mm",
+    ap.add_argument("--experts-impl", default="grouped_mm,moesys",
                     help="comma-separated transformers experts implementations: the first runs the offloaded rows "
                          "(int4 always runs moesys' dequantizing kernels), each one the all-resident rows; the bound "
-                         "takes the fastest all-resident step")
+                         "takes the fastest all-resident step. Default grouped_mm first: moesys.offload.load's own "
+                         "default, and the faster all-resident eager step on the H100 at e0b33fe (BENCHMARKS.md)")
     args = ap.parse_args()
     args.batch_sizes = args.batch_sizes or ("1,4,16,auto" if args.smoke else "1,8,32,128,auto")
     args.quantize = args.quantize or ("none" if args.smoke else "none,int4")

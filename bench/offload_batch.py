@@ -16,7 +16,9 @@ Measured: decode tok/s (the engine's timing of decode forwards), end-to-end tok/
 per token of the decode steps (the prefill's copies excluded); on the "model" routing's smallest batch above 1, how many of its sequences equal the same prompt
 generated alone (sequences_equal_to_alone: [equal, B]). Predicted: perf_model with the measured hardware (pinned copy bandwidth, matmul FLOP/s) and the
 routing statistics recorded during the row (the LRU hit curve of the recorded routing; uniform: the
-closed form), and again with the engine's measured hit rate. Bound (the issue's): B / max(missed bytes of
+closed form), and again with the engine's measured hit rate; its overheads are fitted once on the
+all-resident rows, a uniform batch-1 calibration row (per miss) and, for quantized experts, a uniform
+calibration row at the smallest batch above 1 (per dequantization wave). Bound (the issue's): B / max(missed bytes of
 a step at pinned bandwidth, the same step with every expert resident (measured per batch size with a
 budget holding the whole model)).
 
@@ -193,8 +195,7 @@ def main():
 
     import moesys.offload as mo
     from moesys.offload.perf_model import (Hardware, RoutingStats, auto_batch_size, calibrate, calibrate_miss,
-                                           lru_hit_curve, predict,
-                                           workload_of)
+                                           calibrate_waves, lru_hit_curve, predict, workload_of)
     from moesys.offload.routing import RoutingOverride, RoutingRecorder
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -274,16 +275,26 @@ def main():
                         quantize_experts=quantize, experts_implementation=impls[0])
         engine = model.moesys_offload
         w = workload_of(engine, model.config)
-        # the calibration row: the per-miss cost beyond bandwidth (host bookkeeping, launches, waits), fitted
-        # to uniform routing at the smallest batch; every other row is predicted with it
-        B0, context = min(sizes), args.prompt_len + args.new_tokens // 2
-        uni = RoutingOverride(model, "uniform", seed=99)
-        _, stats0, _ = run_row(model, B0, args, cfg.vocab_size, seed=99)
-        uni.remove()
-        row_hw = calibrate_miss(w, hw, RoutingStats.uniform(w.num_experts, w.top_k), B0, context,
-                                engine.cache.num_slots, B0 / stats0.decode_tokens_per_s)
-        records.append(dict(base, impl="moesys-calibration", quantize=quantize, routing="uniform", batch=B0,
-                            tokens_per_s=stats0.decode_tokens_per_s, hardware=row_hw.__dict__))
+        uniform = RoutingStats.uniform(w.num_experts, w.top_k)
+        context = args.prompt_len + args.new_tokens // 2
+
+        def calibration_row(fit, B, seed, hw_in):
+            """A uniform row at B (prompts of its own) and `hw_in` with `fit`'s overhead fitted to it."""
+            uni = RoutingOverride(model, "uniform", seed=seed)
+            _, st, _ = run_row(model, B, args, cfg.vocab_size, seed=seed)
+            uni.remove()
+            fitted = fit(w, hw_in, uniform, B, context, engine.cache.num_slots, B / st.decode_tokens_per_s)
+            records.append(dict(base, impl="moesys-calibration", quantize=quantize, routing="uniform", batch=B,
+                                tokens_per_s=st.decode_tokens_per_s, hardware=fitted.__dict__))
+            return fitted
+
+        # the per-miss cost beyond bandwidth (host bookkeeping, launches, waits), fitted at the smallest batch;
+        # quantized experts at several rows run in dequantization waves, whose overhead is fitted at the
+        # smallest batch above 1; every other row is predicted with these
+        row_hw = calibration_row(calibrate_miss, min(sizes), 99, hw)
+        B1 = min([b for b in sizes if b > 1], default=None)
+        if w.dequant_bytes and B1 is not None:
+            row_hw = calibration_row(calibrate_waves, B1, 98, row_hw)
         log("calibrated", quantize, row_hw)
         self_trace = None
         for routing in args.routings.split(","):

@@ -9,7 +9,8 @@ import torch
 import moesys.offload as mo
 from moesys.offload.batch import generate_batch
 from moesys.offload.perf_model import (Hardware, RoutingStats, Workload, auto_batch_size, best_plan, calibrate,
-                                       calibrate_miss, lru_hit_curve, predict, workload_of)
+                                       calibrate_miss, calibrate_waves, dequant_waves, lru_hit_curve, predict,
+                                       workload_of)
 from moesys.offload.routing import RoutingRecorder
 from tests.test_offload import checkpoints  # noqa: F401  (the fixture: tiny random checkpoints per architecture)
 from tests.test_offload_batch import budget, prompts
@@ -131,6 +132,38 @@ def test_miss_overhead_fitted_to_one_row():
     assert hw.miss_overhead_s == pytest.approx(1e-3)
     assert predict(W, hw, uni, 2, 100, slots=8)["copy_s"] == pytest.approx(3.5e-3 + 3.5e-3)
     assert calibrate_miss(W, HW, uni, 2, 100, 16, 1.0).miss_overhead_s == 0.0  # nothing missed: nothing to fit
+
+
+def test_quantized_experts_run_in_dequantization_waves():
+    """Quantized W (dequantized expert 4e6 bytes): B=2 needs U = 3.5 experts per layer, so 2 waves of top_k = 2;
+    each writes and reads 2 dequantized experts (2 x 2 x 4e6 / 1e10 = 1.6e-3 s, more than the 4 rows'
+    4e6 FLOPs / 1e12) plus 2 ms of fitted overhead; one row reads its experts packed: no wave."""
+    q = Workload(**{**W.__dict__, "dequant_bytes": 4 * 10**6})
+    uni = RoutingStats.uniform(8, 2)
+    assert [dequant_waves(q, u, 2) for u in (2.0, 3.5, 4.0, 8.0)] == [1, 2, 2, 4]
+    assert dequant_waves(q, 2.0, 1) == 0 and dequant_waves(W, 3.5, 2) == 0
+    hw = Hardware(**{**HW.__dict__, "wave_overhead_s": 2e-3})
+    plain = predict(W, hw, uni, 2, 100, slots=8)
+    p = predict(q, hw, uni, 2, 100, slots=8)
+    # unquantized experts: 2 layers x 3.5e6 / 1e10 = 7e-4; quantized: 2 layers x 2 waves x (1.6e-3 + 2e-3)
+    assert p["compute_s"] - plain["compute_s"] == pytest.approx(2 * 2 * 3.6e-3 - 7e-4)
+    assert predict(q, hw, uni, 1, 100, slots=8)["compute_s"] == pytest.approx(
+        predict(W, hw, uni, 1, 100, slots=8)["compute_s"])
+    # the overhead comes back from one measured row
+    fitted = calibrate_waves(q, HW, uni, 2, 100, 8, p["step_s"])
+    assert fitted.wave_overhead_s == pytest.approx(2e-3)
+    assert calibrate_waves(q, HW, uni, 1, 100, 8, 1.0).wave_overhead_s == 0.0  # no wave: nothing to fit
+
+
+def test_quantized_workload_counts_the_dequantized_expert(checkpoints):
+    path = checkpoints["olmoe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False,
+                    quantize_experts="int4")
+    w = workload_of(model.moesys_offload, model.config)
+    store = model.moesys_offload.store
+    assert w.dequant_bytes == 3 * store.H * store.I * 4 and w.dequant_bytes > w.expert_bytes
+    plain = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)
+    assert workload_of(plain.moesys_offload, plain.config).dequant_bytes == 0
 
 
 def test_workload_before_load_matches_the_loaded_engine(checkpoints):

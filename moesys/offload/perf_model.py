@@ -14,6 +14,10 @@ One decode step of B rows through L MoE layers:
   the U(B) experts' weights read or B*K rows' FLOPs (roofline), attention reading B x context KV tokens
   from device memory, plus per-step and per-row overheads (launches, Python, host syncs) fitted by
   `calibrate` to steps measured with every expert resident;
+- quantized experts at more than one row (the engine's Quantized strategy): per layer the U(B) needed
+  experts run in ceil(U / W) waves of W = top_k experts, each dequantizing W experts into the workspace
+  and running moe_mlp over all B*K routed rows (rows of other waves at weight 0), plus a per-wave
+  overhead (launches, index tables; fitted by `calibrate_waves` to one quantized row);
 - step time: copy + compute (the eager path waits for a layer's misses before computing it), or
   max(copy, compute) with `overlap` (the issue's bound: misses copied while resident experts compute);
 - tokens/s = B / step time.
@@ -28,6 +32,7 @@ Legend: B batch rows, L MoE layers, E experts per layer, K top-k, S cache slots 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -46,6 +51,7 @@ class Hardware:
     host_roundtrip_s: float = 30e-6  # per attention layer with host KV: q to the host, the output back
     row_overhead_s: float = 0.0     # per row per step beyond the roofline terms (see calibrate)
     miss_overhead_s: float = 0.0    # per missed expert beyond its bytes: host bookkeeping, launch, wait (calibrate_miss)
+    wave_overhead_s: float = 0.0    # per dequantization wave of quantized experts beyond its roofline (calibrate_waves)
 
     @classmethod
     def measure(cls, device: torch.device, nbytes: int = 64 << 20) -> "Hardware":
@@ -90,6 +96,7 @@ class Workload:
     kv_bytes_per_token: int    # K and V of one token over all attention layers
     attention_layers: int
     free_bytes: int            # budget minus non-expert weights and the activation workspace: KV + slots
+    dequant_bytes: int = 0     # quantized experts: one expert dequantized (compute dtype); 0 = not quantized
 
     def slots(self, batch: int, context: int, kv: str) -> int:
         """Expert-cache slots left when the KV cache of `batch` rows of `context` tokens is on `kv`."""
@@ -179,8 +186,13 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     misses = w.num_layers * U * (1 - hit)
     copy_s = misses * (w.expert_bytes / hw.pcie_Bps + hw.miss_overhead_s)
     dense_s = max(w.dense_bytes / hw.hbm_Bps, batch * w.dense_bytes / hw.flops)  # 2 FLOPs per 2-byte weight
-    experts_s = w.num_layers * max(U * w.expert_bytes / hw.hbm_Bps,
-                                   batch * w.top_k * w.expert_flops_per_row / hw.flops)
+    rows_s = batch * w.top_k * w.expert_flops_per_row / hw.flops
+    waves = dequant_waves(w, U, batch)
+    if waves:  # each wave writes and reads its dequantized experts and runs every routed row
+        experts_s = w.num_layers * waves * (max(2 * w.top_k * w.dequant_bytes / hw.hbm_Bps, rows_s)
+                                            + hw.wave_overhead_s)
+    else:
+        experts_s = w.num_layers * max(U * w.expert_bytes / hw.hbm_Bps, rows_s)
     kv_bytes = batch * context * w.kv_bytes_per_token
     attention_s = (kv_bytes / hw.hbm_Bps if kv == "device"
                    else kv_bytes / hw.cpu_mem_Bps + w.attention_layers * hw.host_roundtrip_s)
@@ -192,6 +204,14 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
                 tokens_per_s=batch / step_s if feasible else 0.0,
                 bound_tokens_per_s=batch / max(copy_s, compute_s) if feasible else 0.0,
                 bytes_copied_per_token=misses * w.expert_bytes / batch)
+
+
+def dequant_waves(w: Workload, unique: float, batch: int) -> int:
+    """Dequantization waves per layer and step: quantized experts at more than one row run in waves of
+    top_k experts (one row's top_k read packed by quant_gemv instead: no wave)."""
+    if not w.dequant_bytes or batch * w.top_k <= w.top_k:
+        return 0
+    return math.ceil(unique / w.top_k - 1e-9)
 
 
 def best_plan(w: Workload, hw: Hardware, routing: RoutingStats, max_batch: int, context: int,
@@ -233,6 +253,16 @@ def calibrate_miss(w: Workload, hw: Hardware, routing: RoutingStats, batch: int,
     return replace(hw, miss_overhead_s=max(0.0, extra / p["misses_per_step"]) if p["misses_per_step"] else 0.0)
 
 
+def calibrate_waves(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, slots: int,
+                    measured_step_s: float) -> Hardware:
+    """`hw` with wave_overhead_s fitted to one quantized step measured at `batch` > 1 (a calibration row):
+    what the step took beyond the model's, per predicted dequantization wave."""
+    p = predict(w, replace(hw, wave_overhead_s=0.0), routing, batch, context, slots=slots)
+    waves = w.num_layers * dequant_waves(w, p["unique_per_layer"], batch)
+    extra = measured_step_s - p["step_s"]
+    return replace(hw, wave_overhead_s=max(0.0, extra / waves) if waves else 0.0)
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """K and V of one token over all attention layers (as the memory plan counts them)."""
     config = config.get_text_config()
@@ -240,6 +270,13 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def dequantized_bytes(quantize: str, gemms: int, H: int, I: int, dtype: torch.dtype) -> int:
+    """One expert dequantized into the compute dtype; 0 for experts stored unquantized."""
+    if quantize == "none":
+        return 0
+    return gemms * H * I * torch.empty((), dtype=dtype).element_size()
 
 
 def workload_of(engine, config) -> Workload:
@@ -253,7 +290,8 @@ def workload_of(engine, config) -> Workload:
                     expert_bytes=store.expert_bytes, expert_flops_per_row=2 * gemms * store.H * store.I,
                     dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
                     attention_layers=config.get_text_config().num_hidden_layers,
-                    free_bytes=engine.cache.num_slots * plan.slot_bytes + kv_reserve)
+                    free_bytes=engine.cache.num_slots * plan.slot_bytes + kv_reserve,
+                    dequant_bytes=dequantized_bytes(store.quantize, gemms, store.H, store.I, store.dtype))
 
 
 def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
@@ -275,7 +313,8 @@ def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
                     expert_bytes=plan.slot_bytes, expert_flops_per_row=2 * (3 if layout.gated else 2) * H * I,
                     dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
                     attention_layers=text.num_hidden_layers,
-                    free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + longest * kv_per_token)
+                    free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + longest * kv_per_token,
+                    dequant_bytes=dequantized_bytes(quantize_experts, 3 if layout.gated else 2, H, I, dtype))
 
 
 def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware | None = None,

@@ -136,6 +136,24 @@ def test_joining_prompts_prefill_together(checkpoints):
     assert prefills == [(3, 9), (1, 12), (1, 7)] and run.prefills == 5
 
 
+def test_prefill_groups_stay_within_the_activation_reserve(checkpoints, monkeypatch):
+    """With room for 20 padded prompt tokens per prefill forward, prompts of 5, 9, 3, 12 and 7 tokens joining
+    a batch of 5 prefill as [5, 9] (2 x 9 = 18), [3] (3 and 12 would pad to 24), [12] and [7]; tokens as
+    each prompt alone. The loader sizes the activation reserve with the same constant."""
+    from moesys.offload import batch, loader
+
+    assert batch.PREFILL_RESERVE_TOKENS is loader.PREFILL_RESERVE_TOKENS
+    monkeypatch.setattr(batch, "PREFILL_RESERVE_TOKENS", 20)
+    path = checkpoints["olmoe"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    shapes = []
+    model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    ps = prompts()
+    got = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=3, batch_size=5, eos=[])}
+    assert [got[i] for i in range(5)] == alone(path, torch.float32, ps, 3)
+    assert [s for s in shapes if s[1] > 1] == [(2, 9), (1, 3), (1, 12), (1, 7)]
+
+
 def test_cache_keyword_follows_the_transformers_version(checkpoints):
     """transformers renamed the forward's past_key_values to cache; older versions swallow an unknown
     cache= in **kwargs and build their own, so the batch's KV cache would stay empty."""

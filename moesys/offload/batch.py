@@ -2,9 +2,11 @@
 sequence's result as soon as it finishes, and a finished sequence's place in the batch is refilled from
 the queue.
 
-The sequences that join the batch at the same step are prefilled together (left-padded, one forward),
-and then decoded with the others, one token per row per step, through one forward of the whole batch: the offload engine then sees the batch's routing in one call per
-layer and copies each needed expert once for all rows (moesys.offload.engine.experts_forward takes the
+The sequences that join the batch at the same step are prefilled together (left-padded, one forward per
+group of at most PREFILL_RESERVE_TOKENS padded tokens, what the offload memory plan reserves activations
+for), then decoded with the others, one token per row per step, through one forward of the whole batch:
+the offload engine then sees the batch's routing in one call per layer and copies each needed expert
+once for all rows (moesys.offload.engine.experts_forward takes the
 union of the rows' top-k). Rows are left-padded in a shared KV cache with per-row positions and an
 attention mask (moesys.offload.batch_kv), so greedy decoding gives every sequence the tokens it gets
 decoded alone. Decoding is greedy (argmax, no logits processors).
@@ -28,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moesys.offload.batch_kv import PaddedBatchKV, cache_kwarg
 from moesys.offload.host_kv import host_attention
+from moesys.offload.loader import PREFILL_RESERVE_TOKENS
 from moesys.offload.perf_model import KV_PLACES as KV_MODES
 
 
@@ -121,8 +124,7 @@ class BatchGeneration:
             # continuous batching refills any free place; static batching only an empty batch (a sequence
             # that ends at its prefill frees its place at once)
             while (self.continuous or not rows) and queue and len(rows) < self.batch_size:
-                joining = [_Row(i, self.requests[i], self.max_new[i])
-                           for i in (queue.popleft() for _ in range(min(len(queue), self.batch_size - len(rows))))]
+                joining = self._next_group(queue, self.batch_size - len(rows))
                 # the joining prompts are prefilled together (left-padded): one forward, so each expert
                 # they need is copied once for all of them
                 group = kv.prefill_inputs([row.request.token_ids for row in joining])
@@ -141,6 +143,21 @@ class BatchGeneration:
             self.elapsed_s += time.perf_counter() - t0
             for row in done:
                 yield self._result(row)
+
+    def _next_group(self, queue: deque, free: int) -> list[_Row]:
+        """Up to `free` prompts from the queue to prefill in one forward: as many as keep the group's padded
+        tokens (rows x longest) within the offload memory plan's activation reserve (a longer prompt goes
+        alone, as it would anyway)."""
+        group: list[_Row] = []
+        longest = 0
+        while queue and len(group) < free:
+            n = len(self.requests[queue[0]].token_ids)
+            if group and (len(group) + 1) * max(longest, n) > PREFILL_RESERVE_TOKENS:
+                break
+            i = queue.popleft()
+            group.append(_Row(i, self.requests[i], self.max_new[i]))
+            longest = max(longest, n)
+        return group
 
     def _leave(self, rows: list[_Row], kv: PaddedBatchKV, done: list[_Row]) -> None:
         """Move the finished rows (in place) from `rows` and the KV cache to `done`."""

@@ -96,6 +96,11 @@ def build_skeleton(config, dtype: torch.dtype, experts_implementation: str | Non
     return model.eval()
 
 
+# tokens of one prefill forward the activation reserve is sized for (moesys.offload.batch groups its
+# joining prompts so that a group's padded tokens stay within it)
+PREFILL_RESERVE_TOKENS = 1024
+
+
 def plan_memory(model: nn.Module, blocks: dict, dtype: torch.dtype, gpu_memory, *, quantize_experts="none",
                 max_context=4096, reserve=None, group_size=128) -> MemoryPlan:
     """How the budget splits; raises ValueError if it cannot hold one expert per MoE layer."""
@@ -112,7 +117,7 @@ def plan_memory(model: nn.Module, blocks: dict, dtype: torch.dtype, gpu_memory, 
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         kv = 2 * config.num_hidden_layers * kv_heads * head_dim * max_context * elsize
-        prefill = min(max_context, 1024)
+        prefill = min(max_context, PREFILL_RESERVE_TOKENS)
         act = prefill * (K * (3 * H + 4 * I) + 12 * H) * elsize + prefill * heads * prefill * 4
         # K experts dequantized at once: the result, the integer widening and int4 unpacking
         dequant = 0 if quantize_experts == "none" else K * 3 * I * H * (2 * elsize + 4)

@@ -13,9 +13,11 @@ expert cache is the same for every row of that precision (the memory plan reserv
 Per row: B prompts of --prompt-len random tokens, --new-tokens greedy tokens each, through
 moesys.offload.generate_batch (continuous batching, the eager host-routed path), after a short warm-up.
 Measured: decode tok/s (the engine's timing of decode forwards), end-to-end tok/s, hit rate and bytes copied
-per token of the decode steps (the prefill's copies excluded); on the "model" routing's smallest batch above 1, how many of its sequences equal the same prompt
-generated alone (sequences_equal_to_alone: [equal, B]). Predicted: perf_model with the measured hardware (pinned copy bandwidth, matmul FLOP/s) and the
-routing statistics recorded during the row (the LRU hit curve of the recorded routing; uniform: the
+per token of the decode steps (the prefill's copies excluded); on the "model" routing's smallest batch
+above 1, how many of its sequences equal the same prompt generated alone (sequences_equal_to_alone:
+[equal, B]); on CUDA the row's peak of allocated device memory against the budget (peak_bytes,
+under_budget). Predicted: perf_model with the measured hardware (pinned copy bandwidth, matmul FLOP/s) and
+the routing statistics recorded during the row (the LRU hit curve of the recorded routing; uniform: the
 closed form), and again with the engine's measured hit rate; its overheads are fitted once on the
 all-resident rows, a uniform batch-1 calibration row (per miss) and, for quantized experts, a uniform
 calibration row at the smallest batch above 1 (per dequantization wave). Bound (the issue's): B / max(missed bytes of
@@ -121,6 +123,8 @@ def run_row(model, B, args, vocab, seed=0):
             at_decode.update(bytes_copied=s.bytes_copied, hits=s.hits, misses=s.misses)
 
     hook = model.register_forward_pre_hook(mark, with_kwargs=True)
+    if engine is not None and engine.cuda:
+        torch.cuda.reset_peak_memory_stats(engine.device)
     try:
         run = generate_batch(model, prompts, max_new_tokens=args.new_tokens, batch_size=B, eos=[])
         tokens = {r.index: r.token_ids for r in run}
@@ -131,6 +135,7 @@ def run_row(model, B, args, vocab, seed=0):
     if engine.cuda:
         torch.cuda.synchronize()
     stats = engine.snapshot()
+    stats.peak_bytes = torch.cuda.max_memory_allocated(engine.device) if engine.cuda else None
     stats.decode_bytes_copied = stats.bytes_copied - at_decode.get("bytes_copied", 0)
     hits, misses = stats.hits - at_decode.get("hits", 0), stats.misses - at_decode.get("misses", 0)
     stats.decode_hit_rate = hits / (hits + misses) if hits + misses else stats.hit_rate
@@ -347,7 +352,9 @@ def main():
                     predicted_bound=pred["bound_tokens_per_s"], bound_tokens_per_s=bound,
                     share_of_bound=measured / bound if bound else None,
                     prediction_error=pred_hit["tokens_per_s"] / measured - 1 if measured else None,
-                    cache_slots=engine.cache.num_slots, budget=row_budget, experts_implementation=impls[0]))
+                    cache_slots=engine.cache.num_slots, budget=row_budget, experts_implementation=impls[0],
+                    peak_bytes=stats.peak_bytes,
+                    under_budget=None if stats.peak_bytes is None or row_budget is None else stats.peak_bytes <= row_budget))
                 if routing == "model" and B == min([b for b in sizes if b > 1], default=None):
                     # batch equals alone (greedy, the model's own routing; uniform and trace draw per call)
                     records[-1]["sequences_equal_to_alone"] = [matches_alone(model, tokens, args, cfg.vocab_size), B]

@@ -353,8 +353,8 @@ def main():
                     share_of_bound=measured / bound if bound else None,
                     prediction_error=pred_hit["tokens_per_s"] / measured - 1 if measured else None,
                     cache_slots=engine.cache.num_slots, budget=row_budget, experts_implementation=impls[0],
-                    peak_bytes=stats.peak_bytes,
-                    under_budget=None if stats.peak_bytes is None or row_budget is None else stats.peak_bytes <= row_budget))
+                    peak_bytes=stats.peak_bytes, under_budget=None if None in (stats.peak_bytes, row_budget)
+                    else stats.peak_bytes <= row_budget))
                 if routing == "model" and B == min([b for b in sizes if b > 1], default=None):
                     # batch equals alone (greedy, the model's own routing; uniform and trace draw per call)
                     records[-1]["sequences_equal_to_alone"] = [matches_alone(model, tokens, args, cfg.vocab_size), B]

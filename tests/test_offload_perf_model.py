@@ -87,6 +87,20 @@ def test_kv_placement_is_the_faster_prediction():
     assert best_plan(W, HW, uni, 4, 1000, kv_places=("device",))["kv"] == "device"
     with pytest.raises(ValueError, match="no batch size fits"):
         best_plan(Workload(**{**W.__dict__, "free_bytes": 10**6}), HW, uni, 4, 1000)
+    # each of the 2 attention layers with host KV adds a device-host round trip
+    trips = Hardware(**{**HW.__dict__, "host_roundtrip_s": 1e-3})
+    assert predict(W, trips, uni, 4, 1000, "host")["compute_s"] == pytest.approx(host["compute_s"] + 2e-3)
+
+
+def test_one_slot_per_layer_is_the_least_that_runs():
+    """The engine needs a slot per MoE layer: 2 slots for 2 layers run (hit 1/8 under uniform), 1 does not
+    (no hit rate, no throughput, no bound)."""
+    uni = RoutingStats.uniform(8, 2)
+    least = predict(W, HW, uni, 1, 10, slots=2)
+    assert least["feasible"] and least["hit_rate"] == pytest.approx(1 / 8) and least["tokens_per_s"] > 0
+    short = predict(W, HW, uni, 1, 10, slots=1)
+    assert not short["feasible"]
+    assert (short["hit_rate"], short["tokens_per_s"], short["bound_tokens_per_s"]) == (0.0, 0.0, 0.0)
 
 
 def test_measured_routing_of_a_run_feeds_the_model(checkpoints):
@@ -153,6 +167,8 @@ def test_quantized_experts_run_in_dequantization_waves():
     fitted = calibrate_waves(q, HW, uni, 2, 100, 8, p["step_s"])
     assert fitted.wave_overhead_s == pytest.approx(2e-3)
     assert calibrate_waves(q, HW, uni, 1, 100, 8, 1.0).wave_overhead_s == 0.0  # no wave: nothing to fit
+    # a row faster than the waves' roofline leaves no overhead, never a negative one
+    assert calibrate_waves(q, HW, uni, 2, 100, 8, p["step_s"] / 10).wave_overhead_s == 0.0
 
 
 def test_quantized_workload_counts_the_dequantized_expert(checkpoints):

@@ -81,6 +81,28 @@ def test_ep2_dp2_clips_like_one_process_and_resumes_each_ranks_slice(tmp_path):
     spawn(_ep2_dp2, 4, str(tmp_path))
 
 
+def _missing_grads(rank, world):
+    model = _model(0)
+    handle = parallelize(model, ParallelConfig(ep=2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, rank + 1.0)
+    dense, expert = handle.dense_parameters(), handle.expert_parameters()
+    if rank == 1:  # no gradient here for one dense and one expert tensor (e.g. unused this step)
+        dense[0].grad = expert[0].grad = None
+    handle.reduce_gradients()
+    # Dense: the world mean, a missing gradient counting as 0; experts (ep=2, dp=1): own / world.
+    assert torch.equal(dense[0].grad, torch.full_like(dense[0], 0.5))
+    assert all(torch.equal(p.grad, torch.full_like(p, 1.5)) for p in dense[1:])
+    assert torch.equal(expert[0].grad, torch.full_like(expert[0], 0.0 if rank == 1 else 0.5))
+    assert all(torch.equal(p.grad, torch.full_like(p, (rank + 1) / 2)) for p in expert[1:])
+
+
+@pytest.mark.slow
+def test_missing_gradients_count_as_zeros_in_the_reduction():
+    """A rank without a gradient for some tensor still takes part in every all-reduce with the same sizes."""
+    spawn(_missing_grads, 2)
+
+
 def test_local_expert_state_slices_by_ep_rank_not_global_rank():
     """Rank 3 of a 4-rank ep=2 job (ep_rank 1, dp_rank 1) holds experts 2 and 3 and their state."""
     model = _model(0)
@@ -92,3 +114,40 @@ def test_local_expert_state_slices_by_ep_rank_not_global_rank():
     out = handle.local_expert_state(state, param_name=lambda k: k.split("/", 1)[1])
     assert torch.equal(out["exp_avg/blocks.0.ffn.experts.down_proj"], full[2:4])
     assert out["exp_avg/embed.weight"] is full
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4])
+def test_only_ep_above_one_shards_experts(ep):
+    """The trainer reduces expert gradients over their replicas only (and takes the norm over all ranks'
+    experts) when `shards_experts`; with ep=1 every rank holds every expert."""
+    mesh = EPMesh(ep, 0, ep, 0, 0, None, None, timedelta(seconds=60))
+    assert parallelize(_model(0), ParallelConfig(ep=ep), mesh=mesh).shards_experts == (ep > 1)
+
+
+def test_grad_norm_without_gradients_is_a_zero_on_the_models_device():
+    """Before any backward the norm is 0 on the parameters' device (meta here; a CUDA model's norm must
+    not land on the host), not a host tensor."""
+    model = _model(0).to("meta")
+    handle = parallelize(model, ParallelConfig(ep=1), mesh=EPMesh(1, 0, 1, 0, 0, None, None, timedelta(seconds=60)))
+    norm = handle.grad_norm()
+    assert norm.device.type == "meta" and norm.shape == ()
+
+
+def test_gradient_buckets_split_at_the_byte_bound_and_at_each_dtype_or_device_change():
+    """The flat all-reduce buffers: consecutive parameters of one dtype and device, at most _BUCKET_BYTES
+    each (a bucket may fill it exactly; a parameter past it starts the next). Meta tensors: only sizes,
+    dtypes and devices are read."""
+    from moesys.parallel.handle import _BUCKET_BYTES, _buckets
+
+    def p(n, dtype=torch.float32, device="meta"):
+        return torch.empty(n, dtype=dtype, device=device)
+
+    n = _BUCKET_BYTES // 4  # float32 elements in a full bucket
+    params = [p(1), p(1), p(n - 2),         # 4 + 4 + the rest: exactly full
+              p(1), p(n),                   # a full-size tensor after a small one: a bucket of its own
+              p(1), p(n - 1),               # exactly full again, after a split
+              p(1, torch.bfloat16), p(1, torch.bfloat16), p(1), p(1, device="cpu")]
+    index = {id(t): i for i, t in enumerate(params)}
+    got = [[index[id(t)] for t in b] for b in _buckets(params)]
+    assert got == [[0, 1, 2], [3], [4], [5, 6], [7, 8], [9], [10]]
+    assert list(_buckets([])) == []

@@ -4,6 +4,7 @@ layer (2 gloo processes, short timeouts) instead of hanging."""
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import time
 
@@ -20,20 +21,29 @@ from moesys.parallel.testing import Holder, free_port
 
 def _worker(rank, world, port, mode, out_dir):
     torch.set_num_threads(1)
+    # "stuck gradients": the default group would wait 60 s, so only the handle's own 2 s
+    # (parallel.timeout_s) can end the wait in time; otherwise the group's timeout is 2 s as well.
+    group_timeout = 60 if mode == "stuck gradients" else 2
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=2))
+                            timeout=datetime.timedelta(seconds=group_timeout))
     torch.manual_seed(0)
     model = Holder(MoELayer(8, 4, 2, 8, backend="grouped_mm"))
-    parallelize(model, ParallelConfig(ep=2, timeout_s=2.0))
+    handle = parallelize(model, ParallelConfig(ep=2, timeout_s=2.0))
     if rank == 1:
-        # The peer never joins the layer's collectives: stuck (sleeps past the timeout) or dead (exits).
-        if mode == "stuck":
-            time.sleep(5)
+        # The peer never joins rank 0's collectives: stuck (sleeps past the timeout) or dead (exits).
+        if mode != "dead":
+            time.sleep(6)
         os._exit(0)
+    if mode == "stuck gradients":  # the gradient all-reduce after backward, not the layer's all-to-alls
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        call = handle.reduce_gradients
+    else:
+        call = functools.partial(model.moe, torch.randn(5, 8))
     message = "no error"
     start = time.perf_counter()
     try:
-        model.moe(torch.randn(5, 8))
+        call()
     except CollectiveError as e:
         message = str(e)
     with open(os.path.join(out_dir, "message.txt"), "w") as f:
@@ -59,3 +69,12 @@ def test_dead_peer_raises_with_rank_and_layer(tmp_path):
     seconds, message = _run("dead", tmp_path)
     assert message.startswith("rank 0: token-count all-to-all in layer 'moe' failed"), message
     assert seconds < 7, f"the error took {seconds}s for a 2s timeout"
+
+
+@pytest.mark.slow
+def test_stuck_peer_in_the_gradient_all_reduce_raises_after_the_handles_timeout(tmp_path):
+    """On gloo the gradient all-reduce waits parallel.timeout_s (2 s), not the default group's 60 s
+    (nor until the stuck peer gives up)."""
+    seconds, message = _run("stuck gradients", tmp_path)
+    assert message.startswith("rank 0: dense gradient all-reduce in layer '(all layers)' failed (timeout 2s)"), message
+    assert seconds < 5, f"the error took {seconds}s for a 2s timeout"

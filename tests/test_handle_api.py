@@ -4,6 +4,7 @@ moesys.parallel.handle_api.PlacementHandle: every member present, with compatibl
 import inspect
 
 import pytest
+import torch
 
 from moesys.parallel import FSSDPHandle, ParallelHandle, PlacementHandle, parallelize
 from moesys.parallel.fssdp_runtime import fssdp_parallelize
@@ -35,3 +36,11 @@ def test_parallelize_returns_placement_handles():
     from moesys.config import ParallelConfig
     assert isinstance(parallelize(_model(0), ParallelConfig(ep=1)), PlacementHandle)
     assert isinstance(fssdp_parallelize(_model(0)), PlacementHandle)
+
+
+def test_ep_handle_never_moves_experts():
+    """end_step answers whether experts moved (FSSDP re-shards); expert parallelism keeps them in place."""
+    from moesys.config import ParallelConfig
+    model = _model(0)
+    handle = parallelize(model, ParallelConfig(ep=1))
+    assert handle.end_step() is False and handle.end_step(torch.optim.SGD(model.parameters(), lr=0.1)) is False

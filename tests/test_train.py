@@ -168,8 +168,9 @@ def test_clip_folded_into_fused_adamw_matches_clip_grad_norm():
 
 
 def test_clip_to_norm_matches_clip_grad_norm_without_a_sync():
-    """The sharded-model clip (a device-side factor): as clip_grad_norm_ for a finite norm; a NaN norm leaves
-    the gradients alone, an infinite one zeroes them."""
+    """The sharded-model clip (a device-side factor): as clip_grad_norm_ for a finite norm (one below
+    max_norm leaves the gradients as they are); a NaN norm leaves the gradients alone, an infinite one
+    zeroes them."""
     import torch
     from moesys.parallel.handle import clip_to_norm
     g = torch.Generator().manual_seed(1)
@@ -183,6 +184,16 @@ def test_clip_to_norm_matches_clip_grad_norm_without_a_sync():
     for a, b in zip(got, ref):
         assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-7)
     assert float(norm) > 1.0
+    clipped = [p.grad.clone() for p in got]
+    clip_to_norm(got, torch.nn.utils.get_total_norm(clipped), 2.0)  # norm 1 < 2: no scaling up
+    assert all(torch.equal(a.grad, b) for a, b in zip(got, clipped))
+    tiny = [p.grad.clone() * 1e-7 for p in got]
+    for p, t in zip(got, tiny):
+        p.grad = t.clone()
+    clip_to_norm(got, torch.nn.utils.get_total_norm(tiny), 1.0)  # a norm below the 1e-6 guard: unchanged
+    assert all(torch.equal(a.grad, b) for a, b in zip(got, tiny))
+    for p, t in zip(got, clipped):
+        p.grad = t.clone()
     clip_to_norm(got, torch.tensor(float("nan")), 1.0)
     assert all(torch.allclose(a.grad, b.grad) for a, b in zip(got, ref))
     clip_to_norm(got, torch.tensor(float("inf")), 1.0)

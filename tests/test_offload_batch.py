@@ -2,6 +2,8 @@
 tiny random OLMoE / Qwen3-MoE / Mixtral checkpoints offloaded under a budget that evicts; continuous
 batching's order and step count against hand-computed schedules; one copy per expert per step."""
 
+import time
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -90,8 +92,12 @@ def test_continuous_batching_order_and_steps(checkpoints):
     want = [w[:n] for w, n in zip(alone(path, torch.float32, ps, max(news)), news)]
 
     run = generate_batch(model, reqs, batch_size=2, eos=[])
+    t0 = time.perf_counter()
     results = list(run)
+    wall = time.perf_counter() - t0
     assert [r.id for r in results] == ["r0", "r2", "r3", "r1", "r4"]
+    # the throughput line's clock: the time spent in prefills and steps, within the run's wall time
+    assert 0 < run.elapsed_s <= wall and run.tokens_per_s == pytest.approx(sum(news) / run.elapsed_s)
     assert all(r.token_ids == want[r.index] and r.prompt_ids == ps[r.index] for r in results)
     assert (run.decode_steps, run.prefills) == (6, 5)
 
@@ -233,13 +239,15 @@ def test_host_kv_cache_with_cpu_attention_gives_the_same_tokens(checkpoints, mon
     model = mo.load(path, gpu_memory=budget(path, torch.float32, 10, max_context=30), dtype=torch.float32,
                     max_context=30, cuda_graph=False)
     ps = prompts()
-    want = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=6, batch_size=1, eos=[])]
-    calls, caches = [], []
-    monkeypatch.setattr(host_kv, "sdpa_attention_forward",
-                        lambda *a, **k: calls.append(a[2].device) or host_kv_sdpa(*a, **k))
+    caches = []
     new_row_cache = batch_kv.PaddedBatchKV.new_row_cache
     monkeypatch.setattr(batch_kv.PaddedBatchKV, "new_row_cache",
                         lambda self: caches.append(new_row_cache(self)) or caches[-1])
+    want = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=6, batch_size=1, eos=[])]
+    assert caches and not any(isinstance(layer, host_kv.HostKVLayer) for c in caches for layer in c.layers)
+    calls, caches[:] = [], []
+    monkeypatch.setattr(host_kv, "sdpa_attention_forward",
+                        lambda *a, **k: calls.append(a[2].device) or host_kv_sdpa(*a, **k))
     before = model.config._attn_implementation
     got = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=6, batch_size=4, eos=[],
                                                           kv="host")]

@@ -110,14 +110,14 @@ def _case(rank, world, ep, capacity_factor, shared, skew, tokens, overlap):
 def _defaults_and_dispatch_waits(rank, world):
     """Built directly (as DeepSpeed's layer does), ExpertParallelExperts computes the experts' output, ships
     zero-weight rows and overlaps by default (ExpertParallelMoELayer too); with `dispatch_waits` set it
-    records the host seconds spent in the dispatch wait."""
+    records the host seconds spent in the dispatch wait; drop_zero_weight=True drops only zero weights."""
     handle = parallelize(Holder(_layer(None, False)), ParallelConfig(ep=2))
     full = _layer(None, False).experts
     experts = ExpertParallelExperts(full, handle.mesh)
     assert experts.overlap is True and experts.drop_zero_weight is False
     assert ExpertParallelMoELayer(_layer(None, False), handle.mesh, layer_name="moe").experts.overlap is True
     ids_TK = torch.tensor([[0, 5], [7, 2], [1, 4]])
-    weights_TK = torch.tensor([[0.5, 0.0], [1.0, 0.0], [0.25, 0.75]], dtype=torch.float64)
+    weights_TK = torch.tensor([[0.5, 0.0], [1.0, -0.5], [0.25, 0.75]], dtype=torch.float64)
     x_TH = torch.randn(3, H, dtype=torch.float64)
     experts.dispatch_waits = []
     clock = iter([10.0, 10.25])
@@ -129,6 +129,10 @@ def _defaults_and_dispatch_waits(rank, world):
     torch.testing.assert_close(y_TH, full(x_TH, ids_TK, weights_TK), **TOL)
     assert experts.last_splits == ([3, 3], [3, 3]), experts.last_splits
     assert experts.dispatch_waits == [0.25], experts.dispatch_waits
+    # drop_zero_weight drops exactly the zero weights: a negative one (a negative routed scale) still counts.
+    dropping = ExpertParallelExperts(full, handle.mesh, drop_zero_weight=True)
+    torch.testing.assert_close(dropping(x_TH, ids_TK, weights_TK), full(x_TH, ids_TK, weights_TK), **TOL)
+    assert dropping.last_splits[0] == [3, 2], dropping.last_splits
 
 
 def _cases_2(rank, world):

@@ -3,12 +3,16 @@ outputs and every gradient, dropless and capacity modes, skewed routing, ranks w
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
+import moesys.parallel.ep as ep_module
+
 from moesys.config import ParallelConfig
 from moesys.layers.moe import MoELayer
-from moesys.parallel import ExpertParallelMoELayer, parallelize
+from moesys.parallel import ExpertParallelExperts, ExpertParallelMoELayer, parallelize
 from moesys.parallel.mesh import check_ep
 from moesys.parallel.testing import Holder, spawn
 
@@ -48,6 +52,17 @@ def _skew_router(layer: MoELayer, skew: str) -> None:
             layer.router.weight[:, 0] = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.0, 0.0, -0.2, -0.4])
 
 
+def _record_routing(experts) -> dict:
+    """The routing each dispatch of `experts` gets (ids and weights, detached), kept in the returned dict."""
+    routed, dispatch = {}, experts.dispatch
+
+    def recording(x_TH, ids_TK, weights_TK, *rest):
+        routed["ids"], routed["weights"] = ids_TK.detach(), weights_TK.detach()
+        return dispatch(x_TH, ids_TK, weights_TK, *rest)
+    experts.dispatch = recording
+    return routed
+
+
 def _case(rank, world, ep, capacity_factor, shared, skew, tokens, overlap):
     xs, gs = _batches(world, tokens, skew)
     ref = _layer(capacity_factor, shared)
@@ -66,6 +81,8 @@ def _case(rank, world, ep, capacity_factor, shared, skew, tokens, overlap):
     _skew_router(model.moe, skew)
     handle = parallelize(model, ParallelConfig(ep=ep, ep_overlap=overlap))
     assert isinstance(model.moe, ExpertParallelMoELayer)
+    experts = model.moe.experts
+    routed = _record_routing(experts)
     x = xs[rank].clone().requires_grad_(True)
     y, stats = model.moe(x)
     (y * gs[rank]).sum().backward()
@@ -75,7 +92,14 @@ def _case(rank, world, ep, capacity_factor, shared, skew, tokens, overlap):
     torch.testing.assert_close(y, ref_outs[rank], **TOL, msg=lambda m: f"{what}: output\n{m}")
     torch.testing.assert_close(x.grad, ref_xgrads[rank], **TOL, msg=lambda m: f"{what}: x grad\n{m}")
     assert torch.equal(stats.tokens_per_expert, ref_stats[rank].tokens_per_expert), what
-    experts = model.moe.experts
+    # Rows sent per ep rank: every assignment to that rank's experts, less (capacity mode) the dropped ones.
+    L, first = experts.num_local_experts, handle.mesh.ep_rank * (E // ep)
+    ids_N, weights_N = routed["ids"].reshape(-1), routed["weights"].reshape(-1)
+    shipped = ids_N if capacity_factor is None else ids_N[weights_N != 0]
+    assert experts.last_splits[0] == torch.bincount(shipped // L, minlength=ep).tolist(), what
+    assert experts.global_expert_ids == list(range(first, first + L)), what
+    assert experts.extra_repr() == \
+        f"experts {first}..{first + L - 1} of {E}, ep={ep}, backend='grouped_mm', overlap={overlap}", what
     local = slice(experts.expert_offset, experts.expert_offset + experts.num_local_experts)
     for name, p in model.moe.named_parameters():
         want = ref_grads[name][local] if name.startswith("experts.") else ref_grads[name]
@@ -83,7 +107,36 @@ def _case(rank, world, ep, capacity_factor, shared, skew, tokens, overlap):
         torch.testing.assert_close(p.grad * world, want, **TOL, msg=lambda m: f"{what}: grad of {name}\n{m}")
 
 
+def _defaults_and_dispatch_waits(rank, world):
+    """Built directly (as DeepSpeed's layer does), ExpertParallelExperts computes the experts' output, ships
+    zero-weight rows and overlaps by default (ExpertParallelMoELayer too); with `dispatch_waits` set it
+    records the host seconds spent in the dispatch wait; drop_zero_weight=True drops only zero weights."""
+    handle = parallelize(Holder(_layer(None, False)), ParallelConfig(ep=2))
+    full = _layer(None, False).experts
+    experts = ExpertParallelExperts(full, handle.mesh)
+    assert experts.overlap is True and experts.drop_zero_weight is False
+    assert ExpertParallelMoELayer(_layer(None, False), handle.mesh, layer_name="moe").experts.overlap is True
+    ids_TK = torch.tensor([[0, 5], [7, 2], [1, 4]])
+    weights_TK = torch.tensor([[0.5, 0.0], [1.0, -0.5], [0.25, 0.75]], dtype=torch.float64)
+    x_TH = torch.randn(3, H, dtype=torch.float64)
+    experts.dispatch_waits = []
+    clock = iter([10.0, 10.25])
+    real_time, ep_module.time = ep_module.time, types.SimpleNamespace(perf_counter=lambda: next(clock))
+    try:
+        y_TH = experts(x_TH, ids_TK, weights_TK)
+    finally:
+        ep_module.time = real_time
+    torch.testing.assert_close(y_TH, full(x_TH, ids_TK, weights_TK), **TOL)
+    assert experts.last_splits == ([3, 3], [3, 3]), experts.last_splits
+    assert experts.dispatch_waits == [0.25], experts.dispatch_waits
+    # drop_zero_weight drops exactly the zero weights: a negative one (a negative routed scale) still counts.
+    dropping = ExpertParallelExperts(full, handle.mesh, drop_zero_weight=True)
+    torch.testing.assert_close(dropping(x_TH, ids_TK, weights_TK), full(x_TH, ids_TK, weights_TK), **TOL)
+    assert dropping.last_splits[0] == [3, 2], dropping.last_splits
+
+
 def _cases_2(rank, world):
+    _defaults_and_dispatch_waits(rank, world)
     _case(rank, world, 2, None, True, "none", [9, 6], True)
     _case(rank, world, 2, None, False, "first_rank", [7, 5], True)       # ep rank 1 receives no rows
     _case(rank, world, 2, None, True, "zipf", [8, 0], True)              # rank 1 has no tokens

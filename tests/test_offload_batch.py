@@ -143,13 +143,13 @@ def test_joining_prompts_prefill_together(checkpoints):
 
 
 def test_prefill_groups_stay_within_the_activation_reserve(checkpoints, monkeypatch):
-    """With room for 20 padded prompt tokens per prefill forward, prompts of 5, 9, 3, 12 and 7 tokens joining
-    a batch of 5 prefill as [5, 9] (2 x 9 = 18), [3] (3 and 12 would pad to 24), [12] and [7]; tokens as
-    each prompt alone. The loader sizes the activation reserve with the same constant."""
+    """With room for 18 padded prompt tokens per prefill forward, prompts of 5, 9, 3, 12 and 7 tokens joining
+    a batch of 5 prefill as [5, 9] (2 x 9 = 18: exactly full), [3] (3 and 12 would pad to 24), [12] and [7];
+    tokens as each prompt alone. The loader sizes the activation reserve with the same constant."""
     from moesys.offload import batch, loader
 
     assert batch.PREFILL_RESERVE_TOKENS is loader.PREFILL_RESERVE_TOKENS
-    monkeypatch.setattr(batch, "PREFILL_RESERVE_TOKENS", 20)
+    monkeypatch.setattr(batch, "PREFILL_RESERVE_TOKENS", 18)
     path = checkpoints["olmoe"]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     shapes = []

@@ -9,6 +9,8 @@ import torch
 from moesys.config import load_config
 from moesys.layers import Experts, MoELayer
 from moesys.models import MoETransformer
+from moesys.parallel.comm import CommContext
+from moesys.parallel.fssdp import FSSDPExperts, LayerPlan, start_gather
 from moesys.parallel.fssdp_runtime import fssdp_parallelize
 from moesys.parallel.testing import spawn
 from tests.test_model import TINY
@@ -173,6 +175,19 @@ def test_bad_policy_and_sizes():
         fssdp_parallelize(torch.nn.Sequential(MoELayer(8, 4, 2, 8)), policy="zero")
     with pytest.raises(ValueError, match="no MoELayer"):
         fssdp_parallelize(torch.nn.Linear(2, 2))
+
+
+def test_a_plan_whose_owners_are_not_this_ranks_experts_is_refused():
+    """A plan from before a re-shard would pair the wrong point-to-point messages: the gather refuses it
+    before posting any, unless the plan gives this rank exactly its experts (not a prefix of them, not
+    more)."""
+    comm = CommContext(None, rank=0, group_size=2, layer="l0")
+    ex = FSSDPExperts(Experts(4, H, I, backend="loop"), [0, 1], group=None, rank=0, world_size=2,
+                      layer_name="l0", comm=comm)
+    owned = [getattr(ex, n) for n in ex.weight_names()]
+    for owners in [(0, 1, 1, 1), (0, 0, 0, 1), (1, 1, 0, 0)]:  # fewer, more, other experts than [0, 1]
+        with pytest.raises(AssertionError, match="not this rank's experts"):
+            start_gather(ex, LayerPlan(owners, tuple((o,) for o in owners)), torch.float32, owned)
 
 
 def _budget_worker(rank, W):

@@ -43,8 +43,9 @@ def test_replayed_trace_reproduces_the_models_own_generation(strong_experts, tmp
     rec.remove()
     rec.save(tmp_path / "t.safetensors")
     ids_NLK, E = load_trace(tmp_path / "t.safetensors")
-    # prefills of 5 and 8 tokens, 5 steps of 2 rows (prompt 0 and 1 end together), prefill of 3, 5 steps of 1
-    assert E == 8 and ids_NLK.shape == (5 + 8 + 5 * 2 + 3 + 5, 3, 2)
+    # one prefill of the 5- and 8-token prompts together (left-padded: 2 x 8 rows), 5 steps of 2 rows (prompts
+    # 0 and 1 end together), a prefill of 3, 5 steps of 1
+    assert E == 8 and ids_NLK.shape == (2 * 8 + 5 * 2 + 3 + 5, 3, 2)
 
     # the same prompts replayed from the trace on the offloaded model under a budget that evicts
     off = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)
@@ -84,7 +85,7 @@ def test_uniform_routing_reaches_the_experts(strong_experts):
     sizes = [len(c) for c in rec.chunks[0]]
     want = [[again.ids(r, T, torch.device("cpu")) for r in range(3)] for T in sizes]
     want = torch.cat([torch.stack(per_layer, dim=1) for per_layer in want])
-    assert sizes == [4, 6] + [2] * 5 and torch.equal(got.long(), want)
+    assert sizes == [2 * 6] + [2] * 5 and torch.equal(got.long(), want)  # one padded prefill of both, 5 steps
     for o in (uni, rec, again):
         o.remove()
 

@@ -165,7 +165,7 @@ class BatchGeneration:
         if finished:
             done += [rows[r] for r in finished]
             kv.remove(finished)
-            rows[:] = [row for r, row in enumerate(rows) if r not in set(finished)]
+            rows[:] = [row for row in rows if not self._finished(row)]
 
     def _forward(self, **inputs) -> list[int]:
         """Greedy next token of each row (the one host sync per step: EOS decides who leaves)."""

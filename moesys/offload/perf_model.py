@@ -209,7 +209,7 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
 def dequant_waves(w: Workload, unique: float, batch: int) -> int:
     """Dequantization waves per layer and step: quantized experts at more than one row run in waves of
     top_k experts (one row's top_k read packed by quant_gemv instead: no wave)."""
-    if not w.dequant_bytes or batch * w.top_k <= w.top_k:
+    if not w.dequant_bytes or batch <= 1:
         return 0
     return math.ceil(unique / w.top_k - 1e-9)
 
@@ -308,13 +308,14 @@ def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
     plan = plan_memory(skel, blocks, dtype, gpu_memory, quantize_experts=quantize_experts, max_context=longest)
     text = config.get_text_config()
     E, I, H, layout = expert_dims(next(iter(blocks.values())).experts)
+    gemms = 3 if layout.gated else 2  # gate, up, down; or up, down
     kv_per_token = kv_bytes_per_token(config, dtype)
     return Workload(num_layers=len(blocks), num_experts=E, top_k=text.num_experts_per_tok,
-                    expert_bytes=plan.slot_bytes, expert_flops_per_row=2 * (3 if layout.gated else 2) * H * I,
+                    expert_bytes=plan.slot_bytes, expert_flops_per_row=2 * gemms * H * I,
                     dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
                     attention_layers=text.num_hidden_layers,
                     free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + longest * kv_per_token,
-                    dequant_bytes=dequantized_bytes(quantize_experts, 3 if layout.gated else 2, H, I, dtype))
+                    dequant_bytes=dequantized_bytes(quantize_experts, gemms, H, I, dtype))
 
 
 def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware | None = None,

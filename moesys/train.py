@@ -487,7 +487,8 @@ def _save(run: _Run, step: int, reason: str) -> Path:
         manifest["engine"] = {"kind": "deepspeed", "zero_stage": run.engine.ds_config["zero_optimization"]["stage"]}
     return ckpt.save_checkpoint(run.run_dir / "ckpt", step, model=run.model, optimizer=run.optimizer,
                                 manifest=manifest, rank=run.ctx.rank, world_size=run.ctx.world_size,
-                                device=run.device, barrier=functools.partial(bootstrap.barrier, run.ctx),
+                                device=run.device,
+                                barrier=functools.partial(bootstrap.barrier, run.ctx, "checkpoint barrier"),
                                 keep=config.checkpoint.keep, ep=run.ep,
                                 states=None if run.engine is None else run.engine.checkpoint_states())
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from moesys.config import ParallelConfig
 from moesys.layers.moe import MoELayer
-from moesys.parallel import CollectiveError, parallelize
+from moesys.parallel import CollectiveError, bootstrap, parallelize
 from moesys.parallel.testing import Holder, free_port
 
 
@@ -31,13 +31,16 @@ def _worker(rank, world, port, mode, out_dir):
     handle = parallelize(model, ParallelConfig(ep=2, timeout_s=2.0))
     if rank == 1:
         # The peer never joins rank 0's collectives: stuck (sleeps past the timeout) or dead (exits).
-        if mode != "dead":
+        if not mode.startswith("dead"):
             time.sleep(6)
         os._exit(0)
     if mode == "stuck gradients":  # the gradient all-reduce after backward, not the layer's all-to-alls
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         call = handle.reduce_gradients
+    elif mode.endswith("barrier"):  # the trainer's own barriers (save_checkpoint waits in them)
+        ctx = bootstrap.DistContext(rank=0, world_size=2, timeout=datetime.timedelta(seconds=2))
+        call = functools.partial(bootstrap.barrier, ctx, "checkpoint barrier")
     else:
         call = functools.partial(model.moe, torch.randn(5, 8))
     message = "no error"
@@ -78,3 +81,13 @@ def test_stuck_peer_in_the_gradient_all_reduce_raises_after_the_handles_timeout(
     seconds, message = _run("stuck gradients", tmp_path)
     assert message.startswith("rank 0: dense gradient all-reduce in layer '(all layers)' failed (timeout 2s)"), message
     assert seconds < 5, f"the error took {seconds}s for a 2s timeout"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dead barrier", "stuck barrier"])
+def test_peer_lost_in_the_trainers_barrier_raises_collective_error(tmp_path, mode):
+    """A rank killed while rank 0 waits in a checkpoint barrier: CollectiveError (the trainer's one-line
+    report, no teardown barrier), not gloo's bare RuntimeError (a CI run ended in a traceback)."""
+    seconds, message = _run(mode, tmp_path)
+    assert message.startswith("rank 0: checkpoint barrier failed"), message
+    assert seconds < 7, f"the error took {seconds}s for a 2s timeout"

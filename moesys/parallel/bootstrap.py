@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moesys.config import Config
+from moesys.parallel.comm import CommContext, guarded
 from moesys.parallel.peers import PeerMonitor
 
 # Environment variables by which MPI launchers announce themselves (Open MPI, MPICH/Hydra, PMIx/Slurm).
@@ -115,9 +116,16 @@ def init_distributed(config: Config) -> DistContext:
     return DistContext(rank, size, local_rank, device, launcher, timeout=timeout, peers=peers)
 
 
-def barrier(ctx: DistContext) -> None:
+def _comm(ctx: DistContext) -> CommContext:
+    return CommContext(ctx.group, rank=ctx.rank, group_size=ctx.world_size, layer=None, timeout=ctx.timeout)
+
+
+def barrier(ctx: DistContext, what: str = "barrier") -> None:
+    """Wait for every rank. A dead or stuck peer raises CollectiveError (as every other collective of
+    the trainer does), so the trainer reports it in one line and skips the teardown barrier."""
     if ctx.distributed:
-        dist.barrier(group=ctx.group)
+        with guarded(_comm(ctx), what):
+            dist.barrier(group=ctx.group)
 
 
 def max_over_ranks(ctx: DistContext, value: float) -> float:
@@ -125,7 +133,8 @@ def max_over_ranks(ctx: DistContext, value: float) -> float:
     if not ctx.distributed:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
+    with guarded(_comm(ctx), "max all-reduce"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
     return t.item()
 
 

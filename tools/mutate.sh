@@ -33,6 +33,8 @@ cd "$repo"
 for t in "${tests[@]}"; do [ -e "${t%%::*}" ] || { echo "tools/mutate.sh: no test file $t" >&2; exit 2; }; done
 
 name=$(echo "${module%.py}" | tr '/' '.')${select:+.$(echo "$select" | tr ',' '+')}
+# a long selection would exceed the file system's 255-byte names: keep its start and a hash of the whole
+[ ${#name} -le 150 ] || name="${name:0:130}.$(printf %s "$name" | sha1sum | cut -c1-12)"
 out="$repo/.mutation"
 mkdir -p "$out"
 work=$(mktemp -d "${TMPDIR:-/tmp}/moesys-mutate.XXXXXX")

@@ -90,9 +90,10 @@ class RouterConfig(_Section):
     n_groups: int = 1
     topk_groups: Optional[int] = None
     aux_free_bias: bool = False
-    bias_update_rate: float = 1e-3
-    scale: float = 1.0
-    jitter: float = 0.0
+    bias_update_rate: float = Field(1e-3, ge=0, allow_inf_nan=False, description="aux-loss-free bias step")
+    scale: float = Field(1.0, gt=0, allow_inf_nan=False, description="routed weights' factor (DeepSeek's "
+                                                                      "routed_scaling_factor)")
+    jitter: float = Field(0.0, ge=0, lt=1, description="multiplicative noise on the router input in training")
 
 
 class MoEConfig(_Section):

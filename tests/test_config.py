@@ -58,6 +58,13 @@ def test_cross_field_checks(tmp_path):
         load_config(TINY, ["moe.top_k=9"])
     with pytest.raises(ConfigError, match="num_heads=4 must be a multiple of num_kv_heads=3"):
         load_config(TINY, ["model.num_kv_heads=3"])
+    # refused when the config is read, before any data or weight: 0 would zero every MoE layer's output
+    for item, key in (("moe.router.scale=0", "moe.router.scale"), ("moe.router.scale=-2", "moe.router.scale"),
+                      ("moe.router.bias_update_rate=-1", "moe.router.bias_update_rate"),
+                      ("moe.router.jitter=1", "moe.router.jitter")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(TINY, [item])
+    assert load_config(TINY, ["moe.router.scale=2.5"]).moe.router.scale == 2.5
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -139,6 +139,11 @@ def test_gate_runs_in_fp32():
     (dict(n_groups=3), "n_groups=3 must be >= 1 and divide"),
     (dict(n_groups=4, topk_groups=1), "hold fewer than top_k"),
     (dict(capacity_factor=0.0), "capacity_factor=0.0"),
+    (dict(scale=0.0), r"scale=0.0 must be a finite number > 0"),
+    (dict(scale=-1.0), r"scale=-1.0 must be a finite number > 0"),
+    (dict(scale=float("inf")), r"scale=inf must be"),
+    (dict(bias_update_rate=-1e-3), r"bias_update_rate=-0.001 must be a finite number >= 0"),
+    (dict(jitter=1.0), r"jitter=1.0 must be in \[0, 1\)"),
 ])
 def test_bad_router_config(kw, match):
     args = dict(top_k=2)

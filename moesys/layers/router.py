@@ -74,6 +74,11 @@ class Router(nn.Module):
             raise ValueError(f"Router: capacity_factor={capacity_factor} must be > 0, or None for dropless")
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"Router: jitter={jitter} must be in [0, 1)")
+        if not 0.0 < scale < math.inf:  # 0 would silently zero the layer's output, < 0 flip its sign
+            raise ValueError(f"Router: scale={scale} must be a finite number > 0 (DeepSeek's routed_scaling_factor; "
+                             "1.0 for no scaling)")
+        if not 0.0 <= bias_update_rate < math.inf:
+            raise ValueError(f"Router: bias_update_rate={bias_update_rate} must be a finite number >= 0")
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.renormalize, self.scale = score_func, renormalize, scale
         self.n_groups, self.topk_groups = n_groups, topk_groups

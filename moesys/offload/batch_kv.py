@@ -91,7 +91,8 @@ class PaddedBatchKV:
 
     def remove(self, rows: list[int]) -> None:
         """Drop finished rows (the others keep their order) and the columns nobody needs any more."""
-        keep = [r for r in range(self.rows) if r not in set(rows)]
+        leaving = set(rows)
+        keep = [r for r in range(self.rows) if r not in leaving]
         if not keep:
             self.__init__(self.config, self.device, self.host, self.cache_name)
             return

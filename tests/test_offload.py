@@ -121,6 +121,8 @@ def test_greedy_identical_with_eviction(checkpoints, arch, dtype):
     stats = model.moesys_offload.snapshot()
     assert model.moesys_offload.cache.num_slots == 10
     assert stats.evictions > 0 and stats.misses > 0 and stats.hits > 0
+    # nothing frees a slot here: every copy after the cache filled up evicted exactly one expert
+    assert stats.evictions == stats.copies - model.moesys_offload.cache.num_slots
     assert stats.bytes_copied == stats.copies * model.moesys_offload.store.expert_bytes
     assert stats.prefill_tokens == prompt.numel() and stats.decode_tokens == NEW_TOKENS - 1
     assert 0 < stats.prefetch_guessed and 0 <= stats.prefetch_used <= stats.prefetch_guessed
@@ -225,8 +227,8 @@ def test_waves_when_a_layer_needs_more_experts_than_the_cache(checkpoints):
         assert model.moesys_offload.cache.num_slots == 3
         got = model(want).logits
         torch.testing.assert_close(got, ref(want).logits, rtol=0, atol=0 if impl == "eager" else 1e-5)
-        if impl == "eager":
-            assert torch.equal(want, model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
+        if impl == "eager":  # decode: one routed row per expert and wave (the loop's smallest case), on logits
+            _assert_same_generation(path, torch.float32, prompt, model, ref_kw=dict(experts_implementation=impl))
 
 
 def test_cpu_experts_path_matches(checkpoints):
@@ -234,9 +236,25 @@ def test_cpu_experts_path_matches(checkpoints):
     prompt = _prompt(seed=4)
     ref, want = _reference(path, torch.float32, prompt)
     model = mo.load(path, gpu_memory=_budget(path, torch.float32, 6), dtype=torch.float32, cpu_experts="on")
-    got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    # decode steps on logits: a step's host-computed expert often serves its one routed row alone
+    _assert_same_generation(path, torch.float32, prompt, model)
     assert model.moesys_offload.snapshot().cpu_experts > 0
-    torch.testing.assert_close(model(got).logits, ref(got).logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(want).logits, ref(want).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_experts_dequantize_quantized_experts_like_the_device_path(checkpoints):
+    """cpu_experts="on" with int8 experts: the host computes from the packed host copy (dequantized there), the
+    device from its slots; both dequantize the same bytes, so the decode logits agree to float32 rounding."""
+    path = checkpoints["mixtral"]
+    prompt = _prompt(seed=4)
+    budget = _budget(path, torch.float32, 6, quantize_experts="int8")
+    host = mo.load(path, gpu_memory=budget, dtype=torch.float32, quantize_experts="int8", cpu_experts="on")
+    device = mo.load(path, gpu_memory=budget, dtype=torch.float32, quantize_experts="int8")
+    got, got_logits = _greedy_logits(host, prompt)
+    want, want_logits = _greedy_logits(device, prompt)
+    assert host.moesys_offload.snapshot().cpu_experts > 0
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode,bound", [("int8", 0.02), ("int4", 0.25)])
@@ -448,6 +466,13 @@ def test_budget_holding_every_expert_runs_the_plain_model(checkpoints, name):
     assert torch.equal(want, model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
     stats = engine.snapshot()
     assert stats.resident and stats.hit_rate == 1.0 and stats.copies == 24 and stats.misses == 0
+    assert stats.bytes_copied == 24 * engine.store.expert_bytes
+    for layer in engine.inner:  # the cache's bookkeeping names the slot each expert was loaded into
+        for e in range(8):
+            slot = engine.cache.lookup((layer, e))
+            want_parts = {part: torch.empty_like(view) for part, view in engine.cache.slot_views(slot).items()}
+            engine.store.copy_to(layer, e, want_parts)
+            assert all(torch.equal(view, want_parts[part]) for part, view in engine.cache.slot_views(slot).items())
     assert "hit rate 100.0%" in stats.summary()
     x_TH = torch.randn(5, 32, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     ids_TK = torch.tensor([[7, 1], [0, 3], [5, 2], [6, 4], [1, 7]], device=DEVICE)
@@ -461,18 +486,22 @@ def test_budget_holding_every_expert_runs_the_plain_model(checkpoints, name):
                                    engaged.moesys_offload.experts_forward(layer, x_TH, ids_TK, w_TK))
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_experts_that_all_fit_decode_without_the_host(checkpoints, mode):
+@pytest.mark.parametrize("mode,bank_size", [("int8", None), ("int4", None), ("int8", 8)])
+def test_quantized_experts_that_all_fit_decode_without_the_host(checkpoints, mode, bank_size):
     """A budget holding every quantized expert loads them all at once; then each batch-1 decode step takes the
     sync-free path (slots from the device table, the K routed experts dequantized on their own), and its
-    logits equal the engine's host-routed path (resident_if_fits=False: experts loaded on demand)."""
+    logits equal the engine's host-routed path (resident_if_fits=False: experts loaded on demand).
+    bank_size=8: one bank per layer, so the pool-wide slot of layer 1 and 2's experts is not the bank's own."""
     path = checkpoints["olmoe"]
     prompt = _prompt(seed=10)
-    fast = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, quantize_experts=mode)
+    kw = {} if bank_size is None else dict(bank_size=bank_size)
+    fast = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, quantize_experts=mode, **kw)
     slow = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, quantize_experts=mode, resident_if_fits=False)
     engine = fast.moesys_offload
+    assert len(engine.cache.banks) == (1 if bank_size is None else 3)
     assert all(engine.cache.layer_complete(layer) for layer in engine.inner)
     assert engine.snapshot().copies == 3 * 8 and not any(slow.moesys_offload.cache.resident_per_layer.values())
+    assert engine.snapshot().bytes_copied == 3 * 8 * engine.store.expert_bytes
     calls = []
     run = engine._run_quantized_resident
     engine._run_quantized_resident = lambda *a: calls.append(a[0]) or run(*a)

@@ -95,7 +95,7 @@ def _train_worker(rank, W, policy, remat, steps, reshard_every):
         batch = torch.randint(0, 6, (W * 2, 17), generator=g) * 40
         out_ref = ref(batch[:, :-1], labels_BS=batch[:, 1:])
         (out_ref.loss + out_ref.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         opt_ref.step()
         opt_ref.zero_grad()
 
@@ -104,7 +104,8 @@ def _train_worker(rank, W, policy, remat, steps, reshard_every):
         out = model(mine[:, :-1], labels_BS=mine[:, 1:])
         (out.loss + out.aux_loss).backward()
         handle.reduce_gradients()
-        handle.clip_grad_norm_(1.0)
+        # the whole model's norm on every rank: dense squares here, expert squares summed over their owners
+        torch.testing.assert_close(handle.clip_grad_norm_(1.0), norm_ref, rtol=1e-5, atol=1e-7)
         opt.step()
         opt.zero_grad()
         moved += handle.end_step(opt)
@@ -141,8 +142,16 @@ def _checkpoint_worker(rank, W, path):
     model = MoETransformer.from_config(cfg)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
     want = model(ids).logits
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".experts." in k}
     h = fssdp_parallelize(model, policy="fssdp")
     h.reshard(type(h.owners)(tuple(tuple((e + l) % W for e in range(4)) for l in range(2)), W))
+    assert h.reshards == 1
+    # the checkpoint's view: every expert tensor gathered by global id, and this rank's rows back from it
+    mine = model.state_dict()
+    gathered = h.gather_expert_state(mine)
+    assert gathered.keys() == mine.keys() and all(torch.equal(gathered[k], v) for k, v in before.items())
+    local = h.local_expert_state(gathered)
+    assert all(torch.equal(local[k], v) for k, v in mine.items())
     full = h.full_expert_state()
     if rank == 0:
         torch.save(full, path)

@@ -152,6 +152,12 @@ def _checkpoint_worker(rank, W, path):
     assert gathered.keys() == mine.keys() and all(torch.equal(gathered[k], v) for k, v in before.items())
     local = h.local_expert_state(gathered)
     assert all(torch.equal(local[k], v) for k, v in mine.items())
+    # optimizer state as checkpoints name it ("{state}/{param}"): the 0-d step stays whole
+    key = "blocks.0.ffn.experts.down_proj"
+    optim = h.gather_expert_state({f"step/{key}": torch.tensor(3.0), f"exp_avg/{key}": mine[key]},
+                                  param_name=lambda k: k.split("/", 1)[1])
+    assert optim[f"step/{key}"].dim() == 0 and optim[f"step/{key}"].item() == 3.0
+    assert torch.equal(optim[f"exp_avg/{key}"], before[key])
     full = h.full_expert_state()
     if rank == 0:
         torch.save(full, path)

@@ -322,6 +322,8 @@ def test_bank_size_is_bounded_by_grouped_gemm_limit():
         ExpertCache([("w", (2,), torch.float32)], 2048, torch.device("cpu"), "lru", [0, 1], 1024, bank_size=1024)
     c = ExpertCache([("w", (2,), torch.float32)], 2000, torch.device("cpu"), "lru", [0, 1, 2], 1024)
     assert c.banks == [(0, 1000), (1000, 2000)] and c.bank_of == {0: 0, 1: 1, 2: 0}
+    full = ExpertCache([("w", (2,), torch.float32)], 1023, torch.device("cpu"), "lru", [0, 1], 1024)
+    assert full.banks == [(0, 1023)]  # the default bank is the limit itself: 1023 slots, one bank
 
 
 def test_one_slot_and_banks_of_one_slot_are_the_smallest_cache():

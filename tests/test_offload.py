@@ -340,6 +340,24 @@ def test_bank_size_is_bounded_by_grouped_gemm_limit():
         ExpertCache([("w", (2,), torch.float32)], 2048, torch.device("cpu"), "lru", [0, 1], 1024, bank_size=1024)
     c = ExpertCache([("w", (2,), torch.float32)], 2000, torch.device("cpu"), "lru", [0, 1, 2], 1024)
     assert c.banks == [(0, 1000), (1000, 2000)] and c.bank_of == {0: 0, 1: 1, 2: 0}
+    full = ExpertCache([("w", (2,), torch.float32)], 1023, torch.device("cpu"), "lru", [0, 1], 1024)
+    assert full.banks == [(0, 1023)]  # the default bank is the limit itself: 1023 slots, one bank
+
+
+def test_one_slot_and_banks_of_one_slot_are_the_smallest_cache():
+    # The lower bounds of the checks: no slot, or banks of no slot, is a clear error naming the value;
+    # one slot, and banks of one slot, make a working cache.
+    part = [("w", (2,), torch.float32)]
+    with pytest.raises(ValueError, match="at least one slot, got num_slots=0"):
+        ExpertCache(part, 0, torch.device("cpu"), "lru", [0], 4)
+    with pytest.raises(ValueError, match=r"bank_size=0 must be in \[1, 1023\]"):
+        ExpertCache(part, 4, torch.device("cpu"), "lru", [0], 4, bank_size=0)
+    one = ExpertCache(part, 1, torch.device("cpu"), "lru", [0], 4)
+    assert one.banks == [(0, 1)]
+    assert one.allocate((0, 2), set()) == (0, None)
+    assert one.allocate((0, 3), set()) == (0, (0, 2))  # the one slot is reused
+    c = ExpertCache(part, 3, torch.device("cpu"), "lfu", [0, 1, 2], 4, bank_size=1)
+    assert c.banks == [(0, 1), (1, 2), (2, 3)] and c.bank_of == {0: 0, 1: 1, 2: 2}
 
 
 def test_lru_evicts_least_recent_and_respects_protection():
@@ -367,6 +385,36 @@ def test_lfu_evicts_least_frequent_then_least_recent():
     assert evicted == (1, 0)
     with pytest.raises(RuntimeError):
         c.allocate((1, 2), {(0, 0), (0, 2), (1, 1)})
+
+
+def test_lfu_heap_is_rebuilt_rarely_and_keeps_the_eviction_order():
+    # LFU pushes one heap entry per use and drops the stale ones lazily; the heap is rebuilt from the
+    # resident keys only once it holds several times as many entries, so a use costs O(log S) amortised
+    # (a rebuild costs O(S)), and after the rebuilds the victims still go by (use count, last use).
+    S = 200
+    c = ExpertCache([("w", (2,), torch.float32)], S, torch.device("cpu"), "lfu", [0], 2 * S)
+    lfu = c.policies[0]
+    for e in range(S):
+        c.allocate((0, e), set())
+    uses = torch.randint(0, S, (6000,), generator=torch.Generator().manual_seed(0)).tolist()
+    between, since = [], 0  # uses between two rebuilds
+    for e in uses:
+        heap = lfu.heap
+        c.lookup((0, e))
+        since += 1
+        if lfu.heap is not heap:
+            assert sorted(k for _, _, k in lfu.heap) == [(0, k) for k in range(S)]  # the resident keys, once
+            between.append(since)
+            since = 0
+        assert len(lfu.heap) <= 16 * S
+    assert len(between) >= 2 and min(between) >= S
+    # (uses, last use) of each key: one use when allocated (in id order), then its lookups
+    last = {e: e - S for e in range(S)} | {e: i for i, e in enumerate(uses)}
+    order = sorted(range(S), key=lambda e: (1 + uses.count(e), last[e]))
+    for j in range(10):
+        assert lfu.victim({(0, e) for e in order[:j]}) == (0, order[j])
+    freed = c.slot_of[(0, order[0])]
+    assert c.allocate((0, S), set()) == (freed, (0, order[0]))
 
 
 def test_summary_says_when_nothing_was_guessed():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import inspect
 import json
 import os
 import re
@@ -20,7 +22,8 @@ import moesys  # noqa: E402
 from moesys import cli  # noqa: E402
 from moesys.upcycling import io as upio  # noqa: E402
 from moesys.upcycling import load_dense_config, upcycle_state_dict  # noqa: E402
-from moesys.upcycling.plan import UpcycleOptions  # noqa: E402
+from moesys.upcycling.plan import (UpcycleOptions, _generator, check_source_tensors,  # noqa: E402
+                                   expected_source_tensors, parse_moe_layers, plan_upcycle)
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -428,3 +431,193 @@ def test_notes_say_what_is_not_function_preserving_and_why():
     plain = notes(num_experts=4, top_k=2)  # qwen2_moe: a shared expert, so a note about its 0.5 gate
     assert not any(n.startswith("zero router") for n in plain)
     assert any(n.startswith("shared expert") for n in plain)
+
+
+# ---------------------------------------------------------------- the plan alone: config dicts and shapes, no files
+
+def _config(kind: str, **changes) -> dict:
+    """A tiny dense model's config as a full dict (every default filled in, as load_dense_config gives)."""
+    T = transformers
+    cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config, "qwen3": T.Qwen3Config}[kind]
+    return cls(**{**COMMON, **changes}).to_dict()
+
+
+def _plan(src: dict, **opts):
+    shapes = {name: (shape, torch.float32) for name, shape in expected_source_tensors(src).items()}
+    return plan_upcycle(src, shapes, UpcycleOptions(**{"num_experts": 4, "top_k": 2, **opts}))
+
+
+def test_moe_layer_specs():
+    assert parse_moe_layers("every-other", 6) == [1, 3, 5]
+    assert parse_moe_layers("every-other", 7) == [1, 3, 5]
+    assert parse_moe_layers(" 5, 0,5 ,", 6) == [0, 5]
+    assert parse_moe_layers((4, 2), 6) == [2, 4]
+    for spec, got in (("6", "[6]"), ([-1, 2], "[-1]"), (",", "none"), ((), "none")):
+        with pytest.raises(ValueError, match=re.escape(f"layer ids must be in 0..5 and at least one; got {got}")):
+            parse_moe_layers(spec, 6)
+    for spec in ("1,x", "every-third"):
+        with pytest.raises(ValueError, match=f"'{spec}' is not 'all', 'every-other' or a comma list"):
+            parse_moe_layers(spec, 6)
+
+
+def test_options_at_their_bounds():
+    src = _config("llama")
+    plan = _plan(src, num_experts=1, top_k=1)  # one expert, always picked: the dense MLP itself
+    assert plan.config["num_local_experts"] == 1 and plan.config["num_experts_per_tok"] == 1
+    assert plan.function_preserving
+    one_layer = _plan(_config("mistral", num_hidden_layers=1, sliding_window=5))  # the smallest model
+    assert one_layer.moe_layers == [0] and one_layer.config["sliding_window"] == 5
+    for opts, message in [
+        (dict(num_experts=0, top_k=1), "--num-experts (0) and --top-k (1) must be at least 1"),
+        (dict(num_experts=2, top_k=0), "--num-experts (2) and --top-k (0) must be at least 1"),
+        (dict(drop_ratio=1.0), "--drop-ratio 1.0 must be in [0, 1)"),
+        (dict(drop_ratio=1.5), "--drop-ratio 1.5 must be in [0, 1)"),
+        (dict(drop_ratio=-0.5), "--drop-ratio -0.5 must be in [0, 1)"),
+        (dict(target="qwen3_moe", shared_expert=True),
+         "--shared-expert needs --target qwen2_moe; target qwen3_moe has no shared expert"),
+        (dict(granularity=0), "--granularity 0 must divide the dense intermediate size (128)"),
+        (dict(granularity=2, num_experts=4, top_k=1), "--granularity 2 must divide the dense intermediate size (128), "
+                                                      "--num-experts (4) and --top-k (1)"),
+        (dict(granularity=2, num_experts=3, top_k=2), "--num-experts (3) and --top-k (2) so that top-k selects whole"),
+        (dict(target="mixtral", norm_topk_prob=False), "Mixtral always renormalises the top-k weights"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _plan(src, **opts)
+
+
+@pytest.mark.parametrize("kind,changes,target,message", [
+    ("llama", {"mlp_bias": True}, "qwen2_moe", "has MLP biases (mlp_bias=true)"),
+    ("qwen3", {}, "qwen2_moe", "a qwen3 model has q_norm/k_norm, which target qwen2_moe lacks"),
+    ("qwen3", {}, "mixtral", "a qwen3 model has q_norm/k_norm, which target mixtral lacks"),
+    ("qwen2", {}, "mixtral", "a qwen2 model has q/k/v biases, which Mixtral attention lacks"),
+    ("llama", {"attention_bias": True}, "mixtral", "attention biases (attention_bias=true) including o_proj's, "
+                                                   "which target mixtral cannot hold"),
+    ("llama", {"attention_bias": True}, "qwen2_moe", "which target qwen2_moe cannot hold"),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "qwen3_moe",
+     "mixes sliding-window and full-attention layers; target qwen3_moe applies one window"),
+])
+def test_sources_a_target_cannot_hold_are_clear_errors(kind, changes, target, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _plan(_config(kind, **changes), target=target)
+
+
+def test_qwen2_sliding_window_layers_carry_over():
+    src = _config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    assert src["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+    cfg = _plan(src).config
+    assert cfg["layer_types"] == src["layer_types"]
+    assert cfg["sliding_window"] == 8 and cfg["use_sliding_window"] is True
+    moe = transformers.Qwen2MoeConfig(**cfg)  # and transformers reads the same layers back
+    assert moe.layer_types == src["layer_types"] and moe.sliding_window == 8
+    # a config without layer_types (as older transformers wrote them): every layer has full attention
+    old = {k: v for k, v in _config("qwen2").items() if k != "layer_types"}
+    assert _plan(old).config["layer_types"] == ["full_attention"] * 3
+
+
+def test_qwen3_moe_config_has_one_window_and_the_attention_biases():
+    # qwen3_moe takes one window for every layer: none, or the one all layers share.
+    full = _plan(_config("qwen3")).config
+    assert full["use_sliding_window"] is False and full["sliding_window"] is None
+    src = _config("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    assert set(src["layer_types"]) == {"sliding_attention"}
+    sliding = _plan(src).config
+    assert sliding["use_sliding_window"] is True and sliding["sliding_window"] == 8
+    assert _plan(_config("qwen3", num_hidden_layers=1)).config["use_sliding_window"] is False  # one layer
+    # and the attention biases qwen3_moe can hold; no Qwen2-MoE fields (shared expert, q/k/v biases)
+    biased = _plan(_config("qwen3", attention_bias=True)).config
+    assert biased["attention_bias"] is True and full["attention_bias"] is False
+    assert not {"shared_expert_intermediate_size", "qkv_bias", "layer_types"} & set(biased)
+
+
+def test_source_only_fields_are_not_carried_over():
+    # Fields the targets lack (or set their own way) stay behind; the rest of the dense config comes along.
+    src = _config("llama", pretraining_tp=2)
+    for target in ("mixtral", "qwen2_moe"):
+        cfg = _plan(src, target=target).config
+        assert not {"mlp_bias", "pretraining_tp", "attention_bias"} & set(cfg), target
+        assert cfg["rms_norm_eps"] == src["rms_norm_eps"] and cfg["rope_parameters"] == src["rope_parameters"]
+
+
+def test_custom_labels_are_kept_and_the_default_pair_dropped():
+    src = _config("llama")
+    assert len(src["id2label"]) == 2  # transformers' default pair, LABEL_0 and LABEL_1
+    cfg = _plan(src).config
+    assert "id2label" not in cfg and "label2id" not in cfg
+    for labels in (["yes"], ["red", "green", "blue"]):
+        id2label, label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+        cfg = _plan({**src, "id2label": id2label, "label2id": label2id}).config
+        assert cfg["id2label"] == id2label and cfg["label2id"] == label2id
+
+
+@pytest.mark.parametrize("opts", [dict(target="mixtral"), dict(target="mixtral", granularity=2),
+                                  dict(target="qwen2_moe", num_experts=8, norm_topk_prob=False),
+                                  dict(target="qwen2_moe", drop_ratio=0.5), dict(target="qwen2_moe")],
+                         ids=["plain", "granularity", "no-renormalisation", "drop", "shared"])
+def test_outputs_marked_as_copies_are_their_source_byte_for_byte(opts):
+    # A writer copies an output marked `copy_of` file to file without computing it; the mark must be
+    # exact: set on every output equal to a source tensor (plain experts too), and on no other.
+    src, sd = _in_memory_source(0)
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
+    plan = plan_upcycle(src, shapes, UpcycleOptions(**{"num_experts": 4, "top_k": 2, **opts}))
+    for t in plan.tensors:
+        made = t.make(sd.__getitem__)
+        same = [k for k, v in sd.items() if v.shape == made.shape and torch.equal(v, made)]
+        assert (t.copy_of is not None) == bool(same), t.name
+        assert t.copy_of is None or t.copy_of in same, t.name
+    experts = [t for t in plan.tensors if ".experts." in t.name]
+    assert all(t.copy_of for t in experts) == (opts == dict(target="mixtral"))
+
+
+def test_generators_differ_for_every_key():
+    # Each (seed, tensor key) seeds its own random stream: 1000 keys, 1000 different seeds.
+    seeds = {_generator(seed, "router", layer).initial_seed() for seed in range(5) for layer in range(200)}
+    assert len(seeds) == 1000
+
+
+def test_options_cannot_change_under_a_plan():
+    # A plan computes its tensors later (`make`) from the options it was given, so they are frozen.
+    opts = UpcycleOptions(num_experts=4, top_k=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.seed = 1
+
+
+def test_in_memory_options_default_like_upcycle():
+    # UpcycleOptions (upcycle_state_dict's options) and moesys.upcycle must give the same weights for the
+    # same arguments, so their defaults (the seed above all) must agree.
+    params = inspect.signature(moesys.upcycle).parameters
+    defaults = {f.name: f.default for f in dataclasses.fields(UpcycleOptions) if f.default is not dataclasses.MISSING}
+    assert defaults and defaults == {name: params[name].default for name in defaults}
+
+
+@pytest.mark.parametrize("kind,changes", [("llama", {}), ("llama", {"attention_bias": True}),
+                                          ("mistral", {"head_dim": 32}), ("qwen2", {}), ("qwen3", {}),
+                                          ("qwen3", {"attention_bias": True}), ("qwen2", {"hidden_size": 66})])
+def test_expected_source_tensors_are_what_transformers_builds(kind, changes):
+    src = _config(kind, **changes)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**src))
+    built = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert expected_source_tensors(src) == built
+
+
+def test_source_tensor_checks_name_what_is_wrong():
+    src = _config("llama")  # untied embeddings: lm_head is expected
+    shapes = {name: (shape, torch.float32) for name, shape in expected_source_tensors(src).items()}
+    shapes["lm_head.weight"] = ((96, 64), torch.float32)
+    check_source_tensors(src, shapes)
+    for name, shape, want in (("model.layers.1.mlp.up_proj.weight", (127, 64), (128, 64)),
+                              ("model.layers.0.self_attn.o_proj.weight", (64, 65), (64, 64))):
+        with pytest.raises(ValueError, match=re.escape(f"tensor {name} has shape {shape}, config.json implies {want}")):
+            check_source_tensors(src, {**shapes, name: (shape, torch.float32)})
+    untied = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
+    with pytest.raises(ValueError, match=re.escape("lacks 1 tensor(s) its config needs, e.g. ['lm_head.weight']")):
+        check_source_tensors(src, untied)
+    check_source_tensors(_config("llama", tie_word_embeddings=True), untied)  # tied: the embedding serves
+    extra = {**shapes, **{f"extra.{c}": ((1,), torch.float32) for c in "dcba"}}
+    with pytest.raises(ValueError, match=re.escape("holds 4 tensor(s) a llama model does not have, "
+                                                   "e.g. ['extra.a', 'extra.b', 'extra.c']; is config.json")):
+        check_source_tensors(src, extra)
+    lacking = {k: v for k, v in shapes.items() if not k.startswith("model.layers.2.self_attn.")}
+    with pytest.raises(ValueError, match=re.escape(
+            "lacks 4 tensor(s) its config needs, e.g. ['model.layers.2.self_attn.k_proj.weight', "
+            "'model.layers.2.self_attn.o_proj.weight', 'model.layers.2.self_attn.q_proj.weight']")):
+        check_source_tensors(src, lacking)

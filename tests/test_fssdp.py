@@ -3,6 +3,10 @@ owner gradients under balanced, Zipf-skewed and all-to-one routing (with and wit
 re-materialisation, with a rank that routes no tokens) for the fssdp, ep and fsdp placements;
 training steps equal single-process training; re-sharding and checkpoints by global expert id."""
 
+import dataclasses
+import types
+from collections import Counter
+
 import pytest
 import torch
 
@@ -10,6 +14,7 @@ from moesys.config import load_config
 from moesys.layers import Experts, MoELayer
 from moesys.models import MoETransformer
 from moesys.parallel.comm import CommContext
+import moesys.parallel.fssdp as fssdp_module
 from moesys.parallel.fssdp import FSSDPExperts, LayerPlan, start_gather
 from moesys.parallel.fssdp_runtime import fssdp_parallelize
 from moesys.parallel.testing import spawn
@@ -203,6 +208,113 @@ def test_a_plan_whose_owners_are_not_this_ranks_experts_is_refused():
     for owners in [(0, 1, 1, 1), (0, 0, 0, 1), (1, 1, 0, 0)]:  # fewer, more, other experts than [0, 1]
         with pytest.raises(AssertionError, match="not this rank's experts"):
             start_gather(ex, LayerPlan(owners, tuple((o,) for o in owners)), torch.float32, owned)
+
+
+def test_a_layer_plan_cannot_change_in_place():
+    """The executor matches plans by identity (its ring tables are built once per plan, a prefetched
+    gather is taken only for the plan it was posted for): a plan edited in place would leave both stale."""
+    plan = LayerPlan((0, 1), ((0,), (0, 1)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.replicas_E = ((0,), (1,))
+
+
+def _one_rank_experts(owned=tuple(range(E)), bias=True):
+    """FSSDPExperts built directly, as one process owning `owned` (no process group)."""
+    torch.manual_seed(0)
+    comm = CommContext(None, rank=0, group_size=1, layer="l0")
+    ex = FSSDPExperts(Experts(E, H, I, backend="loop", bias=bias), list(owned), group=None, rank=0, world_size=1,
+                      layer_name="l0", comm=comm)
+    ex.plan = LayerPlan((0,) * E, ((0,),) * E)
+    return ex
+
+
+def _tokens(seed):
+    ids, w = routing("balanced", 1, seed)
+    return torch.randn(T, H, generator=torch.Generator().manual_seed(seed)), ids[0], w[0]
+
+
+def test_directly_built_experts_default_to_no_rematerialisation_no_dropping_one_node():
+    ex = _one_rank_experts()
+    assert ex.rematerialize is False and ex.drop_zero_weight is False and ex.ranks_per_node is None
+    assert ex.last_rows_received == 0 and ex.step_counts_E is None  # nothing computed or counted yet
+
+
+def test_a_block_started_before_begin_step_leaves_the_error_to_forward():
+    ex = _one_rank_experts()
+    ex.plan = None
+    ex.block_started()  # the pre-hook: no plan, nothing to prefetch
+    with pytest.raises(RuntimeError, match="no FSSDP plan; call the controller's begin_step"):
+        ex(*_tokens(0))
+
+
+def test_expert_bytes_are_one_experts_rows_in_the_compute_dtype():
+    """The "auto" gather budget divides by this: gate_up [2I, H], down [H, I] and the biases [2I], [H],
+    in the master dtype until a forward sets the compute dtype (autocast's bf16)."""
+    rows = 2 * I * H + H * I
+    assert _one_rank_experts(bias=False).expert_bytes() == rows * 4
+    ex = _one_rank_experts(owned=[], bias=True)  # nothing owned: the stacks keep their row shape
+    assert ex.expert_bytes() == (rows + 2 * I + H) * 4
+    ex = _one_rank_experts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ex(*_tokens(0))
+    assert ex.compute_dtype == torch.bfloat16 and ex.expert_bytes() == (rows + 2 * I + H) * 2
+    ex = _one_rank_experts().to(torch.bfloat16)  # bf16 master weights, no forward yet
+    assert ex.expert_bytes() == (rows + 2 * I + H) * 2
+
+
+def test_attention_time_runs_from_the_blocks_start_to_the_layers_first_forward(monkeypatch):
+    clock = iter([10.0, 10.25, 11.0, 12.0])
+    monkeypatch.setattr(fssdp_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    ex = _one_rank_experts()
+    assert ex.attention_seconds() is None  # never measured
+    ex.block_started()                      # 10.0
+    assert ex.attention_seconds() is None  # the layer has not run yet
+    ex(*_tokens(0))                         # 10.25
+    ex(*_tokens(1))                         # a second call within the block keeps the first end
+    assert ex.attention_seconds() == 0.25
+
+
+def test_training_counts_every_micro_batchs_kept_assignments_one_rank():
+    """The load the next plans predict from: the sum over the step's micro-batches, not counted in eval."""
+    ex = _one_rank_experts()
+    batches = [_tokens(s) for s in range(3)]
+    for x, ids, w in batches[:2]:
+        ex(x, ids, w)
+    ex.eval()
+    ex(*batches[2])
+    want = Counter(batches[0][1].flatten().tolist() + batches[1][1].flatten().tolist())
+    assert ex.step_counts_E.tolist() == [want[e] for e in range(E)]
+
+
+def _capacity_worker(rank, W):
+    # capacity_factor set: the router zeroes the weights of dropped assignments, and the executor ships
+    # only the rows with a non-zero weight (a negative weight, from a negative routed scale, is kept).
+    torch.manual_seed(0)
+    ref = Experts(E, H, I, backend="loop", bias=True)
+    holder = torch.nn.Sequential(MoELayer(H, E, K, I, backend="loop", expert_bias=True, capacity_factor=1.0))
+    holder[0].experts.load_state_dict(ref.state_dict())
+    handle = fssdp_parallelize(holder, policy="ep")
+    ex = holder[0].experts
+    assert ex.drop_zero_weight and ex.owned_ids == [e for e in range(E) if e // (E // W) == rank]
+    handle.begin_step()
+    kept = Counter()
+    for mb in range(2):  # two micro-batches of one step
+        ids, w = routing("zipf", W, seed=5 + mb)
+        w[:, ::3, 1] = 0.0                     # every third token's second assignment dropped
+        w[:, 1, 0] = -0.5
+        w[1 % W, 2] = 0.0                       # a token of rank 1 dropped entirely
+        x = torch.randn(W, T, H, generator=torch.Generator().manual_seed(30 + mb))
+        y = ex(x[rank], ids[rank], w[rank])
+        torch.testing.assert_close(y, ref(x[rank], ids[rank], w[rank]), rtol=1e-5, atol=1e-6)
+        shipped = w != 0
+        kept.update(ids[rank][shipped[rank]].tolist())
+        assert ex.last_rows_received == sum(int(e) in ex.owned_ids for e in ids[shipped]), mb
+    assert ex.step_counts_E.tolist() == [kept[e] for e in range(E)]
+
+
+@pytest.mark.slow
+def test_capacity_mode_ships_only_kept_rows_and_counts_them():
+    spawn(_capacity_worker, 2)
 
 
 def _budget_worker(rank, W):

@@ -543,7 +543,7 @@ def test_custom_labels_are_kept_and_the_default_pair_dropped():
     assert len(src["id2label"]) == 2  # transformers' default pair, LABEL_0 and LABEL_1
     cfg = _plan(src).config
     assert "id2label" not in cfg and "label2id" not in cfg
-    for labels in (["yes"], ["red", "green", "blue"]):
+    for labels in (["yes"], ["neg", "pos"], ["red", "green", "blue"]):
         id2label, label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
         cfg = _plan({**src, "id2label": id2label, "label2id": label2id}).config
         assert cfg["id2label"] == id2label and cfg["label2id"] == label2id

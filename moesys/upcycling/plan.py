@@ -139,12 +139,19 @@ def _check_compatible(src: dict, target: str) -> None:
                          f"one window to every layer; use --target qwen2_moe (Qwen2 sources) instead")
 
 
+def _default_labels(mapping: dict) -> bool:
+    """Whether an id2label / label2id map is transformers' default pair (LABEL_0, LABEL_1), which to_dict
+    writes for every config; keys read from JSON are strings, so compare as strings."""
+    pairs = {str(a): str(b) for a, b in mapping.items()}
+    return pairs in ({"0": "LABEL_0", "1": "LABEL_1"}, {"LABEL_0": "0", "LABEL_1": "1"})
+
+
 def build_config(src: dict, opts: UpcycleOptions, target: str, moe_layers: list[int]) -> dict[str, Any]:
     """The target config: every non-MoE field of `src` carried over, MoE fields added."""
     n, g = src["num_hidden_layers"], opts.granularity
     cfg = {k: v for k, v in src.items() if k not in _GENERIC_KEYS | _SOURCE_ONLY_KEYS}
     for k in ("id2label", "label2id"):  # keep only if the dense checkpoint customised them
-        if k in src and len(src[k]) != 2:
+        if k in src and not _default_labels(src[k]):
             cfg[k] = src[k]
     cfg.update(architectures=[ARCHITECTURE[target]], model_type=target, num_experts_per_tok=opts.top_k)
     windows = _layer_windows(src)

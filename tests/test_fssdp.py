@@ -163,6 +163,8 @@ def _checkpoint_worker(rank, W, path):
                                   param_name=lambda k: k.split("/", 1)[1])
     assert optim[f"step/{key}"].dim() == 0 and optim[f"step/{key}"].item() == 3.0
     assert torch.equal(optim[f"exp_avg/{key}"], before[key])
+    back = h.local_expert_state(optim, param_name=lambda k: k.split("/", 1)[1])
+    assert back[f"step/{key}"].dim() == 0 and torch.equal(back[f"exp_avg/{key}"], mine[key])
     full = h.full_expert_state()
     if rank == 0:
         torch.save(full, path)
@@ -375,4 +377,6 @@ def test_single_process_fssdp_equals_the_plain_model():
         opt_ref.zero_grad()
         h.end_step(opt)
     assert all(m.pending_reduce == [] for m in h.experts)
+    state = model.state_dict()  # one rank holds every expert: gathering is the identity, with no all-reduce
+    assert all(torch.equal(v, state[k]) for k, v in h.gather_expert_state(state).items())
     assert h.predictor.predict().sum() > 0  # the load was observed

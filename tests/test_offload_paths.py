@@ -123,3 +123,50 @@ def test_quantized_decode_reads_packed_only_for_one_token(paths, monkeypatch, mo
         engine.experts_forward(0, x, torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]][:T]), w)
         seen.append("|")
     assert seen == ["packed", "|", "dequant", "dequant", "|"]
+
+
+@pytest.mark.parametrize("needed, resident, capacity, pipelined, waves", [
+    ([0, 1, 2], {1}, 3, True, [[0, 1, 2]]),  # all fit: one wave, in routing order
+    ([0, 1, 2, 3, 4, 5, 6, 7], {5, 6}, 6, True, [[5, 6, 0], [1, 2, 3], [4, 7]]),  # resident first, then halves
+    ([0, 1, 2, 3, 4, 5, 6], {0, 1, 2, 3, 4}, 5, True, [[0, 1, 2], [3, 4], [5, 6]]),  # odd bank: ceil, then floor
+    ([0, 1, 2, 3], {3}, 1, True, [[0], [1], [2], [3]]),  # one slot: nothing to overlap
+    ([0, 1, 2, 3, 4, 5, 6, 7], {5, 6}, 6, False, [[0, 1, 2, 3, 4, 5], [6, 7]]),  # eager loop: id order, whole banks
+])
+def test_plan_waves(needed, resident, capacity, pipelined, waves):
+    """Pipelined waves put the resident experts first, within the first two waves (which fill the bank
+    together: none is evicted before its use), and later waves take half the bank each."""
+    from moesys.offload.strategies import plan_waves
+
+    got = plan_waves(needed, resident, capacity, pipelined)
+    assert got == waves
+    assert sorted(e for w in got for e in w) == sorted(needed)
+
+
+def test_waves_copy_ahead_of_the_compute_and_run_grouped(paths, monkeypatch):
+    """A layer needing all 8 experts with a bank of 6, experts 5 and 6 already resident: the waves are [5, 6, 0],
+    [1, 2, 3], [4, 7]; the second wave is copied before the first computes and the third before the second
+    computes (the observable of the copy/compute overlap), each wave is one grouped call (no per-expert loop),
+    each missing expert is copied once, and the output equals the layer with every expert resident."""
+    mixtral = paths["mixtral"]
+    model = mo.load(mixtral, gpu_memory=_budget(mixtral, torch.float32, 6), dtype=torch.float32, device="cpu",
+                    prefetch="none", resident_if_fits=False)
+    engine = model.moesys_offload
+    assert engine.cache.capacity(0) == 6 and engine.grouped
+    engine._ensure(0, [5, 6])
+    engine.reset_stats()
+    events = []
+    copy_to, rows = engine.store.copy_to, engine._run_grouped_rows
+    monkeypatch.setattr(engine.store, "copy_to", lambda layer, e, views: events.append(("copy", e))
+                        or copy_to(layer, e, views))
+    monkeypatch.setattr(engine, "_run_grouped_rows", lambda layer, x, w, pairs, out, flat: events.append(
+        ("compute", [e for e, _ in pairs])) or rows(layer, x, w, pairs, out, flat))
+    monkeypatch.setattr(engine, "_run_loop", lambda *a: pytest.fail("the grouped waves ran the per-expert loop"))
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 6]])
+    x, w = _rows(len(ids))
+    got = engine.experts_forward(0, x, ids, w)
+    assert events == [("copy", 0), ("copy", 1), ("copy", 2), ("copy", 3), ("compute", [5, 6, 0]),
+                      ("copy", 4), ("copy", 7), ("compute", [1, 2, 3]), ("compute", [4, 7])]
+    stats = engine.snapshot()
+    assert (stats.hits, stats.misses, stats.copies) == (2, 6, 6)
+    want = _resident_engine(mixtral).experts_forward(0, x, ids, w)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -350,9 +350,10 @@ class OffloadEngine:
         self._tables_on_device = False
 
     # ---------------------------------------------------------------- cache traffic
-    def _ensure(self, layer: int, experts: list[int]) -> list[int]:
-        """Slots holding `experts` of `layer`, issuing copies for the missing ones."""
-        protect = {(layer, e) for e in experts}
+    def _ensure(self, layer: int, experts: list[int], keep=()) -> list[int]:
+        """Slots holding `experts` of `layer`, issuing copies for the missing ones; neither they nor the experts
+        `keep` of the layer (a wave being computed) are evicted for them."""
+        protect = {(layer, e) for e in (*experts, *keep)}
         slots, loaded_e, loaded_s = [], [], []
         for e in experts:
             slot = self.cache.lookup((layer, e))
@@ -429,6 +430,33 @@ class OffloadEngine:
     # ---------------------------------------------------------------- compute
     def _run_grouped(self, layer, x_TH, ids_TK, w_TK):
         return self.inner[layer](x_TH, self._table_slots(layer, ids_TK), w_TK)
+
+    def _run_grouped_rows(self, layer, x_TH, w_TK, experts_slots, out_TH, flat_host) -> None:
+        """The routed rows of these (expert, slot) pairs through the model's grouped implementation in one
+        call over bank-local slot ids, each row a token of its own (top-1, its routing weight applied),
+        added to out_TH by token. Row positions come from the ids already on the host (no sync). Rows go in
+        top-k order, one index_add_ per top-k position, so no call adds to a token twice (atomic adds that
+        collide would sum in a different order from run to run on CUDA)."""
+        K = w_TK.shape[1]
+        start = self.cache.banks[self.cache.bank_of[layer]][0]
+        local = {e: s - start for e, s in experts_slots}
+        pos = sorted((i for i, e in enumerate(flat_host) if e in local), key=lambda i: (i % K, i))
+        if not pos:
+            return
+        per_k = [0] * K
+        for i in pos:
+            per_k[i % K] += 1
+        idx = torch.tensor([pos, [local[flat_host[i]] for i in pos]], dtype=torch.int64)
+        if self.cuda:
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        pos_N, slot_N = idx[0], idx[1]
+        tok_N = pos_N // K
+        y_NH = self.inner[layer](x_TH[tok_N], slot_N.view(-1, 1), w_TK.reshape(-1)[pos_N].view(-1, 1))
+        begin = 0
+        for n in per_k:
+            if n:
+                out_TH.index_add_(0, tok_N[begin:begin + n], y_NH[begin:begin + n].to(out_TH.dtype))
+            begin += n
 
     def _table_slots(self, layer, ids: torch.Tensor, global_slots: bool = False) -> torch.Tensor:
         """The slots of resident experts `ids` of `layer` (any shape), looked up in the device table:

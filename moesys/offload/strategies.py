@@ -95,11 +95,31 @@ class DeviceResident(ExpertsStrategy):
         return out
 
 
+def plan_waves(needed: list[int], resident: set[int], capacity: int, pipelined: bool) -> list[list[int]]:
+    """The waves in which a layer's `needed` experts run when they do not all fit its bank of `capacity`
+    slots at once (one wave when they do).
+
+    pipelined: resident experts first (nothing to copy, so the first wave computes while the next one
+    copies), then the misses; the first two waves fill the bank together and each later one takes half of
+    it, so a wave's copies go to slots the wave before it is not reading (double buffering), and every
+    resident expert is in one of the first two waves, never evicted before its use. Otherwise: ascending
+    expert ids in whole banks (the order transformers' eager loop sums in), one wave after the other."""
+    if len(needed) <= capacity:
+        return [list(needed)]
+    if not pipelined or capacity < 2:
+        return [needed[i:i + capacity] for i in range(0, len(needed), capacity)]
+    order = [e for e in needed if e in resident] + [e for e in needed if e not in resident]
+    first, half = capacity - capacity // 2, capacity // 2
+    return [order[:first]] + [order[i:i + half] for i in range(first, len(order), half)]
+
+
 class HostRouted(ExpertsStrategy):
     """The routing read to the host (the one sync, together with the prefetcher's guess), misses copied on
-    the side stream, the next layer's guess prefetched, then the layer in waves of at most the bank's
-    slots: the grouped implementation over slot ids when one wave holds them all, else transformers' eager
-    loop over the slots. A complete layer goes to DeviceResident when `resident` is given."""
+    the side stream, the next layer's guess prefetched, then the layer: one grouped call over slot ids when
+    the bank holds all its experts, else in waves (`plan_waves`). With the grouped implementation the waves
+    are pipelined, each one grouped call over its routed rows while the next wave copies; transformers'
+    eager implementation runs its loop over each wave's slots. A complete layer goes to DeviceResident when
+    `resident` is given."""
 
     name = "host-routed"
 
@@ -114,12 +134,21 @@ class HostRouted(ExpertsStrategy):
         """Whether a complete layer may skip the host routing for these rows."""
         return self.resident is not None
 
+    def pipelines(self) -> bool:
+        """Whether waves are planned resident-first with the next wave copying during this one's compute;
+        transformers' eager loop keeps ascending expert order (its exact summation order)."""
+        return self.engine.grouped
+
     def cpu_experts(self, layer: int, needed: list[int]) -> set[int]:
         """The needed experts computed on the host instead of copied: none here."""
         return set()
 
     def run_wave(self, layer, x_TH, ids_TK, w_TK, wave, slots, out_TH, flat_host) -> None:
-        self.engine._run_loop(layer, x_TH, ids_TK, w_TK, list(zip(wave, slots)), out_TH, flat_host)
+        eng = self.engine
+        if eng.grouped:
+            eng._run_grouped_rows(layer, x_TH, w_TK, list(zip(wave, slots)), out_TH, flat_host)
+        else:
+            eng._run_loop(layer, x_TH, ids_TK, w_TK, list(zip(wave, slots)), out_TH, flat_host)
 
     def forward(self, layer, x_TH, ids_TK, w_TK):
         eng = self.engine
@@ -134,7 +163,8 @@ class HostRouted(ExpertsStrategy):
             guess = eng.prefetcher.guess(layer, x_TH)
         flat = ids_TK.flatten()
         host = (flat if guess is None else torch.cat((flat, guess.to(flat.dtype)))).tolist()  # the one sync
-        needed = sorted(set(host[:flat.numel()]))
+        flat_host = host[:flat.numel()]
+        needed = sorted(set(flat_host))
         if eng.prefetcher is not None:
             guessed_n, used_n = eng.prefetcher.score(layer, set(needed))
             eng.stats.prefetch_guessed += guessed_n
@@ -144,22 +174,36 @@ class HostRouted(ExpertsStrategy):
         eng.stats.misses += len(cpu_set)
         eng.stats.cpu_experts += len(cpu_set)
 
-        S = eng.cache.capacity(layer)
-        waves = [gpu_needed[i:i + S] for i in range(0, len(gpu_needed), S)] or [[]]
-        out = None if (eng.grouped and len(waves) == 1 and not cpu_set) else torch.zeros_like(x_TH)
-        for w_i, wave in enumerate(waves):
-            slots = eng._ensure(layer, wave)
-            if w_i == 0 and guess is not None:
-                eng._prefetch(layer, [e for e in host[flat.numel():] if e >= 0], protect=wave)  # most wanted first
-            eng._wait(layer, slots)
-            if out is None:
-                out = eng._run_grouped(layer, x_TH, ids_TK, w_TK)
-            else:
-                self.run_wave(layer, x_TH, ids_TK, w_TK, wave, slots, out, host[:flat.numel()])
+        resident = {ex for ex in gpu_needed if (layer, ex) in eng.cache.slot_of}
+        waves = plan_waves(gpu_needed, resident, eng.cache.capacity(layer), self.pipelines()) or [[]]
+        # the first two waves are copied before anything computes (they fit the bank together when pipelined)
+        slots = {0: eng._ensure(layer, waves[0])}
+        if len(waves) > 1 and self.pipelines():
+            slots[1] = eng._ensure(layer, waves[1], keep=waves[0])
+        if guess is not None:  # most wanted first; never evicting what this layer's copied waves hold
+            eng._prefetch(layer, [e for e in host[flat.numel():] if e >= 0],
+                          protect=[e for i in slots for e in waves[i]])
+        if eng.grouped and len(waves) == 1 and not cpu_set:
+            eng._wait(layer, slots[0])
+            out = eng._run_grouped(layer, x_TH, ids_TK, w_TK)
+            eng._mark_used(layer)
+            return out
+        # waves sum into float32 with the grouped implementation (the order of the waves is the cache's, not
+        # the routing's); transformers' eager loop and the dequantizing waves sum in the model's dtype
+        out = torch.zeros(x_TH.shape, dtype=torch.float32 if eng.grouped else x_TH.dtype, device=x_TH.device)
+        for i, wave in enumerate(waves):
+            # pipelined, the wave after this one copies while this one computes: its victims may be the slots
+            # of the wave before, whose compute is already queued (the copy stream waits for it), never this
+            # one's. Otherwise each wave is copied once the one before it has been queued (it may evict it).
+            ahead = i + 1 if self.pipelines() else i
+            if ahead < len(waves) and ahead not in slots:
+                slots[ahead] = eng._ensure(layer, waves[ahead], keep=wave if ahead != i else ())
+            eng._wait(layer, slots[i])
+            self.run_wave(layer, x_TH, ids_TK, w_TK, wave, slots[i], out, flat_host)
             eng._mark_used(layer)
         if cpu_set:
-            eng._run_loop(layer, x_TH, ids_TK, w_TK, [(ex, None) for ex in sorted(cpu_set)], out, host[:flat.numel()])
-        return out
+            eng._run_loop(layer, x_TH, ids_TK, w_TK, [(ex, None) for ex in sorted(cpu_set)], out, flat_host)
+        return out.to(x_TH.dtype)
 
 
 class Quantized(HostRouted):
@@ -172,6 +216,9 @@ class Quantized(HostRouted):
     def takes_resident(self, x_TH, ids_TK) -> bool:
         # the rows must fit the dequantization workspace (one token's K experts): decode
         return x_TH.shape[0] * ids_TK.shape[1] <= self.engine.dequant_experts
+
+    def pipelines(self) -> bool:
+        return True  # the dequantizing waves sum in the model's dtype in wave order either way
 
     def run_wave(self, layer, x_TH, ids_TK, w_TK, wave, slots, out_TH, flat_host) -> None:
         n = self.engine.dequant_experts
@@ -198,6 +245,9 @@ class CpuExperts(HostRouted):
 
     def cpu_experts(self, layer, needed):
         return {ex for ex in needed if (layer, ex) not in self.engine.cache.slot_of}
+
+    def pipelines(self) -> bool:
+        return self.gpu.pipelines()
 
     def run_wave(self, layer, x_TH, ids_TK, w_TK, wave, slots, out_TH, flat_host) -> None:
         self.gpu.run_wave(layer, x_TH, ids_TK, w_TK, wave, slots, out_TH, flat_host)

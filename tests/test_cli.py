@@ -40,6 +40,9 @@ def test_every_option_has_a_description_and_shows_its_default(command):
         shown = formatter._get_help_string(action)
         if action.option_strings and not action.required:
             assert "%(default)" in shown or "default" in shown, (command, action.option_strings)
+        assert shown.count("(default:") <= 1, (command, shown)  # the default said once
+        if action.option_strings and action.nargs == 0:   # a flag: off unless given, never "True"/"False"
+            assert shown.endswith("(default: off)"), (command, shown)
     text = parser.format_help()
     assert "(default: " in text or command == "plot" and "(default: None)" in text
 

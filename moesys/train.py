@@ -586,7 +586,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from moesys.cli import Parser, guarded
 
-    parser = Parser(prog="python -m moesys.train", description=__doc__.split("\n")[0])
+    # The same prog as `moesys train`, so every message of the job (argparse's included) reads
+    # `moesys train: error: ...` whether it was started as `moesys train` or `torchrun -m moesys.train`.
+    parser = Parser(prog="moesys train", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     return guarded("moesys train", lambda: run(args), sigterm=False)

@@ -94,6 +94,20 @@ def test_every_subcommand_reports_bad_input_in_one_line(argv, needle, tmp_path, 
     assert needle in line, line
 
 
+@pytest.mark.parametrize("argv,needle", [([], "--config"), (["--config", TINY, "--bogus"], "--bogus"),
+                                          (["--config", "no/such.yaml"], "no/such.yaml does not exist")])
+def test_the_module_entry_point_reports_as_moesys_train(argv, needle, capsys):
+    """`torchrun -m moesys.train` / `python -m moesys.train`: argparse's errors and the job's own carry one
+    prefix, `moesys train: error:`, as through `moesys train`."""
+    from moesys.train import main as train_main
+    try:
+        code = train_main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    assert needle in _one_error_line(capsys.readouterr().err, "train")
+
+
 @pytest.mark.slow
 def test_generate_bad_budget_as_a_process_is_one_line(tmp_path):
     """The command a user types: no traceback, exit code 2."""

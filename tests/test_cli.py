@@ -191,6 +191,10 @@ def test_config_show_prints_the_whole_schema(capsys):
     assert any(line.startswith("  dtype: \"auto\"  # \"auto\" | \"float32\" | \"bfloat16\"; auto:") for line in lines)
     n_fields = sum(1 for line in lines if "  # " in line and not line.rstrip().endswith(":"))
     assert n_fields >= 80
+    # Every key says what it means: a leaf line is `key: value  # type; description` (init_from, hf_model
+    # and the shape keys included), and every section line carries its docstring or has keys below it.
+    leaves = [line for line in lines if not line.split("#", 1)[0].rstrip().endswith(":")]
+    assert [line for line in leaves if "; " not in line.split("  # ", 1)[1]] == []
 
 
 def test_config_show_with_a_file_shows_its_values_and_the_defaults(capsys):
@@ -198,4 +202,4 @@ def test_config_show_with_a_file_shows_its_values_and_the_defaults(capsys):
     out = capsys.readouterr().out
     assert "  steps: 7  # int; default 20" in out
     assert "  num_experts: 4  # int; default 8" in out
-    assert "  top_k: 2  # int\n" in out                      # equal to its default: no note
+    assert "  top_k: 2  # int; experts per token\n" in out   # equal to its default: no note

@@ -191,19 +191,24 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
             shutil.rmtree(tmp)
         tmp.mkdir()
         owned_tmp.claim(tmp)
-    barrier()
-    save_file(_contiguous(rng_state(device)), str(tmp / f"rng_rank{rank}.safetensors"))
-    if states is None:
-        names = {p: n for n, p in model.named_parameters()}
-        states = model.state_dict(), optimizer_tensors(optimizer, names)
-    model_state, optim_state = states
-    if ep is not None:
-        model_state = ep.gather_expert_state(model_state)
-        optim_state = ep.gather_expert_state(optim_state, param_name=_optim_param_name)
-    if rank == 0:
-        save_file(_contiguous(split_experts(model_state)), str(tmp / "model.safetensors"))
-        save_file(_contiguous(split_experts_optim(optim_state)), str(tmp / "optimizer.safetensors"))
-    barrier()
+    try:
+        barrier()
+        save_file(_contiguous(rng_state(device)), str(tmp / f"rng_rank{rank}.safetensors"))
+        if states is None:
+            names = {p: n for n, p in model.named_parameters()}
+            states = model.state_dict(), optimizer_tensors(optimizer, names)
+        model_state, optim_state = states
+        if ep is not None:
+            model_state = ep.gather_expert_state(model_state)
+            optim_state = ep.gather_expert_state(optim_state, param_name=_optim_param_name)
+        if rank == 0:
+            save_file(_contiguous(split_experts(model_state)), str(tmp / "model.safetensors"))
+            save_file(_contiguous(split_experts_optim(optim_state)), str(tmp / "optimizer.safetensors"))
+        barrier()
+    except BaseException:   # an error or Ctrl-C while writing: no temp directory stays behind (a
+        if rank == 0:       # SIGKILL's is removed by a later save, its owner being gone)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank == 0:
         owned_tmp.disown(tmp)
         files = sorted(p.name for p in tmp.iterdir())

@@ -37,10 +37,19 @@ class Terminated(BaseException):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every optional option's help ends with its default; descriptions keep their line breaks."""
+    """Every optional option's help ends with its default; descriptions keep their line breaks.
+
+    A flag (an option taking no value) shows `(default: off)`: argparse's own default would print
+    `--no-progress ... (default: True)`, the value of the destination, which reads as "on by default".
+    A help that already names its default (`(default: RUN_DIR/plots)`) gets no second one."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.required else super()._get_help_string(action)
+        text = action.help or ""
+        if action.required or "(default:" in text:
+            return text
+        if action.option_strings and action.nargs == 0 and action.default is not argparse.SUPPRESS:
+            return f"{text} (default: off)"
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

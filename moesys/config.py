@@ -25,27 +25,30 @@ class _Section(BaseModel):
 
 class RopeScalingConfig(_Section):
     """RoPE frequency scaling as transformers' rope_parameters name it (Llama-3.x uses "llama3")."""
-    rope_type: Literal["default", "linear", "llama3"] = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0            # llama3 only
-    high_freq_factor: float = 4.0           # llama3 only
-    original_max_position_embeddings: int = 8192  # llama3 only
+    rope_type: Literal["default", "linear", "llama3"] = Field(
+        "default", description="how RoPE frequencies are rescaled for longer contexts")
+    factor: float = Field(1.0, description="context extension factor (linear, llama3)")
+    low_freq_factor: float = Field(1.0, description="llama3 only")
+    high_freq_factor: float = Field(4.0, description="llama3 only")
+    original_max_position_embeddings: int = Field(8192, description="llama3 only: the context length before scaling")
 
 
 class ModelConfig(_Section):
-    # A transformers checkpoint directory to start from: the model shape comes from its config.json
-    # (keys set here must agree with it) and the weights from its safetensors files (moesys.hf)
-    init_from: Optional[str] = None
-    vocab_size: int = 256
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    init_from: Optional[str] = Field(
+        None, description="a transformers checkpoint directory or hub id org/name to start from: the model "
+        "shape comes from its config.json (keys set here must agree with it), the weights from its safetensors "
+        "files (moesys.hf)")
+    vocab_size: int = Field(256, description="token ids the embedding holds (256: bytes)")
+    hidden_size: int = Field(64, description="the model width")
+    num_layers: int = Field(2, description="decoder blocks")
+    num_heads: int = Field(4, description="query heads")
+    num_kv_heads: int = Field(2, description="key/value heads (grouped-query attention); divides num_heads")
     head_dim: Optional[int] = Field(None, description="default hidden_size // num_heads")
     ffn_size: int = Field(128, description="the dense MLP's intermediate size (dense layers)")
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    max_seq_len: int = Field(
+        2048, description="the context length the model is meant for (exported as max_position_embeddings)")
+    rope_theta: float = Field(10000.0, description="RoPE base")
+    norm_eps: float = Field(1e-6, description="RMSNorm epsilon")
     qk_norm: bool = Field(False, description="RMSNorm on queries and keys (Qwen3, OLMoE)")
     qk_norm_span: Literal["head", "all"] = Field(
         "head", description="what one q/k norm spans: 'head' = each head's D features (Qwen3); 'all' = the "
@@ -57,11 +60,11 @@ class ModelConfig(_Section):
         None, description="attend to at most this many latest tokens (None: full causal)")
     sliding_layers: Optional[list[int]] = Field(
         None, description="the layers that use the window; None: every layer")
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    # A transformers v5 checkpoint directory trained as transformers' own class with moesys experts
-    # (moesys.models.hf_source); its config.json decides the architecture.
-    hf_model: Optional[str] = None
+    tie_embeddings: bool = Field(False, description="the output head shares the input embedding's weight")
+    init_std: float = Field(0.02, description="std of the normal weight initialisation")
+    hf_model: Optional[str] = Field(
+        None, description="a transformers v5 checkpoint directory or hub id org/name trained as transformers' "
+        "own class with moesys experts (moesys.models.hf_source); its config.json decides the architecture")
 
     @model_validator(mode="after")
     def _check(self):
@@ -85,11 +88,15 @@ class ModelConfig(_Section):
 
 
 class RouterConfig(_Section):
-    score_func: Literal["softmax", "sigmoid"] = "softmax"
-    renormalize: bool = True
-    n_groups: int = 1
-    topk_groups: Optional[int] = None
-    aux_free_bias: bool = False
+    score_func: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="router scores: softmax over experts, or sigmoid per expert (DeepSeek-V3)")
+    renormalize: bool = Field(True, description="divide the top-k weights by their sum")
+    n_groups: int = Field(
+        1, description="group-limited top-k: experts in this many groups (1 = off); divides num_experts")
+    topk_groups: Optional[int] = Field(
+        None, description="group-limited top-k: experts chosen only from the best this many groups (None: all groups)")
+    aux_free_bias: bool = Field(
+        False, description="DeepSeek-V3's aux-loss-free balancing: a per-expert selection bias updated after each step")
     bias_update_rate: float = Field(1e-3, ge=0, allow_inf_nan=False, description="aux-loss-free bias step")
     scale: float = Field(1.0, gt=0, allow_inf_nan=False, description="routed weights' factor (DeepSeek's "
                                                                       "routed_scaling_factor)")
@@ -97,21 +104,23 @@ class RouterConfig(_Section):
 
 
 class MoEConfig(_Section):
-    num_experts: int = 8
-    top_k: int = 2
-    ffn_size: int = 64
-    activation: Literal["silu", "gelu_tanh", "gelu", "relu"] = "silu"
-    expert_bias: bool = False
+    num_experts: int = Field(8, description="routed experts per MoE layer")
+    top_k: int = Field(2, description="experts per token")
+    ffn_size: int = Field(64, description="each routed expert's intermediate size")
+    activation: Literal["silu", "gelu_tanh", "gelu", "relu"] = Field(
+        "silu", description="expert activation: silu and gelu_tanh gated, gelu and relu not")
+    expert_bias: bool = Field(False, description="biases in the expert projections")
     shared_ffn_size: int = Field(0, description="0 = no shared expert")
     shared_gate: bool = Field(False, description="Qwen2-MoE's sigmoid gate on the shared expert")
     every: int = Field(1, description="sparse step: every n-th layer (after first_dense) is MoE")
     first_dense: int = Field(0, description="leading dense layers (DeepSeek)")
     dense_layers: list[int] = Field([], description="further dense layers by index (Qwen-MoE mlp_only_layers)")
     capacity_factor: Optional[float] = Field(None, description="None = dropless")
-    backend: Literal["auto", "loop", "grouped_mm", "triton"] = "auto"
-    aux_loss_coef: float = 0.01
-    seq_aux_loss_coef: float = 0.0
-    z_loss_coef: float = 0.0
+    backend: Literal["auto", "loop", "grouped_mm", "triton"] = Field(
+        "auto", description="the moe_mlp backend that computes the experts")
+    aux_loss_coef: float = Field(0.01, description="weight of the Switch load-balancing loss over the micro-batch")
+    seq_aux_loss_coef: float = Field(0.0, description="weight of the same loss per sequence")
+    z_loss_coef: float = Field(0.0, description="weight of the router z-loss, mean(logsumexp(logits)^2)")
     router: RouterConfig = RouterConfig()
 
     @model_validator(mode="after")
@@ -162,27 +171,28 @@ class ParallelConfig(_Section):
 class DataConfig(_Section):
     source: str = Field("stdlib", description="'stdlib' (the Python standard library's sources) or a path")
     tokenizer: Optional[str] = Field(None, description="local HF tokenizer directory; None = bytes")
-    seq_len: int = 64
+    seq_len: int = Field(64, description="tokens per training sequence")
     batch_size: int = Field(4, description="sequences per micro-batch per data-parallel rank")
-    val_fraction: float = 0.02
+    val_fraction: float = Field(
+        0.02, description="the last fraction of the sequences, held out for the validation loss")
     text_field: str = Field("text", description="the JSONL field / parquet column holding the text")
     max_tokens: Optional[int] = Field(8_000_000, description="cap on the corpus read (tokens); None = all of it")
     val_batches: int = Field(4, description="micro-batches per rank in each validation-loss evaluation")
 
 
 class TrainConfig(_Section):
-    steps: int = 20
-    seed: int = 0
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 2
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
+    steps: int = Field(20, description="optimizer steps")
+    seed: int = Field(0, description="seeds the initial weights, the data order and the router jitter")
+    lr: float = Field(3e-3, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, description="the cosine decay ends at lr * this at the last step")
+    warmup_steps: int = Field(2, description="linear warm-up steps")
+    weight_decay: float = Field(0.1, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm (clipping is always on)")
-    grad_accum: int = 1
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    grad_accum: int = Field(1, description="micro-batches per optimizer step")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the model (see compile_mode, compile_scope)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode for the blocks and head: 'reduce-overhead' replays each "
                                "compiled part as a CUDA graph (fewer host launches; more memory for the graphs' "
@@ -191,7 +201,8 @@ class TrainConfig(_Section):
         "blocks", description="'blocks': each block and the head compiled apart (one graph serves every layer, "
                               "quick to compile); 'model': the whole forward as one graph (fusion across blocks; "
                               "compiles every layer)")
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block's activations in backward (less memory, more compute)")
     eps: float = Field(1e-8, description="AdamW epsilon")
     cpu_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads on the CPU; None: "
                                        "OMP_NUM_THREADS if set, else usable cores / ranks on the node")
@@ -206,13 +217,13 @@ class TrainConfig(_Section):
 
 class CheckpointConfig(_Section):
     every: int = Field(0, description="0 = only at the end")
-    keep: int = 2
+    keep: int = Field(2, description="newest checkpoints kept (0 = all)")
     save_final: bool = Field(True, description="also save after the last step")
 
 
 class LogConfig(_Section):
-    every: int = 1
-    tensorboard: bool = True
+    every: int = Field(1, description="a metrics record and log line every N steps")
+    tensorboard: bool = Field(True, description="also write TensorBoard logs to RUN_DIR/tb")
     val_every: Optional[int] = Field(
         None, description="validation loss every N steps; None = at every log step, 0 = never")
     progress_bar: bool = Field(True, description="tqdm bar on rank 0")

@@ -444,9 +444,9 @@ def _read_values(pending: PendingStepValues, step: int, due: _Due, last_saved: P
 def _show_progress(progress, latest: StepValues | None, lr: float) -> None:
     if progress is None:
         return
-    progress.update(1)
-    if latest is not None:  # possibly the previous step's loss
+    if latest is not None:  # possibly the previous step's loss; this step's own at a log step
         progress.set_postfix(loss=f"{latest.loss:.4f}", lr=f"{lr:.2e}")
+    progress.update(1)  # after the postfix: a plain line is printed here and must carry the value just read
 
 
 def _log_step(run: _Run, step: int, lr: float, values: StepValues, window: MetricsWindow, due: _Due,
@@ -586,7 +586,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from moesys.cli import Parser, guarded
 
-    parser = Parser(prog="python -m moesys.train", description=__doc__.split("\n")[0])
+    # The same prog as `moesys train`, so every message of the job (argparse's included) reads
+    # `moesys train: error: ...` whether it was started as `moesys train` or `torchrun -m moesys.train`.
+    parser = Parser(prog="moesys train", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     return guarded("moesys train", lambda: run(args), sigterm=False)

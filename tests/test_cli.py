@@ -40,6 +40,9 @@ def test_every_option_has_a_description_and_shows_its_default(command):
         shown = formatter._get_help_string(action)
         if action.option_strings and not action.required:
             assert "%(default)" in shown or "default" in shown, (command, action.option_strings)
+        assert shown.count("(default:") <= 1, (command, shown)  # the default said once
+        if action.option_strings and action.nargs == 0:   # a flag: off unless given, never "True"/"False"
+            assert shown.endswith("(default: off)"), (command, shown)
     text = parser.format_help()
     assert "(default: " in text or command == "plot" and "(default: None)" in text
 
@@ -89,6 +92,20 @@ def test_every_subcommand_reports_bad_input_in_one_line(argv, needle, tmp_path, 
     assert code == 2
     line = _one_error_line(capsys.readouterr().err, argv[0])
     assert needle in line, line
+
+
+@pytest.mark.parametrize("argv,needle", [([], "--config"), (["--config", TINY, "--bogus"], "--bogus"),
+                                          (["--config", "no/such.yaml"], "no/such.yaml does not exist")])
+def test_the_module_entry_point_reports_as_moesys_train(argv, needle, capsys):
+    """`torchrun -m moesys.train` / `python -m moesys.train`: argparse's errors and the job's own carry one
+    prefix, `moesys train: error:`, as through `moesys train`."""
+    from moesys.train import main as train_main
+    try:
+        code = train_main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    assert needle in _one_error_line(capsys.readouterr().err, "train")
 
 
 @pytest.mark.slow
@@ -174,6 +191,10 @@ def test_config_show_prints_the_whole_schema(capsys):
     assert any(line.startswith("  dtype: \"auto\"  # \"auto\" | \"float32\" | \"bfloat16\"; auto:") for line in lines)
     n_fields = sum(1 for line in lines if "  # " in line and not line.rstrip().endswith(":"))
     assert n_fields >= 80
+    # Every key says what it means: a leaf line is `key: value  # type; description` (init_from, hf_model
+    # and the shape keys included), and every section line carries its docstring or has keys below it.
+    leaves = [line for line in lines if not line.split("#", 1)[0].rstrip().endswith(":")]
+    assert [line for line in leaves if "; " not in line.split("  # ", 1)[1]] == []
 
 
 def test_config_show_with_a_file_shows_its_values_and_the_defaults(capsys):
@@ -181,4 +202,4 @@ def test_config_show_with_a_file_shows_its_values_and_the_defaults(capsys):
     out = capsys.readouterr().out
     assert "  steps: 7  # int; default 20" in out
     assert "  num_experts: 4  # int; default 8" in out
-    assert "  top_k: 2  # int\n" in out                      # equal to its default: no note
+    assert "  top_k: 2  # int; experts per token\n" in out   # equal to its default: no note

@@ -125,6 +125,28 @@ def test_checkpoint_temp_dirs_of_dead_runs_are_removed(tmp_path):
     assert sorted(p.name for p in ckpt_root.iterdir()) == ["step_3"]
 
 
+def test_an_interrupted_checkpoint_write_leaves_no_temp_dir(tmp_path, monkeypatch):
+    """Ctrl-C (or an error) while the checkpoint files are written removes ckpt/.tmp-step_N, as upcycle and
+    export do; nothing is published."""
+    import torch
+
+    from moesys import checkpoint
+
+    real_save = checkpoint.save_file
+
+    def interrupted(tensors, path, *args, **kwargs):
+        if path.endswith("model.safetensors"):
+            raise KeyboardInterrupt
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", interrupted)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "ckpt", 3, model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                        manifest={}, rank=0, world_size=1, device=torch.device("cpu"))
+    assert list((tmp_path / "ckpt").iterdir()) == []
+
+
 def test_export_temp_dir_is_owned_and_removed_on_error(tmp_path):
     out = tmp_path / "hf"
     with pytest.raises(RuntimeError):

@@ -34,6 +34,21 @@ def test_plain_progress_prints_lines_not_frames():
     assert "\r" not in out.getvalue() and lines[-1].endswith(", loss 1.0000")
 
 
+def test_plain_progress_line_carries_the_loss_read_at_its_step():
+    """The plain line for step n shows the loss read by step n (at a log step: step n's own, the loss of
+    the log line beside it), not the one read a step earlier."""
+    from moesys.train import _show_progress
+    from moesys.train_step_values import StepValues
+
+    out = io.StringIO()
+    bar = train_report.PlainProgress(total=2, initial=0, file=out)
+    _show_progress(bar, StepValues(step=1, loss=5.0, aux_loss=0.0, grad_norm=1.0), 1e-3)
+    _show_progress(bar, StepValues(step=2, loss=4.0, aux_loss=0.0, grad_norm=1.0), 2e-3)
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("train 1/2 (50%)") and first.endswith(", loss 5.0000, lr 1.00e-03")
+    assert second.startswith("train 2/2 (100%)") and second.endswith(", loss 4.0000, lr 2.00e-03")
+
+
 @pytest.mark.slow
 def test_start_up_block_resume_lines_and_final_line(tmp_path, capsys):
     threads = torch.get_num_threads()

@@ -141,8 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop-upcycling: re-initialise this fraction of each expert's neurons "
                              "(not function preserving)")
     parser.add_argument("--shared-expert", action="store_true", default=None,
-                        help="add a shared expert (Qwen2-MoE; implies --target qwen2_moe; None: no shared "
-                             "expert)")
+                        help="add a shared expert (Qwen2-MoE; implies --target qwen2_moe). Without it the "
+                             "target decides: qwen2_moe always has one, mixtral and qwen3_moe none")
     parser.add_argument("--no-norm-topk", dest="norm_topk_prob", action="store_false",
                         help="softmax without top-k renormalisation (qwen targets; function preserving only "
                              "with --router-init zeros)")

@@ -87,13 +87,14 @@ def is_stale(path: Path) -> bool:
     return not _alive(owner)
 
 
-def remove_stale(parent: Path, prefix: str) -> list[Path]:
-    """Delete the stale owned directories `parent/<prefix>*`; returns those removed."""
+def remove_stale(parent: Path, prefix: str, pattern: str | None = None) -> list[Path]:
+    """Delete the stale owned directories `parent/<prefix>*` (or matching the glob `pattern`); returns those
+    removed."""
     parent = Path(parent)
     if not parent.is_dir():
         return []
     removed = []
-    for path in sorted(parent.glob(glob.escape(prefix) + "*")):
+    for path in sorted(parent.glob(pattern or glob.escape(prefix) + "*")):
         if path.is_dir() and not path.is_symlink() and is_stale(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -112,14 +113,15 @@ def _fsync_dir(path: Path) -> None:
 def atomic_output_dir(out_dir: Path, overwrite: bool, kind: str) -> Iterator[Path]:
     """Yield an owned temp dir `.NAME.<kind>-XXXX` beside `out_dir`; rename it to `out_dir` only if
     the body finishes, so an interrupted run leaves nothing at `out_dir`. Stale temp dirs of the same
-    kind and target from dead processes are removed first."""
+    kind beside it, whatever their target (and stale `.NAME.old-` dirs), from dead processes are removed
+    first: a killed upcycle into ./x is cleaned up by the next upcycle into ./y."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ValueError(f"output directory {out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix, old_prefix = f".{out_dir.name}.{kind}-", f".{out_dir.name}.old-"
-    remove_stale(out_dir.parent, tmp_prefix)
-    remove_stale(out_dir.parent, old_prefix)
+    remove_stale(out_dir.parent, "", pattern=f".*.{glob.escape(kind)}-*")
+    remove_stale(out_dir.parent, "", pattern=".*.old-*")
     tmp = make_owned_dir(out_dir.parent, tmp_prefix)
     try:
         yield tmp

@@ -78,11 +78,12 @@ def test_a_killed_upcycles_leftover_is_removed_by_the_next_run(tmp_path):
     assert tmp.is_dir() and owned_tmp.is_stale(tmp)
     live = owned_tmp.make_owned_dir(tmp_path, ".moe.upcycle-")   # this (live) process's: must stay
     import moesys
-    moesys.upcycle(tmp_path / "dense", tmp_path / "moe", num_experts=2, top_k=1, progress=False)
+    # the next upcycle, into another directory beside it, removes the dead one's leftover, not the live one
+    moesys.upcycle(tmp_path / "dense", tmp_path / "other", num_experts=2, top_k=1, progress=False)
     assert not tmp.exists() and live.is_dir()
     assert _hidden(tmp_path) == [live.name]
-    assert (tmp_path / "moe" / "config.json").is_file()
-    assert not (tmp_path / "moe" / owned_tmp.OWNER_FILE).exists()   # disowned before publishing
+    assert (tmp_path / "other" / "config.json").is_file()
+    assert not (tmp_path / "other" / owned_tmp.OWNER_FILE).exists()   # disowned before publishing
 
 
 def _dead_pid() -> int:

@@ -265,3 +265,27 @@ def host_kv_sdpa(*args, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(*args, **kwargs)
+
+
+def test_batch_of_one_takes_the_decode_graph_and_keeps_the_tokens(checkpoints):
+    """batch_size=1 on a model with the decode graph (load's cuda_graph=True) runs each prompt through
+    generate(), whose one-token steps with a static cache take the graph (on the CPU: its sync-free device
+    path, run eagerly); the tokens equal transformers' alone, EOS included and stopping there. eos=[] means
+    no EOS at all, even when the generation config names one the sequence meets."""
+    path, new = checkpoints["olmoe"], 8
+    ps = prompts()[:3]
+    want = alone(path, torch.float32, ps, new)
+    eos = want[1][3]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=True)
+    model.generation_config.cache_implementation = "static"  # load() sets it on CUDA only
+    decoder = model.moesys_decode_graph
+    run = generate_batch(model, ps, max_new_tokens=new, batch_size=1, eos=eos)
+    got = {r.index: r for r in run}
+    cut = [truncate_at(w, eos) for w in want]
+    assert [got[i].token_ids for i in range(3)] == cut
+    assert [got[i].finish_reason for i in range(3)] == ["eos" if eos in w else "length" for w in cut]
+    assert decoder.eager_steps == run.decode_steps > 0  # every decode step went through the graph's path
+    assert run.prefills == 3 and run.generated_tokens == sum(map(len, cut))
+    model.generation_config.eos_token_id = want[0][2]
+    run = generate_batch(model, ps[:1], max_new_tokens=new, batch_size=1, eos=[])
+    assert [r.token_ids for r in run] == [want[0]]

@@ -20,6 +20,7 @@ Legend: B rows in the batch, L cached columns, V vocabulary.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -115,6 +116,9 @@ class BatchGeneration:
             yield from self._run()
 
     def _run(self) -> Iterator[Result]:
+        if self.batch_size == 1 and self.kv == "device" and getattr(self.model, "moesys_decode_graph", None) is not None:
+            yield from self._run_alone()
+            return
         queue = deque(range(len(self.requests)))
         kv = PaddedBatchKV(self.model.config, self.device, host=self.kv == "host", cache_name=cache_kwarg(self.model))
         rows: list[_Row] = []
@@ -143,6 +147,39 @@ class BatchGeneration:
             self.elapsed_s += time.perf_counter() - t0
             for row in done:
                 yield self._result(row)
+
+    def _run_alone(self) -> Iterator[Result]:
+        """Batch 1 on a model with moesys's decode graph (moesys.offload.load's cuda_graph=True): each prompt
+        through transformers' generate(), whose decode steps on CUDA replay the graph with the cache
+        bookkeeping on the device (StaticCache), the fastest batch-1 path; a padded batch's steps cannot
+        take it. Tokens are generate()'s: transformers' eager model's, or its compiled step's when the graph
+        captures the compiled step (load's compile=True, the CUDA default)."""
+        # generate() fills what its config leaves unset from the model's own: so the model's is the one
+        # changed for the run (no EOS must mean none, not the checkpoint's), and put back after it
+        saved = self.model.generation_config
+        config = copy.deepcopy(saved)
+        config.do_sample, config.min_new_tokens = False, None
+        config.eos_token_id = sorted(self.eos) or None
+        self.model.generation_config = config
+        try:
+            yield from self._generate_each()
+        finally:
+            self.model.generation_config = saved
+
+    def _generate_each(self) -> Iterator[Result]:
+        for i, request in enumerate(self.requests):
+            t0 = time.perf_counter()
+            ids_1T = torch.tensor([request.token_ids], device=self.device)
+            with torch.no_grad(), sdpa_kernel(DECODE_SDPA_BACKENDS):
+                out = self.model.generate(ids_1T, attention_mask=torch.ones_like(ids_1T),
+                                          max_new_tokens=self.max_new[i])
+            row = _Row(i, request, self.max_new[i])
+            for token in out[0, ids_1T.shape[1]:].tolist():
+                self._append(row, token)
+            self.prefills += 1
+            self.decode_steps += max(0, len(row.tokens) - 1)
+            self.elapsed_s += time.perf_counter() - t0
+            yield self._result(row)
 
     def _next_group(self, queue: deque, free: int) -> list[_Row]:
         """Up to `free` prompts from the queue to prefill in one forward: as many as keep the group's padded

@@ -59,6 +59,7 @@ def _missing_file(step_dir):
     return "model.safetensors is missing", "listed in its manifest"
 
 
+@pytest.mark.slow
 def test_manifest_records_size_and_sha256(full_run):
     step = full_run / "ckpt" / "step_6"
     files = json.loads((step / "manifest.json").read_text())["files"]

@@ -19,6 +19,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(CASES))
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, arch, capsys):
     from transformers import AutoModelForCausalLM

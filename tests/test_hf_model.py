@@ -55,6 +55,7 @@ def test_logits_and_gradients_equal_transformers(tmp_path, family):
     assert [int(s.tokens_per_expert.sum()) for s in out.moe_stats] == [24 * config.moe.top_k] * len(out.moe_stats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OTHER_FAMILIES)
 def test_more_families_give_transformers_logits(tmp_path, name):
     from transformers import AutoModelForCausalLM

@@ -3,6 +3,7 @@ on the tiny config in well under a second, and loss falling when overfitting one
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from moesys.config import load_config
@@ -44,6 +45,7 @@ def test_qk_norm_and_gqa_run():
     assert model(torch.randint(0, 256, (1, 5))).logits.isfinite().all()
 
 
+@pytest.mark.slow
 def test_tiny_config_overfits_one_batch():
     torch.manual_seed(0)
     cfg = tiny()

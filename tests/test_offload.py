@@ -215,6 +215,7 @@ def test_cache_banks_keep_generation_identical(checkpoints):
     assert model.moesys_offload.snapshot().evictions > 0
 
 
+@pytest.mark.slow
 def test_waves_when_a_layer_needs_more_experts_than_the_cache(checkpoints):
     """3 slots (one per layer) with top-3 routing over a long prompt: experts are loaded in waves. The eager
     reference is matched bit for bit; the grouped one within float32 rounding."""
@@ -534,6 +535,7 @@ def test_budget_holding_every_expert_runs_the_plain_model(checkpoints, name):
                                    engaged.moesys_offload.experts_forward(layer, x_TH, ids_TK, w_TK))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,bank_size", [("int8", None), ("int4", None), ("int8", 8)])
 def test_quantized_experts_that_all_fit_decode_without_the_host(checkpoints, mode, bank_size):
     """A budget holding every quantized expert loads them all at once; then each batch-1 decode step takes the

@@ -66,6 +66,7 @@ def test_batch_equals_each_sequence_alone(checkpoints, arch, dtype):
     assert run.generated_tokens == sum(map(len, want))
 
 
+@pytest.mark.slow
 def test_batch_of_six_prefetches_and_keeps_the_tokens(checkpoints):
     """Six rows decode together with next-gate prefetch on: the batch's guesses are copied (most wanted
     first, within the prefetch budget) and every sequence still equals itself generated alone."""
@@ -80,6 +81,7 @@ def test_batch_of_six_prefetches_and_keeps_the_tokens(checkpoints):
     assert 0 < stats.prefetch_used <= stats.prefetch_guessed
 
 
+@pytest.mark.slow
 def test_continuous_batching_order_and_steps(checkpoints):
     """Lengths 2, 7, 3, 3, 2 at batch 2, no EOS. Continuous: rows {0,1}; 0 ends after step 1 (its first token
     comes from prefill), 2 joins and ends at step 3, 3 joins and ends at step 5, 4 joins and ends at step 6,
@@ -142,6 +144,7 @@ def test_joining_prompts_prefill_together(checkpoints):
     assert prefills == [(3, 9), (1, 12), (1, 7)] and run.prefills == 5
 
 
+@pytest.mark.slow
 def test_prefill_groups_stay_within_the_activation_reserve(checkpoints, monkeypatch):
     """With room for 18 padded prompt tokens per prefill forward, prompts of 5, 9, 3, 12 and 7 tokens joining
     a batch of 5 prefill as [5, 9] (2 x 9 = 18: exactly full), [3] (3 and 12 would pad to 24), [12] and [7];
@@ -229,6 +232,7 @@ def test_each_needed_expert_is_copied_once_per_step(checkpoints):
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_host_kv_cache_with_cpu_attention_gives_the_same_tokens(checkpoints, monkeypatch):
     """kv="host": every layer's keys/values in HostKVLayer (host memory), attention through host_sdpa,
     tokens equal to the device KV path's; a batch over the planned KV budget is allowed (it is not on the
@@ -267,6 +271,7 @@ def host_kv_sdpa(*args, **kwargs):
     return sdpa_attention_forward(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_batch_of_one_takes_the_decode_graph_and_keeps_the_tokens(checkpoints):
     """batch_size=1 on a model with the decode graph (load's cuda_graph=True) runs each prompt through
     generate(), whose one-token steps with a static cache take the graph (on the CPU: its sync-free device

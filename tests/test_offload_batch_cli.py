@@ -28,6 +28,7 @@ def _generate(model_dir, tmp_path, *extra):
                  "--max-new-tokens", "4", "--out", str(out), *extra]), out
 
 
+@pytest.mark.slow
 def test_prompts_file_of_token_ids(checkpoints, tmp_path, capsys):
     path = checkpoints["olmoe"]
     ps = prompts((5, 9, 3))
@@ -111,6 +112,7 @@ def test_cli_results_equal_the_python_api(checkpoints, tmp_path, capsys):
     assert [(r["index"], r["token_ids"]) for r in map(json.loads, out.read_text().splitlines())] == want
 
 
+@pytest.mark.slow
 def test_routing_options_reach_the_model(strong_experts, tmp_path, capsys):
     """--routing uniform changes the tokens; --routing trace with a trace of the model's own routing (same
     prompts, same schedule) gives the model's tokens back."""

@@ -119,6 +119,7 @@ def test_generic_adapter_greedy_and_logits_equal(arch, tmp_path):
     _offloaded_matches(arch, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{"experts_implementation": "eager"}, {"cpu_experts": "on"},
                                      {"host_memory": "mmap"}], ids=["eager-loop", "host-experts", "mmap"])
 @pytest.mark.parametrize("arch", ["gpt_oss", "nemotron_h"])
@@ -131,6 +132,7 @@ def test_other_layouts_per_expert_paths(arch, options, tmp_path):
         assert off.moesys_offload.snapshot().cpu_experts > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt_oss", "nemotron_h"])
 def test_other_layouts_device_path(arch, tmp_path, monkeypatch):
     """Batch-1 decode with a StaticCache (GPT-OSS: sliding-window and full layers; Nemotron-H: Mamba and

@@ -70,6 +70,7 @@ def test_copy_parts_copies_the_chosen_rows_only(parts, block, use_kernel, monkey
         assert torch.equal(pool.cpu(), w)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(), dict(cache_policy="lfu"), dict(bank_size=4)])
 def test_device_bookkeeping_evicts_like_the_host_path(checkpoints, options):
     """Same routing, same budget, no prefetch: the device tables make exactly the host path's hits, misses
@@ -116,6 +117,7 @@ def test_static_cache_decode_identical_on_every_architecture(checkpoints, arch, 
     assert guess_rows == [prompt.shape[1]] * 2  # only the prefill guesses (layers 0 -> 1 -> 2), never the graph
 
 
+@pytest.mark.slow
 def test_host_and_device_paths_hand_over_both_ways(checkpoints):
     """Static-cache generate (device tables), then a DynamicCache generate (host path: the bookkeeping comes
     back), then static again: each run right, and the cache consistent at every hand-over."""
@@ -138,6 +140,7 @@ def test_host_and_device_paths_hand_over_both_ways(checkpoints):
     assert sum(engine.cache.resident_per_layer.values()) == len(engine.cache.slot_of) == engine.cache.num_slots
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_device_path_matches_the_host_path(checkpoints, mode):
     """Quantized experts that do not all fit: the device path copies the packed experts and dequantizes the K

@@ -103,6 +103,7 @@ def test_one_slot_per_layer_is_the_least_that_runs():
     assert (short["hit_rate"], short["tokens_per_s"], short["bound_tokens_per_s"]) == (0.0, 0.0, 0.0)
 
 
+@pytest.mark.slow
 def test_measured_routing_of_a_run_feeds_the_model(checkpoints):
     path = checkpoints["olmoe"]
     model = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)

@@ -34,6 +34,7 @@ def _tokens(model, ps, batch_size=2):
                                                                  eos=[]))
 
 
+@pytest.mark.slow
 def test_replayed_trace_reproduces_the_models_own_generation(strong_experts, tmp_path):
     path = strong_experts
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -72,6 +73,7 @@ def test_uniform_routing_is_seeded_distinct_and_uniform(checkpoints):
         o.remove()
 
 
+@pytest.mark.slow
 def test_uniform_routing_reaches_the_experts(strong_experts):
     """The experts module receives the override's ids (a recorder hooked after it sees them), and they
     change the tokens."""

@@ -45,6 +45,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
         assert a["expert_load_fraction"] == b["expert_load_fraction"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint(tmp_path, capsys):
     rc = train_inproc(tmp_path, "train.lr=1.0e+30", "train.warmup_steps=0", "checkpoint.every=1",
                       "checkpoint.keep=5")

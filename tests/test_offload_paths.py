@@ -170,3 +170,25 @@ def test_waves_copy_ahead_of_the_compute_and_run_grouped(paths, monkeypatch):
     assert (stats.hits, stats.misses, stats.copies) == (2, 6, 6)
     want = _resident_engine(mixtral).experts_forward(0, x, ids, w)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_dequantizing_waves_run_each_routed_row_once(paths, monkeypatch):
+    """Quantized experts at 3 tokens x top-4 over all 8 experts: two dequantization waves of 4 experts (the
+    workspace holds one token's top-4). Each wave runs moe_mlp on its own routed rows only, 12 rows in all
+    (running every row in every wave, rows of other experts weighted 0, was 24), and the layer equals one
+    moe_mlp call over all 8 dequantized experts."""
+    import moesys.offload.engine as engine_mod
+
+    engine = _resident_engine(paths["olmoe_top4"], quantize_experts="int8")
+    rows = []
+    real = engine_mod.moe_mlp
+    monkeypatch.setattr(engine_mod, "moe_mlp", lambda x, *a, **k: rows.append(x.shape[0]) or real(x, *a, **k))
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 32, generator=g), torch.rand(3, 4, generator=g)
+    ids = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [7, 0, 5, 2]])
+    got = engine.experts_forward(0, x, ids, w)
+    assert sum(rows) == 12 and len(rows) == 2
+    slots = torch.tensor([engine.cache.slot_of[(0, e)] for e in range(8)])
+    w_gu, w_d = engine._dequantize_slots(slots, x.dtype)
+    want = real(x, w_gu, w_d, ids, w, activation=engine.activation, backend="loop")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

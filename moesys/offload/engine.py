@@ -431,32 +431,44 @@ class OffloadEngine:
     def _run_grouped(self, layer, x_TH, ids_TK, w_TK):
         return self.inner[layer](x_TH, self._table_slots(layer, ids_TK), w_TK)
 
-    def _run_grouped_rows(self, layer, x_TH, w_TK, experts_slots, out_TH, flat_host) -> None:
-        """The routed rows of these (expert, slot) pairs through the model's grouped implementation in one
-        call over bank-local slot ids, each row a token of its own (top-1, its routing weight applied),
-        added to out_TH by token. Row positions come from the ids already on the host (no sync). Rows go in
-        top-k order, one index_add_ per top-k position, so no call adds to a token twice (atomic adds that
-        collide would sum in a different order from run to run on CUDA)."""
-        K = w_TK.shape[1]
-        start = self.cache.banks[self.cache.bank_of[layer]][0]
-        local = {e: s - start for e, s in experts_slots}
-        pos = sorted((i for i, e in enumerate(flat_host) if e in local), key=lambda i: (i % K, i))
+    def _wave_rows(self, flat_host: list[int], index_of: dict[int, int], K: int):
+        """The routed rows (t*K + j) whose expert is a key of `index_of`, on the device: (row_N, index_N,
+        counts per top-k position), rows in top-k order so that each position's rows meet distinct tokens.
+        From the ids already on the host (no sync); None when the wave has no row."""
+        pos = sorted((i for i, e in enumerate(flat_host) if e in index_of), key=lambda i: (i % K, i))
         if not pos:
-            return
+            return None
         per_k = [0] * K
         for i in pos:
             per_k[i % K] += 1
-        idx = torch.tensor([pos, [local[flat_host[i]] for i in pos]], dtype=torch.int64)
+        idx = torch.tensor([pos, [index_of[flat_host[i]] for i in pos]], dtype=torch.int64)
         if self.cuda:
             idx = idx.pin_memory().to(self.device, non_blocking=True)
-        pos_N, slot_N = idx[0], idx[1]
-        tok_N = pos_N // K
-        y_NH = self.inner[layer](x_TH[tok_N], slot_N.view(-1, 1), w_TK.reshape(-1)[pos_N].view(-1, 1))
+        return idx[0], idx[1], per_k
+
+    @staticmethod
+    def _add_rows(out_TH, tok_N, y_NH, per_k) -> None:
+        """out_TH[tok_N] += y_NH, one index_add_ per top-k position (rows in top-k order): no call adds to a
+        token twice, so no colliding atomic adds, which would sum in a different order from run to run."""
         begin = 0
         for n in per_k:
             if n:
                 out_TH.index_add_(0, tok_N[begin:begin + n], y_NH[begin:begin + n].to(out_TH.dtype))
             begin += n
+
+    def _run_grouped_rows(self, layer, x_TH, w_TK, experts_slots, out_TH, flat_host) -> None:
+        """The routed rows of these (expert, slot) pairs through the model's grouped implementation in one
+        call over bank-local slot ids, each row a token of its own (top-1, its routing weight applied),
+        added to out_TH by token."""
+        K = w_TK.shape[1]
+        start = self.cache.banks[self.cache.bank_of[layer]][0]
+        rows = self._wave_rows(flat_host, {e: s - start for e, s in experts_slots}, K)
+        if rows is None:
+            return
+        row_N, slot_N, per_k = rows
+        tok_N = row_N // K
+        y_NH = self.inner[layer](x_TH[tok_N], slot_N.view(-1, 1), w_TK.reshape(-1)[row_N].view(-1, 1))
+        self._add_rows(out_TH, tok_N, y_NH, per_k)
 
     def _table_slots(self, layer, ids: torch.Tensor, global_slots: bool = False) -> torch.Tensor:
         """The slots of resident experts `ids` of `layer` (any shape), looked up in the device table:
@@ -533,21 +545,22 @@ class OffloadEngine:
         return quant_gemv(h_NF, pools["down.q"], pools["down.scale"], slots_N, mode, activation=self.activation,
                           weight_TK=w_TK)
 
-    def _run_dequant(self, layer, x_TH, ids_TK, w_TK, experts, slots, out_TH) -> None:
-        """Quantized experts: dequantize this wave's slots together into a compact [n, ...] workspace and
-        run moesys' moe_mlp on it (ids remapped on the device; rows routed elsewhere get weight 0)."""
-        dtype, E = x_TH.dtype, self.cache.num_experts
-        lut = torch.zeros(E, dtype=torch.int64)
-        member = torch.zeros(E, dtype=torch.bool)
-        lut[experts] = torch.arange(len(experts))
-        member[experts] = True
+    def _run_dequant(self, layer, x_TH, ids_TK, w_TK, experts, slots, out_TH, flat_host) -> None:
+        """Quantized experts: dequantize this wave's slots together into a compact [n, ...] workspace and run
+        moesys' moe_mlp on the wave's routed rows only (each a token of its own, top-1, over workspace ids)."""
+        K = w_TK.shape[1]
+        rows = self._wave_rows(flat_host, {e: i for i, e in enumerate(experts)}, K)
+        if rows is None:
+            return
+        row_N, index_N, per_k = rows
         idx = torch.tensor(slots, dtype=torch.int64)
         if self.cuda:
-            lut, member, idx = (t.pin_memory().to(self.device, non_blocking=True) for t in (lut, member, idx))
-        w_gu, w_d = self._dequantize_slots(idx, dtype)
-        w = w_TK * member[ids_TK]
-        out_TH += moe_mlp(x_TH, w_gu, w_d, lut[ids_TK], w.to(dtype), activation=self.activation,
-                          backend=self.moe_backend)
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        w_gu, w_d = self._dequantize_slots(idx, x_TH.dtype)
+        tok_N = row_N // K
+        y_NH = moe_mlp(x_TH[tok_N], w_gu, w_d, index_N.view(-1, 1), w_TK.reshape(-1)[row_N].view(-1, 1).to(x_TH.dtype),
+                       activation=self.activation, backend=self.moe_backend)
+        self._add_rows(out_TH, tok_N, y_NH, per_k)
 
     # ---------------------------------------------------------------- cost model
     def _measure_cost_model(self) -> None:

@@ -188,9 +188,9 @@ class HostRouted(ExpertsStrategy):
             out = eng._run_grouped(layer, x_TH, ids_TK, w_TK)
             eng._mark_used(layer)
             return out
-        # waves sum into float32 with the grouped implementation (the order of the waves is the cache's, not
-        # the routing's); transformers' eager loop and the dequantizing waves sum in the model's dtype
-        out = torch.zeros(x_TH.shape, dtype=torch.float32 if eng.grouped else x_TH.dtype, device=x_TH.device)
+        # pipelined waves sum each routed row into float32 (the order of the waves is the cache's, not the
+        # routing's); transformers' eager loop sums in the model's dtype, its own exact order
+        out = torch.zeros(x_TH.shape, dtype=torch.float32 if self.pipelines() else x_TH.dtype, device=x_TH.device)
         for i, wave in enumerate(waves):
             # pipelined, the wave after this one copies while this one computes: its victims may be the slots
             # of the wave before, whose compute is already queued (the copy stream waits for it), never this
@@ -218,12 +218,12 @@ class Quantized(HostRouted):
         return x_TH.shape[0] * ids_TK.shape[1] <= self.engine.dequant_experts
 
     def pipelines(self) -> bool:
-        return True  # the dequantizing waves sum in the model's dtype in wave order either way
+        return True  # quantized experts have no exact summation order to keep (they are dequantized)
 
     def run_wave(self, layer, x_TH, ids_TK, w_TK, wave, slots, out_TH, flat_host) -> None:
         n = self.engine.dequant_experts
         for i in range(0, len(wave), n):
-            self.engine._run_dequant(layer, x_TH, ids_TK, w_TK, wave[i:i + n], slots[i:i + n], out_TH)
+            self.engine._run_dequant(layer, x_TH, ids_TK, w_TK, wave[i:i + n], slots[i:i + n], out_TH, flat_host)
 
 
 class CpuExperts(HostRouted):

@@ -164,6 +164,10 @@ def test_quantized_experts_run_in_dequantization_waves():
     assert p["compute_s"] - plain["compute_s"] == pytest.approx(2 * 2 * 3.6e-3 - 7e-4)
     assert predict(q, hw, uni, 1, 100, slots=8)["compute_s"] == pytest.approx(
         predict(W, hw, uni, 1, 100, slots=8)["compute_s"])
+    # where the rows' FLOPs dominate, the waves split them (each runs its own rows): only the overhead is extra
+    slow = Hardware(**{**hw.__dict__, "flops": 1e6})
+    assert (predict(q, slow, uni, 2, 100, slots=8)["compute_s"] - predict(W, slow, uni, 2, 100, slots=8)["compute_s"]
+            == pytest.approx(2 * 2 * 2e-3))
     # the overhead comes back from one measured row
     fitted = calibrate_waves(q, HW, uni, 2, 100, 8, p["step_s"])
     assert fitted.wave_overhead_s == pytest.approx(2e-3)

@@ -193,8 +193,8 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     dense_s = max(w.dense_bytes / hw.hbm_Bps, batch * w.dense_bytes / hw.flops)  # 2 FLOPs per 2-byte weight
     rows_s = batch * w.top_k * w.expert_flops_per_row / hw.flops
     waves = dequant_waves(w, U, batch)
-    if waves:  # each wave writes and reads its dequantized experts and runs every routed row
-        experts_s = w.num_layers * waves * (max(2 * w.top_k * w.dequant_bytes / hw.hbm_Bps, rows_s)
+    if waves:  # each wave writes and reads its dequantized experts and runs its share of the routed rows
+        experts_s = w.num_layers * waves * (max(2 * w.top_k * w.dequant_bytes / hw.hbm_Bps, rows_s / waves)
                                             + hw.wave_overhead_s)
     else:
         experts_s = w.num_layers * max(U * w.expert_bytes / hw.hbm_Bps, rows_s)

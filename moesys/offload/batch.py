@@ -116,7 +116,8 @@ class BatchGeneration:
             yield from self._run()
 
     def _run(self) -> Iterator[Result]:
-        if self.batch_size == 1 and self.kv == "device" and getattr(self.model, "moesys_decode_graph", None) is not None:
+        graph = getattr(self.model, "moesys_decode_graph", None)
+        if self.batch_size == 1 and self.kv == "device" and graph is not None:
             yield from self._run_alone()
             return
         queue = deque(range(len(self.requests)))

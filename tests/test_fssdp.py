@@ -709,6 +709,10 @@ def _schedule_worker(rank, W):
     assert [m.owned_ids for m in h5.experts] == [m.owned_ids for m in h.experts]
     assert all(torch.equal(v, initial[k]) for k, v in h5.full_expert_state().items())
     assert not any("exp_avg" in opt.state.get(getattr(m, n), {}) for m in h5.experts for n in m.weight_names())
+    for p in fifth.parameters():  # and the next step starts the experts' state afresh on both ranks
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(opt.state[getattr(m, n)]["step"].item() == 1 for m in h5.experts for n in m.weight_names())
     # an optimizer holding a single expert tensor: its moments move with the rows (expert e's gradient e + 1)
     torch.manual_seed(0)
     sixth = MoETransformer.from_config(cfg)

@@ -1,11 +1,15 @@
 """FSSDP executor on 2 and 4 gloo processes against single-process references: expert outputs and
 owner gradients under balanced, Zipf-skewed and all-to-one routing (with and without
 re-materialisation, with a rank that routes no tokens) for the fssdp, ep and fsdp placements;
-training steps equal single-process training; re-sharding and checkpoints by global expert id."""
+training steps equal single-process training; re-sharding and checkpoints by global expert id; the
+handle's checks, initial owners, plans, block hooks, defaults and schedule state (one process, posing as
+one rank of a larger world where only the size and rank matter) and its re-shard schedule (2 ranks)."""
 
 import dataclasses
+import json
 import types
-from collections import Counter
+from collections import Counter, deque
+from datetime import timedelta
 
 import pytest
 import torch
@@ -15,8 +19,9 @@ from moesys.layers import Experts, MoELayer
 from moesys.models import MoETransformer
 from moesys.parallel.comm import CommContext
 import moesys.parallel.fssdp as fssdp_module
+import moesys.parallel.fssdp_runtime as fssdp_runtime_module
 from moesys.parallel.fssdp import FSSDPExperts, LayerPlan, start_gather
-from moesys.parallel.fssdp_runtime import fssdp_parallelize
+from moesys.parallel.fssdp_runtime import FSSDPHandle, fssdp_parallelize
 from moesys.parallel.testing import spawn
 from tests.test_model import TINY
 
@@ -380,3 +385,353 @@ def test_single_process_fssdp_equals_the_plain_model():
     state = model.state_dict()  # one rank holds every expert: gathering is the identity, with no all-reduce
     assert all(torch.equal(v, state[k]) for k, v in h.gather_expert_state(state).items())
     assert h.predictor.predict().sum() > 0  # the load was observed
+
+
+def _as_rank(monkeypatch, rank, W):
+    """torch.distributed as rank `rank` of a `W`-rank world, with no process group: fssdp_parallelize
+    only reads the size and rank, and building the layers, the handle and the plans makes no collective."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: W)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+
+
+def _two_layers(E=4):
+    return torch.nn.Sequential(torch.nn.Sequential(MoELayer(H, E, K, I)), torch.nn.Sequential(MoELayer(H, E, K, I)))
+
+
+def test_world_sizes_are_refused_only_where_the_policy_needs_them_to_divide(monkeypatch):
+    """ep: W must divide E (4); fssdp: W must divide layers x experts (8); fsdp shards round-robin, any W."""
+    _as_rank(monkeypatch, 0, 3)
+    with pytest.raises(ValueError, match=r"policy='ep' needs world_size=3 to divide num_experts=4"):
+        fssdp_parallelize(_two_layers(), policy="ep")
+    with pytest.raises(ValueError, match=r"policy='fssdp' needs world_size=3 to divide layers x experts = 8"):
+        fssdp_parallelize(_two_layers(), policy="fssdp")
+    assert fssdp_parallelize(_two_layers(), policy="fsdp").owners.owner_LE == ((0, 1, 2, 0),) * 2
+    _as_rank(monkeypatch, 0, 8)  # 8 ranks, 4 experts: not for ep, but one expert slot per rank for fssdp
+    with pytest.raises(ValueError, match="policy='ep' needs world_size=8"):
+        fssdp_parallelize(_two_layers(), policy="ep")
+    assert fssdp_parallelize(_two_layers(), policy="fssdp").owners.slots(0) == 1
+    for first, second in ((4, 8), (8, 4)):
+        model = torch.nn.Sequential(MoELayer(H, first, K, I), MoELayer(H, second, K, I))
+        with pytest.raises(ValueError, match="every MoE layer must have the same number of experts"):
+            fssdp_parallelize(model, policy="fsdp")
+
+
+@pytest.mark.parametrize("policy,owned", [
+    ("ep", [[[0, 1], [0, 1]], [[2, 3], [2, 3]]]),     # contiguous blocks, as ParallelHandle
+    ("fsdp", [[[0, 2], [0, 2]], [[1, 3], [1, 3]]]),   # round-robin storage
+])
+def test_initial_owners_per_policy_and_their_plans(monkeypatch, policy, owned):
+    """As each of 2 ranks (L=2, E=4): the experts each rank owns, and the replicas under a skewed load: ep
+    computes an expert on its owner only, fsdp materialises every expert on every rank."""
+    for rank in range(2):
+        _as_rank(monkeypatch, rank, 2)
+        h = fssdp_parallelize(_two_layers(), policy=policy)
+        assert [m.owned_ids for m in h.experts] == owned[rank]
+        want = ((0, 0, 1, 1) if policy == "ep" else (0, 1, 0, 1),) * 2
+        assert h.owners.owner_LE == want
+        reps = ((0,), (0,), (1,), (1,)) if policy == "ep" else ((0, 1),) * 4
+        h.predictor.observe(torch.tensor([[100.0, 1, 1, 1], [1, 1, 1, 100]]))  # a skewed load changes neither
+        assert h.begin_step() == [LayerPlan(want[0], reps)] * 2
+        assert all(m.plan == LayerPlan(want[0], reps) for m in h.experts)
+
+
+def test_fssdp_initial_owners_balance_slots_and_gather_only_within_the_budget(monkeypatch):
+    """fssdp starts from a balanced sharding of a uniform load (each rank 4 of the 8 layer-experts); under
+    a skewed load, gather_budget=0 materialises no expert beyond its owner, the default (None: all E) does."""
+    owners = []
+    skewed = torch.tensor([[100.0, 1, 1, 1], [1, 1, 1, 100]])
+    for rank in range(2):
+        _as_rank(monkeypatch, rank, 2)
+        h = fssdp_parallelize(_two_layers(), policy="fssdp", gather_budget=0)
+        owners.append([m.owned_ids for m in h.experts])
+        assert h.owners.slots(rank) == 4 and h.budgets_L == [0, 0] and h.memory_cap == 4
+        h.predictor.observe(skewed)
+        assert all(p.replicas_E == tuple((o,) for o in p.owner_E) for p in h.begin_step())
+        h = fssdp_parallelize(_two_layers(), policy="fssdp")
+        assert h.budgets_L == [4, 4]
+        h.predictor.observe(skewed)
+        assert all(len(p.replicas_E[e]) == 2 for p, e in zip(h.begin_step(), (0, 3)))  # the hot experts
+    for l in range(2):  # every expert owned exactly once
+        assert sorted(owners[0][l] + owners[1][l]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("local,W,want", [
+    (None, 4, None), ("", 4, None), ("0", 4, None),   # not set: one node
+    ("2", 4, 2), ("3", 6, 3), ("2", 8, 2), ("1", 4, 1),  # several nodes of LOCAL_WORLD_SIZE ranks
+    ("4", 4, None), ("8", 4, None), ("4", 6, None),    # one node, or not a whole number of nodes
+    ("-2", 4, None),                                    # not a size
+])
+def test_ranks_per_node_from_torchruns_local_world_size(monkeypatch, local, W, want):
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    _as_rank(monkeypatch, 0, W)
+    h = fssdp_parallelize(torch.nn.Sequential(torch.nn.Sequential(MoELayer(H, 24, K, I))), policy="ep")
+    assert h.experts[0].ranks_per_node == want
+
+
+def test_gather_budget_is_an_int_at_least_zero_none_or_auto():
+    model = lambda: torch.nn.Sequential(MoELayer(H, E, K, I))
+    for bad in (-1, 1.5, "all"):
+        with pytest.raises(ValueError, match=f"gather_budget={bad!r}; use an int >= 0, None or 'auto'"):
+            fssdp_parallelize(model(), gather_budget=bad)
+    assert fssdp_parallelize(model(), gather_budget=0).budgets_L == [0]
+    assert fssdp_parallelize(model(), gather_budget=3, memory_cap=2).budgets_L == [3]
+    assert fssdp_parallelize(model(), gather_budget=None).budgets_L == [E]   # every expert
+    assert fssdp_parallelize(model(), gather_budget="auto").budgets_L == [0]  # none until measured
+
+
+def _prefetch_calls(h):
+    """Count each layer's prefetch calls (one process: forward does not wait for a prefetch)."""
+    calls = [0] * len(h.experts)
+    for l, m in enumerate(h.experts):
+        m.prefetch = lambda l=l: calls.__setitem__(l, calls[l] + 1)
+    return calls
+
+
+@pytest.mark.parametrize("prefetch,budget,marks,prefetches", [
+    (True, None, True, 1), (True, "auto", True, 1), (False, "auto", True, 0), (False, 2, False, 0)])
+def test_block_pre_hooks_mark_the_attention_and_prefetch_as_asked(prefetch, budget, marks, prefetches):
+    """The block holding each MoE layer starts its attention window (the "auto" budget's measure) when
+    prefetching or measuring, and prefetches only when asked to."""
+    cfg = load_config(TINY, ["moe.backend=loop"])
+    torch.manual_seed(0)
+    model = MoETransformer.from_config(cfg)
+    h = fssdp_parallelize(model, prefetch=prefetch, gather_budget=budget)
+    calls = _prefetch_calls(h)
+    h.begin_step()
+    model(torch.zeros(1, 5, dtype=torch.long))
+    assert [m.attention_seconds() is not None for m in h.experts] == [marks] * 2
+    assert calls == [prefetches] * 2
+
+
+class _TwoTopLevelLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = MoELayer(H, E, K, I, backend="loop"), MoELayer(H, E, K, I, backend="loop")
+
+    def forward(self, x):
+        return self.second(self.first(x)[0])[0]
+
+
+def test_a_top_level_moe_layer_is_marked_by_the_model_only_when_it_is_the_only_one():
+    """A MoE layer whose parent is the model has no block of its own: the model's pre-hook marks it if it
+    is the only layer; with two, the model's start would precede both, so neither is."""
+    x, ids, w = _tokens(0)
+    for n in (1, 2):
+        model = torch.nn.Sequential(MoELayer(H, E, K, I, backend="loop")) if n == 1 else _TwoTopLevelLayers()
+        h = fssdp_parallelize(model)
+        calls = _prefetch_calls(h)
+        h.begin_step()
+        model(x.unsqueeze(0))
+        assert [m.attention_seconds() is not None for m in h.experts] == [n == 1] * n
+        assert calls == [int(n == 1)] * n
+
+
+def _one_process_steps(h, model, steps):
+    """Train `steps` steps; returns each step's per-layer expert counts (the layers' own)."""
+    counts = []
+    for s in range(steps):
+        h.begin_step()
+        ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(s))
+        model(ids, labels_BS=ids).loss.backward()
+        h.reduce_gradients()
+        counts.append([m.step_counts_E.tolist() for m in h.experts])
+        assert h.end_step() is False  # one rank: nothing to move
+    return counts
+
+
+def test_schedule_state_round_trips_through_json_and_is_refused_for_another_layout(monkeypatch):
+    """state_dict holds the step count, re-shards, owners, gather budgets and the load history (this
+    step's counts, as the layers counted them); a fresh handle takes it back whole and then plans alike.
+    A state of another policy or world size is refused and changes nothing."""
+    cfg = load_config(TINY, ["moe.backend=loop"])
+    fresh = lambda policy="fssdp": fssdp_parallelize(MoETransformer.from_config(cfg), policy=policy,
+                                                     gather_budget="auto", window=2)
+    torch.manual_seed(0)
+    model = MoETransformer.from_config(cfg)
+    h = fssdp_parallelize(model, gather_budget="auto", window=2)
+    counts = _one_process_steps(h, model, 3)
+    sd = h.state_dict()
+    assert (sd["policy"], sd["world_size"], sd["step"], sd["reshards"]) == ("fssdp", 1, 3, 0)
+    assert sd["owner_LE"] == [[0] * 4] * 2
+    assert sd["history"] == counts[1:]  # the window's last 2 steps
+    assert all(sum(row) == 2 * 9 * 2 for step in sd["history"] for row in step)  # tokens x top_k: this step's only
+    assert len(sd["budgets_L"]) == 2 and all(b > 0 for b in sd["budgets_L"]), sd["budgets_L"]
+    saved = json.loads(json.dumps({**sd, "reshards": 2}))  # as a manifest holds it (a re-shard count, too)
+    h2 = fresh()
+    assert h2.load_state_dict(saved) is True
+    assert h2.state_dict() == saved and h2.step == 3 and h2.reshards == 2
+    assert h2.plans() == h.plans() and torch.equal(h2.predictor.predict(), h.predictor.predict())
+    empty = fresh().state_dict()
+    for other in ({**sd, "policy": "fsdp"}, {**sd, "policy": "ep"}, {**sd, "world_size": 2}, {}):
+        h3 = fresh()
+        assert h3.load_state_dict(other) is False and h3.state_dict() == empty
+    h3 = fresh("ep")  # a policy sorting below the saved one
+    assert h3.load_state_dict(sd) is False and h3.step == 0
+    _as_rank(monkeypatch, 0, 2)  # a world larger than the saved one
+    h3 = fresh()
+    assert h3.load_state_dict(sd) is False and h3.step == 0 and h3.predictor.history == deque()
+
+
+@pytest.mark.parametrize("every,replans", [(0, 0), (-1, 0), (1, 2), (2, 1)])
+def test_reshard_schedule_steps_counted_from_zero_and_a_fixed_budget(monkeypatch, every, replans):
+    """Over 2 steps the sharding is re-planned at every `reshard_every`-th step, never for 0 or less (one
+    process: the plan never changes, so nothing moves)."""
+    calls = []
+    real = fssdp_runtime_module.plan_sharding
+    monkeypatch.setattr(fssdp_runtime_module, "plan_sharding", lambda *a, **k: calls.append(a) or real(*a, **k))
+    cfg = load_config(TINY, ["moe.backend=loop"])
+    torch.manual_seed(0)
+    model = MoETransformer.from_config(cfg)
+    h = fssdp_parallelize(model, reshard_every=every, gather_budget=3)
+    assert h.step == 0
+    calls.clear()  # the initial owners' plan
+    _one_process_steps(h, model, 2)
+    assert (h.step, h.reshards, len(calls)) == (2, 0, replans)
+    assert h.budgets_L == [3, 3]  # a fixed budget is not replaced by a measured one
+
+
+def test_load_full_expert_state_names_a_missing_tensor():
+    cfg = load_config(TINY, ["moe.backend=loop"])
+    h = fssdp_parallelize(MoETransformer.from_config(cfg))
+    full = h.full_expert_state()
+    assert sorted(full) == [f"blocks.{l}.ffn.experts.{n}" for l in range(2) for n in ("down_proj", "gate_up_proj")]
+    del full["blocks.1.ffn.experts.down_proj"]
+    with pytest.raises(KeyError, match="load_full_expert_state: blocks.1.ffn.experts.down_proj missing"):
+        h.load_full_expert_state(full)
+
+
+def test_fssdp_parallelize_defaults():
+    """What a caller gets without options (the trainer passes every one from parallel.fssdp)."""
+    model = torch.nn.Sequential(torch.nn.Sequential(MoELayer(H, E, K, I)))
+    h = fssdp_parallelize(model)
+    ex = h.experts[0]
+    assert h.policy == "fssdp" and h.reshard_every == 100 and h.predictor.window == 5
+    assert h.budgets_L == [E] and h.memory_cap == E and h.bandwidth_gbs == 100.0
+    assert h.comm.timeout == ex.comm.timeout == timedelta(seconds=600)
+    assert ex.rematerialize is False and ex.drop_zero_weight is False and ex.ranks_per_node is None
+    assert len(model[0]._forward_pre_hooks) == 1  # prefetching: the block holding the layer starts its gather
+    assert h.device == torch.device("cpu")  # the experts' device (of the only layer here)
+    handle = FSSDPHandle(model, h.experts, h.owners, policy="fssdp", group=None, rank=0, world_size=1,
+                         reshard_every=100, window=5, gather_budget=E, memory_cap=E, timeout=None)
+    assert handle.bandwidth_gbs == 100.0  # a handle built directly: the same default
+
+
+def test_handle_names_this_ranks_expert_rows_and_the_dense_parameters(monkeypatch):
+    """The trainer's and checkpoint code's view: expert parameter names, the global ids of this rank's rows
+    (None for a dense tensor), trainable dense parameters, and whether ranks hold different experts."""
+    cfg = load_config(TINY, ["moe.backend=loop"])
+    experts = {f"blocks.{l}.ffn.experts.{n}" for l in range(2) for n in ("gate_up_proj", "down_proj")}
+    for rank, W in ((0, 1), (1, 2)):
+        if W > 1:
+            _as_rank(monkeypatch, rank, W)
+        model = MoETransformer.from_config(cfg)
+        model.embed.weight.requires_grad_(False)  # frozen: not a dense parameter to reduce or clip
+        h = fssdp_parallelize(model, policy="ep")
+        assert h.shards_experts is (W > 1)
+        assert h.expert_parameter_names() == experts
+        named = dict(model.named_parameters())
+        assert {id(p) for p in h.expert_parameters()} == {id(named[n]) for n in experts}
+        assert {id(p) for p in h.dense_parameters()} == {id(p) for n, p in named.items()
+                                                         if n not in experts and n != "embed.weight"}
+        want = [0, 1, 2, 3] if W == 1 else [2, 3]
+        assert all(h.local_expert_ids(n) == want for n in experts)
+        assert h.local_expert_ids("blocks.0.ffn.router.weight") is None
+        assert h.device == torch.device("cpu")
+
+
+def _schedule_worker(rank, W):
+    cfg = load_config(TINY, ["moe.num_experts=4", "moe.backend=loop"])
+    ids = torch.zeros(2, 9, dtype=torch.long)  # one repeated token: the load falls on few experts
+    run = lambda h, model: (h.begin_step(), model(ids, labels_BS=ids).loss.backward(), h.reduce_gradients())
+    torch.manual_seed(0)
+    model = MoETransformer.from_config(cfg)
+    h = fssdp_parallelize(model, policy="fssdp", reshard_every=3)
+    initial = h.full_expert_state()
+    moved = []
+    for _ in range(4):
+        run(h, model)
+        moved.append(h.end_step())
+    # re-shards only at step 3 (the skewed load changed the plan), counted from 0
+    assert moved == [False, False, True, False] and (h.step, h.reshards) == (4, 1), (moved, h.step)
+    assert h.owners != fssdp_parallelize(MoETransformer.from_config(cfg), policy="fssdp").owners
+    # a fresh run taking this state moves its experts to the saved owners, keeping every expert's weights
+    torch.manual_seed(0)
+    fresh = MoETransformer.from_config(cfg)
+    h2 = fssdp_parallelize(fresh, policy="fssdp", reshard_every=3)
+    assert h2.load_state_dict(h.state_dict()) is True
+    assert h2.state_dict() == h.state_dict() and [m.owned_ids for m in h2.experts] == [m.owned_ids for m in h.experts]
+    assert all(torch.equal(v, initial[k]) for k, v in h2.full_expert_state().items())
+    # reshard_every=1: the first step's load already moves experts; the second's, the same, plans the same
+    # owners (due, but nothing to move); a third step on other tokens moves them again
+    torch.manual_seed(0)
+    every = MoETransformer.from_config(cfg)
+    h4 = fssdp_parallelize(every, policy="fssdp", reshard_every=1)
+    run(h4, every)
+    assert h4.end_step() is True and h4.reshards == 1
+    owners = h4.owners
+    run(h4, every)
+    assert h4.end_step() is False and h4.reshards == 1 and h4.owners == owners
+    h4.begin_step()
+    every(ids + 200, labels_BS=ids + 200).loss.backward()
+    h4.reduce_gradients()
+    assert h4.end_step() is True and h4.reshards == 2 and h4.owners != owners
+    # placements other than fssdp never re-shard, whatever the load
+    torch.manual_seed(0)
+    other = MoETransformer.from_config(cfg)
+    h3 = fssdp_parallelize(other, policy="ep", reshard_every=1)
+    for _ in range(2):
+        run(h3, other)
+        assert h3.end_step() is False
+    assert h3.reshards == 0 and h3.owners.owner_LE == ((0, 0, 1, 1),) * 2
+    # the "auto" budget: the smallest attention time over ranks (rank 0: 0.5 s, rank 1: 1 s) x bandwidth /
+    # an expert's bytes, on every rank; a layer unmeasured on one rank gets none
+    bytes_ = h.experts[0].expert_bytes()
+    h.bandwidth_gbs = 6.0 * bytes_  # 0.5 s at 6 x bytes GB/s: 3e9 experts
+    h.experts[0]._attn_marks = [10.0, 10.5 if rank == 0 else 11.0]
+    h.experts[1]._attn_marks = [10.0, 11.0] if rank == 0 else None
+    h._update_budgets()
+    assert h.budgets_L == [3_000_000_000, 0], h.budgets_L
+    # optimizers that disagree (only rank 0's has stepped; lr 0 keeps the weights): both ends agree to move
+    # the weights alone, and no moment of the old rows is kept for the new ones
+    torch.manual_seed(0)
+    fifth = MoETransformer.from_config(cfg)
+    h5 = fssdp_parallelize(fifth, policy="fssdp")
+    opt = torch.optim.AdamW(fifth.parameters(), lr=0.0)
+    if rank == 0:
+        for p in fifth.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    h5.reshard(h.owners, opt)
+    assert [m.owned_ids for m in h5.experts] == [m.owned_ids for m in h.experts]
+    assert all(torch.equal(v, initial[k]) for k, v in h5.full_expert_state().items())
+    assert not any("exp_avg" in opt.state.get(getattr(m, n), {}) for m in h5.experts for n in m.weight_names())
+    for p in fifth.parameters():  # and the next step starts the experts' state afresh on both ranks
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(opt.state[getattr(m, n)]["step"].item() == 1 for m in h5.experts for n in m.weight_names())
+    # an optimizer holding a single expert tensor: its moments move with the rows (expert e's gradient e + 1)
+    torch.manual_seed(0)
+    sixth = MoETransformer.from_config(cfg)
+    h6 = fssdp_parallelize(sixth, policy="fssdp")
+    ex = h6.experts[0]
+    opt = torch.optim.AdamW([ex.gate_up_proj], lr=0.0)
+    ex.gate_up_proj.grad = torch.tensor(ex.owned_ids, dtype=torch.float32).add(1).view(-1, 1, 1).expand_as(
+        ex.gate_up_proj).clone()
+    opt.step()
+    h6.reshard(h.owners, opt)
+    moved = opt.state[ex.gate_up_proj]["exp_avg"]  # (1 - beta1) x the gradient
+    want = torch.tensor(h.experts[0].owned_ids, dtype=torch.float32).add(1).mul(0.1).view(-1, 1, 1)
+    torch.testing.assert_close(moved, want.expand_as(moved))
+
+
+@pytest.mark.slow
+def test_reshard_schedule_resume_and_auto_budget_agree_over_ranks():
+    """2 gloo ranks: fssdp re-shards exactly every `reshard_every` steps when the plan changed; a fresh
+    handle taking the saved state moves its experts to the saved owners; ep never re-shards; the "auto"
+    gather budget is the same on every rank (from the smallest attention time); a re-shard with optimizers
+    that disagree on having state moves the weights alone (a mismatched transfer would hang: 30 s limit)."""
+    spawn(_schedule_worker, 2, timeout_s=30)

@@ -364,7 +364,7 @@ def _swap_param(optimizer, old_p, new_p, moved_state: dict) -> None:
             if p is old_p:
                 group["params"][i] = new_p
     old_state = optimizer.state.pop(old_p, {})
-    if moved_state or old_state:
+    if moved_state:  # nothing moved (some rank had no state): the old rows' state goes with them
         new_state = {k: v for k, v in old_state.items() if not (torch.is_tensor(v) and v.shape == old_p.shape)}
         new_state.update(moved_state)
         optimizer.state[new_p] = new_state

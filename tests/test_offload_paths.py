@@ -129,6 +129,8 @@ def test_quantized_decode_reads_packed_only_for_one_token(paths, monkeypatch, mo
     ([0, 1, 2], {1}, 3, True, [[0, 1, 2]]),  # all fit: one wave, in routing order
     ([0, 1, 2, 3, 4, 5, 6, 7], {5, 6}, 6, True, [[5, 6, 0], [1, 2, 3], [4, 7]]),  # resident first, then halves
     ([0, 1, 2, 3, 4, 5, 6], {0, 1, 2, 3, 4}, 5, True, [[0, 1, 2], [3, 4], [5, 6]]),  # odd bank: ceil, then floor
+    ([0, 1, 2, 3, 4], set(), 6, True, [[0, 1, 2, 3, 4]]),  # fewer than the bank: one wave, no split
+    ([0, 1, 2, 3], {2}, 2, True, [[2], [0], [1], [3]]),  # two slots: one each, resident first
     ([0, 1, 2, 3], {3}, 1, True, [[0], [1], [2], [3]]),  # one slot: nothing to overlap
     ([0, 1, 2, 3, 4, 5, 6, 7], {5, 6}, 6, False, [[0, 1, 2, 3, 4, 5], [6, 7]]),  # eager loop: id order, whole banks
 ])
@@ -192,3 +194,68 @@ def test_dequantizing_waves_run_each_routed_row_once(paths, monkeypatch):
     w_gu, w_d = engine._dequantize_slots(slots, x.dtype)
     want = real(x, w_gu, w_d, ids, w, activation=engine.activation, backend="loop")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_wave_in_compute_is_kept_when_the_next_one_copies(paths, monkeypatch):
+    """Under LFU a wave in compute may be used less than what else its bank holds. Layer 0's experts 0-2 (used
+    11 times) are resident beside layer 1's 0-2 (used 21 times), all 6 slots: the waves are [0, 1, 2], [3, 4,
+    5], [6, 7]. Copying the second wave would evict the first (the least used) before it computes, and
+    copying the third the second (used once), unless the wave in compute is kept; with it kept the layer
+    equals the resident one."""
+    mixtral = paths["mixtral"]
+    model = mo.load(mixtral, gpu_memory=_budget(mixtral, torch.float32, 6), dtype=torch.float32, device="cpu",
+                    prefetch="none", resident_if_fits=False, cache_policy="lfu")
+    engine = model.moesys_offload
+    assert engine.cache.capacity(0) == engine.cache.capacity(1) == 6 and engine.cache.bank_of[1] == 0
+    engine._ensure(0, [0, 1, 2])
+    engine._ensure(1, [0, 1, 2])
+    for layer, uses in ((0, 10), (1, 20)):
+        for _ in range(uses):
+            for e in range(3):
+                engine.cache.lookup((layer, e))
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 6]])
+    x, w = _rows(len(ids))
+    got = engine.experts_forward(0, x, ids, w)
+    want = _resident_engine(mixtral).experts_forward(0, x, ids, w)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_waves_copy_before_the_next_layers_prefetch(paths, monkeypatch):
+    """The first two waves are copied before the next layer's guess is prefetched (into the other bank), so
+    the prefetch never delays the copies this layer waits for; the third wave copies after them."""
+    mixtral = paths["mixtral"]
+    model = mo.load(mixtral, gpu_memory=_budget(mixtral, torch.float32, 12), dtype=torch.float32, device="cpu",
+                    bank_size=6, resident_if_fits=False)
+    engine = model.moesys_offload
+    assert engine.cache.banks == [(0, 6), (6, 12)] and engine.cache.bank_of[1] == 1
+    copies = []
+    copy_to = engine.store.copy_to
+    monkeypatch.setattr(engine.store, "copy_to", lambda layer, e, views: copies.append((layer, e))
+                        or copy_to(layer, e, views))
+    monkeypatch.setattr(engine.prefetcher, "guess", lambda layer, x: torch.tensor([4, 5]))
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    x, w = _rows(len(ids))
+    engine.experts_forward(0, x, ids, w)
+    assert copies == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (1, 4), (1, 5), (0, 6), (0, 7)]
+
+
+def test_eager_waves_sum_like_transformers_eager_loop_in_bf16(paths):
+    """transformers' eager experts implementation keeps whole-bank waves in ascending ids and sums in the
+    model's dtype: a top-4 layer needing 8 experts from a bank of 6 equals its eager loop bit for bit in bf16
+    (four terms per token: summed in float32 instead, the bf16 result differs)."""
+    from transformers import AutoModelForCausalLM
+
+    path = paths["olmoe_top4"]
+    model = mo.load(path, gpu_memory=_budget(path, torch.bfloat16, 6), dtype=torch.bfloat16, device="cpu",
+                    prefetch="none", resident_if_fits=False, experts_implementation="eager")
+    engine = model.moesys_offload
+    assert engine.cache.capacity(0) == 6 and not engine.grouped
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, experts_implementation="eager")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(16, 32, generator=g).to(torch.bfloat16)
+    w = torch.rand(16, 4, generator=g).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(8, generator=g)[:4] for _ in range(16)])
+    got = engine.experts_forward(0, x, ids, w)
+    with torch.no_grad():
+        want = ref.model.layers[0].mlp.experts(x, ids, w)
+    assert torch.equal(got, want)

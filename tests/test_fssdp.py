@@ -246,6 +246,40 @@ def test_directly_built_experts_default_to_no_rematerialisation_no_dropping_one_
     assert ex.last_rows_received == 0 and ex.step_counts_E is None  # nothing computed or counted yet
 
 
+def test_one_rank_counts_every_assignment_as_received():
+    """With one rank every assignment is computed here; the bench's rows-per-rank figure reads this."""
+    ex = _one_rank_experts()
+    x, ids, w = _tokens(0)
+    ex(x, ids, w)
+    assert ex.last_rows_received == ids.numel() == T * K
+
+
+class _RecordingWork:
+    def __init__(self):
+        self.calls = []
+
+    def wait(self, *timeout):
+        self.calls.append(timeout)
+        return True
+
+
+@pytest.mark.parametrize("device, host_waits", [("cpu", True), ("cuda", False)])
+def test_gather_and_reduce_waits_block_the_host_only_off_cuda(device, host_waits):
+    """On CUDA a wait with a timeout blocks the host until the transfer lands: a second host sync per layer
+    beside the split sizes'. The gather's and the gradient messages' waits are the stream's there; on the
+    CPU (gloo) they keep parallel.timeout_s, which names a stuck peer."""
+    comm = CommContext(None, rank=0, group_size=2, layer="l0", timeout=timedelta(seconds=7))
+    on = types.SimpleNamespace(device=torch.device(device))  # no CUDA tensor needed: only its device is read
+    works = [_RecordingWork(), _RecordingWork()]
+    fssdp_module.PendingGather(None, torch.float32, [on], works, []).wait(comm)
+    ex = _one_rank_experts()
+    ex.comm, reduce_works = comm, [_RecordingWork()]
+    ex.pending_reduce = [(reduce_works, [], [on])]
+    ex.finish_reduce_scatter()
+    want = [(timedelta(seconds=7),)] if host_waits else [()]
+    assert [w.calls for w in works + reduce_works] == [want] * 3
+
+
 def test_a_block_started_before_begin_step_leaves_the_error_to_forward():
     ex = _one_rank_experts()
     ex.plan = None

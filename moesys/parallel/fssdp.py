@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moesys.layers.experts import Experts, autocast_expert_inputs
 from moesys.ops import moe_mlp
-from moesys.parallel.comm import CommContext, all_to_all, exchange_counts, guarded
+from moesys.parallel.comm import CommContext, all_to_all, exchange_counts, guarded, wait_work
 from moesys.parallel.fssdp_plan import destinations, replica_rings, transfers
 
 __all__ = ["FSSDPExperts", "LayerPlan", "POLICIES"]
@@ -65,10 +65,13 @@ def _launch(ops: list, ctx: CommContext, what: str) -> list:
         return dist.batch_isend_irecv(ops)
 
 
-def _wait_all(works: list, ctx: CommContext, what: str) -> None:
-    with guarded(ctx, what):
-        for work in works:
-            work.wait(ctx.timeout) if ctx.timeout is not None else work.wait()
+def _wait_all(works: list, ctx: CommContext, what: str, device: torch.device) -> None:
+    """Wait for point-to-point messages into tensors on `device`. Nothing here is read by the host, so on
+    CUDA the wait is the stream's only (`wait_work`'s host_sync=False): a wait with a timeout would block
+    the host until the transfer lands, a second host sync per layer beside the split sizes' one; a stuck
+    peer is named by the count exchange every layer issues first, or by NCCL's watchdog."""
+    for work in works:
+        wait_work(work, ctx, what, host_sync=device.type != "cuda")
 
 
 class PendingGather:
@@ -78,7 +81,7 @@ class PendingGather:
         self.plan, self.dtype, self.out, self.works, self.keepalive = plan, dtype, out, works, keepalive
 
     def wait(self, ctx: CommContext) -> list:
-        _wait_all(self.works, ctx, "SparseAllGather")
+        _wait_all(self.works, ctx, "SparseAllGather", self.out[0].device)
         self.works, self.keepalive = [], []
         return self.out
 
@@ -249,8 +252,8 @@ class FSSDPExperts(nn.Module):
     def finish_reduce_scatter(self) -> None:
         """Wait for the gradient messages of this layer's backward and add them to the owners' grads."""
         names = self.weight_names()
-        for works, inbox, _keepalive in self.pending_reduce:
-            _wait_all(works, self.comm, "SparseReduceScatter")
+        for works, inbox, keepalive in self.pending_reduce:
+            _wait_all(works, self.comm, "SparseReduceScatter", keepalive[0].device)
             for k, i, buf in inbox:
                 p = getattr(self, names[k])
                 if p.grad is None:
@@ -322,6 +325,7 @@ class FSSDPExperts(nn.Module):
         return full_NH.view(T, K, H).sum(1).to(x_TH.dtype)  # the compute dtype, as `Experts` returns
 
     def _single_rank(self, x_TH, topk_ids_TK, topk_weights_TK):
+        self.last_rows_received = topk_ids_TK.numel()  # every assignment computed here (dropped ones at weight 0)
         if self.training:
             counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.num_experts)
             self.step_counts_E = counts_E + (0 if self.step_counts_E is None else self.step_counts_E)

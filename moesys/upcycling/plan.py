@@ -130,7 +130,7 @@ def _check_compatible(src: dict, target: str) -> None:
         raise ValueError(f"a qwen3 model has q_norm/k_norm, which target {target} lacks; use --target qwen3_moe")
     if mt == "qwen2" and target == "mixtral":
         raise ValueError("a qwen2 model has q/k/v biases, which Mixtral attention lacks; use --target qwen2_moe")
-    if mt == "llama" and src.get("attention_bias") and target != "qwen3_moe":
+    if mt == "llama" and src.get("attention_bias"):  # (qwen3_moe needs a qwen3 source: refused above)
         raise ValueError(f"this llama model has attention biases (attention_bias=true) including o_proj's, which "
                          f"target {target} cannot hold")
     windows = _layer_windows(src)

@@ -1,7 +1,9 @@
-"""Hub ids against a Hugging Face cache that huggingface_hub itself laid out in a temp dir (no network):
-resolve_model_dir, `moesys upcycle org/name`, and `moesys generate org/name --token-ids` without a tokenizer."""
+"""Hub ids against a Hugging Face cache that huggingface_hub itself fills in a temp dir, downloading from a
+fake hub on 127.0.0.1 (tests/_fake_hub.py; no network): the online path of resolve_model_dir (safetensors
+and JSON only, the hub's refusals, the cache when the hub is down), then offline: resolve_model_dir,
+`moesys upcycle org/name`, `moesys generate org/name --token-ids` without a tokenizer, and training
+configs naming org/name."""
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -11,48 +13,67 @@ transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
 from huggingface_hub import constants, scan_cache_dir  # noqa: E402
-from huggingface_hub.file_download import (_cache_commit_hash_for_specific_revision, _create_symlink,  # noqa: E402
-                                           _get_pointer_path, repo_folder_name)
 
 from moesys.cli import main  # noqa: E402
 from moesys.hub import looks_like_hub_id, resolve_model_dir  # noqa: E402
+from tests._fake_hub import COMMIT, FakeHub  # noqa: E402
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def cache_repo(cache_dir: Path, repo_id: str, model_dir: Path) -> Path:
-    """Put the files of `model_dir` into `cache_dir` as huggingface_hub's download does: blobs named by
-    their hash, snapshot pointers made by its own symlink function, refs/main naming the commit."""
-    storage = cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
-    for f in sorted(model_dir.iterdir()):
-        blob = storage / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(f.read_bytes())
-        pointer = Path(_get_pointer_path(str(storage), COMMIT, f.name))
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        _create_symlink(str(blob), str(pointer), new_blob=False)
-    _cache_commit_hash_for_specific_revision(str(storage), "main", COMMIT)
-    return storage / "snapshots" / COMMIT
+REPOS = ("test-org/tiny-llama", "test-org/tiny-mixtral")
 
 
 @pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """A cache holding tiny random `test-org/tiny-llama` (dense) and `test-org/tiny-mixtral`, offline."""
-    cache = tmp_path / "hub"
+def fake_hub(tmp_path, monkeypatch):
+    """A fake hub serving tiny random `test-org/tiny-llama` (dense) and `test-org/tiny-mixtral`, each with
+    a pickle beside its safetensors; huggingface_hub pointed at it and at an empty cache, online."""
     torch.manual_seed(0)
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).save_pretrained(tmp_path / "llama")
     transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
                                     ).save_pretrained(tmp_path / "mixtral")
-    snapshots = {repo: cache_repo(cache, repo, tmp_path / name)
-                 for repo, name in (("test-org/tiny-llama", "llama"), ("test-org/tiny-mixtral", "mixtral"))}
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    for name in ("llama", "mixtral"):
+        (tmp_path / name / "pytorch_model.bin").write_bytes(b"a pickle moesys must never download")
+    with FakeHub({REPOS[0]: tmp_path / "llama", REPOS[1]: tmp_path / "mixtral"}) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        yield hub
+
+
+@pytest.fixture
+def hub_cache(fake_hub, tmp_path, monkeypatch):
+    """The cache after resolve_model_dir downloaded both repositories through huggingface_hub; offline."""
+    snapshots = {repo: resolve_model_dir(repo) for repo in REPOS}
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    # huggingface_hub reads the cache this test built: it sees both repositories at the commit.
-    assert {(r.repo_id, next(iter(r.revisions)).commit_hash) for r in scan_cache_dir(cache).repos} == \
-        {("test-org/tiny-llama", COMMIT), ("test-org/tiny-mixtral", COMMIT)}
+    fake_hub.stop()  # offline means offline: nothing may be asked of the hub from here on
+    # huggingface_hub reads the cache it wrote: both repositories at the hub's commit.
+    assert {(r.repo_id, next(iter(r.revisions)).commit_hash) for r in scan_cache_dir(tmp_path / "hub").repos} == \
+        {(repo, COMMIT) for repo in REPOS}
     return snapshots
+
+
+def test_online_download_takes_safetensors_and_json_only(fake_hub, tmp_path):
+    snapshot = resolve_model_dir("test-org/tiny-mixtral")
+    assert snapshot == tmp_path / "hub" / "models--test-org--tiny-mixtral" / "snapshots" / COMMIT
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "generation_config.json",
+                                                          "model.safetensors"]
+    fetched = {path.rsplit("/", 1)[1] for method, path in fake_hub.requests if method == "GET" and "/resolve/" in path}
+    assert fetched == {"config.json", "generation_config.json", "model.safetensors"}  # never the pickle
+    assert (snapshot / "model.safetensors").read_bytes() == (tmp_path / "mixtral" / "model.safetensors").read_bytes()
+
+
+def test_online_errors_name_the_repository_and_the_cache_serves_when_the_hub_is_down(fake_hub, tmp_path):
+    with pytest.raises(ValueError, match=r"model 'test-org/absent' is not a directory, and the hub refused it: "
+                                         r".*404"):
+        resolve_model_dir("test-org/absent")
+    snapshot = resolve_model_dir("test-org/tiny-llama")
+    fake_hub.stop()  # online, but the hub cannot be reached: the cached snapshot, as huggingface_hub falls back
+    assert resolve_model_dir("test-org/tiny-llama") == snapshot
+    with pytest.raises(ValueError, match=r"'test-org/tiny-mixtral' is not a directory and not in the Hugging Face "
+                                         r"cache.*the hub could not be reached"):
+        resolve_model_dir("test-org/tiny-mixtral")
 
 
 def test_hub_ids_resolve_through_the_cache(hub_cache, tmp_path):

@@ -47,7 +47,8 @@ def _table_matches_host(engine):
 @pytest.mark.parametrize("use_kernel", [False, True])
 def test_copy_parts_copies_the_chosen_rows_only(parts, block, use_kernel, monkeypatch):
     """Arena rows src_K (byte ranges [offset, offset + nbytes), each into its own pool) into pool rows
-    dst_K; -1 skips a row. The kernel (under TRITON_INTERPRET on a CPU; on a GPU from pinned memory) and
+    dst_K; -1 skips a row, also one that shares a copied row's slot (a batch's repeated expert: skipped rows
+    must not write back over the copy). The kernel (under TRITON_INTERPRET on a CPU; on a GPU from pinned memory) and
     the reference agree with a plain loop; odd byte counts take the byte-wide variant; 4-word blocks make
     parts span several blocks, so each program has to find its part and its block within it."""
     if block is not None:
@@ -56,7 +57,7 @@ def test_copy_parts_copies_the_chosen_rows_only(parts, block, use_kernel, monkey
     arena = torch.randint(0, 256, (7, 512), dtype=torch.uint8, generator=g)
     pools = [torch.randint(0, 256, (5, nbytes), dtype=torch.uint8, generator=g) for _, nbytes in parts]
     want = [pool.clone() for pool in pools]
-    src_K, dst_K = torch.tensor([4, -1, 0, 6]), torch.tensor([2, 0, 4, 1])
+    src_K, dst_K = torch.tensor([4, -1, 0, 6, -1]), torch.tensor([2, 0, 4, 1, 2])
     for s, d in zip(src_K.tolist(), dst_K.tolist()):
         if s >= 0:
             for (offset, nbytes), w in zip(parts, want):
@@ -373,6 +374,43 @@ def test_quant_gemv_kernel_matches_the_dequantized_product(mode, dtype, K):
         quant_gemv(x[:2], q, scale, torch.tensor([0, 1, 2]), mode)
     with pytest.raises(ValueError, match="is not gated"):
         quant_gemv(h, q, scale, slots, mode, activation="relu")
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_batch_step_handles_each_shared_expert_once(policy):
+    """A batch's rows x K ids repeat experts: the step equals one over the distinct ids in first-occurrence
+    order (same slots, tables, stamps, LFU counts and counters), every occurrence gets its expert's slot,
+    and each missed expert is copied once (its first occurrence)."""
+    from moesys.offload.cache import ExpertCache
+    from moesys.offload.device_cache import DeviceCacheTables
+    E, layers, K, rows = 9, [0, 1], 2, 4
+    tables = []
+    for _ in range(2):
+        cache = ExpertCache([("w", (2,), torch.float32)], 14, DEVICE, policy, layers, E, bank_size=7)
+        tables.append(DeviceCacheTables(cache, policy))
+        tables[-1].load_from_host()
+    g = torch.Generator().manual_seed(5)
+    repeated = 0
+    for step in range(30):
+        row = step % 2
+        pool = torch.randperm(E, generator=g)[:5]  # the step's rows share 5 of the 9 experts: repeats, evictions
+        ids_N = torch.stack([pool[torch.randperm(5, generator=g)[:K]] for _ in range(rows)]).flatten().to(DEVICE)
+        distinct = list(dict.fromkeys(ids_N.tolist()))
+        repeated += len(distinct) < ids_N.numel()
+        slot_N, src_N, dst_N = tables[0].step(row, ids_N, use_kernel=False, distinct=False)
+        slot_U, src_U, dst_U = tables[1].step(row, torch.tensor(distinct, device=DEVICE), use_kernel=False)
+        for name in ("table", "owner_S", "stamp_S", "count_K", "tick", "counters"):
+            assert torch.equal(getattr(tables[0], name), getattr(tables[1], name)), (step, name)
+        where = {e: i for i, e in enumerate(distinct)}
+        pick = torch.tensor([where[e] for e in ids_N.tolist()], device=DEVICE)
+        assert torch.equal(slot_N, slot_U[pick]) and torch.equal(dst_N, dst_U[pick])
+        copied = src_N[src_N >= 0].tolist()
+        assert sorted(copied) == sorted(src_U[src_U >= 0].tolist()) and len(copied) == len(set(copied))
+        first = [ids_N.tolist().index(e) for e in distinct]
+        assert all(src_N[i] < 0 for i in range(ids_N.numel()) if i not in first)
+    assert repeated == 30 and tables[0].counters[2] > 0  # repeats in every step, and evictions
+    with pytest.raises(ValueError, match="use_kernel=False for a batch"):
+        tables[0].step(0, ids_N, use_kernel=True, distinct=False)
 
 
 @pytest.mark.parametrize("policy", ["lru", pytest.param("lfu", marks=pytest.mark.slow)])

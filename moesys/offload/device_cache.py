@@ -1,17 +1,19 @@
-"""The expert cache's bookkeeping kept on the device, for batch-1 decode without the host.
+"""The expert cache's bookkeeping kept on the device, for decode steps without the host.
 
 The host path (moesys.offload.engine) reads each layer's routing back to decide hits, victims and copies:
 one sync per layer, and nothing a CUDA graph can replay. Here the same decisions are tensor ops: a lookup
 in the expert -> slot table, victims as the K lowest-scored slots of the layer's bank (LRU: last use; LFU:
 use count, then last use; free slots first), the tables updated with scatters, and the copies issued by
-moesys.offload.slot_copy from indices on the device. Every shape is fixed by K, so a decode step's
-layers can be captured once and replayed for every token.
+moesys.offload.slot_copy from indices on the device. Every shape is fixed by the step's N = rows x K ids,
+so a decode step's layers can be captured once and replayed for every token. A batch's rows share
+experts: each distinct expert is looked up, installed and copied once (its first occurrence), and every
+occurrence gets its slot.
 
 Masked scatters go to one extra "trash" entry at the end of each table instead of being skipped (that
 would need a data-dependent shape). The host and device bookkeeping hand over in both directions
 (`load_from_host`, `store_to_host`) so prefill keeps the host path and its prefetch.
 
-Legend: L MoE layers, E experts per layer, S slots, B slots in a bank, K experts per token.
+Legend: L MoE layers, E experts per layer, S slots, B slots in a bank, K experts per token, N ids of a step.
 """
 
 from __future__ import annotations
@@ -47,19 +49,23 @@ class DeviceCacheTables:
         self.counters = torch.zeros(3, dtype=torch.int64, device=dev)
 
     # ---------------------------------------------------------------- one layer, one token
-    def step(self, row: int, ids_K: torch.Tensor, use_kernel: bool | None = None):
-        """Make the K distinct experts `ids_K` of MoE layer `row` resident. Returns (bank-local slots [K],
-        src [K]: the store row (row * E + expert) of each missed expert, -1 for hits, dst [K]: global
-        slots); the caller copies rows src into slots dst before computing. use_kernel: None = the fused
-        Triton kernel for CUDA tables (one launch instead of ~35 small ones: decode replays this per
-        layer and token), the torch reference otherwise."""
+    def step(self, row: int, ids_N: torch.Tensor, use_kernel: bool | None = None, distinct: bool = True):
+        """Make the experts `ids_N` of MoE layer `row` resident: one token's K distinct ids, or (distinct=
+        False) a batch's rows x K, where rows share experts. Returns (bank-local slots [N], src [N]: the
+        store row (row * E + expert) of each missed expert's first occurrence, -1 elsewhere, dst [N]:
+        global slots); the caller copies rows src into slots dst before computing. The bank must hold
+        min(N, E) slots (checked by the engine). use_kernel: None = the fused Triton kernel for CUDA tables
+        and distinct ids (one launch instead of ~35 small ones: batch-1 decode replays this per layer and
+        token), the torch reference otherwise."""
         cache = self.cache
         start, end = cache.banks[cache.bank_of[cache.layers[row]]]
         if use_kernel is None:
-            use_kernel = self.table.is_cuda and triton is not None
+            use_kernel = self.table.is_cuda and triton is not None and distinct
         if use_kernel:
-            return self._step_kernel(row, ids_K, start, end)
-        return self._step_reference(row, ids_K, start, end)
+            if not distinct:
+                raise ValueError("the fused step kernel takes one token's distinct ids; use_kernel=False for a batch")
+            return self._step_kernel(row, ids_N, start, end)
+        return self._step_reference(row, ids_N, start, end)
 
     def _step_kernel(self, row, ids_K, start, end):
         K = ids_K.numel()
@@ -70,40 +76,49 @@ class DeviceCacheTables:
                            BLOCK_B=triton.next_power_of_2(end - start), BLOCK_K=triton.next_power_of_2(K))
         return out_3K[0], out_3K[1], out_3K[2]
 
-    def _step_reference(self, row, ids_K, start, end):
+    def _step_reference(self, row, ids_N, start, end):
         cache = self.cache
-        B, K = end - start, ids_K.numel()
-        key_K = ids_K.to(torch.int64) + row * cache.num_experts
-        slot_K = self.table[key_K]
-        miss_K = slot_K < 0
+        B, N = end - start, ids_N.numel()
+        key_N = ids_N.to(torch.int64) + row * cache.num_experts
+        # an expert's first occurrence stands for all of them (a batch's rows share experts): only it is
+        # counted, installed and copied
+        order_N = torch.sort(key_N, stable=True).indices
+        sorted_N = key_N[order_N]
+        first_sorted_N = torch.ones_like(sorted_N, dtype=torch.bool)
+        first_sorted_N[1:] = sorted_N[1:] != sorted_N[:-1]
+        first_N = torch.empty_like(first_sorted_N).scatter_(0, order_N, first_sorted_N)
+        slot_N = self.table[key_N]
+        miss_N = (slot_N < 0) & first_N
         self.tick += 1
         score_B = self.stamp_S[start:end]
         if self.lfu:
             score_B = (self.count_K[self.owner_S[start:end]] << _STAMP_BITS) + score_B
-        # this token's hits are not victims: give them the top score (misses write the trash entry B)
+        # this step's hits are not victims: give them the top score (misses write the trash entry B)
         score_B1 = torch.cat((score_B, score_B.new_zeros(1)))
-        score_B1.scatter_(0, torch.where(miss_K, B, slot_K), torch.iinfo(torch.int64).max)
-        victims_K = torch.topk(score_B1[:B], K, largest=False).indices  # B >= K: checked by the engine
-        rank_K = (torch.cumsum(miss_K, 0) - 1).clamp(min=0)
-        slot_K = torch.where(miss_K, victims_K[rank_K], slot_K)
-        gslot_K = slot_K + start
-        old_K = self.owner_S[gslot_K]
+        score_B1.scatter_(0, torch.where(slot_N < 0, B, slot_N), torch.iinfo(torch.int64).max)
+        # misses <= distinct ids <= min(N, E) <= B: the engine checks the bank
+        victims_N = torch.topk(score_B1[:B], min(N, B), largest=False).indices
+        rank_N = (torch.cumsum(miss_N, 0) - 1).clamp(min=0)
+        miss_slot_N = victims_N[rank_N.clamp(max=victims_N.numel() - 1)]
+        gmiss_N = miss_slot_N + start
+        old_N = self.owner_S[gmiss_N]
         trash_key, trash_slot = self.trash_key, self.owner_S.numel() - 1
         # (the trash entries are reset with fill_: item assignment copies a host scalar, which graph
         # capture refuses)
-        self.table.scatter_(0, torch.where(miss_K, old_K, trash_key), -1)         # evict
-        self.table.scatter_(0, torch.where(miss_K, key_K, trash_key), slot_K)     # install
+        self.table.scatter_(0, torch.where(miss_N, old_N, trash_key), -1)            # evict
+        self.table.scatter_(0, torch.where(miss_N, key_N, trash_key), miss_slot_N)   # install
         self.table[trash_key:].fill_(-1)
-        self.owner_S.scatter_(0, torch.where(miss_K, gslot_K, trash_slot), key_K)
+        self.owner_S.scatter_(0, torch.where(miss_N, gmiss_N, trash_slot), key_N)
         self.owner_S[trash_slot:].fill_(trash_key)
+        slot_N = self.table[key_N]  # every occurrence: a repeated expert's slot is its first occurrence's
+        gslot_N = slot_N + start
         # last use = tick * E + expert: within a step the host path touches experts in ascending id order,
-        # so ties break as they do there and both paths evict the same experts
-        self.stamp_S.scatter_(0, gslot_K, self.tick * cache.num_experts + ids_K)
+        # so ties break as they do there and both paths evict the same experts (repeats write the same value)
+        self.stamp_S.scatter_(0, gslot_N, self.tick * cache.num_experts + ids_N.to(torch.int64))
         if self.lfu:
-            self.count_K.scatter_add_(0, key_K, torch.ones_like(key_K))
-        self.counters += torch.stack((miss_K.new_full((), K, dtype=torch.int64), miss_K.sum(),
-                                      (miss_K & (old_K != trash_key)).sum()))
-        return slot_K, torch.where(miss_K, key_K, -1), gslot_K
+            self.count_K.scatter_add_(0, key_N, first_N.to(torch.int64))
+        self.counters += torch.stack((first_N.sum(), miss_N.sum(), (miss_N & (old_N != trash_key)).sum()))
+        return slot_N, torch.where(miss_N, key_N, -1), gslot_N
 
     # ---------------------------------------------------------------- hand-over with the host path
     def load_from_host(self) -> None:

@@ -27,11 +27,11 @@ _NUM_WARPS = 4  # per program (bench/offload_graph_probe.py --copy-sweep times o
 
 def copy_rows_reference(src_NW: torch.Tensor, dst_SW: torch.Tensor, src_K: torch.Tensor,
                         dst_K: torch.Tensor) -> None:
-    """dst_SW[dst_K[k]] = src_NW[src_K[k]] for every k with src_K[k] >= 0 (no host sync: rows not copied
-    are written back with their own values)."""
-    take_K1 = (src_K >= 0).unsqueeze(1)
-    rows = src_NW[src_K.clamp(min=0).to(src_NW.device)].to(dst_SW.device)
-    dst_SW[dst_K] = torch.where(take_K1, rows, dst_SW[dst_K])
+    """dst_SW[dst_K[k]] = src_NW[src_K[k]] for every k with src_K[k] >= 0; the others are not written (a
+    batch's repeated expert shares its first occurrence's slot: writing it back could race that copy).
+    Selecting the rows to write syncs, which only a CUDA pool without triton would notice."""
+    take_K = (src_K >= 0).to(dst_K.device)
+    dst_SW[dst_K[take_K]] = src_NW[src_K[src_K >= 0].to(src_NW.device)].to(dst_SW.device)
 
 
 _MAX_PARTS = 4  # parts per launch (an expert's tensors: gate/up and down, each with its scales when quantized)

@@ -24,6 +24,9 @@ calibration row at the smallest batch above 1 (per dequantization wave). Bound (
 a step at pinned bandwidth, the same step with every expert resident (measured per batch size with a
 budget holding the whole model)).
 
+--batch-graph adds rows of the decode graph's batch steps (generate_batch(graph=True), model routing, one
+model loaded with cuda_graph=True and compile=False) next to the host-routed steps on the same model.
+
 Routing "trace" replays --trace (a trace of a trained model: bench/results/routing_trace_64x8.safetensors,
 from a moesys-trained 64-expert top-8 16-layer MoE, made by bench/make_routing_trace.py; its E and K must
 be the model's: the OLMoE shape's); without --trace the row replays the routing
@@ -104,12 +107,13 @@ def row_prompts(B, args, vocab, seed=0):
     return [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
 
 
-def run_row(model, B, args, vocab, seed=0):
-    """(BatchGeneration, engine stats, tokens per prompt) of B prompts after a warm-up."""
+def run_row(model, B, args, vocab, seed=0, graph=False):
+    """(BatchGeneration, engine stats, tokens per prompt) of B prompts after a warm-up (graph: the batch's
+    steps through the decode graph; its warm-up compiles and captures)."""
     from moesys.offload.batch import generate_batch
 
     prompts = row_prompts(B, args, vocab, seed)
-    list(generate_batch(model, prompts, max_new_tokens=min(4, args.new_tokens), batch_size=B, eos=[]))
+    list(generate_batch(model, prompts, max_new_tokens=min(4, args.new_tokens), batch_size=B, eos=[], graph=graph))
     engine = getattr(model, "moesys_offload", None)
     if engine is not None:
         engine.reset_stats()
@@ -126,7 +130,7 @@ def run_row(model, B, args, vocab, seed=0):
     if engine is not None and engine.cuda:
         torch.cuda.reset_peak_memory_stats(engine.device)
     try:
-        run = generate_batch(model, prompts, max_new_tokens=args.new_tokens, batch_size=B, eos=[])
+        run = generate_batch(model, prompts, max_new_tokens=args.new_tokens, batch_size=B, eos=[], graph=graph)
         tokens = {r.index: r.token_ids for r in run}
     finally:
         hook.remove()
@@ -187,6 +191,10 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--no-accelerate", action="store_true")
+    ap.add_argument("--batch-graph", action="store_true",
+                    help="also the decode graph's batch steps (generate_batch(graph=True)) next to the host-routed "
+                         "ones, the model's own routing (an override's per-step draw cannot be replayed), bf16, "
+                         "each batch size above 1: tok/s, hit rate, and whether the tokens equal the host path's")
     ap.add_argument("--experts-impl", default="grouped_mm,moesys",
                     help="comma-separated transformers experts implementations: the first runs the offloaded rows "
                          "(int4 always runs moesys' dequantizing kernels), each one the all-resident rows; the bound "
@@ -368,8 +376,47 @@ def main():
         del model, engine
         gc.collect()
 
+    if args.batch_graph:
+        graph_rows(args, path, dtype, budget, max_context, sizes, cfg.vocab_size, base, records, impls[0])
     save()
     log("wrote", args.out, len(records), "records")
+
+
+def graph_rows(args, path, dtype, budget, max_context, sizes, vocab, base, records, impl):
+    """Host-routed and decode-graph batch steps side by side on one model (cuda_graph=True; compile off: one
+    capture per batch size, no recompile), the model's routing; tokens compared row by row."""
+    import moesys.offload as mo
+
+    row_budget = budget if budget is not None else smoke_budget(path, dtype, 1 / 3, max_context)
+    model = mo.load(path, gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=True,
+                    compile=False, experts_implementation=impl)
+    engine = model.moesys_offload
+    for B in [b for b in sizes if b > 1]:
+        why = engine.device_batch_unsupported(B)
+        if why is not None:
+            records.append(dict(base, impl="moesys-batch-graph", batch=B, routing="model", error=why))
+            continue
+        tokens = {}
+        for graph in (False, True):
+            try:
+                run, stats, tokens[graph] = run_row(model, B, args, vocab, graph=graph)
+            except Exception as e:
+                traceback.print_exc()
+                records.append(dict(base, impl="moesys-batch-graph" if graph else "moesys", batch=B, routing="model",
+                                    error=repr(e), graph_section=True))
+                continue
+            records.append(dict(base, impl="moesys-batch-graph" if graph else "moesys", graph_section=True,
+                                path="decode graph, generate_batch(graph=True)" if graph else base["path"],
+                                batch=B, routing="model", tokens_per_s=stats.decode_tokens_per_s,
+                                e2e_tokens_per_s=run.tokens_per_s, hit_rate=stats.decode_hit_rate,
+                                replays=model.moesys_decode_graph.replays, peak_bytes=stats.peak_bytes,
+                                budget=row_budget))
+            if graph and False in tokens:
+                records[-1]["sequences_equal_to_host_path"] = [sum(a == b for a, b in zip(tokens[True], tokens[False])), B]
+            log(records[-1]["impl"], B, f"{stats.decode_tokens_per_s:.1f} tok/s",
+                records[-1].get("sequences_equal_to_host_path", ""))
+    del model, engine
+    gc.collect()
 
 
 if __name__ == "__main__":

@@ -89,7 +89,9 @@ def test_bad_prompt_lines_name_the_line(checkpoints, tmp_path, capsys, line, msg
 
 
 @pytest.mark.parametrize("extra, msg", [(["--batch-size", "0"], "--batch-size '0'"), ([], "needs --out"),
-                                        (["--routing", "trace"], "go together")])
+                                        (["--routing", "trace"], "go together"),
+                                        (["--batch-graph", "on", "--cuda-graph", "off"], "--cuda-graph off does not build"),
+                                        (["--device", "cuda", "--routing", "uniform"], "add --cuda-graph off")])
 def test_bad_batch_options(checkpoints, tmp_path, capsys, extra, msg):
     src = _write(tmp_path / "in.jsonl", [{"token_ids": [3, 4]}])
     args = ["generate", str(checkpoints["olmoe"]), "--gpu-memory", "1GiB", "--prompts", str(src), *extra]
@@ -99,14 +101,22 @@ def test_bad_batch_options(checkpoints, tmp_path, capsys, extra, msg):
     assert msg in capsys.readouterr().err
 
 
-def test_cli_results_equal_the_python_api(checkpoints, tmp_path, capsys):
+@pytest.mark.parametrize("graph", ["off", "on"])
+def test_cli_results_equal_the_python_api(checkpoints, tmp_path, capsys, monkeypatch, graph):
+    """--batch-graph on reaches generate_batch(graph=True) (with --cuda-graph on); tokens are the same."""
     import moesys.offload as mo
+    from moesys.offload import batch_cli
 
+    seen = []
+    real = batch_cli.generate_batch
+    monkeypatch.setattr(batch_cli, "generate_batch", lambda *a, **kw: seen.append(kw["graph"]) or real(*a, **kw))
     path = checkpoints["mixtral"]
     ps = prompts((4, 6, 8, 5))
     src = _write(tmp_path / "in.jsonl", [{"token_ids": p} for p in ps])
-    rc, out = _generate(path, tmp_path, "--prompts", str(src), "--batch-size", "3")
+    rc, out = _generate(path, tmp_path, "--prompts", str(src), "--batch-size", "3",
+                        *(["--batch-graph", "on", "--cuda-graph", "on"] if graph == "on" else []))
     assert rc == 0, capsys.readouterr().err
+    assert seen == [graph == "on"]
     model = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, cuda_graph=False)
     want = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=4, batch_size=3)]
     assert [(r["index"], r["token_ids"]) for r in map(json.loads, out.read_text().splitlines())] == want

@@ -40,7 +40,7 @@ def test_each_configuration_and_phase_selects_its_path(config, want):
 
 def test_phase_of_a_call():
     assert [phase_of(1, False), phase_of(1, True), phase_of(5, False), phase_of(5, True)] == [
-        "decode", "graph", "prefill", "prefill"]
+        "decode", "graph", "prefill", "graph"]  # a batch's step replayed by the decode graph is "graph"
     # a call with no rows is not a one-token call: the graph and decode paths read row 0
     assert [phase_of(0, False), phase_of(0, True)] == ["prefill", "prefill"]
 

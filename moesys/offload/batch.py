@@ -15,6 +15,13 @@ Memory: the offload loader reserved KV cache for `max_context` tokens; a batch s
 batch_size x (longest prompt + max_new_tokens) must fit in max_context (checked before anything runs).
 With kv="host" the KV cache lives in host memory and attention runs on the CPU (moesys.offload.host_kv).
 
+graph=True: the decode steps replay moesys's CUDA graph (moesys.offload.graph) with the expert cache's
+bookkeeping on the device, as batch-1 decode does: the KV cache has fixed shapes (moesys.offload.
+batch_static_kv: batch_size rows x max_context / batch_size columns), a finished row's place is free
+until a joining sequence takes it, and a free row costs no expert copy. The host-routed steps (the
+default) overlap the resident experts' compute with the misses' copies and prefetch the next layer's
+experts; the graph's steps copy in stream order but launch nothing from the host.
+
 Legend: B rows in the batch, L cached columns, V vocabulary.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -30,6 +38,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moesys.offload.batch_kv import PaddedBatchKV, cache_kwarg
+from moesys.offload.batch_static_kv import StaticBatchKV
 from moesys.offload.host_kv import host_attention
 from moesys.offload.loader import PREFILL_RESERVE_TOKENS
 from moesys.offload.perf_model import KV_PLACES as KV_MODES
@@ -96,9 +105,9 @@ class BatchGeneration:
     decode_steps, generated_tokens, elapsed_s) are for progress, benchmarks and tests."""
 
     def __init__(self, model, requests: list[Request], max_new_tokens: int, batch_size: int, eos: set[int],
-                 continuous: bool, kv: str = "device"):
-        self.model, self.requests, self.batch_size, self.eos, self.continuous, self.kv = (
-            model, requests, batch_size, eos, continuous, kv)
+                 continuous: bool, kv: str = "device", graph: bool = False):
+        self.model, self.requests, self.batch_size, self.eos, self.continuous, self.kv, self.graph = (
+            model, requests, batch_size, eos, continuous, kv, graph)
         self.max_new = [r.max_new_tokens if r.max_new_tokens is not None else max_new_tokens for r in requests]
         self.prefills = self.decode_steps = self.generated_tokens = 0
         self.elapsed_s = 0.0
@@ -119,6 +128,10 @@ class BatchGeneration:
         graph = getattr(self.model, "moesys_decode_graph", None)
         if self.batch_size == 1 and self.kv == "device" and graph is not None:
             yield from self._run_alone()
+            return
+        rows = self._graph_rows() if self.graph else None
+        if rows is not None:
+            yield from self._run_graph(rows)
             return
         queue = deque(range(len(self.requests)))
         kv = PaddedBatchKV(self.model.config, self.device, host=self.kv == "host", cache_name=cache_kwarg(self.model))
@@ -148,6 +161,69 @@ class BatchGeneration:
             self.elapsed_s += time.perf_counter() - t0
             for row in done:
                 yield self._result(row)
+
+    def _graph_rows(self) -> int | None:
+        """The rows of the graph decode's fixed-shape batch, or None (said once) when its steps cannot keep
+        the expert cache's bookkeeping on the device: the host-routed steps run instead, same tokens."""
+        engine = getattr(self.model, "moesys_offload", None)
+        if engine is None or getattr(self.model, "moesys_decode_graph", None) is None:
+            raise ValueError("graph=True replays moesys's decode graph: load the model with moesys.offload.load "
+                             "(cuda_graph=True, the default)")
+        rows = min(self.batch_size, len(self.requests))
+        why = "kv='host' keeps the KV cache on the host" if self.kv != "device" else \
+            engine.device_batch_unsupported(rows)
+        if why is None and any(type(layer).__name__ != "DynamicLayer"
+                               for layer in PaddedBatchKV(self.model.config, self.device).new_row_cache().layers):
+            why = "the model's KV cache has layers other than full attention"
+        if why is not None:
+            warnings.warn(f"batch decode takes the host-routed path instead of the decode graph: {why}",
+                          stacklevel=4)
+            return None
+        return rows
+
+    def _run_graph(self, R: int) -> Iterator[Result]:
+        """Continuous batching over a fixed-shape KV cache of R rows: joining groups prefill on the
+        host-routed path (PaddedBatchKV's inputs), then every step runs all R rows through the decode graph;
+        a free row's experts are its step's first row's (engine.batch_rows_valid), so it copies nothing."""
+        engine = self.model.moesys_offload
+        name = cache_kwarg(self.model)
+        prefill = PaddedBatchKV(self.model.config, self.device, cache_name=name)
+        kv = StaticBatchKV(self.model.config, self.device, R, engine.max_context // R, cache_name=name)
+        engine.batch_rows_valid = valid_R = torch.zeros(R, dtype=torch.bool, device=self.device)
+        queue = deque(range(len(self.requests)))
+        rows: dict[int, _Row] = {}   # cache row -> its sequence
+        try:
+            while queue or rows:
+                t0 = time.perf_counter()
+                done: list[_Row] = []
+                while (self.continuous or not rows) and queue and kv.free_rows():
+                    free = kv.free_rows()
+                    joining = self._next_group(queue, len(free))
+                    group = prefill.prefill_inputs([row.request.token_ids for row in joining])
+                    for row, token in zip(joining, self._forward(**group)):
+                        self._append(row, token)
+                    self.prefills += len(joining)
+                    kv.add(group, [len(row.request.token_ids) for row in joining], free[:len(joining)])
+                    rows.update(zip(free, joining))
+                    self._leave_rows(rows, kv, done)
+                if rows:
+                    inputs = kv.step_inputs({r: row.tokens[-1] for r, row in rows.items()})
+                    valid_R.copy_(kv.valid_R())
+                    tokens = self._forward(**inputs)
+                    for r, row in rows.items():
+                        self._append(row, tokens[r])
+                    self.decode_steps += 1
+                    self._leave_rows(rows, kv, done)
+                self.elapsed_s += time.perf_counter() - t0
+                for row in done:
+                    yield self._result(row)
+        finally:
+            engine.batch_rows_valid = None
+
+    def _leave_rows(self, rows: dict[int, _Row], kv: StaticBatchKV, done: list[_Row]) -> None:
+        finished = [r for r, row in rows.items() if self._finished(row)]
+        done += [rows.pop(r) for r in finished]
+        kv.remove(finished)
 
     def _run_alone(self) -> Iterator[Result]:
         """Batch 1 on a model with moesys's decode graph (moesys.offload.load's cuda_graph=True): each prompt
@@ -224,7 +300,7 @@ class BatchGeneration:
 
 
 def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_size: int | str = 8, eos=None, *,
-                   continuous: bool = True, kv: str = "device") -> BatchGeneration:
+                   continuous: bool = True, kv: str = "device", graph: bool = False) -> BatchGeneration:
     """Greedy generation of many prompts at `batch_size` rows at a time; iterate the returned object to get
     a Result per sequence as it finishes (it runs while you iterate).
 
@@ -240,6 +316,9 @@ def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_si
         kv: "device": the batch's KV cache on the model's device, within the memory plan's max_context;
             "host": in host memory with attention on the CPU (moesys.offload.host_kv), outside the budget
             (perf_model.best_plan says which is faster for a budget; load with a small max_context then).
+        graph: decode steps through moesys's CUDA graph with the expert cache's bookkeeping on the device
+            (module docstring); when the model's banks cannot hold what batch_size rows may need at once
+            (min(rows x top-k, experts) per layer), it says so once and takes the host-routed steps.
     """
     if kv not in KV_MODES:
         raise ValueError(f"kv={kv!r} is unknown; use one of {list(KV_MODES)}")
@@ -269,4 +348,6 @@ def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_si
                          f"{min(batch_size, len(requests)) * longest} tokens, but the memory plan reserved "
                          f"max_context={max_context}; use batch_size<={fits} or load with "
                          f"max_context>={batch_size * longest}")
-    return BatchGeneration(model, requests, max_new_tokens, batch_size, _eos_set(model, eos), continuous, kv)
+    if not isinstance(graph, bool):
+        raise ValueError(f"graph={graph!r} must be True or False")
+    return BatchGeneration(model, requests, max_new_tokens, batch_size, _eos_set(model, eos), continuous, kv, graph)

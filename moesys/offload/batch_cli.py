@@ -116,6 +116,8 @@ def check_args(args) -> None:
         raise ValueError("--routing trace and --routing-trace FILE go together")
     if not Path(args.out).parent.is_dir():
         raise ValueError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
+    if args.batch_graph == "on" and args.cuda_graph == "off":
+        raise ValueError("--batch-graph on replays the decode graph, which --cuda-graph off does not build")
 
 
 def prepare(args, model_dir: Path):
@@ -133,6 +135,10 @@ def prepare(args, model_dir: Path):
     config = AutoConfig.from_pretrained(model_dir)
     requests = read_prompts(Path(args.prompts), tokenizer, config.get_text_config().vocab_size)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and args.routing != "model" and args.cuda_graph == "on":
+        # the override draws (or replays) ids on every call: a captured step would replay its first draw
+        raise ValueError(f"--routing {args.routing} sets each step's experts from the host; a CUDA graph would "
+                         "replay the first step's: add --cuda-graph off")
     batch_size, kv, args.max_context = choose_batch(args, config, _resolve_dtype(args.dtype, config), requests,
                                                     device)
     return tokenizer, requests, batch_size, kv
@@ -179,7 +185,8 @@ def run_batch(args, model, tokenizer, requests: list[Request], batch_size: int, 
         from moesys.offload.routing import RoutingOverride
 
         override = RoutingOverride(model, args.routing, seed=args.routing_seed, trace=args.routing_trace)
-    run = generate_batch(model, requests, max_new_tokens=args.max_new_tokens, batch_size=batch_size, kv=kv)
+    run = generate_batch(model, requests, max_new_tokens=args.max_new_tokens, batch_size=batch_size, kv=kv,
+                         graph=args.batch_graph == "on")
     progress = Progress(len(requests))
     with open(partial, "w", encoding="utf-8") as f:
         for result in run:

@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--max-context is raised to batch x longest sequence), in host memory with attention "
                              "on the CPU (frees the budget for the expert cache), or auto: the performance "
                              "model's faster choice")
+    parser.add_argument("--batch-graph", choices=("on", "off"), default="off",
+                        help="with --prompts: on: the batch's decode steps replay the CUDA graph with the expert "
+                             "cache's bookkeeping on the GPU (a fixed-shape KV cache of batch x max-context / "
+                             "batch columns; needs --cuda-graph on and banks that hold batch x top-k experts, "
+                             "else it says so and runs off); off: host-routed steps, which overlap the resident "
+                             "experts' compute with the misses' copies and prefetch")
     parser.add_argument("--routing", choices=ROUTING_MODES, default="model",
                         help="benchmarking: the model's router, uniform random top-k per token (seeded), or a "
                              "replayed routing trace (--routing-trace)")

@@ -70,13 +70,13 @@ def _(x_TH, ids_TK, w_TK, layer):
 
 @torch.library.custom_op("moesys::offload_slots", mutates_args=())
 def offload_slots(ids_TK: torch.Tensor, layer: int) -> torch.Tensor:
-    """Batch-1 decode of unquantized experts: make the token's K experts of `layer` resident (the device
-    bookkeeping, and the copies of misses into their slots) and return their bank-local slot ids [1, K].
+    """Graph decode of unquantized experts: make the rows' experts of `layer` resident (the device
+    bookkeeping, and the copies of misses into their slots) and return their bank-local slot ids [T, K].
     The compiled step runs the model's own grouped experts over the slot pool with these ids, so inductor
     fuses its sort/offsets/gather/combine glue exactly as for the model fully on the GPU; only this op is
     opaque (the grouped GEMMs that follow read the slots it filled: they depend on its output, so they run
     after it)."""
-    return _active_engine().device_slots(layer, ids_TK).view(1, -1)
+    return _active_engine().device_slots(layer, ids_TK)
 
 
 @offload_slots.register_fake
@@ -158,6 +158,10 @@ class OffloadEngine:
         self._tables_on_device = False
         self._device_all_resident = False
         self.device_path_unsupported = self._device_path_unsupported()
+        # the rows of a batch decode step on the device path that hold a sequence (moesys.offload.batch's
+        # graph decode: the captured step always runs the whole batch); a free row takes its step's first
+        # row's experts, so it costs no copy; None: every row is real
+        self.batch_rows_valid: torch.Tensor | None = None
         # each phase's execution path, chosen once from the configuration above (moesys.offload.strategies)
         self.strategies = {phase: select_strategy(self, phase) for phase in PHASES}
 
@@ -179,6 +183,19 @@ class OffloadEngine:
         if small:
             return (f"the cache banks of layers {small} hold fewer slots than the {self.dequant_experts} experts a "
                     "token needs; give a larger gpu_memory")
+        return None
+
+    def device_batch_unsupported(self, rows: int) -> str | None:
+        """Why a decode step of `rows` rows cannot keep the bookkeeping on the device, or None when it can:
+        each layer's bank must hold every expert the rows may need at once, min(rows x K, E)."""
+        if self.device_path_unsupported is not None:
+            return self.device_path_unsupported
+        need = min(rows * self.top_k, self.cache.num_experts)
+        small = [layer for layer in self.inner if self.cache.capacity(layer) < need]
+        if small:
+            return (f"the cache banks of layers {small} hold {min(self.cache.capacity(layer) for layer in small)} "
+                    f"slots, fewer than the {need} experts {rows} rows may need at once; give a larger gpu_memory "
+                    "or a smaller batch")
         return None
 
     # ---------------------------------------------------------------- all experts fit
@@ -303,21 +320,27 @@ class OffloadEngine:
 
     # ---------------------------------------------------------------- batch-1 decode on the device
     def device_slots(self, layer: int, ids_TK: torch.Tensor, global_slots: bool = False) -> torch.Tensor:
-        """The slots [K] of the token's K experts of `layer` (bank-local, or indices into the whole pool when
+        """The slots [T, K] of the rows' experts of `layer` (bank-local, or indices into the whole pool when
         `global_slots`), made resident without a host sync: hits, victims and table updates on the device
-        (DeviceCacheTables.step), misses copied by a kernel reading the pinned store (in stream order,
-        before whatever reads the slots next)."""
+        (DeviceCacheTables.step; a batch's shared experts once), misses copied by a kernel reading the pinned
+        store (in stream order, before whatever reads the slots next)."""
         if not self._tables_on_device:
             self._tables_to_device()
+        T = ids_TK.shape[0]
+        if T > 1 and self.batch_rows_valid is not None:  # free rows of a batch step: the first row's experts
+            ids_TK = torch.where(self.batch_rows_valid[:T, None], ids_TK, ids_TK[:1])
         if self._device_all_resident:
             # every expert of every layer is in its slot and stays there (nothing can miss, so nothing is
             # evicted): no bookkeeping or copy kernels, only the lookup; hits are counted per step on the
-            # host (note_device_step)
-            return self._table_slots(layer, ids_TK[0], global_slots)
-        slot_K, src_K, dst_K = self.device_tables.step(self.cache.row[layer], ids_TK[0])
+            # host (note_device_step), a batch's distinct experts on the device
+            if T > 1:
+                seen_E = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=ids_TK.device)
+                self._fast_hits += seen_E.index_fill_(0, ids_TK.flatten(), True).sum()
+            return self._table_slots(layer, ids_TK, global_slots)
+        slot_N, src_N, dst_N = self.device_tables.step(self.cache.row[layer], ids_TK.reshape(-1), distinct=T == 1)
         slot_copy.copy_parts(self.store.arena, [(offset, nbytes, self.cache.pools[name])
-                                                for name, offset, nbytes in self.store.spans], src_K, dst_K)
-        return dst_K if global_slots else slot_K
+                                                for name, offset, nbytes in self.store.spans], src_N, dst_N)
+        return (dst_N if global_slots else slot_N).view(ids_TK.shape)
 
     def ensure_device_tables(self) -> None:
         """Put the cache bookkeeping on the device now (eagerly: before a CUDA graph replays steps that use
@@ -336,10 +359,11 @@ class OffloadEngine:
         # complete is for good: a layer with all its experts never misses, so it never evicts
         self._device_all_resident = all(self.cache.layer_complete(layer) for layer in self.inner)
 
-    def note_device_step(self) -> None:
-        """One batch-1 decode step taken on the device path (called by the decode graph per step, replayed
-        or not): its hits, when the all-resident shortcut skipped the device tables' counters."""
-        if self._tables_on_device and self._device_all_resident:
+    def note_device_step(self, rows: int = 1) -> None:
+        """One decode step of `rows` rows taken on the device path (called by the decode graph per step,
+        replayed or not): a batch-1 step's hits, when the all-resident shortcut skipped the device tables'
+        counters (a batch step counts its distinct experts on the device)."""
+        if rows == 1 and self._tables_on_device and self._device_all_resident:
             self.stats.hits += self.top_k * len(self.inner)
 
     def _tables_to_host(self) -> None:

@@ -1,4 +1,4 @@
-"""Batch-1 decode replayed from a CUDA graph.
+"""Decode steps replayed from a CUDA graph: batch 1, and a batch's steps (moesys.offload.batch).
 
 A decode step of a transformers model is hundreds of small kernels, and launching them from Python costs
 more than running them (24-41 ms of host time per token for the OLMoE-1B-7B shape on the H200 machine,
@@ -6,12 +6,14 @@ against 3.7 ms replayed: bench/results/offload_graph_probe.json). With a static 
 StaticCache, whose shapes never change) and an offload engine whose decode path never syncs
 (moesys.offload.device_cache), the whole step is captured once and replayed for every token.
 
-`install(model, engine)` wraps `model.forward`. A call takes the graph when it decodes one token
-(input_ids with one element), with a compileable cache, without autograd, on CUDA. The first such call
-for a given cache and argument layout runs eagerly (the warm-up: Triton kernels compile, lazy buffers are
-made); the second captures; every later one copies its tensor arguments into the captured ones and
-replays. Anything else (prefill, a DynamicCache, batch > 1) runs the model as before. On a CPU the eligible
-calls run eagerly through the same sync-free path, so tests exercise it there.
+`install(model, engine)` wraps `model.forward`. A call takes the graph when it decodes one token per
+row with a compileable cache, without autograd, on CUDA: one row (input_ids with one element), or B rows
+(input_ids [B, 1]) with a 4D attention mask, per-row position_ids and an engine whose banks hold the
+min(B x K, E) experts a step may need (moesys.offload.batch's graph decode passes exactly that). The first
+such call for a given cache and argument layout runs eagerly (the warm-up: Triton kernels compile, lazy
+buffers are made); the second captures; every later one copies its tensor arguments into the captured
+ones and replays. Anything else (prefill, a DynamicCache, a 2D padding mask) runs the model as before. On
+a CPU the eligible calls run eagerly through the same sync-free path, so tests exercise it there.
 
 `install(model, engine, compile=True)` (moesys.offload.load's default on CUDA) captures torch.compile's
 step instead of the eager one: inductor fuses the norms, rotary embedding and routing math (on the H200
@@ -61,7 +63,7 @@ class DecodeGraph:
         self.static_output = None
 
     def _signature(self, args, kwargs):
-        """(kwargs with every argument named, key of the captured layout) or None when not eligible."""
+        """(kwargs with every argument named, key of the captured layout, rows) or None when not eligible."""
         if args:
             kwargs = {"input_ids": args[0], **kwargs}
             if len(args) > 1:
@@ -69,12 +71,23 @@ class DecodeGraph:
         if self.engine is not None and self.engine.device_path_unsupported is not None:
             return None  # its layers read the routing back to the host: nothing a graph can replay
         ids = kwargs.get("input_ids")
-        if ids is None or ids.numel() != 1 or kwargs.get("inputs_embeds") is not None or torch.is_grad_enabled():
+        if ids is None or kwargs.get("inputs_embeds") is not None or torch.is_grad_enabled():
+            return None
+        rows = 1 if ids.numel() == 1 else ids.shape[0] if ids.dim() == 2 and ids.shape[1] == 1 else None
+        if rows is None:
             return None
         caches = [v for v in kwargs.values() if _is_static_cache(v)]
         if len(caches) != 1:
             return None
         mask = kwargs.get("attention_mask")
+        if rows > 1:
+            # a batch: its padding mask prepared (4D: no mask building that syncs), positions per row, and
+            # banks that hold what its rows may need at once
+            if self.engine is None or self.engine.device_batch_unsupported(rows) is not None:
+                return None
+            if not (isinstance(mask, torch.Tensor) and mask.dim() == 4) or \
+                    not isinstance(kwargs.get("position_ids"), torch.Tensor):
+                return None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             # a 2D padding mask grows by one column per token (no fixed shape to capture); at batch 1 it is
             # all ones, which is what the model assumes without it
@@ -99,16 +112,16 @@ class DecodeGraph:
                 except TypeError:
                     return None
                 key.append((name, value))
-        return kwargs, tuple(key)
+        return kwargs, tuple(key), rows
 
     def __call__(self, *args, **kwargs):
         sig = self._signature(args, kwargs)
         if sig is None:
             return self.eager_forward(*args, **kwargs)
-        kwargs, key = sig
+        kwargs, key, rows = sig
         if self.engine is not None:
             self.engine.ensure_device_tables()
-            self.engine.note_device_step()
+            self.engine.note_device_step(rows)
         if key != self.key:
             self._reset()
             self.key = key
@@ -145,7 +158,7 @@ class DecodeGraph:
 
 
 def install(model, engine=None, compile: bool = False) -> DecodeGraph:
-    """Wrap `model.forward` so batch-1 decode steps with a static cache replay a CUDA graph (of the
+    """Wrap `model.forward` so decode steps with a static cache replay a CUDA graph (of the
     torch.compile'd step when `compile`); returns the DecodeGraph (also at `model.moesys_decode_graph`).
     transformers' generate() then uses a StaticCache when the generation config says so
     (`cache_implementation="static"`), and must not torch.compile the forward itself

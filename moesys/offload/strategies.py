@@ -34,10 +34,13 @@ PHASES = ("prefill", "decode", "graph")
 
 
 def phase_of(tokens: int, in_graph_step: bool) -> str:
-    """The phase of a call with `tokens` routed tokens (the decode graph only ever runs one token)."""
-    if tokens != 1:
+    """The phase of a call with `tokens` routed tokens: the decode graph's steps (one token, or one per row
+    of a batch) are "graph"; otherwise one token is a decode step, more a prefill or a host-routed batch."""
+    if tokens == 0:  # no rows: the graph and decode paths read row 0
         return "prefill"
-    return "graph" if in_graph_step else "decode"
+    if in_graph_step:
+        return "graph"
+    return "decode" if tokens == 1 else "prefill"
 
 
 class ExpertsStrategy(ABC):
@@ -57,18 +60,18 @@ class ExpertsStrategy(ABC):
 
 
 class GraphDecode(ExpertsStrategy):
-    """One token through one layer with no host sync: hits, victims and table updates on the device, misses
-    copied by a kernel reading the pinned store, then the layer's compute over its slots. Everything here is
-    replayable from a CUDA graph; no prefetch (the copies are on the compute stream, in order) and no CPU
-    experts."""
+    """A decode step (one token, or one per row of a batch) through one layer with no host sync: hits,
+    victims and table updates on the device, misses copied by a kernel reading the pinned store, then the
+    layer's compute over its slots. Everything here is replayable from a CUDA graph; no prefetch (the
+    copies are on the compute stream, in order) and no CPU experts."""
 
     name = "graph-decode"
 
     def forward(self, layer, x_TH, ids_TK, w_TK):
         eng = self.engine
         if eng.grouped:
-            return eng.inner[layer](x_TH, eng.device_slots(layer, ids_TK).view(1, -1), w_TK)
-        return eng._quantized_rows(x_TH, eng.device_slots(layer, ids_TK, global_slots=True), w_TK)
+            return eng.inner[layer](x_TH, eng.device_slots(layer, ids_TK), w_TK)
+        return eng._quantized_rows(x_TH, eng.device_slots(layer, ids_TK, global_slots=True).reshape(-1), w_TK)
 
 
 class DeviceResident(ExpertsStrategy):

@@ -1,0 +1,179 @@
+"""generate_batch(graph=True): a batch's decode steps through moesys's decode graph (the expert cache's
+bookkeeping on the device, a fixed-shape KV cache), on tiny random checkpoints offloaded under a budget
+that evicts. On a CPU the graph's steps run eagerly through the same sync-free path (moesys.offload.graph),
+so everything but the capture is exercised here."""
+
+import warnings
+
+import pytest
+import torch
+
+import moesys.offload as mo
+from moesys.offload import batch_static_kv
+from moesys.offload.batch import Request, generate_batch
+from tests.test_offload import checkpoints  # noqa: F401  (the fixture: tiny random checkpoints per architecture)
+from tests.test_offload_batch import ARCHS, alone, budget, prompts, truncate_at
+
+CONTEXT = 256
+
+
+def load(path, dtype=torch.float32, slots=10, max_context=CONTEXT):
+    return mo.load(path, gpu_memory=budget(path, dtype, slots, max_context=max_context), dtype=dtype,
+                   max_context=max_context)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_graph_batch_equals_each_sequence_alone(checkpoints, arch, dtype):
+    """Five prompts of different lengths, three rows, an EOS one sequence meets mid-way: each sequence's
+    tokens are transformers' own for it alone, and every decode step took the decode graph's path."""
+    path, new = checkpoints[arch], 8
+    ps = prompts()
+    want = alone(path, dtype, ps, new)
+    eos = want[1][3]
+    want = [truncate_at(w, eos) for w in want]
+    model = load(path, dtype)  # 10 of 24 experts' slots: the banks evict, and hold the 6 a step may need
+    run = generate_batch(model, ps, max_new_tokens=new, batch_size=3, eos=eos, graph=True)
+    got = {r.index: r for r in run}
+    assert [got[i].token_ids for i in range(len(ps))] == want
+    assert [got[i].finish_reason for i in range(len(ps))] == ["eos" if eos in w else "length" for w in want]
+    graph = model.moesys_decode_graph
+    assert graph.eager_steps == run.decode_steps > 0   # the CPU's stand-in for a replay: one per step
+    engine = model.moesys_offload
+    assert engine.batch_rows_valid is None             # handed back after the run
+    stats = engine.snapshot()
+    assert stats.evictions > 0 and stats.misses > 0
+
+
+def test_free_rows_copy_nothing(checkpoints):
+    """A row whose sequence ended stays in the step (fixed shape) but takes its step's first row's experts:
+    the device bookkeeping then looks up exactly the live row's K experts per layer and step."""
+    path = checkpoints["olmoe"]
+    model = load(path)
+    requests = [Request(prompts()[0], max_new_tokens=9), Request(prompts()[1], max_new_tokens=1)]
+    run = generate_batch(model, requests, batch_size=2, graph=True)
+    got = {r.index: r.token_ids for r in run}
+    assert got == {0: alone(path, torch.float32, [requests[0].token_ids], 9)[0],
+                   1: alone(path, torch.float32, [requests[1].token_ids], 1)[0]}
+    engine = model.moesys_offload
+    lookups = int(engine.device_tables.counters[0])
+    assert run.decode_steps == 8 and lookups == run.decode_steps * len(engine.inner) * engine.top_k
+
+
+def test_kv_cache_shifts_keep_the_tokens(checkpoints, monkeypatch):
+    """A joining prompt longer than the write column shifts every row right; a write column at the end of
+    the cache drops the leading padding (shift left). Both happen here, and the tokens stay."""
+    path, new = checkpoints["qwen3_moe"], 6
+    ps = prompts(lengths=(3, 4, 14, 2, 11), seed=7)
+    shifts = {"left": 0, "right": 0}
+    for side in shifts:
+        real = getattr(batch_static_kv.StaticBatchKV, f"_shift_{side}")
+
+        def spy(self, n, real=real, side=side):
+            shifts[side] += n > 0
+            return real(self, n)
+        monkeypatch.setattr(batch_static_kv.StaticBatchKV, f"_shift_{side}", spy)
+    longest = max(len(p) for p in ps) + new
+    model = load(path, max_context=2 * longest)  # two rows of `longest` columns: shifted left often
+    requests = [Request(p, max_new_tokens=n) for p, n in zip(ps, (2, new, new, 3, new))]
+    got = {r.index: r.token_ids for r in generate_batch(model, requests, batch_size=2, graph=True)}
+    assert [got[i] for i in range(len(ps))] == [alone(path, torch.float32, [p], r.max_new_tokens)[0]
+                                                for p, r in zip(ps, requests)]
+    assert shifts["left"] > 0 and shifts["right"] > 0
+
+
+def test_banks_too_small_for_the_batch_say_so_and_keep_the_tokens(checkpoints):
+    path, new = checkpoints["mixtral"], 5
+    ps = prompts()
+    model = load(path, slots=5)  # 5 slots, 3 rows x top-2 may need 6
+    with pytest.warns(UserWarning, match=r"host-routed path instead of the decode graph: the cache banks of "
+                                         r"layers \[.*\] hold 5 slots, fewer than the 6 experts 3 rows"):
+        got = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=new, batch_size=3,
+                                                            graph=True)}
+    assert [got[i] for i in range(len(ps))] == alone(path, torch.float32, ps, new)
+    assert model.moesys_decode_graph.eager_steps == 0
+
+
+def test_graph_needs_the_decode_graph(checkpoints):
+    path = checkpoints["olmoe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)
+    with pytest.raises(ValueError, match="graph=True replays moesys's decode graph"):
+        list(generate_batch(model, prompts(), max_new_tokens=2, batch_size=2, graph=True))
+    with pytest.raises(ValueError, match="graph='yes' must be True or False"):
+        generate_batch(model, prompts(), graph="yes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # graph=False (the default) never warns
+        list(generate_batch(model, prompts()[:2], max_new_tokens=2, batch_size=2))
+
+
+def test_static_batching_refills_rows_that_sat_free(checkpoints):
+    """continuous=False: rows that finished sit free (they still run, attending to the current steps'
+    columns) until the whole batch is done; the next batch takes them and must see none of that."""
+    path, new = checkpoints["olmoe"], 5
+    ps = prompts(lengths=(4, 9, 6, 3, 8), seed=2)
+    requests = [Request(p, max_new_tokens=n) for p, n in zip(ps, (2, new, new, 1, 3))]
+    model = load(path)
+    got = {r.index: r.token_ids for r in generate_batch(model, requests, batch_size=2, graph=True, continuous=False)}
+    assert [got[i] for i in range(len(ps))] == [alone(path, torch.float32, [p], r.max_new_tokens)[0]
+                                                for p, r in zip(ps, requests)]
+
+
+class _Layer:
+    def __init__(self, keys):
+        self.keys = self.values = keys
+
+
+def test_fixed_shape_kv_bookkeeping(checkpoints):
+    """StaticBatchKV on its own: a group lands right-aligned before the write column, rows keep their own
+    start columns and lengths, a free row attends to the current step's column (never nothing), and a
+    longer joiner shifts every live row right, keys and mask together."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoints["olmoe"])
+    kv = batch_static_kv.StaticBatchKV(config, torch.device("cpu"), rows=3, columns=12)
+    L, N, D = len(kv.cache.layers), config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+
+    def group(lengths):
+        P = max(lengths)
+        mask = torch.tensor([[0] * (P - n) + [1] * n for n in lengths])
+        keys = torch.arange(len(lengths) * N * P * D, dtype=torch.float32).view(len(lengths), N, P, D) + 1
+        cache = type("C", (), {"layers": [_Layer(keys) for _ in range(L)]})()
+        return {"attention_mask": mask, "cache": cache}, keys
+
+    g, keys = group([2, 4])
+    kv.add(g, [2, 4], [0, 2])
+    assert (kv.column, kv.start, kv.lengths) == (4, [2, None, 0], [2, 0, 4])
+    assert torch.equal(kv.cache.layers[0].keys[[0, 2], :, 0:4], keys)
+    step = kv.step_inputs({0: 7, 2: 9})
+    assert step["input_ids"].flatten().tolist() == [7, 0, 9] and step["position_ids"].flatten().tolist() == [2, 0, 4]
+    assert step["attention_mask"][:, 0, 0].int().tolist() == [[0, 0, 1, 1, 1] + [0] * 7, [0, 0, 0, 0, 1] + [0] * 7,
+                                                              [1, 1, 1, 1, 1] + [0] * 7]
+    assert int(kv.column_1) == 4 and kv.column == 5 and kv.lengths == [3, 0, 5]
+    kv.remove([2])
+    g, keys = group([7])  # longer than the write column (5): live rows move right by 2
+    kv.add(g, [7], [2])
+    assert (kv.column, kv.start, kv.lengths) == (7, [4, None, 0], [3, 0, 7])
+    assert kv.mask_R11C[0, 0, 0].int().tolist() == [0, 0, 0, 0, 1, 1, 1] + [0] * 5
+    assert kv.mask_R11C[2, 0, 0].int().tolist() == [1] * 7 + [0] * 5   # none of the row's old columns
+    assert kv.mask_R11C[1].sum() == 1                                   # the free row: its one step's column
+    assert torch.equal(kv.cache.layers[0].keys[2:, :, 0:7], keys)
+
+
+@pytest.mark.parametrize("quantize", ["none", pytest.param("int8", marks=pytest.mark.slow)])
+def test_graph_batch_counts_like_the_host_path_with_every_expert_resident(checkpoints, quantize):
+    """Every expert in the cache (resident_if_fits off, so the engine still runs each layer): nothing
+    misses, and the graph's batch steps count each step's distinct experts as hits, as the host-routed steps
+    do; the tokens are the same (int8: through the quantized rows kernel, several rows per step)."""
+    path, new = checkpoints["olmoe"], 6
+    ps = prompts()
+    runs = {}
+    for graph in (False, True):
+        model = mo.load(path, gpu_memory=budget(path, torch.float32, 24, max_context=CONTEXT), dtype=torch.float32,
+                        max_context=CONTEXT, resident_if_fits=False, quantize_experts=quantize)
+        run = generate_batch(model, ps, max_new_tokens=new, batch_size=3, graph=graph)
+        got = {r.index: r.token_ids for r in run}
+        runs[graph] = ([got[i] for i in range(len(ps))], model.moesys_offload.snapshot())
+        assert model.moesys_decode_graph.eager_steps == (run.decode_steps if graph else 0)
+    (want, host), (tokens, dev) = runs[False], runs[True]
+    assert tokens == want and dev.misses == host.misses
+    assert dev.hits == host.hits > 0

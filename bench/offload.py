@@ -505,7 +505,9 @@ def bench_shape(records, meta, workdir, bw_Bps, steps, name, cfg, budget, device
                 prompt_tokens=512):
     """Batch-1 decode of one random bf16 model saved to disk: transformers fully on the device (where it fits),
     transformers + accelerate offload (device_map="auto" with max_memory = the budget), moesys under `budget`
-    (pinned store, CUDA-graph decode) and moesys with a budget holding every expert (the resident step).
+    (pinned store, CUDA-graph decode; compiled, the default, and not), transformers under moesys' compiled
+    decode graph (the default row's exact reference), and moesys with a budget holding every expert (the
+    resident step).
     bound = 1 / max(missed bytes per token / pinned bandwidth, resident step time): the copies and the compute
     can at best overlap fully."""
     from transformers import AutoModelForCausalLM
@@ -525,8 +527,35 @@ def bench_shape(records, meta, workdir, bw_Bps, steps, name, cfg, budget, device
     except Exception as e:
         traceback.print_exc()
         records.append(dict(base, impl="transformers-gpu", error=repr(e)))
+    if want is not None and device == "cuda":
+        # the same model under moesys' compiled decode graph: the tokens moesys' default (compiled) step must
+        # give; with "moesys-pinned-uncompiled" against the eager tokens, this tells compile rounding apart
+        # from an offload fault when the default row differs from the eager model
+        from moesys.offload import graph as decode_graph
+        try:
+            decode_graph.install(full, compile=True)
+            got = baseline(records, base, "transformers-gpu-compiled-cudagraph", full, prompt, steps, V,
+                           want_tokens=16, static=True)
+            records[-1].update(identical_to_gpu=got["static"] == want["static"])
+            want["compiled"] = got["static"]
+        except Exception as e:
+            traceback.print_exc()
+            records.append(dict(base, impl="transformers-gpu-compiled-cudagraph", error=repr(e)))
+        save()
     del full
     free()
+    ours = {}
+    host = "pinned" if device == "cuda" else "memory"
+    # the exactness rows first (the run has a time guard): the default compiled graph, then the same without
+    # compile, then the resident step for the bound; accelerate (the slowest) last
+    for impl, b, opts in (("moesys-pinned", budget, {}), ("moesys-pinned-uncompiled", budget, dict(compile=False)),
+                          ("moesys-whole-model-budget", 1 << 40, {})):
+        if impl == "moesys-pinned-uncompiled" and device != "cuda":
+            continue  # compile is off on the CPU anyway
+        rec = load_and_run(records, dict(base, impl=impl), path, b, dict(host_memory=host, device=device, **opts),
+                           bw_Bps, prompt, steps, V, want, True, save)
+        if rec is not None:
+            ours[impl] = rec
     if device == "cuda":
         try:
             acc = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
@@ -538,14 +567,7 @@ def bench_shape(records, meta, workdir, bw_Bps, steps, name, cfg, budget, device
             records.append(dict(base, impl="accelerate-offload", error=repr(e)))
         free()
         save()
-    ours = {}
-    host = "pinned" if device == "cuda" else "memory"
-    for impl, b in (("moesys-pinned", budget), ("moesys-whole-model-budget", 1 << 40)):
-        rec = load_and_run(records, dict(base, impl=impl), path, b, dict(host_memory=host, device=device), bw_Bps,
-                           prompt, steps, V, want, True, save)
-        if rec is not None:
-            ours[impl] = rec
-    if len(ours) == 2:
+    if "moesys-pinned" in ours and "moesys-whole-model-budget" in ours:
         rec, resident = ours["moesys-pinned"], ours["moesys-whole-model-budget"]
         copy_s = rec["decode_missed_bytes_per_token"] / bw_Bps
         bound = 1 / max(copy_s, 1 / resident["decode_tokens_per_s"])

@@ -157,6 +157,44 @@ def test_fixed_shape_kv_bookkeeping(checkpoints):
     assert kv.mask_R11C[2, 0, 0].int().tolist() == [1] * 7 + [0] * 5   # none of the row's old columns
     assert kv.mask_R11C[1].sum() == 1                                   # the free row: its one step's column
     assert torch.equal(kv.cache.layers[0].keys[2:, :, 0:7], keys)
+    assert kv.cache.get_seq_length() == 12  # allocated: the cache says it holds its columns
+    first_key = kv.cache.layers[0].keys[0, :, 4].clone()
+    for _ in range(5):  # the write column reaches the end (12)
+        kv.step_inputs({0: 1, 2: 1})
+    kv.remove([2])
+    step = kv.step_inputs({0: 1})  # full: every row moves left by the earliest live start (row 0's, 4), then writes
+    assert step["position_ids"].flatten().tolist() == [8, 0, 0]  # free rows at position 0
+    assert (kv.start, int(kv.column_1), kv.column, kv.lengths) == ([0, None, None], 8, 9, [9, 0, 0])
+    assert torch.equal(kv.cache.layers[0].keys[0, :, 0], first_key)
+    assert kv.mask_R11C[0, 0, 0].int().tolist() == [1] * 9 + [0] * 3            # nothing left in the tail
+    assert kv.mask_R11C[2, 0, 0].int().tolist() == [0] * 8 + [1] + [0] * 3     # freed: this step's column only
+    for P in (12, 13):
+        with pytest.raises(ValueError, match=f"a prompt of {P} tokens does not fit the batch's KV cache of 12 "):
+            kv.add(group([P])[0], [P], [1])
+
+
+def test_fixed_shape_kv_moves_left_by_one_and_refuses_a_full_row(checkpoints):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoints["olmoe"])
+    kv = batch_static_kv.StaticBatchKV(config, torch.device("cpu"), rows=2, columns=5)
+    N, D = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    keys = torch.randn(2, N, 3, D)
+    cache = type("C", (), {"layers": [_Layer(keys) for _ in kv.cache.layers]})()
+    kv.add({"attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]), "cache": cache}, [2, 3], [0, 1])
+    kv.step_inputs({0: 1, 1: 1})
+    kv.step_inputs({0: 1, 1: 1})                 # the write column is at the end (5)
+    kv.remove([1])
+    kv.step_inputs({0: 1})                       # row 0 starts at column 1: one column to drop
+    assert (kv.start, int(kv.column_1), kv.column) == ([0, None], 4, 5)
+    assert torch.equal(kv.cache.layers[0].keys[0, :, 0:2], keys[0, :, 1:])
+    kv.remove([0])
+    kv.add({"attention_mask": torch.ones(2, 1, dtype=torch.long), "cache": type("C", (), {"layers": [
+        _Layer(torch.randn(2, N, 1, D)) for _ in kv.cache.layers]})()}, [1, 1], [0, 1])
+    for _ in range(4):
+        kv.step_inputs({0: 1, 1: 1})
+    with pytest.raises(RuntimeError, match="the batch's KV cache of 5 columns is full"):
+        kv.step_inputs({0: 1, 1: 1})            # a row as long as the cache (generate_batch never lets one be)
 
 
 @pytest.mark.parametrize("quantize", ["none", pytest.param("int8", marks=pytest.mark.slow)])

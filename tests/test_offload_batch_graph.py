@@ -92,6 +92,8 @@ def test_banks_too_small_for_the_batch_say_so_and_keep_the_tokens(checkpoints):
                                                             graph=True)}
     assert [got[i] for i in range(len(ps))] == alone(path, torch.float32, ps, new)
     assert model.moesys_decode_graph.eager_steps == 0
+    with pytest.warns(UserWarning, match="decode graph: kv='host' keeps the KV cache on the host"):
+        list(generate_batch(load(path), ps[:2], max_new_tokens=2, batch_size=2, graph=True, kv="host"))
 
 
 def test_graph_needs_the_decode_graph(checkpoints):
@@ -246,3 +248,21 @@ def test_graph_batch_replays_a_cuda_graph_on_gpu(checkpoints, quantize, compile)
     assert sorted(got) == list(range(len(ps))) and all(len(t) == new for t in got.values())
     stats = model.moesys_offload.snapshot()
     assert stats.misses > 0
+
+
+def test_sliding_window_caches_are_refused_naming_batch_size_one(tmp_path):
+    """A padded batch (host-routed or fixed-shape) needs full-attention cache layers; a sliding-window
+    model's are refused before anything decodes, with the way out."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from tests.test_offload import COMMON
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(MixtralConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2,
+                                                   sliding_window=4)).save_pretrained(tmp_path)
+    model = load(tmp_path)
+    with pytest.raises(ValueError, match=r"batched decoding pads .* \['DynamicSlidingWindowLayer'\] .* batch_size=1"):
+        list(generate_batch(model, prompts()[:2], max_new_tokens=2, batch_size=2))
+    with pytest.raises(ValueError, match=r"fixed-shape KV cache needs full-attention .*DynamicSlidingWindowLayer.* "
+                                         r"batch_size=1"):
+        list(generate_batch(model, prompts()[:2], max_new_tokens=2, batch_size=2, graph=True))

@@ -170,11 +170,10 @@ class BatchGeneration:
             raise ValueError("graph=True replays moesys's decode graph: load the model with moesys.offload.load "
                              "(cuda_graph=True, the default)")
         rows = min(self.batch_size, len(self.requests))
+        # (a model whose cache is not all full attention cannot decode a padded batch at all: PaddedBatchKV and
+        # StaticBatchKV refuse it with one message)
         why = "kv='host' keeps the KV cache on the host" if self.kv != "device" else \
             engine.device_batch_unsupported(rows)
-        if why is None and any(type(layer).__name__ != "DynamicLayer"
-                               for layer in PaddedBatchKV(self.model.config, self.device).new_row_cache().layers):
-            why = "the model's KV cache has layers other than full attention"
         if why is not None:
             warnings.warn(f"batch decode takes the host-routed path instead of the decode graph: {why}",
                           stacklevel=4)

@@ -60,7 +60,7 @@ class StaticBatchKV:
         bad = [type(layer).__name__ for layer in self.cache.layers if type(layer) is not DynamicLayer]
         if bad:
             raise ValueError(f"the batch's fixed-shape KV cache needs full-attention cache layers; this model's "
-                             f"cache has {sorted(set(bad))}")
+                             f"cache has {sorted(set(bad))} (sliding-window or other); decode it at batch_size=1")
         self.cache.layers = [ColumnKVLayer(self.column_1) for _ in self.cache.layers]
         self.allocated = False
         self.start: list[int | None] = [None] * rows   # first real column of each row; None: free row

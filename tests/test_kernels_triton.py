@@ -260,9 +260,14 @@ def test_gemm_implementations_agree(switch, var, bias):
         assert pick(torch.empty(1, 8, device=DEVICE), torch.empty(1, 8, 8, device=DEVICE)) == impl
         results[impl] = run(case, dy, "silu", "triton", dtype, DEVICE)
     ref = oracle(case, dy, "silu")
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for name in ref:
-        assert torch.allclose(results["triton"][name].float(), results["grouped_mm"][name].float(), **tol), name
+        if dtype == torch.float32:
+            # the two paths sum in different orders (Triton 3.9's interpreter: up to 8 ulps apart elementwise),
+            # so they agree to fp32 rounding normwise (2e-7 seen), far below any wrong row or expert's error
+            assert rel_err(results["triton"][name], results["grouped_mm"][name]) <= 1e-6, name
+        else:
+            assert torch.allclose(results["triton"][name].float(), results["grouped_mm"][name].float(),
+                                  rtol=2e-2, atol=2e-2), name
         assert rel_err(results["grouped_mm"][name], ref[name]) <= FLOOR[dtype], name
     for name in ("w_gate_up", "w_down"):
         assert torch.count_nonzero(results["grouped_mm"][name][1]) == 0, f"{name}: idle expert's gradient"

@@ -157,6 +157,7 @@ class OffloadEngine:
         self.device_tables = None
         self._tables_on_device = False
         self._device_all_resident = False
+        self._smallest_bank = min(cache.capacity(layer) for layer in inner)  # the banks are fixed from here on
         self.device_path_unsupported = self._device_path_unsupported()
         # the rows of a batch decode step on the device path that hold a sequence (moesys.offload.batch's
         # graph decode: the captured step always runs the whole batch); a free row takes its step's first
@@ -191,6 +192,8 @@ class OffloadEngine:
         if self.device_path_unsupported is not None:
             return self.device_path_unsupported
         need = min(rows * self.top_k, self.cache.num_experts)
+        if self._smallest_bank >= need:  # the decode graph asks every batch step: no loop over layers
+            return None
         small = [layer for layer in self.inner if self.cache.capacity(layer) < need]
         if small:
             return (f"the cache banks of layers {small} hold {min(self.cache.capacity(layer) for layer in small)} "
@@ -334,13 +337,18 @@ class OffloadEngine:
             # evicted): no bookkeeping or copy kernels, only the lookup; hits are counted per step on the
             # host (note_device_step), a batch's distinct experts on the device
             if T > 1:
-                seen_E = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=ids_TK.device)
-                self._fast_hits += seen_E.index_fill_(0, ids_TK.flatten(), True).sum()
+                self.count_distinct_hits(ids_TK)
             return self._table_slots(layer, ids_TK, global_slots)
         slot_N, src_N, dst_N = self.device_tables.step(self.cache.row[layer], ids_TK.reshape(-1), distinct=T == 1)
         slot_copy.copy_parts(self.store.arena, [(offset, nbytes, self.cache.pools[name])
                                                 for name, offset, nbytes in self.store.spans], src_N, dst_N)
         return (dst_N if global_slots else slot_N).view(ids_TK.shape)
+
+    def count_distinct_hits(self, ids_TK: torch.Tensor) -> None:
+        """A step whose experts are all resident: each distinct expert of its rows is one hit, counted on the
+        device (bincount would sync) and folded into the statistics by snapshot()."""
+        seen_E = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=ids_TK.device)
+        self._fast_hits += seen_E.index_fill_(0, ids_TK.flatten(), True).sum()
 
     def ensure_device_tables(self) -> None:
         """Put the cache bookkeeping on the device now (eagerly: before a CUDA graph replays steps that use

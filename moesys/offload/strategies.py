@@ -88,8 +88,7 @@ class DeviceResident(ExpertsStrategy):
         if x_TH.shape[0] == 1:  # a token's top-k experts are distinct: K hits, counted without a kernel
             eng.stats.hits += ids_TK.shape[1]
         else:
-            seen_E = torch.zeros(eng.cache.num_experts, dtype=torch.bool, device=ids_TK.device)
-            eng._fast_hits += seen_E.index_fill_(0, ids_TK.flatten(), True).sum()  # bincount would sync
+            eng.count_distinct_hits(ids_TK)
         if eng.grouped:
             out = eng._run_grouped(layer, x_TH, ids_TK, w_TK)
         else:

@@ -34,7 +34,7 @@ from moesys.models.transformer import MoETransformer
 from moesys.parallel import bootstrap
 from moesys.train_metrics import flops_per_token, peak_flops
 from run_meta import run_meta
-from train_small import _sync, bench_moesys, hf_train_loop, run_impls, write_records
+from train_small import _sync, bench_moesys, hf_train_loop, profile_moesys, run_impls, write_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,6 +145,9 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="where the checkpoint is written (default: a temp dir)")
     p.add_argument("--out", default=None)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (checks the script, not speed)")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="only profile two init_from steps (as configured for the moesys_init_from row) and write "
+                        "the kernel table to FILE")
     args = p.parse_args()
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("bench/finetune.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
@@ -172,6 +175,10 @@ def main() -> int:
         common = {"bench": "finetune", "shape": shape, "world_size": 1, "flops_per_token": flops_tok,
                   "optimizer": "AdamW, grad clip 1.0", **run_meta()}
         small = ["train.compile=true", "train.compile_mode=reduce-overhead", "moe.backend=grouped_mm"]
+        if args.profile:
+            profile_moesys(moesys_config(ckpt, "init_from", args.cpu_smoke, [] if args.cpu_smoke else small), device,
+                           Path(args.profile))
+            return 0
 
         def moesys_run(key, extra):
             config = moesys_config(ckpt, key, args.cpu_smoke, extra)

@@ -195,6 +195,13 @@ def main():
                     help="also the decode graph's batch steps (generate_batch(graph=True)) next to the host-routed "
                          "ones, the model's own routing (an override's per-step draw cannot be replayed), bf16, "
                          "each batch size above 1: tok/s, hit rate, and whether the tokens equal the host path's")
+    ap.add_argument("--graph-budget", type=float, default=None, metavar="GIB",
+                    help="--batch-graph rows under this budget (GiB; default the other rows'): the graph's steps need a "
+                         "bank per layer holding min(B x top-k, experts) experts, which 4 GiB of the OLMoE shape does "
+                         "not at B >= 2")
+    ap.add_argument("--graph-batch-sizes", default=None,
+                    help="comma-separated batch sizes of the --batch-graph rows (default: --batch-sizes); at 1 the "
+                         "host path is the graph too (generate(), replayed), so one row")
     ap.add_argument("--experts-impl", default="grouped_mm,moesys",
                     help="comma-separated transformers experts implementations: the first runs the offloaded rows "
                          "(int4 always runs moesys' dequantizing kernels), each one the all-resident rows; the bound "
@@ -377,7 +384,9 @@ def main():
         gc.collect()
 
     if args.batch_graph:
-        graph_rows(args, path, dtype, budget, max_context, sizes, cfg.vocab_size, base, records, impls[0])
+        graph_sizes = [int(b) for b in args.graph_batch_sizes.split(",")] if args.graph_batch_sizes else sizes
+        graph_budget = int(args.graph_budget * 2**30) if args.graph_budget else budget
+        graph_rows(args, path, dtype, graph_budget, max_context, graph_sizes, cfg.vocab_size, base, records, impls[0])
     save()
     log("wrote", args.out, len(records), "records")
 
@@ -391,13 +400,15 @@ def graph_rows(args, path, dtype, budget, max_context, sizes, vocab, base, recor
     model = mo.load(path, gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=True,
                     compile=False, experts_implementation=impl)
     engine = model.moesys_offload
-    for B in [b for b in sizes if b > 1]:
-        why = engine.device_batch_unsupported(B)
+    log("graph rows: budget", row_budget, "cache slots", engine.cache.num_slots)
+    for B in sizes:
+        why = engine.device_batch_unsupported(B) if B > 1 else None
         if why is not None:
-            records.append(dict(base, impl="moesys-batch-graph", batch=B, routing="model", error=why))
+            records.append(dict(base, impl="moesys-batch-graph", batch=B, routing="model", error=why, budget=row_budget))
+            log("batch graph", B, why)
             continue
         tokens = {}
-        for graph in (False, True):
+        for graph in ((True,) if B == 1 else (False, True)):
             try:
                 run, stats, tokens[graph] = run_row(model, B, args, vocab, graph=graph)
             except Exception as e:
@@ -406,11 +417,12 @@ def graph_rows(args, path, dtype, budget, max_context, sizes, vocab, base, recor
                                     error=repr(e), graph_section=True))
                 continue
             records.append(dict(base, impl="moesys-batch-graph" if graph else "moesys", graph_section=True,
-                                path="decode graph, generate_batch(graph=True)" if graph else base["path"],
+                                path=("decode graph, generate() at batch 1" if B == 1 else
+                                      "decode graph, generate_batch(graph=True)") if graph else base["path"],
                                 batch=B, routing="model", tokens_per_s=stats.decode_tokens_per_s,
                                 e2e_tokens_per_s=run.tokens_per_s, hit_rate=stats.decode_hit_rate,
                                 replays=model.moesys_decode_graph.replays, peak_bytes=stats.peak_bytes,
-                                budget=row_budget))
+                                budget=row_budget, cache_slots=engine.cache.num_slots))
             if graph and False in tokens:
                 records[-1]["sequences_equal_to_host_path"] = [sum(a == b for a, b in zip(tokens[True], tokens[False])), B]
             log(records[-1]["impl"], B, f"{stats.decode_tokens_per_s:.1f} tok/s",

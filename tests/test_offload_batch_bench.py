@@ -20,12 +20,15 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "offload_batch.py"), "--smoke", "--out", str(out),
                            "--workdir", str(tmp_path / "w"), "--no-accelerate", "--batch-graph", "--routings", "model",
-                           "--batch-sizes", "1,4", "--experts-impl", "grouped_mm"],
+                           "--batch-sizes", "1,4", "--experts-impl", "grouped_mm", "--graph-batch-sizes", "1,4"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())
     graph = [r for r in records if r.get("graph_section")]
-    assert [(r["impl"], r["batch"]) for r in graph] == [("moesys", 4), ("moesys-batch-graph", 4)]
+    # batch 1 is one row (generate() replays the graph whichever path is asked for); above 1, host then graph
+    assert [(r["impl"], r["batch"]) for r in graph] == [("moesys-batch-graph", 1), ("moesys", 4),
+                                                         ("moesys-batch-graph", 4)]
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in graph)
-    assert graph[1]["sequences_equal_to_host_path"] == [4, 4]
-    assert graph[1]["path"].startswith("decode graph")
+    assert graph[0]["path"] == "decode graph, generate() at batch 1"
+    assert graph[2]["sequences_equal_to_host_path"] == [4, 4]
+    assert graph[2]["path"] == "decode graph, generate_batch(graph=True)"

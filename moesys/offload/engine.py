@@ -577,7 +577,7 @@ class OffloadEngine:
         return quant_gemv(h_NF, pools["down.q"], pools["down.scale"], slots_N, mode, activation=self.activation,
                           weight_TK=w_TK)
 
-    def _run_dequant(self, layer, x_TH, ids_TK, w_TK, experts, slots, out_TH, flat_host) -> None:
+    def _run_dequant(self, x_TH, w_TK, experts, slots, out_TH, flat_host) -> None:
         """Quantized experts: dequantize this wave's slots together into a compact [n, ...] workspace and run
         moesys' moe_mlp on the wave's routed rows only (each a token of its own, top-1, over workspace ids)."""
         K = w_TK.shape[1]

@@ -25,6 +25,14 @@ fused as for the model fully on the GPU: 436 instead of 772 kernels per step for
 for quantized experts the whole layer (offload_experts). The first two eligible calls run the compiled
 step eagerly (the compile happens in the first); the third captures.
 
+Nothing may compile while a graph is being captured (dynamo's tracing makes host tensors and copies, which a
+capture refuses): warm-up steps go on, up to MAX_WARMUP_STEPS, until one compiled nothing (a step whose
+guards change once more, e.g. a sliding-window layer filling up, recompiles). A layout that still compiles
+then, or whose capture fails, decodes without a graph from there on (a warning says why; `fallback_reason`
+keeps it), and so does a model whose step is known not to be capturable (`capture_blocker`): float32 or
+float16 experts with transformers' grouped_mm, which under torch.compile loops over the experts after
+reading their row counts back to the host.
+
 Legend: V vocabulary.
 """
 
@@ -32,8 +40,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
+
+# warm-up steps a layout may take before the capture, at most: it must stop compiling by then
+MAX_WARMUP_STEPS = 8
+
+
+def _frames_compiled() -> int:
+    """Frames dynamo has compiled in this process so far: a warm-up step that moved it compiled something."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
+
+
+def capture_blocker(model, compile: bool) -> str | None:
+    """Why the model's decode step cannot be captured in a CUDA graph, known before trying, or None."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    impl = getattr(text, "_experts_implementation", None) or getattr(config, "_experts_implementation", None)
+    dtype = next(model.parameters()).dtype
+    if compile and impl == "grouped_mm" and dtype != torch.bfloat16:
+        return (f"transformers' grouped_mm runs {dtype} experts under torch.compile as a loop over the experts that "
+                "reads their row counts back to the host (its grouped GEMM is bfloat16-only there), which a CUDA "
+                "graph cannot capture; load in bfloat16, or with compile=False")
+    return None
 
 
 def _is_static_cache(value) -> bool:
@@ -53,11 +85,17 @@ class DecodeGraph:
         self.warmup_steps = 2 if compile else 1
         self.cuda = next(model.parameters()).device.type == "cuda"
         self.captures = self.replays = self.eager_steps = 0
+        # why steps run without a graph (None: they are captured): known at install, or found on the way
+        self.fallback_reason = capture_blocker(model, compile) if self.cuda else None
+        if self.fallback_reason is not None:
+            warnings.warn(f"moesys decode graph: decode steps run without a CUDA graph: {self.fallback_reason}",
+                          stacklevel=3)
         self._reset()
 
     def _reset(self) -> None:
         self.key = None
         self.warm = 0
+        self.warm_compiled = True  # whether the last warm-up step compiled anything
         self.graph = None
         self.static_inputs: dict[tuple[str, str | None], torch.Tensor] = {}
         self.static_output = None
@@ -125,18 +163,41 @@ class DecodeGraph:
         if key != self.key:
             self._reset()
             self.key = key
-        if self.warm < self.warmup_steps or not self.cuda:
+        if not self.cuda or self.fallback_reason is not None:
+            return self._eager_step(kwargs)  # the CPU path, and steps that cannot be captured
+        if self.graph is None and (self.warm < self.warmup_steps or self.warm_compiled):
+            if self.warm >= MAX_WARMUP_STEPS:
+                self._give_up(f"the compiled step still recompiled at its warm-up step {self.warm}")
+                return self._eager_step(kwargs)
+            before = _frames_compiled()
+            out = self._eager_step(kwargs)  # warm-up: compiles, autotunes, makes lazy buffers
             self.warm += 1
-            self.eager_steps += 1
-            with self._device_decode():
-                return self.step_forward(**kwargs)  # warm-up (and the CPU path)
+            self.warm_compiled = _frames_compiled() != before
+            return out
         if self.graph is None:
-            self._capture(kwargs)
+            try:
+                self._capture(kwargs)
+            except RuntimeError as e:  # nothing ran (a capture only records): the step runs eagerly instead
+                self.graph = self.static_output = None
+                self.static_inputs = {}
+                self._give_up(f"its capture failed: {e}")
+                return self._eager_step(kwargs)
         for (name, sub), t in self.static_inputs.items():
             t.copy_(kwargs[name] if sub is None else kwargs[name][sub])
         self.graph.replay()
         self.replays += 1
         return self.static_output
+
+    def _eager_step(self, kwargs):
+        self.eager_steps += 1
+        with self._device_decode():
+            return self.step_forward(**kwargs)
+
+    def _give_up(self, reason: str) -> None:
+        """Every later step runs eagerly (through the same sync-free path), said once."""
+        self.fallback_reason = reason
+        warnings.warn(f"moesys decode graph: decode steps run without a CUDA graph from here on: {reason}",
+                      stacklevel=4)
 
     def _capture(self, kwargs) -> None:
         static = dict(kwargs)

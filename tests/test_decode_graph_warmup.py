@@ -1,0 +1,153 @@
+"""moesys.offload.graph.DecodeGraph's way to a capture, on the CPU with the capture stood in for: warm-up
+steps go on until one compiled nothing (a capture must never compile), a layout that keeps compiling or
+whose capture fails decodes eagerly from then on (said once), and a step known not to be capturable
+(float32 experts with transformers' grouped_mm under compile) is never tried."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from moesys.offload import graph as decode_graph
+
+
+class StaticCache:  # what DecodeGraph recognises as a compileable cache
+    is_compileable = True
+
+    def get_seq_length(self):
+        return 0
+
+
+class Toy(nn.Module):
+    def __init__(self, impl=None, dtype=torch.float32):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3, dtype=dtype))
+        self.config = types.SimpleNamespace(_experts_implementation=impl)
+        self.calls = 0
+
+    def forward(self, input_ids, past_key_values=None):
+        self.calls += 1
+        return input_ids.float() * self.w[0]
+
+
+class FakeGraph:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def decoder_with(monkeypatch, compiles_at_calls=(), capture_error=None, max_warmup=None):
+    """A DecodeGraph over Toy that believes it is on CUDA; dynamo's compile counter moves during the calls
+    numbered in `compiles_at_calls` (1-based), and a capture records (or raises `capture_error`)."""
+    model = Toy()
+    decoder = decode_graph.install(model, compile=False)
+    decoder.cuda = True
+    state = {"frames": 0}
+    real_step = decoder.step_forward
+
+    def step(**kw):
+        out = real_step(**kw)
+        if model.calls in compiles_at_calls:
+            state["frames"] += 1
+        return out
+
+    decoder.step_forward = step
+    monkeypatch.setattr(decode_graph, "_frames_compiled", lambda: state["frames"])
+    if max_warmup is not None:
+        monkeypatch.setattr(decode_graph, "MAX_WARMUP_STEPS", max_warmup)
+
+    def capture(kwargs):
+        if capture_error is not None:
+            raise capture_error
+        decoder.static_output = step(**kwargs)
+        decoder.static_inputs = {}
+        decoder.graph = FakeGraph()
+        decoder.captures += 1
+
+    decoder._capture = capture
+    return model, decoder
+
+
+@torch.no_grad()  # decode: a step with autograd on is not the graph's
+def steps(model, n):
+    cache = StaticCache()
+    return [model(input_ids=torch.tensor([[t]]), past_key_values=cache) for t in range(n)]
+
+
+def test_warm_up_lasts_until_a_step_compiles_nothing(monkeypatch):
+    model, decoder = decoder_with(monkeypatch, compiles_at_calls=(1, 2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say: the graph is captured
+        steps(model, 8)
+    # steps 1-3 compiled, step 4 compiled nothing: the 5th captures (and replays), the rest replay
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (4, 1, 4)
+    assert decoder.fallback_reason is None
+
+
+def test_uncompiled_step_captures_after_one_warm_up(monkeypatch):
+    model, decoder = decoder_with(monkeypatch)
+    steps(model, 5)
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (1, 1, 4)
+
+
+def test_a_step_that_keeps_compiling_runs_eagerly_said_once(monkeypatch):
+    model, decoder = decoder_with(monkeypatch, compiles_at_calls=range(1, 100), max_warmup=3)
+    with pytest.warns(UserWarning, match="still recompiled at its warm-up step 3") as record:
+        outs = steps(model, 7)
+    assert len(record) == 1
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (7, 0, 0)
+    assert [o.item() for o in outs] == list(range(7))
+    assert "recompiled" in decoder.fallback_reason
+
+
+def test_a_failed_capture_runs_the_step_eagerly_from_then_on(monkeypatch):
+    err = RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+    model, decoder = decoder_with(monkeypatch, capture_error=err)
+    with pytest.warns(UserWarning, match="its capture failed: Cannot copy") as record:
+        outs = steps(model, 5)
+    assert len(record) == 1
+    assert [o.item() for o in outs] == list(range(5))  # the failed capture's step still gave its output
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (5, 0, 0)
+    assert decoder.graph is None and decoder.static_inputs == {}
+
+
+@pytest.mark.parametrize("impl,dtype,compile,blocked", [
+    ("grouped_mm", torch.float32, True, True),
+    ("grouped_mm", torch.float16, True, True),
+    ("grouped_mm", torch.bfloat16, True, False),
+    ("grouped_mm", torch.float32, False, False),
+    ("moesys", torch.float32, True, False),
+    (None, torch.float32, True, False),
+])
+def test_capture_blocker(impl, dtype, compile, blocked):
+    why = decode_graph.capture_blocker(Toy(impl, dtype), compile)
+    assert (why is not None) == blocked
+    if blocked:
+        assert "grouped_mm" in why and "bfloat16" in why
+
+
+class OnCuda(Toy):
+    """Toy whose parameters say CUDA (all DecodeGraph asks of them: device and dtype)."""
+
+    def parameters(self, recurse=True):
+        yield types.SimpleNamespace(device=torch.device("cuda"), dtype=self.w.dtype)
+
+
+def test_a_blocked_model_on_cuda_never_tries_a_capture():
+    model = OnCuda("grouped_mm", torch.float32)
+    with pytest.warns(UserWarning, match="grouped_mm runs torch.float32 experts under torch.compile"):
+        decoder = decode_graph.install(model, compile=True)
+    decoder.step_forward = decoder.eager_forward  # (no compile needed to count the steps)
+    decoder._capture = lambda kwargs: pytest.fail("a blocked model was captured")
+    assert [o.item() for o in steps(model, 4)] == [0, 1, 2, 3]
+    assert (decoder.eager_steps, decoder.captures) == (4, 0)
+    # a CPU model has no capture to block: nothing said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_graph.DecodeGraph(Toy("grouped_mm"), compile=True).fallback_reason is None

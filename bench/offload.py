@@ -310,17 +310,19 @@ def load_and_run(records, base, path, budget, opts, bw_Bps, prompt, steps, vocab
     (and the next implementation still runs). The record, or None."""
     import moesys.offload as mo
 
-    rec = None
+    rec = model = None
     try:
         t0 = time.perf_counter()
         model = mo.load(path, gpu_memory=budget, dtype=torch.bfloat16, **opts)
         load_s = time.perf_counter() - t0
         rec = run_ours(records, base, model, prompt, steps, budget, bw_Bps, vocab, want=want,
                        extra={"load_s": load_s, "options": opts}, static=static)
-        del model
     except Exception as e:
         traceback.print_exc()
         records.append(dict(base, error=repr(e)))
+    # a failed row must not keep its model (device memory, the pinned host store) from the rows after it:
+    # the local, not only the traceback, holds it
+    model = None
     free()
     save()
     return rec

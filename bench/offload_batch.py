@@ -108,8 +108,10 @@ def row_prompts(B, args, vocab, seed=0):
 
 
 def run_row(model, B, args, vocab, seed=0, graph=False):
-    """(BatchGeneration, engine stats, tokens per prompt) of B prompts after a warm-up (graph: the batch's
-    steps through the decode graph; its warm-up compiles and captures)."""
+    """(end-to-end tok/s, engine stats, tokens per prompt) of B prompts after a warm-up (graph: the batch's
+    steps through the decode graph; its warm-up compiles and captures). Nothing returned holds the model (a
+    BatchGeneration does): a row's model must be freed before the next one loads, or the next row's memory
+    peak counts it."""
     from moesys.offload.batch import generate_batch
 
     prompts = row_prompts(B, args, vocab, seed)
@@ -135,7 +137,7 @@ def run_row(model, B, args, vocab, seed=0, graph=False):
     finally:
         hook.remove()
     if engine is None:
-        return run, None, [tokens[i] for i in range(B)]
+        return run.tokens_per_s, None, [tokens[i] for i in range(B)]
     if engine.cuda:
         torch.cuda.synchronize()
     stats = engine.snapshot()
@@ -143,7 +145,7 @@ def run_row(model, B, args, vocab, seed=0, graph=False):
     stats.decode_bytes_copied = stats.bytes_copied - at_decode.get("bytes_copied", 0)
     hits, misses = stats.hits - at_decode.get("hits", 0), stats.misses - at_decode.get("misses", 0)
     stats.decode_hit_rate = hits / (hits + misses) if hits + misses else stats.hit_rate
-    return run, stats, [tokens[i] for i in range(B)]
+    return run.tokens_per_s, stats, [tokens[i] for i in range(B)]
 
 
 def matches_alone(model, tokens, args, vocab):
@@ -252,12 +254,12 @@ def main():
         uni = RoutingOverride(full, "uniform", seed=1)
         steps = {}
         for B in sizes:
-            run, stats, _ = run_row(full, B, args, cfg.vocab_size)
+            e2e, stats, _ = run_row(full, B, args, cfg.vocab_size)
             steps[B] = B / stats.decode_tokens_per_s
             resident_step[B] = min(resident_step.get(B, steps[B]), steps[B])
             records.append(dict(base, impl="moesys-all-resident", experts_implementation=impl, batch=B,
                                 routing="uniform", tokens_per_s=stats.decode_tokens_per_s,
-                                e2e_tokens_per_s=run.tokens_per_s))
+                                e2e_tokens_per_s=e2e))
             log(records[-1]["impl"], impl, B, f"{stats.decode_tokens_per_s:.1f} tok/s")
         uni.remove()
         if calib is None:
@@ -265,7 +267,7 @@ def main():
             # here, then the offloaded rows are predicted, not fitted
             calib = calibrate(workload_of(full.moesys_offload, full.config), hw, steps,
                               args.prompt_len + args.new_tokens // 2)
-        del full
+        del full, uni  # (the override holds the model too)
         gc.collect()
     hw = calib
     log("calibrated", hw)
@@ -335,7 +337,7 @@ def main():
             for i, B in enumerate(row_sizes):
                 rec = RoutingRecorder(model)
                 try:
-                    run, stats, tokens = run_row(model, B, args, cfg.vocab_size)
+                    e2e, stats, tokens = run_row(model, B, args, cfg.vocab_size)
                 except Exception as e:  # one row's failure must not hide the others
                     traceback.print_exc()
                     records.append(dict(base, impl="moesys", quantize=quantize, routing=routing, batch=B,
@@ -358,7 +360,7 @@ def main():
                 measured = stats.decode_tokens_per_s
                 records.append(dict(
                     base, impl="moesys", quantize=quantize, routing=routing, trace_source=trace_source,
-                    batch=B, auto=i >= len(sizes), tokens_per_s=measured, e2e_tokens_per_s=run.tokens_per_s,
+                    batch=B, auto=i >= len(sizes), tokens_per_s=measured, e2e_tokens_per_s=e2e,
                     hit_rate=stats.decode_hit_rate, bytes_copied_per_token=stats.decode_bytes_copied / max(
                         stats.decode_tokens, 1), prefill_and_decode_hit_rate=stats.hit_rate,
                     lru_curve_hit_rate=float(lru_hit_curve(ids_NLK, w.num_experts, B)[min(
@@ -380,6 +382,7 @@ def main():
                 save()
             if override is not None:
                 override.remove()
+                override = None  # it holds the model, which must be gone before the next precision loads
         del model, engine
         gc.collect()
 
@@ -410,7 +413,7 @@ def graph_rows(args, path, dtype, budget, max_context, sizes, vocab, base, recor
         tokens = {}
         for graph in ((True,) if B == 1 else (False, True)):
             try:
-                run, stats, tokens[graph] = run_row(model, B, args, vocab, graph=graph)
+                e2e, stats, tokens[graph] = run_row(model, B, args, vocab, graph=graph)
             except Exception as e:
                 traceback.print_exc()
                 records.append(dict(base, impl="moesys-batch-graph" if graph else "moesys", batch=B, routing="model",
@@ -420,7 +423,7 @@ def graph_rows(args, path, dtype, budget, max_context, sizes, vocab, base, recor
                                 path=("decode graph, generate() at batch 1" if B == 1 else
                                       "decode graph, generate_batch(graph=True)") if graph else base["path"],
                                 batch=B, routing="model", tokens_per_s=stats.decode_tokens_per_s,
-                                e2e_tokens_per_s=run.tokens_per_s, hit_rate=stats.decode_hit_rate,
+                                e2e_tokens_per_s=e2e, hit_rate=stats.decode_hit_rate,
                                 replays=model.moesys_decode_graph.replays, peak_bytes=stats.peak_bytes,
                                 budget=row_budget, cache_slots=engine.cache.num_slots))
             if graph and False in tokens:

@@ -42,14 +42,15 @@ class FakeGraph:
         self.replays += 1
 
 
-def decoder_with(monkeypatch, compiles_at_calls=(), capture_error=None, max_warmup=None):
+def decoder_with(monkeypatch, compiles_at_calls=(), capture_error=None, max_warmup=None, compile=False):
     """A DecodeGraph over Toy that believes it is on CUDA; dynamo's compile counter moves during the calls
-    numbered in `compiles_at_calls` (1-based), and a capture records (or raises `capture_error`)."""
+    numbered in `compiles_at_calls` (1-based), and a capture records (or raises `capture_error`). `compile`
+    sets the decoder's configuration only: the step itself always runs eagerly here."""
     model = Toy()
-    decoder = decode_graph.install(model, compile=False)
+    decoder = decode_graph.install(model, compile=compile)
     decoder.cuda = True
     state = {"frames": 0}
-    real_step = decoder.step_forward
+    real_step = decoder.eager_forward
 
     def step(**kw):
         out = real_step(**kw)
@@ -90,6 +91,12 @@ def test_warm_up_lasts_until_a_step_compiles_nothing(monkeypatch):
     assert decoder.fallback_reason is None
 
 
+def test_compiled_step_warms_up_twice_its_first_step_compiles(monkeypatch):
+    model, decoder = decoder_with(monkeypatch, compiles_at_calls=(1,), compile=True)
+    steps(model, 6)
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (2, 1, 4)
+
+
 def test_uncompiled_step_captures_after_one_warm_up(monkeypatch):
     model, decoder = decoder_with(monkeypatch)
     steps(model, 5)
@@ -115,6 +122,12 @@ def test_a_failed_capture_runs_the_step_eagerly_from_then_on(monkeypatch):
     assert [o.item() for o in outs] == list(range(5))  # the failed capture's step still gave its output
     assert (decoder.eager_steps, decoder.captures, decoder.replays) == (5, 0, 0)
     assert decoder.graph is None and decoder.static_inputs == {}
+
+
+def test_capture_blocker_reads_a_composite_models_text_config():
+    model = Toy(None, torch.float32)
+    model.config.get_text_config = lambda: types.SimpleNamespace(_experts_implementation="grouped_mm")
+    assert decode_graph.capture_blocker(model, compile=True) is not None
 
 
 @pytest.mark.parametrize("impl,dtype,compile,blocked", [

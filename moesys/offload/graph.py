@@ -80,9 +80,6 @@ class DecodeGraph:
         # and routing math into a few kernels; the engine's cache step stays opaque: moesys::offload_slots or,
         # for quantized experts, moesys::offload_experts)
         self.step_forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
-        # warm-up steps before the capture: a compiled step may specialise on the first step's values once
-        # more on the second (recompiling, and autotuning, must not happen while a graph is being captured)
-        self.warmup_steps = 2 if compile else 1
         self.cuda = next(model.parameters()).device.type == "cuda"
         self.captures = self.replays = self.eager_steps = 0
         # why steps run without a graph (None: they are captured): known at install, or found on the way
@@ -95,7 +92,7 @@ class DecodeGraph:
     def _reset(self) -> None:
         self.key = None
         self.warm = 0
-        self.warm_compiled = True  # whether the last warm-up step compiled anything
+        self.warm_compiled = True  # whether the last warm-up step compiled anything (True: none ran yet)
         self.graph = None
         self.static_inputs: dict[tuple[str, str | None], torch.Tensor] = {}
         self.static_output = None
@@ -165,7 +162,10 @@ class DecodeGraph:
             self.key = key
         if not self.cuda or self.fallback_reason is not None:
             return self._eager_step(kwargs)  # the CPU path, and steps that cannot be captured
-        if self.graph is None and (self.warm < self.warmup_steps or self.warm_compiled):
+        # warm-up steps until one compiled nothing (recompiling, and autotuning, must not happen while a graph
+        # is being captured): one uncompiled, two or more compiled (the first compiles, and a compiled step may
+        # specialise on the first step's values once more on the second)
+        if self.graph is None and self.warm_compiled:
             if self.warm >= MAX_WARMUP_STEPS:
                 self._give_up(f"the compiled step still recompiled at its warm-up step {self.warm}")
                 return self._eager_step(kwargs)

@@ -15,22 +15,36 @@ from torch import nn
 from moesys.offload import graph as decode_graph
 
 
+class Layer:
+    def __init__(self):
+        self.max_cache_len, self.filled, self.warm = 8, 0, False
+
+
 class StaticCache:  # what DecodeGraph recognises as a compileable cache
     is_compileable = True
+
+    def __init__(self):
+        self.layers = [Layer(), Layer()]
 
     def get_seq_length(self):
         return 0
 
 
 class Toy(nn.Module):
-    def __init__(self, impl=None, dtype=torch.float32):
+    """`counts`: its second cache layer counts the tokens in a Python int, as transformers' sliding-window
+    layers do; every step sets its first layer's `warm` flag (a once-only change)."""
+
+    def __init__(self, impl=None, dtype=torch.float32, counts=False):
         super().__init__()
         self.w = nn.Parameter(torch.ones(3, dtype=dtype))
         self.config = types.SimpleNamespace(_experts_implementation=impl)
-        self.calls = 0
+        self.calls, self.counts = 0, counts
 
     def forward(self, input_ids, past_key_values=None):
         self.calls += 1
+        past_key_values.layers[0].warm = True
+        if self.counts:
+            past_key_values.layers[1].filled += 1
         return input_ids.float() * self.w[0]
 
 
@@ -42,11 +56,12 @@ class FakeGraph:
         self.replays += 1
 
 
-def decoder_with(monkeypatch, compiles_at_calls=(), capture_error=None, max_warmup=None, compile=False):
+def decoder_with(monkeypatch, compiles_at_calls=(), capture_error=None, max_warmup=None, compile=False,
+                 counts=False):
     """A DecodeGraph over Toy that believes it is on CUDA; dynamo's compile counter moves during the calls
     numbered in `compiles_at_calls` (1-based), and a capture records (or raises `capture_error`). `compile`
     sets the decoder's configuration only: the step itself always runs eagerly here."""
-    model = Toy()
+    model = Toy(counts=counts)
     decoder = decode_graph.install(model, compile=compile)
     decoder.cuda = True
     state = {"frames": 0}
@@ -76,8 +91,8 @@ def decoder_with(monkeypatch, compiles_at_calls=(), capture_error=None, max_warm
 
 
 @torch.no_grad()  # decode: a step with autograd on is not the graph's
-def steps(model, n):
-    cache = StaticCache()
+def steps(model, n, cache=None):
+    cache = cache or StaticCache()
     return [model(input_ids=torch.tensor([[t]]), past_key_values=cache) for t in range(n)]
 
 
@@ -97,10 +112,6 @@ def test_compiled_step_warms_up_twice_its_first_step_compiles(monkeypatch):
     assert (decoder.eager_steps, decoder.captures, decoder.replays) == (2, 1, 4)
 
 
-def test_uncompiled_step_captures_after_one_warm_up(monkeypatch):
-    model, decoder = decoder_with(monkeypatch)
-    steps(model, 5)
-    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (1, 1, 4)
 
 
 def test_a_step_that_keeps_compiling_runs_eagerly_said_once(monkeypatch):
@@ -111,6 +122,32 @@ def test_a_step_that_keeps_compiling_runs_eagerly_said_once(monkeypatch):
     assert (decoder.eager_steps, decoder.captures, decoder.replays) == (7, 0, 0)
     assert [o.item() for o in outs] == list(range(7))
     assert "recompiled" in decoder.fallback_reason
+
+
+def test_python_state_that_moves_at_every_step_is_never_captured(monkeypatch):
+    """A cache layer counting tokens in a Python int (a sliding window's fill level) would be frozen by a
+    replay: the warm-up never settles, and the steps run uncompiled without a graph, said once."""
+    model, decoder = decoder_with(monkeypatch, counts=True, max_warmup=3, compile=True)
+    with pytest.warns(UserWarning, match=r"the cache's layers\[1\]\.filled \(2 -> 3\) changes at every step") as rec:
+        outs = steps(model, 6)
+    assert len(rec) == 1
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (6, 0, 0)
+    assert [o.item() for o in outs] == list(range(6))
+    assert decoder.step_forward == decoder.eager_forward  # nothing left to compile at every token
+
+
+def test_uncompiled_settled_step_captures_after_one_warm_up(monkeypatch):
+    model, decoder = decoder_with(monkeypatch)
+    cache = StaticCache()
+    cache.layers[0].warm = True  # as the step leaves it: nothing moves
+    steps(model, 5, cache)
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (1, 1, 4)
+
+
+def test_a_once_only_change_costs_one_more_warm_up(monkeypatch):
+    model, decoder = decoder_with(monkeypatch)  # the first step sets layers[0].warm; the second changes nothing
+    steps(model, 5)
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (2, 1, 3)
 
 
 def test_a_failed_capture_runs_the_step_eagerly_from_then_on(monkeypatch):

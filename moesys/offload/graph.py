@@ -26,12 +26,14 @@ for quantized experts the whole layer (offload_experts). The first two eligible 
 step eagerly (the compile happens in the first); the third captures.
 
 Nothing may compile while a graph is being captured (dynamo's tracing makes host tensors and copies, which a
-capture refuses): warm-up steps go on, up to MAX_WARMUP_STEPS, until one compiled nothing (a step whose
-guards change once more, e.g. a sliding-window layer filling up, recompiles). A layout that still compiles
-then, or whose capture fails, decodes without a graph from there on (a warning says why; `fallback_reason`
-keeps it), and so does a model whose step is known not to be capturable (`capture_blocker`): float32 or
-float16 experts with transformers' grouped_mm, which under torch.compile loops over the experts after
-reading their row counts back to the host.
+capture refuses), and a replay freezes every Python value the step read: warm-up steps go on, up to
+MAX_WARMUP_STEPS, until one compiled nothing and left the cache's Python scalars as it found them. A
+sliding-window cache layer fails the second at every step (transformers' StaticSlidingWindowLayer counts its
+fill level in a Python int, and a compiled step guards on it, so it also recompiles at every step). A layout
+still unsettled then decodes uncompiled without a graph from there on, one whose capture fails without a
+graph (a warning says why; `fallback_reason` keeps it), and so does a model whose step is known not to be
+capturable (`capture_blocker`): float32 or float16 experts with transformers' grouped_mm, which under
+torch.compile loops over the experts after reading their row counts back to the host.
 
 Legend: V vocabulary.
 """
@@ -53,6 +55,24 @@ def _frames_compiled() -> int:
     from torch._dynamo.utils import counters
 
     return counters["frames"]["total"]
+
+
+def _python_state(kwargs) -> dict[str, object]:
+    """The Python scalars of the static cache in `kwargs` and of its layers ("layers[i].name": value)."""
+    state = {}
+    for value in kwargs.values():
+        if _is_static_cache(value):
+            for prefix, obj in [("", value)] + [(f"layers[{i}].", x) for i, x in enumerate(getattr(value, "layers", ()))]:
+                state.update({prefix + k: v for k, v in vars(obj).items() if isinstance(v, (bool, int, float, str))})
+    return state
+
+
+def _moved_state(before: dict, after: dict) -> str | None:
+    """The first Python value that a step changed, as "name (old -> new)", or None."""
+    for name in sorted(before.keys() | after.keys()):
+        if before.get(name) != after.get(name):
+            return f"{name} ({before.get(name)} -> {after.get(name)})"
+    return None
 
 
 def capture_blocker(model, compile: bool) -> str | None:
@@ -92,7 +112,8 @@ class DecodeGraph:
     def _reset(self) -> None:
         self.key = None
         self.warm = 0
-        self.warm_compiled = True  # whether the last warm-up step compiled anything (True: none ran yet)
+        # why the last warm-up step was not the last one needed (None: capture next); none ran yet
+        self.warm_unsettled: str | None = "no warm-up step ran"
         self.graph = None
         self.static_inputs: dict[tuple[str, str | None], torch.Tensor] = {}
         self.static_output = None
@@ -162,17 +183,22 @@ class DecodeGraph:
             self.key = key
         if not self.cuda or self.fallback_reason is not None:
             return self._eager_step(kwargs)  # the CPU path, and steps that cannot be captured
-        # warm-up steps until one compiled nothing (recompiling, and autotuning, must not happen while a graph
-        # is being captured): one uncompiled, two or more compiled (the first compiles, and a compiled step may
-        # specialise on the first step's values once more on the second)
-        if self.graph is None and self.warm_compiled:
+        # warm-up steps until one compiled nothing and left the cache's Python state as it found it: one
+        # uncompiled, two or more compiled (the first compiles, and a compiled step may specialise on the first
+        # step's values once more on the second). Recompiling or autotuning must not happen during a capture,
+        # and a replay would freeze any Python value the step reads from the cache.
+        if self.graph is None and self.warm_unsettled is not None:
             if self.warm >= MAX_WARMUP_STEPS:
-                self._give_up(f"the compiled step still recompiled at its warm-up step {self.warm}")
+                self._give_up(f"{self.warm_unsettled} at its warm-up step {self.warm}", eager=True)
                 return self._eager_step(kwargs)
-            before = _frames_compiled()
+            before, state = _frames_compiled(), _python_state(kwargs)
             out = self._eager_step(kwargs)  # warm-up: compiles, autotunes, makes lazy buffers
             self.warm += 1
-            self.warm_compiled = _frames_compiled() != before
+            moved = _moved_state(state, _python_state(kwargs))
+            self.warm_unsettled = (
+                "the compiled step still recompiled" if _frames_compiled() != before else
+                f"the cache's {moved} changes at every step (a Python value that a replayed graph would freeze; "
+                "transformers' sliding-window cache layers keep their fill level so)" if moved else None)
             return out
         if self.graph is None:
             try:
@@ -193,9 +219,12 @@ class DecodeGraph:
         with self._device_decode():
             return self.step_forward(**kwargs)
 
-    def _give_up(self, reason: str) -> None:
-        """Every later step runs eagerly (through the same sync-free path), said once."""
+    def _give_up(self, reason: str, eager: bool = False) -> None:
+        """Every later step runs without a graph (through the same sync-free path), said once; `eager`: and
+        uncompiled, since a compiled step whose inputs never settle would only recompile (to dynamo's limit)."""
         self.fallback_reason = reason
+        if eager:
+            self.step_forward = self.eager_forward
         warnings.warn(f"moesys decode graph: decode steps run without a CUDA graph from here on: {reason}",
                       stacklevel=4)
 

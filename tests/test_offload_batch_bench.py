@@ -24,6 +24,11 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())
+    rows = [r for r in records if r["impl"] == "moesys" and not r.get("graph_section")]
+    # the copy hit rate counts the prefetch's copies as misses: never above the lookups' hit rate, and
+    # below it where the prefetch copied what a lookup then found (batch 1 here)
+    assert rows and all(0 <= r["copy_hit_rate"] <= r["hit_rate"] for r in rows)
+    assert any(r["copy_hit_rate"] < r["hit_rate"] for r in rows)
     graph = [r for r in records if r.get("graph_section")]
     # batch 1 is one row (generate() replays the graph whichever path is asked for); above 1, host then graph
     assert [(r["impl"], r["batch"]) for r in graph] == [("moesys-batch-graph", 1), ("moesys", 4),

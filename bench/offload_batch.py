@@ -19,9 +19,9 @@ above 1, how many of its sequences equal the same prompt generated alone (sequen
 under_budget). Predicted: perf_model with the measured hardware (pinned copy bandwidth, matmul FLOP/s) and
 the routing statistics recorded during the row (the LRU hit curve of the recorded routing; uniform: the
 closed form), and again with the engine's measured copy hit rate (1 - copies / lookups: an expert the
-prefetch copied counts as copied, not as the hit its lookup sees; hit_rate is the lookups'); its overheads are fitted once on the
-all-resident rows, a uniform batch-1 calibration row (per miss) and, for quantized experts, a uniform
-calibration row at the smallest batch above 1 (per dequantization wave). Bound (the issue's): B / max(missed bytes of
+prefetch copied counts as copied, not as the hit its lookup sees; hit_rate is the lookups'); its overheads
+are fitted once on the all-resident rows, a uniform batch-1 calibration row (per miss) and, for quantized
+experts, a uniform calibration row at the smallest batch above 1 (per dequantization wave). Bound (the issue's): B / max(missed bytes of
 a step at pinned bandwidth, the same step with every expert resident (measured per batch size with a
 budget holding the whole model)).
 
@@ -203,9 +203,8 @@ def main():
                          "ones, the model's own routing (an override's per-step draw cannot be replayed), bf16, "
                          "each batch size above 1: tok/s, hit rate, and whether the tokens equal the host path's")
     ap.add_argument("--graph-budget", type=float, default=None, metavar="GIB",
-                    help="--batch-graph rows under this budget (GiB; default the other rows'): the graph's steps need a "
-                         "bank per layer holding min(B x top-k, experts) experts, which 4 GiB of the OLMoE shape does "
-                         "not at B >= 2")
+                    help="--batch-graph rows under this budget (GiB; default the other rows'): the graph's steps need "
+                         "each layer's cache bank to hold min(B x top-k, experts) experts")
     ap.add_argument("--graph-batch-sizes", default=None,
                     help="comma-separated batch sizes of the --batch-graph rows (default: --batch-sizes); at 1 the "
                          "host path is the graph too (generate(), replayed), so one row")
@@ -383,7 +382,8 @@ def main():
                     records[-1]["sequences_equal_to_alone"] = [matches_alone(model, tokens, args, cfg.vocab_size), B]
                     log("equal to alone:", records[-1]["sequences_equal_to_alone"])
                 log(f"{quantize} {routing} B={B}: {measured:.1f} tok/s, predicted {pred['tokens_per_s']:.1f} "
-                    f"({pred_hit['tokens_per_s']:.1f} with the measured copy hit rate {stats.decode_copy_hit_rate:.2f}; "
+                    f"({pred_hit['tokens_per_s']:.1f} with the measured copy hit rate "
+                    f"{stats.decode_copy_hit_rate:.2f}; "
                     f"lookups hit {stats.decode_hit_rate:.2f}), bound",
                     f"{bound:.1f}" if bound else "not measured at this batch size")
                 save()
@@ -414,7 +414,8 @@ def graph_rows(args, path, dtype, budget, max_context, sizes, vocab, base, recor
     for B in sizes:
         why = engine.device_batch_unsupported(B) if B > 1 else None
         if why is not None:
-            records.append(dict(base, impl="moesys-batch-graph", batch=B, routing="model", error=why, budget=row_budget))
+            records.append(dict(base, impl="moesys-batch-graph", batch=B, routing="model", error=why,
+                                budget=row_budget))
             log("batch graph", B, why)
             continue
         tokens = {}

@@ -62,7 +62,8 @@ def _python_state(kwargs) -> dict[str, object]:
     state = {}
     for value in kwargs.values():
         if _is_static_cache(value):
-            for prefix, obj in [("", value)] + [(f"layers[{i}].", x) for i, x in enumerate(getattr(value, "layers", ()))]:
+            layers = [(f"layers[{i}].", layer) for i, layer in enumerate(getattr(value, "layers", ()))]
+            for prefix, obj in [("", value)] + layers:
                 state.update({prefix + k: v for k, v in vars(obj).items() if isinstance(v, (bool, int, float, str))})
     return state
 

@@ -64,7 +64,8 @@ def _python_state(kwargs) -> dict[str, object]:
         if _is_static_cache(value):
             layers = [(f"layers[{i}].", layer) for i, layer in enumerate(getattr(value, "layers", ()))]
             for prefix, obj in [("", value)] + layers:
-                state.update({prefix + k: v for k, v in vars(obj).items() if isinstance(v, (bool, int, float, str))})
+                attrs = getattr(obj, "__dict__", {})  # (none to compare on an object with __slots__)
+                state.update({prefix + k: v for k, v in attrs.items() if isinstance(v, (bool, int, float, str))})
     return state
 
 

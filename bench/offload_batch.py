@@ -21,9 +21,9 @@ the routing statistics recorded during the row (the LRU hit curve of the recorde
 closed form), and again with the engine's measured copy hit rate (1 - copies / lookups: an expert the
 prefetch copied counts as copied, not as the hit its lookup sees; hit_rate is the lookups'); its overheads
 are fitted once on the all-resident rows, a uniform batch-1 calibration row (per miss) and, for quantized
-experts, a uniform calibration row at the smallest batch above 1 (per dequantization wave). Bound (the issue's): B / max(missed bytes of
-a step at pinned bandwidth, the same step with every expert resident (measured per batch size with a
-budget holding the whole model)).
+experts, a uniform calibration row at the smallest batch above 1 (per dequantization wave). Bound (the
+issue's): B / max(missed bytes of a step at pinned bandwidth, the same step with every expert resident
+(measured per batch size with a budget holding the whole model)).
 
 --batch-graph adds rows of the decode graph's batch steps (generate_batch(graph=True), model routing, one
 model loaded with cuda_graph=True and compile=False) next to the host-routed steps on the same model.

@@ -105,10 +105,10 @@ class DecodeGraph:
         self.cuda = next(model.parameters()).device.type == "cuda"
         self.captures = self.replays = self.eager_steps = 0
         # why steps run without a graph (None: they are captured): known at install, or found on the way
-        self.fallback_reason = capture_blocker(model, compile) if self.cuda else None
-        if self.fallback_reason is not None:
-            warnings.warn(f"moesys decode graph: decode steps run without a CUDA graph: {self.fallback_reason}",
-                          stacklevel=3)
+        self.fallback_reason = None
+        blocker = capture_blocker(model, compile) if self.cuda else None
+        if blocker is not None:
+            self._give_up(blocker)
         self._reset()
 
     def _reset(self) -> None:

@@ -13,7 +13,8 @@ from moesys.config import load_config
 from moesys.integrations.deepspeed_config import resolve_deepspeed_config
 from tests._train_helpers import train_inproc
 
-SHIPPED = ("configs/deepspeed_zero2_bf16.json", "configs/deepspeed_zero1_bf16.json")
+SHIPPED = ("configs/deepspeed_zero2_bf16.json", "configs/deepspeed_zero1_bf16.json",
+           "configs/deepspeed_zero2_autocast.json")
 
 
 def _config(tmp_path, ds: dict | None, *items):
@@ -37,7 +38,12 @@ def test_shipped_configs_are_filled_from_the_moesys_config(shipped):
     assert ds["zero_optimization"]["stage"] == (2 if "zero2" in shipped else 1)
     bf16 = load_config("configs/tiny.yaml", ["train.engine=deepspeed", f"train.deepspeed_config={shipped}",
                                              "train.dtype=bfloat16"])
-    assert resolve_deepspeed_config(bf16)["bf16"]["enabled"] is True
+    autocast = "autocast" in shipped  # fp32 parameters under bf16 autocast instead of bf16 parameters
+    resolved = resolve_deepspeed_config(bf16)
+    assert resolved["bf16"]["enabled"] is not autocast
+    if autocast:  # gradients reduced in fp32, as the torch engine reduces them
+        assert resolved["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        assert ds["torch_autocast"]["enabled"] is False  # "auto" in an fp32 run: no autocast, as bf16 follows
 
 
 def test_matching_explicit_values_pass(tmp_path):
@@ -67,6 +73,12 @@ BAD = [
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, (), "offload_optimizer"),
     ({"zero_optimization": {"stage": 2, "reduce_scatter": False}}, (), "reduce_scatter=False"),
     ({"zero_optimization": {"stage": 2}}, ("parallel.expert_sharding=fssdp",), "expert_sharding='fssdp'"),
+    ({"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": True}}, ("train.dtype=float32",),
+     "torch_autocast: enabled=True contradicts train.dtype='float32'"),
+    ({"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": True, "dtype": "fp16"}},
+     ("train.dtype=bfloat16",), "torch_autocast.dtype='fp16'"),
+    ({"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": True}, "bf16": {"enabled": True}},
+     ("train.dtype=bfloat16",), "enabled=True contradicts train.dtype='bfloat16' .* with torch_autocast on"),
 ]
 
 

@@ -4,7 +4,8 @@ values moesys owns from the moesys config so that the two cannot disagree.
 Filled from moesys (a value the JSON leaves out or sets to "auto"; a different explicit value is an
 error naming both): `train_micro_batch_size_per_gpu` = data.batch_size, `gradient_accumulation_steps`
 = train.grad_accum, `train_batch_size` = their product times the world size, `gradient_clipping` =
-train.grad_clip, `bf16.enabled` = whether moesys trains in bf16 (train.dtype bfloat16, or auto on a GPU).
+train.grad_clip, `bf16.enabled` = whether moesys trains in bf16 (train.dtype bfloat16, or auto on a GPU) and
+the JSON does not turn on `torch_autocast` (fp32 parameters under autocast, the torch engine's precision).
 Refused: FSSDP placement (parallel.expert_sharding fssdp/fsdp re-shards experts between steps), ZeRO
 stage 0 and 3 (stage 3 would partition the experts that moesys places itself), fp16 (moesys has no loss
 scaling), `optimizer` / `scheduler` sections (moesys builds AdamW and the warmup + cosine schedule from
@@ -61,6 +62,35 @@ def _fill(ds: dict, key: str, value, moesys_key: str, where: str) -> None:
     ds[key] = value
 
 
+_BF16_NAMES = ("bfloat16", "bf16", "torch.bfloat16")
+
+
+def _torch_autocast(ds: dict, config, where: str) -> bool:
+    """Whether DeepSpeed runs in its `torch_autocast` mode: fp32 parameters, masters and AdamW state, the
+    forward under torch.autocast(bfloat16): the precision of moesys's torch engine, where bf16 mode casts
+    the parameters themselves. A JSON with a `torch_autocast` section asks for it; `enabled` "auto" (or
+    left out) follows moesys's precision as `bf16.enabled` does (autocast when moesys trains in bf16, off
+    in fp32), true in an fp32 run is a contradiction. The dtype must be bfloat16 (moesys has no fp16 loss
+    scaling). The section is completed in `ds`: `lower_precision_safe_modules` defaults to none, so
+    gradients are reduced in fp32 as the torch engine reduces them (DeepSpeed's default reduces nn.Linear
+    gradients in the autocast dtype)."""
+    section = ds.get("torch_autocast")
+    if section is None:
+        return False
+    section = dict(section)
+    dtype = section.get("dtype", "bfloat16")
+    if str(dtype) not in _BF16_NAMES:
+        raise ValueError(f"{where}: torch_autocast.dtype={dtype!r}; moesys trains in bfloat16 without loss scaling: "
+                         "set it to \"bfloat16\"")
+    t = config.train
+    _fill(section, "enabled", trains_in_bf16(config), f"train.dtype={t.dtype!r} (device {t.device!r})",
+          f"{where} torch_autocast")
+    section.update(dtype="bfloat16")
+    section.setdefault("lower_precision_safe_modules", [])
+    ds["torch_autocast"] = section
+    return section["enabled"]
+
+
 def resolve_deepspeed_config(config, world_size: int | None = None) -> dict:
     """The DeepSpeed config dict for `config` (a moesys Config with train.engine=deepspeed); ValueError,
     naming the file and the values, for anything moesys refuses. `world_size` None skips the check of
@@ -108,8 +138,12 @@ def resolve_deepspeed_config(config, world_size: int | None = None) -> dict:
         _fill(ds, "train_batch_size", config.data.batch_size * t.grad_accum * world_size,
               f"data.batch_size x train.grad_accum x {world_size} ranks", where)
     _fill(ds, "gradient_clipping", t.grad_clip, "train.grad_clip", where)
+    autocast = _torch_autocast(ds, config, where)
     bf16 = dict(ds.get("bf16") or {})
-    _fill(bf16, "enabled", trains_in_bf16(config), f"train.dtype={t.dtype!r} (device {t.device!r})", f"{where} bf16")
+    # torch_autocast keeps the parameters fp32 (bf16 parameters would be a second, contradicting precision)
+    _fill(bf16, "enabled", trains_in_bf16(config) and not autocast,
+          f"train.dtype={t.dtype!r} (device {t.device!r})" + (" with torch_autocast on" if autocast else ""),
+          f"{where} bf16")
     ds["bf16"] = bf16
     ds.setdefault("steps_per_print", _QUIET_STEPS)
     return ds

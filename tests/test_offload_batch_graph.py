@@ -18,8 +18,10 @@ CONTEXT = 256
 
 
 def load(path, dtype=torch.float32, slots=10, max_context=CONTEXT):
+    """The exact mode (compile=False; on a CPU compile is off anyway): on CUDA the compiled step's kernels
+    may round a bf16 near-tie otherwise than transformers' eager model, whose tokens these tests compare."""
     return mo.load(path, gpu_memory=budget(path, dtype, slots, max_context=max_context), dtype=dtype,
-                   max_context=max_context)
+                   max_context=max_context, compile=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])

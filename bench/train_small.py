@@ -15,7 +15,7 @@ optimizer) in this one process (a one-rank process group); the issue's target is
 `moesys` row's tokens/s (`vs_torch_engine`). Needs the extra moesys[deepspeed].
 
     PYTHONPATH=. python bench/train_small.py --out bench/results/train_small.json [--steps 20]
-    PYTHONPATH=. python bench/train_small.py --cpu-smoke --config configs/tiny.yaml --steps 4 \
+    PYTHONPATH=. python bench/train_small.py --cpu-smoke --config configs/tiny.yaml --steps 10 \
         --skip moesys_triton --skip moesys_eager --skip hf_grouped_mm --skip hf_eager   # the script on a CPU
 """
 
@@ -66,10 +66,14 @@ def _sync(device: torch.device) -> None:
 
 def bench_moesys(config, steps: int, log_every: int) -> dict:
     from moesys.train import train
+    precision = "bf16 autocast, fp32 master weights"
     if config.train.engine == "deepspeed":  # what moesys.train.run checks before starting
         from moesys.integrations.deepspeed_config import require_deepspeed, resolve_deepspeed_config
-        resolve_deepspeed_config(config)
+        ds = resolve_deepspeed_config(config)
         require_deepspeed()
+        mode = ("fp32 parameters under bf16 autocast (torch_autocast)" if ds.get("torch_autocast", {}).get("enabled")
+                else "bf16 parameters, fp32 masters" if ds["bf16"]["enabled"] else "fp32")
+        precision = f"DeepSpeed {config.train.deepspeed_config}: {mode}"
     ctx = bootstrap.init_distributed(config)
     _reset_peak(ctx.device)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -77,12 +81,14 @@ def bench_moesys(config, steps: int, log_every: int) -> dict:
         config.log.every = log_every
         train(config, Path(run_dir), None, ctx)
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    if len(records) < 2:
+        raise ValueError(f"--steps {steps} gives {len(records)} log window(s) of {log_every} steps; the first is "
+                         f"warm-up, so time at least {2 * log_every} steps")
     timed = records[1:]  # the first window holds allocator warm-up and kernel autotuning
     tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
     return {"tokens_per_s": tokens_per_s, "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"],
             "peak_gb": _peak_gb(ctx.device), "timed_steps": len(timed) * log_every,
-            "precision": "bf16 autocast, fp32 master weights" if config.train.engine == "torch" else
-                         f"DeepSpeed {config.train.deepspeed_config}: bf16 parameters (if bf16), fp32 masters",
+            "precision": precision,
             "moe_backend": moe_backend(ctx.device) if config.moe.backend == "auto" else config.moe.backend}
 
 

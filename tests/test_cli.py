@@ -4,6 +4,7 @@ line for Ctrl-C, and `moesys config --show` against the config schema."""
 
 import argparse
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -92,6 +93,19 @@ def test_every_subcommand_reports_bad_input_in_one_line(argv, needle, tmp_path, 
     assert code == 2
     line = _one_error_line(capsys.readouterr().err, argv[0])
     assert needle in line, line
+
+
+def test_generate_on_random_bytes_as_safetensors_is_one_line(tmp_path, capsys):
+    """A model file that is no safetensors (a failed copy, a wrong file): its 8 first bytes read as a header
+    length of exabytes. The header is checked against the file size, not read: one line naming the file."""
+    from transformers import MixtralConfig
+    MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=2).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(random.Random(0).randbytes(4096))
+    assert main(["generate", str(tmp_path), "--token-ids", "1,2", "--gpu-memory", "1GiB"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "generate")
+    assert f"{tmp_path / 'model.safetensors'} is not a readable safetensors file" in line, line
+    assert line.endswith("re-download or re-export the model"), line
 
 
 @pytest.mark.parametrize("argv,needle", [([], "--config"), (["--config", TINY, "--bogus"], "--bogus"),

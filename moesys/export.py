@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -248,10 +247,7 @@ def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "au
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = export(Path(args.run_dir), Path(args.out_dir), arch=args.arch, dtype=args.dtype, force=args.force)
-    except ValueError as e:
-        print(f"moesys export: error: {e}", file=sys.stderr)
-        return 2
+    """A ValueError is reported by cli.guarded: one line, exit code 2."""
+    out = export(Path(args.run_dir), Path(args.out_dir), arch=args.arch, dtype=args.dtype, force=args.force)
     print(f"wrote {out}")
     return 0

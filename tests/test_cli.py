@@ -3,6 +3,7 @@ option, --version, one error style (one line `moesys CMD: error: ...`, exit 2) f
 line for Ctrl-C, and `moesys config --show` against the config schema."""
 
 import argparse
+import importlib
 import os
 import random
 import signal
@@ -93,6 +94,24 @@ def test_every_subcommand_reports_bad_input_in_one_line(argv, needle, tmp_path, 
     assert code == 2
     line = _one_error_line(capsys.readouterr().err, argv[0])
     assert needle in line, line
+
+
+@pytest.mark.parametrize("command,module,function,argv", [
+    ("export", "moesys.export", "export", ["{tmp}", "{tmp}/out"]),
+    ("upcycle", "moesys.upcycling", "upcycle", ["{tmp}", "{tmp}/out", "--num-experts", "4", "--top-k", "2"]),
+    ("plot", "moesys.plot", "plot_run", ["{tmp}"]),
+])
+def test_a_multi_line_error_is_one_line_in_every_command(command, module, function, argv, tmp_path, capsys,
+                                                         monkeypatch):
+    """A config error lists each bad key on its own line (a run's manifest.json read by export, say); every
+    command joins them through cli.one_line, as train and config do."""
+    def fail(*args, **kwargs):
+        raise ValueError("manifest.json: invalid config\n  train.steps: bad\n  train.lr: bad")
+
+    monkeypatch.setattr(importlib.import_module(module), function, fail)
+    assert main([command, *(a.replace("{tmp}", str(tmp_path)) for a in argv)]) == 2
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert line == f"moesys {command}: error: manifest.json: invalid config; train.steps: bad; train.lr: bad"
 
 
 def test_generate_on_random_bytes_as_safetensors_is_one_line(tmp_path, capsys):

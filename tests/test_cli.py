@@ -223,6 +223,40 @@ def test_ctrl_c_in_a_running_command_prints_one_line(tmp_path):
     assert err == "moesys upcycle: interrupted\n"
 
 
+# What the console script `moesys` (pyproject.toml: moesys = "moesys.cli:main") runs.
+_CONSOLE_SCRIPT = "import sys; from moesys.cli import main; sys.exit(main())"
+
+
+def test_a_reader_gone_from_stdout_is_quiet():
+    """`moesys config --show | head`: the reader leaves before the output is written. The command exits as
+    one killed by SIGPIPE does (141, like 130 and 143 here: 128 + the signal), saying nothing, not
+    `error: [Errno 32] Broken pipe` nor Python's "Exception ignored" at exit."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # the reader has gone before the command writes a byte
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CONSOLE_SCRIPT, "config", "--show"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_output_still_buffered_for_a_gone_reader_is_dropped_quietly(monkeypatch, capsys):
+    """A short output waits in stdout's buffer until the command ends: guarded flushes it, and when the reader
+    has gone points stdout at /dev/null, so Python's own flush at exit has nothing left to fail on."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = open(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        assert guarded("moesys x", lambda: print("a line that stays in the buffer")) == 141
+        stdout.flush()   # what the interpreter does at exit: no BrokenPipeError left
+    finally:
+        stdout.close()
+    assert capsys.readouterr().err == ""
+
+
 def test_config_show_prints_the_whole_schema(capsys):
     assert main(["config", "--show"]) == 0
     out = capsys.readouterr().out

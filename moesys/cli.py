@@ -148,20 +148,30 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _top_level(argv: list[str]) -> int:
+    parser = build_parser()
+    if argv and not argv[0].startswith("-"):
+        parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(_COMMANDS)}")
+    parser.parse_args(argv)
+    parser.print_help()
+    return 0 if argv else 2
+
+
+def _subcommand(name: str, argv: list[str]) -> int | None:
+    parser = command_parser(name)   # imports the subcommand's module, and with it torch: seconds
+    args = parser.parse_args(argv)
+    return importlib.import_module(_COMMANDS[name][0]).run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The console script `moesys`. Everything after reading argv runs inside `guarded`, the subcommand's
+    imports included: this module and `moesys/__init__` import nothing heavy, so a Ctrl-C in the first
+    seconds is one line too, not a traceback from inside torch's import."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in _COMMANDS:
-        parser = build_parser()
-        if argv and not argv[0].startswith("-"):
-            parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(_COMMANDS)}")
-        parser.parse_args(argv)
-        parser.print_help()
-        return 0 if argv else 2
+        return guarded("moesys", lambda: _top_level(argv))
     name = argv[0]
-    parser = command_parser(name)
-    args = parser.parse_args(argv[1:])
-    module = importlib.import_module(_COMMANDS[name][0])
-    return guarded(parser.prog, lambda: module.run(args), sigterm=name != "train")
+    return guarded(f"moesys {name}", lambda: _subcommand(name, argv[1:]), sigterm=name != "train")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,38 @@ def test_ctrl_c_in_a_running_command_prints_one_line(tmp_path):
 _CONSOLE_SCRIPT = "import sys; from moesys.cli import main; sys.exit(main())"
 
 
+def _torch_is_loading(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_the_entry_point_imports_nothing_heavy():
+    """`moesys` runs `from moesys.cli import main` before main's handlers are active: it must not load torch."""
+    code = "import sys, moesys.cli; heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_ctrl_c_while_the_command_starts_prints_one_line(tmp_path):
+    """A real SIGINT while `moesys train` is still importing torch (its first seconds, before any subcommand
+    code runs): one line and 130, as later, not a KeyboardInterrupt traceback from an import."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _CONSOLE_SCRIPT, "train", "--config", TINY,
+                             "--run-dir", str(tmp_path / "run")], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    try:
+        deadline = time.monotonic() + 60
+        while not _torch_is_loading(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _torch_is_loading(proc.pid), "torch never started loading"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (130, "moesys train: interrupted\n"), err
+
+
 def test_a_reader_gone_from_stdout_is_quiet():
     """`moesys config --show | head`: the reader leaves before the output is written. The command exits as
     one killed by SIGPIPE does (141, like 130 and 143 here: 128 + the signal), saying nothing, not

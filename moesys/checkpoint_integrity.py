@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,9 +44,10 @@ def file_records(directory: Path, names: list[str]) -> dict[str, dict]:
     return {n: {"bytes": p.stat().st_size, "sha256": d} for n, p, d in zip(names, paths, digests)}
 
 
-def verify_checkpoint(ckpt_dir: Path) -> str | None:
+def verify_checkpoint(ckpt_dir: Path, only: Collection[str] | None = None) -> str | None:
     """None when every file the manifest lists is there with its recorded size and checksum; else
-    what is wrong, naming the file."""
+    what is wrong, naming the file. `only`: check just these of the listed files (a reader that needs
+    no others, like `moesys export`, neither hashes nor refuses on the rest)."""
     ckpt_dir = Path(ckpt_dir)
     manifest_path = ckpt_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -57,6 +59,10 @@ def verify_checkpoint(ckpt_dir: Path) -> str | None:
         return f"{manifest_path} is not valid JSON ({e})"
     except (KeyError, TypeError):
         return f"{manifest_path} has no file list"
+    if only is not None and isinstance(files, list):
+        files = [n for n in files if n in only]
+    elif only is not None:
+        files = {n: r for n, r in files.items() if n in only}
     if isinstance(files, list):  # a manifest from before checksums: presence only
         missing = [n for n in files if not (ckpt_dir / n).is_file()]
         return f"{ckpt_dir / missing[0]} is missing (listed in its manifest)" if missing else None

@@ -7,7 +7,8 @@ not break the others.
 Every subcommand reports alike (`guarded`): a bad argument, value or file is one line
 `moesys COMMAND: error: ...` on stderr and exit code 2; Ctrl-C is one line and 130; SIGTERM raises
 `Terminated` in the main thread, so temp directories are removed as for any exception, then one line
-and 143. `MOESYS_TRACEBACK=1` shows the traceback instead, for bug reports.
+and 143. A reader that leaves stdout early (`moesys config --show | head`) ends the command quietly with
+141, as SIGPIPE ends other tools. `MOESYS_TRACEBACK=1` shows the traceback instead, for bug reports.
 """
 
 from __future__ import annotations
@@ -85,6 +86,19 @@ def _sigterm_raises() -> contextlib.AbstractContextManager[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _drop_stdout() -> None:
+    """After a BrokenPipeError on stdout: point its descriptor at /dev/null, so the output still buffered
+    goes nowhere at exit instead of raising again (Python's documented recipe for SIGPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != fd:
+            os.dup2(devnull, fd)
+            os.close(devnull)
+    except (OSError, ValueError):   # no real descriptor (a captured stream): nothing is flushed at exit
+        pass
+
+
 def guarded(prog: str, body: Callable[[], int | None], *, sigterm: bool = True) -> int:
     """Run `body` and turn what a user can cause into one line on stderr and an exit code. `sigterm`:
     raise Terminated on SIGTERM (training keeps its own handler: it checkpoints, then exits)."""
@@ -94,7 +108,13 @@ def guarded(prog: str, body: Callable[[], int | None], *, sigterm: bool = True) 
             return int(body() or 0)
     try:
         with signals:
-            return int(body() or 0)
+            try:
+                return int(body() or 0)
+            finally:
+                sys.stdout.flush()   # a reader gone (`| head`) shows here, not in Python's exit flush
+    except BrokenPipeError:
+        _drop_stdout()
+        return 141
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -128,20 +148,30 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _top_level(argv: list[str]) -> int:
+    parser = build_parser()
+    if argv and not argv[0].startswith("-"):
+        parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(_COMMANDS)}")
+    parser.parse_args(argv)
+    parser.print_help()
+    return 0 if argv else 2
+
+
+def _subcommand(name: str, argv: list[str]) -> int | None:
+    parser = command_parser(name)   # imports the subcommand's module, and with it torch: seconds
+    args = parser.parse_args(argv)
+    return importlib.import_module(_COMMANDS[name][0]).run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The console script `moesys`. Everything after reading argv runs inside `guarded`, the subcommand's
+    imports included: this module and `moesys/__init__` import nothing heavy, so a Ctrl-C in the first
+    seconds is one line too, not a traceback from inside torch's import."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in _COMMANDS:
-        parser = build_parser()
-        if argv and not argv[0].startswith("-"):
-            parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(_COMMANDS)}")
-        parser.parse_args(argv)
-        parser.print_help()
-        return 0 if argv else 2
+        return guarded("moesys", lambda: _top_level(argv))
     name = argv[0]
-    parser = command_parser(name)
-    args = parser.parse_args(argv[1:])
-    module = importlib.import_module(_COMMANDS[name][0])
-    return guarded(parser.prog, lambda: module.run(args), sigterm=name != "train")
+    return guarded(f"moesys {name}", lambda: _subcommand(name, argv[1:]), sigterm=name != "train")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,16 @@ the aux-loss-free bias, shared experts, capacity dropping, ...) is a ValueError 
 tokenizer is the run's `data.tokenizer`, or for byte-level runs a byte tokenizer (moesys.hf.tokenizer)
 that AutoTokenizer loads. Tensors go under the on-disk per-expert names transformers reads (docs/ARCHITECTURE.md,
 traps). Our RoPE is transformers' rotate-half convention and our qk_norm is Qwen3's, so the logits match.
+
+Before anything is read, the checkpoint's model.safetensors is verified as `train --resume` verifies it
+(size and SHA-256 against the manifest), then its header is checked (upcycling.io.read_header): a damaged
+checkpoint is one line naming the file, not safetensors' traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -26,13 +29,16 @@ from safetensors.torch import load_file, save_file
 
 from moesys import checkpoint as ckpt
 from moesys import owned_tmp
+from moesys.checkpoint_integrity import verify_checkpoint
 from moesys.config import Config, config_from_dict
 from moesys.hf.families import ARCHITECTURES
 from moesys.hf.names import tensor_map
 from moesys.hf.source import CONFIG_FILES, TOKENIZER_FILES, copy_files, source_of
 from moesys.hf.tokenizer import save_byte_tokenizer
+from moesys.upcycling.io import read_header
 
 ARCHS = ("auto", "mixtral", "qwen3_moe")
+MODEL_FILE = "model.safetensors"  # the one file of a checkpoint export reads, besides manifest.json
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ROUTER_STATE = ("expert_bias", "load_since_update")
 _ROPE_KEYS = {"default": {"rope_type"}, "linear": {"rope_type", "factor"},
@@ -60,6 +66,16 @@ def resolve_checkpoint(path: Path) -> Path:
         raise ValueError(f"{path} is neither a checkpoint directory (with manifest.json) nor a run directory "
                          "with checkpoints in ckpt/; train first or give ckpt/step_N")
     return latest
+
+
+def check_intact(step_dir: Path) -> None:
+    """What `train --resume` verifies (the manifest's sizes and SHA-256, checkpoint_integrity), for the
+    file export reads, then its safetensors header: a damaged checkpoint is a ValueError naming the file."""
+    remedy = f"export an intact checkpoint instead ({step_dir.parent}/step_N)"
+    problem = verify_checkpoint(step_dir, only=(MODEL_FILE,))
+    if problem is not None:
+        raise ValueError(f"{problem}; {remedy}")
+    read_header(step_dir / MODEL_FILE, remedy)  # manifests from before checksums record no digest
 
 
 def _unsupported(config: Config, arch: str) -> list[str]:
@@ -185,6 +201,7 @@ def _write_tokenizer(config: Config, source: Path | None, out: Path) -> None:
 def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "auto", force: bool = False) -> Path:
     """Write the latest checkpoint of `run_dir` (or the checkpoint `run_dir`) as an HF directory."""
     step_dir = resolve_checkpoint(Path(run_dir))
+    check_intact(step_dir)
     manifest = ckpt.read_manifest(step_dir)
     config = config_from_dict(manifest["config"], f"{step_dir}/manifest.json")
     if config.model.hf_model is not None:  # transformers' own class: written back as the source's family
@@ -212,7 +229,7 @@ def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "au
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ValueError(f"{out_dir} exists; pass --force to replace it")
-    tensors = hf_state_dict(load_file(str(step_dir / "model.safetensors")), config, family)
+    tensors = hf_state_dict(load_file(str(step_dir / MODEL_FILE)), config, family)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     with owned_tmp.atomic_output_dir(out_dir, overwrite=force, kind="export") as tmp:
         if source is not None:
@@ -230,10 +247,7 @@ def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "au
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = export(Path(args.run_dir), Path(args.out_dir), arch=args.arch, dtype=args.dtype, force=args.force)
-    except ValueError as e:
-        print(f"moesys export: error: {e}", file=sys.stderr)
-        return 2
+    """A ValueError is reported by cli.guarded: one line, exit code 2."""
+    out = export(Path(args.run_dir), Path(args.out_dir), arch=args.arch, dtype=args.dtype, force=args.force)
     print(f"wrote {out}")
     return 0

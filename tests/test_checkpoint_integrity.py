@@ -70,6 +70,18 @@ def test_manifest_records_size_and_sha256(full_run):
     assert verify_checkpoint(step) is None
 
 
+def test_only_the_named_files_are_verified(tmp_path):
+    """`only`: a reader of one file (moesys export reads model.safetensors) is not refused for another's damage."""
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        (tmp_path / name).write_bytes(b"x" * 64)
+    records = file_records(tmp_path, ["model.safetensors", "optimizer.safetensors"])
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": records}))
+    (tmp_path / "optimizer.safetensors").write_bytes(b"y" * 64)
+    assert "optimizer.safetensors does not match the SHA-256" in verify_checkpoint(tmp_path)
+    assert verify_checkpoint(tmp_path, only=("model.safetensors",)) is None
+    assert "optimizer.safetensors does not match" in verify_checkpoint(tmp_path, only=("optimizer.safetensors",))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", [_truncate, _zero_fill, _broken_manifest, _missing_file])
 def test_damaged_newest_checkpoint_is_named_and_resume_falls_back(full_run, tmp_path, capsys, damage):

@@ -3,7 +3,9 @@ option, --version, one error style (one line `moesys CMD: error: ...`, exit 2) f
 line for Ctrl-C, and `moesys config --show` against the config schema."""
 
 import argparse
+import importlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -92,6 +94,37 @@ def test_every_subcommand_reports_bad_input_in_one_line(argv, needle, tmp_path, 
     assert code == 2
     line = _one_error_line(capsys.readouterr().err, argv[0])
     assert needle in line, line
+
+
+@pytest.mark.parametrize("command,module,function,argv", [
+    ("export", "moesys.export", "export", ["{tmp}", "{tmp}/out"]),
+    ("upcycle", "moesys.upcycling", "upcycle", ["{tmp}", "{tmp}/out", "--num-experts", "4", "--top-k", "2"]),
+    ("plot", "moesys.plot", "plot_run", ["{tmp}"]),
+])
+def test_a_multi_line_error_is_one_line_in_every_command(command, module, function, argv, tmp_path, capsys,
+                                                         monkeypatch):
+    """A config error lists each bad key on its own line (a run's manifest.json read by export, say); every
+    command joins them through cli.one_line, as train and config do."""
+    def fail(*args, **kwargs):
+        raise ValueError("manifest.json: invalid config\n  train.steps: bad\n  train.lr: bad")
+
+    monkeypatch.setattr(importlib.import_module(module), function, fail)
+    assert main([command, *(a.replace("{tmp}", str(tmp_path)) for a in argv)]) == 2
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert line == f"moesys {command}: error: manifest.json: invalid config; train.steps: bad; train.lr: bad"
+
+
+def test_generate_on_random_bytes_as_safetensors_is_one_line(tmp_path, capsys):
+    """A model file that is no safetensors (a failed copy, a wrong file): its 8 first bytes read as a header
+    length of exabytes. The header is checked against the file size, not read: one line naming the file."""
+    from transformers import MixtralConfig
+    MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=2).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(random.Random(0).randbytes(4096))
+    assert main(["generate", str(tmp_path), "--token-ids", "1,2", "--gpu-memory", "1GiB"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "generate")
+    assert f"{tmp_path / 'model.safetensors'} is not a readable safetensors file" in line, line
+    assert line.endswith("re-download or re-export the model"), line
 
 
 @pytest.mark.parametrize("argv,needle", [([], "--config"), (["--config", TINY, "--bogus"], "--bogus"),
@@ -188,6 +221,72 @@ def test_ctrl_c_in_a_running_command_prints_one_line(tmp_path):
             os.close(writer)
     assert proc.returncode == 130, err
     assert err == "moesys upcycle: interrupted\n"
+
+
+# What the console script `moesys` (pyproject.toml: moesys = "moesys.cli:main") runs.
+_CONSOLE_SCRIPT = "import sys; from moesys.cli import main; sys.exit(main())"
+
+
+def _torch_is_loading(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_the_entry_point_imports_nothing_heavy():
+    """`moesys` runs `from moesys.cli import main` before main's handlers are active: it must not load torch."""
+    code = "import sys, moesys.cli; heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_ctrl_c_while_the_command_starts_prints_one_line(tmp_path):
+    """A real SIGINT while `moesys train` is still importing torch (its first seconds, before any subcommand
+    code runs): one line and 130, as later, not a KeyboardInterrupt traceback from an import."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _CONSOLE_SCRIPT, "train", "--config", TINY,
+                             "--run-dir", str(tmp_path / "run")], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    try:
+        deadline = time.monotonic() + 60
+        while not _torch_is_loading(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _torch_is_loading(proc.pid), "torch never started loading"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (130, "moesys train: interrupted\n"), err
+
+
+def test_a_reader_gone_from_stdout_is_quiet():
+    """`moesys config --show | head`: the reader leaves before the output is written. The command exits as
+    one killed by SIGPIPE does (141, like 130 and 143 here: 128 + the signal), saying nothing, not
+    `error: [Errno 32] Broken pipe` nor Python's "Exception ignored" at exit."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # the reader has gone before the command writes a byte
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CONSOLE_SCRIPT, "config", "--show"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_output_still_buffered_for_a_gone_reader_is_dropped_quietly(monkeypatch, capsys):
+    """A short output waits in stdout's buffer until the command ends: guarded flushes it, and when the reader
+    has gone points stdout at /dev/null, so Python's own flush at exit has nothing left to fail on."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = open(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        assert guarded("moesys x", lambda: print("a line that stays in the buffer")) == 141
+        stdout.flush()   # what the interpreter does at exit: no BrokenPipeError left
+    finally:
+        stdout.close()
+    assert capsys.readouterr().err == ""
 
 
 def test_config_show_prints_the_whole_schema(capsys):

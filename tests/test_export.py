@@ -1,6 +1,9 @@
 """Checks `moesys export` against transformers: the exported Mixtral / Qwen3-MoE directory loads with
 AutoModelForCausalLM and gives the logits of our model; features HF lacks are refused by name."""
 
+import json
+import random
+
 import pytest
 import torch
 
@@ -112,3 +115,26 @@ def test_byte_runs_export_a_byte_tokenizer_that_round_trips_text(tmp_path, init_
     ids = tok(text)["input_ids"]
     assert ids == list(text.encode("utf-8"))  # the ids the run trained on (moesys.data's bytes)
     assert tok.decode(ids) == text
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
+    """Verified as `train --resume` verifies it (the manifest's SHA-256), then by its safetensors header when
+    the manifest predates checksums; neither way a safetensors traceback, and nothing written."""
+    assert train_inproc(tmp_path / "run", "train.steps=1") == 0
+    capsys.readouterr()
+    step = latest_checkpoint(tmp_path / "run" / "ckpt")
+    model = step / "model.safetensors"
+    model.write_bytes(random.Random(0).randbytes(model.stat().st_size))  # same size: only the digest tells
+    argv = ["export", str(tmp_path / "run"), str(tmp_path / "hf")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moesys export: error: {model} does not match the SHA-256"), err
+    assert err.count("\n") == 1 and "export an intact checkpoint" in err
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"] = list(manifest["files"])  # a manifest from before checksums: names only
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moesys export: error: {model} is not a readable safetensors file"), err
+    assert err.count("\n") == 1 and "export an intact checkpoint" in err
+    assert not (tmp_path / "hf").exists()

@@ -1,5 +1,6 @@
-"""Weight sources: where the engine reads tensors from. A safetensors directory (memory-mapped, headers
-parsed by hand so nothing is read before the budget check), or tensors already in memory (benchmarks).
+"""Weight sources: where the engine reads tensors from. A safetensors directory (memory-mapped; headers
+read and checked against the file size by upcycling.io.read_header, so nothing is read before the budget
+check), or tensors already in memory (benchmarks).
 
 A source provides `non_expert_items()` -> (on-disk name, tensor) pairs and
 `expert(layer, e)` -> (gate_IH, up_IH, down_HI) tensors, views where possible.
@@ -7,21 +8,17 @@ A source provides `non_expert_items()` -> (on-disk name, tensor) pairs and
 
 from __future__ import annotations
 
-import json
+import math
 import mmap
 import os
-import struct
 from pathlib import Path
 
 import torch
 
 from moesys.offload.layout import PARAM_OF_PART, ExpertLayout
+from moesys.upcycling.io import read_header
 
-_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool,
-}
+_REMEDY = "re-download or re-export the model"
 
 
 class SafetensorsSource:
@@ -37,16 +34,8 @@ class SafetensorsSource:
         self._files = files
         self._maps: list[mmap.mmap | None] = [None] * len(files)
         for i, path in enumerate(files):
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                if meta["dtype"] not in _DTYPES:
-                    raise ValueError(f"{path}: tensor {name} has dtype {meta['dtype']}, not one of {sorted(_DTYPES)}")
-                b, e = meta["data_offsets"]
-                self._entries[name] = (i, _DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + b, 8 + n + e)
+            for name, (shape, dtype, begin) in read_header(path, _REMEDY).items():
+                self._entries[name] = (i, dtype, shape, begin, begin + math.prod(shape) * dtype.itemsize)
 
     def names(self) -> list[str]:
         return list(self._entries)

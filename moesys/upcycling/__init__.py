@@ -156,16 +156,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = upcycle(args.dense_dir, args.out_dir, num_experts=args.num_experts, top_k=args.top_k,
-                         target=args.target, granularity=args.granularity, moe_layers=args.moe_layers,
-                         router_init=args.router_init, router_std=args.router_std, drop_ratio=args.drop_ratio,
-                         shared_expert=args.shared_expert, norm_topk_prob=args.norm_topk_prob, seed=args.seed,
-                         overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                         memory_budget=args.memory_budget, progress=args.progress)
-    except ValueError as e:
-        print(f"moesys upcycle: error: {e}", file=sys.stderr)
-        return 2
+    """A ValueError is reported by cli.guarded: one line, exit code 2."""
+    result = upcycle(args.dense_dir, args.out_dir, num_experts=args.num_experts, top_k=args.top_k,
+                     target=args.target, granularity=args.granularity, moe_layers=args.moe_layers,
+                     router_init=args.router_init, router_std=args.router_std, drop_ratio=args.drop_ratio,
+                     shared_expert=args.shared_expert, norm_topk_prob=args.norm_topk_prob, seed=args.seed,
+                     overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                     memory_budget=args.memory_budget, progress=args.progress)
     kind = "function preserving" if result.function_preserving else "NOT function preserving (see notes above)"
     print(f"wrote {result.config['architectures'][0]} to {result.out_dir}: {len(result.files)} shard(s), "
           f"{result.bytes_written / 1e6:,.1f} MB, {kind}")

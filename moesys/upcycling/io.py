@@ -47,9 +47,13 @@ def parse_bytes(size: int | str) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
-def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int]]:
+def read_header(path: Path, remedy: str = "re-download the checkpoint"
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype, int]]:
     """Name -> (shape, dtype, byte offset in the file) of a safetensors file, after checking the file
-    holds every byte its header promises (a truncated download fails here, before anything is written)."""
+    holds every byte its header promises (a truncated download fails here, before anything is written).
+    Cheap: the 8-byte header length must fit the file and the header must be JSON, so random bytes are a
+    ValueError naming the file and ending with `remedy` (what the reader should do), never a huge read.
+    The one header check of upcycle, init_from, generate's offload source and export."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -58,23 +62,29 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int
             if not 0 < n <= size - 8:
                 raise ValueError
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError
     except FileNotFoundError:
-        raise ValueError(f"safetensors file {path} is missing; re-download the checkpoint") from None
+        raise ValueError(f"safetensors file {path} is missing; {remedy}") from None
     except (ValueError, UnicodeDecodeError, struct.error):
-        raise ValueError(f"{path} is not a readable safetensors file (bad or truncated header)") from None
+        raise ValueError(f"{path} is not a readable safetensors file (bad or truncated header); {remedy}") from None
     out = {}
     data_bytes = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = DTYPES.get(info.get("dtype"))
-        begin, end = info["data_offsets"]
+        try:
+            dtype = DTYPES.get(info.get("dtype"))
+            shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+            nbytes = math.prod(shape) * (dtype.itemsize if dtype is not None else 0)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: the header entry of tensor {name} is malformed; {remedy}") from None
         if dtype is None:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        if end > data_bytes or end - begin != math.prod(info["shape"]) * dtype.itemsize:
+        if begin < 0 or end > data_bytes or end - begin != nbytes:
             raise ValueError(f"{path} is truncated or corrupt: tensor {name} needs bytes {begin}..{end} of "
-                             f"{data_bytes}; re-download the checkpoint")
-        out[name] = (tuple(info["shape"]), dtype, 8 + n + begin)
+                             f"{data_bytes}; {remedy}")
+        out[name] = (shape, dtype, 8 + n + begin)
     return out
 
 

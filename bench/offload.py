@@ -127,6 +127,38 @@ def forced_decode(model, prompt, steps: int, vocab: int, before_decode=None, see
     return P / (t1 - t0), steps / (time.perf_counter() - t2)
 
 
+SYNC_NAMES = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+              "aten::_local_scalar_dense")
+
+
+def profile_summary(prof, steps: int, wall_s: float) -> dict:
+    """Per decode token, from a torch.profiler run over `steps` steps: wall time, the kernels' summed device
+    time, kernel launches, host time blocked in synchronisations (and D2H reads), the top host ops."""
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    host = prof.key_averages()
+    syncs = {e.key: (e.count / steps, e.cpu_time_total / steps / 1e3) for e in host if e.key in SYNC_NAMES}
+    launches = sum(e.count for e in host if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    top = sorted((e for e in host if e.device_type == torch.autograd.DeviceType.CPU),
+                 key=lambda e: -e.self_cpu_time_total)[:15]
+    return {"wall_ms_per_token": wall_s / steps * 1e3,
+            "kernel_ms_per_token": sum(e.device_time_total for e in kernels) / steps / 1e3,
+            "kernels_per_token": len(kernels) / steps, "launch_calls_per_token": launches / steps,
+            "sync_calls_and_ms_per_token": syncs,
+            "top_host_ops_self_ms_per_token": {e.key: e.self_cpu_time_total / steps / 1e3 for e in top}}
+
+
+def profile_forced_decode(model, prompt, steps: int, vocab: int, static: bool) -> dict:
+    """forced_decode with other tokens than the timed run's, its `steps` decode steps (not the prefill)
+    under torch.profiler; the wall time includes the profiler's own overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    _, decode = forced_decode(model, prompt, steps, vocab, seed=999, static=static, before_decode=prof.start)
+    prof.stop()
+    return profile_summary(prof, steps, steps / decode)
+
+
 def warm_up(model, prompt, steps: int, vocab: int, static=False) -> None:
     """One untimed pass over the timed run's sequence lengths, with other decode tokens (so the expert cache
     is not primed with the timed routing). cuDNN attention builds an execution plan per new KV length,
@@ -305,7 +337,8 @@ def baseline(records, base, impl, model, prompt, steps, vocab, want_tokens=0, bu
     return want
 
 
-def load_and_run(records, base, path, budget, opts, bw_Bps, prompt, steps, vocab, want, static, save):
+def load_and_run(records, base, path, budget, opts, bw_Bps, prompt, steps, vocab, want, static, save,
+                 profile_steps=0):
     """mo.load the checkpoint at `path` under `budget` with `opts` and run_ours on it; a failure is recorded
     (and the next implementation still runs). The record, or None."""
     import moesys.offload as mo
@@ -317,6 +350,9 @@ def load_and_run(records, base, path, budget, opts, bw_Bps, prompt, steps, vocab
         load_s = time.perf_counter() - t0
         rec = run_ours(records, base, model, prompt, steps, budget, bw_Bps, vocab, want=want,
                        extra={"load_s": load_s, "options": opts}, static=static)
+        if profile_steps:
+            rec["profile"] = profile_forced_decode(model, prompt, profile_steps, vocab, static)
+            log(base["impl"], "profile", rec["profile"])
     except Exception as e:
         traceback.print_exc()
         records.append(dict(base, error=repr(e)))
@@ -504,14 +540,16 @@ def _few_slots_budget(path, slots: int = 4) -> int:
 
 
 def bench_shape(records, meta, workdir, bw_Bps, steps, name, cfg, budget, device="cuda", save=lambda: None,
-                prompt_tokens=512):
+                prompt_tokens=512, only=None, profile_steps=0):
     """Batch-1 decode of one random bf16 model saved to disk: transformers fully on the device (where it fits),
     transformers + accelerate offload (device_map="auto" with max_memory = the budget), moesys under `budget`
     (pinned store, CUDA-graph decode; compiled, the default, and not), transformers under moesys' compiled
     decode graph (the default row's exact reference), and moesys with a budget holding every expert (the
     resident step).
     bound = 1 / max(missed bytes per token / pinned bandwidth, resident step time): the copies and the compute
-    can at best overlap fully."""
+    can at best overlap fully. `only`: the impls to run (None: all; without transformers-gpu there are no
+    reference tokens to compare). `profile_steps`: that many more decode steps of each moesys row under
+    torch.profiler (`profile` in its record: kernel time, launches, host syncs per token)."""
     from transformers import AutoModelForCausalLM
 
     path = os.path.join(workdir, f"{name}_shaped")
@@ -524,12 +562,16 @@ def bench_shape(records, meta, workdir, bw_Bps, steps, name, cfg, budget, device
     if callable(budget):  # the smoke run: a budget from the memory plan (a few slots, so experts are evicted)
         budget = budget(path)
     want = None
+
+    def wanted(impl):
+        return only is None or impl in only
     try:  # fully on the device: the tokens every exact run must give, and the speed to compare with
-        want = baseline(records, base, "transformers-gpu", full, prompt, steps, V, want_tokens=16)
+        if wanted("transformers-gpu"):
+            want = baseline(records, base, "transformers-gpu", full, prompt, steps, V, want_tokens=16)
     except Exception as e:
         traceback.print_exc()
         records.append(dict(base, impl="transformers-gpu", error=repr(e)))
-    if want is not None and device == "cuda":
+    if want is not None and device == "cuda" and wanted("transformers-gpu-compiled-cudagraph"):
         # the same model under moesys' compiled decode graph: the tokens moesys' default (compiled) step must
         # give; with "moesys-pinned-uncompiled" against the eager tokens, this tells compile rounding apart
         # from an offload fault when the default row differs from the eager model
@@ -552,13 +594,13 @@ def bench_shape(records, meta, workdir, bw_Bps, steps, name, cfg, budget, device
     # compile, then the resident step for the bound; accelerate (the slowest) last
     for impl, b, opts in (("moesys-pinned", budget, {}), ("moesys-pinned-uncompiled", budget, dict(compile=False)),
                           ("moesys-whole-model-budget", 1 << 40, {})):
-        if impl == "moesys-pinned-uncompiled" and device != "cuda":
+        if (impl == "moesys-pinned-uncompiled" and device != "cuda") or not wanted(impl):
             continue  # compile is off on the CPU anyway
         rec = load_and_run(records, dict(base, impl=impl), path, b, dict(host_memory=host, device=device, **opts),
-                           bw_Bps, prompt, steps, V, want, True, save)
+                           bw_Bps, prompt, steps, V, want, True, save, profile_steps)
         if rec is not None:
             ours[impl] = rec
-    if device == "cuda":
+    if device == "cuda" and wanted("accelerate-offload"):
         try:
             acc = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
                                                        max_memory={0: budget, "cpu": 200 * 2**30}).eval()
@@ -593,7 +635,11 @@ def main():
     p.add_argument("--stages", default="correctness,olmoe,qwen3",
                    help="comma-separated stages to run (default: correctness,olmoe,qwen3); also deepseek-v2-lite and "
                         "gpt-oss-20b (8 GiB budget each), and smoke (both of those shapes tiny, on the CPU)")
-    p.add_argument("--only", default=None, help="comma-separated OLMoE-shape impls to run (default: all)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated impls to run in the OLMoE stage and in deepseek-v2-lite / gpt-oss-20b "
+                        "(default: all)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="deepseek-v2-lite / gpt-oss-20b: profile this many more decode steps of each moesys row")
     p.add_argument("--qwen3-after-s", type=float, default=200.0,
                    help="skip the Qwen3 shape if this many seconds have passed before it starts")
     args = p.parse_args()
@@ -649,7 +695,8 @@ def main():
     for name, cfg in shape_configs().items():
         if name in stages:
             stage(name, lambda: bench_shape(records, meta, args.workdir, bw["h2d_pinned_GBps"] * 1e9, args.steps,
-                                            name, cfg, 8 * 2**30, save=save))
+                                            name, cfg, 8 * 2**30, save=save, only=only,
+                                            profile_steps=args.profile_steps))
     log("done")
 
 

@@ -20,11 +20,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from offload import forced_decode, free, olmoe_config
+from offload import forced_decode, free, olmoe_config, profile_summary
 from run_meta import run_meta
-
-SYNC_NAMES = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
-              "aten::_local_scalar_dense")
 
 
 @torch.no_grad()
@@ -43,18 +40,7 @@ def profile_decode(model, vocab: int, steps: int) -> dict:
             past = model(toks[i], past_key_values=past, use_cache=True).past_key_values
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / steps
-    events = prof.events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    host = prof.key_averages()
-    syncs = {e.key: e.cpu_time_total / steps / 1e3 for e in host if e.key in SYNC_NAMES}
-    launches = sum(e.count for e in host if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
-    top = sorted((e for e in host if e.device_type == torch.autograd.DeviceType.CPU),
-                 key=lambda e: -e.self_cpu_time_total)[:15]
-    return {"wall_ms_per_token": wall * 1e3,
-            "kernel_ms_per_token": sum(e.device_time_total for e in kernels) / steps / 1e3,
-            "kernels_per_token": len(kernels) / steps, "launch_calls_per_token": launches / steps,
-            "sync_ms_per_token": syncs,
-            "top_host_ops_self_ms_per_token": {e.key: e.self_cpu_time_total / steps / 1e3 for e in top}}
+    return profile_summary(prof, steps, wall * steps)
 
 
 def main() -> int:

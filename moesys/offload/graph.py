@@ -29,8 +29,9 @@ Nothing may compile while a graph is being captured (dynamo's tracing makes host
 capture refuses), and a replay freezes every Python value the step read: warm-up steps go on, up to
 MAX_WARMUP_STEPS, until one compiled nothing and left the cache's Python scalars as it found them. A
 sliding-window cache layer fails the second at every step (transformers' StaticSlidingWindowLayer counts its
-fill level in a Python int, and a compiled step guards on it, so it also recompiles at every step). A layout
-still unsettled then decodes uncompiled without a graph from there on, one whose capture fails without a
+fill level in a Python int, and a compiled step guards on it, so it also recompiles at every step): a scalar
+changed by two warm-up steps in a row is taken for such a counter at once. A layout still unsettled (or with
+such a counter) then decodes uncompiled without a graph from there on, one whose capture fails without a
 graph (a warning says why; `fallback_reason` keeps it), and so does a model whose step is known not to be
 capturable (`capture_blocker`): float32 or float16 experts with transformers' grouped_mm, which under
 torch.compile loops over the experts after reading their row counts back to the host.
@@ -69,11 +70,15 @@ def _python_state(kwargs) -> dict[str, object]:
     return state
 
 
-def _moved_state(before: dict, after: dict) -> str | None:
-    """The first Python value that a step changed, as "name (old -> new)", or None."""
-    for name in sorted(before.keys() | after.keys()):
-        if before.get(name) != after.get(name):
-            return f"{name} ({before.get(name)} -> {after.get(name)})"
+def _moved_names(before: dict, after: dict) -> list[str]:
+    """The names of the Python values that a step changed, sorted."""
+    return [name for name in sorted(before.keys() | after.keys()) if before.get(name) != after.get(name)]
+
+
+def _moved_state(before: dict, after: dict, names: list[str] | None = None) -> str | None:
+    """The first Python value (of `names`, default any) that a step changed, as "name (old -> new)", or None."""
+    for name in _moved_names(before, after) if names is None else names:
+        return f"{name} ({before.get(name)} -> {after.get(name)})"
     return None
 
 
@@ -116,6 +121,7 @@ class DecodeGraph:
         self.warm = 0
         # why the last warm-up step was not the last one needed (None: capture next); none ran yet
         self.warm_unsettled: str | None = "no warm-up step ran"
+        self.last_moved: list[str] = []  # the cache scalars the last warm-up step changed
         self.graph = None
         self.static_inputs: dict[tuple[str, str | None], torch.Tensor] = {}
         self.static_output = None
@@ -196,11 +202,21 @@ class DecodeGraph:
             before, state = _frames_compiled(), _python_state(kwargs)
             out = self._eager_step(kwargs)  # warm-up: compiles, autotunes, makes lazy buffers
             self.warm += 1
-            moved = _moved_state(state, _python_state(kwargs))
+            after = _python_state(kwargs)
+            moved, again = _moved_names(state, after), None
+            if moved:
+                # a scalar that two steps in a row changed counts steps: it never settles, and a compiled step
+                # guards on it, so each further warm-up step would recompile the whole model (minutes for
+                # GPT-OSS-20B): give up now rather than at MAX_WARMUP_STEPS
+                again = [name for name in moved if name in self.last_moved] or None
+                moved = _moved_state(state, after, again or moved)
+            self.last_moved = _moved_names(state, after)
             self.warm_unsettled = (
-                "the compiled step still recompiled" if _frames_compiled() != before else
+                "the compiled step still recompiled" if _frames_compiled() != before and not again else
                 f"the cache's {moved} changes at every step (a Python value that a replayed graph would freeze; "
                 "transformers' sliding-window cache layers keep their fill level so)" if moved else None)
+            if again:
+                self._give_up(f"{self.warm_unsettled} at its warm-up step {self.warm}", eager=True)
             return out
         if self.graph is None:
             try:

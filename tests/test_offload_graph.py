@@ -445,3 +445,63 @@ def test_fused_bookkeeping_kernel_matches_the_reference(policy, K):
             all_hits += bool((ref[1] < 0).all())
     assert all_hits >= 10
     assert tables[1].counters[2] > 0  # evictions happened
+
+
+def test_auto_policy_is_lfu_only_where_lru_could_never_hit():
+    """cache_policy "auto": LFU when the fullest bank has at most (its layers - 1) x top_k slots (the experts
+    of the other layers between two visits of a layer fill it), else LRU; top_k counts at most the experts
+    a layer has."""
+    from moesys.offload.cache import ExpertCache
+
+    def policy(slots, layers, top_k, bank_size=1023, experts=8):
+        return ExpertCache([("w", (2,), torch.float32)], slots, torch.device("cpu"), "auto", list(range(layers)),
+                           experts, bank_size=bank_size, top_k=top_k).policy
+    assert policy(4, 3, 2) == "lfu" and policy(5, 3, 2) == "lru"
+    assert policy(4, 4, 2, bank_size=2) == "lfu"   # banks of 2 slots, 2 layers each: 2 others fill one
+    assert policy(6, 4, 2, bank_size=3) == "lru"   # banks of 3 slots, 2 layers each: one slot survives
+    assert policy(6, 3, 2, bank_size=3) == "lru"   # banks of 3 slots; the first holds 2 layers
+    assert policy(5, 3, 2, bank_size=3) == "lfu"   # banks of 2 and 3 slots: the fullest rule takes the 2
+    assert policy(8, 2, 20, experts=8) == "lfu" and policy(9, 2, 20, experts=8) == "lru"  # at most 8 a layer
+    assert policy(1, 1, 2) == "lru"                # one layer: nothing comes between its visits
+    assert ExpertCache([("w", (2,), torch.float32)], 4, torch.device("cpu"), "lru", [0, 1, 2], 8,
+                       top_k=2).policy == "lru"     # asked for by name: kept
+
+
+@torch.no_grad()
+def _greedy_decode(model, prompt, steps, static):
+    """Prefill, then the engine's statistics reset, then `steps` greedy one-token steps (a StaticCache: the
+    device path; else a DynamicCache: the host-routed path). The tokens, and the decode steps' statistics."""
+    from transformers import StaticCache
+
+    P = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=P + steps) if static else None
+    kw = dict(past_key_values=cache, cache_position=torch.arange(P)) if static else dict(use_cache=True)
+    out = model(prompt, **kw)
+    model.moesys_offload.reset_stats()
+    tokens = [out.logits[:, -1:].argmax(-1)]
+    for i in range(steps):
+        past = cache if static else out.past_key_values
+        kw = dict(cache_position=torch.tensor([P + i])) if static else dict(use_cache=True)
+        out = model(tokens[-1], past_key_values=past, **kw)
+        tokens.append(out.logits[:, -1:].argmax(-1))
+    return torch.cat(tokens, 1), model.moesys_offload.snapshot()
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_auto_policy_hits_where_lru_thrashes(checkpoints, static):
+    """4 slots for 3 layers x top-2: between a layer's visits come the 4 experts of the other two layers, so
+    LRU has evicted its experts by the next token and no decode step hits. The default ("auto") picks LFU
+    there and hits; the tokens are the same (a policy decides residency, never arithmetic). Both the
+    device path (StaticCache) and the host-routed one."""
+    path, prompt = checkpoints["olmoe"], _prompt(seed=4)
+    kw = dict(gpu_memory=_budget(path, torch.float32, 4), dtype=torch.float32, prefetch="none")
+    runs = {}
+    for name, options in (("lru", dict(cache_policy="lru")), ("auto", {})):
+        model = mo.load(path, **kw, **options)
+        assert model.moesys_offload.cache.num_slots == 4
+        runs[name] = (*_greedy_decode(model, prompt, 12, static), model.moesys_offload.cache.policy)
+    (lru_tokens, lru, lru_policy), (auto_tokens, auto, auto_policy) = runs["lru"], runs["auto"]
+    assert (lru_policy, auto_policy) == ("lru", "lfu")
+    assert torch.equal(lru_tokens, auto_tokens)
+    assert lru.hits + lru.misses == auto.hits + auto.misses == 12 * 3 * 2
+    assert lru.hits == 0 and auto.hits > 0

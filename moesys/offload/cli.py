@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing-seed", type=int, default=0, help="seed of --routing uniform")
     parser.add_argument("--gpu-memory", required=True, help="device memory budget, e.g. 16GiB or a byte count")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate after the prompt")
-    parser.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru",
-                        help="which cached expert the GPU expert cache evicts")
+    parser.add_argument("--cache-policy", choices=CACHE_POLICIES, default="auto",
+                        help="which cached expert the GPU expert cache evicts (auto: LRU, or LFU when the cache "
+                             "is so small that LRU would never hit)")
     parser.add_argument("--prefetch", choices=PREFETCH_POLICIES, default="next-gate",
                         help="speculative copy of the experts the next layer's gate predicts")
     parser.add_argument("--quantize-experts", choices=QUANT_MODES, default="none",

@@ -27,7 +27,7 @@ from moesys.offload.sizes import format_bytes, parse_bytes
 from moesys.offload.source import SafetensorsSource
 from moesys.offload.store import HOST_MODES, HostExpertStore, parts_nbytes, slot_parts
 
-_OPTIONS = {"cache_policy": "lru", "prefetch": "next-gate", "quantize_experts": "none", "cpu_experts": "off",
+_OPTIONS = {"cache_policy": "auto", "prefetch": "next-gate", "quantize_experts": "none", "cpu_experts": "off",
             "host_memory": "auto", "device": None, "max_context": 4096, "reserve": None,
             "experts_implementation": None, "group_size": 128, "bank_size": 1023, "resident_if_fits": True,
             "cuda_graph": True, "compile": None}
@@ -185,12 +185,12 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
         mode = "memory"  # page-locking only helps copies to CUDA
     store = HostExpertStore(source, list(blocks), E, I, H, dtype, mode=mode, quantize=opts["quantize_experts"],
                             group_size=opts["group_size"], work_device=device, layout=layout)
+    top_k = getattr(config.get_text_config(), "num_experts_per_tok", 1)
     cache = ExpertCache(store.parts, plan.num_slots, device, opts["cache_policy"], list(blocks), E,
-                        bank_size=opts["bank_size"])
+                        bank_size=opts["bank_size"], top_k=top_k)
     inner = {layer: block.experts for layer, block in blocks.items()}
     prefetcher = None
     if opts["prefetch"] == "next-gate" and len(blocks) > 1:
-        top_k = getattr(config.get_text_config(), "num_experts_per_tok", 1)
         prefetcher = NextGatePrefetcher({layer: router_of(b) for layer, b in blocks.items()}, top_k)
     engine = OffloadEngine(store=store, cache=cache, inner=inner, device=device, prefetcher=prefetcher,
                            cpu_experts=opts["cpu_experts"])
@@ -231,7 +231,8 @@ def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
             (int8/int4) are plain gated experts only.
         gpu_memory: the device memory budget, bytes (int) or a string like "16GiB".
         dtype: compute dtype (default: the config's dtype).
-        options: cache_policy "lru"|"lfu", prefetch "next-gate"|"none", quantize_experts "none"|"int8"|"int4",
+        options: cache_policy "auto"|"lru"|"lfu" (auto: LRU, or LFU when a bank holds so few slots
+            that a batch-1 decode under LRU could never hit: moesys.offload.cache), prefetch "next-gate"|"none", quantize_experts "none"|"int8"|"int4",
             cpu_experts "off"|"auto"|"on" (default "off": experts computed on the CPU round differently, so
             only "off" keeps greedy output bit-identical to the model fully on the device), host_memory "auto"|"pinned"|"memory"|"mmap", device,
             max_context (tokens the KV cache is planned for), reserve (workspace bytes, overrides the

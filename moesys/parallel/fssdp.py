@@ -15,6 +15,8 @@ Per MoE layer forward (`FSSDPExperts`):
    (`fssdp_plan.route_to_replicas`'s rule), by a variable-split all-to-all (counts exchanged first).
 3. The replicas run `moe_mlp`; a reverse all-to-all brings the rows back; the source rank applies
    the router weights and sums each token's K rows in order.
+Steps 2 and 3 are the token path EP shares (`moesys.parallel.dispatch`); what FSSDP adds is the
+choice of a replica per row (the destination) and the gathered weights the replicas compute with.
 With `rematerialize=True` the gathered weights are freed after forward and gathered again in
 backward (torch.utils.checkpoint around gather + expert compute).
 
@@ -39,7 +41,8 @@ from torch.utils.checkpoint import checkpoint
 
 from moesys.layers.experts import Experts, autocast_expert_inputs
 from moesys.ops import moe_mlp
-from moesys.parallel.comm import CommContext, all_to_all, exchange_counts, guarded, wait_work
+from moesys.parallel.comm import CommContext, all_to_all, guarded, wait_work
+from moesys.parallel.dispatch import combine, exchange_splits, expert_mlp, received_expert_ids, sort_rows
 from moesys.parallel.fssdp_plan import destinations, replica_rings, transfers
 
 __all__ = ["FSSDPExperts", "LayerPlan", "POLICIES"]
@@ -273,41 +276,28 @@ class FSSDPExperts(nn.Module):
         marks = getattr(self, "_attn_marks", None)
         if marks and marks[1] is None:
             marks[1] = self._mark()
-        T, H = x_TH.shape
         K = topk_ids_TK.shape[1]
         E, W, rank, plan = self.num_experts, self.world_size, self.rank, self.plan
         x_TH, = autocast_expert_inputs(x_TH)  # as `Experts`: the autocast dtype (bf16 copies travel, fp32 masters stay)
         self.compute_dtype = x_TH.dtype
         if W == 1:  # one rank owns every expert: no gather, no dispatch, no process group needed
             return self._single_rank(x_TH, topk_ids_TK, topk_weights_TK)
-        ids_N = topk_ids_TK.reshape(-1)
-        weights_N = topk_weights_TK.reshape(-1)
-        if self.drop_zero_weight:  # capacity mode: the router zeroed dropped assignments
-            rows_N = (weights_N.detach() != 0).nonzero().squeeze(1)
-        else:
-            rows_N = torch.arange(ids_N.numel(), device=ids_N.device)
-        rows_N = rows_N[torch.sort(ids_N[rows_N], stable=True).indices]   # grouped by expert
-        counts_E = torch.bincount(ids_N[rows_N], minlength=E)
+        rows_N, ids_N, counts_E = sort_rows(topk_ids_TK, topk_weights_TK, E, self.drop_zero_weight)
         if self.training:  # the load the next plans predict from: every micro-batch of the step
             self.step_counts_E = counts_E.detach() + (0 if self.step_counts_E is None else self.step_counts_E)
         ring_ER, size_E = self._rings(plan, rows_N.device)
-        dest_N = destinations(ids_N[rows_N], counts_E, ring_ER, size_E)
+        dest_N = destinations(ids_N, counts_E, ring_ER, size_E)
         send_WE = torch.zeros(W * E, dtype=torch.long, device=rows_N.device).index_add_(
-            0, dest_N * E + ids_N[rows_N], torch.ones_like(dest_N)).view(W, E)
-        order_N = torch.sort(dest_N * E + ids_N[rows_N], stable=True).indices
-        rows_N = rows_N[order_N]
-        recv_WE = exchange_counts(send_WE, self.comm)
-        # The one host sync of the layer: the all-to-all's split sizes must be known on the host.
-        send_WE, recv_WE = torch.stack([send_WE, recv_WE]).cpu()
-        send_splits, recv_splits = send_WE.sum(1).tolist(), recv_WE.sum(1).tolist()
+            0, dest_N * E + ids_N, torch.ones_like(dest_N)).view(W, E)
+        order_N = torch.sort(dest_N * E + ids_N, stable=True).indices   # by destination, then expert
+        splits = exchange_splits(rows_N[order_N], send_WE, self.comm)
 
-        self.last_rows_received = sum(recv_splits)
-        x_RH = all_to_all(x_TH[rows_N // K], recv_splits, send_splits, self.comm, "FSSDP token dispatch")
+        self.last_rows_received = sum(splits.recv)
+        x_RH = all_to_all(x_TH[splits.rows_N // K], splits.recv, splits.send, self.comm, "FSSDP token dispatch")
         mat_ids = plan.materialised(rank)
         local_index_E = torch.full((E,), -1, dtype=torch.long)
         local_index_E[mat_ids] = torch.arange(len(mat_ids))
-        ids_R = torch.repeat_interleave(torch.arange(E).repeat(W), recv_WE.reshape(-1))
-        local_ids_R1 = local_index_E[ids_R].to(x_RH.device).unsqueeze(1)
+        local_ids_R = received_expert_ids(splits, local_index_E.to(x_RH.device))
         owned = [getattr(self, n) for n in self.weight_names()]
         if not mat_ids:
             # Nothing owned or replicated here this step: no rows arrive and there is nothing to send.
@@ -315,14 +305,11 @@ class FSSDPExperts(nn.Module):
             # runs the same backward collectives as the others.
             out_RH = x_RH * 0 + sum((w.sum() * 0 for w in owned), x_RH.new_zeros(()))
         elif self.rematerialize:
-            out_RH = checkpoint(self._gather_and_compute, x_RH, local_ids_R1, *owned, use_reentrant=False)
+            out_RH = checkpoint(self._gather_and_compute, x_RH, local_ids_R, *owned, use_reentrant=False)
         else:
-            out_RH = self._gather_and_compute(x_RH, local_ids_R1, *owned)
-        back_NH = all_to_all(out_RH, send_splits, recv_splits, self.comm, "FSSDP expert output")
-        acc_dtype = torch.promote_types(x_TH.dtype, torch.float32)
-        weighted_NH = back_NH.to(acc_dtype) * weights_N[rows_N].to(x_TH.dtype).to(acc_dtype).unsqueeze(1)
-        full_NH = weighted_NH.new_zeros(T * K, H).index_copy(0, rows_N, weighted_NH)
-        return full_NH.view(T, K, H).sum(1).to(x_TH.dtype)  # the compute dtype, as `Experts` returns
+            out_RH = self._gather_and_compute(x_RH, local_ids_R, *owned)
+        # The compute dtype, as `Experts` returns.
+        return combine(out_RH, splits, topk_weights_TK, x_TH.dtype, self.comm, "FSSDP expert output")
 
     def _single_rank(self, x_TH, topk_ids_TK, topk_weights_TK):
         self.last_rows_received = topk_ids_TK.numel()  # every assignment computed here (dropped ones at weight 0)
@@ -334,11 +321,10 @@ class FSSDPExperts(nn.Module):
         return moe_mlp(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK.to(x_TH.dtype),
                        activation=self.activation, backend=self.backend, b_gate_up=b_gate_up, b_down=b_down)
 
-    def _gather_and_compute(self, x_RH, local_ids_R1, *owned):
+    def _gather_and_compute(self, x_RH, local_ids_R, *owned):
         mats = dict(zip(self.weight_names(), _SparseAllGather.apply(self, self.plan, x_RH.dtype, *owned)))
-        return moe_mlp(x_RH, mats["gate_up_proj"], mats["down_proj"], local_ids_R1,
-                       x_RH.new_ones(x_RH.shape[0], 1), activation=self.activation, backend=self.backend,
-                       b_gate_up=mats.get("gate_up_proj_bias"), b_down=mats.get("down_proj_bias"))
+        return expert_mlp(x_RH, local_ids_R, mats["gate_up_proj"], mats["down_proj"], mats.get("gate_up_proj_bias"),
+                          mats.get("down_proj_bias"), activation=self.activation, backend=self.backend)
 
     def _rings(self, plan: LayerPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
         """`replica_rings` of this rank for `plan`, on `device`, built once per plan (per step): copied from

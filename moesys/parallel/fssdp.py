@@ -199,8 +199,8 @@ class FSSDPExperts(nn.Module):
             full = getattr(experts, name)
             setattr(self, name, None if full is None else nn.Parameter(full.detach()[self.owned_ids].clone()))
         self.plan: LayerPlan | None = None
-        self._rings_of: LayerPlan | None = None  # the plan `_ring_tables` were built for
-        self._ring_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tables_of: LayerPlan | None = None  # the plan `_plan_tables` were built for
+        self._plan_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.step_counts_E: torch.Tensor | None = None   # this rank's kept assignments this step (training)
         self.last_rows_received = 0                      # rows this rank computed in the last forward
         self._prefetch: PendingGather | None = None
@@ -285,7 +285,7 @@ class FSSDPExperts(nn.Module):
         rows_N, ids_N, counts_E = sort_rows(topk_ids_TK, topk_weights_TK, E, self.drop_zero_weight)
         if self.training:  # the load the next plans predict from: every micro-batch of the step
             self.step_counts_E = counts_E.detach() + (0 if self.step_counts_E is None else self.step_counts_E)
-        ring_ER, size_E = self._rings(plan, rows_N.device)
+        ring_ER, size_E, local_E = self._tables(plan, rows_N.device)
         dest_N = destinations(ids_N, counts_E, ring_ER, size_E)
         send_WE = torch.zeros(W * E, dtype=torch.long, device=rows_N.device).index_add_(
             0, dest_N * E + ids_N, torch.ones_like(dest_N)).view(W, E)
@@ -294,12 +294,9 @@ class FSSDPExperts(nn.Module):
 
         self.last_rows_received = sum(splits.recv)
         x_RH = all_to_all(x_TH[splits.rows_N // K], splits.recv, splits.send, self.comm, "FSSDP token dispatch")
-        mat_ids = plan.materialised(rank)
-        local_index_E = torch.full((E,), -1, dtype=torch.long)
-        local_index_E[mat_ids] = torch.arange(len(mat_ids))
-        local_ids_R = received_expert_ids(splits, local_index_E.to(x_RH.device))
+        local_ids_R = received_expert_ids(splits, local_E)
         owned = [getattr(self, n) for n in self.weight_names()]
-        if not mat_ids:
+        if not plan.materialised(rank):
             # Nothing owned or replicated here this step: no rows arrive and there is nothing to send.
             # Keep the (empty) result in the graph of x and the owned weights so that this rank
             # runs the same backward collectives as the others.
@@ -326,11 +323,17 @@ class FSSDPExperts(nn.Module):
         return expert_mlp(x_RH, local_ids_R, mats["gate_up_proj"], mats["down_proj"], mats.get("gate_up_proj_bias"),
                           mats.get("down_proj_bias"), activation=self.activation, backend=self.backend)
 
-    def _rings(self, plan: LayerPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """`replica_rings` of this rank for `plan`, on `device`, built once per plan (per step): copied from
-        pinned memory without blocking, so the forward's only host sync stays the split sizes'."""
-        if self._rings_of is not plan:
+    def _tables(self, plan: LayerPlan, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's tables for `plan`, on `device`: `replica_rings` (ring_ER, size_E), and local_E[e] =
+        expert e's position in the materialised list (-1 where it is not materialised here: no row of it
+        arrives). Built once per plan (per step) and copied from pinned memory without blocking, so the
+        forward's only host sync stays the split sizes' (a plain copy of a host tensor to the GPU waits
+        for the stream: a second one)."""
+        if self._tables_of is not plan:
             ring_ER, size_E = replica_rings(plan.replicas_E, self.rank, self.world_size, self.ranks_per_node)
-            self._rings_of = plan
-            self._ring_tables = (to_device_async(ring_ER, device), to_device_async(size_E, device))
-        return self._ring_tables
+            mat_ids = plan.materialised(self.rank)
+            local_E = torch.full((self.num_experts,), -1, dtype=torch.long)
+            local_E[mat_ids] = torch.arange(len(mat_ids))
+            self._tables_of = plan
+            self._plan_tables = tuple(to_device_async(t, device) for t in (ring_ER, size_E, local_E))
+        return self._plan_tables

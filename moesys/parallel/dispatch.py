@@ -3,12 +3,13 @@ ranks that compute them, through the local experts at weight 1, and back, weight
 
 One MoE layer's forward, on every rank of the group:
 1. `sort_rows`: this rank's routed assignments (rows t*K + k of the flat top-k), grouped by expert id,
-   and the count per expert; in capacity mode without the dropped ones (weight zeroed by the router).
+   and the count per expert. In capacity mode the dropped assignments (weight zeroed by the router) sort
+   last instead of being removed, so nothing here reads a size on the host.
 2. The caller orders the rows by destination rank and counts them per (destination, slot): EP's
    destination is the expert's owner, which the id order already is (slot: the owner's local expert);
    FSSDP picks a replica per row (`fssdp_plan.destinations`; slot: the global expert id).
 3. `exchange_splits`: the counts' all-to-all, then the layer's one host sync: the split sizes of the token
-   all-to-all must be known on the host.
+   all-to-all must be known on the host. The dropped rows are cut off here, by the count now known.
 4. The caller sends x[rows // K] with those splits: EP asynchronously, running the shared expert while
    the rows are in flight; FSSDP after its SparseAllGather was posted.
 5. `received_expert_ids` + `expert_mlp`: the received rows come ordered by source rank, then slot; each
@@ -17,8 +18,8 @@ One MoE layer's forward, on every rank of the group:
    and sums each token's K rows as the single-device op does (fp32, k = 0..K-1 in order).
 Gradients flow through both all-to-alls (their backward is the reverse all-to-all).
 
-Legend: T tokens, H hidden, E experts (global), K top-k, N = T*K routed rows (or the kept
-ones), R rows received from all source ranks, P ranks of the group,
+Legend: T tokens, H hidden, E experts (global), K top-k, N = T*K routed rows (sorted; after
+`exchange_splits`, only the sent ones), R rows received from all source ranks, P ranks of the group,
 S count slots per destination rank (EP: its local experts; FSSDP: all E experts).
 """
 
@@ -31,21 +32,32 @@ import torch
 from moesys.ops import moe_mlp
 from moesys.parallel.comm import CommContext, all_to_all, exchange_counts
 
-__all__ = ["Splits", "sort_rows", "exchange_splits", "received_expert_ids", "expert_mlp", "combine"]
+__all__ = ["Splits", "sort_rows", "count_ids", "exchange_splits", "received_expert_ids", "expert_mlp", "combine"]
+
+
+def count_ids(ids_N: torch.Tensor, n: int) -> torch.Tensor:
+    """counts_n[i] = how many of ids_N equal i (0 <= ids < n), int64, where ids_N is. torch.bincount would
+    read max(ids) on the host on CUDA (a host sync) to size its output; an index_add_ of ones into n zeros
+    does not (integers: exact, whatever the order of the adds)."""
+    ones_N = torch.ones(ids_N.shape, dtype=torch.long, device=ids_N.device)
+    return torch.zeros(n, dtype=torch.long, device=ids_N.device).index_add_(0, ids_N, ones_N)
 
 
 def sort_rows(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, num_experts: int,
               drop_zero_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows_N, ids_N, counts_E): the routed rows t*K + k to send, stably sorted by expert id (ids_N,
-    ascending), and counts_E[e] = the rows of expert e. With `drop_zero_weight` (capacity mode: the router
-    zeroed the weight of dropped assignments) only the rows with a non-zero weight are sent."""
+    """(rows_N, ids_N, counts_E): every routed row t*K + k, stably sorted by expert id (ids_N, ascending),
+    and counts_E[e] = the rows of expert e that are sent.
+
+    With `drop_zero_weight` (capacity mode: the router zeroed the weight of dropped assignments, which
+    are not sent at all) a dropped row gets the id E and so sorts after every kept one: the kept rows come
+    first, in the order a sort of the kept rows alone gives, and `exchange_splits` cuts the rest off. Picking
+    the kept rows with nonzero() instead would size a tensor by a count the host must read (a host sync on
+    CUDA that the split sizes do not force)."""
     ids_N = topk_ids_TK.reshape(-1)
     if drop_zero_weight:
-        rows_N = (topk_weights_TK.reshape(-1).detach() != 0).nonzero().squeeze(1)
-    else:
-        rows_N = torch.arange(ids_N.numel(), device=ids_N.device)
-    ids_N, order_N = torch.sort(ids_N[rows_N], stable=True)
-    return rows_N[order_N], ids_N, torch.bincount(ids_N, minlength=num_experts)
+        ids_N = torch.where(topk_weights_TK.reshape(-1).detach() != 0, ids_N, num_experts)
+    ids_N, rows_N = torch.sort(ids_N, stable=True)
+    return rows_N, ids_N, count_ids(ids_N, num_experts + 1)[:num_experts]
 
 
 @dataclass
@@ -60,13 +72,13 @@ class Splits:
 
 def exchange_splits(rows_N: torch.Tensor, send_PS: torch.Tensor, comm: CommContext) -> Splits:
     """Exchange the counts send_PS[p, s] (rows this rank sends to rank p's slot s; rows_N ordered by p,
-    then s) and read the split sizes on the host: the one host sync of the layer. Every
+    then s, unsent rows last) and read the split sizes on the host: the one host sync of the layer. Every
     rank calls this, even with no tokens: the counts are what lets the ranks agree on the splits."""
     P = send_PS.shape[0]
     recv_PS = exchange_counts(send_PS, comm)
     splits = torch.cat([send_PS.sum(1), recv_PS.sum(1)]).tolist()  # the one host sync
     send, recv = splits[:P], splits[P:]
-    return Splits(rows_N, recv_PS, send, recv)
+    return Splits(rows_N[:sum(send)], recv_PS, send, recv)
 
 
 def received_expert_ids(splits: Splits, local_S: torch.Tensor) -> torch.Tensor:

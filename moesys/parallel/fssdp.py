@@ -25,7 +25,8 @@ point-to-point messages between a pair of ranks are ordered by (expert id, tenso
 receive nothing simply post no receives.
 
 Legend: T tokens, H hidden, I expert intermediate, E experts per layer, O owned experts,
-M materialised experts, K top-k, N routed rows, W ranks.
+M materialised experts, K top-k, N routed rows, W ranks, B = E + 1 buckets (the experts and the rows
+not sent), R rows received (in the ring tables: an expert's replicas, as in fssdp_plan).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from moesys.layers.experts import Experts, autocast_expert_inputs
 from moesys.ops import moe_mlp
 from moesys.parallel.comm import CommContext, all_to_all, guarded, wait_work
-from moesys.parallel.dispatch import combine, exchange_splits, expert_mlp, received_expert_ids, sort_rows
+from moesys.parallel.dispatch import combine, count_ids, exchange_splits, expert_mlp, received_expert_ids, sort_rows
 from moesys.parallel.fssdp_plan import destinations, replica_rings, transfers
 
 __all__ = ["FSSDPExperts", "LayerPlan", "POLICIES"]
@@ -285,11 +286,14 @@ class FSSDPExperts(nn.Module):
         rows_N, ids_N, counts_E = sort_rows(topk_ids_TK, topk_weights_TK, E, self.drop_zero_weight)
         if self.training:  # the load the next plans predict from: every micro-batch of the step
             self.step_counts_E = counts_E.detach() + (0 if self.step_counts_E is None else self.step_counts_E)
-        ring_ER, size_E, local_E = self._tables(plan, rows_N.device)
-        dest_N = destinations(ids_N, counts_E, ring_ER, size_E)
-        send_WE = torch.zeros(W * E, dtype=torch.long, device=rows_N.device).index_add_(
-            0, dest_N * E + ids_N, torch.ones_like(dest_N)).view(W, E)
-        order_N = torch.sort(dest_N * E + ids_N, stable=True).indices   # by destination, then expert
+        ring_BR, size_B, local_E = self._tables(plan, rows_N.device)
+        # The rows not sent (capacity mode: id E, sorted last) are bucket E, whose one "replica" is rank W,
+        # past every real one: they keep sorting last, and no count of the kept rows is needed on the host.
+        counts_B = torch.cat([counts_E, (ids_N.numel() - counts_E.sum()).view(1)])
+        dest_N = destinations(ids_N, counts_B, ring_BR, size_B)
+        key_N = dest_N * (E + 1) + ids_N   # by destination, then expert
+        send_WE = count_ids(key_N, (W + 1) * (E + 1)).view(W + 1, E + 1)[:W, :E]
+        order_N = torch.sort(key_N, stable=True).indices
         splits = exchange_splits(rows_N[order_N], send_WE, self.comm)
 
         self.last_rows_received = sum(splits.recv)
@@ -311,7 +315,7 @@ class FSSDPExperts(nn.Module):
     def _single_rank(self, x_TH, topk_ids_TK, topk_weights_TK):
         self.last_rows_received = topk_ids_TK.numel()  # every assignment computed here (dropped ones at weight 0)
         if self.training:
-            counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.num_experts)
+            counts_E = count_ids(topk_ids_TK.reshape(-1), self.num_experts)
             self.step_counts_E = counts_E + (0 if self.step_counts_E is None else self.step_counts_E)
         _, w_gate_up, w_down, b_gate_up, b_down = autocast_expert_inputs(
             x_TH, self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias)
@@ -324,16 +328,20 @@ class FSSDPExperts(nn.Module):
                           mats.get("down_proj_bias"), activation=self.activation, backend=self.backend)
 
     def _tables(self, plan: LayerPlan, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's tables for `plan`, on `device`: `replica_rings` (ring_ER, size_E), and local_E[e] =
-        expert e's position in the materialised list (-1 where it is not materialised here: no row of it
-        arrives). Built once per plan (per step) and copied from pinned memory without blocking, so the
-        forward's only host sync stays the split sizes' (a plain copy of a host tensor to the GPU waits
-        for the stream: a second one)."""
+        """This rank's tables for `plan`, on `device`: `replica_rings` (ring_BR, size_B) with one more
+        bucket B = E for the rows not sent, whose one destination is rank W (past every real rank), and
+        local_E[e] = expert e's position in the materialised list (-1 where it is not materialised here: no
+        row of it arrives). Built once per plan (per step) and copied from pinned memory without blocking,
+        so the forward's only host sync stays the split sizes' (a plain copy of a host tensor to the GPU
+        waits for the stream: a second one)."""
         if self._tables_of is not plan:
             ring_ER, size_E = replica_rings(plan.replicas_E, self.rank, self.world_size, self.ranks_per_node)
+            not_sent = torch.full((1, ring_ER.shape[1]), -1, dtype=torch.long)
+            not_sent[0, 0] = self.world_size
+            ring_BR, size_B = torch.cat([ring_ER, not_sent]), torch.cat([size_E, torch.ones(1, dtype=torch.long)])
             mat_ids = plan.materialised(self.rank)
             local_E = torch.full((self.num_experts,), -1, dtype=torch.long)
             local_E[mat_ids] = torch.arange(len(mat_ids))
             self._tables_of = plan
-            self._plan_tables = tuple(to_device_async(t, device) for t in (ring_ER, size_E, local_E))
+            self._plan_tables = tuple(to_device_async(t, device) for t in (ring_BR, size_B, local_E))
         return self._plan_tables

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -254,15 +255,32 @@ class FSSDPExperts(nn.Module):
 
     @torch.no_grad()
     def finish_reduce_scatter(self) -> None:
-        """Wait for the gradient messages of this layer's backward and add them to the owners' grads."""
+        """Wait for the gradient messages of this layer's backward and add them to the owners' grads: one
+        index_add_ per weight and round, round r adding every owned expert's r-th message. An expert with
+        replicas on several ranks gets several messages; a round holds at most one per expert, so each
+        gradient row gets its messages one add at a time, in arrival order, with the rounding of a loop
+        over them (index_add_ on CUDA adds repeated indices atomically, in no fixed order)."""
         names = self.weight_names()
+        rounds: list[list[tuple[list[int], list[torch.Tensor]]]] = [[] for _ in names]  # per weight
+        seen: list[Counter] = [Counter() for _ in names]  # per weight: messages so far per owned row
         for works, inbox, keepalive in self.pending_reduce:
             _wait_all(works, self.comm, "SparseReduceScatter", keepalive[0].device)
             for k, i, buf in inbox:
-                p = getattr(self, names[k])
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad[i] += buf.to(p.grad.dtype)
+                r = seen[k][i]
+                seen[k][i] += 1
+                if r == len(rounds[k]):
+                    rounds[k].append(([], []))
+                rounds[k][r][0].append(i)
+                rounds[k][r][1].append(buf)
+        for name, weight_rounds in zip(names, rounds):
+            if not weight_rounds:
+                continue
+            p = getattr(self, name)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            for rows, bufs in weight_rounds:
+                p.grad.index_add_(0, to_device_async(torch.tensor(rows, dtype=torch.long), p.grad.device),
+                                  torch.stack(bufs).to(p.grad.dtype))
         self.pending_reduce = []
 
     def weight_names(self) -> list[str]:

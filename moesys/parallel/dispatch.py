@@ -11,7 +11,7 @@ One MoE layer's forward, on every rank of the group:
 3. `exchange_splits`: the counts' all-to-all, then the layer's one host sync: the split sizes of the token
    all-to-all must be known on the host. The dropped rows are cut off here, by the count now known.
 4. The caller sends x[rows // K] with those splits: EP asynchronously, running the shared expert while
-   the rows are in flight; FSSDP after its SparseAllGather was posted.
+   the rows are in flight; FSSDP at once (its SparseAllGather, posted during attention, is in flight).
 5. `received_expert_ids` + `expert_mlp`: the received rows come ordered by source rank, then slot; each
    gets its local expert index on the device and runs through it with weight 1.
 6. `combine`: the reverse all-to-all brings the rows back; the source rank applies the router weights

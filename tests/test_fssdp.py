@@ -280,6 +280,35 @@ def test_gather_and_reduce_waits_block_the_host_only_off_cuda(device, host_waits
     assert [w.calls for w in works + reduce_works] == [want] * 3
 
 
+def test_reduce_scatter_adds_each_experts_messages_in_order_one_index_add_per_round(monkeypatch):
+    """finish_reduce_scatter adds the replicas' gradients to the owners' rows as the one-message-at-a-time
+    loop did, bit for bit, over two backward passes (two entries), with an expert getting three messages;
+    no index_add_ repeats a row (on CUDA repeated rows are added atomically in no fixed order)."""
+    ex = _one_rank_experts(owned=[1, 4, 6], bias=True)
+    ex.gate_up_proj.grad = torch.randn_like(ex.gate_up_proj) * 1e3  # large, so the order of the adds rounds
+    g = torch.Generator().manual_seed(3)
+    msg = lambda k: (torch.randn(getattr(ex, ex.weight_names()[k]).shape[1:], generator=g) * 10.0 ** torch.randint(
+        -3, 3, (1,), generator=g)).to(torch.bfloat16)
+    # (weight, owned row, gradient): row 0 of gate_up_proj three times, row 2 twice; down_proj_bias once
+    entries = [[(0, 0, msg(0)), (0, 2, msg(0)), (0, 0, msg(0)), (3, 1, msg(3))], [(0, 0, msg(0)), (0, 2, msg(0))]]
+    want = {n: None if getattr(ex, n).grad is None else getattr(ex, n).grad.clone() for n in ex.weight_names()}
+    for inbox in entries:  # the loop finish_reduce_scatter replaced
+        for k, i, buf in inbox:
+            n = ex.weight_names()[k]
+            want[n] = torch.zeros_like(getattr(ex, n)) if want[n] is None else want[n]
+            want[n][i] += buf.float()
+    ex.pending_reduce = [([_RecordingWork()], inbox, [ex.gate_up_proj]) for inbox in entries]
+    added, index_add = [], torch.Tensor.index_add_
+    monkeypatch.setattr(torch.Tensor, "index_add_", lambda t, dim, idx, src: added.append(idx.tolist()) or
+                        index_add(t, dim, idx, src))
+    ex.finish_reduce_scatter()
+    for n in ex.weight_names():
+        got = getattr(ex, n).grad
+        assert (got is None and want[n] is None) or torch.equal(got, want[n]), n
+    assert ex.down_proj.grad is None and ex.pending_reduce == []  # no message: no gradient made up
+    assert added == [[0, 2], [0, 2], [0], [1]]  # per weight, per round: every row at most once
+
+
 def test_a_block_started_before_begin_step_leaves_the_error_to_forward():
     ex = _one_rank_experts()
     ex.plan = None

@@ -2,11 +2,13 @@
 
 `ExpertParallelExperts` replaces a layer's `Experts`: same forward signature, same expert op
 (`moe_mlp`, same backends), but only the local experts' weights (global ids
-ep_rank * E_local ... ep_rank * E_local + E_local - 1, in `global_expert_ids`). A forward:
+ep_rank * E_local ... ep_rank * E_local + E_local - 1, in `global_expert_ids`). A forward runs the token
+path FSSDP shares (`moesys.parallel.dispatch`, whose docstring has the steps):
 
-1. sort this rank's routed assignments by global expert id (capacity mode: dropped assignments,
-   whose weight the router zeroed, are not sent at all);
-2. exchange the per-expert counts (all-to-all), so every rank knows the splits; this happens even
+1. sort this rank's routed assignments by global expert id, which orders them by destination rank,
+   then by its local expert (capacity mode: dropped assignments, whose weight the router zeroed, are
+   not sent at all);
+2. exchange the per-(rank, local expert) counts, so every rank knows the splits; this happens even
    for a rank with zero tokens, which sends and receives zeros but issues the same collectives;
 3. dispatch the token rows (variable-split all-to-all, async; the shared expert runs meanwhile);
 4. run the local experts on the received rows with weight 1;
@@ -29,8 +31,8 @@ import torch.nn as nn
 
 from moesys.layers.experts import Experts, autocast_expert_inputs
 from moesys.layers.moe import MoELayer
-from moesys.ops import moe_mlp
-from moesys.parallel.comm import CommContext, all_to_all, all_to_all_async, exchange_counts
+from moesys.parallel.comm import CommContext, all_to_all_async
+from moesys.parallel.dispatch import combine, exchange_splits, expert_mlp, received_expert_ids, sort_rows
 from moesys.parallel.mesh import EPMesh, check_ep
 
 __all__ = ["ExpertParallelExperts", "ExpertParallelMoELayer"]
@@ -78,25 +80,15 @@ class ExpertParallelExperts(nn.Module):
                  during_transfer=None):
         """Routed-expert output y_TH, and `during_transfer()`'s result, computed while the tokens
         are in flight when `overlap` is on (after they arrived otherwise)."""
-        T, H = x_TH.shape
         K = topk_ids_TK.shape[1]
         E, L, P = self.num_experts, self.num_local_experts, self.ep
-        ids_N = topk_ids_TK.reshape(-1)
-        weights_N = topk_weights_TK.reshape(-1)
-        if self.drop_zero_weight:
-            rows_N = (weights_N.detach() != 0).nonzero().squeeze(1)
-        else:
-            rows_N = torch.arange(ids_N.numel(), device=ids_N.device)
         # Sorting by global id groups the rows by destination rank, then by its local expert.
-        rows_N = rows_N[torch.sort(ids_N[rows_N], stable=True).indices]
-        counts_E = torch.bincount(ids_N[rows_N], minlength=E)
-        recv_PL = exchange_counts(counts_E.view(P, L), self.comm)
-        splits = torch.cat([counts_E.view(P, L).sum(1), recv_PL.sum(1)]).tolist()  # the one host sync
-        send_splits, recv_splits = splits[:P], splits[P:]
-        self.last_splits = (send_splits, recv_splits)
+        rows_N, _, counts_E = sort_rows(topk_ids_TK, topk_weights_TK, E, self.drop_zero_weight)
+        splits = exchange_splits(rows_N, counts_E.view(P, L), self.comm)
+        self.last_splits = (splits.send, splits.recv)
 
-        x_NH = autocast_expert_inputs(x_TH)[0][rows_N // K]  # under autocast, bf16 rows travel
-        pending = all_to_all_async(x_NH, recv_splits, send_splits, self.comm, "token dispatch all-to-all")
+        x_NH = autocast_expert_inputs(x_TH)[0][splits.rows_N // K]  # under autocast, bf16 rows travel
+        pending = all_to_all_async(x_NH, splits.recv, splits.send, self.comm, "token dispatch all-to-all")
         side = during_transfer() if during_transfer is not None and self.overlap else None
         waited = time.perf_counter()
         x_RH = pending.wait()
@@ -105,24 +97,14 @@ class ExpertParallelExperts(nn.Module):
         if during_transfer is not None and not self.overlap:
             side = during_transfer()
 
-        # Received rows come ordered by source rank, then local expert: ids repeat per source.
-        local_ids_R = torch.repeat_interleave(torch.arange(L, device=x_RH.device).repeat(P), recv_PL.reshape(-1),
-                                              output_size=sum(recv_splits))
+        local_ids_R = received_expert_ids(splits, torch.arange(L, device=x_RH.device))
         x_RH, w_gate_up, w_down, b_gate_up, b_down = autocast_expert_inputs(
             x_RH, self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias)
-        ones_R1 = x_RH.new_ones(x_RH.shape[0], 1)
-        out_RH = moe_mlp(x_RH, w_gate_up, w_down, local_ids_R.unsqueeze(1), ones_R1,
-                         activation=self.activation, backend=self.backend, b_gate_up=b_gate_up, b_down=b_down)
-
-        back_NH = all_to_all(out_RH, send_splits, recv_splits, self.comm, "expert output all-to-all")
-        # Weight and sum the K rows of each token like the single-device op: fp32 accumulation,
-        # zero rows for dropped assignments, k = 0..K-1 summed in order (deterministic).
-        # The compute dtype (the autocast dtype under autocast), rounded to as `Experts` rounds.
-        cdt = x_RH.dtype
-        acc_dtype = torch.promote_types(cdt, torch.float32)
-        weighted_NH = back_NH.to(acc_dtype) * weights_N[rows_N].to(cdt).to(acc_dtype).unsqueeze(1)
-        full_NH = weighted_NH.new_zeros(T * K, H).index_copy(0, rows_N, weighted_NH)
-        return full_NH.view(T, K, H).sum(1).to(cdt), side
+        out_RH = expert_mlp(x_RH, local_ids_R, w_gate_up, w_down, b_gate_up, b_down,
+                            activation=self.activation, backend=self.backend)
+        # The compute dtype (the autocast dtype under autocast), as `Experts` returns it.
+        y_TH = combine(out_RH, splits, topk_weights_TK, x_RH.dtype, self.comm, "expert output all-to-all")
+        return y_TH, side
 
 
 class ExpertParallelMoELayer(MoELayer):

@@ -15,6 +15,8 @@ Per MoE layer forward (`FSSDPExperts`):
    (`fssdp_plan.route_to_replicas`'s rule), by a variable-split all-to-all (counts exchanged first).
 3. The replicas run `moe_mlp`; a reverse all-to-all brings the rows back; the source rank applies
    the router weights and sums each token's K rows in order.
+Steps 2 and 3 are the token path EP shares (`moesys.parallel.dispatch`); what FSSDP adds is the
+choice of a replica per row (the destination) and the gathered weights the replicas compute with.
 With `rematerialize=True` the gathered weights are freed after forward and gathered again in
 backward (torch.utils.checkpoint around gather + expert compute).
 
@@ -23,13 +25,15 @@ point-to-point messages between a pair of ranks are ordered by (expert id, tenso
 receive nothing simply post no receives.
 
 Legend: T tokens, H hidden, I expert intermediate, E experts per layer, O owned experts,
-M materialised experts, K top-k, N routed rows, W ranks.
+M materialised experts, K top-k, N routed rows, W ranks, B = E + 1 buckets (the experts and the rows
+not sent), R rows received (in the ring tables: an expert's replicas, as in fssdp_plan).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +43,8 @@ from torch.utils.checkpoint import checkpoint
 
 from moesys.layers.experts import Experts, autocast_expert_inputs
 from moesys.ops import moe_mlp
-from moesys.parallel.comm import CommContext, all_to_all, exchange_counts, guarded, wait_work
+from moesys.parallel.comm import CommContext, all_to_all, guarded, wait_work
+from moesys.parallel.dispatch import combine, count_ids, exchange_splits, expert_mlp, received_expert_ids, sort_rows
 from moesys.parallel.fssdp_plan import destinations, replica_rings, transfers
 
 __all__ = ["FSSDPExperts", "LayerPlan", "POLICIES"]
@@ -196,8 +201,8 @@ class FSSDPExperts(nn.Module):
             full = getattr(experts, name)
             setattr(self, name, None if full is None else nn.Parameter(full.detach()[self.owned_ids].clone()))
         self.plan: LayerPlan | None = None
-        self._rings_of: LayerPlan | None = None  # the plan `_ring_tables` were built for
-        self._ring_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tables_of: LayerPlan | None = None  # the plan `_plan_tables` were built for
+        self._plan_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.step_counts_E: torch.Tensor | None = None   # this rank's kept assignments this step (training)
         self.last_rows_received = 0                      # rows this rank computed in the last forward
         self._prefetch: PendingGather | None = None
@@ -250,15 +255,32 @@ class FSSDPExperts(nn.Module):
 
     @torch.no_grad()
     def finish_reduce_scatter(self) -> None:
-        """Wait for the gradient messages of this layer's backward and add them to the owners' grads."""
+        """Wait for the gradient messages of this layer's backward and add them to the owners' grads: one
+        index_add_ per weight and round, round r adding every owned expert's r-th message. An expert with
+        replicas on several ranks gets several messages; a round holds at most one per expert, so each
+        gradient row gets its messages one add at a time, in arrival order, with the rounding of a loop
+        over them (index_add_ on CUDA adds repeated indices atomically, in no fixed order)."""
         names = self.weight_names()
+        rounds: list[list[tuple[list[int], list[torch.Tensor]]]] = [[] for _ in names]  # per weight
+        seen: list[Counter] = [Counter() for _ in names]  # per weight: messages so far per owned row
         for works, inbox, keepalive in self.pending_reduce:
             _wait_all(works, self.comm, "SparseReduceScatter", keepalive[0].device)
             for k, i, buf in inbox:
-                p = getattr(self, names[k])
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad[i] += buf.to(p.grad.dtype)
+                r = seen[k][i]
+                seen[k][i] += 1
+                if r == len(rounds[k]):
+                    rounds[k].append(([], []))
+                rounds[k][r][0].append(i)
+                rounds[k][r][1].append(buf)
+        for name, weight_rounds in zip(names, rounds):
+            if not weight_rounds:
+                continue
+            p = getattr(self, name)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            for rows, bufs in weight_rounds:
+                p.grad.index_add_(0, to_device_async(torch.tensor(rows, dtype=torch.long), p.grad.device),
+                                  torch.stack(bufs).to(p.grad.dtype))
         self.pending_reduce = []
 
     def weight_names(self) -> list[str]:
@@ -273,78 +295,71 @@ class FSSDPExperts(nn.Module):
         marks = getattr(self, "_attn_marks", None)
         if marks and marks[1] is None:
             marks[1] = self._mark()
-        T, H = x_TH.shape
         K = topk_ids_TK.shape[1]
         E, W, rank, plan = self.num_experts, self.world_size, self.rank, self.plan
         x_TH, = autocast_expert_inputs(x_TH)  # as `Experts`: the autocast dtype (bf16 copies travel, fp32 masters stay)
         self.compute_dtype = x_TH.dtype
         if W == 1:  # one rank owns every expert: no gather, no dispatch, no process group needed
             return self._single_rank(x_TH, topk_ids_TK, topk_weights_TK)
-        ids_N = topk_ids_TK.reshape(-1)
-        weights_N = topk_weights_TK.reshape(-1)
-        if self.drop_zero_weight:  # capacity mode: the router zeroed dropped assignments
-            rows_N = (weights_N.detach() != 0).nonzero().squeeze(1)
-        else:
-            rows_N = torch.arange(ids_N.numel(), device=ids_N.device)
-        rows_N = rows_N[torch.sort(ids_N[rows_N], stable=True).indices]   # grouped by expert
-        counts_E = torch.bincount(ids_N[rows_N], minlength=E)
+        rows_N, ids_N, counts_E = sort_rows(topk_ids_TK, topk_weights_TK, E, self.drop_zero_weight)
         if self.training:  # the load the next plans predict from: every micro-batch of the step
             self.step_counts_E = counts_E.detach() + (0 if self.step_counts_E is None else self.step_counts_E)
-        ring_ER, size_E = self._rings(plan, rows_N.device)
-        dest_N = destinations(ids_N[rows_N], counts_E, ring_ER, size_E)
-        send_WE = torch.zeros(W * E, dtype=torch.long, device=rows_N.device).index_add_(
-            0, dest_N * E + ids_N[rows_N], torch.ones_like(dest_N)).view(W, E)
-        order_N = torch.sort(dest_N * E + ids_N[rows_N], stable=True).indices
-        rows_N = rows_N[order_N]
-        recv_WE = exchange_counts(send_WE, self.comm)
-        # The one host sync of the layer: the all-to-all's split sizes must be known on the host.
-        send_WE, recv_WE = torch.stack([send_WE, recv_WE]).cpu()
-        send_splits, recv_splits = send_WE.sum(1).tolist(), recv_WE.sum(1).tolist()
+        ring_BR, size_B, local_E = self._tables(plan, rows_N.device)
+        # The rows not sent (capacity mode: id E, sorted last) are bucket E, whose one "replica" is rank W,
+        # past every real one: they keep sorting last, and no count of the kept rows is needed on the host.
+        counts_B = torch.cat([counts_E, (ids_N.numel() - counts_E.sum()).view(1)])
+        dest_N = destinations(ids_N, counts_B, ring_BR, size_B)
+        key_N = dest_N * (E + 1) + ids_N   # by destination, then expert
+        send_WE = count_ids(key_N, (W + 1) * (E + 1)).view(W + 1, E + 1)[:W, :E]
+        order_N = torch.sort(key_N, stable=True).indices
+        splits = exchange_splits(rows_N[order_N], send_WE, self.comm)
 
-        self.last_rows_received = sum(recv_splits)
-        x_RH = all_to_all(x_TH[rows_N // K], recv_splits, send_splits, self.comm, "FSSDP token dispatch")
-        mat_ids = plan.materialised(rank)
-        local_index_E = torch.full((E,), -1, dtype=torch.long)
-        local_index_E[mat_ids] = torch.arange(len(mat_ids))
-        ids_R = torch.repeat_interleave(torch.arange(E).repeat(W), recv_WE.reshape(-1))
-        local_ids_R1 = local_index_E[ids_R].to(x_RH.device).unsqueeze(1)
+        self.last_rows_received = sum(splits.recv)
+        x_RH = all_to_all(x_TH[splits.rows_N // K], splits.recv, splits.send, self.comm, "FSSDP token dispatch")
+        local_ids_R = received_expert_ids(splits, local_E)
         owned = [getattr(self, n) for n in self.weight_names()]
-        if not mat_ids:
+        if not plan.materialised(rank):
             # Nothing owned or replicated here this step: no rows arrive and there is nothing to send.
             # Keep the (empty) result in the graph of x and the owned weights so that this rank
             # runs the same backward collectives as the others.
             out_RH = x_RH * 0 + sum((w.sum() * 0 for w in owned), x_RH.new_zeros(()))
         elif self.rematerialize:
-            out_RH = checkpoint(self._gather_and_compute, x_RH, local_ids_R1, *owned, use_reentrant=False)
+            out_RH = checkpoint(self._gather_and_compute, x_RH, local_ids_R, *owned, use_reentrant=False)
         else:
-            out_RH = self._gather_and_compute(x_RH, local_ids_R1, *owned)
-        back_NH = all_to_all(out_RH, send_splits, recv_splits, self.comm, "FSSDP expert output")
-        acc_dtype = torch.promote_types(x_TH.dtype, torch.float32)
-        weighted_NH = back_NH.to(acc_dtype) * weights_N[rows_N].to(x_TH.dtype).to(acc_dtype).unsqueeze(1)
-        full_NH = weighted_NH.new_zeros(T * K, H).index_copy(0, rows_N, weighted_NH)
-        return full_NH.view(T, K, H).sum(1).to(x_TH.dtype)  # the compute dtype, as `Experts` returns
+            out_RH = self._gather_and_compute(x_RH, local_ids_R, *owned)
+        # The compute dtype, as `Experts` returns.
+        return combine(out_RH, splits, topk_weights_TK, x_TH.dtype, self.comm, "FSSDP expert output")
 
     def _single_rank(self, x_TH, topk_ids_TK, topk_weights_TK):
         self.last_rows_received = topk_ids_TK.numel()  # every assignment computed here (dropped ones at weight 0)
         if self.training:
-            counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.num_experts)
+            counts_E = count_ids(topk_ids_TK.reshape(-1), self.num_experts)
             self.step_counts_E = counts_E + (0 if self.step_counts_E is None else self.step_counts_E)
         _, w_gate_up, w_down, b_gate_up, b_down = autocast_expert_inputs(
             x_TH, self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias)
         return moe_mlp(x_TH, w_gate_up, w_down, topk_ids_TK, topk_weights_TK.to(x_TH.dtype),
                        activation=self.activation, backend=self.backend, b_gate_up=b_gate_up, b_down=b_down)
 
-    def _gather_and_compute(self, x_RH, local_ids_R1, *owned):
+    def _gather_and_compute(self, x_RH, local_ids_R, *owned):
         mats = dict(zip(self.weight_names(), _SparseAllGather.apply(self, self.plan, x_RH.dtype, *owned)))
-        return moe_mlp(x_RH, mats["gate_up_proj"], mats["down_proj"], local_ids_R1,
-                       x_RH.new_ones(x_RH.shape[0], 1), activation=self.activation, backend=self.backend,
-                       b_gate_up=mats.get("gate_up_proj_bias"), b_down=mats.get("down_proj_bias"))
+        return expert_mlp(x_RH, local_ids_R, mats["gate_up_proj"], mats["down_proj"], mats.get("gate_up_proj_bias"),
+                          mats.get("down_proj_bias"), activation=self.activation, backend=self.backend)
 
-    def _rings(self, plan: LayerPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """`replica_rings` of this rank for `plan`, on `device`, built once per plan (per step): copied from
-        pinned memory without blocking, so the forward's only host sync stays the split sizes'."""
-        if self._rings_of is not plan:
+    def _tables(self, plan: LayerPlan, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's tables for `plan`, on `device`: `replica_rings` (ring_BR, size_B) with one more
+        bucket B = E for the rows not sent, whose one destination is rank W (past every real rank), and
+        local_E[e] = expert e's position in the materialised list (-1 where it is not materialised here: no
+        row of it arrives). Built once per plan (per step) and copied from pinned memory without blocking,
+        so the forward's only host sync stays the split sizes' (a plain copy of a host tensor to the GPU
+        waits for the stream: a second one)."""
+        if self._tables_of is not plan:
             ring_ER, size_E = replica_rings(plan.replicas_E, self.rank, self.world_size, self.ranks_per_node)
-            self._rings_of = plan
-            self._ring_tables = (to_device_async(ring_ER, device), to_device_async(size_E, device))
-        return self._ring_tables
+            not_sent = torch.full((1, ring_ER.shape[1]), -1, dtype=torch.long)
+            not_sent[0, 0] = self.world_size
+            ring_BR, size_B = torch.cat([ring_ER, not_sent]), torch.cat([size_E, torch.ones(1, dtype=torch.long)])
+            mat_ids = plan.materialised(self.rank)
+            local_E = torch.full((self.num_experts,), -1, dtype=torch.long)
+            local_E[mat_ids] = torch.arange(len(mat_ids))
+            self._tables_of = plan
+            self._plan_tables = tuple(to_device_async(t, device) for t in (ring_BR, size_B, local_E))
+        return self._plan_tables

@@ -70,9 +70,16 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def check_intact(step_dir: Path) -> None:
     """What `train --resume` verifies (the manifest's sizes and SHA-256, checkpoint_integrity), for the
-    file export reads, then its safetensors header: a damaged checkpoint is a ValueError naming the file."""
+    file export reads, then its safetensors header: a damaged checkpoint is a ValueError naming the file.
+    A manifest that lists no files (written by hand or by a tool, not by the trainer) has nothing to
+    verify against: the header check alone applies."""
     remedy = f"export an intact checkpoint instead ({step_dir.parent}/step_N)"
-    problem = verify_checkpoint(step_dir, only=(MODEL_FILE,))
+    try:
+        manifest = ckpt.read_manifest(step_dir)
+        lists_files = not isinstance(manifest, dict) or "files" in manifest
+    except (OSError, ValueError, TypeError):
+        lists_files = True  # missing or unreadable: verify_checkpoint says which, in its words
+    problem = verify_checkpoint(step_dir, only=(MODEL_FILE,)) if lists_files else None
     if problem is not None:
         raise ValueError(f"{problem}; {remedy}")
     read_header(step_dir / MODEL_FILE, remedy)  # manifests from before checksums record no digest

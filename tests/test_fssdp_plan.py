@@ -2,6 +2,8 @@
 materialisation respects the gather budget and memory cap, replicates the hottest experts everywhere
 and cuts the busiest rank's predicted work; routing keeps every token and prefers local replicas."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -32,6 +34,30 @@ def test_sharding_can_be_heterogeneous_per_layer():
     plan = plan_sharding(torch.tensor([[100.0, 90, 50, 1], [1, 1, 1, 1]]), 2, hot_fraction=0.0)
     assert plan.owner_LE == ((0, 1, 1, 1), (1, 0, 0, 0))
     assert [plan.slots(r) for r in range(2)] == [4, 4]
+
+
+def test_sharding_places_hot_experts_by_free_slots_then_load_then_rank():
+    # 4 equal experts, half of them hot: the cold 1 and 0 go to ranks 0 and 1; the hot 2 and 3 to the rank
+    # with the most free slots, the lower rank on a tie: a plan every rank must compute the same
+    plan = plan_sharding(torch.ones(1, 4), 2, hot_fraction=0.5)
+    assert plan.owner_LE == ((1, 0, 0, 1),)
+    # equal free slots: the less loaded rank takes the hot expert (3 to rank 1, which holds 1, not rank 0's 2)
+    assert plan_sharding(torch.tensor([[4.0, 1, 2, 3]]), 2, hot_fraction=0.5).owner_LE == ((0, 1, 0, 1),)
+    # by default a quarter is hot, rounded half to even: of 2 experts none, so the hotter goes first, to rank 0;
+    # of 8, the hottest 2 (0 and 1) fill the free slots of ranks 0 and 1 after the cold ones balanced the load
+    assert plan_sharding(torch.tensor([[2.0, 1.0]]), 2).owner_LE == ((0, 1),)
+    assert plan_sharding(torch.tensor([[8.0, 7, 6, 5, 4, 3, 2, 1]]), 4).owner_LE == ((0, 1, 0, 1, 2, 3, 3, 2),)
+    # all hot: ranks with no expert yet take them in turn
+    plan = plan_sharding(torch.ones(1, 4), 2, hot_fraction=1.0)
+    assert plan.owner_LE == ((0, 1, 0, 1),)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # every rank computed the same plan: it stays that
+        plan.world_size = 3
+
+
+def test_even_sharding_is_plain_eps_placement():
+    plan = even_sharding(2, 8, 4)
+    assert plan.owner_LE == ((0, 0, 1, 1, 2, 2, 3, 3),) * 2
+    assert plan.owned(1, 0) == [2, 3] and plan.owned(3, 1) == [6, 7] and plan.slots(2) == 4
 
 
 def test_sharding_balances_cold_load():
@@ -71,6 +97,67 @@ def test_materialization_respects_budget_and_cap_and_balances():
     assert work.sum() == work_ep.sum() == counts_WE.sum()
 
 
+def _check_materialization(load, owner, W, budget, memory_cap, reps):
+    """What plan_materialization promises, checked on its result with the work recomputed from scratch:
+    owners kept, at most min(budget, cap) received per rank, experts with a rank's fair share everywhere the
+    cap allows, and the greedy's stop: the busiest rank's largest share had no rank left to go to, or moving
+    it to the least busy one would not have lowered the busiest rank's work."""
+    E, cap = len(load), max(0, min(budget, memory_cap))
+    assert all(owner[e] in reps[e] and list(reps[e]) == sorted(set(reps[e])) for e in range(E))
+    received = [sum(1 for e in range(E) if r in reps[e] and owner[e] != r) for r in range(W)]
+    assert max(received) <= cap
+    if sum(load) <= 0 or cap == 0 or W == 1:
+        assert reps == tuple((o,) for o in owner)
+        return
+    ideal = sum(load) / W
+    assert all(r in reps[e] or received[r] == cap for e in range(E) if load[e] >= ideal for r in range(W))
+    work = [sum(load[e] / len(reps[e]) for e in range(E) if r in reps[e]) for r in range(W)]
+    busiest = max(range(W), key=lambda r: (work[r], -r))
+    movable = [e for e in range(E) if busiest in reps[e] and load[e] > 0 and len(reps[e]) < W]
+    if movable:
+        e = max(movable, key=lambda e: (load[e] / len(reps[e]), -e))
+        targets = [r for r in range(W) if r not in reps[e] and received[r] < cap]
+        if targets:
+            r = min(targets, key=lambda r: (work[r], r))
+            assert work[r] + load[e] / (len(reps[e]) + 1) >= work[busiest], (e, r, busiest)
+
+
+def test_materialization_stops_where_its_greedy_says():
+    # 200 random small layers (a few of them catch a wrong choice of the share to split); loads are
+    # multiples of 60, so every share of up to 6 replicas is exact and ties are real ties
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        W, E = int(torch.randint(2, 6, (), generator=g)), int(torch.randint(2, 9, (), generator=g))
+        load = (torch.randint(0, 7, (E,), generator=g) * 60).double()
+        owner = tuple(torch.randint(0, W, (E,), generator=g).tolist())
+        budget, memory_cap = torch.randint(0, 5, (2,), generator=g).tolist()
+        reps = plan_materialization(load, owner, W, gather_budget=budget, memory_cap=memory_cap)
+        _check_materialization(load.tolist(), owner, W, budget, memory_cap, reps)
+
+
+@pytest.mark.parametrize("load, owner, W, cap, want", [
+    # no fair share; 0's half to rank 1 (tie with expert 1 broken by id), then 1's half would even the
+    # ranks at 6 and 6: no gain, stop
+    ([4, 4, 1, 1], (0, 0, 1, 1), 2, 2, ((0, 1), (0,), (1,), (1,))),
+    ([6, 6, 4], (0, 0, 1), 2, 3, ((0, 1), (0,), (1,))),            # 1's half would make rank 1 the busiest
+    # loads below one token still move; rank 1 then has received its one expert
+    ([0.75, 0.75, 0.5], (0, 0, 1), 2, 1, ((0, 1), (0,), (1,))),
+    ([0.5, 0.25, 0], (0, 0, 1), 2, 1, ((0, 1), (0,), (1,))),        # a total below one token too
+    ([0, 0], (0, 1), 2, 2, ((0,), (1,))),                            # no load, nothing to spread
+    ([6, 1, 1], (0, 1, 2), 3, 2, ((0, 1, 2), (0, 1), (2,))),         # the fair share everywhere first
+    ([1, 1, 1], (0, 1, 2), 3, 2, ((0, 1, 2),) * 3),                  # exactly the fair share counts too
+    ([8, 4], (2, 1), 3, 1, ((0, 1, 2), (1, 2))),                     # the hotter expert first
+    ([4, 3, 1, 1], (0, 0, 1, 2), 3, 1, ((0, 1, 2), (0,), (1,), (2,))),  # ... and alone when the cap is spent
+    ([4, 4, 4, 3], (0, 0, 0, 0), 3, 4, ((0, 1, 2),) * 4),            # 8 receives after the first phase
+])
+def test_materialization_small_cases(load, owner, W, cap, want):
+    reps = plan_materialization(torch.tensor(load, dtype=torch.float64), owner, W, gather_budget=cap, memory_cap=cap)
+    assert reps == want
+    _check_materialization(load, owner, W, cap, cap, reps)
+    with pytest.raises(TypeError):  # the budget and the cap are easy to swap: keyword-only
+        plan_materialization(torch.tensor(load, dtype=torch.float64), owner, W, cap, cap)
+
+
 def test_route_local_first_then_even_split():
     counts = torch.tensor([[5, 0], [7, 3], [0, 4]])
     routed = route_to_replicas(counts, ((0, 2), (1,)))
@@ -88,6 +175,8 @@ def test_load_predictor_window():
     assert pred.predict().tolist() == [[4.0, 3.0]]
     with pytest.raises(ValueError, match="expected \\(1, 2\\)"):
         pred.observe(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="expected \\(1, 2\\)"):
+        pred.observe(torch.zeros(1, 1))
 
 
 def test_topology_aware_split_prefers_same_node():
@@ -96,6 +185,8 @@ def test_topology_aware_split_prefers_same_node():
     assert split_over_replicas(9, 6, (2, 5), 8, ranks_per_node=4) == [(5, 9)]
     assert split_over_replicas(9, 6, (2, 5), 8) == [(2, 5), (5, 4)]  # one node: even split, ring order
     assert split_over_replicas(9, 6, (0, 1), 8, ranks_per_node=4) == [(0, 5), (1, 4)]  # none on the node
+    assert split_over_replicas(9, 3, (1, 5), 8) == [(5, 5), (1, 4)]  # the ring starts after the source
+    assert split_over_replicas(7, 1, (0, 2, 3), 4) == [(2, 3), (3, 2), (0, 2)]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -125,6 +216,12 @@ def test_transfers_pair_up_in_the_same_order_on_both_ends(seed):
         assert sum(len(v) for v in lists.values()) == 2 * sum(len(set(d) - {s}) for s, d in zip(src_E, dsts_E))
 
 
+def test_transfers_by_default_send_from_the_owner():
+    # the gather (fssdp.py) calls transfers without `reverse`: the owner sends, the replicas receive
+    assert transfers([0, 2], [(0, 1), (1, 2)], 0) == [(0, 1, True)]
+    assert transfers([0, 2], [(0, 1), (1, 2)], 1) == [(0, 0, False), (1, 2, False)]
+    assert transfers([0, 2], [(0, 1), (1, 2)], 1, reverse=True) == [(0, 0, True), (1, 2, True)]
+
 @pytest.mark.parametrize("ranks_per_node", [None, 2])
 def test_device_destinations_split_rows_as_split_over_replicas(ranks_per_node):
     """The forward computes each row's destination on the device (no host sync for the counts); it must
@@ -144,3 +241,18 @@ def test_device_destinations_split_rows_as_split_over_replicas(ranks_per_node):
             for d, c in split_over_replicas(int(counts_E[e]), source, replicas_E[e], W, ranks_per_node):
                 want += [d] * c
         assert got_N.tolist() == want, source
+
+
+def test_device_destinations_for_every_split_of_up_to_13_rows_over_3_replicas():
+    # each expert's rows over 1, 2 or 3 replicas, none local: every (rows, replicas) pair the chunking
+    # formula distinguishes (longer chunks first, remainders, empty chunks)
+    replicas_E, counts = [], []
+    for reps in [(1,), (1, 2), (1, 2, 3)]:
+        for n in range(14):
+            replicas_E.append(reps)
+            counts.append(n)
+    counts_E = torch.tensor(counts)
+    ids_N = torch.repeat_interleave(torch.arange(len(counts)), counts_E)
+    ring_ER, size_E = replica_rings(replicas_E, 0, 4)
+    want = [d for reps, n in zip(replicas_E, counts) for d, c in split_over_replicas(n, 0, reps, 4) for _ in range(c)]
+    assert destinations(ids_N, counts_E, ring_ER, size_E).tolist() == want

@@ -3,6 +3,9 @@ float64 per-token oracle: forward and every gradient (x, both weights, both bias
 activation gated and plain (GPT-OSS's clamped SwiGLU included), odd shapes and edge cases;
 torch.compile(fullgraph=True); the same checks at real sizes on a GPU."""
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -433,6 +436,53 @@ def test_switches_are_read_once(switch):
     assert switches().dgrad == "grouped_mm" and dgrad_impl(a, w) == "grouped_mm"
     assert switch("MOESYS_TRITON_DGRAD", "triton").dgrad == "triton" and dgrad_impl(a, w) == "triton"
 
+
+
+def test_switch_values_and_defaults():
+    """Only "0" turns autotuning or TMA off (an empty variable leaves them on); unset, every switch has its
+    documented default, the same as a TritonSwitches() built in code."""
+    from moesys.kernels.launch import TritonSwitches
+    on = TritonSwitches.from_env({})
+    assert on == TritonSwitches() == TritonSwitches(autotune=True, tma=True, wgrad="auto", dgrad="auto", fwd="auto")
+    for value, want in [("0", False), ("1", True), ("", True)]:
+        got = TritonSwitches.from_env({"MOESYS_TRITON_AUTOTUNE": value, "MOESYS_TRITON_TMA": value})
+        assert (got.autotune, got.tma) == (want, want), value
+    with pytest.raises(dataclasses.FrozenInstanceError):  # read once and kept: nothing changes them in place
+        on.autotune = False
+
+
+def _cuda_like(shape, dtype=torch.bfloat16, stride=None):
+    """What the cuBLAS checks read of a CUDA tensor (device, dtype, shape, strides, element size), without one."""
+    t = torch.empty_strided(shape, stride or torch.empty(shape).stride(), dtype=dtype)
+    return SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=t.shape, stride=t.stride,
+                           element_size=t.element_size)
+
+
+@pytest.mark.parametrize("capability, native", [((9, 0), True), ((10, 0), True), ((8, 9), False)])
+def test_auto_takes_cublas_where_its_grouped_gemm_takes_the_operands(monkeypatch, switch, capability, native):
+    """The CUDA side of the "auto" choices, on stand-ins for CUDA tensors: cuBLAS's grouped GEMM needs sm90+,
+    bf16 operands whose sizes after the leading one are 16-byte multiples (5 rows and 3 experts need none),
+    weights with contiguous rows and 16-byte strides, and for the forward a hidden size of 4096 or more."""
+    from moesys.kernels.launch import dgrad_impl, fwd_impl, wgrad_impl
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    for var in ("MOESYS_TRITON_WGRAD", "MOESYS_TRITON_DGRAD", "MOESYS_TRITON_FWD"):
+        switch(var, None)
+    cublas = "grouped_mm" if native else "triton"
+    a, w = _cuda_like((5, 16)), _cuda_like((3, 16, 8))
+    assert dgrad_impl(a, w) == cublas and wgrad_impl(a, _cuda_like((5, 8))) == cublas
+    assert dgrad_impl(_cuda_like((5, 12)), _cuda_like((3, 12, 8))) == "triton"             # 24-byte rows
+    assert dgrad_impl(_cuda_like((5, 16), torch.float32), _cuda_like((3, 16, 8), torch.float32)) == "triton"
+    assert wgrad_impl(a, _cuda_like((5, 8), torch.float16)) == "triton"
+    assert dgrad_impl(a, _cuda_like((3, 16, 8), stride=(128, 1, 16))) == "triton"          # a transposed view
+    assert dgrad_impl(a, _cuda_like((3, 16, 8), stride=(256, 16, 2))) == "triton"          # rows not contiguous
+    assert dgrad_impl(a, _cuda_like((3, 16, 8), stride=(132, 8, 1))) == "triton"           # 264-byte expert stride
+    assert dgrad_impl(a, _cuda_like((3, 16, 8), stride=(256, 9, 1))) == "triton"           # 18-byte row stride
+    assert dgrad_impl(a, _cuda_like((3, 16, 8), stride=(256, 16, 0))) == "triton"          # an expanded row
+    for H, want in [(4096, cublas), (8192, cublas), (4088, "triton")]:
+        got = fwd_impl(_cuda_like((5, H)), _cuda_like((3, 32, H)), save_h=True, has_bias=False)
+        assert got == want, H
+    with pytest.raises(TypeError):
+        fwd_impl(_cuda_like((5, 4096)), _cuda_like((3, 32, 4096)), True, False)  # keyword-only options
 
 def test_transposed_interleaved_weights_as_gpt_oss_stores_them():
     """GPT-OSS's layout through the kernels without a copy: gate_up_proj stored [E, H, 2I] with gate/up columns

@@ -574,6 +574,19 @@ def test_generators_differ_for_every_key():
     assert len(seeds) == 1000
 
 
+def test_seeded_generators_are_the_same_in_every_version():
+    # Golden values: the seed each (seed, key) derives and the first numbers drawn from it. Changing
+    # them (the hash, the bytes it keeps, the mask) gives every user's seeded upcycle other weights
+    # for the same --seed: a checkpoint can no longer be rebuilt from its recipe. Do not update them.
+    golden = {(0, "router", 3): 5483752761391099197, (0, "drop", 1, 0, 1): 7365939258842604879,
+              (7, "w", "up_proj", 2, 5): 32628318755077937}
+    assert {key: _generator(*key).initial_seed() for key in golden} == golden
+    drawn = torch.rand(3, generator=_generator(0, "router", 3), dtype=torch.float64).tolist()
+    assert drawn == pytest.approx([0.5245398078472422, 0.4007386673439365, 0.5200973058050145], abs=1e-12)
+    assert torch.randperm(16, generator=_generator(0, "drop", 1, 0, 1)).tolist() == \
+        [4, 12, 13, 6, 5, 1, 15, 7, 11, 2, 8, 3, 14, 9, 10, 0]
+
+
 def test_options_cannot_change_under_a_plan():
     # A plan computes its tensors later (`make`) from the options it was given, so they are frozen.
     opts = UpcycleOptions(num_experts=4, top_k=2)

@@ -437,7 +437,6 @@ def test_switches_are_read_once(switch):
     assert switch("MOESYS_TRITON_DGRAD", "triton").dgrad == "triton" and dgrad_impl(a, w) == "triton"
 
 
-
 def test_switch_values_and_defaults():
     """Only "0" turns autotuning or TMA off (an empty variable leaves them on); unset, every switch has its
     documented default, the same as a TritonSwitches() built in code."""
@@ -483,6 +482,7 @@ def test_auto_takes_cublas_where_its_grouped_gemm_takes_the_operands(monkeypatch
         assert got == want, H
     with pytest.raises(TypeError):
         fwd_impl(_cuda_like((5, 4096)), _cuda_like((3, 32, 4096)), True, False)  # keyword-only options
+
 
 def test_transposed_interleaved_weights_as_gpt_oss_stores_them():
     """GPT-OSS's layout through the kernels without a copy: gate_up_proj stored [E, H, 2I] with gate/up columns

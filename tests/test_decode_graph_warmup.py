@@ -139,6 +139,24 @@ def test_python_state_that_moves_at_every_step_is_never_captured(monkeypatch):
     assert decoder.step_forward == decoder.eager_forward  # nothing left to compile at every token
 
 
+def test_a_counter_found_among_other_changes_is_the_one_named(monkeypatch):
+    """A scalar that counts down is a counter too, and the warning names the scalar that moved twice, not
+    another one that changed once on the same step and sorts first."""
+    toy_forward = Toy.forward
+
+    def forward(self, input_ids, past_key_values=None):
+        past_key_values.layers[1].room = getattr(past_key_values.layers[1], "room", 9) - 1
+        if self.calls == 1:  # the second call: a once-only change that sorts before layers[1].room
+            past_key_values.layers[0].late = True
+        return toy_forward(self, input_ids, past_key_values)
+    monkeypatch.setattr(Toy, "forward", forward)
+    model, decoder = decoder_with(monkeypatch, compile=True)
+    with pytest.warns(UserWarning, match=r"the cache's layers\[1\]\.room \(8 -> 7\) changes at every step .* "
+                                         r"warm-up step 2$"):
+        steps(model, 4)
+    assert decoder.warm == 2 and decoder.captures == 0
+
+
 def test_uncompiled_settled_step_captures_after_one_warm_up(monkeypatch):
     model, decoder = decoder_with(monkeypatch)
     cache = StaticCache()

@@ -456,7 +456,8 @@ def test_auto_policy_is_lfu_only_where_lru_could_never_hit():
     def policy(slots, layers, top_k, bank_size=1023, experts=8):
         return ExpertCache([("w", (2,), torch.float32)], slots, torch.device("cpu"), "auto", list(range(layers)),
                            experts, bank_size=bank_size, top_k=top_k).policy
-    assert policy(4, 3, 2) == "lfu" and policy(5, 3, 2) == "lru"
+    assert policy(4, 3, 2) == "lfu" and policy(5, 3, 2) == "lru" and policy(3, 3, 2) == "lfu"
+    assert policy(84, 24, 4, experts=32) == "lfu"  # GPT-OSS-20B's shape under 8 GiB: 84 slots, 92 between
     assert policy(4, 4, 2, bank_size=2) == "lfu"   # banks of 2 slots, 2 layers each: 2 others fill one
     assert policy(6, 4, 2, bank_size=3) == "lru"   # banks of 3 slots, 2 layers each: one slot survives
     assert policy(6, 3, 2, bank_size=3) == "lru"   # banks of 3 slots; the first holds 2 layers

@@ -27,14 +27,22 @@ step eagerly (the compile happens in the first); the third captures.
 
 Nothing may compile while a graph is being captured (dynamo's tracing makes host tensors and copies, which a
 capture refuses), and a replay freezes every Python value the step read: warm-up steps go on, up to
-MAX_WARMUP_STEPS, until one compiled nothing and left the cache's Python scalars as it found them. A
-sliding-window cache layer fails the second at every step (transformers' StaticSlidingWindowLayer counts its
-fill level in a Python int, and a compiled step guards on it, so it also recompiles at every step): a scalar
-changed by two warm-up steps in a row is taken for such a counter at once. A layout still unsettled (or with
-such a counter) then decodes uncompiled without a graph from there on, one whose capture fails without a
-graph (a warning says why; `fallback_reason` keeps it), and so does a model whose step is known not to be
-capturable (`capture_blocker`): float32 or float16 experts with transformers' grouped_mm, which under
-torch.compile loops over the experts after reading their row counts back to the host.
+MAX_WARMUP_STEPS, until one compiled nothing and left the cache's Python scalars as it found them.
+
+Sliding windows (GPT-OSS, and any model with transformers' StaticSlidingWindowLayer): such a layer counts its
+tokens in a Python int, read to pick its update branch, to size and offset the sliding mask and (layer 0)
+to derive the positions; a compiled step guards on it, so it would recompile at every token, and a replay
+would freeze it. While a window fills, each fill level is its own step: those steps run eagerly, uncompiled
+(`filling_steps`). Once every window is full, a one-token step takes the same branch at every count, so
+DecodeGraph builds the masks (as generate() does for a static cache, `create_masks_for_generate`) and the
+position from the true count outside the step, passes them in, and runs the step with the counters pinned at
+the window size (`_pinned_counters`), advancing the true counts itself after each step, replayed or not.
+
+Any other cache scalar changed by two warm-up steps in a row is taken for a counter at once. A layout still
+unsettled (or with such a counter) then decodes uncompiled without a graph from there on, one whose capture
+fails without a graph (a warning says why; `fallback_reason` keeps it), and so does a model whose step is
+known not to be capturable (`capture_blocker`): float32 or float16 experts with transformers' grouped_mm,
+which under torch.compile loops over the experts after reading their row counts back to the host.
 
 Legend: V vocabulary.
 """
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import warnings
 
 import torch
@@ -58,16 +67,48 @@ def _frames_compiled() -> int:
     return counters["frames"]["total"]
 
 
-def _python_state(kwargs) -> dict[str, object]:
-    """The Python scalars of the static cache in `kwargs` and of its layers ("layers[i].name": value)."""
+def _python_state(kwargs, skip=frozenset()) -> dict[str, object]:
+    """The Python scalars of the static cache in `kwargs` and of its layers ("layers[i].name": value), but
+    those named in `skip` (the window counters DecodeGraph keeps itself)."""
     state = {}
     for value in kwargs.values():
         if _is_static_cache(value):
             layers = [(f"layers[{i}].", layer) for i, layer in enumerate(getattr(value, "layers", ()))]
             for prefix, obj in [("", value)] + layers:
                 attrs = getattr(obj, "__dict__", {})  # (none to compare on an object with __slots__)
-                state.update({prefix + k: v for k, v in attrs.items() if isinstance(v, (bool, int, float, str))})
+                state.update({prefix + k: v for k, v in attrs.items()
+                              if isinstance(v, (bool, int, float, str)) and prefix + k not in skip})
     return state
+
+
+def _window_layers(cache) -> list[tuple[int, object]]:
+    """(index, layer) of the cache layers that count their tokens in a Python int: transformers'
+    StaticSlidingWindowLayer (`cumulative_length_int`, its window `max_cache_len`)."""
+    return [(i, layer) for i, layer in enumerate(getattr(cache, "layers", ()))
+            if getattr(layer, "is_sliding", False) and isinstance(getattr(layer, "cumulative_length_int", None), int)
+            and isinstance(getattr(layer, "max_cache_len", None), int)]
+
+
+@contextlib.contextmanager
+def _pinned_counters(layers):
+    """Run a one-token step with every full window layer's token counter pinned at its window size, and
+    leave it one token further than it was (as far as it was, should the step raise).
+
+    Once a window is full, a one-token step of transformers' sliding-window layer reads the counter only to
+    take the "full" branch (roll the window, write the last slot), to size the mask and to derive the
+    positions; DecodeGraph builds the masks and positions outside the step from the true count. Pinned, the
+    counter is the same at every step: a compiled step's guard on it holds, and a replay (which runs no
+    Python, so never counts) freezes the value the step would read anyway. The true count is kept here."""
+    counts = [layer.cumulative_length_int for layer in layers]
+    for layer in layers:
+        layer.cumulative_length_int = layer.max_cache_len
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        for layer, n in zip(layers, counts):
+            layer.cumulative_length_int = n + 1 if done else n
 
 
 def _moved_names(before: dict, after: dict) -> list[str]:
@@ -108,7 +149,10 @@ class DecodeGraph:
         # for quantized experts, moesys::offload_experts)
         self.step_forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
         self.cuda = next(model.parameters()).device.type == "cuda"
+        self.model = model
+        self.forward_params = set(inspect.signature(self.eager_forward).parameters)
         self.captures = self.replays = self.eager_steps = 0
+        self.filling_steps = 0  # of eager_steps: a sliding window still filling (a step per fill level)
         # why steps run without a graph (None: they are captured): known at install, or found on the way
         self.fallback_reason = None
         blocker = capture_blocker(model, compile) if self.cuda else None
@@ -186,6 +230,62 @@ class DecodeGraph:
         if self.engine is not None:
             self.engine.ensure_device_tables()
             self.engine.note_device_step(rows)
+        cache = next(v for v in kwargs.values() if _is_static_cache(v))
+        windows = _window_layers(cache)
+        if not windows:
+            return self._step(kwargs, key)
+        # sliding-window layers: full, a one-token step no longer depends on their counters (_pinned_counters);
+        # still filling, each fill level is a step of its own (a branch, a mask size): eager, uncompiled
+        inputs = None
+        if rows == 1 and all(layer.cumulative_length_int >= layer.max_cache_len for _, layer in windows):
+            inputs = self._window_inputs(kwargs, windows[0][1].cumulative_length_int)
+        if inputs is None:
+            self.eager_steps += 1
+            self.filling_steps += 1
+            with self._device_decode():
+                return self.eager_forward(**kwargs)
+        skip = frozenset(f"layers[{i}].cumulative_length_int" for i, _ in windows)
+        with _pinned_counters([layer for _, layer in windows]):
+            return self._step(inputs, key + (("window-inputs", tuple(sorted(inputs.keys() - kwargs.keys()))),),
+                              skip)
+
+    def _window_inputs(self, kwargs, seen: int) -> dict | None:
+        """`kwargs` with what a step of a full sliding-window cache must not derive from the cache's counters:
+        the position (cache_position, or position_ids where the model has no cache_position: transformers >=
+        5.2x) and the per-layer-type masks, built here as generate() builds them for a static cache, from the
+        true count of tokens `seen`. None where a mask is not a tensor (flex attention's BlockMask)."""
+        ids = kwargs["input_ids"]
+        out = dict(kwargs)
+        if "cache_position" in self.forward_params:
+            if out.get("cache_position") is None:
+                out["cache_position"] = torch.tensor([seen], device=ids.device)
+        elif "position_ids" in self.forward_params and out.get("position_ids") is None:
+            out["position_ids"] = torch.tensor([[seen]], device=ids.device)
+        if not isinstance(out.get("attention_mask"), dict):
+            from transformers import masking_utils
+
+            make = getattr(self.model, "create_masks_for_generate", masking_utils.create_masks_for_generate)
+            names = inspect.signature(make).parameters
+            cache = next(v for v in kwargs.values() if _is_static_cache(v))
+            # only the batch size, query length, dtype and device of the embeddings are read
+            embeds = torch.empty((1, 1, 0), dtype=self.model.dtype, device=ids.device)
+            args = {"config": self.model.config, "attention_mask": out.get("attention_mask"),
+                    "position_ids": out.get("position_ids"), "cache_position": out.get("cache_position"),
+                    # the names of transformers >= 5.2x, else the older ones
+                    "cache" if "cache" in names else "past_key_values": cache,
+                    "inputs_embeds" if "inputs_embeds" in names else "input_embeds": embeds}
+            masks = make(**{k: v for k, v in args.items() if k in names})
+            if isinstance(masks, dict):
+                if not all(m is None or isinstance(m, torch.Tensor) for m in masks.values()):
+                    return None
+            elif masks is not None and not isinstance(masks, torch.Tensor):
+                return None
+            out["attention_mask"] = masks
+        return out
+
+    def _step(self, kwargs, key, skip=frozenset()):
+        """One eligible step: warm-up, capture or replay of the layout `key` (eager on the CPU and after
+        giving up); `skip`: cache scalars kept outside the step (_pinned_counters)."""
         if key != self.key:
             self._reset()
             self.key = key
@@ -199,10 +299,10 @@ class DecodeGraph:
             if self.warm >= MAX_WARMUP_STEPS:
                 self._give_up(f"{self.warm_unsettled} at its warm-up step {self.warm}", eager=True)
                 return self._eager_step(kwargs)
-            before, state = _frames_compiled(), _python_state(kwargs)
+            before, state = _frames_compiled(), _python_state(kwargs, skip)
             out = self._eager_step(kwargs)  # warm-up: compiles, autotunes, makes lazy buffers
             self.warm += 1
-            after = _python_state(kwargs)
+            after = _python_state(kwargs, skip)
             moved, again = _moved_names(state, after), None
             if moved:
                 # a scalar that two steps in a row changed counts steps: it never settles, and a compiled step

@@ -93,8 +93,10 @@ def _offloaded_matches(arch, tmp_path, generate_kw=(), **options):
                 if name.endswith("_bias"):  # initialised to zero: make them count
                     p.normal_(0, 0.5)
     model.save_pretrained(tmp_path)
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    prompt = torch.randint(2, 101, (1, 9), generator=torch.Generator().manual_seed(1))
+    # on the device moesys.offload.load picks (CUDA where there is one), so the two compare like with like
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(device)
+    prompt = torch.randint(2, 101, (1, 9), generator=torch.Generator().manual_seed(1)).to(device)
     want = ref.generate(prompt, **generate_kw)
 
     skel_config = AutoConfig.from_pretrained(tmp_path)

@@ -303,18 +303,18 @@ class DecodeGraph:
             out = self._eager_step(kwargs)  # warm-up: compiles, autotunes, makes lazy buffers
             self.warm += 1
             after = _python_state(kwargs, skip)
-            moved, again = _moved_names(state, after), None
-            if moved:
+            names, moved, again = _moved_names(state, after), None, None
+            if names:
                 # a scalar that two steps in a row changed counts steps: it never settles, and a compiled step
                 # guards on it, so each further warm-up step would recompile the whole model (minutes for
-                # GPT-OSS-20B): give up now rather than at MAX_WARMUP_STEPS
-                again = [name for name in moved if name in self.last_moved] or None
-                moved = _moved_state(state, after, again or moved)
-            self.last_moved = _moved_names(state, after)
+                # GPT-OSS-20B before its window counters were kept apart): give up now, not at MAX_WARMUP_STEPS
+                again = [name for name in names if name in self.last_moved] or None
+                moved = _moved_state(state, after, again or names)
+            self.last_moved = names
             self.warm_unsettled = (
                 "the compiled step still recompiled" if _frames_compiled() != before and not again else
-                f"the cache's {moved} changes at every step (a Python value that a replayed graph would freeze; "
-                "transformers' sliding-window cache layers keep their fill level so)" if moved else None)
+                f"the cache's {moved} changes at every step (a Python value that a replayed graph would "
+                "freeze)" if moved else None)
             if again:
                 self._give_up(f"{self.warm_unsettled} at its warm-up step {self.warm}", eager=True)
             return out

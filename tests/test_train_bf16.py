@@ -223,6 +223,19 @@ def test_init_from_reads_a_bf16_checkpoint_into_bf16_parameters_and_exports_it(t
     assert all(exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], original[k]) for k in original)
 
 
+def test_export_of_a_bf16_run_writes_bf16(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from moesys.export import export
+    assert train_inproc(tmp_path / "run", BF16, "train.steps=2", *SMALL) == 0
+    out = export(tmp_path / "run", tmp_path / "out")
+    tensors = load_file(str(out / "model.safetensors"))
+    assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    trained, _ = _files(tmp_path / "run" / "ckpt" / "step_2")
+    assert torch.equal(tensors["model.embed_tokens.weight"], trained["embed.weight"])
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
 def test_hf_model_parameters_have_from_pretrained_bf16_dtypes_and_values(tmp_path):
     """model.hf_model with bf16 parameters: each parameter has the dtype and value transformers'
     from_pretrained(dtype=bfloat16) gives it (DeepSeek-V3 keeps its router weight fp32), buffers too."""

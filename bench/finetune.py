@@ -1,6 +1,8 @@
 """Fine-tuning throughput from a Hugging Face checkpoint on one GPU (issue 22), side by side in one run:
 - moesys_init_from: `model.init_from: DIR`, the moesys model, its real trainer as configs/small.yaml runs it
   (bf16 autocast over fp32 master weights, torch.compile reduce-overhead, grouped_mm experts);
+- moesys_init_from_bf16: the same with `train.param_dtype: bfloat16` (pure bf16: parameters, gradients and
+  AdamW state in bf16, the baseline's precision);
 - moesys_hf_model:  `model.hf_model: DIR`, transformers' own OlmoeForCausalLM with moesys experts, the same
   trainer (its decoder layers compiled, default mode; Triton experts);
 - hf_grouped_mm:    transformers alone, OlmoeForCausalLM.from_pretrained(experts_implementation="grouped_mm"),
@@ -11,9 +13,12 @@ over all heads) with --layers of its 16 layers (8 by default, so that fp32 maste
 beside the activations), random weights saved to disk in bf16. Load time = from_pretrained / build_model from
 files evicted from the page cache (posix_fadvise DONTNEED), to the model on the GPU.
 Correctness in the same run: step-0 logits of both moesys models against transformers' on one batch, all in
-fp32 (relative L2 error).
+fp32 (relative L2 error; row `correctness`); and in pure bf16 (row `correctness_bf16`): the moesys model with
+bf16 parameters under bf16 autocast, as the bf16 row trains it, and transformers' bf16 model, each against
+transformers' fp32 logits, so moesys's bf16 error can be read beside transformers' own.
 
     PYTHONPATH=. python bench/finetune.py --out bench/results/finetune.json
+    PYTHONPATH=. python bench/finetune.py --only moesys_init_from,moesys_init_from_bf16,hf_grouped_mm  # some rows
     PYTHONPATH=. python bench/finetune.py --cpu-smoke --out /tmp/finetune.json    # checks the script only
 """
 
@@ -37,6 +42,8 @@ from run_meta import run_meta
 from train_small import _sync, bench_moesys, hf_train_loop, profile_moesys, run_impls, write_records
 
 REPO = Path(__file__).resolve().parents[1]
+ROWS = ("correctness", "correctness_bf16", "moesys_init_from", "moesys_init_from_bf16", "moesys_init_from_triton",
+        "moesys_hf_model", "hf_grouped_mm")
 
 
 def olmoe_config(layers: int, smoke: bool):
@@ -109,22 +116,55 @@ def load_hf(ckpt: Path, device: torch.device, dtype, impl: str):
     return model, time.perf_counter() - t0
 
 
-def correctness(ckpt: Path, device: torch.device, vocab: int, smoke: bool) -> dict:
-    """Relative L2 error of step-0 logits, fp32, both moesys models against transformers'."""
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reference_logits(ckpt: Path, device: torch.device, vocab: int, smoke: bool):
+    """(input ids, transformers' fp32 eager logits) of one batch."""
     ids = torch.randint(0, vocab, (1, 64 if smoke else 512), generator=torch.Generator().manual_seed(1)).to(device)
     ref_model, _ = load_hf(ckpt, device, torch.float32, "eager")
     with torch.no_grad():
         ref = ref_model(input_ids=ids).logits.float()
     del ref_model
+    _free(device)
+    return ids, ref
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref).norm() / ref.norm()).item()
+
+
+def correctness(ckpt: Path, device: torch.device, vocab: int, smoke: bool) -> dict:
+    """Relative L2 error of step-0 logits, fp32, both moesys models against transformers'."""
+    ids, ref = _reference_logits(ckpt, device, vocab, smoke)
     out = {}
     for key, extra in (("init_from", ["moe.backend=grouped_mm"]), ("hf_model", [])):
         model, _ = load_moesys(moesys_config(ckpt, key, smoke, extra), ckpt)  # fp32 master weights
         with torch.no_grad():
-            got = model(ids).logits.float()
-        out[f"rel_err_logits_{key}"] = ((got - ref).norm() / ref.norm()).item()
+            out[f"rel_err_logits_{key}"] = _rel_err(model(ids).logits, ref)
         del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
+    return out
+
+
+def correctness_bf16(ckpt: Path, device: torch.device, vocab: int, smoke: bool) -> dict:
+    """Relative L2 error of step-0 logits against transformers' fp32 ones: the init_from model with bf16
+    parameters under bf16 autocast (as the pure-bf16 row computes), and transformers' bf16 model (as the
+    baseline computes)."""
+    ids, ref = _reference_logits(ckpt, device, vocab, smoke)
+    config = moesys_config(ckpt, "init_from", smoke, ["moe.backend=grouped_mm", "train.param_dtype=bfloat16"])
+    model, _ = load_moesys(config, ckpt)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        out = {"rel_err_logits_init_from_bf16": _rel_err(model(ids).logits, ref)}
+    del model
+    _free(device)
+    hf_model, _ = load_hf(ckpt, device, torch.bfloat16, "grouped_mm")
+    with torch.no_grad():
+        out["rel_err_logits_hf_bf16"] = _rel_err(hf_model(input_ids=ids).logits, ref)
+    del hf_model
+    _free(device)
     return out
 
 
@@ -140,15 +180,27 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=8, help="OLMoE-shaped layers (the real model has 16)")
     p.add_argument("--steps", type=int, default=30, help="moesys steps (the first log window is warm-up)")
     p.add_argument("--hf-steps", type=int, default=12)
-    p.add_argument("--skip", action="append", default=[],
-                   help="impl to skip: moesys_init_from, moesys_init_from_triton, moesys_hf_model, hf_grouped_mm, correctness")
+    p.add_argument("--skip", action="append", default=[], help=f"row to skip (repeatable): {', '.join(ROWS)}")
+    p.add_argument("--only", default=None, metavar="ROW,ROW",
+                   help="run only these rows, comma-separated (e.g. moesys_init_from,moesys_init_from_bf16,"
+                        "hf_grouped_mm: the fp32-master and pure-bf16 rows beside the baseline)")
     p.add_argument("--workdir", default=None, help="where the checkpoint is written (default: a temp dir)")
     p.add_argument("--out", default=None)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (checks the script, not speed)")
     p.add_argument("--profile", default=None, metavar="FILE",
-                   help="only profile two init_from steps (as configured for the moesys_init_from row) and write "
+                   help="only profile two init_from steps (as configured for the moesys_init_from row, or with "
+                        "--profile-param-dtype bfloat16 the moesys_init_from_bf16 row) and write "
                         "the kernel table to FILE")
+    p.add_argument("--profile-param-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="train.param_dtype of the --profile run")
     args = p.parse_args()
+    skip = set(args.skip)
+    if args.only is not None:
+        only = {r.strip() for r in args.only.split(",") if r.strip()}
+        unknown = sorted(only - set(ROWS))
+        if unknown:
+            p.error(f"--only: unknown row(s) {unknown}; the rows are {list(ROWS)}")
+        skip |= set(ROWS) - only
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("bench/finetune.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
@@ -176,8 +228,8 @@ def main() -> int:
                   "optimizer": "AdamW, grad clip 1.0", **run_meta()}
         small = ["train.compile=true", "train.compile_mode=reduce-overhead", "moe.backend=grouped_mm"]
         if args.profile:
-            profile_moesys(moesys_config(ckpt, "init_from", args.cpu_smoke, [] if args.cpu_smoke else small), device,
-                           Path(args.profile))
+            extra = ([] if args.cpu_smoke else small) + [f"train.param_dtype={args.profile_param_dtype}"]
+            profile_moesys(moesys_config(ckpt, "init_from", args.cpu_smoke, extra), device, Path(args.profile))
             return 0
 
         def moesys_run(key, extra):
@@ -188,15 +240,19 @@ def main() -> int:
                 torch.cuda.empty_cache()
             return {"load_s": load_s, **bench_moesys(config, steps, log_every)}
 
+        bf16 = ["train.param_dtype=bfloat16"]
         runs = [("correctness", lambda: correctness(ckpt, device, cfg.vocab_size, args.cpu_smoke)),
+                ("correctness_bf16", lambda: correctness_bf16(ckpt, device, cfg.vocab_size, args.cpu_smoke)),
                 ("moesys_init_from", lambda: moesys_run("init_from", [] if args.cpu_smoke else small)),
+                ("moesys_init_from_bf16", lambda: moesys_run("init_from", bf16 if args.cpu_smoke else small + bf16)),
                 ("moesys_init_from_triton", lambda: moesys_run(
                     "init_from", [] if args.cpu_smoke else small[:-1] + ["moe.backend=triton"])),
                 ("moesys_hf_model", lambda: moesys_run(
                     "hf_model", [] if args.cpu_smoke else ["moe.backend=triton", "train.compile=true"])),
                 ("hf_grouped_mm", lambda: bench_hf_loop(ckpt, base_config, device, 1 if args.cpu_smoke else 3,
                                                         hf_steps))]
-        records = run_impls(runs, args.skip, {**common, "checkpoint_write_s": write_s}, flops_tok, peak, device)
+        assert [impl for impl, _ in runs] == list(ROWS)
+        records = run_impls(runs, skip, {**common, "checkpoint_write_s": write_s}, flops_tok, peak, device)
     base = next((r for r in records if r["impl"] == "hf_grouped_mm" and "tokens_per_s" in r), None)
     for r in records:
         if base is not None and "tokens_per_s" in r:

@@ -66,7 +66,8 @@ def _sync(device: torch.device) -> None:
 
 def bench_moesys(config, steps: int, log_every: int) -> dict:
     from moesys.train import train
-    precision = "bf16 autocast, fp32 master weights"
+    precision = ("bf16 autocast, fp32 master weights" if config.train.param_dtype == "float32"
+                 else "pure bf16: bf16 parameters, gradients and AdamW state")
     if config.train.engine == "deepspeed":  # what moesys.train.run checks before starting
         from moesys.integrations.deepspeed_config import require_deepspeed, resolve_deepspeed_config
         ds = resolve_deepspeed_config(config)
@@ -138,10 +139,13 @@ def hf_train_loop(model, config, device: torch.device, warmup: int, steps: int) 
 def profile_moesys(config, device: torch.device, path: Path | None) -> None:
     """Where a moesys training step spends its GPU time: torch.profiler's top kernels over 2 steps."""
     from torch.profiler import ProfilerActivity, profile
+    from moesys.parallel.handle import total_norm
     from moesys.train import autocast_context, build_optimizer, clip_gradients
+    from moesys.train_precision import cast_parameters, param_dtype
     torch.manual_seed(0)
     with device:
         model = MoETransformer.from_config(config)
+    cast_parameters(model, param_dtype(config))  # as build_model does, before the optimizer
     optimizer, opt_impl = build_optimizer(model, config)
     if config.train.compile:
         model.compile_parts(config.train.compile_mode, config.train.compile_scope)
@@ -158,7 +162,7 @@ def profile_moesys(config, device: torch.device, path: Path | None) -> None:
             out = model(ids[:, :-1], ids[:, 1:], return_logits=False)
         (out.loss + out.aux_loss).backward()
         params = [p for p in model.parameters() if p.grad is not None]  # clipped as the trainer clips
-        clip_gradients(optimizer, opt_impl, params, torch.nn.utils.get_total_norm([p.grad for p in params]),
+        clip_gradients(optimizer, opt_impl, params, total_norm([p.grad for p in params]),
                        config.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -191,7 +191,15 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm (clipping is always on)")
     grad_accum: int = Field(1, description="micro-batches per optimizer step")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU (bf16 autocast there too with param_dtype "
+                            "bfloat16); the forward's compute dtype")
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the dtype of parameters, gradients and AdamW state. float32: fp32 masters under "
+                               "bf16 autocast (pre-training). bfloat16: pure bf16, as transformers' Trainer on a bf16 "
+                               "model: half the weight and optimizer memory and traffic, but an update below bf16's "
+                               "resolution (1/512 to 1/256 of the weight) rounds away, so use it for fine-tuning. "
+                               "Needs train.dtype auto or bfloat16 and train.engine torch")
     compile: bool = Field(False, description="torch.compile the model (see compile_mode, compile_scope)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode for the blocks and head: 'reduce-overhead' replays each "
@@ -213,6 +221,18 @@ class TrainConfig(_Section):
         "configs/deepspeed_zero2_bf16.json",
         description="DeepSpeed JSON for train.engine=deepspeed (relative: to the working directory, else to the "
                     "moesys checkout); batch size, accumulation, clipping and bf16 are filled from this config")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.param_dtype == "bfloat16" and self.dtype == "float32":
+            raise ValueError("train.param_dtype=bfloat16 keeps the parameters in bf16, but train.dtype=float32 asks "
+                             "for an fp32 forward; set train.dtype to auto or bfloat16 (bf16 compute), or "
+                             "train.param_dtype to float32 (fp32 masters)")
+        if self.param_dtype == "bfloat16" and self.engine == "deepspeed":
+            raise ValueError("train.param_dtype=bfloat16 with train.engine=deepspeed: DeepSpeed sets the precision "
+                             "itself; leave train.param_dtype at float32 and use the bf16 section of "
+                             "train.deepspeed_config")
+        return self
 
 
 class CheckpointConfig(_Section):

@@ -4,7 +4,8 @@ A run started from a checkpoint (`model.init_from`) is written in its source's f
 Qwen2-MoE, Qwen3-MoE or OLMoE) with the source's config.json, generation config and tokenizer,
 kept in RUN_DIR/hf_source when training started; the tensors are the inverse of what init_from read
 (moesys.hf.names), in the source's dtype by default, so importing and exporting without a training
-step gives back every tensor bit for bit.
+step gives back every tensor bit for bit. A run moesys initialised is written in its `train.param_dtype`
+by default (bf16 weights stay bf16, fp32 masters stay fp32).
 
 A run moesys initialised itself is written as Mixtral (`MixtralForCausalLM`) or Qwen3-MoE
 (`Qwen3MoeForCausalLM`), whichever the architecture matches; a feature neither has (sigmoid routing,
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "else Qwen3-MoE when model.qk_norm is set, else Mixtral")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="dtype of the written tensors; auto: the source checkpoint's for a run started "
-                             "with model.init_from, else float32")
+                             "with model.init_from or model.hf_model, else the run's train.param_dtype")
     parser.add_argument("--force", action="store_true", help="replace out_dir if it exists")
 
 
@@ -232,7 +233,7 @@ def export(run_dir: Path, out_dir: Path, *, arch: str = "auto", dtype: str = "au
     if dtype not in ("auto", *DTYPES):
         raise ValueError(f"--dtype {dtype!r} is unknown; use auto or one of {list(DTYPES)}")
     if dtype == "auto":
-        dtype = source_dtype(source_config) if source is not None else "float32"
+        dtype = source_dtype(source_config) if source is not None else config.train.param_dtype
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ValueError(f"{out_dir} exists; pass --force to replace it")

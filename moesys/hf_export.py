@@ -21,7 +21,8 @@ from moesys import owned_tmp
 from moesys.config import Config
 from moesys.export import DTYPES, source_dtype
 from moesys.models.hf_experts_layout import experts_spec, find_hf_experts, to_hf
-from moesys.models.hf_source import check_hf_dir, hf_config
+from moesys.models.hf_source import check_hf_dir, fp32_strict_names, hf_config
+from moesys.train_precision import kept_in_fp32
 
 PREFIX = "hf."
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
@@ -66,8 +67,8 @@ def export_hf_model(step_dir: Path, config: Config, out_dir: Path, *, dtype: str
         dtype = source_dtype(json.loads((source / "config.json").read_text()))
     torch_dtype = DTYPES[dtype]
     # Kept in fp32 where the class keeps them so (DeepSeek-V3's router weight and selection bias).
-    keep_fp32 = getattr(model, "_keep_in_fp32_modules_strict", None) or []
-    state = {k: v if any(m in k for m in keep_fp32) else v.to(torch_dtype) for k, v in state.items()}
+    keep_fp32 = fp32_strict_names(model)
+    state = {k: v if kept_in_fp32(k, keep_fp32) else v.to(torch_dtype) for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         bad = (result.missing_keys or result.unexpected_keys)[0]

@@ -4,7 +4,8 @@ alone, under torchrun or under mpirun (`moesys train ...` is the same for one pr
 Order of a run: parse and validate the config and the data source (errors here name the bad value and
 happen before any process group exists), create the process group, build the model on the device,
 restore the latest checkpoint when resuming, then per optimizer step: `grad_accum` micro-batches of
-forward/backward (bf16 autocast on GPU; cross-entropy plus the MoE aux losses), one all-reduce of the
+forward/backward (bf16 autocast on GPU over fp32 masters, or pure bf16 with `train.param_dtype: bfloat16`:
+moesys.train_precision; cross-entropy plus the MoE aux losses), one all-reduce of the
 step's statistics (loss, expert load, SIGTERM flag), the data-parallel gradient all-reduce, clipping,
 AdamW with warmup + cosine, and the aux-loss-free router-bias update from the load summed over
 micro-batches and ranks. Metrics go to `metrics.jsonl`, TensorBoard and a tqdm bar; checkpoints to
@@ -46,10 +47,11 @@ from moesys.hf.resolve import resolve_init_from
 from moesys.hf.source import save_source
 from moesys.models.transformer import MoETransformer
 from moesys.parallel import CollectiveError, bootstrap, data_parallel, parallelize
-from moesys.parallel.handle import clip_to_norm
+from moesys.parallel.handle import clip_to_norm, total_norm
 from moesys.parallel.handle_api import PlacementHandle
 from moesys.run_lock import RunDirLock
 from moesys.train_metrics import MetricsWindow, MetricsWriter, flops_per_token, peak_flops
+from moesys.train_precision import autocast_dtype, cast_parameters, check_resume, param_dtype
 from moesys.train_sigterm import SigtermFlag
 from moesys.train_step_values import PendingStepValues, StepStats, StepValues, TrainingStopped
 
@@ -118,9 +120,9 @@ def clip_gradients(optimizer, opt_impl: str, params, norm: torch.Tensor, max_nor
 
 
 def autocast_context(config: Config, device: torch.device):
-    dtype = config.train.dtype
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    dtype = autocast_dtype(config, device)
+    if dtype is not None:
+        return functools.partial(torch.autocast, device.type, dtype=dtype)
     return contextlib.nullcontext
 
 
@@ -193,6 +195,10 @@ def build_model(config: Config, ctx: bootstrap.DistContext, run_dir: Path | None
             model = MoETransformer.from_config(config)
     flops_tok = flops_per_token(model, config)  # before parallelize: it counts every expert
     params = train_report.param_counts(model)
+    # train.param_dtype: before parallelize (its expert copies), the init_from weights (a bf16 checkpoint
+    # is copied as it is) and the optimizer (its state follows the parameters). hf_model's non-expert
+    # weights were already read in this dtype; its experts are still on the meta device.
+    cast_parameters(model, param_dtype(config), keep_fp32=() if hf_loader is None else hf_loader.keep_fp32)
     # Expert parallelism (parallel.ep > 1) keeps this rank's E/ep experts per MoE layer; ep=1 changes nothing.
     ep = parallelize(model, config)
     if hf_loader is not None:  # each rank reads only the experts it holds (also when resuming: no meta left)
@@ -504,7 +510,7 @@ def _reduce_clip_step(model, ep, optimizer, opt_impl: str, config: Config, ctx: 
         data_parallel.sync_gradients([p for p in model.parameters() if p.requires_grad], ctx.group,
                                      timeout=ctx.timeout)
         clip_params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in clip_params], 2.0)
+        grad_norm = total_norm([p.grad for p in clip_params])
     clip_gradients(optimizer, opt_impl, clip_params, grad_norm, config.train.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -538,7 +544,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"moesys train: {note}", file=sys.stderr)
             if resume_from is not None:
                 resume_from = choose_checkpoint(run_dir / "ckpt")
-        except ValueError as e:  # RunDirBusy, or no intact checkpoint
+                check_resume(config, ckpt.read_manifest(resume_from), resume_from)
+        except ValueError as e:  # RunDirBusy, no intact checkpoint, or one of another train.param_dtype
             refused = e
             if lock is not None:
                 lock.release()

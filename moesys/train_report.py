@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from moesys.config import Config
+from moesys.train_precision import precision_label
 
 # Node-local process counts as torchrun, Open MPI and MPICH announce them.
 _LOCAL_SIZE_ENV = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
@@ -88,7 +89,7 @@ def startup_block(config: Config, *, params: dict[str, int], device: torch.devic
                   launcher: str, num_tokens: int, num_train: int, num_val: int, run_dir: Path, threads: str,
                   start: str) -> str:
     m, p, t, d = config.model, config.parallel, config.train, config.data
-    dtype = t.dtype if t.dtype != "auto" else ("bfloat16 autocast" if device.type == "cuda" else "float32")
+    dtype = precision_label(config, device)
     tokens_per_step = d.batch_size * d.seq_len * t.grad_accum * world_size
     mesh = (f"dp {world_size // p.ep} x ep {p.ep}" if p.expert_sharding == "ep"
             else f"{p.expert_sharding} over {world_size}")

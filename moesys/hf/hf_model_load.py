@@ -36,6 +36,8 @@ from moesys.hf.load import CountingReader
 from moesys.hf.meta import materialize_meta_buffers, still_meta
 from moesys.models.hf_causal_lm import HFCausalLM
 from moesys.models.hf_experts_layout import find_hf_experts, to_moesys
+from moesys.models.hf_source import fp32_strict_names
+from moesys.train_precision import kept_in_fp32, param_dtype
 from moesys.upcycling.io import source_tensors
 
 _WITHIN_EXPERT_OPS = ("Concatenate", "Interleave", "Transpose")
@@ -84,7 +86,13 @@ class HFModelLoader:
         where, self.disk = source_tensors(self.dir)
         # files stay open from build() to the end of load_experts(): thousands of per-expert tensors
         self.reader = CountingReader(where, keep_open=True) if reader is None else reader
-        self.meta = {k: (tuple(v.shape), v.dtype) for k, v in self.hf.state_dict().items()}
+        # Parameters are read straight into train.param_dtype (a bf16 checkpoint never goes through fp32),
+        # except those the class keeps in fp32 as a bf16 from_pretrained does; buffers keep their dtype.
+        dtype = param_dtype(config)
+        self.keep_fp32 = fp32_strict_names(self.hf) if dtype != torch.float32 else ()
+        params = {n for n, _ in self.hf.named_parameters(remove_duplicate=False)}
+        self.meta = {k: (tuple(v.shape), dtype if k in params and not kept_in_fp32(k, self.keep_fp32) else v.dtype)
+                     for k, v in self.hf.state_dict().items()}
         self.expert_params = {f"{holder}.experts.{n}" for holder, _, m in find_hf_experts(self.hf)
                               for n, _ in m.named_parameters(recurse=False)}
         self.targets, self.missing = self._plan()
@@ -147,8 +155,9 @@ class HFModelLoader:
 
     # -- reading -------------------------------------------------------------------------------
     def build(self, device: torch.device | str = "cpu") -> HFCausalLM:
-        """(Once per loader.) transformers' class with every non-expert weight read whole onto `device` (fp32), buffers computed,
-        tied weights tied; its experts (moesys `Experts`) stay on the meta device until `load_experts`."""
+        """(Once per loader.) transformers' class with every non-expert weight read whole onto `device` (in
+        `train.param_dtype`), buffers computed, tied weights tied; its experts (moesys `Experts`) stay on
+        the meta device until `load_experts`."""
         self.device = torch.device(device)
         state = {}
         for name, target in self.targets.items():

@@ -6,7 +6,7 @@
   (an explicitly set key that disagrees is an error naming both values; keys with no meaning for a
   transformers class are refused when set to anything but their default), and the checkpoint's tokenizer as the default tokenizer.
   The experts' shapes come from the class built on the meta device, so no weight is read.
-- `load_hf_causal_lm`: every weight in fp32 (safetensors only), every tensor name and shape checked
+- `load_hf_causal_lm`: every weight in `train.param_dtype` (safetensors only), every tensor name and shape checked
   against the class first, wrapped in `HFCausalLM`; `moesys.hf.hf_model_load` reads the tensors the way
   transformers' from_pretrained converts them, and under EP/FSSDP only each rank's experts.
 """
@@ -148,8 +148,14 @@ def resolve_config(config: Config) -> Config:
     return Config.model_validate(raw)
 
 
+def fp32_strict_names(model) -> tuple[str, ...]:
+    """The class's `_keep_in_fp32_modules_strict`: name parts of the tensors that transformers keeps in fp32
+    in a bf16 or fp16 model too (DeepSeek-V3: `gate.weight`, `e_score_correction_bias`)."""
+    return tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+
+
 def load_hf_causal_lm(config: Config, device: torch.device | str = "cpu") -> HFCausalLM:
-    """The checkpoint's transformers class with all its weights (fp32 masters) and moesys experts, on `device`
+    """The checkpoint's transformers class with all its weights (`train.param_dtype`) and moesys experts, on `device`
     (one process; under EP/FSSDP the trainer reads each rank's experts after `parallelize`: moesys.hf.hf_model_load)."""
     from moesys.hf.hf_model_load import HFModelLoader
 

@@ -168,6 +168,16 @@ class ParallelHandle:
 
 
 @torch.no_grad()
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of `grads` taken as one vector, in fp32 whatever their dtype. torch's get_total_norm
+    returns bf16 gradients' norm in bf16 (about 3 significant digits), which the clip factor and the
+    logged grad_norm would inherit; fp32 gradients still go through it (the same bits as always)."""
+    if all(g.dtype == torch.float32 for g in grads):
+        return torch.nn.utils.get_total_norm(grads, 2.0)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)), 2.0)
+
+
+@torch.no_grad()
 def clip_to_norm(params, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Scale the gradients of `params` so that a global gradient norm `norm` becomes at most
     `max_norm` (as clip_grad_norm_ does, with the norm computed over sharded parameters); returns it."""

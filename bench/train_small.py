@@ -217,8 +217,22 @@ def run_impls(runs, skip, common: dict, flops_tok: float, peak, device: torch.de
         records.append(record)
         print(json.dumps({k: v for k, v in record.items() if k != "shape"}), flush=True)
         if device.type == "cuda":
-            torch.cuda.empty_cache()   # the finished implementation's model is garbage by now
+            release_compiled()
     return records
+
+
+def release_compiled() -> None:
+    """Free what a finished implementation left on the GPU: its model is garbage by now, but compiled
+    reduce-overhead steps keep their CUDA graphs' private memory pools (36 GiB after the fine-tuning
+    bench's init_from row, which made the next rows run out of memory on an 80 GB H100)."""
+    import gc
+
+    from torch._inductor import cudagraph_trees
+
+    torch._dynamo.reset()
+    cudagraph_trees.reset_cudagraph_trees()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def write_records(records: list[dict], out: Path) -> None:

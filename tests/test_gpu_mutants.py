@@ -1,9 +1,12 @@
 """tools/gpu_mutants.py on the CPU: every listed mutant applies to today's code and names tests that exist, the
-pass (with stand-in test runs) classifies, reports and always restores the files, against hand-made cases."""
+pass (with stand-in test runs) classifies, reports and always restores the files, against hand-made cases; and the
+GPU tests' tie cases tell the unstable-sort mutants apart under a model of torch's CUDA sort."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,73 @@ def test_the_pytest_runner_counts_outcomes_and_stops_a_run_at_its_timeout(tmp_pa
     run = run_tests(["test_x.py::test_slow"])
     assert run.rc is None and run.seconds < 30 and gm.outcome(run) == "killed (timeout)"
 
+
+def _bitonic_order(keys: list, descending: bool) -> list[int]:
+    """The order torch's CUDA sort gives with stable=False for at most 32 keys: Sort.cu's SmallBitonicSort, i.e.
+    SortUtils.cuh's bitonicSortKVInPlace (16 threads x 2 keys, invalid padding after the keys; bitonicSwap swaps
+    a pair when `(comp(a, b) && valid_a) || !valid_b` equals the pass's direction, so equal keys move)."""
+    n, P = len(keys), 32
+    k, v, ok = list(keys) + [0] * (P - n), list(range(n)) + [0] * (P - n), [True] * n + [False] * (P - n)
+    comp = (lambda a, b: a > b) if descending else (lambda a, b: a < b)
+
+    def swap(i, j, direction):
+        if ((comp(k[i], k[j]) and ok[i]) or not ok[j]) == direction:
+            k[i], k[j], v[i], v[j], ok[i], ok[j] = k[j], k[i], v[j], v[i], ok[j], ok[i]
+
+    build = [(size, size >> i) for size in (2, 4, 8, 16) for i in range(1, size.bit_length())]  # (size, stride)
+    for size, stride in build + [(None, stride) for stride in (16, 8, 4, 2, 1)]:  # then the final merge
+        for t in range(16):
+            pos = 2 * t - (t & (stride - 1))
+            swap(pos, pos + stride, size is not None and (t & (size // 2)) != 0)
+    return v[:n]
+
+
+_SORT = torch.sort
+
+
+def _cuda_like_sort(x, descending=False, stable=False):
+    if stable or not 1 < x.numel() <= 32:  # CUDA's other sorts are stable, like the CPU's
+        return _SORT(x, descending=descending, stable=True)
+    order = torch.tensor(_bitonic_order(x.tolist(), descending))
+    return types.SimpleNamespace(values=x[order], indices=order)
+
+
+def _module_with(tmp_path, m: gm.Mutant):
+    path = tmp_path / (m.id.replace("-", "_") + ".py")
+    path.write_text((ROOT / m.path).read_text().replace(m.original, m.replacement))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_tie_cases_tell_cudas_unstable_small_sort_apart(monkeypatch, tmp_path):
+    """The GPU tests of the stable sorts are only as good as their ties: under the model of the bitonic network
+    CUDA runs for stable=False (at most 32 keys), every tie case of the capacity rule and every repeated-expert
+    step of the device bookkeeping gives another result with either sort unstable, and the same with both stable."""
+    import moesys.layers.router as router
+    import moesys.offload.device_cache as device_cache
+    from tests.test_gpu_survivors import REPEATED_STEPS, _cache, _kept_by_the_tie_rule, tie_cases
+
+    g = torch.Generator().manual_seed(0)
+    for n in range(2, 33):  # the model is a sort
+        keys = torch.randint(0, 4, (n,), generator=g)
+        for descending in (False, True):
+            order = _bitonic_order(keys.tolist(), descending)
+            assert sorted(order) == list(range(n))
+            assert torch.equal(keys[order], keys.sort(descending=descending, stable=True).values)
+    assert _bitonic_order([0] * 8, False) != list(range(8))  # that moves equal keys
+    unstable = {m.id: _module_with(tmp_path, m) for m in gm.MUTANTS if m.id.endswith("-unstable")}
+    assert len(unstable) == 3
+    monkeypatch.setattr(torch, "sort", _cuda_like_sort)
+    for ids, score, E, capacity in tie_cases():
+        want = _kept_by_the_tie_rule(ids, score, E, capacity)
+        assert torch.equal(router.keep_top_per_expert(ids, score, E, capacity), want)
+        for name in ("router-sort-by-score-unstable", "router-sort-by-expert-unstable"):
+            assert not torch.equal(unstable[name].keep_top_per_expert(ids, score, E, capacity), want), name
+    for policy in ("lru", "lfu"):
+        tables = [module.DeviceCacheTables(_cache("cpu", policy), policy)
+                  for module in (device_cache, unstable["device-cache-first-occurrence-unstable"])]
+        for row, ids in REPEATED_STEPS:
+            stable, mutant = (t.step(row, torch.tensor(ids), use_kernel=False, distinct=False) for t in tables)
+            assert not all(torch.equal(a, b) for a, b in zip(stable, mutant)), (policy, row, ids)

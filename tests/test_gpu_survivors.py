@@ -95,20 +95,26 @@ def _kept_by_the_tie_rule(ids_TK, score_TK, num_experts, capacity):
     return keep
 
 
-def test_capacity_ties_keep_the_earlier_assignment_on_cuda():
-    """Equal scores: the earlier assignment stays. torch's CUDA sort with stable=False is a bitonic network for
-    at most 32 keys, which reorders equal keys (larger sorts are merge or radix sorts, stable either way, and
-    the CPU sort is stable too), so the rule is checked at N = T*K <= 32 with every score equal and with
-    scores on a few levels, against a loop."""
-    from moesys.layers.router import keep_top_per_expert
-
+def tie_cases():
+    """(ids_TK, score_TK, E, capacity) with N = T*K <= 32 and many ties: every score equal, or on 5 levels."""
     g = torch.Generator().manual_seed(0)
     for T, K, E, capacity in [(16, 2, 4, 3), (8, 4, 8, 2), (32, 1, 4, 5), (11, 2, 3, 4), (5, 3, 6, 1)]:
         ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
         levels = torch.rand(T, K, generator=g).mul(4).round().div(4)
-        for score in (torch.full((T, K), 0.5), levels):
-            got = keep_top_per_expert(ids.cuda(), score.cuda(), E, capacity).cpu()
-            assert torch.equal(got, _kept_by_the_tie_rule(ids, score, E, capacity)), (T, K, E, capacity, score)
+        yield ids, torch.full((T, K), 0.5), E, capacity
+        yield ids, levels, E, capacity
+
+
+def test_capacity_ties_keep_the_earlier_assignment_on_cuda():
+    """Equal scores: the earlier assignment stays. torch's CUDA sort with stable=False is a bitonic network for
+    at most 32 keys, which reorders equal keys (larger sorts are merge or radix sorts, stable either way, and
+    the CPU sort is stable too), so the rule is checked at N = T*K <= 32, against a loop
+    (tests/test_gpu_mutants.py checks on the CPU that these cases tell the unstable sorts apart)."""
+    from moesys.layers.router import keep_top_per_expert
+
+    for ids, score, E, capacity in tie_cases():
+        got = keep_top_per_expert(ids.cuda(), score.cuda(), E, capacity).cpu()
+        assert torch.equal(got, _kept_by_the_tie_rule(ids, score, E, capacity)), (ids, score, E, capacity)
 
 
 def test_router_capacity_drops_the_later_of_equal_tokens_on_cuda():
@@ -148,6 +154,11 @@ def test_slot_table_upload_is_pinned_and_asynchronous(monkeypatch):
     assert torch.equal(cache.slot_table_LE.cpu(), want)
 
 
+# batch steps (row, ids) whose experts repeat, 8 to 24 ids: an unstable sort takes a later occurrence first
+REPEATED_STEPS = [(0, [3, 5, 3, 3, 5, 1, 3, 1]), (1, [2, 2, 7, 2, 7, 7, 0, 2, 0, 0, 2, 7]),
+                  (0, [4, 4, 4, 4, 6, 6, 3, 3, 6, 4]), (1, [1] * 16 + [5] * 8)]
+
+
 def _tables(device, policy):
     from moesys.offload.device_cache import DeviceCacheTables
 
@@ -180,9 +191,7 @@ def test_device_bookkeeping_of_repeated_experts_takes_their_first_occurrence_on_
     sorted to find the first occurrences, with 8 to 24 ids: CUDA's unstable sort (a bitonic network up to 32
     keys) would take a later occurrence for the first."""
     gpu, cpu = _tables("cuda", policy), _tables("cpu", policy)
-    steps = [(0, [3, 5, 3, 3, 5, 1, 3, 1]), (1, [2, 2, 7, 2, 7, 7, 0, 2, 0, 0, 2, 7]),
-             (0, [4, 4, 4, 4, 6, 6, 3, 3, 6, 4]), (1, [1] * 16 + [5] * 8)]
-    for row, ids in steps:
+    for row, ids in REPEATED_STEPS:
         got = gpu.step(row, torch.tensor(ids, device="cuda"), use_kernel=False, distinct=False)
         want = cpu.step(row, torch.tensor(ids), use_kernel=False, distinct=False)
         assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), (row, ids)

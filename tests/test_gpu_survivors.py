@@ -255,7 +255,8 @@ def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mix
     model, engine = _offloaded(mixtral)
     _cycles_per_second()  # calibrated before the forward: its sync would hold the host
     log = []
-    allocate, copy_to, load, rows = engine.cache.allocate, engine.store.copy_to, engine._load, engine._run_grouped_rows
+    prefill = engine.strategies["prefill"]
+    allocate, copy_to, load, run_wave = engine.cache.allocate, engine.store.copy_to, engine._load, prefill.run_wave
     wait_event = torch.cuda.Stream.wait_event
 
     def logged_allocate(key, protect):
@@ -284,7 +285,8 @@ def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mix
     monkeypatch.setattr(engine.store, "copy_to", lambda layer, e, views: log.append(("copy", (layer, e)))
                         or copy_to(layer, e, views))
     monkeypatch.setattr(engine, "_load", checked_load)
-    monkeypatch.setattr(engine, "_run_grouped_rows", lambda *a: waves.append(a[0]) or _gpu_sleep(0.005) or rows(*a))
+    monkeypatch.setattr(prefill, "run_wave", lambda layer, *a: waves.append(layer) or _gpu_sleep(0.005)
+                        or run_wave(layer, *a))
     monkeypatch.setattr(torch.cuda.Stream, "wait_event", logged_wait)
 
     ids = torch.randint(2, 101, (1, 36), generator=torch.Generator().manual_seed(1)).cuda()
@@ -293,7 +295,7 @@ def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mix
     ref = AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.float32).cuda()
     torch.testing.assert_close(got, _teacher_forced_logits(ref, ids, prefill=32), rtol=1e-5, atol=1e-5)
 
-    assert sorted(set(waves)) == sorted(engine.inner), "every layer's prefill should have run in waves"
+    assert all(waves.count(layer) >= 2 for layer in engine.inner), waves  # every layer's prefill ran in waves
     for load_ in loads:
         assert load_["copies"] == [load_["key"]] and load_["slot_pending"], load_
         want = [] if load_["last_use"] is None else [load_["last_use"]]

@@ -258,7 +258,7 @@ def pytest_runner(root: Path, python: str, timeout: float):
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     out = proc.communicate()[0]
-            run = TestRun(rc, round(time.perf_counter() - t0, 1), tail="\n".join(out.splitlines()[-15:]))
+            run = TestRun(rc, round(time.perf_counter() - t0, 1), tail="\n".join(out.splitlines()[-40:]))
             if xml.exists():
                 for case in ET.parse(xml).getroot().iter("testcase"):
                     kinds = {child.tag for child in case}

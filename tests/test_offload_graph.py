@@ -142,16 +142,18 @@ def test_host_and_device_paths_hand_over_both_ways(checkpoints):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_device_path_matches_the_host_path(checkpoints, mode):
+@pytest.mark.parametrize("mode, bank_size", [("int8", 1023), ("int4", 5)])
+def test_quantized_device_path_matches_the_host_path(checkpoints, mode, bank_size):
     """Quantized experts that do not all fit: the device path copies the packed experts and dequantizes the K
-    routed ones, with the same tokens and logits as the host path's waves."""
+    routed ones, with the same tokens and logits as the host path's waves. With two banks (int4: 4 and 5
+    slots) layer 1's slots start at 4, so the packed rows must be read by their slots in the whole pool."""
     path = checkpoints["mixtral"]
     prompt = _prompt(seed=6)
     kw = dict(gpu_memory=_budget(path, torch.float32, 9, quantize_experts=mode), dtype=torch.float32,
-              quantize_experts=mode)
+              quantize_experts=mode, bank_size=bank_size)
     dev, host = mo.load(path, **kw), mo.load(path, cuda_graph=False, **kw)
     assert dev.moesys_offload.cache.num_slots == 9
+    assert dev.moesys_offload.cache.banks == ([(0, 9)] if bank_size > 9 else [(0, 4), (4, 9)])
     got = dev.generate(prompt, **STATIC)
     assert torch.equal(got, host.generate(prompt, **STATIC))
     assert dev.moesys_decode_graph.eager_steps + dev.moesys_decode_graph.replays == NEW_TOKENS - 1

@@ -152,7 +152,9 @@ class DecodeGraph:
         self.model = model
         self.forward_params = set(inspect.signature(self.eager_forward).parameters)
         self.captures = self.replays = self.eager_steps = 0
-        self.filling_steps = 0  # of eager_steps: a sliding window still filling (a step per fill level)
+        # of eager_steps: steps with sliding windows outside the graph's case (a window still filling, a batch,
+        # masks that are not tensors), run uncompiled
+        self.filling_steps = 0
         # why steps run without a graph (None: they are captured): known at install, or found on the way
         self.fallback_reason = None
         blocker = capture_blocker(model, compile) if self.cuda else None
@@ -235,7 +237,8 @@ class DecodeGraph:
         if not windows:
             return self._step(kwargs, key)
         # sliding-window layers: full, a one-token step no longer depends on their counters (_pinned_counters);
-        # still filling, each fill level is a step of its own (a branch, a mask size): eager, uncompiled
+        # still filling, each fill level is a step of its own (a branch, a mask size): eager, uncompiled, as
+        # are batches (their rows' windows fill apart) and masks that are not tensors
         inputs = None
         if rows == 1 and all(layer.cumulative_length_int >= layer.max_cache_len for _, layer in windows):
             inputs = self._window_inputs(kwargs, windows[0][1].cumulative_length_int)

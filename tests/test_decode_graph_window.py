@@ -133,3 +133,22 @@ def test_full_windows_settle_capture_and_replays_keep_counting(monkeypatch):
     assert read == [[WINDOW] * 2] * 2  # the warm-up step's and the capture's: pinned, the same
     assert isinstance(seen[0]["attention_mask"], dict)  # the masks are inputs of the captured step
     assert any(k in seen[0] for k in ("cache_position", "position_ids"))
+
+
+def test_a_mask_builder_that_refuses_leaves_the_steps_eager_said_once():
+    """A model whose own create_masks_for_generate wants arguments generate() does not pass: its
+    sliding-window steps run eagerly with the model's own masks (the same logits), and a warning says so
+    once."""
+    model = tiny_gpt_oss()
+    want, _ = forced_decode(model, 9, 4)
+
+    def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids, token_type_ids):
+        raise AssertionError("not reached: the call lacks token_type_ids")
+
+    model.create_masks_for_generate = create_masks_for_generate
+    decoder = decode_graph.install(model)
+    with pytest.warns(UserWarning, match="building their masks outside the step failed") as rec:
+        got, _ = forced_decode(model, 9, 4)
+    assert len([w for w in rec if "masks outside" in str(w.message)]) == 1
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert decoder.filling_steps == 4 and "token_type_ids" in decoder.window_mask_error

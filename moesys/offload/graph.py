@@ -155,6 +155,7 @@ class DecodeGraph:
         # of eager_steps: steps with sliding windows outside the graph's case (a window still filling, a batch,
         # masks that are not tensors), run uncompiled
         self.filling_steps = 0
+        self.window_mask_error: str | None = None  # why the masks of a sliding-window step could not be built
         # why steps run without a graph (None: they are captured): known at install, or found on the way
         self.fallback_reason = None
         blocker = capture_blocker(model, compile) if self.cuda else None
@@ -277,7 +278,14 @@ class DecodeGraph:
                     # the names of transformers >= 5.2x, else the older ones
                     "cache" if "cache" in names else "past_key_values": cache,
                     "inputs_embeds" if "inputs_embeds" in names else "input_embeds": embeds}
-            masks = make(**{k: v for k, v in args.items() if k in names})
+            try:
+                masks = make(**{k: v for k, v in args.items() if k in names})
+            except TypeError as e:  # a model's own mask builder that wants more than generate() passes
+                if not self.window_mask_error:
+                    warnings.warn(f"moesys decode graph: sliding-window steps run without a graph: building their "
+                                  f"masks outside the step failed ({e})", stacklevel=4)
+                self.window_mask_error = str(e)
+                return None
             if isinstance(masks, dict):
                 if not all(m is None or isinstance(m, torch.Tensor) for m in masks.values()):
                     return None

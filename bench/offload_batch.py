@@ -352,7 +352,9 @@ def main():
                 if routing == "model" and self_trace is None:
                     self_trace = os.path.join(args.workdir, f"self_trace_{quantize}.safetensors")
                     rec.save(self_trace)
-                ids_NLK = rec.ids_NLK().long()
+                # the decode steps' routing only: prefill tokens (and padding rows) route as no decode step
+                # does, and the rows predict decode
+                ids_NLK = rec.ids_NLK(decode_only=True).long()
                 stats_r = (RoutingStats.uniform(w.num_experts, w.top_k) if routing == "uniform"
                            else RoutingStats.from_trace(ids_NLK, w.num_experts))
                 pred = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots)

@@ -59,6 +59,24 @@ def test_replayed_trace_reproduces_the_models_own_generation(strong_experts, tmp
     assert _tokens(off, ps) == own
 
 
+def test_recorder_keeps_the_decode_steps_apart(checkpoints):
+    """ids_NLK(decode_only=True) is the rows of the decode forwards only: the trace without the prefills (and
+    a left-padded batch prefill's padding rows), which no decode step's cache sees."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["olmoe"], dtype=torch.float32)
+    rec = RoutingRecorder(model)
+    _tokens(model, prompts((5, 8, 3)))
+    rec.remove()
+    every, decode = rec.ids_NLK(), rec.ids_NLK(decode_only=True)
+    # a prefill of 2 x 8 rows (left-padded), 5 steps of 2 rows, a prefill of 3, 5 steps of 1
+    assert every.shape[0] == 2 * 8 + 5 * 2 + 3 + 5
+    assert torch.equal(decode, torch.cat((every[16:26], every[29:34])))
+    on_modules = RoutingRecorder.on_modules([model.model.layers[0].mlp.experts], 8, 2)
+    model(torch.tensor([[3]]))
+    with pytest.raises(ValueError, match="knows no forward's phase"):
+        on_modules.ids_NLK(decode_only=True)
+    on_modules.remove()
+
+
 def test_uniform_routing_is_seeded_distinct_and_uniform(checkpoints):
     model = AutoModelForCausalLM.from_pretrained(checkpoints["qwen3_moe"], dtype=torch.float32)
     a, b, c = (RoutingOverride(model, "uniform", seed=s) for s in (3, 3, 4))

@@ -116,11 +116,22 @@ class RoutingOverride:
 
 class RoutingRecorder:
     """Records the ids each MoE layer's experts receive (the model's routing, or an override's), in call
-    order; `save(path)` writes a trace file."""
+    order; `save(path)` writes a trace file (every call: a replay routes prefill and decode alike).
+    `ids_NLK(decode_only=True)`: only the calls made in decode forwards (one token per sequence), what a
+    decode step's cache sees: the prefill's tokens (and a left-padded batch prefill's padding rows) route
+    as no decode step does."""
 
     def __init__(self, model):
         config, modules = _experts_modules(model)
         self._attach(modules, *_moe_shape(config))
+        self._decode: bool | None = None  # whether the model forward under way decodes (known from here on)
+        self.handles.append(model.register_forward_pre_hook(self._note_phase, with_kwargs=True))
+
+    def _note_phase(self, module, args, kwargs):
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        self._decode = tokens is not None and tokens.dim() >= 2 and tokens.shape[1] == 1
 
     @classmethod
     def on_modules(cls, modules, num_experts: int, top_k: int) -> "RoutingRecorder":
@@ -132,16 +143,26 @@ class RoutingRecorder:
 
     def _attach(self, modules, E: int, K: int) -> None:
         self.E, self.K = E, K
+        self._decode = None  # no phase known: on_modules has no model to watch
         self.chunks: list[list[torch.Tensor]] = [[] for _ in modules]
+        self.in_decode: list[list[bool | None]] = [[] for _ in modules]  # per chunk
         self.handles = [m.register_forward_pre_hook(self._hook(r)) for r, m in enumerate(modules)]
 
     def _hook(self, r: int):
         def record(module, args):
             self.chunks[r].append(args[1].detach().to("cpu", torch.int16))
+            self.in_decode[r].append(self._decode)
         return record
 
-    def ids_NLK(self) -> torch.Tensor:
-        return torch.stack([torch.cat(c) for c in self.chunks], dim=1)
+    def ids_NLK(self, decode_only: bool = False) -> torch.Tensor:
+        if not decode_only:
+            return torch.stack([torch.cat(c) for c in self.chunks], dim=1)
+        if any(flag is None for flags in self.in_decode for flag in flags):
+            raise ValueError("this recorder knows no forward's phase (it watches experts modules, not a model): "
+                             "record with RoutingRecorder(model) to keep the decode steps apart")
+        return torch.stack([torch.cat([c for c, d in zip(chunks, flags) if d] or [torch.empty(0, self.K,
+                                                                                          dtype=torch.int16)])
+                            for chunks, flags in zip(self.chunks, self.in_decode)], dim=1)
 
     def save(self, path) -> None:
         tmp = f"{path}.tmp"

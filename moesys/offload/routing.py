@@ -124,7 +124,6 @@ class RoutingRecorder:
     def __init__(self, model):
         config, modules = _experts_modules(model)
         self._attach(modules, *_moe_shape(config))
-        self._decode: bool | None = None  # whether the model forward under way decodes (known from here on)
         self.handles.append(model.register_forward_pre_hook(self._note_phase, with_kwargs=True))
 
     def _note_phase(self, module, args, kwargs):
@@ -143,7 +142,8 @@ class RoutingRecorder:
 
     def _attach(self, modules, E: int, K: int) -> None:
         self.E, self.K = E, K
-        self._decode = None  # no phase known: on_modules has no model to watch
+        # whether the model forward under way decodes; None: unknown (on_modules watches no model)
+        self._decode: bool | None = None
         self.chunks: list[list[torch.Tensor]] = [[] for _ in modules]
         self.in_decode: list[list[bool | None]] = [[] for _ in modules]  # per chunk
         self.handles = [m.register_forward_pre_hook(self._hook(r)) for r, m in enumerate(modules)]

@@ -467,12 +467,13 @@ class OffloadEngine:
         """The routed rows (t*K + j) whose expert is a key of `index_of`, on the device: (row_N, index_N,
         counts per top-k position), rows in top-k order so that each position's rows meet distinct tokens.
         From the ids already on the host (no sync); None when the wave has no row."""
-        pos = sorted((i for i, e in enumerate(flat_host) if e in index_of), key=lambda i: (i % K, i))
+        pos, per_k = [], []
+        for k in range(K):  # row t*K + k is flat_host[t*K + k]: each position's column, rows ascending
+            col = [k + K * t for t, e in enumerate(flat_host[k::K]) if e in index_of]
+            per_k.append(len(col))
+            pos += col
         if not pos:
             return None
-        per_k = [0] * K
-        for i in pos:
-            per_k[i % K] += 1
         idx = torch.tensor([pos, [index_of[flat_host[i]] for i in pos]], dtype=torch.int64)
         if self.cuda:
             idx = idx.pin_memory().to(self.device, non_blocking=True)

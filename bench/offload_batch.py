@@ -213,6 +213,11 @@ def main():
                          "(int4 always runs moesys' dequantizing kernels), each one the all-resident rows; the bound "
                          "takes the fastest all-resident step. Default grouped_mm first: moesys.offload.load's own "
                          "default, and the faster all-resident eager step on the H100 at e0b33fe (BENCHMARKS.md)")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="only profile one row (--profile-row) and write where its decode steps' time goes: "
+                         "torch.profiler's ops by device time and by host time, and cProfile's Python functions")
+    ap.add_argument("--profile-row", default="int4:uniform:128", metavar="QUANTIZE:ROUTING:B",
+                    help="the --profile row: precision (none, int8, int4), routing (model, uniform) and batch size")
     args = ap.parse_args()
     args.batch_sizes = args.batch_sizes or ("1,4,16,auto" if args.smoke else "1,8,32,128,auto")
     args.quantize = args.quantize or ("none" if args.smoke else "none,int4")
@@ -226,6 +231,9 @@ def main():
 
     os.makedirs(args.workdir, exist_ok=True)
     path, cfg, dtype, budget, device = build_model(args, args.workdir)
+    if args.profile:
+        profile_row(args, path, cfg, dtype, budget)
+        return
     meta = run_meta(device)
     sizes = [s for s in args.batch_sizes.split(",") if s != "auto"]
     sizes = [int(s) for s in sizes]
@@ -401,6 +409,77 @@ def main():
         graph_rows(args, path, dtype, graph_budget, max_context, graph_sizes, cfg.vocab_size, base, records, impls[0])
     save()
     log("wrote", args.out, len(records), "records")
+
+
+def profile_row(args, path, cfg, dtype, budget):
+    """--profile: one row's decode steps under torch.profiler (ops by device and by host time) and, in a second
+    pass, cProfile (the engine's Python); wall time per step of an unprofiled pass first. Written to one text
+    file: the answer to where a step's time goes that the performance model's overheads only fit."""
+    import cProfile
+    import io
+    import pstats
+
+    import moesys.offload as mo
+    from moesys.offload.batch import generate_batch
+    from moesys.offload.routing import RoutingOverride
+
+    quantize, routing, B = args.profile_row.split(":")
+    B = int(B)
+    if routing not in ("model", "uniform"):
+        raise SystemExit(f"--profile-row routing {routing!r}: use model or uniform")
+    max_context = B * (args.prompt_len + args.new_tokens)
+    row_budget = budget if budget is not None else smoke_budget(path, dtype, 1 / 3, max_context)
+    model = mo.load(path, gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=False,
+                    quantize_experts=quantize)
+    override = RoutingOverride(model, "uniform", seed=0) if routing == "uniform" else None
+    prompts = row_prompts(B, args, cfg.vocab_size)
+    engine = model.moesys_offload
+
+    def decode(tokens):
+        run = generate_batch(model, prompts, max_new_tokens=tokens, batch_size=B, eos=[])
+        list(run)
+        if engine.cuda:
+            torch.cuda.synchronize()
+        return run
+
+    decode(min(4, args.new_tokens))  # warm-up
+    engine.reset_stats()
+    run = decode(args.new_tokens)
+    stats = engine.snapshot()
+    head = (f"profile of {args.profile_row} (precision:routing:batch), {meta_line(engine)}, cache slots "
+            f"{engine.cache.num_slots}, budget {row_budget}\nunprofiled: {stats.decode_tokens_per_s:.1f} decode tok/s "
+            f"({B / stats.decode_tokens_per_s * 1e3:.1f} ms per step), end to end {run.tokens_per_s:.1f} tok/s, "
+            f"hit rate {stats.hit_rate:.3f}, {stats.copies} copies over {args.new_tokens} tokens "
+            f"(prefill included), strategies {engine.strategies}\n")
+    log(head)
+    profiled_tokens = min(4, args.new_tokens)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if engine.cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        decode(profiled_tokens)
+    by_device = "self_cuda_time_total" if engine.cuda else "self_cpu_time_total"
+    tables = [f"torch.profiler, {profiled_tokens} new tokens (prefill included), ops by {by_device}:",
+              prof.key_averages().table(sort_by=by_device, row_limit=40),
+              "the same ops by self_cpu_time_total (host):",
+              prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)]
+    py = cProfile.Profile()
+    py.enable()
+    decode(profiled_tokens)
+    py.disable()
+    text = io.StringIO()
+    pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(40)
+    tables += [f"cProfile, {profiled_tokens} new tokens (prefill included), by tottime:", text.getvalue()]
+    if override is not None:
+        override.remove()
+    tmp = args.profile + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(head + "\n" + "\n".join(tables))
+    os.replace(tmp, args.profile)
+    log("wrote", args.profile)
+
+
+def meta_line(engine):
+    m = run_meta(engine.device.type)
+    return ", ".join(f"{k} {m[k]}" for k in ("device", "torch", "triton", "transformers", "git_sha", "date"))
 
 
 def graph_rows(args, path, dtype, budget, max_context, sizes, vocab, base, records, impl):

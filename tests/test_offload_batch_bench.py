@@ -37,3 +37,21 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     assert graph[0]["path"] == "decode graph, generate() at batch 1"
     assert graph[2]["sequences_equal_to_host_path"] == [4, 4]
     assert graph[2]["path"] == "decode graph, generate_batch(graph=True)"
+
+
+@pytest.mark.slow
+def test_offload_batch_bench_profile_writes_where_a_rows_steps_go(tmp_path):
+    """--profile runs the one row it names (int8 experts, uniform routing, batch 4 here) and writes the step's
+    unprofiled time, torch.profiler's op tables and cProfile's Python functions, the engine's among them."""
+    out = tmp_path / "profile.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "offload_batch.py"), "--smoke", "--out",
+                           str(tmp_path / "unused.json"), "--workdir", str(tmp_path / "w"), "--profile", str(out),
+                           "--profile-row", "int8:uniform:4", "--new-tokens", "4"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("profile of int8:uniform:4 (precision:routing:batch)")
+    assert "ms per step" in text and "Quantized(" in text  # the int8 row ran the dequantizing strategy
+    assert "aten::" in text and "engine.py" in text and "_run_dequant" in text
+    assert not (tmp_path / "unused.json").exists()  # the profile is the only output: no rows were run

@@ -256,19 +256,40 @@ def test_graph_batch_replays_a_cuda_graph_on_gpu(checkpoints, quantize, compile)
     assert stats.misses > 0
 
 
-def test_sliding_window_caches_are_refused_naming_batch_size_one(tmp_path):
-    """A padded batch (host-routed or fixed-shape) needs full-attention cache layers; a sliding-window
-    model's are refused before anything decodes, with the way out."""
+def test_sliding_window_batch_takes_the_host_routed_steps(tmp_path, monkeypatch):
+    """A sliding-window model's padded batch decodes host-routed (PaddedBatchKV keeps its window), with each
+    sequence's tokens as alone; graph=True says once that the fixed-shape cache holds full attention only
+    and takes those steps. Host KV (full attention only) and a cache layer kind no padded batch keeps are
+    refused with the way out."""
     from transformers import AutoModelForCausalLM, MixtralConfig
 
+    from moesys.offload import batch_kv
     from tests.test_offload import COMMON
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(MixtralConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2,
                                                    sliding_window=4)).save_pretrained(tmp_path)
     model = load(tmp_path)
-    with pytest.raises(ValueError, match=r"batched decoding pads .* \['DynamicSlidingWindowLayer'\] .* batch_size=1"):
-        list(generate_batch(model, prompts()[:2], max_new_tokens=2, batch_size=2))
+    ps = prompts()
+    want = alone(tmp_path, torch.float32, ps, 6)
+    for graph in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=6, batch_size=3, eos=[],
+                                                                graph=graph)}
+        assert [got[i] for i in range(len(ps))] == want
+        said = [str(w.message) for w in caught if "decode graph" in str(w.message)]
+        assert said == ([] if not graph else [
+            "batch decode takes the host-routed path instead of the decode graph: the fixed-shape batch cache "
+            "holds full-attention layers only, and this model's has ['DynamicSlidingWindowLayer']"])
+    assert model.moesys_decode_graph.replays == 0
+    with pytest.raises(ValueError, match=r"kv='host' keeps full-attention .* \['DynamicSlidingWindowLayer'\] layers: "
+                                         r"use kv='device'"):
+        list(generate_batch(model, ps[:2], max_new_tokens=2, batch_size=2, kv="host"))
+    monkeypatch.delitem(batch_kv._KINDS, batch_kv.DynamicSlidingWindowLayer)
+    with pytest.raises(ValueError, match=r"batched decoding pads .* \['DynamicSlidingWindowLayer'\] do not support "
+                                         r".* batch_size=1"):
+        list(generate_batch(model, ps[:2], max_new_tokens=2, batch_size=2))
     with pytest.raises(ValueError, match=r"fixed-shape KV cache needs full-attention .*DynamicSlidingWindowLayer.* "
-                                         r"batch_size=1"):
-        list(generate_batch(model, prompts()[:2], max_new_tokens=2, batch_size=2, graph=True))
+                                         r"graph=False"):
+        batch_static_kv.StaticBatchKV(model.config, torch.device("cpu"), 2, 16)

@@ -5,7 +5,7 @@ model (experts evicted and reloaded) against transformers' from_pretrained of th
 import pytest
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig,
-                          GptOssConfig, JambaConfig, NemotronHConfig, PhimoeConfig, Qwen3NextConfig)
+                          GptOssConfig, JambaConfig, NemotronHConfig, PhimoeConfig, Qwen2MoeConfig, Qwen3NextConfig)
 
 import moesys.offload as mo
 from moesys.offload.adapters import ADAPTERS, adapter_for, find_moe_blocks, from_conversion_mapping, router_of
@@ -77,22 +77,28 @@ def test_quantized_checkpoints_are_refused_with_how_to_proceed():
         adapter_for(mxfp4)
 
 
-def _offloaded_matches(arch, tmp_path, generate_kw=(), **options):
-    """Save a tiny random `arch`, load it offloaded with room for 5 of 16 experts (eviction forced) and
-    check greedy tokens (generate() with `generate_kw`) and logits against transformers' from_pretrained of
-    the same files."""
-    generate_kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, **dict(generate_kw))
+def _save_tiny(config, path):
+    """A tiny random model of `config` saved to `path`, its routers scaled up so that routing depends on the
+    token (the cache churns) and its expert biases non-zero."""
     torch.manual_seed(0)
-    config = CONFIGS[arch]()
-    assert config.model_type not in ADAPTERS
     model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # routing that depends on the token, so the cache churns
+    with torch.no_grad():
         for block in find_moe_blocks(model, adapter_for(model.config)).values():
             router_of(block).weight.normal_(0, 1.0)
             for name, p in block.experts.named_parameters():
                 if name.endswith("_bias"):  # initialised to zero: make them count
                     p.normal_(0, 0.5)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(path)
+
+
+def _offloaded_matches(arch, tmp_path, generate_kw=(), **options):
+    """Save a tiny random `arch`, load it offloaded with room for 5 of 16 experts (eviction forced) and
+    check greedy tokens (generate() with `generate_kw`) and logits against transformers' from_pretrained of
+    the same files."""
+    generate_kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, **dict(generate_kw))
+    config = CONFIGS[arch]()
+    assert config.model_type not in ADAPTERS
+    _save_tiny(config, tmp_path)
     # on the device moesys.offload.load picks (CUDA where there is one), so the two compare like with like
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(device)
@@ -156,3 +162,53 @@ def test_quantized_experts_of_other_layouts_are_refused(arch, tmp_path):
     AutoModelForCausalLM.from_config(CONFIGS[arch]()).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="quantize_experts='int8' supports only plain gated experts.*biases"):
         mo.load(tmp_path, gpu_memory=1 << 30, dtype=torch.float32, quantize_experts="int8")
+
+
+# Qwen2-MoE has an explicit adapter (the other three explicit ones are tests/test_offload_batch.py's)
+BATCH_CONFIGS = {**CONFIGS, "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, num_experts=8, num_experts_per_tok=2,
+                                                                moe_intermediate_size=24,
+                                                                shared_expert_intermediate_size=20)}
+# 3-6 s each on 2 cores; the quick subset keeps MLA (DeepSeek-V3) and the Mamba layers (Jamba, Nemotron-H),
+# and test_offload_batch_graph's sliding-window Mixtral
+SLOW_BATCH = {"deepseek_v2", "glm4_moe", "gpt_oss", "phimoe", "qwen2_moe", "qwen3_next"}
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW_BATCH else a
+                                  for a in sorted(BATCH_CONFIGS)])
+def test_batch_equals_each_sequence_alone(arch, tmp_path, monkeypatch):
+    """generate_batch of five prompts of different lengths, three rows at a time (continuous batching; one
+    sequence stops at an EOS mid-way, so rows leave and join while others decode) gives each sequence the
+    tokens transformers' own model generates for it alone: left-padded rows in every cache kind these
+    models have (full attention; GPT-OSS's sliding windows, narrower here than the prompts; the recurrent
+    states of Jamba's and Nemotron-H's Mamba layers and Qwen3-Next's linear attention)."""
+    from moesys.offload.batch import generate_batch
+    from moesys.offload.batch_kv import PaddedBatchKV, layer_kind
+    from tests.test_offload_batch import budget
+
+    # before every decode step each cache layer counts the batch's cached columns: transformers reads that
+    # count (layer 0's) for the step's positions and masks
+    counts, step_inputs = [], PaddedBatchKV.step_inputs
+
+    def counted_step_inputs(kv):
+        before = kv.length
+        counts.append({int(layer.get_seq_length()) for layer in kv.cache.layers if layer_kind(layer) != "none"} == {before})
+        return step_inputs(kv)
+
+    monkeypatch.setattr(PaddedBatchKV, "step_inputs", counted_step_inputs)
+    _save_tiny(BATCH_CONFIGS[arch](), tmp_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where moesys.offload.load puts the model
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(device)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 101, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7)]
+    want = [ref.generate(torch.tensor([p], device=device), max_new_tokens=NEW_TOKENS,
+                         do_sample=False)[0, len(p):].tolist() for p in prompts]
+    eos = want[1][3]
+    want = [w[:w.index(eos) + 1] if eos in w else w for w in want]
+    model = mo.load(tmp_path, gpu_memory=budget(tmp_path, torch.float32, 5, max_context=512), dtype=torch.float32,
+                    max_context=512)  # 5 of 16 experts
+    run = generate_batch(model, prompts, max_new_tokens=NEW_TOKENS, batch_size=3, eos=eos)
+    got = {r.index: r.token_ids for r in run}
+    assert [got[i] for i in range(len(prompts))] == want
+    assert run.prefills == len(prompts) and sum(map(len, want)) == run.generated_tokens
+    assert model.moesys_offload.snapshot().evictions > 0
+    assert counts and all(counts)

@@ -38,7 +38,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moesys.offload.batch_kv import PaddedBatchKV, cache_kwarg
-from moesys.offload.batch_static_kv import StaticBatchKV
+from moesys.offload.batch_static_kv import StaticBatchKV, other_cache_layers
 from moesys.offload.host_kv import host_attention
 from moesys.offload.loader import PREFILL_RESERVE_TOKENS
 from moesys.offload.perf_model import KV_PLACES as KV_MODES
@@ -170,10 +170,10 @@ class BatchGeneration:
             raise ValueError("graph=True replays moesys's decode graph: load the model with moesys.offload.load "
                              "(cuda_graph=True, the default)")
         rows = min(self.batch_size, len(self.requests))
-        # (a model whose cache is not all full attention cannot decode a padded batch at all: PaddedBatchKV and
-        # StaticBatchKV refuse it with one message)
-        why = "kv='host' keeps the KV cache on the host" if self.kv != "device" else \
-            engine.device_batch_unsupported(rows)
+        other = other_cache_layers(self.model.config)
+        why = ("kv='host' keeps the KV cache on the host" if self.kv != "device" else
+               f"the fixed-shape batch cache holds full-attention layers only, and this model's has {other}"
+               if other else engine.device_batch_unsupported(rows))
         if why is not None:
             warnings.warn(f"batch decode takes the host-routed path instead of the decode graph: {why}",
                           stacklevel=4)

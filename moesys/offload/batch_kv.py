@@ -7,7 +7,17 @@ the batch to the group's) and appended; a finished row leaves by index selection
 padding in every row are dropped, so the shared length stays the longest row's. Positions are per row
 (each row's real length), so rotary embeddings see the same positions as the sequence decoded alone.
 
-Legend: B rows, L cached columns, N KV heads, D head dim.
+Cache layers of other kinds keep the same shared L columns in their own way (`layer_kind`):
+- sliding-window (GPT-OSS): only the last min(L, W - 1) columns are kept; a row's real tokens are its last
+  ones (rows are right-aligned), so padding a group on the left to that width and setting the layer's
+  cumulative length to L puts every column at the position the mask and the window expect;
+- linear attention / state-space (Qwen3-Next, Jamba, Nemotron-H): conv and recurrent states per row, no
+  columns; the models mask padded tokens out of their inputs, so a left-padded prefill leaves a row's
+  state as the sequence alone leaves it; joining rows are concatenated, and the layer's length says L;
+- no cache (Nemotron-H's MoE layers): nothing.
+Host KV (kv="host") holds full-attention layers only.
+
+Legend: B rows, L cached columns, N KV heads, D head dim, W sliding window.
 """
 
 from __future__ import annotations
@@ -16,9 +26,37 @@ import inspect
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from moesys.offload.host_kv import HostKVLayer
+
+_KINDS = {DynamicLayer: "full", HostKVLayer: "full", DynamicSlidingWindowLayer: "sliding"}
+try:  # transformers >= 5.2x: one cache class for recurrent layers, and one for layers without a cache
+    from transformers.cache_utils import DummyLayer, LinearAttentionLayer
+
+    _KINDS.update({LinearAttentionLayer: "linear", DummyLayer: "none"})
+except ImportError:  # earlier: model-specific recurrent caches, which a padded batch does not take
+    pass
+
+
+def layer_kind(layer) -> str | None:
+    """How a padded batch keeps this cache layer (the module docstring), or None for a kind it cannot:
+    exact types only, as a subclass may keep its tensors differently."""
+    return _KINDS.get(type(layer))
+
+
+def _left_pad(x: torch.Tensor, columns: int) -> torch.Tensor:
+    """x [B, N, c, D] with zero columns prepended up to `columns`."""
+    n = columns - x.shape[2]
+    return x if n <= 0 else torch.cat((x.new_zeros(x.shape[0], x.shape[1], n, x.shape[3]), x), dim=2)
+
+
+def _set_length(layer, kind: str, L: int) -> None:
+    """The layer's token count, which transformers reads for positions and masks: the batch's L columns."""
+    if kind == "sliding":
+        layer.cumulative_length = L
+    elif kind == "linear":
+        layer.cumulative_length_linear.fill_(L)
 
 
 def cache_kwarg(model) -> str:
@@ -46,14 +84,18 @@ class PaddedBatchKV:
         return self.mask_BL.shape[1]
 
     def new_row_cache(self) -> DynamicCache:
-        """An empty cache for one group's prefill; only plain (full-attention) layers can be padded."""
+        """An empty cache for one group's prefill, of layers a padded batch can keep (layer_kind)."""
         cache = DynamicCache(config=self.config)
-        bad = [type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer]
+        bad = [type(layer).__name__ for layer in cache.layers if layer_kind(layer) is None]
         if bad:
-            raise ValueError(f"batched decoding pads each row's KV cache on the left, which needs full-attention "
-                             f"cache layers; this model's cache has {sorted(set(bad))} (sliding-window or other); "
-                             "decode it at batch_size=1")
+            raise ValueError(f"batched decoding pads each row's cache on the left, which this model's cache layers "
+                             f"{sorted(set(bad))} do not support (full-attention, sliding-window, linear-attention "
+                             "and state-space layers do); decode it at batch_size=1")
         if self.host:
+            other = sorted({type(layer).__name__ for layer in cache.layers if layer_kind(layer) != "full"})
+            if other:
+                raise ValueError(f"kv='host' keeps full-attention keys and values in host memory; this model's cache "
+                                 f"also has {other} layers: use kv='device'")
             cache.layers = [HostKVLayer() for _ in cache.layers]
         return cache
 
@@ -79,11 +121,19 @@ class PaddedBatchKV:
             return
         P = group_mask.shape[1]
         L = max(self.length, P)
-        self._pad_left(self.cache, L - self.length)
-        self._pad_left(group_cache, L - P)
         for mine, theirs in zip(self.cache.layers, group_cache.layers):
-            mine.keys = torch.cat((mine.keys, theirs.keys))
-            mine.values = torch.cat((mine.values, theirs.values))
+            kind = layer_kind(mine)
+            if kind in ("full", "sliding"):
+                width = L if kind == "full" else min(L, mine.sliding_window - 1)
+                mine.keys = torch.cat((_left_pad(mine.keys, width), _left_pad(theirs.keys, width)))
+                mine.values = torch.cat((_left_pad(mine.values, width), _left_pad(theirs.values, width)))
+            elif kind == "linear":
+                for states in ("conv_states", "recurrent_states"):
+                    mine_i, theirs_i = getattr(mine, states), getattr(theirs, states)
+                    for i, t in mine_i.items():
+                        if t is not None:
+                            mine_i[i] = torch.cat((t, theirs_i[i]))
+            _set_length(mine, kind, L)
         pad_mine = torch.zeros(self.rows, L - self.length, dtype=torch.long, device=self.device)
         pad_group = torch.zeros(len(lengths), L - P, dtype=torch.long, device=self.device)
         self.mask_BL = torch.cat((torch.cat((pad_mine, self.mask_BL), 1), torch.cat((pad_group, group_mask), 1)))
@@ -98,13 +148,21 @@ class PaddedBatchKV:
             return
         index = torch.tensor(keep)  # a host index selects rows of device and host tensors alike
         for layer in self.cache.layers:
-            layer.batch_select_indices(index)
+            if layer_kind(layer) == "linear":  # (no batch_select_indices; its reorder selects rows)
+                layer.reorder_cache(index)
+            else:
+                layer.batch_select_indices(index)
         self.mask_BL = self.mask_BL[index]
         self.lengths = [self.lengths[r] for r in keep]
         drop = self.length - max(self.lengths)  # leading columns that are padding in every row
         if drop:
+            L = self.length - drop
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+                kind = layer_kind(layer)
+                if kind in ("full", "sliding"):
+                    width = L if kind == "full" else min(L, layer.sliding_window - 1)
+                    layer.keys, layer.values = layer.keys[:, :, -width:], layer.values[:, :, -width:]
+                _set_length(layer, kind, L)
             self.mask_BL = self.mask_BL[:, drop:]
 
     def step_inputs(self) -> dict:
@@ -113,14 +171,3 @@ class PaddedBatchKV:
         position_B1 = torch.tensor(self.lengths, device=self.device).view(-1, 1)
         self.lengths = [n + 1 for n in self.lengths]
         return {"attention_mask": self.mask_BL, "position_ids": position_B1, self.cache_name: self.cache}
-
-    @staticmethod
-    def _pad_left(cache: DynamicCache, n: int) -> None:
-        if n <= 0:
-            return
-        for layer in cache.layers:
-            B, N, _, D = layer.keys.shape
-            zeros = layer.keys.new_zeros(B, N, n, D)
-            layer.keys = torch.cat((zeros, layer.keys), dim=2)
-            layer.values = torch.cat((layer.values.new_zeros(B, N, n, layer.values.shape[-1]), layer.values), dim=2)
-

@@ -51,16 +51,22 @@ class ColumnKVLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def other_cache_layers(config) -> list[str]:
+    """The cache layer types of `config`'s model other than full attention (sorted names): the fixed-shape
+    batch cache holds full-attention layers only."""
+    return sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers if type(layer) is not DynamicLayer})
+
+
 class StaticBatchKV:
     def __init__(self, config, device: torch.device, rows: int, columns: int, cache_name: str = "cache"):
         self.config, self.device, self.rows, self.columns, self.cache_name = config, device, rows, columns, cache_name
         self.column = 0                       # where the next decode step writes (host copy of column_1)
         self.column_1 = torch.zeros(1, dtype=torch.long, device=device)
         self.cache = DynamicCache(config=config)
-        bad = [type(layer).__name__ for layer in self.cache.layers if type(layer) is not DynamicLayer]
+        bad = other_cache_layers(config)
         if bad:
             raise ValueError(f"the batch's fixed-shape KV cache needs full-attention cache layers; this model's "
-                             f"cache has {sorted(set(bad))} (sliding-window or other); decode it at batch_size=1")
+                             f"cache has {bad} (sliding-window or other); decode it with graph=False")
         self.cache.layers = [ColumnKVLayer(self.column_1) for _ in self.cache.layers]
         self.allocated = False
         self.start: list[int | None] = [None] * rows   # first real column of each row; None: free row

@@ -4,8 +4,10 @@ model (experts evicted and reloaded) against transformers' from_pretrained of th
 
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig,
-                          GptOssConfig, JambaConfig, NemotronHConfig, PhimoeConfig, Qwen2MoeConfig, Qwen3NextConfig)
+import transformers
+from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, DynamicCache,
+                          Glm4MoeConfig, GptOssConfig, JambaConfig, NemotronHConfig, PhimoeConfig, Qwen2MoeConfig,
+                          Qwen3NextConfig, cache_utils)
 
 import moesys.offload as mo
 from moesys.offload.adapters import ADAPTERS, adapter_for, find_moe_blocks, from_conversion_mapping, router_of
@@ -195,7 +197,13 @@ def test_batch_equals_each_sequence_alone(arch, tmp_path, monkeypatch):
         return step_inputs(kv)
 
     monkeypatch.setattr(PaddedBatchKV, "step_inputs", counted_step_inputs)
-    _save_tiny(BATCH_CONFIGS[arch](), tmp_path)
+    config = BATCH_CONFIGS[arch]()
+    if not hasattr(cache_utils, "LinearAttentionLayer"):
+        other = {type(layer).__name__ for layer in DynamicCache(config=config).layers if layer_kind(layer) is None}
+        if other:  # (the GPU image's transformers 5.17; CI's 5.25 runs them)
+            pytest.skip(f"transformers {transformers.__version__} keeps these recurrent layers in {sorted(other)}, "
+                        "model-specific caches a padded batch does not take (5.2x: LinearAttentionLayer)")
+    _save_tiny(config, tmp_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where moesys.offload.load puts the model
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(device)
     g = torch.Generator().manual_seed(1)

@@ -200,9 +200,9 @@ def test_batch_equals_each_sequence_alone(arch, tmp_path, monkeypatch):
     config = BATCH_CONFIGS[arch]()
     if not hasattr(cache_utils, "LinearAttentionLayer"):
         other = {type(layer).__name__ for layer in DynamicCache(config=config).layers if layer_kind(layer) is None}
-        if other:  # (the GPU image's transformers 5.17; CI's 5.25 runs them)
+        if other:  # (perhaps the GPU image's transformers 5.17; CI's 5.25 runs them)
             pytest.skip(f"transformers {transformers.__version__} keeps these recurrent layers in {sorted(other)}, "
-                        "model-specific caches a padded batch does not take (5.2x: LinearAttentionLayer)")
+                        "model-specific caches a padded batch does not take (5.25: LinearAttentionLayer)")
     _save_tiny(config, tmp_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where moesys.offload.load puts the model
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(device)

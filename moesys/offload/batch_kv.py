@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from moesys.offload.host_kv import HostKVLayer
 
 _KINDS = {DynamicLayer: "full", HostKVLayer: "full", DynamicSlidingWindowLayer: "sliding"}
-try:  # transformers >= 5.2x: one cache class for recurrent layers, and one for layers without a cache
+try:  # transformers 5.25 (not every 5.x): one cache class for recurrent layers, one for layers without a cache
     from transformers.cache_utils import DummyLayer, LinearAttentionLayer
 
     _KINDS.update({LinearAttentionLayer: "linear", DummyLayer: "none"})

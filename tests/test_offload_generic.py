@@ -193,7 +193,8 @@ def test_batch_equals_each_sequence_alone(arch, tmp_path, monkeypatch):
 
     def counted_step_inputs(kv):
         before = kv.length
-        counts.append({int(layer.get_seq_length()) for layer in kv.cache.layers if layer_kind(layer) != "none"} == {before})
+        seen = {int(layer.get_seq_length()) for layer in kv.cache.layers if layer_kind(layer) != "none"}
+        counts.append(seen == {before})
         return step_inputs(kv)
 
     monkeypatch.setattr(PaddedBatchKV, "step_inputs", counted_step_inputs)

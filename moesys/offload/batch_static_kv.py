@@ -54,7 +54,8 @@ class ColumnKVLayer(DynamicLayer):
 def other_cache_layers(config) -> list[str]:
     """The cache layer types of `config`'s model other than full attention (sorted names): the fixed-shape
     batch cache holds full-attention layers only."""
-    return sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers if type(layer) is not DynamicLayer})
+    layers = DynamicCache(config=config).layers
+    return sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
 
 
 class StaticBatchKV:

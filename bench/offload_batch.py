@@ -456,7 +456,7 @@ def profile_row(args, path, cfg, dtype, budget):
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if engine.cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         decode(profiled_tokens)
-    by_device = "self_cuda_time_total" if engine.cuda else "self_cpu_time_total"
+    by_device = "self_device_time_total" if engine.cuda else "self_cpu_time_total"
     tables = [f"torch.profiler, {profiled_tokens} new tokens (prefill included), ops by {by_device}:",
               prof.key_averages().table(sort_by=by_device, row_limit=40),
               "the same ops by self_cpu_time_total (host):",

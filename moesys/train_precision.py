@@ -18,11 +18,8 @@ import torch.nn as nn
 
 from moesys.config import Config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def param_dtype(config: Config) -> torch.dtype:
-    return DTYPES[config.train.param_dtype]
+    return getattr(torch, config.train.param_dtype)  # the config allows "float32" and "bfloat16" only
 
 
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:

@@ -242,7 +242,7 @@ class DecodeGraph:
         # are batches (their rows' windows fill apart) and masks that are not tensors
         inputs = None
         if rows == 1 and all(layer.cumulative_length_int >= layer.max_cache_len for _, layer in windows):
-            inputs = self._window_inputs(kwargs, windows[0][1].cumulative_length_int)
+            inputs = self._window_inputs(kwargs, cache, windows[0][1].cumulative_length_int)
         if inputs is None:
             self.eager_steps += 1
             self.filling_steps += 1
@@ -253,10 +253,10 @@ class DecodeGraph:
             return self._step(inputs, key + (("window-inputs", tuple(sorted(inputs.keys() - kwargs.keys()))),),
                               skip)
 
-    def _window_inputs(self, kwargs, seen: int) -> dict | None:
-        """`kwargs` with what a step of a full sliding-window cache must not derive from the cache's counters:
-        the position (cache_position, or position_ids where the model has no cache_position: transformers >=
-        5.2x) and the per-layer-type masks, built here as generate() builds them for a static cache, from the
+    def _window_inputs(self, kwargs, cache, seen: int) -> dict | None:
+        """`kwargs` (whose static cache is `cache`) with what a step of a full sliding-window cache must not
+        derive from the cache's counters: the position (cache_position, or position_ids where the model has
+        no cache_position: transformers >= 5.2x) and the per-layer-type masks, built here as generate() builds them for a static cache, from the
         true count of tokens `seen`. None where a mask is not a tensor (flex attention's BlockMask)."""
         ids = kwargs["input_ids"]
         out = dict(kwargs)
@@ -270,7 +270,6 @@ class DecodeGraph:
 
             make = getattr(self.model, "create_masks_for_generate", masking_utils.create_masks_for_generate)
             names = inspect.signature(make).parameters
-            cache = next(v for v in kwargs.values() if _is_static_cache(v))
             # only the batch size, query length, dtype and device of the embeddings are read
             embeds = torch.empty((1, 1, 0), dtype=self.model.dtype, device=ids.device)
             args = {"config": self.model.config, "attention_mask": out.get("attention_mask"),

@@ -3,6 +3,7 @@
   (bf16 autocast over fp32 master weights, torch.compile reduce-overhead, grouped_mm experts);
 - moesys_init_from_bf16: the same with `train.param_dtype: bfloat16` (pure bf16: parameters, gradients and
   AdamW state in bf16, the baseline's precision);
+- moesys_init_from_triton, moesys_init_from_bf16_triton: the two rows above with Triton experts;
 - moesys_hf_model:  `model.hf_model: DIR`, transformers' own OlmoeForCausalLM with moesys experts, the same
   trainer (its decoder layers compiled, default mode; Triton experts);
 - hf_grouped_mm:    transformers alone, OlmoeForCausalLM.from_pretrained(experts_implementation="grouped_mm"),
@@ -43,7 +44,7 @@ from train_small import _sync, bench_moesys, hf_train_loop, profile_moesys, run_
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ("correctness", "correctness_bf16", "moesys_init_from", "moesys_init_from_bf16", "moesys_init_from_triton",
-        "moesys_hf_model", "hf_grouped_mm")
+        "moesys_init_from_bf16_triton", "moesys_hf_model", "hf_grouped_mm")
 
 
 def olmoe_config(layers: int, smoke: bool):
@@ -193,6 +194,8 @@ def main() -> int:
                         "the kernel table to FILE")
     p.add_argument("--profile-param-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="train.param_dtype of the --profile run")
+    p.add_argument("--profile-backend", choices=("grouped_mm", "triton"), default="grouped_mm",
+                   help="moe.backend of the --profile run")
     args = p.parse_args()
     skip = set(args.skip)
     if args.only is not None:
@@ -227,8 +230,10 @@ def main() -> int:
         common = {"bench": "finetune", "shape": shape, "world_size": 1, "flops_per_token": flops_tok,
                   "optimizer": "AdamW, grad clip 1.0", **run_meta()}
         small = ["train.compile=true", "train.compile_mode=reduce-overhead", "moe.backend=grouped_mm"]
+        small_triton = small[:-1] + ["moe.backend=triton"]
         if args.profile:
-            extra = ([] if args.cpu_smoke else small) + [f"train.param_dtype={args.profile_param_dtype}"]
+            backend = [] if args.cpu_smoke else small[:-1] + [f"moe.backend={args.profile_backend}"]
+            extra = backend + [f"train.param_dtype={args.profile_param_dtype}"]
             profile_moesys(moesys_config(ckpt, "init_from", args.cpu_smoke, extra), device, Path(args.profile))
             return 0
 
@@ -245,8 +250,9 @@ def main() -> int:
                 ("correctness_bf16", lambda: correctness_bf16(ckpt, device, cfg.vocab_size, args.cpu_smoke)),
                 ("moesys_init_from", lambda: moesys_run("init_from", [] if args.cpu_smoke else small)),
                 ("moesys_init_from_bf16", lambda: moesys_run("init_from", bf16 if args.cpu_smoke else small + bf16)),
-                ("moesys_init_from_triton", lambda: moesys_run(
-                    "init_from", [] if args.cpu_smoke else small[:-1] + ["moe.backend=triton"])),
+                ("moesys_init_from_triton", lambda: moesys_run("init_from", [] if args.cpu_smoke else small_triton)),
+                ("moesys_init_from_bf16_triton", lambda: moesys_run(
+                    "init_from", bf16 if args.cpu_smoke else small_triton + bf16)),
                 ("moesys_hf_model", lambda: moesys_run(
                     "hf_model", [] if args.cpu_smoke else ["moe.backend=triton", "train.compile=true"])),
                 ("hf_grouped_mm", lambda: bench_hf_loop(ckpt, base_config, device, 1 if args.cpu_smoke else 3,

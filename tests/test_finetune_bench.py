@@ -29,15 +29,17 @@ def test_finetune_bench_smoke_rows(tmp_path):
     _run(tmp_path, "--out", str(out))
     records = {r["impl"]: r for r in json.loads(out.read_text())}
     assert set(records) == {"correctness", "correctness_bf16", "moesys_init_from", "moesys_init_from_bf16",
-                            "moesys_init_from_triton", "moesys_hf_model", "hf_grouped_mm"}
+                            "moesys_init_from_triton", "moesys_init_from_bf16_triton", "moesys_hf_model",
+                            "hf_grouped_mm"}
     assert records["correctness"]["rel_err_logits_init_from"] < 1e-5
     assert records["correctness"]["rel_err_logits_hf_model"] < 1e-5
     # bf16 rounding, about as large as transformers' own bf16 model's (seen: 0.0052 and 0.0050)
     bf16 = records["correctness_bf16"]
     assert 0 < bf16["rel_err_logits_init_from_bf16"] < 2 * bf16["rel_err_logits_hf_bf16"] < 0.05, bf16
-    assert records["moesys_init_from_bf16"]["precision"].startswith("pure bf16")
-    for impl in ("moesys_init_from", "moesys_init_from_bf16", "moesys_init_from_triton", "moesys_hf_model",
-                 "hf_grouped_mm"):
+    for impl in ("moesys_init_from_bf16", "moesys_init_from_bf16_triton"):
+        assert records[impl]["precision"].startswith("pure bf16"), records[impl]
+    for impl in ("moesys_init_from", "moesys_init_from_bf16", "moesys_init_from_triton",
+                 "moesys_init_from_bf16_triton", "moesys_hf_model", "hf_grouped_mm"):
         r = records[impl]
         assert "error" not in r and r["tokens_per_s"] > 0 and r["load_s"] > 0, r
         assert r["loss_last"] < r["loss_first"] + 0.5  # trained, not diverged

@@ -114,9 +114,9 @@ def test_quantized_decode_reads_packed_only_for_one_token(paths, monkeypatch, mo
     two tokens' 8 rows exceed the dequantization workspace of K experts and take the dequantizing waves."""
     engine = _resident_engine(paths["olmoe_top4"], quantize_experts=mode)
     seen = []
-    packed, dequant = engine._run_quantized_resident, engine._run_dequant
+    packed, dequant = engine._run_quantized_resident, engine._dequant_chunk
     monkeypatch.setattr(engine, "_run_quantized_resident", lambda *a: seen.append("packed") or packed(*a))
-    monkeypatch.setattr(engine, "_run_dequant", lambda *a: seen.append("dequant") or dequant(*a))
+    monkeypatch.setattr(engine, "_dequant_chunk", lambda *a: seen.append("dequant") or dequant(*a))
     g = torch.Generator().manual_seed(4)
     for T in (1, 2):
         x, w = torch.randn(T, 32, generator=g), torch.rand(T, 4, generator=g)

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moesys.offload import quant, slot_copy
+from moesys.offload.dequant_slots import dequantize_slots
 from moesys.offload.device_cache import DeviceCacheTables
 from moesys.offload.layout import PARAM_OF_PART, ExpertLayout
 from moesys.offload.quant_gemv import quant_gemv
@@ -559,7 +560,7 @@ class OffloadEngine:
     def _dequantize_slots(self, slots: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [n, 2I, H], down [n, H, I]) of the cache slots `slots` (a device index), in `dtype`."""
         pools, mode = self.cache.pools, self.store.quantize
-        return tuple(quant.dequantize(pools[f"{n}.q"][slots], pools[f"{n}.scale"][slots], mode, dtype)
+        return tuple(dequantize_slots(pools[f"{n}.q"], pools[f"{n}.scale"], slots, mode, dtype)
                      for n in ("gate_up", "down"))
 
     def _run_quantized_resident(self, layer, x_TH, ids_TK, w_TK):
@@ -579,19 +580,45 @@ class OffloadEngine:
                           weight_TK=w_TK)
 
     def _run_dequant(self, x_TH, w_TK, experts, slots, out_TH, flat_host) -> None:
-        """Quantized experts: dequantize this wave's slots together into a compact [n, ...] workspace and run
-        moesys' moe_mlp on the wave's routed rows only (each a token of its own, top-1, over workspace ids)."""
-        K = w_TK.shape[1]
-        rows = self._wave_rows(flat_host, {e: i for i, e in enumerate(experts)}, K)
-        if rows is None:
+        """Quantized experts of one wave, dequant_experts at a time: each chunk's slots are dequantized together
+        into a compact [n, ...] workspace and moesys' moe_mlp runs the chunk's routed rows only (each a token
+        of its own, top-1, over workspace ids). The rows of every chunk come from one pass over the routing
+        and reach the GPU in one copy with the slots (a pass and two copies per chunk cost a B=128 int4 step
+        about 50 ms of host time on an H100: bench/results/offload_batch_profile_int4_u128_h100_11a61c9.txt)."""
+        K, n = w_TK.shape[1], self.dequant_experts
+        where = {e: divmod(i, n) for i, e in enumerate(experts)}  # expert -> (chunk, workspace index)
+        chunks = -(-len(experts) // n)
+        cols = [[[] for _ in range(K)] for _ in range(chunks)]
+        for r, e in enumerate(flat_host):  # row r = t*K + k: each chunk's columns, rows ascending
+            at = where.get(e)
+            if at is not None:
+                cols[at[0]][r % K].append(r)
+        pos, spans = [], []
+        for chunk in cols:
+            begin = len(pos)
+            for col in chunk:
+                pos += col
+            spans.append((begin, len(pos), [len(col) for col in chunk]))
+        if not pos:
             return
-        row_N, index_N, per_k = rows
-        idx = torch.tensor(slots, dtype=torch.int64)
+        # rows, their workspace index, then the wave's slots: one tensor, one copy
+        idx = torch.tensor(pos + [where[flat_host[r]][1] for r in pos] + list(slots), dtype=torch.int64)
         if self.cuda:
             idx = idx.pin_memory().to(self.device, non_blocking=True)
-        w_gu, w_d = self._dequantize_slots(idx, x_TH.dtype)
+        N = len(pos)
+        row_N, index_N, slot_E = idx[:N], idx[N:2 * N], idx[2 * N:]
         tok_N = row_N // K
-        y_NH = moe_mlp(x_TH[tok_N], w_gu, w_d, index_N.view(-1, 1), w_TK.reshape(-1)[row_N].view(-1, 1).to(x_TH.dtype),
+        w_N = w_TK.reshape(-1)[row_N].to(x_TH.dtype)
+        for c, (begin, end, per_k) in enumerate(spans):
+            if begin < end:
+                self._dequant_chunk(x_TH, tok_N[begin:end], index_N[begin:end], w_N[begin:end],
+                                    slot_E[c * n:(c + 1) * n], per_k, out_TH)
+
+    def _dequant_chunk(self, x_TH, tok_N, index_N, w_N, slots, per_k, out_TH) -> None:
+        """Routed rows (token tok_N[i] through workspace expert index_N[i], weight w_N[i]) over the experts of
+        cache slots `slots` (a device index), dequantized; summed into out_TH by token."""
+        w_gu, w_d = self._dequantize_slots(slots, x_TH.dtype)
+        y_NH = moe_mlp(x_TH[tok_N], w_gu, w_d, index_N.view(-1, 1), w_N.view(-1, 1),
                        activation=self.activation, backend=self.moe_backend)
         self._add_rows(out_TH, tok_N, y_NH, per_k)
 

@@ -223,9 +223,7 @@ class Quantized(HostRouted):
         return True  # quantized experts have no exact summation order to keep (they are dequantized)
 
     def run_wave(self, layer, x_TH, ids_TK, w_TK, wave, slots, out_TH, flat_host) -> None:
-        n = self.engine.dequant_experts
-        for i in range(0, len(wave), n):
-            self.engine._run_dequant(x_TH, w_TK, wave[i:i + n], slots[i:i + n], out_TH, flat_host)
+        self.engine._run_dequant(x_TH, w_TK, wave, slots, out_TH, flat_host)
 
 
 class CpuExperts(HostRouted):

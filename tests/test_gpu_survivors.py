@@ -246,10 +246,10 @@ def _teacher_forced_logits(model, ids_BT, prefill):
 def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mixtral, monkeypatch):
     """A prefill whose layers need all 8 experts from a bank of 6 (pipelined waves: a wave's copies evict the
     wave before it, whose compute is queued) and decode steps that evict other layers' experts. Every load
-    copies its own (layer, expert), marks its slot pending for its layer, and makes the copy stream wait for
-    exactly the evicted expert's layer's last-use event (none for a free slot). Each wave's compute is held
-    back by a sleep kernel, so a copy that does not wait overwrites the slots before they are read: the logits
-    of every position must still equal the model fully on the GPU."""
+    copies its own (layer, expert) on the copy stream, marks its slot pending for its layer, and makes the
+    copy stream wait for exactly the evicted expert's layer's last-use event (none for a free slot). Each
+    wave's compute is held back by a sleep kernel, so a copy that does not wait overwrites the slots before
+    they are read: the logits of every position must still equal the model fully on the GPU."""
     from transformers import AutoModelForCausalLM
 
     model, engine = _offloaded(mixtral)
@@ -282,7 +282,9 @@ def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mix
 
     waves = []
     monkeypatch.setattr(engine.cache, "allocate", logged_allocate)
+    on_side_stream = []  # each copy is issued on the copy stream (its callers enter it once per run of loads)
     monkeypatch.setattr(engine.store, "copy_to", lambda layer, e, views: log.append(("copy", (layer, e)))
+                        or on_side_stream.append(torch.cuda.current_stream() == engine.copy_stream)
                         or copy_to(layer, e, views))
     monkeypatch.setattr(engine, "_load", checked_load)
     monkeypatch.setattr(prefill, "run_wave", lambda layer, *a: waves.append(layer) or _gpu_sleep(0.005)
@@ -296,6 +298,7 @@ def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mix
     torch.testing.assert_close(got, _teacher_forced_logits(ref, ids, prefill=32), rtol=1e-5, atol=1e-5)
 
     assert all(waves.count(layer) >= 2 for layer in engine.inner), waves  # every layer's prefill ran in waves
+    assert on_side_stream and all(on_side_stream), on_side_stream
     for load_ in loads:
         assert load_["copies"] == [load_["key"]] and load_["slot_pending"], load_
         want = [] if load_["last_use"] is None else [load_["last_use"]]

@@ -388,18 +388,24 @@ class OffloadEngine:
         `keep` of the layer (a wave being computed) are evicted for them."""
         protect = {(layer, e) for e in (*experts, *keep)}
         slots, loaded_e, loaded_s = [], [], []
-        for e in experts:
-            slot = self.cache.lookup((layer, e))
-            if slot is None:
-                slot = self._load((layer, e), protect)
-                loaded_e.append(e)
-                loaded_s.append(slot)
-                self.stats.misses += 1
-            else:
-                self.stats.hits += 1
-            slots.append(slot)
+        with self._copy_stream():
+            for e in experts:
+                slot = self.cache.lookup((layer, e))
+                if slot is None:
+                    slot = self._load((layer, e), protect)
+                    loaded_e.append(e)
+                    loaded_s.append(slot)
+                    self.stats.misses += 1
+                else:
+                    self.stats.hits += 1
+                slots.append(slot)
         self.cache.update_table(layer, loaded_e, loaded_s)
         return slots
+
+    def _copy_stream(self):
+        """The side stream, for a run of _load calls: entered once per run (entering it per copy cost about a
+        third of a miss's host time: bench/results/offload_batch_profile_int4_u128_h100_11a61c9.txt)."""
+        return torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext()
 
     def _prefetch(self, layer: int, guessed: list[int], protect: list[int]) -> None:
         nxt = self.prefetcher.next_layer[layer]
@@ -409,31 +415,33 @@ class OffloadEngine:
         same_bank = self.cache.bank_of[nxt] == self.cache.bank_of[layer]
         budget = max(0, min(len(guessed), self.cache.capacity(nxt) // 2 - (len(protect) if same_bank else 0)))
         loaded_e, loaded_s = [], []
-        for e in guessed:
-            if (nxt, e) in self.cache.slot_of:
-                continue
-            if budget == 0 or not self.cache.can_allocate(nxt, keep):  # a batch's guesses may cover the bank
-                break
-            budget -= 1
-            loaded_e.append(e)
-            loaded_s.append(self._load((nxt, e), keep))
-            self.stats.prefetch_copies += 1
+        with self._copy_stream():
+            for e in guessed:
+                if (nxt, e) in self.cache.slot_of:
+                    continue
+                if budget == 0 or not self.cache.can_allocate(nxt, keep):  # a batch's guesses may cover the bank
+                    break
+                budget -= 1
+                loaded_e.append(e)
+                loaded_s.append(self._load((nxt, e), keep))
+                self.stats.prefetch_copies += 1
         self.cache.update_table(nxt, loaded_e, loaded_s)
 
     def _load(self, key, protect) -> int:
+        """Copy `key` into a slot (evicting the policy's victim outside `protect`), on the copy stream: the
+        caller has entered it (`_copy_stream`)."""
         slot, evicted = self.cache.allocate(key, protect)
         views = self.cache.slot_views(slot)
         if evicted is not None:
             self.stats.evictions += 1
             self.pending[evicted[0]].discard(slot)
         if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                used = self.layer_used.get(evicted[0]) if evicted is not None else None
-                if used is not None:
-                    self.copy_stream.wait_event(used)  # the old occupant's last reader is done
-                self.store.copy_to(key[0], key[1], views)
-                event = torch.cuda.Event()
-                event.record(self.copy_stream)
+            used = self.layer_used.get(evicted[0]) if evicted is not None else None
+            if used is not None:
+                self.copy_stream.wait_event(used)  # the old occupant's last reader is done
+            self.store.copy_to(key[0], key[1], views)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
             self.cache.ready[slot] = event
             self.pending[key[0]].add(slot)
         else:

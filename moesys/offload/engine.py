@@ -492,10 +492,10 @@ class OffloadEngine:
     def _add_rows(out_TH, tok_N, y_NH, per_k) -> None:
         """out_TH[tok_N] += y_NH, one index_add_ per top-k position (rows in top-k order): no call adds to a
         token twice, so no colliding atomic adds, which would sum in a different order from run to run."""
-        begin = 0
+        y_NH, begin = y_NH.to(out_TH.dtype), 0  # one cast, not one per position
         for n in per_k:
             if n:
-                out_TH.index_add_(0, tok_N[begin:begin + n], y_NH[begin:begin + n].to(out_TH.dtype))
+                out_TH.index_add_(0, tok_N[begin:begin + n], y_NH[begin:begin + n])
             begin += n
 
     def _run_grouped_rows(self, layer, x_TH, w_TK, experts_slots, out_TH, flat_host) -> None:

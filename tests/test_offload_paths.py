@@ -123,6 +123,15 @@ def test_quantized_decode_reads_packed_only_for_one_token(paths, monkeypatch, mo
         engine.experts_forward(0, x, torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]][:T]), w)
         seen.append("|")
     assert seen == ["packed", "|", "dequant", "dequant", "|"]
+    # a workspace of 8 (the dequant_slots kernel's on a GPU): both tokens' 8 experts in one chunk, the same
+    # layer output; one token still reads packed (decode is one token's K rows, not the workspace's)
+    x, w = torch.randn(2, 32, generator=g), torch.rand(2, 4, generator=g)
+    ids = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    by4 = engine.experts_forward(0, x, ids, w)
+    engine.dequant_experts, seen[:] = 8, []
+    torch.testing.assert_close(engine.experts_forward(0, x, ids, w), by4, rtol=1e-6, atol=1e-6)
+    engine.experts_forward(0, x[:1], ids[:1], w[:1])
+    assert seen == ["dequant", "packed"]
 
 
 @pytest.mark.parametrize("needed, resident, capacity, pipelined, waves", [

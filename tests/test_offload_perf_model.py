@@ -174,6 +174,26 @@ def test_quantized_experts_run_in_dequantization_waves():
     assert calibrate_waves(q, HW, uni, 1, 100, 8, 1.0).wave_overhead_s == 0.0  # no wave: nothing to fit
     # a row faster than the waves' roofline leaves no overhead, never a negative one
     assert calibrate_waves(q, HW, uni, 2, 100, 8, p["step_s"] / 10).wave_overhead_s == 0.0
+    # the engine's chunk when the dequant_slots kernel quadruples it: 4 experts a chunk, 1 chunk for U = 3.5,
+    # which writes and reads 4 experts (2 x 4 x 4e6 / 1e10 = 3.2e-3 s) plus one overhead, per layer
+    q4 = Workload(**{**q.__dict__, "dequant_experts": 4})
+    assert [dequant_waves(q4, u, 2) for u in (2.0, 3.5, 4.0, 8.0)] == [1, 1, 1, 2]
+    assert predict(q4, hw, uni, 2, 100, slots=8)["compute_s"] - plain["compute_s"] == pytest.approx(
+        2 * (3.2e-3 + 2e-3) - 7e-4)
+
+
+def test_dequant_workspace_holds_more_experts_with_the_kernel():
+    """The memory plan reserves top_k experts of the torch dequantization (result, int32 widening and int4
+    unpacking: 2 x elsize + 4 bytes a weight); the kernel writes only the result, so the same bytes hold 4 x
+    the experts in bf16 (3 x in fp32), never more than the reserve."""
+    from moesys.offload.dequant_slots import workspace_bytes, workspace_experts
+    assert workspace_experts(8, torch.bfloat16, kernel=True) == 32
+    assert workspace_experts(8, torch.float32, kernel=True) == 24
+    assert workspace_experts(8, torch.bfloat16, kernel=False) == 8
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        elsize = torch.empty((), dtype=dtype).element_size()
+        for kernel, per_weight in ((True, elsize), (False, 2 * elsize + 4)):
+            assert workspace_experts(8, dtype, kernel) * 3000 * per_weight <= workspace_bytes(8, 3000, elsize)
 
 
 def test_quantized_workload_counts_the_dequantized_expert(checkpoints):
@@ -183,6 +203,8 @@ def test_quantized_workload_counts_the_dequantized_expert(checkpoints):
     w = workload_of(model.moesys_offload, model.config)
     store = model.moesys_offload.store
     assert w.dequant_bytes == 3 * store.H * store.I * 4 and w.dequant_bytes > w.expert_bytes
+    assert w.dequant_experts == model.moesys_offload.dequant_experts == (  # the kernel's chunk on a GPU
+        3 * model.config.num_experts_per_tok if torch.cuda.is_available() else model.config.num_experts_per_tok)
     plain = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)
     assert workload_of(plain.moesys_offload, plain.config).dequant_bytes == 0
 

@@ -155,7 +155,7 @@ def choose_batch(args, config, dtype, requests: list[Request], device) -> tuple[
     if batch == "auto" or kv == "auto":
         from moesys.offload import perf_model as pm
 
-        w = pm.workload_before_load(config, dtype, args.gpu_memory, longest, args.quantize_experts)
+        w = pm.workload_before_load(config, dtype, args.gpu_memory, longest, args.quantize_experts, device)
         if args.routing == "trace":
             from moesys.offload.routing import load_trace
 

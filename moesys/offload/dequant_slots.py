@@ -34,6 +34,25 @@ def dequantize_slots_reference(q_SRB: torch.Tensor, scale_SRG: torch.Tensor, slo
     return quant.dequantize(q_SRB[slots_N], scale_SRG[slots_N], mode, dtype)
 
 
+def workspace_bytes(top_k: int, weights_per_expert: int, elsize: int) -> int:
+    """The dequantization workspace the memory plan reserves: top_k experts in the torch form, whose passes
+    hold the result, the integer widening and the int4 unpacking at once (2 x elsize + 4 bytes a weight)."""
+    return top_k * weights_per_expert * (2 * elsize + 4)
+
+
+def workspace_experts(top_k: int, dtype: torch.dtype, kernel: bool) -> int:
+    """Experts dequantized at once in that workspace: top_k in the torch form; the kernel writes only the
+    result (elsize bytes a weight), so the same bytes hold (2 x elsize + 4) / elsize times as many (4 x for
+    bf16), and a batch's wave takes that many times fewer dequant chunks, each a dozen launches."""
+    elsize = torch.empty((), dtype=dtype).element_size()
+    return top_k * ((2 * elsize + 4) // elsize if kernel else 1)
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether dequantize_slots runs its kernel for tensors on `device` (its default choice)."""
+    return device.type == "cuda" and triton is not None
+
+
 _BLOCK_R = 16
 _BLOCK_B = 128  # packed bytes per program row: 256 int4 columns (512 B of bf16 written per row)
 
@@ -75,7 +94,7 @@ def dequantize_slots(q_SRB: torch.Tensor, scale_SRG: torch.Tensor, slots_N: torc
     if mode not in ("int8", "int4"):
         raise ValueError(f"dequantize_slots: mode={mode!r}; use 'int8' or 'int4'")
     if use_kernel is None:
-        use_kernel = q_SRB.is_cuda and triton is not None
+        use_kernel = kernel_available(q_SRB.device)
     if not use_kernel:
         return dequantize_slots_reference(q_SRB, scale_SRG, slots_N, mode, dtype)
     S, R, B = q_SRB.shape

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moesys.offload import quant, slot_copy
-from moesys.offload.dequant_slots import dequantize_slots
+from moesys.offload.dequant_slots import dequantize_slots, kernel_available, workspace_experts
 from moesys.offload.device_cache import DeviceCacheTables
 from moesys.offload.layout import PARAM_OF_PART, ExpertLayout
 from moesys.offload.quant_gemv import quant_gemv
@@ -146,8 +146,8 @@ class OffloadEngine:
         self.activation = _MOESYS_ACTIVATIONS.get(act)  # None: quantized experts use the eager loop
         self.moe_backend = "grouped_mm"
         self.top_k = max(1, getattr(some.config, "num_experts_per_tok", 1))
-        # experts dequantized at once (the workspace the memory plan reserves): one token's
-        self.dequant_experts = self.top_k
+        # quantized experts dequantized at once (in the workspace the memory plan reserves)
+        self.dequant_experts = workspace_experts(self.top_k, self.store.dtype, kernel_available(self.device))
         self.cost_model = {}
         self._cpu_faster = False
         if cpu_experts == "auto" and self.cuda:
@@ -181,9 +181,9 @@ class OffloadEngine:
         if self.store.quantize == "none" and not self.grouped:
             return (f"experts_implementation={self.impl!r} runs transformers' per-expert loop, which needs the "
                     "routing on the host; use the model's grouped implementation (the default)")
-        small = [layer for layer in self.inner if self.cache.capacity(layer) < self.dequant_experts]
+        small = [layer for layer in self.inner if self.cache.capacity(layer) < self.top_k]
         if small:
-            return (f"the cache banks of layers {small} hold fewer slots than the {self.dequant_experts} experts a "
+            return (f"the cache banks of layers {small} hold fewer slots than the {self.top_k} experts a "
                     "token needs; give a larger gpu_memory")
         return None
 

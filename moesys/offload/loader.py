@@ -19,6 +19,7 @@ from moesys.hf.meta import materialize_meta_buffers, still_meta
 from moesys.offload import graph as decode_graph
 from moesys.offload.adapters import adapter_for, find_moe_blocks, router_of
 from moesys.offload.cache import CACHE_POLICIES, ExpertCache
+from moesys.offload.dequant_slots import workspace_bytes
 from moesys.offload.engine import CPU_EXPERT_MODES, OffloadedExperts, OffloadEngine
 from moesys.offload.layout import ExpertLayout, expert_dims, is_experts_module
 from moesys.offload.prefetch import PREFETCH_POLICIES, NextGatePrefetcher
@@ -119,8 +120,7 @@ def plan_memory(model: nn.Module, blocks: dict, dtype: torch.dtype, gpu_memory, 
         kv = 2 * config.num_hidden_layers * kv_heads * head_dim * max_context * elsize
         prefill = min(max_context, PREFILL_RESERVE_TOKENS)
         act = prefill * (K * (3 * H + 4 * I) + 12 * H) * elsize + prefill * heads * prefill * 4
-        # K experts dequantized at once: the result, the integer widening and int4 unpacking
-        dequant = 0 if quantize_experts == "none" else K * 3 * I * H * (2 * elsize + 4)
+        dequant = 0 if quantize_experts == "none" else workspace_bytes(K, 3 * I * H, elsize)
         reserve = kv + act + dequant + 8 * config.vocab_size * 4 + 64 * 2**20
     plan = MemoryPlan(budget, resident, int(reserve), slot_bytes, 0, E * len(blocks), len(blocks))
     if budget < plan.min_budget:

@@ -15,9 +15,9 @@ One decode step of B rows through L MoE layers:
   from device memory, plus per-step and per-row overheads (launches, Python, host syncs) fitted by
   `calibrate` to steps measured with every expert resident;
 - quantized experts at more than one row (the engine's Quantized strategy): per layer the U(B) needed
-  experts run in ceil(U / W) waves of W = top_k experts, each dequantizing W experts into the workspace
-  and running moe_mlp over all B*K routed rows (rows of other waves at weight 0), plus a per-wave
-  overhead (launches, index tables; fitted by `calibrate_waves` to one quantized row);
+  experts run in ceil(U / W) chunks of W = the engine's dequant_experts (top_k, or 4 x top_k in bf16 with
+  the dequant_slots kernel), each dequantizing W experts into the workspace and running moe_mlp over its
+  own routed rows, plus a per-chunk overhead (launches; fitted by `calibrate_waves` to one quantized row);
 - step time: copy + compute (the eager path waits for a layer's misses before computing it), or
   max(copy, compute) with `overlap` (the issue's bound: misses copied while resident experts compute);
 - tokens/s = B / step time.
@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
+
+from moesys.offload.dequant_slots import kernel_available, workspace_experts
 
 KV_PLACES = ("device", "host")
 
@@ -102,6 +104,7 @@ class Workload:
     attention_layers: int
     free_bytes: int            # budget minus non-expert weights and the activation workspace: KV + slots
     dequant_bytes: int = 0     # quantized experts: one expert dequantized (compute dtype); 0 = not quantized
+    dequant_experts: int = 0   # quantized experts dequantized at once (the engine's); 0 = top_k
 
     def slots(self, batch: int, context: int, kv: str) -> int:
         """Expert-cache slots left when the KV cache of `batch` rows of `context` tokens is on `kv`."""
@@ -194,7 +197,7 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     rows_s = batch * w.top_k * w.expert_flops_per_row / hw.flops
     waves = dequant_waves(w, U, batch)
     if waves:  # each wave writes and reads its dequantized experts and runs its share of the routed rows
-        experts_s = w.num_layers * waves * (max(2 * w.top_k * w.dequant_bytes / hw.hbm_Bps, rows_s / waves)
+        experts_s = w.num_layers * waves * (max(2 * chunk_experts(w) * w.dequant_bytes / hw.hbm_Bps, rows_s / waves)
                                             + hw.wave_overhead_s)
     else:
         experts_s = w.num_layers * max(U * w.expert_bytes / hw.hbm_Bps, rows_s)
@@ -211,12 +214,17 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
                 bytes_copied_per_token=misses * w.expert_bytes / batch)
 
 
+def chunk_experts(w: Workload) -> int:
+    """Experts per dequantization chunk."""
+    return w.dequant_experts or w.top_k
+
+
 def dequant_waves(w: Workload, unique: float, batch: int) -> int:
-    """Dequantization waves per layer and step: quantized experts at more than one row run in waves of
-    top_k experts (one row's top_k read packed by quant_gemv instead: no wave)."""
+    """Dequantization chunks per layer and step: quantized experts at more than one row run in chunks of
+    chunk_experts(w) (one row's top_k read packed by quant_gemv instead: none)."""
     if not w.dequant_bytes or batch <= 1:
         return 0
-    return math.ceil(unique / w.top_k - 1e-9)
+    return math.ceil(unique / chunk_experts(w) - 1e-9)
 
 
 def best_plan(w: Workload, hw: Hardware, routing: RoutingStats, max_batch: int, context: int,
@@ -296,18 +304,21 @@ def workload_of(engine, config) -> Workload:
                     dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
                     attention_layers=config.get_text_config().num_hidden_layers,
                     free_bytes=engine.cache.num_slots * plan.slot_bytes + kv_reserve,
-                    dequant_bytes=dequantized_bytes(store.quantize, gemms, store.H, store.I, store.dtype))
+                    dequant_bytes=dequantized_bytes(store.quantize, gemms, store.H, store.I, store.dtype),
+                    dequant_experts=engine.dequant_experts)
 
 
 def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
-                         quantize_experts: str = "none") -> Workload:
+                         quantize_experts: str = "none", device=None) -> Workload:
     """The Workload of a checkpoint not yet loaded, from its memory plan on the meta
     device: what the budget leaves for KV cache and expert slots once the non-expert weights and the
-    workspace of one row of `longest` tokens are placed."""
+    workspace of one row of `longest` tokens are placed. `device`: where it will run (default: CUDA when
+    there is one, as load's), which decides the dequantization chunk."""
     from moesys.offload.adapters import adapter_for, find_moe_blocks
     from moesys.offload.layout import expert_dims
     from moesys.offload.loader import build_skeleton, plan_memory
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     skel = build_skeleton(config, dtype)
     blocks = find_moe_blocks(skel, adapter_for(config))
     plan = plan_memory(skel, blocks, dtype, gpu_memory, quantize_experts=quantize_experts, max_context=longest)
@@ -320,7 +331,8 @@ def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
                     dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
                     attention_layers=text.num_hidden_layers,
                     free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + longest * kv_per_token,
-                    dequant_bytes=dequantized_bytes(quantize_experts, gemms, H, I, dtype))
+                    dequant_bytes=dequantized_bytes(quantize_experts, gemms, H, I, dtype),
+                    dequant_experts=workspace_experts(text.num_experts_per_tok, dtype, kernel_available(device)))
 
 
 def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware | None = None,

@@ -216,8 +216,8 @@ class Quantized(HostRouted):
     name = "quantized"
 
     def takes_resident(self, x_TH, ids_TK) -> bool:
-        # the rows must fit the dequantization workspace (one token's K experts): decode
-        return x_TH.shape[0] * ids_TK.shape[1] <= self.engine.dequant_experts
+        # one token's K rows (decode): each read packed by quant_gemv, no dequantization
+        return x_TH.shape[0] * ids_TK.shape[1] <= self.engine.top_k
 
     def pipelines(self) -> bool:
         return True  # quantized experts have no exact summation order to keep (they are dequantized)

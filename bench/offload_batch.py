@@ -383,7 +383,10 @@ def main():
                     predicted_tokens_per_s=pred["tokens_per_s"], predicted_with_measured_hit=pred_hit["tokens_per_s"],
                     predicted_bound=pred["bound_tokens_per_s"], bound_tokens_per_s=bound,
                     share_of_bound=measured / bound if bound else None,
+                    # predicted_with_measured_hit's error (the field's meaning since it was added), and the
+                    # error of predicted_tokens_per_s (the decode routing's hit curve: BENCHMARKS' column)
                     prediction_error=pred_hit["tokens_per_s"] / measured - 1 if measured else None,
+                    prediction_error_decode_routing=pred["tokens_per_s"] / measured - 1 if measured else None,
                     cache_slots=engine.cache.num_slots, budget=row_budget, experts_implementation=impls[0],
                     peak_bytes=stats.peak_bytes, under_budget=None if None in (stats.peak_bytes, row_budget)
                     else stats.peak_bytes <= row_budget))

@@ -29,6 +29,10 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     # below it where the prefetch copied what a lookup then found (batch 1 here)
     assert rows and all(0 <= r["copy_hit_rate"] <= r["hit_rate"] for r in rows)
     assert any(r["copy_hit_rate"] < r["hit_rate"] for r in rows)
+    for r in rows:  # each prediction's error against the measurement
+        assert r["prediction_error"] == pytest.approx(r["predicted_with_measured_hit"] / r["tokens_per_s"] - 1)
+        assert r["prediction_error_decode_routing"] == pytest.approx(
+            r["predicted_tokens_per_s"] / r["tokens_per_s"] - 1)
     graph = [r for r in records if r.get("graph_section")]
     # batch 1 is one row (generate() replays the graph whichever path is asked for); above 1, host then graph
     assert [(r["impl"], r["batch"]) for r in graph] == [("moesys-batch-graph", 1), ("moesys", 4),

@@ -472,15 +472,29 @@ class OffloadEngine:
     def _run_grouped(self, layer, x_TH, ids_TK, w_TK):
         return self.inner[layer](x_TH, self._table_slots(layer, ids_TK), w_TK)
 
+    @staticmethod
+    def _rows_by_chunk(flat_host: list[int], chunk_of: dict[int, int], chunks: int, K: int):
+        """The routed rows (t*K + k) whose expert is a key of `chunk_of`, grouped by the expert's chunk: (rows,
+        spans), each chunk's rows contiguous and in top-k order (each position's column, rows ascending, so
+        that a position's rows meet distinct tokens); spans[c] = (begin, end, counts per top-k position)."""
+        cols = [[[] for _ in range(K)] for _ in range(chunks)]
+        for r, e in enumerate(flat_host):  # row r = t*K + k
+            c = chunk_of.get(e)
+            if c is not None:
+                cols[c][r % K].append(r)
+        pos, spans = [], []
+        for chunk in cols:
+            begin = len(pos)
+            for col in chunk:
+                pos += col
+            spans.append((begin, len(pos), [len(col) for col in chunk]))
+        return pos, spans
+
     def _wave_rows(self, flat_host: list[int], index_of: dict[int, int], K: int):
         """The routed rows (t*K + j) whose expert is a key of `index_of`, on the device: (row_N, index_N,
-        counts per top-k position), rows in top-k order so that each position's rows meet distinct tokens.
-        From the ids already on the host (no sync); None when the wave has no row."""
-        pos, per_k = [], []
-        for k in range(K):  # row t*K + k is flat_host[t*K + k]: each position's column, rows ascending
-            col = [k + K * t for t, e in enumerate(flat_host[k::K]) if e in index_of]
-            per_k.append(len(col))
-            pos += col
+        counts per top-k position), in top-k order (`_rows_by_chunk`, one chunk). From the ids already on
+        the host (no sync); None when the wave has no row."""
+        pos, [(_, _, per_k)] = self._rows_by_chunk(flat_host, dict.fromkeys(index_of, 0), 1, K)
         if not pos:
             return None
         idx = torch.tensor([pos, [index_of[flat_host[i]] for i in pos]], dtype=torch.int64)
@@ -594,23 +608,13 @@ class OffloadEngine:
         and reach the GPU in one copy with the slots (a pass and two copies per chunk cost a B=128 int4 step
         about 50 ms of host time on an H100: bench/results/offload_batch_profile_int4_u128_h100_11a61c9.txt)."""
         K, n = w_TK.shape[1], self.dequant_experts
-        where = {e: divmod(i, n) for i, e in enumerate(experts)}  # expert -> (chunk, workspace index)
-        chunks = -(-len(experts) // n)
-        cols = [[[] for _ in range(K)] for _ in range(chunks)]
-        for r, e in enumerate(flat_host):  # row r = t*K + k: each chunk's columns, rows ascending
-            at = where.get(e)
-            if at is not None:
-                cols[at[0]][r % K].append(r)
-        pos, spans = [], []
-        for chunk in cols:
-            begin = len(pos)
-            for col in chunk:
-                pos += col
-            spans.append((begin, len(pos), [len(col) for col in chunk]))
+        index_of = {e: i for i, e in enumerate(experts)}  # chunk i // n, workspace index i % n
+        chunk_of = {e: i // n for e, i in index_of.items()}
+        pos, spans = self._rows_by_chunk(flat_host, chunk_of, -(-len(experts) // n), K)
         if not pos:
             return
         # rows, their workspace index, then the wave's slots: one tensor, one copy
-        idx = torch.tensor(pos + [where[flat_host[r]][1] for r in pos] + list(slots), dtype=torch.int64)
+        idx = torch.tensor(pos + [index_of[flat_host[r]] % n for r in pos] + list(slots), dtype=torch.int64)
         if self.cuda:
             idx = idx.pin_memory().to(self.device, non_blocking=True)
         N = len(pos)

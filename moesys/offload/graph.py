@@ -256,8 +256,9 @@ class DecodeGraph:
     def _window_inputs(self, kwargs, cache, seen: int) -> dict | None:
         """`kwargs` (whose static cache is `cache`) with what a step of a full sliding-window cache must not
         derive from the cache's counters: the position (cache_position, or position_ids where the model has
-        no cache_position: transformers >= 5.2x) and the per-layer-type masks, built here as generate() builds them for a static cache, from the
-        true count of tokens `seen`. None where a mask is not a tensor (flex attention's BlockMask)."""
+        no cache_position: transformers >= 5.2x) and the per-layer-type masks, built here as generate()
+        builds them for a static cache, from the true count of tokens `seen`. None where a mask is not a
+        tensor (flex attention's BlockMask)."""
         ids = kwargs["input_ids"]
         out = dict(kwargs)
         if "cache_position" in self.forward_params:

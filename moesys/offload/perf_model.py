@@ -197,8 +197,8 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     rows_s = batch * w.top_k * w.expert_flops_per_row / hw.flops
     waves = dequant_waves(w, U, batch)
     if waves:  # each wave writes and reads its dequantized experts and runs its share of the routed rows
-        experts_s = w.num_layers * waves * (max(2 * chunk_experts(w) * w.dequant_bytes / hw.hbm_Bps, rows_s / waves)
-                                            + hw.wave_overhead_s)
+        dequant_s = 2 * chunk_experts(w) * w.dequant_bytes / hw.hbm_Bps
+        experts_s = w.num_layers * waves * (max(dequant_s, rows_s / waves) + hw.wave_overhead_s)
     else:
         experts_s = w.num_layers * max(U * w.expert_bytes / hw.hbm_Bps, rows_s)
     kv_bytes = batch * context * w.kv_bytes_per_token

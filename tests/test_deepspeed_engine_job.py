@@ -154,3 +154,27 @@ def test_torch_autocast_zero2_equals_the_torch_engine_in_bf16(tmp_path):
     bf16 = _run(tmp_path / "bf16", *items, *DEEPSPEED, nproc=1)  # bf16 parameters: another precision
     with pytest.raises(AssertionError):
         _same_curve(bf16, ref, "the tolerance tells bf16 parameters apart", rel=1e-4)
+
+
+def test_clip_in_the_fused_step_takes_zeros_norm_and_skips_a_non_finite_one():
+    """With fused AdamW the engine hands DeepSpeed gradient_clipping 0 and clips inside AdamW's kernel from
+    ZeRO's norm: the torch engine's factor; ZeRO's -1 (its mark of a non-finite norm) skips the update
+    (weights untouched), None (no norm yet) leaves the step unclipped."""
+    from moesys.integrations.deepspeed_engine import clip_in_fused_step_from_zero
+
+    def step(norm):
+        w = torch.nn.Parameter(torch.ones(4))
+        opt = torch.optim.AdamW([w], lr=0.1, fused=True, weight_decay=0.0)
+        w.grad = torch.full((4,), 3.0)
+        clip_in_fused_step_from_zero(opt, norm, max_norm=2.0)
+        opt.step()
+        return w.detach(), opt
+
+    w, opt = step(torch.tensor(6.0))
+    assert float(opt.grad_scale) == pytest.approx(3.0) and float(opt.found_inf) == 0.0
+    assert (w < 1).all()
+    for invalid in (torch.tensor(-1.0), torch.tensor(float("nan")), float("inf")):
+        w, opt = step(invalid)
+        assert float(opt.found_inf) == 1.0 and torch.equal(w, torch.ones(4)), invalid
+    w, opt = step(None)
+    assert opt.grad_scale is None and opt.found_inf is None and (w < 1).all()

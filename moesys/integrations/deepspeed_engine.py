@@ -16,8 +16,12 @@ How moesys's experts become DeepSpeed MoE parameters:
 
 Gradient math equals the torch engine's: DeepSpeed divides the loss by gradient_accumulation_steps
 and every reduced gradient by the data-parallel world size (expert gradients are already summed over
-their ep group by the all-to-all's backward), clips by the global norm over all experts with the same
-factor, and steps moesys's own AdamW (the `torch.optim.AdamW` from `moesys.train.build_optimizer`).
+their ep group by the all-to-all's backward), computes the global norm over all experts, and steps
+moesys's own AdamW (the `torch.optim.AdamW` from `moesys.train.build_optimizer`). The clip factor is the
+torch engine's too, and applied where the torch engine applies it: with fused AdamW, inside its kernel
+(`grad_scale`, set by a step pre-hook from ZeRO's norm; DeepSpeed gets gradient_clipping 0 and so skips
+its own pass over the fp32 gradient partition), a non-finite norm skipping the update (`found_inf`);
+otherwise DeepSpeed clips.
 
 Checkpoints stay moesys's (moesys.checkpoint): the fp32 master weights and the AdamW moments are
 gathered from ZeRO's partitions per parameter (`deepspeed.utils.safe_get_full_*`, collectives over
@@ -52,6 +56,7 @@ from moesys.layers.experts import Experts
 from moesys.parallel.bootstrap import _free_port
 from moesys.parallel.ep import ExpertParallelExperts
 from moesys.parallel.handle import ParallelHandle
+from moesys.train import clip_in_fused_step
 
 __all__ = ["DeepSpeedEngine"]
 
@@ -105,6 +110,20 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def clip_in_fused_step_from_zero(optimizer: torch.optim.Optimizer, norm: torch.Tensor | float | None,
+                                 max_norm: float) -> None:
+    """moesys.train.clip_in_fused_step with ZeRO's global gradient norm, which DeepSpeed has computed by the
+    time it steps the optimizer. ZeRO reports a non-finite norm as -1 (and as None before its first step,
+    e.g. the lr-0 step that creates AdamW's state on resume): -1 skips the update as a non-finite norm
+    does under the torch engine; None leaves the gradients as they are."""
+    if norm is None:
+        optimizer.grad_scale = optimizer.found_inf = None
+        return
+    norm = torch.as_tensor(norm, dtype=torch.float32)
+    invalid = (norm < 0) | ~torch.isfinite(norm)
+    clip_in_fused_step(optimizer, torch.where(invalid, torch.full_like(norm, float("inf")), norm), max_norm)
+
+
 class DeepSpeedEngine:
     """The trainer's hook (moesys.train): `prepare` before the optimizer is built, `start` after the
     weights are loaded, then per micro-batch `forward` / `backward`, per step `grad_norm`, and
@@ -143,9 +162,15 @@ class DeepSpeedEngine:
                                     timeout=self.ctx.timeout or timedelta(minutes=10))
             self._own_group = True
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        ds_config = self.ds_config
+        max_norm = ds_config["gradient_clipping"]
+        if max_norm > 0 and optimizer.defaults.get("fused"):  # clip inside fused AdamW, not in ZeRO's own pass
+            ds_config = {**ds_config, "gradient_clipping": 0.0}
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: clip_in_fused_step_from_zero(
+                opt, self.engine.optimizer._global_grad_norm, max_norm))
         # In bf16 DeepSpeed casts the parameters only: buffers (rotary tables, the aux-loss-free router
         # bias) stay fp32, as under the torch engine's autocast (tests/test_deepspeed_engine_job.py).
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds_config)
         if resume_from is not None:
             self._restore(resume_from, optimizer)
 

@@ -180,23 +180,55 @@ def profile_moesys(config, device: torch.device, path: Path | None) -> None:
         for _ in range(2):
             step()
         _sync(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    averages = prof.key_averages()
-    # Wall time against the kernels' summed device time says whether the step is GPU- or host-bound; only
-    # the kernels themselves count (an op's row repeats its kernels' time).
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    device_ms = sum(e.device_time_total for e in kernels) / 2 / 1e3
-    by_kernel: dict[str, list[float]] = {}
-    for e in kernels:
-        by_kernel.setdefault(e.name, []).append(e.device_time_total / 2 / 1e3)
-    top = sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:60]
-    kernel_lines = [f"{sum(v):8.3f} ms {len(v) // 2:5d}x  {name[:110]}" for name, v in top]
-    table = (f"step wall {wall_ms:.1f} ms (unprofiled), kernels' device time {device_ms:.1f} ms per step\n"
-             "top kernels per step (ms, launches):\n" + "\n".join(kernel_lines) + "\n\n"
-             + averages.table(sort_by=sort, row_limit=60, max_name_column_width=60))
+    table = kernel_table(prof, 2, device, f"step wall {wall_ms:.1f} ms (unprofiled)")
     print(table)
     if path is not None:
         path.write_text(table)
+
+
+def kernel_table(prof, steps: int, device: torch.device, header: str) -> str:
+    """torch.profiler's result as text: the kernels' summed device time per step (against the wall time in
+    `header` it says whether the step is GPU- or host-bound; only kernels count, an op's row repeats its
+    kernels' time), the top kernels, then the ops sorted by their device time."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_ms = sum(e.device_time_total for e in kernels) / steps / 1e3
+    by_kernel: dict[str, list[float]] = {}
+    for e in kernels:
+        by_kernel.setdefault(e.name, []).append(e.device_time_total / steps / 1e3)
+    top = sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:60]
+    kernel_lines = [f"{sum(v):8.3f} ms {len(v) // steps:5d}x  {name[:110]}" for name, v in top]
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return (f"{header}, kernels' device time {device_ms:.1f} ms per step\n"
+            "top kernels per step (ms, launches):\n" + "\n".join(kernel_lines) + "\n\n"
+            + prof.key_averages().table(sort_by=sort, row_limit=80, max_name_column_width=60))
+
+
+def profile_trainer(config, device: torch.device, path: Path, steps: int) -> None:
+    """Profile two steps of the real trainer (`moesys.train.train`, so either engine: `--set
+    train.engine=deepspeed` profiles DeepSpeed's backward hooks and ZeRO step too) after `steps - 2` steps
+    of warm-up. The profiler advances at the end of each step: this wraps the trainer's `_end_step`."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    import moesys.train as trainer
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    end_step = trainer._end_step
+    times: list[float] = []
+    with profile(activities=activities, schedule=schedule(wait=steps - 3, warmup=1, active=2)) as prof:
+        def end_step_then_advance(run, stats):
+            end_step(run, stats)
+            _sync(device)
+            times.append(time.perf_counter())
+            prof.step()
+        trainer._end_step = end_step_then_advance
+        try:
+            bench_moesys(config, steps, steps // 2)
+        finally:
+            trainer._end_step = end_step
+    # the steps before the profiled ones are timed with a sync per step (no profiler running)
+    wall_ms = (times[steps - 4] - times[steps - 9]) / 5 * 1e3
+    table = kernel_table(prof, 2, device, f"{config.train.engine} engine: step wall {wall_ms:.1f} ms (synchronised "
+                                          "each step, unprofiled)")
+    print(table)
+    path.write_text(table)
 
 
 def run_impls(runs, skip, common: dict, flops_tok: float, peak, device: torch.device) -> list[dict]:
@@ -256,6 +288,9 @@ def main() -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (checks the script, not speed)")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="only profile two moesys steps and write the kernel table to FILE")
+    parser.add_argument("--profile-trainer", default=None, metavar="FILE",
+                        help="only profile two steps of the trainer itself (--set train.engine=deepspeed for "
+                             "DeepSpeed's) after --steps - 2 warm-up steps; the kernel table goes to FILE")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("bench/train_small.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
@@ -273,6 +308,11 @@ def main() -> int:
     peak = peak_flops(device, config.log.peak_tflops)
     if args.profile:
         profile_moesys(config, device, Path(args.profile))
+        return 0
+    if args.profile_trainer:
+        if args.steps < 10:
+            parser.error("--profile-trainer needs --steps >= 10 (warm-up, five timed steps, two profiled)")
+        profile_trainer(config, device, Path(args.profile_trainer), args.steps)
         return 0
     m, moe, d = config.model, config.moe, config.data
     shape = {"hidden": m.hidden_size, "layers": m.num_layers, "heads": m.num_heads, "experts": moe.num_experts,

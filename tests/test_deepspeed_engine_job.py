@@ -156,17 +156,17 @@ def test_torch_autocast_zero2_equals_the_torch_engine_in_bf16(tmp_path):
         _same_curve(bf16, ref, "the tolerance tells bf16 parameters apart", rel=1e-4)
 
 
-def test_clip_in_the_fused_step_takes_zeros_norm_and_skips_a_non_finite_one():
+def test_clip_in_the_fused_step_skips_a_non_finite_norm():
     """With fused AdamW the engine hands DeepSpeed gradient_clipping 0 and clips inside AdamW's kernel from
-    ZeRO's norm: the torch engine's factor; ZeRO's -1 (its mark of a non-finite norm) skips the update
-    (weights untouched), None (no norm yet) leaves the step unclipped."""
-    from moesys.integrations.deepspeed_engine import clip_in_fused_step_from_zero
+    its own norm: the torch engine's factor; a non-finite norm, or ZeRO's -1 (its mark of one), skips the
+    update (weights untouched), None (no norm yet, or no clipping) leaves the step unclipped."""
+    from moesys.integrations.deepspeed_engine import clip_in_fused_step_checked
 
     def step(norm):
         w = torch.nn.Parameter(torch.ones(4))
         opt = torch.optim.AdamW([w], lr=0.1, fused=True, weight_decay=0.0)
         w.grad = torch.full((4,), 3.0)
-        clip_in_fused_step_from_zero(opt, norm, max_norm=2.0)
+        clip_in_fused_step_checked(opt, norm, max_norm=2.0)
         opt.step()
         return w.detach(), opt
 

@@ -17,11 +17,16 @@ How moesys's experts become DeepSpeed MoE parameters:
 Gradient math equals the torch engine's: DeepSpeed divides the loss by gradient_accumulation_steps
 and every reduced gradient by the data-parallel world size (expert gradients are already summed over
 their ep group by the all-to-all's backward), computes the global norm over all experts, and steps
-moesys's own AdamW (the `torch.optim.AdamW` from `moesys.train.build_optimizer`). The clip factor is the
-torch engine's too, and applied where the torch engine applies it: with fused AdamW, inside its kernel
-(`grad_scale`, set by a step pre-hook from ZeRO's norm; DeepSpeed gets gradient_clipping 0 and so skips
-its own pass over the fp32 gradient partition), a non-finite norm skipping the update (`found_inf`);
-otherwise DeepSpeed clips.
+moesys's own AdamW (the `torch.optim.AdamW` from `moesys.train.build_optimizer`). With fused AdamW the
+norm and the clip are the torch engine's, taken where it takes them: the norm in fp32 over ZeRO's reduced
+gradient partitions (one foreach norm, one all-reduce of its square over all ranks: every dense element
+lives in one rank's partition, every expert element in one rank of its expert-data-parallel group),
+the clip inside AdamW's kernel (`grad_scale`, set by a step pre-hook), a non-finite norm skipping the
+update (`found_inf`). DeepSpeed then gets gradient_clipping 0 and compute_grad_norm false: its own norm
+converts every gradient to fp64 first and its clip is another pass over the fp32 partition, 6-8 ms of a
+93 ms step of configs/small.yaml on an H100 (bench/results/train_small_deepspeed_profile_h100_fd052fb.txt).
+Otherwise (foreach AdamW, or DeepSpeed's BF16_Optimizer: ZeRO-1 with bf16 parameters and fp32 gradient
+accumulation) DeepSpeed computes the norm and clips.
 
 Checkpoints stay moesys's (moesys.checkpoint): the fp32 master weights and the AdamW moments are
 gathered from ZeRO's partitions per parameter (`deepspeed.utils.safe_get_full_*`, collectives over
@@ -45,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state)
 from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
@@ -55,7 +61,7 @@ from moesys.integrations.deepspeed_config import resolve_deepspeed_config
 from moesys.layers.experts import Experts
 from moesys.parallel.bootstrap import _free_port
 from moesys.parallel.ep import ExpertParallelExperts
-from moesys.parallel.handle import ParallelHandle
+from moesys.parallel.handle import ParallelHandle, total_norm
 from moesys.train import clip_in_fused_step
 
 __all__ = ["DeepSpeedEngine"]
@@ -110,12 +116,20 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def clip_in_fused_step_from_zero(optimizer: torch.optim.Optimizer, norm: torch.Tensor | float | None,
-                                 max_norm: float) -> None:
-    """moesys.train.clip_in_fused_step with ZeRO's global gradient norm, which DeepSpeed has computed by the
-    time it steps the optimizer. ZeRO reports a non-finite norm as -1 (and as None before its first step,
-    e.g. the lr-0 step that creates AdamW's state on resume): -1 skips the update as a non-finite norm
-    does under the torch engine; None leaves the gradients as they are."""
+def _bf16_optimizer(ds: dict) -> bool:
+    """Whether deepspeed.initialize builds its BF16_Optimizer (ZeRO-1 with bf16 parameters and fp32 gradient
+    accumulation), which keeps no `averaged_gradients` and refuses compute_grad_norm false."""
+    accum = str((ds.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+    return bool(ds["bf16"].get("enabled")) and ds["zero_optimization"]["stage"] == 1 and accum in (
+        "fp32", "float32", "float", "torch.float32")
+
+
+def clip_in_fused_step_checked(optimizer: torch.optim.Optimizer, norm: torch.Tensor | float | None,
+                               max_norm: float) -> None:
+    """moesys.train.clip_in_fused_step, with the marks of a norm that is not there: a negative one (ZeRO's
+    mark of a non-finite norm) skips the update as a non-finite norm does under the torch engine; None (no
+    norm yet, e.g. the lr-0 step that creates AdamW's state on resume, or no clipping) leaves the
+    gradients as they are."""
     if norm is None:
         optimizer.grad_scale = optimizer.found_inf = None
         return
@@ -144,6 +158,8 @@ class DeepSpeedEngine:
         self.module = _EngineModule(model, marker)
         self.engine = None
         self._own_group = False
+        self._own_norm = False  # moesys computes the norm and clips (start)
+        self._norm: torch.Tensor | None = None  # the last step's, with _own_norm
 
     @staticmethod
     def split_groups(groups: list[dict]) -> list[dict]:
@@ -163,14 +179,17 @@ class DeepSpeedEngine:
             self._own_group = True
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         ds_config = self.ds_config
-        max_norm = ds_config["gradient_clipping"]
-        if max_norm > 0 and optimizer.defaults.get("fused"):  # clip inside fused AdamW, not in ZeRO's own pass
-            ds_config = {**ds_config, "gradient_clipping": 0.0}
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: clip_in_fused_step_from_zero(
-                opt, self.engine.optimizer._global_grad_norm, max_norm))
+        self._own_norm = bool(optimizer.defaults.get("fused")) and not _bf16_optimizer(ds_config)
+        if self._own_norm:  # the norm and the clip as the torch engine takes them (the module docstring)
+            zero = {**ds_config["zero_optimization"], "compute_grad_norm": False}
+            ds_config = {**ds_config, "gradient_clipping": 0.0, "zero_optimization": zero}
+            optimizer.register_step_pre_hook(self._clip_in_step)
         # In bf16 DeepSpeed casts the parameters only: buffers (rotary tables, the aux-loss-free router
         # bias) stay fp32, as under the torch engine's autocast (tests/test_deepspeed_engine_job.py).
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds_config)
+        if self._own_norm and not isinstance(self.zero, DeepSpeedZeroOptimizer):
+            raise RuntimeError(f"train.engine=deepspeed: expected DeepSpeed's ZeRO-1/2 optimizer, got "
+                               f"{type(self.zero).__name__}; moesys reads the gradient partitions of the former")
         if resume_from is not None:
             self._restore(resume_from, optimizer)
 
@@ -184,13 +203,33 @@ class DeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         """One micro-batch's backward. DeepSpeed divides the loss by gradient_accumulation_steps and,
-        after the step's last micro-batch, reduces, clips and steps AdamW (then zeroes the gradients)."""
+        after the step's last micro-batch, reduces the gradients into ZeRO's partitions (inside its
+        backward), then clips and steps AdamW (then zeroes the gradients)."""
         self.engine.backward(loss)
+        if self._own_norm and self.engine.is_gradient_accumulation_boundary():
+            self._norm = self._partition_norm()
         self.engine.step()
+
+    def _partition_norm(self) -> torch.Tensor:
+        """The global gradient norm (fp32) from ZeRO's reduced gradient partitions on every rank: this rank's
+        partition of each parameter group (padding is zeros), its square summed over all ranks."""
+        grads = []
+        for group in self.zero.averaged_gradients.values():
+            flat = getattr(group, "flat_partition", None)  # bf16 parameters: one fp32 buffer per group
+            grads += [flat] if flat is not None else [g for g in group or () if g is not None]
+        sumsq = total_norm(grads).square() if grads else torch.zeros((), device=self.ctx.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(sumsq)
+        return sumsq.sqrt()
+
+    def _clip_in_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        """AdamW's step pre-hook: the step's clip from moesys's norm (None, before any backward: unclipped)."""
+        max_norm = self.ds_config["gradient_clipping"]
+        clip_in_fused_step_checked(optimizer, self._norm if max_norm > 0 else None, max_norm)
 
     def grad_norm(self) -> torch.Tensor:
         """The step's global gradient norm before clipping (over every rank's experts)."""
-        norm = self.engine.get_global_grad_norm()
+        norm = self._norm if self._own_norm else self.engine.get_global_grad_norm()
         assert norm is not None, "DeepSpeed did not compute the gradient norm (gradient_clipping is always set)"
         return torch.as_tensor(norm, dtype=torch.float64, device=self.ctx.device)
 

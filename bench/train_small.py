@@ -190,7 +190,9 @@ def kernel_table(prof, steps: int, device: torch.device, header: str) -> str:
     """torch.profiler's result as text: the kernels' summed device time per step (against the wall time in
     `header` it says whether the step is GPU- or host-bound; only kernels count, an op's row repeats its
     kernels' time), the top kernels, then the ops sorted by their device time."""
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # the device rows of user annotations (ProfilerStep#, Optimizer.step#...) span kernels: not kernels
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and not e.name.startswith("ProfilerStep")]
     device_ms = sum(e.device_time_total for e in kernels) / steps / 1e3
     by_kernel: dict[str, list[float]] = {}
     for e in kernels:

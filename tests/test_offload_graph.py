@@ -27,7 +27,7 @@ def _slots_hold_their_experts(engine):
     cache, store = engine.cache, engine.store
     assert cache.slot_of, "nothing resident"
     for (layer, e), slot in cache.slot_of.items():
-        src = store._views(store.arena[store._index(layer, e)])
+        src = store._views(store.arena[store.row_index(layer, e)])
         for name, pool in cache.pools.items():
             assert torch.equal(pool[slot].cpu(), src[name]), (layer, e, slot, name)
 
@@ -44,13 +44,15 @@ def _table_matches_host(engine):
                                    [(0, 48), (64, 16), (256, 120)],                  # one launch, 3 parts
                                    [(0, 8), (8, 16), (24, 8), (32, 40), (256, 64)]])  # two launches: 4 + 1
 @pytest.mark.parametrize("block", [4, None])
-@pytest.mark.parametrize("use_kernel", [False, True])
-def test_copy_parts_copies_the_chosen_rows_only(parts, block, use_kernel, monkeypatch):
+@pytest.mark.parametrize("use_kernel, programs", [(False, None), (True, None), (True, 3)],
+                         ids=["reference", "kernel", "kernel-3-programs"])
+def test_copy_parts_copies_the_chosen_rows_only(parts, block, use_kernel, programs, monkeypatch):
     """Arena rows src_K (byte ranges [offset, offset + nbytes), each into its own pool) into pool rows
     dst_K; -1 skips a row, also one that shares a copied row's slot (a batch's repeated expert: skipped rows
     must not write back over the copy). The kernel (under TRITON_INTERPRET on a CPU; on a GPU from pinned memory) and
     the reference agree with a plain loop; odd byte counts take the byte-wide variant; 4-word blocks make
-    parts span several blocks, so each program has to find its part and its block within it."""
+    parts span several blocks, so each program has to find its part and its block within it; 3 programs
+    (the host path's bounded grid) each loop over rows and blocks."""
     if block is not None:
         monkeypatch.setattr(slot_copy, "_BLOCK", block)
     g = torch.Generator().manual_seed(0)
@@ -66,7 +68,7 @@ def test_copy_parts_copies_the_chosen_rows_only(parts, block, use_kernel, monkey
         arena, src_K, dst_K = arena.pin_memory(), src_K.cuda(), dst_K.cuda()
         pools = [pool.cuda() for pool in pools]
     slot_copy.copy_parts(arena, [(offset, nbytes, pool) for (offset, nbytes), pool in zip(parts, pools)],
-                         src_K, dst_K, use_kernel=use_kernel)
+                         src_K, dst_K, use_kernel=use_kernel, programs=programs)
     for pool, w in zip(pools, want):
         assert torch.equal(pool.cpu(), w)
 

@@ -45,13 +45,11 @@ if triton is not None:
         tl.store(dst_ptr + d * row_words + offs, v, mask=m)
 
     @triton.jit
-    def _copy_rows_kernel(src_ptr, src_idx_ptr, dst_idx_ptr, src_row_words,
-                          dst0, off0, words0, dst1, off1, words1, dst2, off2, words2, dst3, off3, words3,
-                          end0, end1, end2, PARTS: tl.constexpr, BLOCK: tl.constexpr):
-        """Program (k, b): block b of the parts' blocks laid end to end (part j ends before block end_j), of
-        routed row k; a row whose src index is < 0 is skipped."""
-        k = tl.program_id(0)
-        b = tl.program_id(1)
+    def _copy_row_block(src_ptr, src_idx_ptr, dst_idx_ptr, src_row_words, k, b,
+                        dst0, off0, words0, dst1, off1, words1, dst2, off2, words2, dst3, off3, words3,
+                        end0, end1, end2, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+        """Block b of the parts' blocks laid end to end (part j ends before block end_j), of routed row k; a
+        row whose src index is < 0 is skipped."""
         s = tl.load(src_idx_ptr + k)
         if s >= 0:
             d = tl.load(dst_idx_ptr + k)
@@ -67,6 +65,25 @@ if triton is not None:
                 if b >= end2:
                     _copy_block(src_ptr, dst3, s, d, src_row_words, off3, words3, b - end2, BLOCK)
 
+    @triton.jit
+    def _copy_rows_kernel(src_ptr, src_idx_ptr, dst_idx_ptr, src_row_words,
+                          dst0, off0, words0, dst1, off1, words1, dst2, off2, words2, dst3, off3, words3,
+                          end0, end1, end2, end3, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (k, b) copies block b of row k."""
+        _copy_row_block(src_ptr, src_idx_ptr, dst_idx_ptr, src_row_words, tl.program_id(0), tl.program_id(1),
+                        dst0, off0, words0, dst1, off1, words1, dst2, off2, words2, dst3, off3, words3,
+                        end0, end1, end2, PARTS, BLOCK)
+
+    @triton.jit
+    def _copy_rows_persistent_kernel(src_ptr, src_idx_ptr, dst_idx_ptr, src_row_words,
+                                     dst0, off0, words0, dst1, off1, words1, dst2, off2, words2, dst3, off3, words3,
+                                     end0, end1, end2, end3, rows, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+        """A fixed number of programs, each looping over (row, block) work items with the grid's stride."""
+        for w in range(tl.program_id(0), rows * end3, tl.num_programs(0)):
+            _copy_row_block(src_ptr, src_idx_ptr, dst_idx_ptr, src_row_words, w // end3, w % end3,
+                            dst0, off0, words0, dst1, off1, words1, dst2, off2, words2, dst3, off3, words3,
+                            end0, end1, end2, PARTS, BLOCK)
+
 
 def _word_dtype(*nbytes: int) -> torch.dtype:
     for size, dt in ((8, torch.int64), (4, torch.int32), (2, torch.int16)):
@@ -76,12 +93,15 @@ def _word_dtype(*nbytes: int) -> torch.dtype:
 
 
 def copy_parts(arena_NB: torch.Tensor, parts: list, src_K: torch.Tensor, dst_K: torch.Tensor,
-               use_kernel: bool | None = None) -> None:
+               use_kernel: bool | None = None, programs: int | None = None) -> None:
     """For each (offset, nbytes, pool) of `parts`: copy bytes [offset, offset + nbytes) of arena rows src_K
     (uint8 [N, row bytes], host memory) into rows dst_K of `pool` ([S, ...], nbytes per row); entries with
     src_K < 0 are skipped. One kernel launch per 4 parts: decode replays this per layer and token, and when
     every expert hits, the launches are all it costs. use_kernel: None = the Triton kernel for CUDA pools,
-    the reference otherwise."""
+    the reference otherwise. `programs`: None = one program per block of each row (the copy has the GPU to
+    itself, as in the decode graph); a number = at most that many programs, each looping over blocks (the
+    host path's copies run beside the compute of the waves: a full grid would hold every SM while it waits
+    on PCIe, and a few programs already keep enough reads in flight)."""
     wdt = _word_dtype(arena_NB.shape[1], *(n for offset, nbytes, _ in parts for n in (offset, nbytes)))
     size = torch.empty((), dtype=wdt).element_size()
     src_NW = arena_NB.view(wdt)
@@ -102,6 +122,11 @@ def copy_parts(arena_NB: torch.Tensor, parts: list, src_K: torch.Tensor, dst_K: 
             args += [group[0][1], 0, 0]
         while len(ends) < _MAX_PARTS:
             ends.append(ends[-1])
-        grid = (src_K.numel(), ends[-1])
-        _copy_rows_kernel[grid](src_NW, src_K, dst_K, src_NW.shape[1], *args, *ends[:3], PARTS=len(group),
-                                BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        common = (src_NW, src_K, dst_K, src_NW.shape[1], *args, *ends)
+        if programs is None:
+            _copy_rows_kernel[(src_K.numel(), ends[-1])](*common, PARTS=len(group), BLOCK=_BLOCK,
+                                                         num_warps=_NUM_WARPS)
+        else:
+            grid = (max(1, min(programs, src_K.numel() * ends[-1])),)
+            _copy_rows_persistent_kernel[grid](*common, src_K.numel(), PARTS=len(group), BLOCK=_BLOCK,
+                                               num_warps=_NUM_WARPS)

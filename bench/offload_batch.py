@@ -198,6 +198,9 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--no-accelerate", action="store_true")
+    ap.add_argument("--copy-programs", type=int, default=None,
+                    help="the offloaded rows' copy kernel grid (OffloadEngine.copy_programs; 0 = a cudaMemcpy "
+                         "per expert part, the copies before the copy kernel); default: the engine's")
     ap.add_argument("--batch-graph", action="store_true",
                     help="also the decode graph's batch steps (generate_batch(graph=True)) next to the host-routed "
                          "ones, the model's own routing (an override's per-step draw cannot be replayed), bf16, "
@@ -308,6 +311,9 @@ def main():
         model = mo.load(path, gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=False,
                         quantize_experts=quantize, experts_implementation=impls[0])
         engine = model.moesys_offload
+        if args.copy_programs is not None:
+            engine.copy_programs = args.copy_programs
+        base["copy_programs"] = engine.copy_programs
         w = workload_of(engine, model.config)
         uniform = RoutingStats.uniform(w.num_experts, w.top_k)
         context = args.prompt_len + args.new_tokens // 2

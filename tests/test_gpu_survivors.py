@@ -243,25 +243,35 @@ def _teacher_forced_logits(model, ids_BT, prefill):
     return torch.cat(logits).float()
 
 
-def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mixtral, monkeypatch):
+@pytest.mark.parametrize("programs", [None, 0], ids=["copy-kernel", "memcpy-per-part"])
+def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mixtral, monkeypatch, programs):
     """A prefill whose layers need all 8 experts from a bank of 6 (pipelined waves: a wave's copies evict the
-    wave before it, whose compute is queued) and decode steps that evict other layers' experts. Every load
-    copies its own (layer, expert) on the copy stream, marks its slot pending for its layer, and makes the
-    copy stream wait for exactly the evicted expert's layer's last-use event (none for a free slot). Each
-    wave's compute is held back by a sleep kernel, so a copy that does not wait overwrites the slots before
-    they are read: the logits of every position must still equal the model fully on the GPU."""
+    wave before it, whose compute is queued) and decode steps that evict other layers' experts. Every run of
+    copies (a wave's misses, a prefetch) copies exactly its allocated (layer, expert) -> slot pairs on the
+    copy stream (small experts: one bounded-grid launch of slot_copy's kernel; with copy_programs 0, the
+    large experts' way: a cudaMemcpy per part, store.copy_to), after making the copy stream wait for exactly
+    the evicted experts' layers' last-use events (each once, none for free slots), and marks its slots
+    pending for its layer under one event. Each wave's compute is held back by a sleep kernel, so a copy that
+    does not wait overwrites the slots before they are read: the logits of every position must still equal
+    the model fully on the GPU."""
     from transformers import AutoModelForCausalLM
 
+    from moesys.offload import engine as engine_module, slot_copy
+
     model, engine = _offloaded(mixtral)
+    assert engine.copy_programs == engine_module.COPY_PROGRAMS  # tiny experts take the kernel
+    if programs is not None:
+        engine.copy_programs = programs
     _cycles_per_second()  # calibrated before the forward: its sync would hold the host
     log = []
     prefill = engine.strategies["prefill"]
-    allocate, copy_to, load, run_wave = engine.cache.allocate, engine.store.copy_to, engine._load, prefill.run_wave
+    allocate, copy_parts, copy_run, run_wave = (engine.cache.allocate, slot_copy.copy_parts, engine._copy_run,
+                                                prefill.run_wave)
     wait_event = torch.cuda.Stream.wait_event
 
     def logged_allocate(key, protect):
         slot, evicted = allocate(key, protect)
-        log.append(("alloc", evicted, None if evicted is None else engine.layer_used.get(evicted[0])))
+        log.append(("alloc", key, slot, evicted, None if evicted is None else engine.layer_used.get(evicted[0])))
         return slot, evicted
 
     def logged_wait(stream, event):
@@ -269,24 +279,33 @@ def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mix
             log.append(("wait", event))
         return wait_event(stream, event)
 
-    loads = []
+    def logged_copy(arena, parts, src, dst, **kw):  # the indices are read after the forward (reading syncs)
+        log.append(("copy", src, dst, torch.cuda.current_stream() == engine.copy_stream, kw))
+        return copy_parts(arena, parts, src, dst, **kw)
 
-    def checked_load(key, protect):
+    copy_to = engine.store.copy_to
+
+    def logged_copy_to(layer, e, views):
+        log.append(("copy_to", (layer, e), torch.cuda.current_stream() == engine.copy_stream))
+        return copy_to(layer, e, views)
+
+    runs, last_end = [], [0]
+
+    def checked_run(layer, experts, slots, waits):
         first = len(log)
-        slot = load(key, protect)
-        (evicted, last_use), = [e[1:] for e in log[first:] if e[0] == "alloc"]
-        loads.append(dict(key=key, evicted=evicted, last_use=last_use, slot_pending=slot in engine.pending[key[0]],
-                          waits=[e[1] for e in log[first:] if e[0] == "wait"],
-                          copies=[e[1] for e in log[first:] if e[0] == "copy"]))
-        return slot
+        copy_run(layer, experts, slots, waits)
+        if experts:  # the allocations since the previous run are this run's (_ensure / _prefetch: then the copy)
+            runs.append(dict(layer=layer, experts=list(experts), slots=list(slots), log=log[first:],
+                             allocs=[e for e in log[last_end[0]:first] if e[0] == "alloc"],
+                             pending=set(slots) <= engine.pending[layer],
+                             events={id(engine.cache.ready[s]) for s in slots}))
+        last_end[0] = len(log)
 
     waves = []
     monkeypatch.setattr(engine.cache, "allocate", logged_allocate)
-    on_side_stream = []  # each copy is issued on the copy stream (its callers enter it once per run of loads)
-    monkeypatch.setattr(engine.store, "copy_to", lambda layer, e, views: log.append(("copy", (layer, e)))
-                        or on_side_stream.append(torch.cuda.current_stream() == engine.copy_stream)
-                        or copy_to(layer, e, views))
-    monkeypatch.setattr(engine, "_load", checked_load)
+    monkeypatch.setattr(slot_copy, "copy_parts", logged_copy)
+    monkeypatch.setattr(engine.store, "copy_to", logged_copy_to)
+    monkeypatch.setattr(engine, "_copy_run", checked_run)
     monkeypatch.setattr(prefill, "run_wave", lambda layer, *a: waves.append(layer) or _gpu_sleep(0.005)
                         or run_wave(layer, *a))
     monkeypatch.setattr(torch.cuda.Stream, "wait_event", logged_wait)
@@ -298,22 +317,43 @@ def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mix
     torch.testing.assert_close(got, _teacher_forced_logits(ref, ids, prefill=32), rtol=1e-5, atol=1e-5)
 
     assert all(waves.count(layer) >= 2 for layer in engine.inner), waves  # every layer's prefill ran in waves
-    assert on_side_stream and all(on_side_stream), on_side_stream
-    for load_ in loads:
-        assert load_["copies"] == [load_["key"]] and load_["slot_pending"], load_
-        want = [] if load_["last_use"] is None else [load_["last_use"]]
-        assert len(load_["waits"]) == len(want) and all(a is b for a, b in zip(load_["waits"], want)), load_
-    evicting = [x for x in loads if x["last_use"] is not None]
-    assert any(x["evicted"][0] == x["key"][0] for x in evicting)  # a wave evicting its own layer's earlier wave
-    assert any(x["evicted"][1] != x["evicted"][0] for x in evicting)  # an expert id that is not its layer's
+    allocs = [e for e in log if e[0] == "alloc"]
+    assert sum(len(r["allocs"]) for r in runs) == len(allocs) > 0  # every allocation belongs to a run
+    for run in runs:
+        mine = run["allocs"]
+        assert [a[1] for a in mine] == [(run["layer"], e) for e in run["experts"]], run
+        assert [a[2] for a in mine] == run["slots"], run
+        kernel, per_part = ([e for e in run["log"] if e[0] == kind] for kind in ("copy", "copy_to"))
+        if engine.copy_programs:
+            (_, src, dst, on_copy_stream, kw), = kernel
+            assert not per_part, run
+            assert src.tolist() == [engine.store.row_index(run["layer"], e) for e in run["experts"]], run
+            assert dst.tolist() == run["slots"] and on_copy_stream, run
+            assert kw.get("programs") == engine.copy_programs, kw
+        else:
+            assert not kernel and [e[1] for e in per_part] == [(run["layer"], e) for e in run["experts"]], run
+            assert all(e[2] for e in per_part), run
+        want, seen = [], set()
+        for a in mine:
+            if a[4] is not None and id(a[4]) not in seen:
+                seen.add(id(a[4]))
+                want.append(a[4])
+        waits = [e[1] for e in run["log"] if e[0] == "wait"]
+        assert len(waits) == len(want) and all(a is b for a, b in zip(waits, want)), run
+        assert run["pending"] and len(run["events"]) == 1 and id(None) not in run["events"], run
+    evicting = [a for a in allocs if a[4] is not None]
+    assert any(a[3][0] == a[1][0] for a in evicting)  # a wave evicting its own layer's earlier wave
+    assert any(a[3][1] != a[3][0] for a in evicting)  # an expert id that is not its layer's
+    assert any(len(r["experts"]) > 1 for r in runs)  # a run of several copies in one launch
 
 
 def _slow_copies(engine, monkeypatch, seconds=0.03):
-    """Each expert copy starts after a sleep kernel on the copy stream: its event stays pending that long."""
-    copy_to = engine.store.copy_to
+    """Each run of copies starts after a sleep kernel on the copy stream: its event stays pending that long."""
+    from moesys.offload import slot_copy
+
+    copy_parts = slot_copy.copy_parts
     _cycles_per_second()
-    monkeypatch.setattr(engine.store, "copy_to", lambda layer, e, views: _gpu_sleep(seconds)
-                        or copy_to(layer, e, views))
+    monkeypatch.setattr(slot_copy, "copy_parts", lambda *a, **kw: _gpu_sleep(seconds) or copy_parts(*a, **kw))
 
 
 def test_wait_returns_once_each_slots_copy_has_landed_and_times_it(mixtral, monkeypatch):

@@ -166,9 +166,9 @@ def test_waves_copy_ahead_of_the_compute_and_run_grouped(paths, monkeypatch):
     engine._ensure(0, [5, 6])
     engine.reset_stats()
     events = []
-    copy_to, rows = engine.store.copy_to, engine._run_grouped_rows
-    monkeypatch.setattr(engine.store, "copy_to", lambda layer, e, views: events.append(("copy", e))
-                        or copy_to(layer, e, views))
+    copy_run, rows = engine._copy_run, engine._run_grouped_rows
+    monkeypatch.setattr(engine, "_copy_run", lambda layer, experts, *a: events.extend(("copy", e) for e in experts)
+                        or copy_run(layer, experts, *a))
     monkeypatch.setattr(engine, "_run_grouped_rows", lambda layer, x, w, pairs, out, flat: events.append(
         ("compute", [e for e, _ in pairs])) or rows(layer, x, w, pairs, out, flat))
     monkeypatch.setattr(engine, "_run_loop", lambda *a: pytest.fail("the grouped waves ran the per-expert loop"))
@@ -229,6 +229,40 @@ def test_a_wave_in_compute_is_kept_when_the_next_one_copies(paths, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("limit, kernel", [(None, True), (0, False)], ids=["small-experts", "large-experts"])
+def test_small_experts_copy_as_arena_rows_large_ones_per_part(paths, monkeypatch, limit, kernel):
+    """A run of misses copies as rows of the host arena in one call (slot_copy.copy_parts: one kernel launch
+    on a GPU) when an expert is at most COPY_KERNEL_MAX_BYTES, else one expert at a time (store.copy_to: a
+    cudaMemcpy per part on a GPU); the waves' output is the fully resident layer's either way."""
+    from moesys.offload import engine as engine_module, slot_copy
+
+    mixtral = paths["mixtral"]
+    if limit is not None:
+        monkeypatch.setattr(engine_module, "COPY_KERNEL_MAX_BYTES", limit)
+    model = mo.load(mixtral, gpu_memory=_budget(mixtral, torch.float32, 6), dtype=torch.float32, device="cpu",
+                    prefetch="none", resident_if_fits=False)
+    engine = model.moesys_offload
+    assert (engine.copy_programs == engine_module.COPY_PROGRAMS) == kernel and (engine.copy_programs == 0) != kernel
+    calls = []
+    copy_parts, copy_to = slot_copy.copy_parts, engine.store.copy_to
+    monkeypatch.setattr(slot_copy, "copy_parts", lambda arena, parts, src, dst, **kw: calls.append(
+        ("rows", src.tolist(), dst.tolist())) or copy_parts(arena, parts, src, dst, **kw))
+    monkeypatch.setattr(engine.store, "copy_to", lambda layer, e, views: calls.append(("part", e))
+                        or copy_to(layer, e, views))
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 6]])
+    x, w = _rows(len(ids))
+    got = engine.experts_forward(0, x, ids, w)
+    seen = list(calls)  # the resident engine below loads too
+    want = _resident_engine(mixtral).experts_forward(0, x, ids, w)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if kernel:  # the waves' misses: [0..5] fill the bank, then [6, 7]
+        assert [c[1] for c in seen] == [[engine.store.row_index(0, e) for e in run] for run in ([0, 1, 2], [3, 4, 5],
+                                                                                            [6, 7])], seen
+        assert all(c[0] == "rows" for c in seen)
+    else:
+        assert seen == [("part", e) for e in range(8)]
+
+
 def test_waves_copy_before_the_next_layers_prefetch(paths, monkeypatch):
     """The first two waves are copied before the next layer's guess is prefetched (into the other bank), so
     the prefetch never delays the copies this layer waits for; the third wave copies after them."""
@@ -238,9 +272,9 @@ def test_waves_copy_before_the_next_layers_prefetch(paths, monkeypatch):
     engine = model.moesys_offload
     assert engine.cache.banks == [(0, 6), (6, 12)] and engine.cache.bank_of[1] == 1
     copies = []
-    copy_to = engine.store.copy_to
-    monkeypatch.setattr(engine.store, "copy_to", lambda layer, e, views: copies.append((layer, e))
-                        or copy_to(layer, e, views))
+    copy_run = engine._copy_run
+    monkeypatch.setattr(engine, "_copy_run", lambda layer, experts, *a: copies.extend((layer, e) for e in experts)
+                        or copy_run(layer, experts, *a))
     monkeypatch.setattr(engine.prefetcher, "guess", lambda layer, x: torch.tensor([4, 5]))
     ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
     x, w = _rows(len(ids))

@@ -71,10 +71,12 @@ _UPLOAD_IF = 'if self.device.type == "cuda":\n                idx_val = idx_val.
 _UPLOAD = "idx_val = idx_val.pin_memory().to(self.device, non_blocking=True)"
 _CHOICE = "use_kernel = self.table.is_cuda and triton is not None and distinct"
 _FIRST = "order_N = torch.sort(key_N, stable=True).indices"
-_USED = "used = self.layer_used.get(evicted[0]) if evicted is not None else None"
-_USED_IF = "if used is not None:\n                self.copy_stream.wait_event(used)"
-_COPY = "            self.store.copy_to(key[0], key[1], views)\n            event = torch.cuda.Event()"
-_PENDING = "self.pending[key[0]].add(slot)"
+_USED = "used = self.layer_used.get(evicted[0]) if self.cuda else None"
+_USED_IF = "if used is not None:\n                waits[id(used)] = used"
+_WAITS = "for used in waits.values():\n                    self.copy_stream.wait_event(used)"
+_ROWS = "[self.store.row_index(layer, e) for e in experts]"
+_PENDING = "self.pending[layer].update(slots)"
+_READY = "for slot in slots:\n                    self.cache.ready[slot] = event"
 _WAIT_LOOP = "for slot in slots:\n            event = self.cache.ready[slot]"
 _WAIT_SKIP = "if event is None:\n                continue"
 _WAIT_QUERY = "if not event.query():"
@@ -103,22 +105,22 @@ MUTANTS: list[Mutant] = [
         ("second-and-to-or", _CHOICE.replace("None and", "None or"))]),
     Mutant("device-cache-first-occurrence-unstable", DEVICE_CACHE, _FIRST, _FIRST.replace("True", "False"),
            FIRST_OCCURRENCE),
-    # engine.py, OffloadEngine._load's CUDA branch (12)
+    # engine.py, OffloadEngine._allocate's and _copy_run's CUDA branch (13)
     *_variants("engine-load-last-reader", ENGINE, _USED, LOAD, [
         ("evicted-1", _USED.replace("evicted[0]", "evicted[1]")),
         ("evicted-minus-1", _USED.replace("evicted[0]", "evicted[-1]")),
-        ("not-is-not-none", _USED.replace("if evicted is not None", "if not evicted is not None")),
-        ("is-none", _USED.replace("if evicted is not None", "if evicted is None"))]),
+        ("not-cuda", _USED.replace("if self.cuda", "if not self.cuda"))]),
     *_variants("engine-load-wait-if", ENGINE, _USED_IF, LOAD, [
         ("not-is-not-none", _USED_IF.replace("if used is not None", "if not used is not None")),
         ("is-none", _USED_IF.replace("if used is not None", "if used is None"))]),
-    *_variants("engine-load-copy-key", ENGINE, _COPY, LOAD, [
-        ("layer-minus-1", _COPY.replace("key[0], key[1]", "key[-1], key[1]")),
-        ("layer-1", _COPY.replace("key[0], key[1]", "key[1], key[1]")),
-        ("expert-0", _COPY.replace("key[0], key[1]", "key[0], key[0]")),
-        ("expert-2", _COPY.replace("key[0], key[1]", "key[0], key[2]"))]),
+    Mutant("engine-load-waits-none", ENGINE, _WAITS, _WAITS.replace("in waits.values()", "in []"), LOAD),
+    *_variants("engine-load-copy-rows", ENGINE, _ROWS, LOAD, [
+        ("layer-0", _ROWS.replace("row_index(layer, e)", "row_index(0, e)")),
+        ("expert-0", _ROWS.replace("row_index(layer, e)", "row_index(layer, 0)")),
+        ("reversed", _ROWS.replace("in experts]", "in experts[::-1]]"))]),
     *_variants("engine-load-pending", ENGINE, _PENDING, LOAD, [
-        ("minus-1", _PENDING.replace("key[0]", "key[-1]")), ("1", _PENDING.replace("key[0]", "key[1]"))]),
+        ("first-dropped", _PENDING.replace("(slots)", "(slots[1:])")), ("none", _PENDING.replace("(slots)", "([])"))]),
+    Mutant("engine-load-ready-first-dropped", ENGINE, _READY, _READY.replace("in slots:", "in slots[1:]:"), LOAD),
     # engine.py, OffloadEngine._wait (7) and _wait_all (1)
     Mutant("engine-wait-no-slots", ENGINE, _WAIT_LOOP, _WAIT_LOOP.replace("in slots", "in []"), WAIT),
     Mutant("engine-wait-continue-to-break", ENGINE, _WAIT_SKIP, _WAIT_SKIP.replace("continue", "break"), WAIT),

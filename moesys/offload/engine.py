@@ -35,6 +35,14 @@ from moesys.offload.stats import OffloadStats
 from moesys.offload.strategies import PHASES, phase_of, select_strategy
 
 CPU_EXPERT_MODES = ("auto", "on", "off")
+# The host path copies a run of misses with one launch of slot_copy's kernel from the pinned arena, with
+# COPY_PROGRAMS programs: enough reads in flight for PCIe, few enough SMs that the waves' compute beside it
+# keeps the rest. Only experts of at most COPY_KERNEL_MAX_BYTES: on an H100 the kernel made int4 OLMoE rows
+# (3.3 MB experts, 60 us of copy each) 8% faster at batch 32 than a cudaMemcpy per part (about 47 us of host
+# time per miss) and equal at 128, but bf16 rows (12.6 MB experts, copy-bound) 6% slower
+# (bench/results/offload_batch_copy_kernel_h100_fd052fb.json): the copy engine's bandwidth wins there.
+COPY_PROGRAMS = 16
+COPY_KERNEL_MAX_BYTES = 8 << 20
 # transformers' hidden_act -> moesys.ops activation name
 _MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -129,6 +137,8 @@ class OffloadEngine:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.layer_used: dict[int, torch.cuda.Event] = {}  # last compute event of each layer
         self.pending: dict[int, set[int]] = {layer: set() for layer in inner}  # slots with copies in flight
+        # the copy kernel's grid (_copy_run); 0: a cudaMemcpy per part
+        self.copy_programs = COPY_PROGRAMS if store.expert_bytes <= COPY_KERNEL_MAX_BYTES else 0
         self._fast_hits = torch.zeros((), dtype=torch.int64, device=device)
         self._timings: list = []  # (batch, tokens, seconds or CUDA events) per forward, see record_forward
         some = next(iter(inner.values()))
@@ -384,26 +394,26 @@ class OffloadEngine:
 
     # ---------------------------------------------------------------- cache traffic
     def _ensure(self, layer: int, experts: list[int], keep=()) -> list[int]:
-        """Slots holding `experts` of `layer`, issuing copies for the missing ones; neither they nor the experts
-        `keep` of the layer (a wave being computed) are evicted for them."""
+        """Slots holding `experts` of `layer`, issuing copies for the missing ones (one run, `_copy_run`);
+        neither they nor the experts `keep` of the layer (a wave being computed) are evicted for them."""
         protect = {(layer, e) for e in (*experts, *keep)}
-        slots, loaded_e, loaded_s = [], [], []
-        with self._copy_stream():
-            for e in experts:
-                slot = self.cache.lookup((layer, e))
-                if slot is None:
-                    slot = self._load((layer, e), protect)
-                    loaded_e.append(e)
-                    loaded_s.append(slot)
-                    self.stats.misses += 1
-                else:
-                    self.stats.hits += 1
-                slots.append(slot)
+        slots, loaded_e, loaded_s, waits = [], [], [], {}
+        for e in experts:
+            slot = self.cache.lookup((layer, e))
+            if slot is None:
+                slot = self._allocate((layer, e), protect, waits)
+                loaded_e.append(e)
+                loaded_s.append(slot)
+                self.stats.misses += 1
+            else:
+                self.stats.hits += 1
+            slots.append(slot)
+        self._copy_run(layer, loaded_e, loaded_s, waits)
         self.cache.update_table(layer, loaded_e, loaded_s)
         return slots
 
     def _copy_stream(self):
-        """The side stream, for a run of _load calls: entered once per run (entering it per copy cost about a
+        """The side stream, for a run of copies: entered once per run (entering it per copy cost about a
         third of a miss's host time: bench/results/offload_batch_profile_int4_u128_h100_11a61c9.txt)."""
         return torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext()
 
@@ -414,41 +424,65 @@ class OffloadEngine:
         # never let a guess evict what this layer needs, nor take more than half the cache
         same_bank = self.cache.bank_of[nxt] == self.cache.bank_of[layer]
         budget = max(0, min(len(guessed), self.cache.capacity(nxt) // 2 - (len(protect) if same_bank else 0)))
-        loaded_e, loaded_s = [], []
-        with self._copy_stream():
-            for e in guessed:
-                if (nxt, e) in self.cache.slot_of:
-                    continue
-                if budget == 0 or not self.cache.can_allocate(nxt, keep):  # a batch's guesses may cover the bank
-                    break
-                budget -= 1
-                loaded_e.append(e)
-                loaded_s.append(self._load((nxt, e), keep))
-                self.stats.prefetch_copies += 1
+        loaded_e, loaded_s, waits = [], [], {}
+        for e in guessed:
+            if (nxt, e) in self.cache.slot_of:
+                continue
+            if budget == 0 or not self.cache.can_allocate(nxt, keep):  # a batch's guesses may cover the bank
+                break
+            budget -= 1
+            loaded_e.append(e)
+            loaded_s.append(self._allocate((nxt, e), keep, waits))
+        self._copy_run(nxt, loaded_e, loaded_s, waits)
+        self.stats.prefetch_copies += len(loaded_e)
         self.cache.update_table(nxt, loaded_e, loaded_s)
 
-    def _load(self, key, protect) -> int:
-        """Copy `key` into a slot (evicting the policy's victim outside `protect`), on the copy stream: the
-        caller has entered it (`_copy_stream`)."""
+    def _allocate(self, key, protect, waits: dict) -> int:
+        """A slot for `key` (the policy's victim outside `protect` evicted), whose copy `_copy_run` issues;
+        adds to `waits` the last-use event of the evicted expert's layer (its last reader of the slot)."""
         slot, evicted = self.cache.allocate(key, protect)
-        views = self.cache.slot_views(slot)
         if evicted is not None:
             self.stats.evictions += 1
             self.pending[evicted[0]].discard(slot)
-        if self.cuda:
-            used = self.layer_used.get(evicted[0]) if evicted is not None else None
+            used = self.layer_used.get(evicted[0]) if self.cuda else None
             if used is not None:
-                self.copy_stream.wait_event(used)  # the old occupant's last reader is done
-            self.store.copy_to(key[0], key[1], views)
-            event = torch.cuda.Event()
-            event.record(self.copy_stream)
-            self.cache.ready[slot] = event
-            self.pending[key[0]].add(slot)
-        else:
-            self.store.copy_to(key[0], key[1], views)
-        self.stats.copies += 1
-        self.stats.bytes_copied += self.store.expert_bytes
+                waits[id(used)] = used
         return slot
+
+    def _copy_run(self, layer: int, experts: list[int], slots: list[int], waits: dict) -> None:
+        """Copy `experts` of `layer` into their allocated `slots`: on CUDA on the copy stream, after the
+        evicted experts' last readers (`waits`), one event marking every slot ready. From a pinned store one
+        bounded-grid kernel launch copies all of them (slot_copy: `copy_programs` programs reading the pinned
+        arena); a copy per part per expert cost about 47 us of host time per miss at int4
+        (bench/results/offload_batch_int4_h100_ede5ca8.json), the step's largest host cost at batch 128.
+        Other stores (mmap staging, ordinary memory beside a GPU), and copy_programs 0, copy per expert. On
+        the CPU the same row-indexed copy (slot_copy's reference) moves the bytes."""
+        if not experts:
+            return
+        with self._copy_stream():
+            if self.cuda:
+                for used in waits.values():
+                    self.copy_stream.wait_event(used)
+            rows_from_arena = self.copy_programs > 0 and self.store.arena is not None and (
+                not self.cuda or self.store.mode == "pinned")
+            if rows_from_arena:
+                idx = torch.tensor([[self.store.row_index(layer, e) for e in experts], slots], dtype=torch.int64)
+                if self.cuda:
+                    idx = idx.pin_memory().to(self.device, non_blocking=True)
+                slot_copy.copy_parts(self.store.arena, [(offset, nbytes, self.cache.pools[name])
+                                                        for name, offset, nbytes in self.store.spans],
+                                     idx[0], idx[1], programs=self.copy_programs)
+            else:
+                for e, slot in zip(experts, slots):
+                    self.store.copy_to(layer, e, self.cache.slot_views(slot))
+            if self.cuda:
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+                for slot in slots:
+                    self.cache.ready[slot] = event
+                self.pending[layer].update(slots)
+        self.stats.copies += len(experts)
+        self.stats.bytes_copied += len(experts) * self.store.expert_bytes
 
     def _wait(self, layer: int, slots: list[int]) -> None:
         for slot in slots:

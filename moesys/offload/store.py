@@ -109,7 +109,7 @@ class HostExpertStore:
     def _fill(self, work_device: torch.device) -> None:
         for layer in self.layers:
             for e in range(self.num_experts):
-                dst = self._arena_row(self._index(layer, e))
+                dst = self._arena_row(self.row_index(layer, e))
                 if self.quantize == "none":
                     self._put(layer, e, dst)
                     continue
@@ -121,13 +121,14 @@ class HostExpertStore:
                     dst[f"{name}.q"].copy_(q)
                     dst[f"{name}.scale"].copy_(scale)
 
-    def _index(self, layer: int, e: int) -> int:
+    def row_index(self, layer: int, e: int) -> int:
+        """The arena row of expert `e` of `layer`."""
         return self._row[layer] * self.num_experts + e
 
     def host_parts(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         """The expert's parts as CPU tensors (for computing an expert on the CPU)."""
         if self.mode != "mmap":
-            return self._arena_row(self._index(layer, e))
+            return self._arena_row(self.row_index(layer, e))
         parts = {name: torch.empty(shape, dtype=dt) for name, shape, dt in self.parts}
         self._put(layer, e, parts)
         return parts
@@ -137,7 +138,7 @@ class HostExpertStore:
         CUDA destinations: the caller records an event after it."""
         on_cuda = next(iter(dst.values())).is_cuda
         if self.mode != "mmap":
-            row = self._index(layer, e)
+            row = self.row_index(layer, e)
             for name, t in dst.items():
                 t.copy_(self._arena_parts[name][row], non_blocking=on_cuda)
             return

@@ -4,10 +4,15 @@
     PYTHONPATH=. python bench/offload_batch.py --out bench/results/offload_batch.json [--workdir /tmp/ob]
         [--batch-sizes 1,8,32,128,auto] [--routings model,uniform,trace] [--trace FILE] [--quantize none,int4]
     PYTHONPATH=. python bench/offload_batch.py --smoke --out /tmp/ob.json     # tiny shapes, CPU, seconds
+    PYTHONPATH=. python bench/offload_batch.py --shape qwen3-30b-a3b --out bench/results/offload_batch_qwen3.json
 
 Model: the OLMoE-1B-7B shape (bench/offload.py's, random bf16 weights built on the GPU, saved once) under a
 4 GiB budget; --smoke: a 4-layer, 16-expert top-4 OLMoE in fp32 on the CPU under a budget holding a third
-of the experts. Each (precision) loads once with max_context = largest batch x (prompt + new tokens), so the
+of the experts. `--shape qwen3-30b-a3b`: the Qwen3-30B-A3B shape (48 layers, 128 experts of 768, top-8) under
+16 GiB, whose 61 GB are never written to disk (the GPU machine's disk cannot hold them beside the rest):
+each load builds the same seeded random model on the GPU and reads its experts from it (so no accelerate
+rows; its routing trace must have 128 experts and 48 layers: without --trace the trace rows replay the
+model's own recorded routing). Each (precision) loads once with max_context = largest batch x (prompt + new tokens), so the
 expert cache is the same for every row of that precision (the memory plan reserves the largest batch's KV).
 
 Per row: B prompts of --prompt-len random tokens, --new-tokens greedy tokens each, through
@@ -37,6 +42,7 @@ recorded from the model's own "model" row and says so ("trace_source": "self-rec
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -62,11 +68,45 @@ def smoke_config():
                        max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=None)
 
 
-def build_model(args, workdir):
-    """(checkpoint path, config, dtype, budget bytes, device)."""
+def qwen3_config(smoke: bool = False):
+    """The Qwen3-30B-A3B shape (bench/offload.py's: 48 layers, 128 experts of 768, top-8; 61 GB in bf16), or a
+    2-layer, 16-expert top-4 one for --smoke."""
+    from transformers import Qwen3MoeConfig
+
+    if smoke:
+        return Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              num_experts=16, num_experts_per_tok=4, max_position_embeddings=1024,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    return Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, max_position_embeddings=4096,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=None, dtype="bfloat16")
+
+
+class Source:
+    """Where a run's models come from: `load(gpu_memory=..., **options)` gives an offloaded model;
+    `path` is the checkpoint directory (None: no checkpoint, so no accelerate rows)."""
+
+    def __init__(self, load, cfg, dtype, budget, device, path, shape):
+        self.load, self.cfg, self.dtype, self.budget, self.device = load, cfg, dtype, budget, device
+        self.path, self.shape = path, shape
+
+
+def build_model(args, workdir) -> Source:
+    import moesys.offload as mo
     from transformers import AutoModelForCausalLM
 
+    if args.shape == "qwen3-30b-a3b":
+        # 61 GB of bf16 weights do not fit the GPU machine's disk beside the rest: every load builds the same
+        # seeded random model and reads its experts straight from it (no checkpoint, so no accelerate rows)
+        cfg = qwen3_config(args.smoke)
+        device = "cpu" if args.smoke else "cuda"
+        dtype = torch.float32 if args.smoke else torch.bfloat16
+        return Source(lambda **kw: load_from_random_model(cfg, device, **kw), cfg, dtype,
+                      None if args.smoke else 16 * 2**30, device, None, args.shape + ("-smoke" if args.smoke else ""))
     path = os.path.join(workdir, "smoke" if args.smoke else "olmoe_shaped")
+    load = functools.partial(mo.load, path)
     if args.smoke:
         cfg, dtype, device = smoke_config(), torch.float32, "cpu"
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -76,7 +116,7 @@ def build_model(args, workdir):
                 for layer in model.model.layers:
                     layer.mlp.gate.weight.normal_(0, 1.0)
             model.save_pretrained(path)
-        return path, cfg, dtype, None, device
+        return Source(load, cfg, dtype, None, device, path, "smoke-olmoe")
     from offload import olmoe_config, random_model_on_gpu
 
     cfg = olmoe_config()
@@ -85,18 +125,51 @@ def build_model(args, workdir):
         gpu.save_pretrained(path)
         del gpu
         torch.cuda.empty_cache()
-    return path, cfg, torch.bfloat16, 4 * 2**30, "cuda"
+    return Source(load, cfg, torch.bfloat16, 4 * 2**30, "cuda", path, "olmoe-1b-7b")
 
 
-def smoke_budget(path, dtype, fraction, max_context):
+def load_from_random_model(cfg, device, *, dtype, **options):
+    """An offloaded model (moesys.offload.loader.build) whose weights are read from a seeded random model built
+    on `device` (the same weights every call), through a TensorSource. Each layer's experts are dropped from
+    the random model once the store has read them (layers are read in order), so the cache pools, allocated
+    after the store, fit beside what is left; the random model is freed before returning."""
+    from offload import random_model_on_gpu
+
+    from moesys.offload.adapters import adapter_for
+    from moesys.offload.loader import build
+    from moesys.offload.source import TensorSource
+
+    gpu, _ = random_model_on_gpu(cfg, "qwen3", device=device)
+    gpu.to(dtype)
+    if device == "cpu":  # routing that depends on the token, so the cache churns (as the OLMoE smoke)
+        with torch.no_grad():
+            for layer in gpu.model.layers:
+                layer.mlp.gate.weight.normal_(0, 1.0)
+    adapter = adapter_for(cfg)
+    state = {adapter.module_name(k): v for k, v in gpu.state_dict().items() if ".experts." not in k}
+    layers, I = gpu.model.layers, cfg.moe_intermediate_size
+
+    def expert(layer, e):
+        if e == 0 and layer > 0:
+            prev = layers[layer - 1].mlp.experts
+            prev.gate_up_proj, prev.down_proj = None, None
+        ex = layers[layer].mlp.experts
+        return ex.gate_up_proj[e, :I], ex.gate_up_proj[e, I:], ex.down_proj[e]
+
+    model = build(cfg, TensorSource(state, expert), dtype=dtype, **options)
+    del gpu, state, layers, expert
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return model
+
+
+def smoke_budget(config, dtype, fraction, max_context):
     """A budget whose expert cache holds `fraction` of the experts (plus a slot per layer)."""
-    from transformers import AutoConfig
-
     import moesys.offload as mo
     from moesys.offload.adapters import adapter_for, find_moe_blocks
     from moesys.offload.loader import build_skeleton
 
-    config = AutoConfig.from_pretrained(path)
     skel = build_skeleton(config, dtype)
     blocks = find_moe_blocks(skel, adapter_for(config))
     p = mo.plan_memory(skel, blocks, dtype, 1 << 40, max_context=max_context)
@@ -190,6 +263,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--workdir", default="/tmp/offload_batch")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (runs anywhere in seconds)")
+    ap.add_argument("--shape", choices=("olmoe-1b-7b", "qwen3-30b-a3b"), default="olmoe-1b-7b",
+                    help="the model: OLMoE-1B-7B under 4 GiB (a checkpoint saved once in --workdir), or "
+                         "Qwen3-30B-A3B under 16 GiB (built from a seeded random model at every load)")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated, may include 'auto' "
                     "(default 1,8,32,128,auto; smoke 1,4,16,auto)")
     ap.add_argument("--routings", default="model,uniform,trace")
@@ -227,15 +303,15 @@ def main():
     args.prompt_len = args.prompt_len or (8 if args.smoke else 64)
     args.new_tokens = args.new_tokens or (8 if args.smoke else 32)
 
-    import moesys.offload as mo
     from moesys.offload.perf_model import (Hardware, RoutingStats, auto_batch_size, calibrate, calibrate_miss,
                                            calibrate_waves, lru_hit_curve, predict, workload_of)
     from moesys.offload.routing import RoutingOverride, RoutingRecorder
 
     os.makedirs(args.workdir, exist_ok=True)
-    path, cfg, dtype, budget, device = build_model(args, args.workdir)
+    src = build_model(args, args.workdir)
+    cfg, dtype, budget, device = src.cfg, src.dtype, src.budget, src.device
     if args.profile:
-        profile_row(args, path, cfg, dtype, budget)
+        profile_row(args, src)
         return
     meta = run_meta(device)
     sizes = [s for s in args.batch_sizes.split(",") if s != "auto"]
@@ -252,7 +328,7 @@ def main():
             json.dump(records, f, indent=1)
         os.replace(tmp, args.out)
 
-    base = dict(meta, bench="offload_batch", shape="smoke-olmoe" if args.smoke else "olmoe-1b-7b",
+    base = dict(meta, bench="offload_batch", shape=src.shape,
                 prompt_tokens=args.prompt_len, new_tokens=args.new_tokens, path="eager host-routed, generate_batch",
                 hardware=hw.__dict__)
     # every expert resident: the compute side of the bound, per batch size, with each experts implementation
@@ -264,7 +340,7 @@ def main():
         register()
     resident_step, calib = {}, None
     for impl in impls:
-        full = mo.load(path, gpu_memory=1 << 40, dtype=dtype, max_context=max_context, cuda_graph=False,
+        full = src.load(gpu_memory=1 << 40, dtype=dtype, max_context=max_context, cuda_graph=False,
                        experts_implementation=impl)
         uni = RoutingOverride(full, "uniform", seed=1)
         steps = {}
@@ -292,13 +368,16 @@ def main():
     # transformers + accelerate at the same batch sizes, before the offloaded rows (the slowest to run)
     def accelerate_rows():
         for B in sizes:
-            if args.no_accelerate or device != "cuda":
-                records.append(dict(base, impl="accelerate-offload", batch=B,
-                                    error="not run: " + ("--no-accelerate" if args.no_accelerate else "needs a GPU")))
+            why = ("--no-accelerate" if args.no_accelerate else
+                   "accelerate loads a checkpoint from disk, and this shape has none (its 61 GB of bf16 weights do "
+                   "not fit the GPU machine's disk beside the rest)" if src.path is None else
+                   "needs a GPU" if device != "cuda" else None)
+            if why is not None:
+                records.append(dict(base, impl="accelerate-offload", batch=B, error="not run: " + why))
                 continue
             try:
                 records.append(dict(base, impl="accelerate-offload", batch=B, routing="model",
-                                    tokens_per_s=accelerate_row(path, dtype, budget, B, args, cfg.vocab_size)))
+                                    tokens_per_s=accelerate_row(src.path, dtype, budget, B, args, cfg.vocab_size)))
                 log("accelerate", B, records[-1]["tokens_per_s"])
             except Exception as e:
                 traceback.print_exc()
@@ -307,8 +386,8 @@ def main():
 
     accelerate_rows()
     for quantize in args.quantize.split(","):
-        row_budget = budget if budget is not None else smoke_budget(path, dtype, 1 / 3, max_context)
-        model = mo.load(path, gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=False,
+        row_budget = budget if budget is not None else smoke_budget(cfg, dtype, 1 / 3, max_context)
+        model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=False,
                         quantize_experts=quantize, experts_implementation=impls[0])
         engine = model.moesys_offload
         if args.copy_programs is not None:
@@ -415,12 +494,12 @@ def main():
     if args.batch_graph:
         graph_sizes = [int(b) for b in args.graph_batch_sizes.split(",")] if args.graph_batch_sizes else sizes
         graph_budget = int(args.graph_budget * 2**30) if args.graph_budget else budget
-        graph_rows(args, path, dtype, graph_budget, max_context, graph_sizes, cfg.vocab_size, base, records, impls[0])
+        graph_rows(args, src, graph_budget, max_context, graph_sizes, base, records, impls[0])
     save()
     log("wrote", args.out, len(records), "records")
 
 
-def profile_row(args, path, cfg, dtype, budget):
+def profile_row(args, src):
     """--profile: one row's decode steps under torch.profiler (ops by device and by host time) and, in a second
     pass, cProfile (the engine's Python); wall time per step of an unprofiled pass first. Written to one text
     file: the answer to where a step's time goes that the performance model's overheads only fit."""
@@ -428,7 +507,6 @@ def profile_row(args, path, cfg, dtype, budget):
     import io
     import pstats
 
-    import moesys.offload as mo
     from moesys.offload.batch import generate_batch
     from moesys.offload.routing import RoutingOverride
 
@@ -437,8 +515,9 @@ def profile_row(args, path, cfg, dtype, budget):
     if routing not in ("model", "uniform"):
         raise SystemExit(f"--profile-row routing {routing!r}: use model or uniform")
     max_context = B * (args.prompt_len + args.new_tokens)
-    row_budget = budget if budget is not None else smoke_budget(path, dtype, 1 / 3, max_context)
-    model = mo.load(path, gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=False,
+    cfg, dtype = src.cfg, src.dtype
+    row_budget = src.budget if src.budget is not None else smoke_budget(cfg, dtype, 1 / 3, max_context)
+    model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=False,
                     quantize_experts=quantize)
     override = RoutingOverride(model, "uniform", seed=0) if routing == "uniform" else None
     prompts = row_prompts(B, args, cfg.vocab_size)
@@ -491,13 +570,12 @@ def meta_line(engine):
     return ", ".join(f"{k} {m[k]}" for k in ("device", "torch", "triton", "transformers", "git_sha", "date"))
 
 
-def graph_rows(args, path, dtype, budget, max_context, sizes, vocab, base, records, impl):
+def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
     """Host-routed and decode-graph batch steps side by side on one model (cuda_graph=True; compile off: one
     capture per batch size, no recompile), the model's routing; tokens compared row by row."""
-    import moesys.offload as mo
-
-    row_budget = budget if budget is not None else smoke_budget(path, dtype, 1 / 3, max_context)
-    model = mo.load(path, gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=True,
+    dtype, vocab = src.dtype, src.cfg.vocab_size
+    row_budget = budget if budget is not None else smoke_budget(src.cfg, dtype, 1 / 3, max_context)
+    model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=True,
                     compile=False, experts_implementation=impl)
     engine = model.moesys_offload
     log("graph rows: budget", row_budget, "cache slots", engine.cache.num_slots)

@@ -59,3 +59,26 @@ def test_offload_batch_bench_profile_writes_where_a_rows_steps_go(tmp_path):
     assert "ms per step" in text and "Quantized(" in text  # the int8 row ran the dequantizing strategy
     assert "aten::" in text and "engine.py" in text and "_run_dequant" in text
     assert not (tmp_path / "unused.json").exists()  # the profile is the only output: no rows were run
+
+
+@pytest.mark.slow
+def test_offload_batch_bench_qwen3_shape_loads_from_the_random_model_without_a_checkpoint(tmp_path):
+    """--shape qwen3-30b-a3b (here its --smoke miniature) builds every model, bf16 and int4, all-resident and
+    offloaded, from a seeded random model through a TensorSource: no checkpoint is written, and the
+    accelerate rows say why they cannot run (accelerate loads from disk)."""
+    out = tmp_path / "ob.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "offload_batch.py"), "--smoke", "--out", str(out),
+                           "--workdir", str(tmp_path / "w"), "--shape", "qwen3-30b-a3b", "--routings", "uniform",
+                           "--batch-sizes", "1,4", "--quantize", "none,int4", "--experts-impl", "grouped_mm"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert {r["shape"] for r in records} == {"qwen3-30b-a3b-smoke"}
+    rows = [r for r in records if r["impl"] == "moesys"]
+    assert sorted((r["quantize"], r["batch"]) for r in rows) == [("int4", 1), ("int4", 4), ("none", 1), ("none", 4)]
+    assert all(r["tokens_per_s"] > 0 and "error" not in r and r["cache_slots"] < 3 * 16 for r in rows)
+    assert [r["batch"] for r in records if r["impl"] == "moesys-all-resident"] == [1, 4]
+    accelerate = [r for r in records if r["impl"] == "accelerate-offload"]
+    assert len(accelerate) == 2 and all("checkpoint" in r["error"] for r in accelerate)
+    assert not list((tmp_path / "w").rglob("*.safetensors")) and not list((tmp_path / "w").rglob("config.json"))

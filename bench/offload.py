@@ -260,6 +260,28 @@ def random_model_on_gpu(cfg, name: str, device: str = "cuda", prompt_tokens: int
     return gpu, prompt
 
 
+def source_of_model(model, cfg):
+    """A moesys.offload TensorSource reading a transformers Qwen3-MoE-style model in memory (fused
+    gate_up_proj [E, 2I, H] and down_proj per layer). Layers are read in order, so each layer's experts are
+    dropped from `model` once the store has read the next layer's first: the expert cache, allocated after
+    the store, then fits on the GPU beside what is left."""
+    from moesys.offload.adapters import adapter_for
+    from moesys.offload.source import TensorSource
+
+    adapter = adapter_for(cfg)
+    state = {adapter.module_name(k): v for k, v in model.state_dict().items() if ".experts." not in k}
+    layers, I = model.model.layers, cfg.moe_intermediate_size
+
+    def expert(layer, e):
+        if e == 0 and layer > 0:
+            prev = layers[layer - 1].mlp.experts
+            prev.gate_up_proj, prev.down_proj = None, None
+        ex = layers[layer].mlp.experts
+        return ex.gate_up_proj[e, :I], ex.gate_up_proj[e, I:], ex.down_proj[e]
+
+    return TensorSource(state, expert)
+
+
 def expert_bytes(cfg, I):
     return 3 * cfg.hidden_size * I * 2
 
@@ -435,17 +457,26 @@ def bench_olmoe(records, meta, workdir, bw, steps, only=None, save=lambda: None)
 
 
 # ------------------------------------------------------------------ 3. Qwen3-30B-A3B-shaped
-def bench_qwen3(records, meta, bw, steps):
+def qwen3_config(tiny: bool = False):
+    """The Qwen3-30B-A3B shape (48 layers, 128 experts of 768, top-8; 61 GB in bf16), or a 3-layer, 16-expert
+    top-4 miniature for CPU smoke runs."""
     from transformers import Qwen3MoeConfig
 
-    from moesys.offload.adapters import adapter_for
-    from moesys.offload.loader import build
-    from moesys.offload.source import TensorSource
+    if tiny:
+        return Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              num_experts=16, num_experts_per_tok=4, max_position_embeddings=1024,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    return Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, max_position_embeddings=4096,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=None, dtype="bfloat16")
 
-    cfg = Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                         num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                         num_experts=128, num_experts_per_tok=8, max_position_embeddings=4096,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=None, dtype="bfloat16")
+
+def bench_qwen3(records, meta, bw, steps):
+    from moesys.offload.loader import build
+
+    cfg = qwen3_config()
     shape = "qwen3-30b-a3b"
     gpu, prompt = random_model_on_gpu(cfg, "qwen3")
     V = cfg.vocab_size
@@ -461,26 +492,12 @@ def bench_qwen3(records, meta, bw, steps):
     want["compiled"] = got["static"]
     del gpu.forward, gpu._bench_static_cache, gpu.moesys_decode_graph  # the graph's pool, before the build
 
-    adapter = adapter_for(cfg)
-    state = {k: v for k, v in gpu.state_dict().items() if ".experts." not in k}
-    layers = gpu.model.layers
-    I = cfg.moe_intermediate_size
-
-    def expert(layer, e):
-        # layers are read in order: drop the previous layer's GPU experts so the cache fits beside the rest
-        if e == 0 and layer > 0:
-            prev = layers[layer - 1].mlp.experts
-            prev.gate_up_proj, prev.down_proj = None, None
-        ex = layers[layer].mlp.experts
-        return ex.gate_up_proj[e, :I], ex.gate_up_proj[e, I:], ex.down_proj[e]
-
     budget = 16 * 2**30
     # the experts go to pinned host memory straight from the GPU model; the GPU model is freed after
     t0 = time.perf_counter()
-    model = build(cfg, TensorSource({adapter.module_name(k): v for k, v in state.items()}, expert),
-                  gpu_memory=budget, dtype=torch.bfloat16, host_memory="pinned")
+    model = build(cfg, source_of_model(gpu, cfg), gpu_memory=budget, dtype=torch.bfloat16, host_memory="pinned")
     load_s = time.perf_counter() - t0
-    del gpu, state, layers, expert
+    del gpu
     free()
     run_ours(records, dict(base, impl="moesys-pinned"), model, prompt, steps, budget,
              bw["h2d_pinned_GBps"] * 1e9, V, want=want, extra={"load_s": load_s})

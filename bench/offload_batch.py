@@ -68,22 +68,6 @@ def smoke_config():
                        max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=None)
 
 
-def qwen3_config(smoke: bool = False):
-    """The Qwen3-30B-A3B shape (bench/offload.py's: 48 layers, 128 experts of 768, top-8; 61 GB in bf16), or a
-    2-layer, 16-expert top-4 one for --smoke."""
-    from transformers import Qwen3MoeConfig
-
-    if smoke:
-        return Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
-                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                              num_experts=16, num_experts_per_tok=4, max_position_embeddings=1024,
-                              pad_token_id=0, bos_token_id=1, eos_token_id=None)
-    return Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                          num_experts=128, num_experts_per_tok=8, max_position_embeddings=4096,
-                          pad_token_id=0, bos_token_id=1, eos_token_id=None, dtype="bfloat16")
-
-
 class Source:
     """Where a run's models come from: `load(gpu_memory=..., **options)` gives an offloaded model;
     `path` is the checkpoint directory (None: no checkpoint, so no accelerate rows)."""
@@ -98,6 +82,8 @@ def build_model(args, workdir) -> Source:
     from transformers import AutoModelForCausalLM
 
     if args.shape == "qwen3-30b-a3b":
+        from offload import qwen3_config
+
         # 61 GB of bf16 weights do not fit the GPU machine's disk beside the rest: every load builds the same
         # seeded random model and reads its experts straight from it (no checkpoint, so no accelerate rows)
         cfg = qwen3_config(args.smoke)
@@ -133,11 +119,9 @@ def load_from_random_model(cfg, device, *, dtype, **options):
     on `device` (the same weights every call), through a TensorSource. Each layer's experts are dropped from
     the random model once the store has read them (layers are read in order), so the cache pools, allocated
     after the store, fit beside what is left; the random model is freed before returning."""
-    from offload import random_model_on_gpu
+    from offload import random_model_on_gpu, source_of_model
 
-    from moesys.offload.adapters import adapter_for
     from moesys.offload.loader import build
-    from moesys.offload.source import TensorSource
 
     gpu, _ = random_model_on_gpu(cfg, "qwen3", device=device)
     gpu.to(dtype)
@@ -145,19 +129,8 @@ def load_from_random_model(cfg, device, *, dtype, **options):
         with torch.no_grad():
             for layer in gpu.model.layers:
                 layer.mlp.gate.weight.normal_(0, 1.0)
-    adapter = adapter_for(cfg)
-    state = {adapter.module_name(k): v for k, v in gpu.state_dict().items() if ".experts." not in k}
-    layers, I = gpu.model.layers, cfg.moe_intermediate_size
-
-    def expert(layer, e):
-        if e == 0 and layer > 0:
-            prev = layers[layer - 1].mlp.experts
-            prev.gate_up_proj, prev.down_proj = None, None
-        ex = layers[layer].mlp.experts
-        return ex.gate_up_proj[e, :I], ex.gate_up_proj[e, I:], ex.down_proj[e]
-
-    model = build(cfg, TensorSource(state, expert), dtype=dtype, **options)
-    del gpu, state, layers, expert
+    model = build(cfg, source_of_model(gpu, cfg), dtype=dtype, **options)
+    del gpu
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

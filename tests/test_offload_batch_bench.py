@@ -14,15 +14,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench(tmp_path, *args):
+    """Runs bench/offload_batch.py --smoke with `args` in tmp_path (workdir tmp_path/w); asserts it succeeded."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "offload_batch.py"), "--smoke",
+                           "--workdir", str(tmp_path / "w"), *args],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     out = tmp_path / "ob.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "offload_batch.py"), "--smoke", "--out", str(out),
-                           "--workdir", str(tmp_path / "w"), "--no-accelerate", "--batch-graph", "--routings", "model",
-                           "--batch-sizes", "1,4", "--experts-impl", "grouped_mm", "--graph-batch-sizes", "1,4"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _bench(tmp_path, "--out", str(out), "--no-accelerate", "--batch-graph", "--routings", "model",
+           "--batch-sizes", "1,4", "--experts-impl", "grouped_mm", "--graph-batch-sizes", "1,4")
     records = json.loads(out.read_text())
     rows = [r for r in records if r["impl"] == "moesys" and not r.get("graph_section")]
     # the copy hit rate counts the prefetch's copies as misses: never above the lookups' hit rate, and
@@ -48,12 +53,8 @@ def test_offload_batch_bench_profile_writes_where_a_rows_steps_go(tmp_path):
     """--profile runs the one row it names (int8 experts, uniform routing, batch 4 here) and writes the step's
     unprofiled time, torch.profiler's op tables and cProfile's Python functions, the engine's among them."""
     out = tmp_path / "profile.txt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "offload_batch.py"), "--smoke", "--out",
-                           str(tmp_path / "unused.json"), "--workdir", str(tmp_path / "w"), "--profile", str(out),
-                           "--profile-row", "int8:uniform:4", "--new-tokens", "4"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _bench(tmp_path, "--out", str(tmp_path / "unused.json"), "--profile", str(out), "--profile-row", "int8:uniform:4",
+           "--new-tokens", "4")
     text = out.read_text()
     assert text.startswith("profile of int8:uniform:4 (precision:routing:batch)")
     assert "ms per step" in text and "Quantized(" in text  # the int8 row ran the dequantizing strategy
@@ -67,12 +68,8 @@ def test_offload_batch_bench_qwen3_shape_loads_from_the_random_model_without_a_c
     offloaded, from a seeded random model through a TensorSource: no checkpoint is written, and the
     accelerate rows say why they cannot run (accelerate loads from disk)."""
     out = tmp_path / "ob.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "offload_batch.py"), "--smoke", "--out", str(out),
-                           "--workdir", str(tmp_path / "w"), "--shape", "qwen3-30b-a3b", "--routings", "uniform",
-                           "--batch-sizes", "1,4", "--quantize", "none,int4", "--experts-impl", "grouped_mm"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _bench(tmp_path, "--out", str(out), "--shape", "qwen3-30b-a3b", "--routings", "uniform", "--batch-sizes", "1,4",
+           "--quantize", "none,int4", "--experts-impl", "grouped_mm")
     records = json.loads(out.read_text())
     assert {r["shape"] for r in records} == {"qwen3-30b-a3b-smoke"}
     rows = [r for r in records if r["impl"] == "moesys"]

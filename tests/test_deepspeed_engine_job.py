@@ -178,3 +178,19 @@ def test_clip_in_the_fused_step_skips_a_non_finite_norm():
         assert float(opt.found_inf) == 1.0 and torch.equal(w, torch.ones(4)), invalid
     w, opt = step(None)
     assert opt.grad_scale is None and opt.found_inf is None and (w < 1).all()
+
+
+def test_deepspeeds_bf16_optimizer_keeps_its_own_norm_and_clip():
+    """ZeRO-1 with bf16 parameters and fp32 gradient accumulation is DeepSpeed's BF16_Optimizer, which has no
+    gradient partitions for moesys to read and refuses compute_grad_norm false: only there (and with foreach
+    AdamW) DeepSpeed keeps computing the norm and clipping."""
+    from moesys.integrations.deepspeed_engine import _bf16_optimizer
+
+    def ds(stage, bf16, accum=None):
+        return {"bf16": {"enabled": bf16}, "zero_optimization": {"stage": stage},
+                **({"data_types": {"grad_accum_dtype": accum}} if accum else {})}
+
+    assert _bf16_optimizer(ds(1, True, "fp32")) and _bf16_optimizer(ds(1, True, "float32"))
+    assert not _bf16_optimizer(ds(2, True, "fp32"))  # ZeRO-2: DeepSpeedZeroOptimizer's compact fp32 buffer
+    assert not _bf16_optimizer(ds(1, True)) and not _bf16_optimizer(ds(1, True, "bf16"))
+    assert not _bf16_optimizer(ds(1, False, "fp32"))

@@ -453,10 +453,11 @@ class OffloadEngine:
         """Copy `experts` of `layer` into their allocated `slots`: on CUDA on the copy stream, after the
         evicted experts' last readers (`waits`), one event marking every slot ready. From a pinned store one
         bounded-grid kernel launch copies all of them (slot_copy: `copy_programs` programs reading the pinned
-        arena); a copy per part per expert cost about 47 us of host time per miss at int4
-        (bench/results/offload_batch_int4_h100_ede5ca8.json), the step's largest host cost at batch 128.
-        Other stores (mmap staging, ordinary memory beside a GPU), and copy_programs 0, copy per expert. On
-        the CPU the same row-indexed copy (slot_copy's reference) moves the bytes."""
+        arena); a cudaMemcpy per part per expert cost about 47 us of host time per miss at int4, one launch
+        per run 7 us (fitted at batch 32: bench/results/offload_batch_int4_h100_ede5ca8.json, _b0df6cc.json).
+        Larger experts (COPY_KERNEL_MAX_BYTES), other stores (mmap staging, ordinary memory beside a GPU) and
+        copy_programs 0 copy per expert. On the CPU the same row-indexed copy (slot_copy's reference) moves
+        the bytes."""
         if not experts:
             return
         with self._copy_stream():

@@ -194,3 +194,19 @@ def test_deepspeeds_bf16_optimizer_keeps_its_own_norm_and_clip():
     assert not _bf16_optimizer(ds(2, True, "fp32"))  # ZeRO-2: DeepSpeedZeroOptimizer's compact fp32 buffer
     assert not _bf16_optimizer(ds(1, True)) and not _bf16_optimizer(ds(1, True, "bf16"))
     assert not _bf16_optimizer(ds(1, False, "fp32"))
+
+
+@pytest.mark.slow
+def test_bf16_zero2_with_fp32_gradient_accumulation_takes_the_norm_from_the_flat_buffer(tmp_path):
+    """bf16 parameters with `data_types.grad_accum_dtype: fp32`: ZeRO-2 keeps each group's gradients in one flat
+    fp32 buffer, which moesys's norm reads (`flat_partition`). One micro-batch per step: the gradients are
+    the bf16 ones either way, so the losses and clipped norms equal the bf16-accumulation run's."""
+    import json
+
+    config = json.loads((REPO / "configs" / "deepspeed_zero2_bf16.json").read_text())
+    config["data_types"] = {"grad_accum_dtype": "fp32"}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    items = ("train.dtype=bfloat16", *DEEPSPEED)
+    ref = _run(tmp_path / "bf16", *items, nproc=1)
+    got = _run(tmp_path / "fp32acc", *items, f"train.deepspeed_config={tmp_path / 'ds.json'}", nproc=1)
+    _same_curve(got, ref, "bf16 ZeRO-2, fp32 vs bf16 gradient accumulation", rel=1e-4)

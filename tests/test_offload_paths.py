@@ -229,18 +229,22 @@ def test_a_wave_in_compute_is_kept_when_the_next_one_copies(paths, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("limit, kernel", [(None, True), (0, False)], ids=["small-experts", "large-experts"])
-def test_small_experts_copy_as_arena_rows_large_ones_per_part(paths, monkeypatch, limit, kernel):
+@pytest.mark.parametrize("limit, host_memory, kernel", [(None, "memory", True), (0, "memory", False),
+                                                       (None, "mmap", False)],
+                         ids=["small-experts", "large-experts", "mmap-store"])
+def test_small_experts_copy_as_arena_rows_large_ones_per_part(paths, monkeypatch, limit, host_memory, kernel):
     """A run of misses copies as rows of the host arena in one call (slot_copy.copy_parts: one kernel launch
-    on a GPU) when an expert is at most COPY_KERNEL_MAX_BYTES, else one expert at a time (store.copy_to: a
-    cudaMemcpy per part on a GPU); the waves' output is the fully resident layer's either way."""
+    on a GPU) when an expert is at most COPY_KERNEL_MAX_BYTES and the store has an arena, else one expert at a
+    time (store.copy_to: a cudaMemcpy per part on a GPU; an mmap store has no arena); the waves' output is the
+    fully resident layer's either way."""
     from moesys.offload import engine as engine_module, slot_copy
 
     mixtral = paths["mixtral"]
     if limit is not None:
         monkeypatch.setattr(engine_module, "COPY_KERNEL_MAX_BYTES", limit)
     model = mo.load(mixtral, gpu_memory=_budget(mixtral, torch.float32, 6), dtype=torch.float32, device="cpu",
-                    prefetch="none", resident_if_fits=False)
+                    prefetch="none", resident_if_fits=False, host_memory=host_memory)
+    assert model.moesys_offload.store.mode == host_memory
     engine = model.moesys_offload
     assert (engine.copy_programs == engine_module.COPY_PROGRAMS) == kernel and (engine.copy_programs == 0) != kernel
     calls = []

@@ -137,8 +137,12 @@ class OffloadEngine:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.layer_used: dict[int, torch.cuda.Event] = {}  # last compute event of each layer
         self.pending: dict[int, set[int]] = {layer: set() for layer in inner}  # slots with copies in flight
-        # the copy kernel's grid (_copy_run); 0: a cudaMemcpy per part
-        self.copy_programs = COPY_PROGRAMS if store.expert_bytes <= COPY_KERNEL_MAX_BYTES else 0
+        # each part's bytes in an arena row and the pool it fills: what slot_copy reads (device_slots, _copy_run)
+        self.arena_parts = [(offset, nbytes, cache.pools[name]) for name, offset, nbytes in store.spans]
+        # the copy kernel's grid (_copy_run): small experts in an arena the device can read (pinned; any on the
+        # CPU, through slot_copy's reference); 0: a copy per expert (store.copy_to, a cudaMemcpy per part)
+        readable = store.arena is not None and (device.type != "cuda" or store.mode == "pinned")
+        self.copy_programs = COPY_PROGRAMS if readable and store.expert_bytes <= COPY_KERNEL_MAX_BYTES else 0
         self._fast_hits = torch.zeros((), dtype=torch.int64, device=device)
         self._timings: list = []  # (batch, tokens, seconds or CUDA events) per forward, see record_forward
         some = next(iter(inner.values()))
@@ -351,8 +355,7 @@ class OffloadEngine:
                 self.count_distinct_hits(ids_TK)
             return self._table_slots(layer, ids_TK, global_slots)
         slot_N, src_N, dst_N = self.device_tables.step(self.cache.row[layer], ids_TK.reshape(-1), distinct=T == 1)
-        slot_copy.copy_parts(self.store.arena, [(offset, nbytes, self.cache.pools[name])
-                                                for name, offset, nbytes in self.store.spans], src_N, dst_N)
+        slot_copy.copy_parts(self.store.arena, self.arena_parts, src_N, dst_N)
         return (dst_N if global_slots else slot_N).view(ids_TK.shape)
 
     def count_distinct_hits(self, ids_TK: torch.Tensor) -> None:
@@ -455,24 +458,20 @@ class OffloadEngine:
         bounded-grid kernel launch copies all of them (slot_copy: `copy_programs` programs reading the pinned
         arena); a cudaMemcpy per part per expert cost about 47 us of host time per miss at int4, one launch
         per run 7 us (fitted at batch 32: bench/results/offload_batch_int4_h100_ede5ca8.json, _b0df6cc.json).
-        Larger experts (COPY_KERNEL_MAX_BYTES), other stores (mmap staging, ordinary memory beside a GPU) and
-        copy_programs 0 copy per expert. On the CPU the same row-indexed copy (slot_copy's reference) moves
-        the bytes."""
+        With copy_programs 0 (larger experts than COPY_KERNEL_MAX_BYTES, an mmap store's staging, ordinary
+        memory beside a GPU) each expert is copied on its own. On the CPU the same row-indexed copy
+        (slot_copy's reference) moves the bytes."""
         if not experts:
             return
         with self._copy_stream():
             if self.cuda:
                 for used in waits.values():
                     self.copy_stream.wait_event(used)
-            rows_from_arena = self.copy_programs > 0 and self.store.arena is not None and (
-                not self.cuda or self.store.mode == "pinned")
-            if rows_from_arena:
+            if self.copy_programs:
                 idx = torch.tensor([[self.store.row_index(layer, e) for e in experts], slots], dtype=torch.int64)
                 if self.cuda:
                     idx = idx.pin_memory().to(self.device, non_blocking=True)
-                slot_copy.copy_parts(self.store.arena, [(offset, nbytes, self.cache.pools[name])
-                                                        for name, offset, nbytes in self.store.spans],
-                                     idx[0], idx[1], programs=self.copy_programs)
+                slot_copy.copy_parts(self.store.arena, self.arena_parts, idx[0], idx[1], programs=self.copy_programs)
             else:
                 for e, slot in zip(experts, slots):
                     self.store.copy_to(layer, e, self.cache.slot_views(slot))

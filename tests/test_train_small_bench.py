@@ -1,0 +1,34 @@
+"""bench/train_small.py --profile-trainer on the CPU: two profiled steps of the real trainer, under the torch
+engine and under DeepSpeed's, written as a kernel/op table with the unprofiled step time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_profile_trainer_writes_the_steps_table_for_either_engine(tmp_path, engine):
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed", reason="needs the optional extra moesys[deepspeed]")
+    out = tmp_path / "profile.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
+    sets = ["--set", f"train.engine={engine}"]
+    if engine == "deepspeed":
+        sets += ["--set", "train.deepspeed_config=configs/deepspeed_zero2_autocast.json"]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_small.py"), "--cpu-smoke", "--config",
+                           str(ROOT / "configs" / "tiny.yaml"), "--steps", "10", "--profile-trainer", str(out), *sets],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith(f"{engine} engine: step wall ") and "(synchronised each step, unprofiled)" in text
+    wall_ms = float(text.split("step wall ")[1].split(" ms")[0])
+    assert wall_ms > 0
+    assert "aten::mm" in text and "ProfilerStep*" in text  # the profiled steps' ops (2 ProfilerStep rows)

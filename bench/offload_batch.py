@@ -12,8 +12,9 @@ of the experts. `--shape qwen3-30b-a3b`: the Qwen3-30B-A3B shape (48 layers, 128
 16 GiB, whose 61 GB are never written to disk (the GPU machine's disk cannot hold them beside the rest):
 each load builds the same seeded random model on the GPU and reads its experts from it (so no accelerate
 rows; its routing trace must have 128 experts and 48 layers: without --trace the trace rows replay the
-model's own recorded routing). Each (precision) loads once with max_context = largest batch x (prompt + new tokens), so the
-expert cache is the same for every row of that precision (the memory plan reserves the largest batch's KV).
+model's own recorded routing). Each (precision) loads once with max_context = largest batch x (prompt + new
+tokens), so the expert cache is the same for every row of that precision (the memory plan reserves the
+largest batch's KV).
 
 Per row: B prompts of --prompt-len random tokens, --new-tokens greedy tokens each, through
 moesys.offload.generate_batch (continuous batching, the eager host-routed path), after a short warm-up.
@@ -116,9 +117,8 @@ def build_model(args, workdir) -> Source:
 
 def load_from_random_model(cfg, device, *, dtype, **options):
     """An offloaded model (moesys.offload.loader.build) whose weights are read from a seeded random model built
-    on `device` (the same weights every call), through a TensorSource. Each layer's experts are dropped from
-    the random model once the store has read them (layers are read in order), so the cache pools, allocated
-    after the store, fit beside what is left; the random model is freed before returning."""
+    on `device` (the same weights every call) through bench/offload.py's source_of_model; the random model is
+    freed before returning."""
     from offload import random_model_on_gpu, source_of_model
 
     from moesys.offload.loader import build
@@ -248,8 +248,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--no-accelerate", action="store_true")
     ap.add_argument("--copy-programs", type=int, default=None,
-                    help="the offloaded rows' copy kernel grid (OffloadEngine.copy_programs; 0 = a cudaMemcpy "
-                         "per expert part, the copies before the copy kernel); default: the engine's")
+                    help="the offloaded rows' copy kernel grid (OffloadEngine.copy_programs; 0 = each expert copied "
+                         "on its own, a cudaMemcpy per part: the copies before the kernel); default: the engine's")
     ap.add_argument("--batch-graph", action="store_true",
                     help="also the decode graph's batch steps (generate_batch(graph=True)) next to the host-routed "
                          "ones, the model's own routing (an override's per-step draw cannot be replayed), bf16, "

@@ -230,7 +230,7 @@ class DeepSpeedEngine:
     def grad_norm(self) -> torch.Tensor:
         """The step's global gradient norm before clipping (over every rank's experts)."""
         norm = self._norm if self._own_norm else self.engine.get_global_grad_norm()
-        assert norm is not None, "DeepSpeed did not compute the gradient norm (gradient_clipping is always set)"
+        assert norm is not None, "no gradient norm: grad_norm() is read after a step's last backward"
         return torch.as_tensor(norm, dtype=torch.float64, device=self.ctx.device)
 
     def checkpoint_states(self) -> tuple[dict, dict]:

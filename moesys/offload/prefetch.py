@@ -15,20 +15,24 @@ PREFETCH_POLICIES = ("next-gate", "none")
 
 
 class NextGatePrefetcher:
-    def __init__(self, gates: dict[int, nn.Module], top_k: int, max_tokens: int = 64):
+    def __init__(self, gates: dict[int, nn.Module], top_k: int):
         layers = sorted(gates)
         self.next_layer = dict(zip(layers, layers[1:]))
-        self.gates, self.top_k, self.max_tokens = gates, top_k, max_tokens
+        self.gates, self.top_k = gates, top_k
         self.pending: dict[int, set[int]] = {}
 
     def guess(self, layer: int, x_TH: torch.Tensor) -> torch.Tensor | None:
-        """Device tensor of the next layer's guessed expert ids, most wanted first, or None (last layer /
-        more than `max_tokens` rows: in a prefill nearly every expert is needed anyway, and each is loaded
-        once per layer). With several rows (batch decode) the experts are ordered by how many rows' top-k
-        pick them, ties by id, so the prefetch budget goes to the experts most of the batch will use;
-        entries picked by no row are -1 (the shape stays fixed: min(E, T*K))."""
+        """Device tensor of the next layer's guessed expert ids, most wanted first, or None (last layer).
+        With several rows (batch decode, prefill) the experts are ordered by how many rows' top-k pick them,
+        ties by id, so the prefetch budget goes to the experts most of the rows will use; entries picked by
+        no row are -1 (the shape stays fixed: min(E, T*K)). Any number of rows is guessed for: a large batch
+        needs nearly every expert of the next layer, and copying them during this layer's compute is the
+        only overlap its step has (a batch of 128 rows with no guess, when guesses stopped at 64 rows, hit
+        no expert and copied each layer's experts after the layer before had computed:
+        bench/results/offload_batch_int4_h100_b0df6cc.json). A layer needing more experts than its bank
+        holds leaves no prefetch budget (OffloadEngine._prefetch), so a large prefill is unchanged."""
         nxt = self.next_layer.get(layer)
-        if nxt is None or x_TH.shape[0] > self.max_tokens:
+        if nxt is None:
             return None
         logits_TE = F.linear(x_TH, self.gates[nxt].weight)
         E = logits_TE.shape[-1]

@@ -23,9 +23,10 @@ per token of the decode steps (the prefill's copies excluded); on the "model" ro
 above 1, how many of its sequences equal the same prompt generated alone (sequences_equal_to_alone:
 [equal, B]); on CUDA the row's peak of allocated device memory against the budget (peak_bytes,
 under_budget). Predicted: perf_model with the measured hardware (pinned copy bandwidth, matmul FLOP/s) and
-the routing statistics recorded during the row (the LRU hit curve of the recorded routing; uniform: the
-closed form), and again with the engine's measured copy hit rate (1 - copies / lookups: an expert the
-prefetch copied counts as copied, not as the hit its lookup sees; hit_rate is the lookups'); its overheads
+the routing statistics recorded during the row (its decode steps, or uniform draws, replayed through the
+engine's cache: predicted_hit_rate), and again with the engine's measured copy hit rate (1 - copies /
+lookups: an expert the prefetch copied counts as copied, not as the hit its lookup sees; hit_rate is the
+lookups'); its overheads
 are fitted once on the all-resident rows, a uniform batch-1 calibration row (per miss) and, for quantized
 experts, a uniform calibration row at the smallest batch above 1 (per dequantization wave). Bound (the
 issue's): B / max(missed bytes of a step at pinned bandwidth, the same step with every expert resident
@@ -250,6 +251,8 @@ def main():
     ap.add_argument("--copy-programs", type=int, default=None,
                     help="the offloaded rows' copy kernel grid (OffloadEngine.copy_programs; 0 = each expert copied "
                          "on its own, a cudaMemcpy per part: the copies before the kernel); default: the engine's")
+    ap.add_argument("--cache-policy", default="auto", choices=("auto", "next-visit", "lru", "lfu"),
+                    help="the offloaded rows' (and --profile's) expert cache policy (moesys.offload.cache)")
     ap.add_argument("--batch-graph", action="store_true",
                     help="also the decode graph's batch steps (generate_batch(graph=True)) next to the host-routed "
                          "ones, the model's own routing (an override's per-step draw cannot be replayed), bf16, "
@@ -277,7 +280,7 @@ def main():
     args.new_tokens = args.new_tokens or (8 if args.smoke else 32)
 
     from moesys.offload.perf_model import (Hardware, RoutingStats, auto_batch_size, calibrate, calibrate_miss,
-                                           calibrate_waves, lru_hit_curve, predict, workload_of)
+                                           calibrate_waves, predict, workload_of)
     from moesys.offload.routing import RoutingOverride, RoutingRecorder
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -361,11 +364,11 @@ def main():
     for quantize in args.quantize.split(","):
         row_budget = budget if budget is not None else smoke_budget(cfg, dtype, 1 / 3, max_context)
         model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=False,
-                        quantize_experts=quantize, experts_implementation=impls[0])
+                        quantize_experts=quantize, experts_implementation=impls[0], cache_policy=args.cache_policy)
         engine = model.moesys_offload
         if args.copy_programs is not None:
             engine.copy_programs = args.copy_programs
-        base["copy_programs"] = engine.copy_programs
+        base["copy_programs"], base["cache_policy"] = engine.copy_programs, engine.cache.policy
         w = workload_of(engine, model.config)
         uniform = RoutingStats.uniform(w.num_experts, w.top_k)
         context = args.prompt_len + args.new_tokens // 2
@@ -422,9 +425,9 @@ def main():
                 # does, and the rows predict decode
                 ids_NLK = rec.ids_NLK(decode_only=True).long()
                 stats_r = (RoutingStats.uniform(w.num_experts, w.top_k) if routing == "uniform"
-                           else RoutingStats.from_trace(ids_NLK, w.num_experts))
+                           else RoutingStats.from_trace(ids_NLK, w.num_experts, batch_steps=True))
                 pred = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots)
-                stats_r.with_engine_hit_rate(engine.cache.num_slots // w.num_layers, stats.decode_copy_hit_rate)
+                stats_r.with_engine_hit_rate(engine.cache.num_slots, stats.decode_copy_hit_rate)
                 pred_hit = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots)
                 steps = max(1, stats.decode_tokens // B)
                 missed_s = stats.decode_bytes_copied / steps / hw.pcie_Bps
@@ -436,8 +439,7 @@ def main():
                     hit_rate=stats.decode_hit_rate, copy_hit_rate=stats.decode_copy_hit_rate,
                     bytes_copied_per_token=stats.decode_bytes_copied / max(
                         stats.decode_tokens, 1), prefill_and_decode_hit_rate=stats.hit_rate,
-                    lru_curve_hit_rate=float(lru_hit_curve(ids_NLK, w.num_experts, B)[min(
-                        w.num_experts, engine.cache.num_slots // w.num_layers)]),
+                    predicted_hit_rate=pred["hit_rate"],
                     predicted_tokens_per_s=pred["tokens_per_s"], predicted_with_measured_hit=pred_hit["tokens_per_s"],
                     predicted_bound=pred["bound_tokens_per_s"], bound_tokens_per_s=bound,
                     share_of_bound=measured / bound if bound else None,
@@ -491,7 +493,7 @@ def profile_row(args, src):
     cfg, dtype = src.cfg, src.dtype
     row_budget = src.budget if src.budget is not None else smoke_budget(cfg, dtype, 1 / 3, max_context)
     model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=False,
-                    quantize_experts=quantize)
+                    quantize_experts=quantize, cache_policy=args.cache_policy)
     override = RoutingOverride(model, "uniform", seed=0) if routing == "uniform" else None
     prompts = row_prompts(B, args, cfg.vocab_size)
     engine = model.moesys_offload
@@ -508,7 +510,8 @@ def profile_row(args, src):
     run = decode(args.new_tokens)
     stats = engine.snapshot()
     head = (f"profile of {args.profile_row} (precision:routing:batch), {meta_line(engine)}, cache slots "
-            f"{engine.cache.num_slots}, budget {row_budget}\nunprofiled: {stats.decode_tokens_per_s:.1f} decode tok/s "
+            f"{engine.cache.num_slots} ({engine.cache.policy}), budget {row_budget}\n"
+            f"unprofiled: {stats.decode_tokens_per_s:.1f} decode tok/s "
             f"({B / stats.decode_tokens_per_s * 1e3:.1f} ms per step), end to end {run.tokens_per_s:.1f} tok/s, "
             f"hit rate {stats.hit_rate:.3f}, {stats.copies} copies over {args.new_tokens} tokens "
             f"(prefill included), strategies {engine.strategies}\n")

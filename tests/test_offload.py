@@ -373,6 +373,56 @@ def test_lru_evicts_least_recent_and_respects_protection():
     assert c.resident_per_layer == {0: 1, 1: 2}
 
 
+def test_next_visit_evicts_from_the_layer_visited_furthest_ahead():
+    """Layers 0-3 visited in order: after visit(2) the victims come from layer 2's unprotected experts (its
+    next visit is a whole step away), then 1, 0, 3 (visited next), least recently used first in each."""
+    c = ExpertCache([("w", (2,), torch.float32)], 8, torch.device("cpu"), "auto", [0, 1, 2, 3], 4)
+    assert c.policy == "next-visit"
+    for layer in (3, 0, 1, 2):
+        c.visit(layer)
+        for e in (0, 1):
+            c.allocate((layer, e), set())
+    c.lookup((1, 0))                                   # layer 1's least recent is now 1
+    c.visit(2)
+    protect = {(2, 0), (2, 1), (2, 2), (2, 3)}         # layer 2 needs all four: nothing of its own to give
+    evicted = [c.allocate((2, e), protect)[1] for e in (2, 3)]
+    assert evicted == [(1, 1), (1, 0)]
+    assert c.allocate((3, 2), protect | {(3, 2)})[1] == (0, 0)  # then (layer 1 is empty) 0, least recent first
+    c.visit(3)                                          # now layer 3's own unneeded experts go first
+    assert c.allocate((3, 3), {(3, 3), (3, 2)})[1] == (3, 0)
+    c.visit(0)                                          # from layer 0: itself, then 3, 2, 1
+    keep = {(0, 2), (0, 1), (3, 1), (3, 2), (3, 3), (2, 1), (2, 2), (2, 3)}
+    assert c.allocate((0, 2), keep)[1] == (2, 0)
+    assert c.resident_per_layer == {0: 2, 1: 0, 2: 3, 3: 3}
+    # the same protected set again: the scan skips layers it found fully protected, unless one of them has
+    # since been touched by an expert outside the set
+    policy = c.policies[0]
+    assert policy.victim(keep) is None
+    policy.touch((0, 3))
+    assert policy.victim(keep) == (0, 3)
+
+
+def test_next_visit_hands_over_to_the_device_tables_and_back():
+    """The decode graph runs LRU (or LFU) on the device: a next-visit cache gives it its recency order and
+    use counts, and takes the device's back as a next-visit policy again."""
+    from moesys.offload.device_cache import DeviceCacheTables
+
+    c = ExpertCache([("w", (2,), torch.float32)], 6, torch.device("cpu"), "auto", [0, 1, 2], 4, top_k=2)
+    assert (c.policy, c.device_policy) == ("next-visit", "lru")
+    for key in [(0, 1), (1, 2), (2, 3), (0, 0), (1, 1), (2, 0)]:
+        c.visit(key[0])
+        c.allocate(key, set())
+    c.lookup((0, 1))
+    order, counts = list(c.policies[0].order), dict(c.policies[0].count)
+    tables = DeviceCacheTables(c, c.device_policy)
+    tables.load_from_host()
+    tables.store_to_host()
+    back = c.policies[0]
+    assert type(back).__name__ == "_NextVisit" and list(back.order) == order and back.count == counts
+    c.visit(1)
+    assert c.allocate((1, 3), {(1, 3)})[1] == (1, 2)  # by layer again: layer 1's least recent first
+
+
 def test_lfu_evicts_least_frequent_then_least_recent():
     c = _tiny_cache("lfu")
     for e in range(3):

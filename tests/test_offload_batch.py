@@ -294,3 +294,26 @@ def test_batch_of_one_takes_the_decode_graph_and_keeps_the_tokens(checkpoints):
     model.generation_config.eos_token_id = want[0][2]
     run = generate_batch(model, ps[:1], max_new_tokens=new, batch_size=1, eos=[])
     assert [r.token_ids for r in run] == [want[0]]
+
+
+def test_next_visit_eviction_hits_where_lru_hits_nothing(checkpoints):
+    """Eight rows under uniform routing need nearly all 8 experts of each of the 3 layers every step; 12 slots
+    hold a layer and a half. LRU evicts the next layer's experts to make room for this one's, so no decode
+    lookup hits; next-visit (cache_policy "auto") evicts from the layers visited furthest ahead and keeps
+    the rest, as the performance model's replay of the engine's cache predicts."""
+    from moesys.offload.perf_model import RoutingStats
+    from moesys.offload.routing import RoutingOverride
+
+    path = checkpoints["olmoe"]
+    rates = {}
+    for policy in ("lru", "auto"):
+        model = mo.load(path, gpu_memory=budget(path, torch.float32, 12), dtype=torch.float32, cuda_graph=False,
+                        cache_policy=policy, prefetch="none")
+        engine = model.moesys_offload
+        assert engine.cache.num_slots == 12 and engine.cache.policy == ("lru" if policy == "lru" else "next-visit")
+        RoutingOverride(model, "uniform", seed=0)
+        list(generate_batch(model, prompts(lengths=(4,) * 8), max_new_tokens=12, batch_size=8, eos=[]))
+        rates[policy] = engine.snapshot().hit_rate  # prefill's and decode's lookups (no prefetch)
+    assert rates["lru"] == 0.0
+    predicted = RoutingStats.uniform(8, 2).hit_rate(12, 3, 8)
+    assert rates["auto"] > 0.1 and rates["auto"] == pytest.approx(predicted, abs=0.1)

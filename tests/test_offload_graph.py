@@ -74,10 +74,12 @@ def test_copy_parts_copies_the_chosen_rows_only(parts, block, use_kernel, progra
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [dict(), dict(cache_policy="lfu"), dict(bank_size=4)])
+@pytest.mark.parametrize("options", [dict(cache_policy="lru"), dict(cache_policy="lfu"),
+                                     dict(cache_policy="lru", bank_size=4)])
 def test_device_bookkeeping_evicts_like_the_host_path(checkpoints, options):
-    """Same routing, same budget, no prefetch: the device tables make exactly the host path's hits, misses
-    and evictions, the slots hold the right experts afterwards, and the tokens are the same."""
+    """Same routing, same budget, same policy (LRU or LFU, which the device runs; "auto" runs next-visit on
+    the host only), no prefetch: the device tables make exactly the host path's hits, misses and evictions,
+    the slots hold the right experts afterwards, and the tokens are the same."""
     path = checkpoints["olmoe"]
     prompt = _prompt(seed=4)
     kw = dict(gpu_memory=_budget(path, torch.float32, 10), dtype=torch.float32, prefetch="none", **options)
@@ -452,14 +454,16 @@ def test_fused_bookkeeping_kernel_matches_the_reference(policy, K):
 
 
 def test_auto_policy_is_lfu_only_where_lru_could_never_hit():
-    """cache_policy "auto": LFU when the fullest bank has at most (its layers - 1) x top_k slots (the experts
-    of the other layers between two visits of a layer fill it), else LRU; top_k counts at most the experts
-    a layer has."""
+    """cache_policy "auto": next-visit on the host path; in the device bookkeeping LFU when the fullest bank
+    has at most (its layers - 1) x top_k slots (the experts of the other layers between two visits of a
+    layer fill it), else LRU; top_k counts at most the experts a layer has."""
     from moesys.offload.cache import ExpertCache
 
     def policy(slots, layers, top_k, bank_size=1023, experts=8):
-        return ExpertCache([("w", (2,), torch.float32)], slots, torch.device("cpu"), "auto", list(range(layers)),
-                           experts, bank_size=bank_size, top_k=top_k).policy
+        cache = ExpertCache([("w", (2,), torch.float32)], slots, torch.device("cpu"), "auto", list(range(layers)),
+                            experts, bank_size=bank_size, top_k=top_k)
+        assert cache.policy == "next-visit"
+        return cache.device_policy
     assert policy(4, 3, 2) == "lfu" and policy(5, 3, 2) == "lru" and policy(3, 3, 2) == "lfu"
     assert policy(84, 24, 4, experts=32) == "lfu"  # GPT-OSS-20B's shape under 8 GiB: 84 slots, 92 between
     assert policy(4, 4, 2, bank_size=2) == "lfu"   # banks of 2 slots, 2 layers each: 2 others fill one
@@ -496,17 +500,18 @@ def _greedy_decode(model, prompt, steps, static):
 def test_auto_policy_hits_where_lru_thrashes(checkpoints, static):
     """4 slots for 3 layers x top-2: between a layer's visits come the 4 experts of the other two layers, so
     LRU has evicted its experts by the next token and no decode step hits. The default ("auto") picks LFU
-    there and hits; the tokens are the same (a policy decides residency, never arithmetic). Both the
-    device path (StaticCache) and the host-routed one."""
+    there for the device path (StaticCache) and next-visit for the host-routed one, and both hit; the
+    tokens are the same (a policy decides residency, never arithmetic)."""
     path, prompt = checkpoints["olmoe"], _prompt(seed=4)
     kw = dict(gpu_memory=_budget(path, torch.float32, 4), dtype=torch.float32, prefetch="none")
     runs = {}
     for name, options in (("lru", dict(cache_policy="lru")), ("auto", {})):
         model = mo.load(path, **kw, **options)
         assert model.moesys_offload.cache.num_slots == 4
-        runs[name] = (*_greedy_decode(model, prompt, 12, static), model.moesys_offload.cache.policy)
+        cache = model.moesys_offload.cache
+        runs[name] = (*_greedy_decode(model, prompt, 12, static), (cache.policy, cache.device_policy))
     (lru_tokens, lru, lru_policy), (auto_tokens, auto, auto_policy) = runs["lru"], runs["auto"]
-    assert (lru_policy, auto_policy) == ("lru", "lfu")
+    assert (lru_policy, auto_policy) == (("lru", "lru"), ("next-visit", "lfu"))
     assert torch.equal(lru_tokens, auto_tokens)
     assert lru.hits + lru.misses == auto.hits + auto.misses == 12 * 3 * 2
     assert lru.hits == 0 and auto.hits > 0

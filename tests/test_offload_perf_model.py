@@ -9,8 +9,8 @@ import torch
 import moesys.offload as mo
 from moesys.offload.batch import generate_batch
 from moesys.offload.perf_model import (Hardware, RoutingStats, Workload, auto_batch_size, best_plan, calibrate,
-                                       calibrate_miss, calibrate_waves, dequant_waves, lru_hit_curve, predict,
-                                       workload_of)
+                                       calibrate_miss, calibrate_waves, dequant_waves, engine_cache_hits,
+                                       lru_hit_curve, predict, workload_of)
 from moesys.offload.routing import RoutingRecorder
 from tests.test_offload import checkpoints  # noqa: F401  (the fixture: tiny random checkpoints per architecture)
 from tests.test_offload_batch import budget, prompts
@@ -55,30 +55,79 @@ def test_lru_hit_curve_by_hand_and_by_simulation():
             assert curve[S].item() == pytest.approx(hits / lookups), (batch, S)
 
 
+def test_engine_cache_replay_by_hand():
+    """The replay counts the second half's lookups. One layer, lookups 0 1 0 2 1, 2 slots, LRU: steps 2-4 are
+    counted; 0 hits, 2 misses (evicting 1), 1 misses (evicting 0): 1/3."""
+    ids_SLR = torch.tensor([0, 1, 0, 2, 1]).view(5, 1, 1)
+    assert engine_cache_hits(ids_SLR, 3, 2, "lru") == pytest.approx(1 / 3)
+    # a step needing every expert of both layers (a large batch): with fewer slots than the 8 experts LRU has
+    # evicted each layer's by the time the next step reaches it, so nothing hits; 8 slots hold them all
+    every = torch.arange(4).repeat(6, 4, 1)  # 6 steps, 4 layers, each needing experts 0-3
+    assert engine_cache_hits(every, 4, 12, "lru") == 0.0
+    assert engine_cache_hits(every, 4, 16, "lru") == 1.0
+    # a layer's own experts are protected, so with room for all but one expert each layer evicts one of the
+    # layer after it: 3 of 4 hit
+    assert engine_cache_hits(every, 4, 15, "lru") == 0.75
+    # banks of 4 (bank_size 4): layers 0 and 3 share bank 0 and evict each other, 1 and 2 stay
+    assert engine_cache_hits(every, 4, 12, "lru", bank_size=4) == 0.5
+    # banks of 3 for 4 needed experts: waves [0, 1, 2] and [3]; the second evicts 0, the first 3: 2 of 4 hit
+    assert engine_cache_hits(every, 4, 12, "lru", bank_size=3) == 0.5
+    # fewer slots than layers: the engine does not run
+    assert engine_cache_hits(every, 4, 3, "lru") == 0.0
+    # next-visit on the same cyclic scan of 4 layers through room for k of them hits (k - 1) / (4 - 1), the
+    # most any policy can (Belady's: each step streams one layer through the slots of the one just used)
+    assert engine_cache_hits(every, 4, 8, "next-visit") == pytest.approx(1 / 3)
+    assert engine_cache_hits(every, 4, 12, "next-visit") == pytest.approx(2 / 3)
+
+
+def test_uniform_hit_rate_of_a_large_batch_is_zero_under_lru():
+    """The OLMoE shape at int4 under 4 GiB (291 slots, 16 layers of 64 experts, top-8): one row a step hits
+    about the share of experts the cache holds (18 of 64 per layer); from 8 rows on a step needs 42+ experts
+    per layer, 672+ in all, and LRU keeps none of them until the next step (the engine measured 0 at 32 and
+    128 rows: bench/results/offload_batch_int4_h100_b0df6cc.json). Next-visit (the default) keeps about
+    (291 - the two layers in flight) / all a step needs."""
+    uni = RoutingStats.uniform(64, 8)
+    assert 0.15 < uni.hit_rate(291, 16, 1, "lru") < 0.3
+    assert uni.hit_rate(291, 16, 8, "lru") == uni.hit_rate(291, 16, 128, "lru") == 0.0
+    assert 0.2 < uni.hit_rate(291, 16, 128) < 0.3 and uni.hit_rate(291, 16, 128, "next-visit") == uni.hit_rate(
+        291, 16, 128)
+    assert uni.hit_rate(1024, 16, 128, "lru") == uni.hit_rate(1024, 16, 128) == 1.0  # every expert fits
+    with pytest.raises(ValueError, match="3 layers, the model 16"):
+        RoutingStats.from_trace(torch.zeros(8, 3, 2, dtype=torch.long), 64).hit_rate(291, 16, 2)
+
+
+def half_hit(slots=8):
+    """Uniform routing whose hit rate at `slots` is pinned to 1/2 (the engine-measured override), so that
+    the step arithmetic below is checked by hand apart from the cache replay."""
+    return RoutingStats.uniform(8, 2).with_engine_hit_rate(slots, 0.5)
+
+
 def test_step_time_by_hand():
-    # B=2, 8 slots (4 per layer, hit 1/2 under uniform), context 100: U = 3.5, misses 2 x 3.5 x 0.5 = 3.5
-    p = predict(W, HW, RoutingStats.uniform(8, 2), 2, 100, slots=8)
+    # B=2, 8 slots (hit 1/2), context 100: U = 3.5, misses 2 x 3.5 x 0.5 = 3.5
+    p = predict(W, HW, half_hit(), 2, 100, slots=8)
     assert p["misses_per_step"] == pytest.approx(3.5) and p["hit_rate"] == pytest.approx(0.5)
     assert p["copy_s"] == pytest.approx(3.5e-3)
     # dense 1e7 B / 1e10 = 1e-3; experts 2 x 3.5e6 / 1e10 = 7e-4; attention 2 x 100 x 1000 / 1e10 = 2e-5
     assert p["compute_s"] == pytest.approx(1.72e-3)
     assert p["tokens_per_s"] == pytest.approx(2 / 5.22e-3)
     assert p["bound_tokens_per_s"] == pytest.approx(2 / 3.5e-3)
-    assert predict(W, HW, RoutingStats.uniform(8, 2), 2, 100, slots=8, overlap=True)["step_s"] == pytest.approx(3.5e-3)
+    assert predict(W, HW, half_hit(), 2, 100, slots=8, overlap=True)["step_s"] == pytest.approx(3.5e-3)
     assert p["bytes_copied_per_token"] == pytest.approx(3.5e6 / 2)
-    # compute-bound rows: B=512, every expert resident: experts 2 x max(8e6/1e10, 512*2*1e6/1e12) = 2.048e-3
+    # compute-bound rows: B=512, every expert resident (the replay hits all 16): experts 2 x max(8e6/1e10,
+    # 512*2*1e6/1e12) = 2.048e-3
     q = predict(W, HW, RoutingStats.uniform(8, 2), 512, 0, slots=16)
     assert q["copy_s"] == 0 and q["compute_s"] == pytest.approx(max(1e-3, 512e7 / 1e12) + 2.048e-3)
 
 
 def test_kv_placement_is_the_faster_prediction():
-    """B=4 x 1000 tokens of KV (4 MB) on the device leave 12 of 16 slots (hit 3/4); in host memory all 16
-    (hit 1) but attention reads 4 MB at the CPU's 1 GB/s."""
+    """B=4 x 1000 tokens of KV (4 MB) on the device leave 12 of 16 slots (the replay's hit rate there); in
+    host memory all 16 (hit 1) but attention reads 4 MB at the CPU's 1 GB/s."""
     uni = RoutingStats.uniform(8, 2)
     gpu, host = (predict(W, HW, uni, 4, 1000, kv) for kv in ("device", "host"))
     assert (gpu["slots"], host["slots"]) == (12, 16)
-    u = 8 * (1 - 0.75 ** 4)
-    assert gpu["copy_s"] == pytest.approx(2 * u * 0.25 * 1e6 / 1e9) and host["copy_s"] == 0
+    u, hit = 8 * (1 - 0.75 ** 4), uni.hit_rate(12, 2, 4)
+    assert 0 < hit < 1 and gpu["hit_rate"] == hit and host["hit_rate"] == 1.0
+    assert gpu["copy_s"] == pytest.approx(2 * u * (1 - hit) * 1e6 / 1e9) and host["copy_s"] == 0
     assert host["compute_s"] - gpu["compute_s"] == pytest.approx(4e6 / 1e9 - 4e6 / 1e10)
     slow_cpu = best_plan(W, HW, uni, 4, 1000)
     assert slow_cpu["kv"] == ("device" if gpu["tokens_per_s"] > host["tokens_per_s"] else "host")
@@ -93,11 +142,11 @@ def test_kv_placement_is_the_faster_prediction():
 
 
 def test_one_slot_per_layer_is_the_least_that_runs():
-    """The engine needs a slot per MoE layer: 2 slots for 2 layers run (hit 1/8 under uniform), 1 does not
-    (no hit rate, no throughput, no bound)."""
+    """The engine needs a slot per MoE layer: 2 slots for 2 layers run (each layer's 2 experts evict the
+    other layer's: no hit), 1 does not (no hit rate, no throughput, no bound)."""
     uni = RoutingStats.uniform(8, 2)
     least = predict(W, HW, uni, 1, 10, slots=2)
-    assert least["feasible"] and least["hit_rate"] == pytest.approx(1 / 8) and least["tokens_per_s"] > 0
+    assert least["feasible"] and least["hit_rate"] == 0.0 and least["tokens_per_s"] > 0
     short = predict(W, HW, uni, 1, 10, slots=1)
     assert not short["feasible"]
     assert (short["hit_rate"], short["tokens_per_s"], short["bound_tokens_per_s"]) == (0.0, 0.0, 0.0)
@@ -112,19 +161,27 @@ def test_measured_routing_of_a_run_feeds_the_model(checkpoints):
     engine = model.moesys_offload
     w = workload_of(engine, model.config)
     assert (w.num_layers, w.num_experts, w.top_k, w.expert_bytes) == (3, 8, 2, engine.store.expert_bytes)
-    measured = RoutingStats.from_trace(rec.ids_NLK(), 8)
+    measured = RoutingStats.from_trace(rec.ids_NLK(decode_only=True), 8, batch_steps=True)
     uniform = RoutingStats.uniform(8, 2)
     # the model's own routing is not uniform: its unique experts for 2 rows differ from uniform draws
     assert measured.unique(2) != pytest.approx(uniform.unique(2))
-    slots_per_layer = engine.cache.num_slots // w.num_layers
+    # its decode steps (2 rows each, as recorded) replayed through a cache like the engine's
+    steps_SLR = measured.steps(2, 3)
+    assert steps_SLR.shape[0] == len(rec.ids_NLK(decode_only=True)) // 2
+    torch.testing.assert_close(steps_SLR[1, 2], rec.ids_NLK(decode_only=True)[2:4, 2].flatten().long())
     assert predict(w, HW, measured, 2, 10, slots=engine.cache.num_slots)["hit_rate"] == pytest.approx(
-        lru_hit_curve(rec.ids_NLK().long(), 8, 2)[slots_per_layer].item())
+        engine_cache_hits(steps_SLR, 8, engine.cache.num_slots, engine.cache.policy, top_k=2))
     hit = engine.snapshot().hit_rate
-    measured.with_engine_hit_rate(slots_per_layer, hit)
+    measured.with_engine_hit_rate(engine.cache.num_slots, hit)
     assert predict(w, HW, measured, 2, 10, slots=engine.cache.num_slots)["hit_rate"] == pytest.approx(hit)
-    # auto: at most max_context // longest rows (4096 // 15), here the 4 prompts
-    assert auto_batch_size(model, 4, 15, hardware=HW) == 4
-    assert auto_batch_size(model, 4, 15, hardware=HW, routing=measured) == 4
+    # auto: at most max_context // longest rows (4096 // 15), here the 4 prompts, when copies cost nothing
+    free_copies = Hardware(**{**HW.__dict__, "pcie_Bps": 1e15})
+    assert auto_batch_size(model, 4, 15, hardware=free_copies) == 4
+    assert auto_batch_size(model, 4, 15, hardware=free_copies, routing=measured) == 4
+    # otherwise the batch the model predicts fastest (context: half the longest row), the KV cache on the device
+    for routing in (None, measured):
+        want = best_plan(w, HW, routing or uniform, 4, 7, kv_places=("device",), slots=engine.cache.num_slots)
+        assert auto_batch_size(model, 4, 15, hardware=HW, routing=routing) == want["batch"]
 
 
 def test_calibrated_overheads_explain_resident_steps():
@@ -142,7 +199,7 @@ def test_calibrated_overheads_explain_resident_steps():
 
 def test_miss_overhead_fitted_to_one_row():
     """The step above (3.5 misses, 5.22 ms) measured at 8.72 ms: 1 ms per miss more than its bytes."""
-    uni = RoutingStats.uniform(8, 2)
+    uni = half_hit()
     hw = calibrate_miss(W, HW, uni, 2, 100, 8, 5.22e-3 + 3.5e-3)
     assert hw.miss_overhead_s == pytest.approx(1e-3)
     assert predict(W, hw, uni, 2, 100, slots=8)["copy_s"] == pytest.approx(3.5e-3 + 3.5e-3)

@@ -61,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory", required=True, help="device memory budget, e.g. 16GiB or a byte count")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate after the prompt")
     parser.add_argument("--cache-policy", choices=CACHE_POLICIES, default="auto",
-                        help="which cached expert the GPU expert cache evicts (auto: LRU, or LFU when the cache "
-                             "is so small that LRU would never hit)")
+                        help="which cached expert the GPU expert cache evicts (auto: next-visit, the least "
+                             "recently used expert of the layer visited furthest ahead; the CUDA-graph decode's "
+                             "device bookkeeping runs LRU, or LFU when the cache is so small that LRU would never hit)")
     parser.add_argument("--prefetch", choices=PREFETCH_POLICIES, default="next-gate",
                         help="speculative copy of the experts the next layer's gate predicts")
     parser.add_argument("--quantize-experts", choices=QUANT_MODES, default="none",

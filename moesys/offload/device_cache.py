@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from moesys.offload.cache import ExpertCache, _LFU, _LRU
+from moesys.offload.cache import ExpertCache, _LRU
 
 try:
     import triton
@@ -136,12 +136,11 @@ class DeviceCacheTables:
         count[-1] = -1
         tick = 0
         for bank, policy in enumerate(cache.policies):
-            if isinstance(policy, _LRU):
-                order = list(policy.order)
-            else:
-                order = sorted(policy.resident, key=lambda k: policy.stamp[k])
-                for key in policy.count:
-                    count[cache.row[key[0]] * E + key[1]] = policy.count[key]
+            # LRU and next-visit keep every resident expert by recency; LFU and next-visit all-time counts
+            order = list(policy.order) if isinstance(policy, _LRU) else sorted(policy.resident,
+                                                                                 key=lambda k: policy.stamp[k])
+            for key, n in getattr(policy, "count", {}).items():
+                count[cache.row[key[0]] * E + key[1]] = n
             for i, key in enumerate(order, start=1):
                 slot = cache.slot_of[key]
                 owner[slot] = cache.row[key[0]] * E + key[1]
@@ -161,7 +160,7 @@ class DeviceCacheTables:
         for layer in cache.resident_per_layer:
             cache.resident_per_layer[layer] = 0
         cache.free = []
-        cache.policies = [_LFU() if self.lfu else _LRU() for _ in cache.banks]
+        cache.policies = [cache.new_policy() for _ in cache.banks]  # the host's own policy again
         for bank, (start, end) in enumerate(cache.banks):
             used = sorted((stamp[s], s) for s in range(start, end) if owner[s] != self.trash_key)
             cache.free.append([s for s in range(end - 1, start - 1, -1) if owner[s] == self.trash_key])
@@ -170,11 +169,11 @@ class DeviceCacheTables:
                 key = (cache.layers[owner[s] // E], owner[s] % E)
                 cache.slot_of[key] = s
                 cache.resident_per_layer[key[0]] += 1
-                if self.lfu:  # counts as the device kept them, recency as its order
+                if hasattr(policy, "count"):  # counts as the device kept them, recency as its order
                     policy.count[key] = count[owner[s]] - 1
                     policy.tick = i - 1
                 policy.touch(key)
-            if self.lfu:
+            if hasattr(policy, "count"):
                 for k in range(self.trash_key):
                     key = (cache.layers[k // E], k % E)
                     if count[k] and key not in policy.count and cache.bank_of[key[0]] == bank:

@@ -373,7 +373,7 @@ class OffloadEngine:
     def _tables_to_device(self) -> None:
         self._wait_all()  # host-path copies in flight land before the device reads or replaces slots
         if self.device_tables is None:
-            self.device_tables = DeviceCacheTables(self.cache, self.cache.policy)
+            self.device_tables = DeviceCacheTables(self.cache, self.cache.device_policy)
         self.device_tables.load_from_host()
         if self.prefetcher is not None:
             self.prefetcher.reset()

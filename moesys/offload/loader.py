@@ -231,8 +231,10 @@ def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
             (int8/int4) are plain gated experts only.
         gpu_memory: the device memory budget, bytes (int) or a string like "16GiB".
         dtype: compute dtype (default: the config's dtype).
-        options: cache_policy "auto"|"lru"|"lfu" (auto: LRU, or LFU when a bank holds so few slots
-            that a batch-1 decode under LRU could never hit: moesys.offload.cache), prefetch "next-gate"|"none", quantize_experts "none"|"int8"|"int4",
+        options: cache_policy "auto"|"next-visit"|"lru"|"lfu" (auto: next-visit on the host path, which
+            evicts from the layer visited furthest ahead; in the decode graph's device bookkeeping LRU, or LFU
+            when a bank holds so few slots that a batch-1 decode under LRU could never hit:
+            moesys.offload.cache), prefetch "next-gate"|"none", quantize_experts "none"|"int8"|"int4",
             cpu_experts "off"|"auto"|"on" (default "off": experts computed on the CPU round differently, so
             only "off" keeps greedy output bit-identical to the model fully on the device), host_memory "auto"|"pinned"|"memory"|"mmap", device,
             max_context (tokens the KV cache is planned for), reserve (workspace bytes, overrides the

@@ -5,9 +5,9 @@ cache lives.
 One decode step of B rows through L MoE layers:
 - unique experts per layer U(B): uniform routing E * (1 - (1 - K/E)^B) (a token misses an expert with
   probability 1 - K/E); measured routing: the mean over a routing trace's steps of B rows;
-- misses per step L * U(B) * (1 - h(S)), S = cache slots per layer, h the hit rate at S: uniform routing
-  min(1, S/E) (any demand policy under uniform independent references); measured routing: an LRU
-  simulation of the trace, one pass for every S (stack distances);
+- misses per step L * U(B) * (1 - h(S)), S = cache slots, h the hit rate at S: the steps (uniform draws,
+  or a routing trace's steps of B rows) replayed through the engine's own ExpertCache and policy
+  (`engine_cache_hits`): the layers share the cache, so a large batch can hit nothing at all;
 - copy time: misses x (expert bytes / pinned host-to-device bandwidth + a per-miss overhead, fitted by
   `calibrate_miss` to one offloaded row);
 - compute time: non-expert weights read once (roofline against their 2 B FLOPs per parameter), per layer
@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from moesys.offload.cache import MAX_BANK_SLOTS, resolve_policy
 from moesys.offload.dequant_slots import kernel_available, workspace_experts
 
 KV_PLACES = ("device", "host")
@@ -105,6 +106,8 @@ class Workload:
     free_bytes: int            # budget minus non-expert weights and the activation workspace: KV + slots
     dequant_bytes: int = 0     # quantized experts: one expert dequantized (compute dtype); 0 = not quantized
     dequant_experts: int = 0   # quantized experts dequantized at once (the engine's); 0 = top_k
+    cache_policy: str = "auto"  # the expert cache's eviction policy and bank size (moesys.offload.cache)
+    bank_size: int = MAX_BANK_SLOTS
 
     def slots(self, batch: int, context: int, kv: str) -> int:
         """Expert-cache slots left when the KV cache of `batch` rows of `context` tokens is on `kv`."""
@@ -113,49 +116,113 @@ class Workload:
 
 
 class RoutingStats:
-    """Expected unique experts per layer for B rows, and the hit rate by slots per layer."""
+    """Expected unique experts per layer for B rows, and the hit rate of the engine's cache."""
 
-    def __init__(self, num_experts: int, top_k: int, ids_NLK: torch.Tensor | None = None):
-        self.E, self.K, self.ids_NLK = num_experts, top_k, ids_NLK
-        self._lru: dict[int, torch.Tensor] = {}
-        self.measured_hit: tuple[int, float] | None = None  # (slots per layer, hit rate) seen by the engine
+    def __init__(self, num_experts: int, top_k: int, ids_NLK: torch.Tensor | None = None,
+                 batch_steps: bool = False):
+        self.E, self.K, self.ids_NLK, self.batch_steps = num_experts, top_k, ids_NLK, batch_steps
+        self._hits: dict[tuple, float] = {}
+        self.measured_hit: tuple[int, float] | None = None  # (cache slots, hit rate) seen by the engine
 
     @classmethod
     def uniform(cls, num_experts: int, top_k: int) -> "RoutingStats":
         return cls(num_experts, top_k)
 
     @classmethod
-    def from_trace(cls, ids_NLK: torch.Tensor, num_experts: int) -> "RoutingStats":
-        return cls(num_experts, ids_NLK.shape[2], ids_NLK.long())
+    def from_trace(cls, ids_NLK: torch.Tensor, num_experts: int, batch_steps: bool = False) -> "RoutingStats":
+        """A trace of tokens in sequence order (a step's B rows are taken N // B apart), or with
+        `batch_steps` the decode steps of a batch run as recorded (RoutingRecorder.ids_NLK(decode_only=True):
+        each step's rows in turn), replayed B consecutive rows a step."""
+        return cls(num_experts, ids_NLK.shape[2], ids_NLK.long(), batch_steps)
 
-    def with_engine_hit_rate(self, slots_per_layer: int, hit_rate: float) -> "RoutingStats":
-        """The hit rate the engine measured at its own cache size replaces the predicted one there."""
-        self.measured_hit = (slots_per_layer, hit_rate)
+    def with_engine_hit_rate(self, slots: int, hit_rate: float) -> "RoutingStats":
+        """The hit rate the engine measured with its own cache of `slots` slots replaces the predicted one
+        there."""
+        self.measured_hit = (slots, hit_rate)
         return self
+
+    def steps(self, batch: int, layers: int, count: int = 0) -> torch.Tensor:
+        """[steps, layers, batch * K] expert ids of decode steps of `batch` rows: the trace's tokens N // B
+        apart (B rows of a step are tokens of B different sequences), its consecutive B rows (batch_steps),
+        or `count` steps of uniform draws (each row's top-k distinct, from a fixed generator)."""
+        if self.ids_NLK is None:
+            g = torch.Generator().manual_seed(0)
+            return torch.rand(count, layers, batch, self.E, generator=g).topk(self.K, dim=-1).indices.flatten(2)
+        N, L, K = self.ids_NLK.shape
+        if batch > N:
+            raise ValueError(f"the routing trace has {N} tokens, fewer than batch={batch}")
+        if self.batch_steps:
+            steps = N // batch
+            return self.ids_NLK[:steps * batch].view(steps, batch, L, K).transpose(1, 2).reshape(steps, L, batch * K)
+        stride = steps = N // batch
+        rows_SB = torch.arange(steps)[:, None] + stride * torch.arange(batch)[None, :]
+        return self.ids_NLK[rows_SB].permute(0, 2, 1, 3).reshape(steps, L, batch * K)
 
     def unique(self, batch: int) -> float:
         if self.ids_NLK is None:
             return self.E * (1 - (1 - self.K / self.E) ** batch)
-        N, L, K = self.ids_NLK.shape
-        if batch > N:
-            raise ValueError(f"the routing trace has {N} tokens, fewer than batch={batch}")
-        # B rows of a step are tokens of B different sequences: take them N // B apart in the trace
-        stride, steps = N // batch, N // batch
-        rows_SB = torch.arange(steps)[:, None] + stride * torch.arange(batch)[None, :]
-        ids_SLBK = self.ids_NLK[rows_SB].permute(0, 2, 1, 3).reshape(steps, L, batch * K)
-        seen_SLE = torch.zeros(steps, L, self.E, dtype=torch.bool).scatter_(2, ids_SLBK, True)
+        ids_SLR = self.steps(batch, self.ids_NLK.shape[1])
+        seen_SLE = torch.zeros(*ids_SLR.shape[:2], self.E, dtype=torch.bool).scatter_(2, ids_SLR, True)
         return seen_SLE.sum(-1).float().mean().item()
 
-    def hit_rate(self, slots_per_layer: float, batch: int = 1) -> float:
-        S = int(slots_per_layer)
-        if self.measured_hit is not None and self.measured_hit[0] == S:
+    def hit_rate(self, slots: int, layers: int, batch: int = 1, policy: str = "auto",
+                 bank_size: int = MAX_BANK_SLOTS) -> float:
+        """The share of a decode step's lookups (each layer's distinct experts) that find their expert
+        resident in the engine's cache of `slots` slots over `layers` MoE layers (`engine_cache_hits`)."""
+        if self.measured_hit is not None and self.measured_hit[0] == slots:
             return self.measured_hit[1]
-        if self.ids_NLK is None:
-            return min(1.0, S / self.E)
-        curve = self._lru.get(batch)
-        if curve is None:
-            curve = self._lru[batch] = lru_hit_curve(self.ids_NLK, self.E, batch)
-        return curve[min(S, self.E)].item()
+        key = (slots, layers, batch, policy, bank_size)
+        if key not in self._hits:
+            if self.ids_NLK is not None and self.ids_NLK.shape[1] != layers:
+                raise ValueError(f"the routing trace has {self.ids_NLK.shape[1]} layers, the model {layers}")
+            # uniform draws: enough steps to fill the cache twice over and count 2000 lookups, as many again
+            per_step = layers * self.unique(batch)
+            count = 2 * max(math.ceil(slots / per_step) + 2, math.ceil(2000 / per_step))
+            self._hits[key] = engine_cache_hits(self.steps(batch, layers, count), self.E, slots, policy,
+                                                bank_size, self.K)
+        return self._hits[key]
+
+
+def engine_cache_hits(ids_SLR: torch.Tensor, num_experts: int, slots: int, policy: str = "auto",
+                      bank_size: int = MAX_BANK_SLOTS, top_k: int = 1) -> float:
+    """Replays decode steps ids_SLR ([steps, layers, routed rows]) through moesys.offload.cache.ExpertCache
+    itself (its banks, its policy, "auto" resolved as it resolves it; no weights): each layer is visited,
+    looks up its distinct experts in ascending order and allocates the misses, protecting the layer's own
+    (a layer needing more experts than its bank: each bank-sized wave's own), as the engine does. Returns
+    the hit share of the lookups of the second half of the steps (the first half fills the cache).
+
+    Why not a hit curve per layer: the layers share the cache, visited in the same order every step. When a
+    step's lookups over all layers outnumber the slots (a large batch needs nearly every expert of every
+    layer), LRU has evicted a layer's experts by the time the next step reaches that layer, and no lookup
+    hits, whatever the slots per layer would suggest (min(1, S/E) predicted 28% for the OLMoE shape at
+    int4, batch 128, under 4 GiB; the engine's LRU copied every expert:
+    bench/results/offload_batch_int4_h100_b0df6cc.json). Prefetch is not replayed: its copies count as
+    misses here as in the engine's copy hit rate."""
+    from moesys.offload.cache import ExpertCache
+
+    S, L, _ = ids_SLR.shape
+    slots = min(slots, L * num_experts)
+    if slots < L:
+        return 0.0
+    cache = ExpertCache([], slots, torch.device("cpu"), policy, list(range(L)), num_experts,
+                        bank_size=min(bank_size, slots), top_k=top_k)
+    hits = lookups = 0
+    for s in range(S):
+        for layer in range(L):
+            cache.visit(layer)
+            needed = sorted(set(ids_SLR[s, layer].tolist()))
+            found, capacity = 0, cache.capacity(layer)
+            for start in range(0, len(needed), capacity):  # a layer needing more than its bank: in waves
+                wave = needed[start:start + capacity]
+                protect = {(layer, e) for e in wave}
+                for e in wave:
+                    if cache.lookup((layer, e)) is None:
+                        cache.allocate((layer, e), protect)
+                    else:
+                        found += 1
+            if s >= S // 2:
+                hits, lookups = hits + found, lookups + len(needed)
+    return hits / max(lookups, 1)
 
 
 def lru_hit_curve(ids_NLK: torch.Tensor, num_experts: int, batch: int = 1) -> torch.Tensor:
@@ -188,9 +255,9 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     if kv not in KV_PLACES:
         raise ValueError(f"kv={kv!r} must be one of {list(KV_PLACES)}")
     S_total = w.slots(batch, context, kv) if slots is None else slots
-    S = S_total / w.num_layers
     U = routing.unique(batch)
-    hit = routing.hit_rate(S, batch) if S_total >= w.num_layers else 0.0
+    hit = (routing.hit_rate(S_total, w.num_layers, batch, w.cache_policy, w.bank_size)
+           if S_total >= w.num_layers else 0.0)
     misses = w.num_layers * U * (1 - hit)
     copy_s = misses * (w.expert_bytes / hw.pcie_Bps + hw.miss_overhead_s)
     dense_s = max(w.dense_bytes / hw.hbm_Bps, batch * w.dense_bytes / hw.flops)  # 2 FLOPs per 2-byte weight
@@ -305,7 +372,8 @@ def workload_of(engine, config) -> Workload:
                     attention_layers=config.get_text_config().num_hidden_layers,
                     free_bytes=engine.cache.num_slots * plan.slot_bytes + kv_reserve,
                     dequant_bytes=dequantized_bytes(store.quantize, gemms, store.H, store.I, store.dtype),
-                    dequant_experts=engine.dequant_experts)
+                    dequant_experts=engine.dequant_experts, cache_policy=engine.cache.policy,
+                    bank_size=engine.cache.bank_size)
 
 
 def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
@@ -332,7 +400,8 @@ def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
                     attention_layers=text.num_hidden_layers,
                     free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + longest * kv_per_token,
                     dequant_bytes=dequantized_bytes(quantize_experts, gemms, H, I, dtype),
-                    dequant_experts=workspace_experts(text.num_experts_per_tok, dtype, kernel_available(device)))
+                    dequant_experts=workspace_experts(text.num_experts_per_tok, dtype, kernel_available(device)),
+                    cache_policy=resolve_policy("auto", plan.num_slots, len(blocks), E, top_k=text.num_experts_per_tok))
 
 
 def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware | None = None,

@@ -158,6 +158,7 @@ class HostRouted(ExpertsStrategy):
             eng._tables_to_host()
         if eng.cache.layer_complete(layer) and self.takes_resident(x_TH, ids_TK):
             return self.resident.forward(layer, x_TH, ids_TK, w_TK)
+        eng.cache.visit(layer)  # next-visit eviction ranks the layers from this one
 
         guess = None
         nxt = eng.prefetcher.next_layer.get(layer) if eng.prefetcher is not None else None

@@ -174,7 +174,8 @@ def run_row(model, B, args, vocab, seed=0, graph=False):
     def mark(module, args, kwargs):
         if engine is not None and not at_decode and kwargs["input_ids"].shape[1] == 1:
             s = engine.snapshot()
-            at_decode.update(bytes_copied=s.bytes_copied, hits=s.hits, misses=s.misses, copies=s.copies)
+            at_decode.update(bytes_copied=s.bytes_copied, hits=s.hits, misses=s.misses, copies=s.copies,
+                             prefetch_copies=s.prefetch_copies)
 
     hook = model.register_forward_pre_hook(mark, with_kwargs=True)
     if engine is not None and engine.cuda:
@@ -197,6 +198,9 @@ def run_row(model, B, args, vocab, seed=0, graph=False):
     # means is experts not copied, so the one it is fed counts every copy (prefetches too) as a miss
     copies = stats.copies - at_decode.get("copies", 0)
     stats.decode_copy_hit_rate = max(0.0, 1 - copies / (hits + misses)) if hits + misses else None
+    # the copies the prefetch issued a layer ahead, which overlap the compute of the layer before
+    prefetched = stats.prefetch_copies - at_decode.get("prefetch_copies", 0)
+    stats.decode_prefetched_share = prefetched / copies if copies else 0.0
     return run.tokens_per_s, stats, [tokens[i] for i in range(B)]
 
 
@@ -370,7 +374,6 @@ def main():
             engine.copy_programs = args.copy_programs
         base["copy_programs"], base["cache_policy"] = engine.copy_programs, engine.cache.policy
         w = workload_of(engine, model.config)
-        uniform = RoutingStats.uniform(w.num_experts, w.top_k)
         context = args.prompt_len + args.new_tokens // 2
 
         def calibration_row(fit, B, seed, hw_in):
@@ -378,6 +381,7 @@ def main():
             uni = RoutingOverride(model, "uniform", seed=seed)
             _, st, _ = run_row(model, B, args, cfg.vocab_size, seed=seed)
             uni.remove()
+            uniform = RoutingStats.uniform(w.num_experts, w.top_k).with_prefetched_share(st.decode_prefetched_share)
             fitted = fit(w, hw_in, uniform, B, context, engine.cache.num_slots, B / st.decode_tokens_per_s)
             records.append(dict(base, impl="moesys-calibration", quantize=quantize, routing="uniform", batch=B,
                                 tokens_per_s=st.decode_tokens_per_s, hardware=fitted.__dict__))
@@ -426,6 +430,7 @@ def main():
                 ids_NLK = rec.ids_NLK(decode_only=True).long()
                 stats_r = (RoutingStats.uniform(w.num_experts, w.top_k) if routing == "uniform"
                            else RoutingStats.from_trace(ids_NLK, w.num_experts, batch_steps=True))
+                stats_r.with_prefetched_share(stats.decode_prefetched_share)
                 pred = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots)
                 stats_r.with_engine_hit_rate(engine.cache.num_slots, stats.decode_copy_hit_rate)
                 pred_hit = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots)
@@ -439,7 +444,7 @@ def main():
                     hit_rate=stats.decode_hit_rate, copy_hit_rate=stats.decode_copy_hit_rate,
                     bytes_copied_per_token=stats.decode_bytes_copied / max(
                         stats.decode_tokens, 1), prefill_and_decode_hit_rate=stats.hit_rate,
-                    predicted_hit_rate=pred["hit_rate"],
+                    predicted_hit_rate=pred["hit_rate"], prefetched_share=stats.decode_prefetched_share,
                     predicted_tokens_per_s=pred["tokens_per_s"], predicted_with_measured_hit=pred_hit["tokens_per_s"],
                     predicted_bound=pred["bound_tokens_per_s"], bound_tokens_per_s=bound,
                     share_of_bound=measured / bound if bound else None,

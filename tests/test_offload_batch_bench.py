@@ -34,6 +34,9 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     # below it where the prefetch copied what a lookup then found (batch 1 here)
     assert rows and all(0 <= r["copy_hit_rate"] <= r["hit_rate"] for r in rows)
     assert any(r["copy_hit_rate"] < r["hit_rate"] for r in rows)
+    # the prefetch copied a share of the decode copies ahead: recorded, and what the predictions were given
+    assert all(0 <= r["prefetched_share"] <= 1 for r in rows) and any(r["prefetched_share"] > 0 for r in rows)
+    assert all(r["cache_policy"] == "next-visit" for r in rows)
     for r in rows:  # each prediction's error against the measurement
         assert r["prediction_error"] == pytest.approx(r["predicted_with_measured_hit"] / r["tokens_per_s"] - 1)
         assert r["prediction_error_decode_routing"] == pytest.approx(

@@ -112,6 +112,12 @@ def test_step_time_by_hand():
     assert p["tokens_per_s"] == pytest.approx(2 / 5.22e-3)
     assert p["bound_tokens_per_s"] == pytest.approx(2 / 3.5e-3)
     assert predict(W, HW, half_hit(), 2, 100, slots=8, overlap=True)["step_s"] == pytest.approx(3.5e-3)
+    # the prefetch's share of the copies runs under the compute: max(p x 3.5e-3, 1.72e-3) + (1 - p) x 3.5e-3
+    for p_, want in ((0.2, 1.72e-3 + 2.8e-3), (0.5, 1.75e-3 + 1.75e-3), (1.0, 3.5e-3)):
+        step = predict(W, HW, half_hit().with_prefetched_share(p_), 2, 100, slots=8)["step_s"]
+        assert step == pytest.approx(want), p_
+    with pytest.raises(ValueError, match="a fraction, got 1.5"):
+        half_hit().with_prefetched_share(1.5)
     assert p["bytes_copied_per_token"] == pytest.approx(3.5e6 / 2)
     # compute-bound rows: B=512, every expert resident (the replay hits all 16): experts 2 x max(8e6/1e10,
     # 512*2*1e6/1e12) = 2.048e-3

@@ -18,8 +18,12 @@ One decode step of B rows through L MoE layers:
   experts run in ceil(U / W) chunks of W = the engine's dequant_experts (top_k, or 4 x top_k in bf16 with
   the dequant_slots kernel), each dequantizing W experts into the workspace and running moe_mlp over its
   own routed rows, plus a per-chunk overhead (launches; fitted by `calibrate_waves` to one quantized row);
-- step time: copy + compute (the eager path waits for a layer's misses before computing it), or
-  max(copy, compute) with `overlap` (the issue's bound: misses copied while resident experts compute);
+- step time: max(p x copy, compute) + (1 - p) x copy, p the share of the copies the next-gate prefetch
+  issued (a routing statistic measured during a run; 0 by default): the host path reads a layer's routing,
+  queues its misses the prefetch did not copy and the next layer's guesses, waits for the layer's copies
+  and computes it, so per layer the prefetched copies run under the compute of the layer before and the
+  rest stand alone on the critical path. max(copy, compute) with `overlap` (the issue's bound: every miss
+  copied while something computes);
 - tokens/s = B / step time.
 
 KV placement: on the device the KV cache of B x context tokens takes device memory from the expert
@@ -123,6 +127,7 @@ class RoutingStats:
         self.E, self.K, self.ids_NLK, self.batch_steps = num_experts, top_k, ids_NLK, batch_steps
         self._hits: dict[tuple, float] = {}
         self.measured_hit: tuple[int, float] | None = None  # (cache slots, hit rate) seen by the engine
+        self.prefetched = 0.0  # share of the copies the next-gate prefetch issued ahead (measured in a run)
 
     @classmethod
     def uniform(cls, num_experts: int, top_k: int) -> "RoutingStats":
@@ -139,6 +144,14 @@ class RoutingStats:
         """The hit rate the engine measured with its own cache of `slots` slots replaces the predicted one
         there."""
         self.measured_hit = (slots, hit_rate)
+        return self
+
+    def with_prefetched_share(self, share: float) -> "RoutingStats":
+        """The share of the copies that the engine's prefetch issued a layer ahead (OffloadStats: decode
+        prefetch_copies / copies), which overlap the compute of the layer before."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"the prefetched share of the copies is a fraction, got {share}")
+        self.prefetched = share
         return self
 
     def steps(self, batch: int, layers: int, count: int = 0) -> torch.Tensor:
@@ -272,7 +285,8 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     attention_s = (kv_bytes / hw.hbm_Bps if kv == "device"
                    else kv_bytes / hw.cpu_mem_Bps + w.attention_layers * hw.host_roundtrip_s)
     compute_s = dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
-    step_s = max(copy_s, compute_s) if overlap else copy_s + compute_s
+    p = routing.prefetched
+    step_s = max(copy_s, compute_s) if overlap else max(p * copy_s, compute_s) + (1 - p) * copy_s
     feasible = S_total >= w.num_layers  # the engine needs a slot per MoE layer
     return dict(batch=batch, kv=kv, slots=S_total, unique_per_layer=U, hit_rate=hit, misses_per_step=misses,
                 copy_s=copy_s, compute_s=compute_s, step_s=step_s, feasible=feasible,

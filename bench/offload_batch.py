@@ -56,6 +56,7 @@ import torch
 from run_meta import run_meta
 
 START = time.time()
+ALL_RESIDENT = 1 << 40  # the budget of the all-resident rows: every expert fits
 
 
 def log(*args):
@@ -126,6 +127,12 @@ def load_from_random_model(cfg, device, *, dtype, **options):
 
     gpu, _ = random_model_on_gpu(cfg, "qwen3", device=device)
     gpu.to(dtype)
+    if options.get("gpu_memory", 0) >= ALL_RESIDENT and device != "cpu":
+        # every expert resident (the bound's rows): moesys' copy of the experts takes the GPU, so the random
+        # model's experts move to host memory first (61 GB twice does not fit an 80 GB card)
+        for layer in gpu.model.layers:
+            layer.mlp.experts.to("cpu")
+        torch.cuda.empty_cache()
     if device == "cpu":  # routing that depends on the token, so the cache churns (as the OLMoE smoke)
         with torch.no_grad():
             for layer in gpu.model.layers:
@@ -320,7 +327,7 @@ def main():
         register()
     resident_step, calib = {}, None
     for impl in impls:
-        full = src.load(gpu_memory=1 << 40, dtype=dtype, max_context=max_context, cuda_graph=False,
+        full = src.load(gpu_memory=ALL_RESIDENT, dtype=dtype, max_context=max_context, cuda_graph=False,
                        experts_implementation=impl)
         uni = RoutingOverride(full, "uniform", seed=1)
         steps = {}

@@ -27,7 +27,7 @@ the routing statistics recorded during the row (its decode steps, or uniform dra
 engine's cache: predicted_hit_rate), and again with the engine's measured copy hit rate (1 - copies /
 lookups: an expert the prefetch copied counts as copied, not as the hit its lookup sees; hit_rate is the
 lookups'); its overheads
-are fitted once on the all-resident rows, a uniform batch-1 calibration row (per miss) and, for quantized
+are fitted once on the all-resident rows, a uniform batch-1 calibration row (per host-routed layer) and, for quantized
 experts, a uniform calibration row at the smallest batch above 1 (per dequantization wave). Bound (the
 issue's): B / max(missed bytes of a step at pinned bandwidth, the same step with every expert resident
 (measured per batch size with a budget holding the whole model)).
@@ -290,7 +290,7 @@ def main():
     args.prompt_len = args.prompt_len or (8 if args.smoke else 64)
     args.new_tokens = args.new_tokens or (8 if args.smoke else 32)
 
-    from moesys.offload.perf_model import (Hardware, RoutingStats, auto_batch_size, calibrate, calibrate_miss,
+    from moesys.offload.perf_model import (Hardware, RoutingStats, auto_batch_size, calibrate, calibrate_layers,
                                            calibrate_waves, predict, workload_of)
     from moesys.offload.routing import RoutingOverride, RoutingRecorder
 
@@ -394,10 +394,11 @@ def main():
                                 tokens_per_s=st.decode_tokens_per_s, hardware=fitted.__dict__))
             return fitted
 
-        # the per-miss cost beyond bandwidth (host bookkeeping, launches, waits), fitted at the smallest batch;
+        # the per-layer cost of host routing (the routing read, bookkeeping, demand copies' round trip), fitted
+        # at the smallest batch;
         # quantized experts at several rows run in dequantization waves, whose overhead is fitted at the
         # smallest batch above 1; every other row is predicted with these
-        row_hw = calibration_row(calibrate_miss, min(sizes), 99, hw)
+        row_hw = calibration_row(calibrate_layers, min(sizes), 99, hw)
         B1 = min([b for b in sizes if b > 1], default=None)
         if w.dequant_bytes and B1 is not None:
             row_hw = calibration_row(calibrate_waves, B1, 98, row_hw)

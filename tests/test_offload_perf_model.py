@@ -2,6 +2,7 @@
 placement) and a brute-force LRU simulation; measured routing statistics of a real run feed it."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 import moesys.offload as mo
 from moesys.offload.batch import generate_batch
 from moesys.offload.perf_model import (Hardware, RoutingStats, Workload, auto_batch_size, best_plan, calibrate,
-                                       calibrate_miss, calibrate_waves, dequant_waves, engine_cache_hits,
+                                       calibrate_layers, calibrate_waves, dequant_waves, engine_cache_hits,
                                        lru_hit_curve, predict, workload_of)
 from moesys.offload.routing import RoutingRecorder
 from tests.test_offload import checkpoints  # noqa: F401  (the fixture: tiny random checkpoints per architecture)
@@ -203,13 +204,22 @@ def test_calibrated_overheads_explain_resident_steps():
     assert (one.step_overhead_s, one.row_overhead_s) == (pytest.approx(7e-3), 0.0)
 
 
-def test_miss_overhead_fitted_to_one_row():
-    """The step above (3.5 misses, 5.22 ms) measured at 8.72 ms: 1 ms per miss more than its bytes."""
+def test_layer_overhead_fitted_to_one_row():
+    """The step above (2 host-routed layers, copies 3.5 ms, compute 1.72 ms, nothing prefetched: 5.22 ms)
+    measured at 7.22 ms: 1 ms per layer more compute. With all the copies prefetched the compute must take
+    the whole 7.22 ms (2.75 ms a layer more); a step the prefetched copies alone explain fits nothing."""
     uni = half_hit()
-    hw = calibrate_miss(W, HW, uni, 2, 100, 8, 5.22e-3 + 3.5e-3)
-    assert hw.miss_overhead_s == pytest.approx(1e-3)
-    assert predict(W, hw, uni, 2, 100, slots=8)["copy_s"] == pytest.approx(3.5e-3 + 3.5e-3)
-    assert calibrate_miss(W, HW, uni, 2, 100, 16, 1.0).miss_overhead_s == 0.0  # nothing missed: nothing to fit
+    hw = calibrate_layers(W, HW, uni, 2, 100, 8, 5.22e-3 + 2e-3)
+    assert hw.layer_overhead_s == pytest.approx(1e-3)
+    p = predict(W, hw, uni, 2, 100, slots=8)
+    assert p["compute_s"] == pytest.approx(1.72e-3 + 2e-3) and p["step_s"] == pytest.approx(7.22e-3)
+    ahead = half_hit().with_prefetched_share(1.0)
+    assert calibrate_layers(W, HW, ahead, 2, 100, 8, 7.22e-3).layer_overhead_s == pytest.approx(2.75e-3)
+    assert calibrate_layers(W, HW, ahead, 2, 100, 8, 3.0e-3).layer_overhead_s == 0.0
+    # every expert resident: no layer is host-routed, nothing to fit and nothing added
+    assert calibrate_layers(W, HW, uni, 2, 100, 16, 1.0).layer_overhead_s == 0.0
+    assert predict(W, replace(HW, layer_overhead_s=1.0), RoutingStats.uniform(8, 2), 2, 100, slots=16)[
+        "compute_s"] == pytest.approx(predict(W, HW, RoutingStats.uniform(8, 2), 2, 100, slots=16)["compute_s"])
 
 
 def test_quantized_experts_run_in_dequantization_waves():

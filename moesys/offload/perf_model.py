@@ -8,12 +8,13 @@ One decode step of B rows through L MoE layers:
 - misses per step L * U(B) * (1 - h(S)), S = cache slots, h the hit rate at S: the steps (uniform draws,
   or a routing trace's steps of B rows) replayed through the engine's own ExpertCache and policy
   (`engine_cache_hits`): the layers share the cache, so a large batch can hit nothing at all;
-- copy time: misses x (expert bytes / pinned host-to-device bandwidth + a per-miss overhead, fitted by
-  `calibrate_miss` to one offloaded row);
+- copy time: misses x expert bytes / pinned host-to-device bandwidth;
 - compute time: non-expert weights read once (roofline against their 2 B FLOPs per parameter), per layer
   the U(B) experts' weights read or B*K rows' FLOPs (roofline), attention reading B x context KV tokens
   from device memory, plus per-step and per-row overheads (launches, Python, host syncs) fitted by
-  `calibrate` to steps measured with every expert resident;
+  `calibrate` to steps measured with every expert resident, and per host-routed layer (a layer the cache
+  does not hold whole: its routing read back, bookkeeping, demand copies' round trip) fitted by
+  `calibrate_layers` to one offloaded row;
 - quantized experts at more than one row (the engine's Quantized strategy): per layer the U(B) needed
   experts run in ceil(U / W) chunks of W = the engine's dequant_experts (top_k, or 4 x top_k in bf16 with
   the dequant_slots kernel), each dequantizing W experts into the workspace and running moe_mlp over its
@@ -57,7 +58,7 @@ class Hardware:
     step_overhead_s: float = 2e-3   # per decode step: launches, the routing read back, the token sync
     host_roundtrip_s: float = 30e-6  # per attention layer with host KV: q to the host, the output back
     row_overhead_s: float = 0.0     # per row per step beyond the roofline terms (see calibrate)
-    miss_overhead_s: float = 0.0    # per missed expert beyond its bytes: host bookkeeping, launch, wait (calibrate_miss)
+    layer_overhead_s: float = 0.0   # per host-routed MoE layer: routing read, bookkeeping, waits (calibrate_layers)
     wave_overhead_s: float = 0.0    # per dequantization wave of quantized experts beyond its roofline (calibrate_waves)
 
     @classmethod
@@ -272,7 +273,10 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     hit = (routing.hit_rate(S_total, w.num_layers, batch, w.cache_policy, w.bank_size)
            if S_total >= w.num_layers else 0.0)
     misses = w.num_layers * U * (1 - hit)
-    copy_s = misses * (w.expert_bytes / hw.pcie_Bps + hw.miss_overhead_s)
+    copy_s = misses * w.expert_bytes / hw.pcie_Bps
+    # a layer the cache does not hold whole is host-routed: its routing read back, its bookkeeping, the
+    # round trip of its copies that the prefetch did not issue ahead
+    routed_layers = w.num_layers if hit < 1 else 0
     dense_s = max(w.dense_bytes / hw.hbm_Bps, batch * w.dense_bytes / hw.flops)  # 2 FLOPs per 2-byte weight
     rows_s = batch * w.top_k * w.expert_flops_per_row / hw.flops
     waves = dequant_waves(w, U, batch)
@@ -284,7 +288,8 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     kv_bytes = batch * context * w.kv_bytes_per_token
     attention_s = (kv_bytes / hw.hbm_Bps if kv == "device"
                    else kv_bytes / hw.cpu_mem_Bps + w.attention_layers * hw.host_roundtrip_s)
-    compute_s = dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
+    compute_s = (dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
+                 + routed_layers * hw.layer_overhead_s)
     p = routing.prefetched
     step_s = max(copy_s, compute_s) if overlap else max(p * copy_s, compute_s) + (1 - p) * copy_s
     feasible = S_total >= w.num_layers  # the engine needs a slot per MoE layer
@@ -338,23 +343,37 @@ def calibrate(w: Workload, hw: Hardware, resident_step_s: dict[int, float], cont
     return replace(bare, step_overhead_s=max(0.0, mean_r - slope * mean_b), row_overhead_s=slope)
 
 
-def calibrate_miss(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, slots: int,
-                   measured_step_s: float) -> Hardware:
-    """`hw` with miss_overhead_s fitted to one offloaded step measured at `batch` (a calibration row: the
-    other rows are then predicted with it): what the step took beyond the model's, per predicted miss."""
-    p = predict(w, replace(hw, miss_overhead_s=0.0), routing, batch, context, slots=slots)
-    extra = measured_step_s - p["step_s"]
-    return replace(hw, miss_overhead_s=max(0.0, extra / p["misses_per_step"]) if p["misses_per_step"] else 0.0)
+def _compute_beyond(p: dict, prefetched: float, measured_step_s: float) -> float:
+    """How much longer than predicted the compute of `p` (a prediction) must be for its step to take
+    measured_step_s: step = max(prefetched x copy, compute) + (1 - prefetched) x copy. 0 when the copies
+    alone explain the step (nothing to fit)."""
+    compute = measured_step_s - (1 - prefetched) * p["copy_s"]
+    if compute <= prefetched * p["copy_s"]:
+        return 0.0
+    return max(0.0, compute - p["compute_s"])
+
+
+def calibrate_layers(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, slots: int,
+                     measured_step_s: float) -> Hardware:
+    """`hw` with layer_overhead_s fitted to one offloaded step measured at `batch` (a calibration row: the
+    other rows are then predicted with it): the compute the step took beyond the model's, per host-routed
+    layer. At batch 1 that is the routing read back, the bookkeeping and the demand copies' round trip of
+    each layer: fitted per miss instead (46 us of bandwidth, 268 us fitted on the OLMoE shape at int4) it
+    made every larger batch's step three times too slow (bench/results/offload_batch_int4_h100_96ed0f8.json)."""
+    p = predict(w, replace(hw, layer_overhead_s=0.0), routing, batch, context, slots=slots)
+    layers = w.num_layers if p["hit_rate"] < 1 else 0
+    extra = _compute_beyond(p, routing.prefetched, measured_step_s)
+    return replace(hw, layer_overhead_s=extra / layers if layers else 0.0)
 
 
 def calibrate_waves(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, slots: int,
                     measured_step_s: float) -> Hardware:
     """`hw` with wave_overhead_s fitted to one quantized step measured at `batch` > 1 (a calibration row):
-    what the step took beyond the model's, per predicted dequantization wave."""
+    the compute the step took beyond the model's, per predicted dequantization wave."""
     p = predict(w, replace(hw, wave_overhead_s=0.0), routing, batch, context, slots=slots)
     waves = w.num_layers * dequant_waves(w, p["unique_per_layer"], batch)
-    extra = measured_step_s - p["step_s"]
-    return replace(hw, wave_overhead_s=max(0.0, extra / waves) if waves else 0.0)
+    extra = _compute_beyond(p, routing.prefetched, measured_step_s)
+    return replace(hw, wave_overhead_s=extra / waves if waves else 0.0)
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:

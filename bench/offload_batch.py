@@ -391,7 +391,9 @@ def main():
             uniform = RoutingStats.uniform(w.num_experts, w.top_k).with_prefetched_share(st.decode_prefetched_share)
             fitted = fit(w, hw_in, uniform, B, context, engine.cache.num_slots, B / st.decode_tokens_per_s)
             records.append(dict(base, impl="moesys-calibration", quantize=quantize, routing="uniform", batch=B,
-                                tokens_per_s=st.decode_tokens_per_s, hardware=fitted.__dict__))
+                                tokens_per_s=st.decode_tokens_per_s, hardware=fitted.__dict__,
+                                fitted=fit.__name__, copy_hit_rate=st.decode_copy_hit_rate,
+                                prefetched_share=st.decode_prefetched_share, workload=w.__dict__))
             return fitted
 
         # the per-layer cost of host routing (the routing read, bookkeeping, demand copies' round trip), fitted
@@ -461,6 +463,7 @@ def main():
                     prediction_error=pred_hit["tokens_per_s"] / measured - 1 if measured else None,
                     prediction_error_decode_routing=pred["tokens_per_s"] / measured - 1 if measured else None,
                     cache_slots=engine.cache.num_slots, budget=row_budget, experts_implementation=impls[0],
+                    context=context, workload=w.__dict__,
                     peak_bytes=stats.peak_bytes, under_budget=None if None in (stats.peak_bytes, row_budget)
                     else stats.peak_bytes <= row_budget))
                 if routing == "model" and B == min([b for b in sizes if b > 1], default=None):

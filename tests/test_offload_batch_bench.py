@@ -41,6 +41,17 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
         assert r["prediction_error"] == pytest.approx(r["predicted_with_measured_hit"] / r["tokens_per_s"] - 1)
         assert r["prediction_error_decode_routing"] == pytest.approx(
             r["predicted_tokens_per_s"] / r["tokens_per_s"] - 1)
+    # the recorded rows predicted again offline (bench/offload_batch_repredict.py): every offloaded row, the
+    # same with each row's Workload rebuilt from its shape (as for runs recorded before rows carried one)
+    sys.path.insert(0, str(ROOT / "bench"))
+    from offload_batch_repredict import repredict
+
+    again = repredict(records)
+    assert [(r["routing"], r["batch"]) for r in again] == [(r["routing"], r["batch"]) for r in rows]
+    assert all(r["predicted"] > 0 and r["error"] == pytest.approx(r["predicted"] / r["tokens_per_s"] - 1)
+               for r in again)
+    rebuilt = repredict([{k: v for k, v in r.items() if k != "workload"} for r in records])
+    assert [r["predicted"] for r in rebuilt] == pytest.approx([r["predicted"] for r in again])
     graph = [r for r in records if r.get("graph_section")]
     # batch 1 is one row (generate() replays the graph whichever path is asked for); above 1, host then graph
     assert [(r["impl"], r["batch"]) for r in graph] == [("moesys-batch-graph", 1), ("moesys", 4),

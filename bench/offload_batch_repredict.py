@@ -43,10 +43,10 @@ def config_of(shape: str):
 def workload_of_row(row: dict) -> pm.Workload:
     if "workload" in row:
         return pm.Workload(**row["workload"])
-    dtype = torch.float32 if "smoke" in row["shape"] else torch.bfloat16
+    smoke = "smoke" in row["shape"]  # the --smoke runs: float32 on the CPU
     context = row["prompt_tokens"] + row["new_tokens"]
-    w = pm.workload_before_load(config_of(row["shape"]), dtype, row["budget"], context,
-                                quantize_experts=row["quantize"], device="cuda" if "smoke" not in row["shape"] else "cpu")
+    w = pm.workload_before_load(config_of(row["shape"]), torch.float32 if smoke else torch.bfloat16, row["budget"],
+                                context, quantize_experts=row["quantize"], device="cpu" if smoke else "cuda")
     return replace(w, cache_policy=row.get("cache_policy", w.cache_policy))
 
 

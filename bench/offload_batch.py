@@ -47,9 +47,11 @@ import argparse
 import functools
 import gc
 import json
+import multiprocessing
 import os
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -155,6 +157,28 @@ def smoke_budget(config, dtype, fraction, max_context):
     blocks = find_moe_blocks(skel, adapter_for(config))
     p = mo.plan_memory(skel, blocks, dtype, 1 << 40, max_context=max_context)
     return p.resident_bytes + p.reserve_bytes + int(fraction * p.total_experts) * p.slot_bytes
+
+
+def resident_rows(args, impl: str, sizes: list[int], max_context: int):
+    """The all-resident rows (every expert on the device, uniform routing) of one experts implementation:
+    ([(B, decode tok/s, end-to-end tok/s)], the loaded engine's Workload as a dict). Run in a spawned process
+    by main(), so nothing of this model outlives it."""
+    from moesys.offload.perf_model import workload_of
+    from moesys.offload.routing import RoutingOverride
+
+    if impl == "moesys":
+        from moesys.integrations.transformers import register
+
+        register()
+    src = build_model(args, args.workdir)
+    full = src.load(gpu_memory=ALL_RESIDENT, dtype=src.dtype, max_context=max_context, cuda_graph=False,
+                    experts_implementation=impl)
+    RoutingOverride(full, "uniform", seed=1)
+    rows = []
+    for B in sizes:
+        e2e, stats, _ = run_row(full, B, args, src.cfg.vocab_size)
+        rows.append((B, stats.decode_tokens_per_s, e2e))
+    return rows, workload_of(full.moesys_offload, full.config).__dict__
 
 
 def row_prompts(B, args, vocab, seed=0):
@@ -290,8 +314,8 @@ def main():
     args.prompt_len = args.prompt_len or (8 if args.smoke else 64)
     args.new_tokens = args.new_tokens or (8 if args.smoke else 32)
 
-    from moesys.offload.perf_model import (Hardware, RoutingStats, auto_batch_size, calibrate, calibrate_layers,
-                                           calibrate_waves, predict, workload_of)
+    from moesys.offload.perf_model import (Hardware, RoutingStats, Workload, auto_batch_size, calibrate,
+                                           calibrate_layers, calibrate_waves, predict, workload_of)
     from moesys.offload.routing import RoutingOverride, RoutingRecorder
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -327,26 +351,21 @@ def main():
         register()
     resident_step, calib = {}, None
     for impl in impls:
-        full = src.load(gpu_memory=ALL_RESIDENT, dtype=dtype, max_context=max_context, cuda_graph=False,
-                       experts_implementation=impl)
-        uni = RoutingOverride(full, "uniform", seed=1)
+        # in a process of its own: whatever the all-resident model leaves on the GPU goes with the process (on
+        # an H200 the Qwen3 shape's 64 GB stayed allocated after `del` and the offloaded load ran out of memory)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows, workload = pool.submit(resident_rows, args, impl, sizes, max_context).result()
         steps = {}
-        for B in sizes:
-            e2e, stats, _ = run_row(full, B, args, cfg.vocab_size)
-            steps[B] = B / stats.decode_tokens_per_s
+        for B, tokens_per_s, e2e in rows:
+            steps[B] = B / tokens_per_s
             resident_step[B] = min(resident_step.get(B, steps[B]), steps[B])
             records.append(dict(base, impl="moesys-all-resident", experts_implementation=impl, batch=B,
-                                routing="uniform", tokens_per_s=stats.decode_tokens_per_s,
-                                e2e_tokens_per_s=e2e))
-            log(records[-1]["impl"], impl, B, f"{stats.decode_tokens_per_s:.1f} tok/s")
-        uni.remove()
+                                routing="uniform", tokens_per_s=tokens_per_s, e2e_tokens_per_s=e2e))
+            log(records[-1]["impl"], impl, B, f"{tokens_per_s:.1f} tok/s")
         if calib is None:
             # what the roofline terms leave unexplained in these steps (launches, Python, syncs): fitted once
             # here, then the offloaded rows are predicted, not fitted
-            calib = calibrate(workload_of(full.moesys_offload, full.config), hw, steps,
-                              args.prompt_len + args.new_tokens // 2)
-        del full, uni  # (the override holds the model too)
-        gc.collect()
+            calib = calibrate(Workload(**workload), hw, steps, args.prompt_len + args.new_tokens // 2)
     hw = calib
     log("calibrated", hw)
     base["hardware"] = hw.__dict__

@@ -358,7 +358,7 @@ def calibrate_layers(w: Workload, hw: Hardware, routing: RoutingStats, batch: in
     """`hw` with layer_overhead_s fitted to one offloaded step measured at `batch` (a calibration row: the
     other rows are then predicted with it): the compute the step took beyond the model's, per host-routed
     layer. At batch 1 that is the routing read back, the bookkeeping and the demand copies' round trip of
-    each layer: fitted per miss instead (46 us of bandwidth, 268 us fitted on the OLMoE shape at int4) it
+    each layer: fitted per miss instead (61 us of bandwidth, 268 us fitted on the OLMoE shape at int4) it
     made every larger batch's step three times too slow (bench/results/offload_batch_int4_h100_96ed0f8.json)."""
     p = predict(w, replace(hw, layer_overhead_s=0.0), routing, batch, context, slots=slots)
     layers = w.num_layers if p["hit_rate"] < 1 else 0

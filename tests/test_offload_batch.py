@@ -298,8 +298,8 @@ def test_batch_of_one_takes_the_decode_graph_and_keeps_the_tokens(checkpoints):
 
 def test_next_visit_eviction_hits_where_lru_hits_nothing(checkpoints):
     """Eight rows under uniform routing need nearly all 8 experts of each of the 3 layers every step; 12 slots
-    hold a layer and a half. LRU evicts the next layer's experts to make room for this one's, so no decode
-    lookup hits; next-visit (cache_policy "auto") evicts from the layers visited furthest ahead and keeps
+    hold a layer and a half. LRU evicts the next layer's experts to make room for this one's, so no lookup
+    (prefill's or decode's) hits; next-visit (cache_policy "auto") evicts from the layers visited furthest ahead and keeps
     the rest, as the performance model's replay of the engine's cache predicts."""
     from moesys.offload.perf_model import RoutingStats
     from moesys.offload.routing import RoutingOverride

@@ -551,12 +551,21 @@ def profile_row(args, src):
             f"hit rate {stats.hit_rate:.3f}, {stats.copies} copies over {args.new_tokens} tokens "
             f"(prefill included), strategies {engine.strategies}\n")
     log(head)
-    profiled_tokens = min(4, args.new_tokens)
+    profiled_tokens = min(6, args.new_tokens)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if engine.cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         decode(profiled_tokens)
     by_device = "self_device_time_total" if engine.cuda else "self_cpu_time_total"
-    tables = [f"torch.profiler, {profiled_tokens} new tokens (prefill included), ops by {by_device}:",
+    tables = []
+    if engine.cuda:
+        from timeline import profiler_timeline
+
+        split = profiler_timeline(prof)
+        tables.append("GPU time of a profiled decode step (ms; copy = the copy stream busy, compute = any other "
+                      "stream, idle = neither): " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                              for k, v in split.items()) + "\n")
+        log(tables[-1])
+    tables += [f"torch.profiler, {profiled_tokens} new tokens (prefill included), ops by {by_device}:",
               prof.key_averages().table(sort_by=by_device, row_limit=40),
               "the same ops by self_cpu_time_total (host):",
               prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)]

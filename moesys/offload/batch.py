@@ -281,10 +281,13 @@ class BatchGeneration:
             rows[:] = [row for row in rows if not self._finished(row)]
 
     def _forward(self, **inputs) -> list[int]:
-        """Greedy next token of each row (the one host sync per step: EOS decides who leaves)."""
-        with torch.no_grad(), sdpa_kernel(DECODE_SDPA_BACKENDS):
+        """Greedy next token of each row (the one host sync per step: EOS decides who leaves). The step is a
+        profiler range (moesys.decode_step, or moesys.prefill for a group's prompts): bench/timeline.py
+        splits a step's GPU time by stream within it."""
+        name = "moesys.decode_step" if inputs["input_ids"].shape[1] == 1 else "moesys.prefill"
+        with torch.no_grad(), sdpa_kernel(DECODE_SDPA_BACKENDS), torch.profiler.record_function(name):
             out = self.model(use_cache=True, logits_to_keep=1, **inputs)
-        return out.logits[:, -1].argmax(-1).tolist()
+            return out.logits[:, -1].argmax(-1).tolist()
 
     def _append(self, row: _Row, token: int) -> None:
         row.tokens.append(token)

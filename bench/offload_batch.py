@@ -52,6 +52,7 @@ import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 import torch
 
@@ -186,7 +187,7 @@ def row_prompts(B, args, vocab, seed=0):
     return [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
 
 
-def run_row(model, B, args, vocab, seed=0, graph=False):
+def run_row(model, B, args, vocab, seed=0, graph=False, bookkeeping="host"):
     """(end-to-end tok/s, engine stats, tokens per prompt) of B prompts after a warm-up (graph: the batch's
     steps through the decode graph; its warm-up compiles and captures). Nothing returned holds the model (a
     BatchGeneration does): a row's model must be freed before the next one loads, or the next row's memory
@@ -194,7 +195,8 @@ def run_row(model, B, args, vocab, seed=0, graph=False):
     from moesys.offload.batch import generate_batch
 
     prompts = row_prompts(B, args, vocab, seed)
-    list(generate_batch(model, prompts, max_new_tokens=min(4, args.new_tokens), batch_size=B, eos=[], graph=graph))
+    list(generate_batch(model, prompts, max_new_tokens=min(4, args.new_tokens), batch_size=B, eos=[], graph=graph,
+                        bookkeeping=bookkeeping))
     engine = getattr(model, "moesys_offload", None)
     if engine is not None:
         engine.reset_stats()
@@ -212,7 +214,8 @@ def run_row(model, B, args, vocab, seed=0, graph=False):
     if engine is not None and engine.cuda:
         torch.cuda.reset_peak_memory_stats(engine.device)
     try:
-        run = generate_batch(model, prompts, max_new_tokens=args.new_tokens, batch_size=B, eos=[], graph=graph)
+        run = generate_batch(model, prompts, max_new_tokens=args.new_tokens, batch_size=B, eos=[], graph=graph,
+                             bookkeeping=bookkeeping)
         tokens = {r.index: r.token_ids for r in run}
     finally:
         hook.remove()
@@ -286,6 +289,10 @@ def main():
     ap.add_argument("--copy-programs", type=int, default=None,
                     help="the offloaded rows' copy kernel grid (OffloadEngine.copy_programs; 0 = each expert copied "
                          "on its own, a cudaMemcpy per part: the copies before the kernel); default: the engine's")
+    ap.add_argument("--bookkeeping", default="host",
+                    help="comma-separated host,device: the offloaded rows' eager decode steps with the expert "
+                         "cache's bookkeeping on the host (a sync per layer) or on the device (generate_batch's "
+                         "bookkeeping; each row is run once per mode, side by side)")
     ap.add_argument("--cache-policy", default="auto", choices=("auto", "next-visit", "lru", "lfu"),
                     help="the offloaded rows' (and --profile's) expert cache policy (moesys.offload.cache)")
     ap.add_argument("--batch-graph", action="store_true",
@@ -440,14 +447,15 @@ def main():
             row_sizes = list(sizes)
             if "auto" in args.batch_sizes:
                 row_sizes.append(auto_batch_size(model, 128 if not args.smoke else 64, ctx, hardware=row_hw))
-            for i, B in enumerate(row_sizes):
+            for i, (B, bookkeeping) in enumerate((B, bk) for B in row_sizes for bk in args.bookkeeping.split(",")):
+                i //= len(args.bookkeeping.split(","))
                 rec = RoutingRecorder(model)
                 try:
-                    e2e, stats, tokens = run_row(model, B, args, cfg.vocab_size)
+                    e2e, stats, tokens = run_row(model, B, args, cfg.vocab_size, bookkeeping=bookkeeping)
                 except Exception as e:  # one row's failure must not hide the others
                     traceback.print_exc()
                     records.append(dict(base, impl="moesys", quantize=quantize, routing=routing, batch=B,
-                                        error=repr(e)))
+                                        bookkeeping=bookkeeping, error=repr(e)))
                     rec.remove()
                     continue
                 rec.remove()
@@ -460,16 +468,19 @@ def main():
                 stats_r = (RoutingStats.uniform(w.num_experts, w.top_k) if routing == "uniform"
                            else RoutingStats.from_trace(ids_NLK, w.num_experts, batch_steps=True))
                 stats_r.with_prefetched_share(stats.decode_prefetched_share)
-                pred = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots)
+                # the device bookkeeping reads no layer's routing back: no per-layer host-routing cost
+                b_hw = row_hw if bookkeeping == "host" else replace(row_hw, layer_overhead_s=0.0)
+                pred = predict(w, b_hw, stats_r, B, context, slots=engine.cache.num_slots)
                 stats_r.with_engine_hit_rate(engine.cache.num_slots, stats.decode_copy_hit_rate)
-                pred_hit = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots)
+                pred_hit = predict(w, b_hw, stats_r, B, context, slots=engine.cache.num_slots)
                 steps = max(1, stats.decode_tokens // B)
                 missed_s = stats.decode_bytes_copied / steps / hw.pcie_Bps
                 bound = B / max(missed_s, resident_step.get(B, 0.0)) if B in resident_step else None
                 measured = stats.decode_tokens_per_s
                 records.append(dict(
                     base, impl="moesys", quantize=quantize, routing=routing, trace_source=trace_source,
-                    batch=B, auto=i >= len(sizes), tokens_per_s=measured, e2e_tokens_per_s=e2e,
+                    batch=B, bookkeeping=bookkeeping, auto=i >= len(sizes), tokens_per_s=measured,
+                    e2e_tokens_per_s=e2e,
                     hit_rate=stats.decode_hit_rate, copy_hit_rate=stats.decode_copy_hit_rate,
                     bytes_copied_per_token=stats.decode_bytes_copied / max(
                         stats.decode_tokens, 1), prefill_and_decode_hit_rate=stats.hit_rate,
@@ -489,7 +500,7 @@ def main():
                     # batch equals alone (greedy, the model's own routing; uniform and trace draw per call)
                     records[-1]["sequences_equal_to_alone"] = [matches_alone(model, tokens, args, cfg.vocab_size), B]
                     log("equal to alone:", records[-1]["sequences_equal_to_alone"])
-                log(f"{quantize} {routing} B={B}: {measured:.1f} tok/s, predicted {pred['tokens_per_s']:.1f} "
+                log(f"{quantize} {routing} B={B} {bookkeeping}: {measured:.1f} tok/s, predicted {pred['tokens_per_s']:.1f} "
                     f"({pred_hit['tokens_per_s']:.1f} with the measured copy hit rate "
                     f"{stats.decode_copy_hit_rate:.2f}; "
                     f"lookups hit {stats.decode_hit_rate:.2f}), bound",
@@ -534,7 +545,8 @@ def profile_row(args, src):
     engine = model.moesys_offload
 
     def decode(tokens):
-        run = generate_batch(model, prompts, max_new_tokens=tokens, batch_size=B, eos=[])
+        run = generate_batch(model, prompts, max_new_tokens=tokens, batch_size=B, eos=[],
+                             bookkeeping=args.bookkeeping.split(",")[0])
         list(run)
         if engine.cuda:
             torch.cuda.synchronize()
@@ -544,7 +556,8 @@ def profile_row(args, src):
     engine.reset_stats()
     run = decode(args.new_tokens)
     stats = engine.snapshot()
-    head = (f"profile of {args.profile_row} (precision:routing:batch), {meta_line(engine)}, cache slots "
+    head = (f"profile of {args.profile_row} (precision:routing:batch), bookkeeping {args.bookkeeping.split(',')[0]}, "
+            f"{meta_line(engine)}, cache slots "
             f"{engine.cache.num_slots} ({engine.cache.policy}), budget {row_budget}\n"
             f"unprofiled: {stats.decode_tokens_per_s:.1f} decode tok/s "
             f"({B / stats.decode_tokens_per_s * 1e3:.1f} ms per step), end to end {run.tokens_per_s:.1f} tok/s, "

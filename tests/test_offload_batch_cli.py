@@ -101,22 +101,24 @@ def test_bad_batch_options(checkpoints, tmp_path, capsys, extra, msg):
     assert msg in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("graph", ["off", "on"])
+@pytest.mark.parametrize("graph", ["off", "on", "device"])
 def test_cli_results_equal_the_python_api(checkpoints, tmp_path, capsys, monkeypatch, graph):
-    """--batch-graph on reaches generate_batch(graph=True) (with --cuda-graph on); tokens are the same."""
+    """--batch-graph on reaches generate_batch(graph=True) (with --cuda-graph on), --bookkeeping device
+    generate_batch(bookkeeping="device"); tokens are the same."""
     import moesys.offload as mo
     from moesys.offload import batch_cli
 
     seen = []
     real = batch_cli.generate_batch
-    monkeypatch.setattr(batch_cli, "generate_batch", lambda *a, **kw: seen.append(kw["graph"]) or real(*a, **kw))
+    monkeypatch.setattr(batch_cli, "generate_batch",
+                        lambda *a, **kw: seen.append((kw["graph"], kw["bookkeeping"])) or real(*a, **kw))
     path = checkpoints["mixtral"]
     ps = prompts((4, 6, 8, 5))
     src = _write(tmp_path / "in.jsonl", [{"token_ids": p} for p in ps])
-    rc, out = _generate(path, tmp_path, "--prompts", str(src), "--batch-size", "3",
-                        *(["--batch-graph", "on", "--cuda-graph", "on"] if graph == "on" else []))
+    extra = {"off": [], "on": ["--batch-graph", "on", "--cuda-graph", "on"], "device": ["--bookkeeping", "device"]}
+    rc, out = _generate(path, tmp_path, "--prompts", str(src), "--batch-size", "3", *extra[graph])
     assert rc == 0, capsys.readouterr().err
-    assert seen == [graph == "on"]
+    assert seen == [(graph == "on", "device" if graph == "device" else "host")]
     model = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, cuda_graph=False)
     want = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=4, batch_size=3)]
     assert [(r["index"], r["token_ids"]) for r in map(json.loads, out.read_text().splitlines())] == want

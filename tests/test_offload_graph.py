@@ -420,7 +420,7 @@ def test_batch_step_handles_each_shared_expert_once(policy):
         tables[0].step(0, ids_N, use_kernel=True, distinct=False)
 
 
-@pytest.mark.parametrize("policy", ["lru", pytest.param("lfu", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("policy", ["lru", "next-visit", pytest.param("lfu", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("K", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_fused_bookkeeping_kernel_matches_the_reference(policy, K):
     """The one-program step kernel (TRITON_INTERPRET on a CPU) and the torch reference, fed the same routing

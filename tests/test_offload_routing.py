@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import moesys.offload as mo
 from moesys.offload.batch import generate_batch
+from moesys.offload import routing
 from moesys.offload.routing import RoutingOverride, RoutingRecorder, load_trace
 from tests.test_offload import CONFIGS, checkpoints  # noqa: F401  (the fixture: tiny random checkpoints)
 from tests.test_offload_batch import budget, prompts
@@ -59,13 +60,17 @@ def test_replayed_trace_reproduces_the_models_own_generation(strong_experts, tmp
     assert _tokens(off, ps) == own
 
 
-def test_recorder_keeps_the_decode_steps_apart(checkpoints):
+@pytest.mark.parametrize("flush", [256, 3])
+def test_recorder_keeps_the_decode_steps_apart(checkpoints, monkeypatch, flush):
     """ids_NLK(decode_only=True) is the rows of the decode forwards only: the trace without the prefills (and
-    a left-padded batch prefill's padding rows), which no decode step's cache sees."""
+    a left-padded batch prefill's padding rows), which no decode step's cache sees. The same whether the ids
+    reach the host at the end or every few calls (FLUSH_CALLS)."""
+    monkeypatch.setattr(routing, "FLUSH_CALLS", flush)
     model = AutoModelForCausalLM.from_pretrained(checkpoints["olmoe"], dtype=torch.float32)
     rec = RoutingRecorder(model)
     _tokens(model, prompts((5, 8, 3)))
     rec.remove()
+    assert (max(len(p) for p in rec._pending) == 12) == (flush == 256)  # 12 calls a layer: flushed at 3
     every, decode = rec.ids_NLK(), rec.ids_NLK(decode_only=True)
     # a prefill of 2 x 8 rows (left-padded), 5 steps of 2 rows, a prefill of 3, 5 steps of 1
     assert every.shape[0] == 2 * 8 + 5 * 2 + 3 + 5

@@ -27,6 +27,7 @@ Legend: B rows in the batch, L cached columns, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -42,6 +43,8 @@ from moesys.offload.batch_static_kv import StaticBatchKV, other_cache_layers
 from moesys.offload.host_kv import host_attention
 from moesys.offload.loader import PREFILL_RESERVE_TOKENS
 from moesys.offload.perf_model import KV_PLACES as KV_MODES
+
+BOOKKEEPING = ("host", "device")  # where eager decode steps keep the expert cache's bookkeeping
 
 
 # sdpa backends for the batch's forwards: all but cuDNN. cuDNN's attention builds a graph per shape, and
@@ -105,9 +108,10 @@ class BatchGeneration:
     decode_steps, generated_tokens, elapsed_s) are for progress, benchmarks and tests."""
 
     def __init__(self, model, requests: list[Request], max_new_tokens: int, batch_size: int, eos: set[int],
-                 continuous: bool, kv: str = "device", graph: bool = False):
+                 continuous: bool, kv: str = "device", graph: bool = False, bookkeeping: str = "host"):
         self.model, self.requests, self.batch_size, self.eos, self.continuous, self.kv, self.graph = (
             model, requests, batch_size, eos, continuous, kv, graph)
+        self.bookkeeping = bookkeeping
         self.max_new = [r.max_new_tokens if r.max_new_tokens is not None else max_new_tokens for r in requests]
         self.prefills = self.decode_steps = self.generated_tokens = 0
         self.elapsed_s = 0.0
@@ -154,13 +158,25 @@ class BatchGeneration:
                 self._leave(rows, kv, done)
             if rows:
                 last_B1 = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
-                for row, token in zip(rows, self._forward(input_ids=last_B1, **kv.step_inputs())):
+                with self._device_steps(len(rows)):
+                    tokens = self._forward(input_ids=last_B1, **kv.step_inputs())
+                for row, token in zip(rows, tokens):
                     self._append(row, token)
                 self.decode_steps += 1
                 self._leave(rows, kv, done)
             self.elapsed_s += time.perf_counter() - t0
             for row in done:
                 yield self._result(row)
+
+    def _device_steps(self, rows: int):
+        """bookkeeping="device": an eager decode step of `rows` rows runs the decode graph's sync-free layer
+        path (OffloadEngine.device_slots: the bookkeeping on the device, the next layer prefetched on the copy
+        stream), so the host queues the whole step without waiting for any layer; where the banks cannot
+        hold what the rows may need at once, the host-routed step, as with "host"."""
+        engine = getattr(self.model, "moesys_offload", None)
+        if self.bookkeeping != "device" or engine is None or engine.device_batch_unsupported(rows) is not None:
+            return contextlib.nullcontext()
+        return engine.graph_step()
 
     def _graph_rows(self) -> int | None:
         """The rows of the graph decode's fixed-shape batch, or None (said once) when its steps cannot keep
@@ -302,7 +318,8 @@ class BatchGeneration:
 
 
 def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_size: int | str = 8, eos=None, *,
-                   continuous: bool = True, kv: str = "device", graph: bool = False) -> BatchGeneration:
+                   continuous: bool = True, kv: str = "device", graph: bool = False,
+                   bookkeeping: str = "host") -> BatchGeneration:
     """Greedy generation of many prompts at `batch_size` rows at a time; iterate the returned object to get
     a Result per sequence as it finishes (it runs while you iterate).
 
@@ -321,6 +338,11 @@ def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_si
         graph: decode steps through moesys's CUDA graph with the expert cache's bookkeeping on the device
             (module docstring); when the model's banks cannot hold what batch_size rows may need at once
             (min(rows x top-k, experts) per layer), it says so once and takes the host-routed steps.
+        bookkeeping: the eager decode steps' (graph=False) expert cache bookkeeping: "host" reads each
+            layer's routing back (one sync per layer) and copies the misses beside the resident experts'
+            compute; "device" keeps it on the device as the decode graph does (no sync inside a step, the
+            next layer's guessed experts prefetched on the copy stream), where the banks hold what the
+            rows may need at once (else "host").
     """
     if kv not in KV_MODES:
         raise ValueError(f"kv={kv!r} is unknown; use one of {list(KV_MODES)}")
@@ -352,4 +374,10 @@ def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_si
                          f"max_context>={batch_size * longest}")
     if not isinstance(graph, bool):
         raise ValueError(f"graph={graph!r} must be True or False")
-    return BatchGeneration(model, requests, max_new_tokens, batch_size, _eos_set(model, eos), continuous, kv, graph)
+    if bookkeeping not in BOOKKEEPING:
+        raise ValueError(f"bookkeeping={bookkeeping!r} is unknown; use one of {list(BOOKKEEPING)}")
+    if bookkeeping == "device" and getattr(model, "moesys_offload", None) is None:
+        raise ValueError("bookkeeping='device' keeps an offloaded model's expert cache bookkeeping on the device: "
+                         "load the model with moesys.offload.load")
+    return BatchGeneration(model, requests, max_new_tokens, batch_size, _eos_set(model, eos), continuous, kv, graph,
+                           bookkeeping)

@@ -2,8 +2,9 @@
 next-visit, LRU or LFU eviction (no write-back: experts are read-only) and per-slot CUDA events so a copy into
 a slot waits for the last compute that read it, and compute waits only for the copies it needs.
 
-Policy "auto" (the default) is "next-visit" on the host path and LRU or LFU in the decode graph's device
-bookkeeping (moesys.offload.device_cache), which has no next-visit kernel.
+Policy "auto" (the default) is "next-visit" on the host path and in the device bookkeeping's batch steps
+(moesys.offload.device_cache), and LRU or LFU in its batch-1 steps (the decode graph's measured default:
+a batch-1 step needs K experts, and LRU keeps what recent tokens used).
 
 - next-visit: every step visits the layers in the same cyclic order, so after layer r the one whose next
   visit is furthest away is r itself (its experts this step did not need), then r - 1, r - 2, ...; the
@@ -148,9 +149,9 @@ def resolve_policy(policy: str, num_slots: int, num_layers: int, num_experts: in
                    top_k: int = 1, device: bool = False) -> str:
     """The policy a cache of these sizes runs on the host path, or with `device` in the decode graph's
     bookkeeping: "auto" resolved (the module's docstring says why)."""
-    if policy in ("lru", "lfu"):
+    if policy in ("lru", "lfu", "next-visit"):
         return policy
-    if not device:  # auto, next-visit
+    if not device:  # auto
         return "next-visit"
     banks = bank_ranges(num_slots, num_layers, bank_size)
     others = (-(-num_layers // len(banks)) - 1) * min(top_k, num_experts)  # in the fullest bank
@@ -177,6 +178,8 @@ class ExpertCache:
         self.banks = bank_ranges(num_slots, len(layers), bank_size)  # [start, end) slot ranges
         self.policy = resolve_policy(policy, num_slots, len(layers), num_experts, bank_size, top_k)
         self.device_policy = resolve_policy(policy, num_slots, len(layers), num_experts, bank_size, top_k, device=True)
+        # a batch step of the device bookkeeping (several rows): next-visit unless LRU or LFU was asked for
+        self.batch_device_policy = "next-visit" if policy in ("auto", "next-visit") else policy
         self.layers = list(layers)
         self.policies = [self.new_policy() for _ in self.banks]
         self.free = [list(range(end - 1, start - 1, -1)) for start, end in self.banks]

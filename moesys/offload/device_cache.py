@@ -3,11 +3,17 @@
 The host path (moesys.offload.engine) reads each layer's routing back to decide hits, victims and copies:
 one sync per layer, and nothing a CUDA graph can replay. Here the same decisions are tensor ops: a lookup
 in the expert -> slot table, victims as the K lowest-scored slots of the layer's bank (LRU: last use; LFU:
-use count, then last use; free slots first), the tables updated with scatters, and the copies issued by
+use count, then last use; next-visit: layers back from the current one, then last use; free slots first), the tables updated with scatters, and the copies issued by
 moesys.offload.slot_copy from indices on the device. Every shape is fixed by the step's N = rows x K ids,
 so a decode step's layers can be captured once and replayed for every token. A batch's rows share
 experts: each distinct expert is looked up, installed and copied once (its first occurrence), and every
 occurrence gets its slot.
+
+Victims: LRU or LFU (the batch-1 decode graph's measured default), or next-visit, the host path's policy
+(cache.py): a batch step needs nearly every expert of every layer, which LRU and LFU evict before the next
+step returns to them. A batch step may also prefetch: the next layer's guessed experts installed by a step
+of their own (`prefetch=True`, this layer's slots protected) whose copies the engine issues on its copy
+stream while this layer computes.
 
 Masked scatters go to one extra "trash" entry at the end of each table instead of being skipped (that
 would need a data-dependent shape). The host and device bookkeeping hand over in both directions
@@ -28,14 +34,18 @@ try:
 except ImportError:
     triton = None
 
-_STAMP_BITS = 40  # LFU score = count << 40 | last use: counts first, then recency (ticks < 2**30 at E <= 1024)
+_STAMP_BITS = 40  # LFU score = count << 40 | last use: counts first, then recency (ticks < 2**30 at E <= 1024);
+# next-visit: layers back << 40 | last use
+DEVICE_POLICIES = ("lru", "lfu", "next-visit")
 
 
 class DeviceCacheTables:
     def __init__(self, cache: ExpertCache, policy: str):
+        if policy not in DEVICE_POLICIES:
+            raise ValueError(f"device cache policy={policy!r} is unknown; use one of {list(DEVICE_POLICIES)}")
         L, E, S = len(cache.row), cache.num_experts, cache.num_slots
         dev = cache.device
-        self.cache, self.lfu = cache, policy == "lfu"
+        self.cache, self.policy, self.lfu = cache, policy, policy == "lfu"
         self.trash_key = L * E
         self.table = cache.table_flat                     # [L*E + 1] bank-local slot, -1 = not resident
         self.owner_S = torch.full((S + 1,), self.trash_key, dtype=torch.int64, device=dev)  # slot -> key
@@ -45,38 +55,61 @@ class DeviceCacheTables:
         self.count_K = torch.zeros(L * E + 1, dtype=torch.int64, device=dev)    # LFU use counts per key
         self.count_K[-1] = -1  # the owner of a free slot: scored below every resident expert
         self.tick = torch.zeros((), dtype=torch.int64, device=dev)
-        # statistics (lookups, misses, evictions), folded into OffloadStats by the engine when it reads them
-        self.counters = torch.zeros(3, dtype=torch.int64, device=dev)
+        # statistics (lookups, misses, evictions, prefetch copies), folded into OffloadStats by the engine when
+        # it reads them
+        self.counters = torch.zeros(4, dtype=torch.int64, device=dev)
 
     # ---------------------------------------------------------------- one layer, one token
-    def step(self, row: int, ids_N: torch.Tensor, use_kernel: bool | None = None, distinct: bool = True):
+    def step(self, row: int, ids_N: torch.Tensor, use_kernel: bool | None = None, distinct: bool = True,
+             next_visit_from: int | None = None, protect_N: torch.Tensor | None = None, prefetch: bool = False):
         """Make the experts `ids_N` of MoE layer `row` resident: one token's K distinct ids, or (distinct=
         False) a batch's rows x K, where rows share experts. Returns (bank-local slots [N], src [N]: the
         store row (row * E + expert) of each missed expert's first occurrence, -1 elsewhere, dst [N]:
         global slots); the caller copies rows src into slots dst before computing. The bank must hold
         min(N, E) slots (checked by the engine). use_kernel: None = the fused Triton kernel for CUDA tables
         and distinct ids (one launch instead of ~35 small ones: batch-1 decode replays this per layer and
-        token), the torch reference otherwise."""
+        token), the torch reference otherwise.
+
+        Victims: the table's policy (LRU, LFU), or next-visit (cache.py) counted from MoE layer row
+        `next_visit_from` (the policy "next-visit" counts from `row`): free slots, then that layer's
+        experts, then the layer before it, ..., least recently used first within a layer.
+        A prefetch (the next layer's guessed experts, copied while this layer computes): `protect_N`
+        (bank-local slots, this layer's) are never victims, and the step counts its copies as prefetch
+        copies, not as lookups or misses."""
         cache = self.cache
         start, end = cache.banks[cache.bank_of[cache.layers[row]]]
+        if next_visit_from is None and self.policy == "next-visit":
+            next_visit_from = row
         if use_kernel is None:
-            use_kernel = self.table.is_cuda and triton is not None and distinct
+            use_kernel = self.table.is_cuda and triton is not None and distinct and protect_N is None
         if use_kernel:
             if not distinct:
                 raise ValueError("the fused step kernel takes one token's distinct ids; use_kernel=False for a batch")
-            return self._step_kernel(row, ids_N, start, end)
-        return self._step_reference(row, ids_N, start, end)
+            if protect_N is not None:
+                raise ValueError("the fused step kernel protects no other slots; use_kernel=False for a prefetch")
+            return self._step_kernel(row, ids_N, start, end, next_visit_from, prefetch)
+        return self._step_reference(row, ids_N, start, end, next_visit_from, protect_N, prefetch)
 
-    def _step_kernel(self, row, ids_K, start, end):
+    def _step_kernel(self, row, ids_K, start, end, next_visit_from, prefetch):
         K = ids_K.numel()
         out_3K = torch.empty(3, K, dtype=torch.int64, device=ids_K.device)
         _step_kernel[(1,)](ids_K, self.table, self.owner_S, self.stamp_S, self.count_K, self.tick,
                            self.counters, out_3K, row * self.cache.num_experts, self.cache.num_experts, start,
-                           end - start, K, self.trash_key, LFU=self.lfu,
-                           BLOCK_B=triton.next_power_of_2(end - start), BLOCK_K=triton.next_power_of_2(K))
+                           end - start, K, self.trash_key, -1 if next_visit_from is None else next_visit_from,
+                           len(self.cache.row), LFU=self.lfu, NEXT_VISIT=next_visit_from is not None,
+                           PREFETCH=prefetch, BLOCK_B=triton.next_power_of_2(end - start),
+                           BLOCK_K=triton.next_power_of_2(K))
         return out_3K[0], out_3K[1], out_3K[2]
 
-    def _step_reference(self, row, ids_N, start, end):
+    def _next_visit_distance(self, owner_B: torch.Tensor, origin: int) -> torch.Tensor:
+        """How many layers back from `origin` each slot's owner layer is (cache.py's next-visit order: 0 is
+        `origin` itself, whose next visit is a whole step away); 0 for a free slot (its negative stamp
+        sends it first)."""
+        L = len(self.cache.row)
+        d_B = torch.remainder(origin - torch.div(owner_B, self.cache.num_experts, rounding_mode="floor"), L)
+        return torch.where(owner_B == self.trash_key, 0, d_B)
+
+    def _step_reference(self, row, ids_N, start, end, next_visit_from=None, protect_N=None, prefetch=False):
         cache = self.cache
         B, N = end - start, ids_N.numel()
         key_N = ids_N.to(torch.int64) + row * cache.num_experts
@@ -91,11 +124,15 @@ class DeviceCacheTables:
         miss_N = (slot_N < 0) & first_N
         self.tick += 1
         score_B = self.stamp_S[start:end]
-        if self.lfu:
+        if next_visit_from is not None:
+            score_B = (self._next_visit_distance(self.owner_S[start:end], next_visit_from) << _STAMP_BITS) + score_B
+        elif self.lfu:
             score_B = (self.count_K[self.owner_S[start:end]] << _STAMP_BITS) + score_B
         # this step's hits are not victims: give them the top score (misses write the trash entry B)
         score_B1 = torch.cat((score_B, score_B.new_zeros(1)))
         score_B1.scatter_(0, torch.where(slot_N < 0, B, slot_N), torch.iinfo(torch.int64).max)
+        if protect_N is not None:
+            score_B1.scatter_(0, protect_N, torch.iinfo(torch.int64).max)
         # misses <= distinct ids <= min(N, E) <= B: the engine checks the bank
         victims_N = torch.topk(score_B1[:B], min(N, B), largest=False).indices
         rank_N = (torch.cumsum(miss_N, 0) - 1).clamp(min=0)
@@ -117,7 +154,10 @@ class DeviceCacheTables:
         self.stamp_S.scatter_(0, gslot_N, self.tick * cache.num_experts + ids_N.to(torch.int64))
         if self.lfu:
             self.count_K.scatter_add_(0, key_N, first_N.to(torch.int64))
-        self.counters += torch.stack((first_N.sum(), miss_N.sum(), (miss_N & (old_N != trash_key)).sum()))
+        misses, evictions = miss_N.sum(), (miss_N & (old_N != trash_key)).sum()
+        zero = torch.zeros_like(misses)
+        self.counters += (torch.stack((zero, zero, evictions, misses)) if prefetch
+                          else torch.stack((first_N.sum(), misses, evictions, zero)))
         return slot_N, torch.where(miss_N, key_N, -1), gslot_N
 
     # ---------------------------------------------------------------- hand-over with the host path
@@ -184,8 +224,8 @@ class DeviceCacheTables:
 if triton is not None:
     @triton.jit
     def _step_kernel(ids_ptr, table_ptr, owner_ptr, stamp_ptr, count_ptr, tick_ptr, counters_ptr, out_ptr,
-                     key_base, E, start, B, K, trash_key, LFU: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     key_base, E, start, B, K, trash_key, origin, L, LFU: tl.constexpr, NEXT_VISIT: tl.constexpr,
+                     PREFETCH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
         """`_step_reference` in one program: the bank's B scores sit in registers, the K victims are the K
         successive minima (ties to the lowest slot), and masked stores replace the trash entries."""
         kk = tl.arange(0, BLOCK_K)
@@ -202,7 +242,12 @@ if triton is not None:
             bb = tl.arange(0, BLOCK_B)
             b_ok = bb < B
             score = tl.load(stamp_ptr + start + bb, mask=b_ok, other=0)
-            if LFU:
+            if NEXT_VISIT:
+                owner_b = tl.load(owner_ptr + start + bb, mask=b_ok, other=trash_key)
+                d = (origin - owner_b // E) % L
+                d = tl.where(d < 0, d + L, d)  # the sign of % follows the dividend, as in C
+                score += tl.where(owner_b == trash_key, 0, d).to(tl.int64) << 40
+            elif LFU:
                 owner_b = tl.load(owner_ptr + start + bb, mask=b_ok, other=trash_key)
                 score += tl.load(count_ptr + owner_b, mask=b_ok, other=0) << 40
             hit_slot = tl.where(miss | (kk >= K), -1, slot)
@@ -227,8 +272,11 @@ if triton is not None:
         tl.store(stamp_ptr + gslot, tick * E + ids, mask=k_ok)
         if LFU:
             tl.store(count_ptr + keys, tl.load(count_ptr + keys, mask=k_ok, other=0) + 1, mask=k_ok)
-        tl.store(counters_ptr, tl.load(counters_ptr) + K)
-        tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + tl.sum(miss.to(tl.int64), axis=0))
+        if PREFETCH:
+            tl.store(counters_ptr + 3, tl.load(counters_ptr + 3) + tl.sum(miss.to(tl.int64), axis=0))
+        else:
+            tl.store(counters_ptr, tl.load(counters_ptr) + K)
+            tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + tl.sum(miss.to(tl.int64), axis=0))
         tl.store(counters_ptr + 2, tl.load(counters_ptr + 2) + tl.sum(evicted.to(tl.int64), axis=0))
         tl.store(out_ptr + kk, slot, mask=k_ok)
         tl.store(out_ptr + K + kk, tl.where(miss, keys, -1), mask=k_ok)

@@ -172,6 +172,8 @@ class OffloadEngine:
         self.device_tables = None
         self._tables_on_device = False
         self._device_all_resident = False
+        # the device path's prefetch in flight, per layer it fills: (copies done event, src, dst)
+        self._device_prefetched: dict[int, tuple] = {}
         self._smallest_bank = min(cache.capacity(layer) for layer in inner)  # the banks are fixed from here on
         self.device_path_unsupported = self._device_path_unsupported()
         # the rows of a batch decode step on the device path that hold a sequence (moesys.offload.batch's
@@ -298,11 +300,12 @@ class OffloadEngine:
         self._fast_hits.zero_()
         d = self.device_tables
         if d is not None:
-            lookups, misses, evictions = d.counters.tolist()
+            lookups, misses, evictions, prefetched = d.counters.tolist()
             self.stats.hits += lookups - misses
             self.stats.misses += misses
-            self.stats.copies += misses
-            self.stats.bytes_copied += misses * self.store.expert_bytes
+            self.stats.copies += misses + prefetched
+            self.stats.prefetch_copies += prefetched
+            self.stats.bytes_copied += (misses + prefetched) * self.store.expert_bytes
             self.stats.evictions += evictions
             d.counters.zero_()
         return self.stats
@@ -337,11 +340,15 @@ class OffloadEngine:
             self._in_graph_step = False
 
     # ---------------------------------------------------------------- batch-1 decode on the device
-    def device_slots(self, layer: int, ids_TK: torch.Tensor, global_slots: bool = False) -> torch.Tensor:
+    def device_slots(self, layer: int, ids_TK: torch.Tensor, global_slots: bool = False,
+                     x_TH: torch.Tensor | None = None) -> torch.Tensor:
         """The slots [T, K] of the rows' experts of `layer` (bank-local, or indices into the whole pool when
         `global_slots`), made resident without a host sync: hits, victims and table updates on the device
         (DeviceCacheTables.step; a batch's shared experts once), misses copied by a kernel reading the pinned
-        store (in stream order, before whatever reads the slots next)."""
+        store (in stream order, before whatever reads the slots next). A batch step (T > 1) evicts by
+        next-visit (the policy "auto" or "next-visit": LRU and LFU hit nothing once a step needs nearly every
+        expert of every layer) and, given the layer's input `x_TH`, prefetches the next layer's guessed
+        experts on the copy stream while this layer computes (`_device_prefetch`)."""
         if not self._tables_on_device:
             self._tables_to_device()
         T = ids_TK.shape[0]
@@ -354,9 +361,56 @@ class OffloadEngine:
             if T > 1:
                 self.count_distinct_hits(ids_TK)
             return self._table_slots(layer, ids_TK, global_slots)
-        slot_N, src_N, dst_N = self.device_tables.step(self.cache.row[layer], ids_TK.reshape(-1), distinct=T == 1)
+        row = self.cache.row[layer]
+        self._join_prefetch(layer)
+        next_visit = row if T > 1 and self.cache.batch_device_policy == "next-visit" else None
+        slot_N, src_N, dst_N = self.device_tables.step(row, ids_TK.reshape(-1), distinct=T == 1,
+                                                       next_visit_from=next_visit)
         slot_copy.copy_parts(self.store.arena, self.arena_parts, src_N, dst_N)
+        if T > 1 and x_TH is not None:
+            self._device_prefetch(layer, x_TH, slot_N, next_visit)
         return (dst_N if global_slots else slot_N).view(ids_TK.shape)
+
+    def _device_prefetch(self, layer: int, x_TH: torch.Tensor, slot_N: torch.Tensor, next_visit) -> None:
+        """The next layer's guessed experts (its router on this layer's input, NextGatePrefetcher.guess) made
+        resident by a device step of their own, and copied on the copy stream while this layer computes; the
+        next layer's device_slots waits for them (`_join_prefetch`). This layer's slots `slot_N` are never
+        victims; at most what the next layer's bank holds beside them is guessed (the guess is ordered most
+        wanted first, so a fixed-size head of it keeps the step's shapes fixed: CUDA graph capture)."""
+        if self.prefetcher is None:
+            return
+        nxt = self.prefetcher.next_layer.get(layer)
+        if nxt is None:
+            return
+        need = min(slot_N.numel(), self.cache.num_experts)
+        room = self.cache.capacity(nxt) - (need if self.cache.bank_of[nxt] == self.cache.bank_of[layer] else 0)
+        if room <= 0:
+            return
+        guess_M = self.prefetcher.guess(layer, x_TH)[:room]
+        guess_M = torch.where(guess_M >= 0, guess_M, guess_M[:1])  # no vote: a repeat of the most wanted one
+        same_bank = self.cache.bank_of[nxt] == self.cache.bank_of[layer]
+        _, src_M, dst_M = self.device_tables.step(
+            self.cache.row[nxt], guess_M, distinct=False, next_visit_from=next_visit,
+            protect_N=slot_N if same_bank else None, prefetch=True)
+        if not self.cuda:
+            slot_copy.copy_parts(self.store.arena, self.arena_parts, src_M, dst_M)
+            return
+        # the copy stream starts after everything queued so far: the victims' last readers (earlier layers)
+        # and this step's table updates; the next layer's step waits for its end
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            slot_copy.copy_parts(self.store.arena, self.arena_parts, src_M, dst_M)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        # src/dst were allocated on the compute stream: held until the compute stream has waited for the copy
+        self._device_prefetched[nxt] = (done, src_M, dst_M)
+
+    def _join_prefetch(self, layer: int) -> None:
+        """The compute stream waits for the copies prefetched into `layer` (before its step may pick one of
+        their slots as a victim, and before its compute reads them)."""
+        pending = self._device_prefetched.pop(layer, None)
+        if pending is not None and self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(pending[0])
 
     def count_distinct_hits(self, ids_TK: torch.Tensor) -> None:
         """A step whose experts are all resident: each distinct expert of its rows is one hit, counted on the
@@ -389,6 +443,8 @@ class OffloadEngine:
             self.stats.hits += self.top_k * len(self.inner)
 
     def _tables_to_host(self) -> None:
+        for layer in list(self._device_prefetched):  # the host path reads slots without the device's events
+            self._join_prefetch(layer)
         self.device_tables.store_to_host()
         if self.cuda:  # host-path copies into slots must follow the device path's last reads of them
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))

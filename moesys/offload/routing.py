@@ -114,6 +114,9 @@ class RoutingOverride:
         self.handles = []
 
 
+FLUSH_CALLS = 256  # a recorder's ids stay on the device for this many calls of a layer
+
+
 class RoutingRecorder:
     """Records the ids each MoE layer's experts receive (the model's routing, or an override's), in call
     order; `save(path)` writes a trace file (every call: a replay routes prefill and decode alike).
@@ -145,16 +148,29 @@ class RoutingRecorder:
         # whether the model forward under way decodes; None: unknown (on_modules watches no model)
         self._decode: bool | None = None
         self.chunks: list[list[torch.Tensor]] = [[] for _ in modules]
+        self._pending: list[list[torch.Tensor]] = [[] for _ in modules]  # not yet brought to the host
         self.in_decode: list[list[bool | None]] = [[] for _ in modules]  # per chunk
         self.handles = [m.register_forward_pre_hook(self._hook(r)) for r, m in enumerate(modules)]
 
     def _hook(self, r: int):
         def record(module, args):
-            self.chunks[r].append(args[1].detach().to("cpu", torch.int16))
+            # kept where they are (a copy to the host per call would sync every layer: the device
+            # bookkeeping's steps have no sync otherwise), brought over every FLUSH_CALLS calls
+            self._pending[r].append(args[1].detach().to(torch.int16, copy=True))
             self.in_decode[r].append(self._decode)
+            if len(self._pending[r]) >= FLUSH_CALLS:
+                self._to_host(r)
         return record
 
+    def _to_host(self, r: int) -> None:
+        """Layer r's ids still on the device appended to its host chunks (one copy)."""
+        pending, self._pending[r] = self._pending[r], []
+        if pending:
+            self.chunks[r] += torch.cat(pending).cpu().split([c.shape[0] for c in pending])
+
     def ids_NLK(self, decode_only: bool = False) -> torch.Tensor:
+        for r in range(len(self.chunks)):
+            self._to_host(r)
         if not decode_only:
             return torch.stack([torch.cat(c) for c in self.chunks], dim=1)
         if any(flag is None for flags in self.in_decode for flag in flags):

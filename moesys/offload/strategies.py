@@ -62,16 +62,18 @@ class ExpertsStrategy(ABC):
 class GraphDecode(ExpertsStrategy):
     """A decode step (one token, or one per row of a batch) through one layer with no host sync: hits,
     victims and table updates on the device, misses copied by a kernel reading the pinned store, then the
-    layer's compute over its slots. Everything here is replayable from a CUDA graph; no prefetch (the
-    copies are on the compute stream, in order) and no CPU experts."""
+    layer's compute over its slots. Everything here is replayable from a CUDA graph; no CPU experts. A
+    batch step also prefetches the next layer's guessed experts on the copy stream while this layer
+    computes (OffloadEngine.device_slots); one token's misses copy in order on the compute stream."""
 
     name = "graph-decode"
 
     def forward(self, layer, x_TH, ids_TK, w_TK):
         eng = self.engine
         if eng.grouped:
-            return eng.inner[layer](x_TH, eng.device_slots(layer, ids_TK), w_TK)
-        return eng._quantized_rows(x_TH, eng.device_slots(layer, ids_TK, global_slots=True).reshape(-1), w_TK)
+            return eng.inner[layer](x_TH, eng.device_slots(layer, ids_TK, x_TH=x_TH), w_TK)
+        slots_N = eng.device_slots(layer, ids_TK, global_slots=True, x_TH=x_TH).reshape(-1)
+        return eng._quantized_rows(x_TH, slots_N, w_TK)
 
 
 class DeviceResident(ExpertsStrategy):

@@ -1,0 +1,149 @@
+"""The device bookkeeping's batch steps (moesys.offload.device_cache, OffloadEngine.device_slots): next-visit
+eviction equal to the host path's, and the next layer's guessed experts prefetched by a step of their own
+(counted as prefetch copies, never evicting this layer's experts), on the CPU."""
+
+import pytest
+import torch
+
+import moesys.offload as mo
+from moesys.offload.cache import ExpertCache
+from moesys.offload.device_cache import DeviceCacheTables
+from tests.test_offload import checkpoints  # noqa: F401
+from tests.test_offload_batch import budget
+
+CPU = torch.device("cpu")
+
+
+def _host_step(cache: ExpertCache, layer: int, ids: list[int]) -> None:
+    """What the host path does for a layer's distinct experts, ascending: visit, then lookup or allocate with
+    the step's experts protected (OffloadEngine._ensure)."""
+    cache.visit(layer)
+    protect = {(layer, e) for e in ids}
+    for e in ids:
+        if cache.lookup((layer, e)) is None:
+            cache.allocate((layer, e), protect)
+
+
+@pytest.mark.parametrize("policy", ["auto", "lru"])
+def test_batch_steps_evict_as_the_host_next_visit_policy_does(policy):
+    """A batch step asks next-visit (cache_policy auto): fed the same steps over 6 layers sharing banks of 7
+    and 6 slots, the device tables hold the same expert in the same slot as the host's next-visit cache
+    after every step. Asked for LRU, they differ (the policies choose other victims)."""
+    E, layers = 9, [0, 1, 2, 3, 4, 5]
+    host = ExpertCache([("w", (2,), torch.float32)], 13, CPU, "next-visit", layers, E, bank_size=7)
+    dev_cache = ExpertCache([("w", (2,), torch.float32)], 13, CPU, policy, layers, E, bank_size=7)
+    tables = DeviceCacheTables(dev_cache, dev_cache.device_policy)
+    tables.load_from_host()
+    g = torch.Generator().manual_seed(3)
+    differed = 0
+    for step in range(60):
+        row = step % len(layers)
+        ids = sorted(torch.randperm(E, generator=g)[:3].tolist())
+        _host_step(host, row, ids)
+        nv = row if dev_cache.batch_device_policy == "next-visit" else None
+        tables.step(row, torch.tensor(ids), use_kernel=False, distinct=False, next_visit_from=nv)
+        start = {layer: host.banks[host.bank_of[layer]][0] for layer in layers}
+        want = torch.full((len(layers) * E,), -1, dtype=torch.int64)
+        for (layer, e), slot in host.slot_of.items():
+            want[layer * E + e] = slot - start[layer]
+        same = torch.equal(tables.table[:-1], want)
+        if policy == "auto":
+            assert same, step
+        differed += not same
+    assert policy == "auto" or differed > 0
+
+
+def test_prefetch_step_keeps_this_layers_slots_and_counts_as_prefetch():
+    """A prefetch step for the next layer, in a bank holding only this layer's experts and free slots: the
+    free slots go first, then next-visit would take this layer's own experts (its next visit is furthest)
+    but `protect_N` keeps them; its copies count as prefetch copies, not lookups or misses."""
+    E = 8
+    cache = ExpertCache([("w", (2,), torch.float32)], 6, CPU, "auto", [0, 1], E)
+    tables = DeviceCacheTables(cache, cache.device_policy)
+    tables.load_from_host()
+    slot_N, src_N, _ = tables.step(0, torch.tensor([1, 2, 3, 1]), use_kernel=False, distinct=False,
+                                   next_visit_from=0)
+    assert (src_N >= 0).sum() == 3 and tables.counters.tolist() == [3, 3, 0, 0]
+    _, src_M, dst_M = tables.step(1, torch.tensor([4, 5, 6]), use_kernel=False, distinct=False,
+                                  next_visit_from=0, protect_N=slot_N, prefetch=True)
+    assert (src_M >= 0).sum() == 3
+    assert tables.counters.tolist() == [3, 3, 0, 3]  # three free slots: nothing evicted yet
+    for e in (1, 2, 3):  # layer 0's experts kept their slots
+        assert int(tables.table[e]) >= 0
+    # one more guess than free slots: without protection layer 0's experts would be the first victims
+    _, src_M, _ = tables.step(1, torch.tensor([7, 4]), use_kernel=False, distinct=False,
+                              next_visit_from=0, protect_N=slot_N, prefetch=True)
+    assert tables.counters.tolist() == [3, 3, 1, 4]
+    assert all(int(tables.table[e]) >= 0 for e in (1, 2, 3))
+    assert int(tables.table[E + 7]) >= 0 and sum(int(tables.table[E + e]) >= 0 for e in (5, 6)) == 1
+
+
+def test_device_batch_step_prefetches_the_next_layers_guess(checkpoints):
+    """OffloadEngine.device_slots for a batch step with the layer's input: the next layer's guessed experts
+    (its router on this input) are resident afterwards, copied as prefetches with the weights from the
+    store; the next layer's step over exactly those experts then misses nothing. Without the input (or one
+    token) nothing is prefetched."""
+    path, dtype = checkpoints["olmoe"], torch.float32
+    model = mo.load(path, gpu_memory=budget(path, dtype, 16), dtype=dtype, cuda_graph=False)
+    engine = model.moesys_offload
+    layers = sorted(engine.inner)
+    H = engine.store.H
+    x_TH = torch.randn(3, H, generator=torch.Generator().manual_seed(0))
+    ids_TK = torch.tensor([[0, 1], [2, 1], [3, 0]])[:, :engine.top_k]
+    engine.device_slots(layers[0], ids_TK)  # no input: no prefetch
+    assert engine.device_tables.counters[3] == 0
+    engine.reset_stats()
+    engine.device_slots(layers[0], ids_TK, x_TH=x_TH)
+    guess = engine.prefetcher.guess(layers[0], x_TH)
+    guess = sorted(set(guess[guess >= 0].tolist()))
+    row1 = engine.cache.row[layers[1]]
+    E = engine.cache.num_experts
+    table = engine.device_tables.table
+    assert all(int(table[row1 * E + e]) >= 0 for e in guess)
+    prefetched = int(engine.device_tables.counters[3])
+    # the demand step found every expert resident (the first call loaded them); the guess copied
+    assert prefetched > 0 and engine.device_tables.counters[:2].tolist() == [len(set(ids_TK.flatten().tolist())), 0]
+    # the prefetched slots hold the experts' weights from the store
+    start = engine.cache.banks[engine.cache.bank_of[layers[1]]][0]
+    for e in guess:
+        slot = int(table[row1 * E + e]) + start
+        for name, view in engine.cache.slot_views(slot).items():
+            assert torch.equal(view, engine.store.host_parts(layers[1], e)[name].to(view.dtype)), (e, name)
+    misses = int(engine.device_tables.counters[1])
+    engine.device_slots(layers[1], torch.tensor(guess[:engine.top_k])[None].repeat(2, 1))
+    assert int(engine.device_tables.counters[1]) == misses
+    stats = engine.snapshot()
+    assert stats.prefetch_copies == prefetched and stats.copies == stats.misses + prefetched
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "mixtral"])
+def test_eager_batch_with_device_bookkeeping_equals_each_sequence_alone(checkpoints, arch):
+    """generate_batch(bookkeeping="device"): five prompts, three rows, an EOS mid-way; each sequence's
+    tokens are transformers' own for it alone, every decode step kept the bookkeeping on the device (its
+    lookups counted there: distinct experts per layer and step) and prefetched the next layer's guess."""
+    from moesys.offload.batch import generate_batch
+    from tests.test_offload_batch import alone, prompts, truncate_at
+
+    path, dtype, new = checkpoints[arch], torch.float32, 8
+    ps = prompts()
+    want = alone(path, dtype, ps, new)
+    eos = want[1][3]
+    want = [truncate_at(w, eos) for w in want]
+    model = mo.load(path, gpu_memory=budget(path, dtype, 16), dtype=dtype, cuda_graph=False)
+    engine = model.moesys_offload
+    steps = []
+    real = engine.device_slots
+
+    def spy(layer, ids_TK, *args, **kwargs):
+        steps.append((layer, len(set(ids_TK.flatten().tolist()))))
+        return real(layer, ids_TK, *args, **kwargs)
+    engine.device_slots = spy
+    run = generate_batch(model, ps, max_new_tokens=new, batch_size=3, eos=eos, bookkeeping="device")
+    got = {r.index: r for r in run}
+    assert [got[i].token_ids for i in range(len(ps))] == want
+    assert len(steps) == run.decode_steps * len(engine.inner) > 0
+    stats = engine.snapshot()
+    assert engine.device_tables.counters.sum() == 0  # folded into the statistics by snapshot
+    assert stats.prefetch_copies > 0 and stats.evictions > 0
+    with pytest.raises(ValueError, match="bookkeeping='sideways' is unknown"):
+        generate_batch(model, ps, bookkeeping="sideways")

@@ -399,7 +399,9 @@ class OffloadEngine:
         # and this step's table updates; the next layer's step waits for its end
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            slot_copy.copy_parts(self.store.arena, self.arena_parts, src_M, dst_M)
+            # a bounded grid, as the host path's copies beside compute (a full one would hold every SM while
+            # it waits on PCIe)
+            slot_copy.copy_parts(self.store.arena, self.arena_parts, src_M, dst_M, programs=COPY_PROGRAMS)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         # src/dst were allocated on the compute stream: held until the compute stream has waited for the copy

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from moesys.offload.dequant_slots import dequantize_slots, kernel_available, wor
 from moesys.offload.device_cache import DeviceCacheTables
 from moesys.offload.layout import PARAM_OF_PART, ExpertLayout
 from moesys.offload.quant_gemv import quant_gemv
+from moesys.offload.rows import rows_by_chunk
 from moesys.ops import moe_mlp
 from moesys.offload.stats import OffloadStats
 from moesys.offload.strategies import PHASES, phase_of, select_strategy
@@ -53,6 +55,13 @@ _MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "ge
 # scalars. Passing an engine handle (an id) instead would be a constant that dynamo guards on, recompiling
 # the step for every model loaded; with the stack one compiled graph serves every model of an architecture.
 _ACTIVE: list["OffloadEngine"] = []
+
+
+def _lookup(table: dict[int, int], keys_N: np.ndarray) -> np.ndarray:
+    """table[k] for every k of keys_N (all keys of the table), as an int64 array."""
+    lut = np.zeros(max(table) + 1, dtype=np.int64)
+    lut[np.fromiter(table.keys(), np.int64, len(table))] = np.fromiter(table.values(), np.int64, len(table))
+    return lut[keys_N]
 
 
 def _active_engine() -> "OffloadEngine":
@@ -564,32 +573,15 @@ class OffloadEngine:
     def _run_grouped(self, layer, x_TH, ids_TK, w_TK):
         return self.inner[layer](x_TH, self._table_slots(layer, ids_TK), w_TK)
 
-    @staticmethod
-    def _rows_by_chunk(flat_host: list[int], chunk_of: dict[int, int], chunks: int, K: int):
-        """The routed rows (t*K + k) whose expert is a key of `chunk_of`, grouped by the expert's chunk: (rows,
-        spans), each chunk's rows contiguous and in top-k order (each position's column, rows ascending, so
-        that a position's rows meet distinct tokens); spans[c] = (begin, end, counts per top-k position)."""
-        cols = [[[] for _ in range(K)] for _ in range(chunks)]
-        for r, e in enumerate(flat_host):  # row r = t*K + k
-            c = chunk_of.get(e)
-            if c is not None:
-                cols[c][r % K].append(r)
-        pos, spans = [], []
-        for chunk in cols:
-            begin = len(pos)
-            for col in chunk:
-                pos += col
-            spans.append((begin, len(pos), [len(col) for col in chunk]))
-        return pos, spans
-
     def _wave_rows(self, flat_host: list[int], index_of: dict[int, int], K: int):
         """The routed rows (t*K + j) whose expert is a key of `index_of`, on the device: (row_N, index_N,
-        counts per top-k position), in top-k order (`_rows_by_chunk`, one chunk). From the ids already on
+        counts per top-k position), in top-k order (`rows_by_chunk`, one chunk). From the ids already on
         the host (no sync); None when the wave has no row."""
-        pos, [(_, _, per_k)] = self._rows_by_chunk(flat_host, dict.fromkeys(index_of, 0), 1, K)
-        if not pos:
+        flat_R = np.asarray(flat_host, dtype=np.int64)
+        pos, [(_, _, per_k)] = rows_by_chunk(flat_R, dict.fromkeys(index_of, 0), 1, K)
+        if not pos.size:
             return None
-        idx = torch.tensor([pos, [index_of[flat_host[i]] for i in pos]], dtype=torch.int64)
+        idx = torch.from_numpy(np.stack((pos, _lookup(index_of, flat_R[pos]))))
         if self.cuda:
             idx = idx.pin_memory().to(self.device, non_blocking=True)
         return idx[0], idx[1], per_k
@@ -702,14 +694,16 @@ class OffloadEngine:
         K, n = w_TK.shape[1], self.dequant_experts
         index_of = {e: i for i, e in enumerate(experts)}  # chunk i // n, workspace index i % n
         chunk_of = {e: i // n for e, i in index_of.items()}
-        pos, spans = self._rows_by_chunk(flat_host, chunk_of, -(-len(experts) // n), K)
-        if not pos:
+        flat_R = np.asarray(flat_host, dtype=np.int64)
+        pos, spans = rows_by_chunk(flat_R, chunk_of, -(-len(experts) // n), K)
+        if not pos.size:
             return
         # rows, their workspace index, then the wave's slots: one tensor, one copy
-        idx = torch.tensor(pos + [index_of[flat_host[r]] % n for r in pos] + list(slots), dtype=torch.int64)
+        idx = torch.from_numpy(np.concatenate((pos, _lookup(index_of, flat_R[pos]) % n,
+                                               np.asarray(slots, dtype=np.int64))))
         if self.cuda:
             idx = idx.pin_memory().to(self.device, non_blocking=True)
-        N = len(pos)
+        N = pos.size
         row_N, index_N, slot_E = idx[:N], idx[N:2 * N], idx[2 * N:]
         tok_N = row_N // K
         w_N = w_TK.reshape(-1)[row_N].to(x_TH.dtype)

@@ -238,12 +238,14 @@ def run_row(model, B, args, vocab, seed=0, graph=False, bookkeeping="host"):
     return run.tokens_per_s, stats, [tokens[i] for i in range(B)]
 
 
-def matches_alone(model, tokens, args, vocab):
-    """How many of a batch row's sequences equal the same prompt generated alone (batch 1), token for token."""
+def matches_alone(model, tokens, args, vocab, bookkeeping="host"):
+    """How many of a batch row's sequences equal the same prompt generated alone (batch 1, the same
+    bookkeeping: its path computes quantized experts as the batch's does), token for token."""
     from moesys.offload.batch import generate_batch
 
     prompts = row_prompts(len(tokens), args, vocab)
-    return sum(next(iter(generate_batch(model, [p], max_new_tokens=args.new_tokens, batch_size=1, eos=[]))).token_ids
+    return sum(next(iter(generate_batch(model, [p], max_new_tokens=args.new_tokens, batch_size=1, eos=[],
+                                        bookkeeping=bookkeeping))).token_ids
                == t for p, t in zip(prompts, tokens))
 
 
@@ -498,7 +500,8 @@ def main():
                     else stats.peak_bytes <= row_budget))
                 if routing == "model" and B == min([b for b in sizes if b > 1], default=None):
                     # batch equals alone (greedy, the model's own routing; uniform and trace draw per call)
-                    records[-1]["sequences_equal_to_alone"] = [matches_alone(model, tokens, args, cfg.vocab_size), B]
+                    equal = matches_alone(model, tokens, args, cfg.vocab_size, bookkeeping)
+                    records[-1]["sequences_equal_to_alone"] = [equal, B]
                     log("equal to alone:", records[-1]["sequences_equal_to_alone"])
                 log(f"{quantize} {routing} B={B} {bookkeeping}: {measured:.1f} tok/s, predicted {pred['tokens_per_s']:.1f} "
                     f"({pred_hit['tokens_per_s']:.1f} with the measured copy hit rate "

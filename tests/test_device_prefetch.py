@@ -88,8 +88,8 @@ def test_device_batch_step_prefetches_the_next_layers_guess(checkpoints):
     engine = model.moesys_offload
     layers = sorted(engine.inner)
     H = engine.store.H
-    x_TH = torch.randn(3, H, generator=torch.Generator().manual_seed(0))
-    ids_TK = torch.tensor([[0, 1], [2, 1], [3, 0]])[:, :engine.top_k]
+    x_TH = torch.randn(3, H, generator=torch.Generator().manual_seed(0)).to(engine.device, engine.store.dtype)
+    ids_TK = torch.tensor([[0, 1], [2, 1], [3, 0]], device=engine.device)[:, :engine.top_k]
     engine.device_slots(layers[0], ids_TK)  # no input: no prefetch
     assert engine.device_tables.counters[3] == 0
     engine.reset_stats()
@@ -108,9 +108,10 @@ def test_device_batch_step_prefetches_the_next_layers_guess(checkpoints):
     for e in guess:
         slot = int(table[row1 * E + e]) + start
         for name, view in engine.cache.slot_views(slot).items():
-            assert torch.equal(view, engine.store.host_parts(layers[1], e)[name].to(view.dtype)), (e, name)
+            want = engine.store.host_parts(layers[1], e)[name]
+            assert torch.equal(view.cpu(), want.to(view.dtype)), (e, name)
     misses = int(engine.device_tables.counters[1])
-    engine.device_slots(layers[1], torch.tensor(guess[:engine.top_k])[None].repeat(2, 1))
+    engine.device_slots(layers[1], torch.tensor(guess[:engine.top_k], device=engine.device)[None].repeat(2, 1))
     assert int(engine.device_tables.counters[1]) == misses
     stats = engine.snapshot()
     assert stats.prefetch_copies == prefetched and stats.copies == stats.misses + prefetched

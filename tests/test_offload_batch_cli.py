@@ -118,7 +118,7 @@ def test_cli_results_equal_the_python_api(checkpoints, tmp_path, capsys, monkeyp
     extra = {"off": [], "on": ["--batch-graph", "on", "--cuda-graph", "on"], "device": ["--bookkeeping", "device"]}
     rc, out = _generate(path, tmp_path, "--prompts", str(src), "--batch-size", "3", *extra[graph])
     assert rc == 0, capsys.readouterr().err
-    assert seen == [(graph == "on", "device" if graph == "device" else "host")]
+    assert seen == [(graph == "on", "device" if graph == "device" else "auto")]
     model = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, cuda_graph=False)
     want = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=4, batch_size=3)]
     assert [(r["index"], r["token_ids"]) for r in map(json.loads, out.read_text().splitlines())] == want

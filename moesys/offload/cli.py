@@ -53,11 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "batch columns; needs --cuda-graph on and banks that hold batch x top-k experts, "
                              "else it says so and runs off); off: host-routed steps, which overlap the resident "
                              "experts' compute with the misses' copies and prefetch")
-    parser.add_argument("--bookkeeping", choices=("host", "device"), default="host",
+    parser.add_argument("--bookkeeping", choices=("auto", "host", "device"), default="auto",
                         help="with --prompts and --batch-graph off: where the eager decode steps keep the expert "
-                             "cache's bookkeeping: host (each layer's routing read back, one sync per layer) or "
+                             "cache's bookkeeping: host (each layer's routing read back, one sync per layer), "
                              "device (no sync inside a step, the next layer's guess prefetched on the copy stream; "
-                             "where the banks cannot hold batch x top-k experts, host)")
+                             "where the banks cannot hold batch x top-k experts, host), or auto: device, except "
+                             "quantized experts above 8 routed rows per expert (computed row by row there)")
     parser.add_argument("--routing", choices=ROUTING_MODES, default="model",
                         help="benchmarking: the model's router, uniform random top-k per token (seeded), or a "
                              "replayed routing trace (--routing-trace)")

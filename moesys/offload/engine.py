@@ -376,7 +376,9 @@ class OffloadEngine:
         slot_N, src_N, dst_N = self.device_tables.step(row, ids_TK.reshape(-1), distinct=T == 1,
                                                        next_visit_from=next_visit)
         slot_copy.copy_parts(self.store.arena, self.arena_parts, src_N, dst_N)
-        if T > 1 and x_TH is not None:
+        # not inside a CUDA graph capture: the copy stream's fork and join there is untested on a GPU (the batch
+        # graph's steps copy in stream order, as before)
+        if T > 1 and x_TH is not None and not (self.cuda and torch.cuda.is_current_stream_capturing()):
             self._device_prefetch(layer, x_TH, slot_N, next_visit)
         return (dst_N if global_slots else slot_N).view(ids_TK.shape)
 

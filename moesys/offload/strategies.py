@@ -62,9 +62,10 @@ class ExpertsStrategy(ABC):
 class GraphDecode(ExpertsStrategy):
     """A decode step (one token, or one per row of a batch) through one layer with no host sync: hits,
     victims and table updates on the device, misses copied by a kernel reading the pinned store, then the
-    layer's compute over its slots. Everything here is replayable from a CUDA graph; no CPU experts. A
-    batch step also prefetches the next layer's guessed experts on the copy stream while this layer
-    computes (OffloadEngine.device_slots); one token's misses copy in order on the compute stream."""
+    layer's compute over its slots. Everything here is replayable from a CUDA graph; no CPU experts. An
+    eager batch step also prefetches the next layer's guessed experts on the copy stream while this layer
+    computes (OffloadEngine.device_slots; not under capture yet); one token's misses copy in order on the
+    compute stream."""
 
     name = "graph-decode"
 

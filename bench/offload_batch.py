@@ -32,6 +32,11 @@ experts, a uniform calibration row at the smallest batch above 1 (per dequantiza
 issue's): B / max(missed bytes of a step at pinned bandwidth, the same step with every expert resident
 (measured per batch size with a budget holding the whole model)).
 
+--bookkeeping host,device runs every offloaded row once per expert cache bookkeeping (generate_batch's:
+the host-routed steps, or the device's sync-free steps with prefetch), side by side on one load; a device
+row's prediction drops the fitted per-layer host-routing cost. --profile's text starts with the profiled
+steps' GPU time split by stream (bench/timeline.py: copy, compute, both, idle).
+
 --batch-graph adds rows of the decode graph's batch steps (generate_batch(graph=True), model routing, one
 model loaded with cuda_graph=True and compile=False) next to the host-routed steps on the same model.
 

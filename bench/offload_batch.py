@@ -508,7 +508,8 @@ def main():
                     equal = matches_alone(model, tokens, args, cfg.vocab_size, bookkeeping)
                     records[-1]["sequences_equal_to_alone"] = [equal, B]
                     log("equal to alone:", records[-1]["sequences_equal_to_alone"])
-                log(f"{quantize} {routing} B={B} {bookkeeping}: {measured:.1f} tok/s, predicted {pred['tokens_per_s']:.1f} "
+                log(f"{quantize} {routing} B={B} {bookkeeping}: {measured:.1f} tok/s, "
+                    f"predicted {pred['tokens_per_s']:.1f} "
                     f"({pred_hit['tokens_per_s']:.1f} with the measured copy hit rate "
                     f"{stats.decode_copy_hit_rate:.2f}; "
                     f"lookups hit {stats.decode_hit_rate:.2f}), bound",

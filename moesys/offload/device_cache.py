@@ -3,8 +3,9 @@
 The host path (moesys.offload.engine) reads each layer's routing back to decide hits, victims and copies:
 one sync per layer, and nothing a CUDA graph can replay. Here the same decisions are tensor ops: a lookup
 in the expert -> slot table, victims as the K lowest-scored slots of the layer's bank (LRU: last use; LFU:
-use count, then last use; next-visit: layers back from the current one, then last use; free slots first), the tables updated with scatters, and the copies issued by
-moesys.offload.slot_copy from indices on the device. Every shape is fixed by the step's N = rows x K ids,
+use count, then last use; next-visit: layers back from the current one, then last use; free slots first),
+the tables updated with scatters, and the copies issued by moesys.offload.slot_copy from indices on the
+device. Every shape is fixed by the step's N = rows x K ids,
 so a decode step's layers can be captured once and replayed for every token. A batch's rows share
 experts: each distinct expert is looked up, installed and copied once (its first occurrence), and every
 occurrence gets its slot.

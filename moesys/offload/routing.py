@@ -85,6 +85,7 @@ class RoutingOverride:
                 raise ValueError(f"{trace}: a trace of {trace_E} experts top-{self.ids_NLK.shape[2]} "
                                  f"cannot drive a model of {self.E} experts top-{self.K}")
             self.cursor = [0] * len(modules)
+            self._on_device: dict = {}  # the trace per device it is read on
         if mode != "model":
             for r, module in enumerate(modules):
                 self.handles.append(module.register_forward_pre_hook(self._hook(r)))
@@ -104,9 +105,14 @@ class RoutingOverride:
             # K distinct experts per token, each K-subset equally likely: the K smallest of E uniform keys
             return torch.rand(T, self.E, generator=g, device=device).topk(self.K, dim=1, largest=False).indices
         N, L = self.ids_NLK.shape[:2]
-        rows = (self.cursor[r] + torch.arange(T)) % N
+        table = self._on_device.get(device)
+        if table is None:
+            # copied once (int16: any id < 32768): a copy from pageable host memory per call waits for the
+            # device's queue, one sync per layer, which the device bookkeeping's steps otherwise never have
+            table = self._on_device[device] = self.ids_NLK.to(device, torch.int16)
+        rows = (self.cursor[r] + torch.arange(T, device=device)) % N
         self.cursor[r] = (self.cursor[r] + T) % N
-        return self.ids_NLK[rows, r % L].to(device)
+        return table[rows, r % L]
 
     def remove(self) -> None:
         for h in self.handles:

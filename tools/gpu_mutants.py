@@ -84,7 +84,7 @@ _WAIT_TIME = "self.stats.copy_wait_s += time.perf_counter() - t0"
 _WAIT_ALL = "for layer, slots in self.pending.items():"
 _LOOP_ROWS = "kt_N2 = kt_N2.pin_memory().to(self.device, non_blocking=True)"
 _DEQUANT_ROWS = ("idx = idx.pin_memory().to(self.device, non_blocking=True)\n"
-                 "        N = len(pos)")
+                 "        N = pos.size")
 _ASYNC = "return t.pin_memory().to(device, non_blocking=True)"
 _ASYNC_IF = 'if device.type != "cuda":\n        return t.to(device)'
 _MARK = "if torch.cuda.is_available() and self.gate_up_proj.is_cuda:"

@@ -61,12 +61,13 @@ def read_bandwidth() -> float:
     return x.numel() * 2 / (ms * 1e-3)
 
 
-def quantized_pools(mode: str, gen: torch.Generator):
+def quantized_pools(mode: str, gen: torch.Generator, S: int | None = None, hidden: int = H, inter: int = I):
+    """Random packed expert pools of S slots (default SLOTS[mode]) of the (hidden, inter) shape."""
     from moesys.offload import quant
 
-    S = SLOTS[mode]
+    S = S or SLOTS[mode]
     pools = {}
-    for name, (R, C) in (("gate_up", (2 * I, H)), ("down", (H, I))):
+    for name, (R, C) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
         (_, qshape, qdtype), (_, sshape, _) = quant.quantized_shapes(R, C, mode)
         lo, hi = (0, 256) if mode == "int4" else (-127, 128)
         pools[f"{name}.q"] = torch.randint(lo, hi, (S, *qshape), device="cuda", generator=gen).to(qdtype)

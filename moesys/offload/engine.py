@@ -31,6 +31,7 @@ from moesys.offload.dequant_slots import dequantize_slots, kernel_available, wor
 from moesys.offload.device_cache import DeviceCacheTables
 from moesys.offload.layout import PARAM_OF_PART, ExpertLayout
 from moesys.offload.quant_gemv import quant_gemv
+from moesys.offload.quant_grouped import quant_moe_mlp
 from moesys.offload.rows import rows_by_chunk
 from moesys.ops import moe_mlp
 from moesys.offload.stats import OffloadStats
@@ -45,6 +46,9 @@ CPU_EXPERT_MODES = ("auto", "on", "off")
 # (bench/results/offload_batch_copy_kernel_h100_fd052fb.json): the copy engine's bandwidth wins there.
 COPY_PROGRAMS = 16
 COPY_KERNEL_MAX_BYTES = 8 << 20
+# Quantized experts on the device path (_quantized_rows): from this many routed rows of a layer on, the
+# grouped W4A16 / W8A16 GEMM (quant_grouped) instead of quant_gemv's program per routed row.
+QUANT_GROUPED_MIN_ROWS = 1
 # transformers' hidden_act -> moesys.ops activation name
 _MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -169,6 +173,8 @@ class OffloadEngine:
         self.activation = _MOESYS_ACTIVATIONS.get(act)  # None: quantized experts use the eager loop
         self.moe_backend = "grouped_mm"
         self.top_k = max(1, getattr(some.config, "num_experts_per_tok", 1))
+        # routed rows from which quantized experts on the device path run as a grouped GEMM (_quantized_rows)
+        self.quant_grouped_min_rows = QUANT_GROUPED_MIN_ROWS
         # quantized experts dequantized at once (in the workspace the memory plan reserves)
         self.dequant_experts = workspace_experts(self.top_k, self.store.dtype, kernel_available(self.device))
         self.cost_model = {}
@@ -679,10 +685,15 @@ class OffloadEngine:
         return self._quantized_rows(x_TH, self._table_slots(layer, ids_TK.reshape(-1), global_slots=True), w_TK)
 
     def _quantized_rows(self, x_TH, slots_N, w_TK):
-        """Row t*K + j of the routing through the quantized expert in slot slots_N[t*K + j], read packed by
-        quant_gemv (no dequantized copy of the weights): the gate/up call reads each token's row in place,
-        the down call applies the activation and sums the top-k combine in fp32 (as moe_mlp does)."""
+        """Row t*K + j of the routing through the quantized expert in slot slots_N[t*K + j], read packed (no
+        dequantized copy of the weights). Up to `quant_grouped_min_rows` routed rows, by quant_gemv (a program
+        per row: the gate/up call reads each token's row in place, the down call applies the activation and
+        sums the top-k combine in fp32, as moe_mlp does); from there on by quant_grouped's grouped GEMM, which
+        reads a slot's packed weights once per block of its rows instead of once per row."""
         pools, mode = self.cache.pools, self.store.quantize
+        if slots_N.numel() >= self.quant_grouped_min_rows:
+            return quant_moe_mlp(x_TH, pools, slots_N.view(w_TK.shape), w_TK, mode, self.activation,
+                                 max_runs=self.cache.num_experts)
         h_NF = quant_gemv(x_TH, pools["gate_up.q"], pools["gate_up.scale"], slots_N, mode)
         return quant_gemv(h_NF, pools["down.q"], pools["down.scale"], slots_N, mode, activation=self.activation,
                           weight_TK=w_TK)

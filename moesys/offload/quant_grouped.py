@@ -1,0 +1,226 @@
+"""Batch decode straight from int8 / int4 expert weights: a grouped GEMM over the routed rows sorted by cache
+slot, each weight tile dequantized in registers (W4A16 / W8A16), so a slot's packed weights are read once per
+block of its rows, never written out in bf16.
+
+quant_gemv (one routed row per program) reads an expert's packed weights once per routed row: at batch 128
+(1024 rows of OLMoE's top-8 over 64 experts) that is 16 reads of each expert per layer, and the eager device
+path's int4 step spent 65.9 ms of GPU compute against the host path's 40.5 ms, whose dequantized waves run a
+grouped GEMM (bench/results/offload_batch_int4_bookkeeping_h200_b812281.json, timeline). This op keeps the
+device path's property (no host sync: the grouping is sorted on the device) and reads each packed weight
+once per BM rows of its slot.
+
+    up:    a[r] = act(x[t(r)] @ deq(gate[s(r)])^T , x[t(r)] @ deq(up[s(r)])^T)   sorted row r, in x's dtype
+    down:  y[n] = w[n] * (a[r(n)] @ deq(down[s(n)])^T)                             fp32, routed-row order
+    out[t] = sum over j ascending of y[t*K + j]                                    fp32, rounded once
+
+deq() is `quant.dequantize` in x's dtype: the integer times the scale rounded to x's dtype, one rounding, so
+the weights the products see are bit for bit the host path's dequantized ones. Each product accumulates in
+fp32 over fixed BK-column steps; the block shape is fixed (not autotuned) and a routed row's output depends
+on its own row alone, so a sequence decodes the same tokens in a batch as alone (the combine sums in a fixed
+order, no atomics). `quant_moe_mlp_reference` is the definition (and the CPU path); the kernel agrees with it
+to fp32 summation order.
+
+Legend: T tokens, K top-k, N = T*K routed rows (n = t*K + j), H hidden, I expert intermediate, S cache slots,
+G scale groups per weight row, BM rows per block (all of one slot).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moesys.activations import apply_activation, resolve_activation
+from moesys.offload import quant
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference covers CPU tensors
+    triton = None
+
+# Fixed block shape: decode batches give each slot a few to a few dozen rows (OLMoE B=128: 16 on average), so
+# BM = 16 (the smallest MMA tile) wastes little; BK = 64 keeps a tile inside one scale group of 128 columns.
+CONFIG = dict(BM=16, BN=64, BK=64, num_warps=4, num_stages=3)
+INTERPRETED_CONFIG = dict(BM=16, BN=16, BK=16, num_warps=1, num_stages=1)
+
+
+def quant_moe_mlp_reference(x_TH, pools: dict, slots_TK, w_TK, mode: str, activation: str) -> torch.Tensor:
+    """The formulas above in torch: y_TH in x's dtype. pools: "gate_up.q" [S, 2I, H or H/2], "gate_up.scale"
+    [S, 2I, G], "down.q" [S, H, I or I/2], "down.scale" [S, H, G'] (the offload cache's slot pools)."""
+    T, K = slots_TK.shape
+    slots_N = slots_TK.reshape(-1).long()
+    dtype = x_TH.dtype
+    x_NH = x_TH.float().repeat_interleave(K, dim=0)
+    w_gu = quant.dequantize(pools["gate_up.q"][slots_N], pools["gate_up.scale"][slots_N], mode, dtype)
+    h_NF = torch.bmm(w_gu.float(), x_NH.unsqueeze(-1)).squeeze(-1).to(dtype)  # rounded as the kernel stores it
+    a_NI = apply_activation(h_NF.float(), activation).to(dtype)
+    w_d = quant.dequantize(pools["down.q"][slots_N], pools["down.scale"][slots_N], mode, dtype)
+    y_NH = torch.bmm(w_d.float(), a_NI.float().unsqueeze(-1)).squeeze(-1) * w_TK.reshape(-1, 1).float()
+    out = y_NH.new_zeros(T, y_NH.shape[1])
+    for j, y in enumerate(y_NH.view(T, K, -1).unbind(1)):  # j ascending, as the kernel path sums
+        out += y
+    return out.to(dtype)
+
+
+def row_blocks(slots_N: torch.Tensor, BM: int, max_runs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routed rows grouped by slot, on the device (no sync): (slot_R, row_R, start_B). Sorted row r is
+    routed row row_R[r] (stable: routed-row order within a slot) of slot slot_R[r]; block b starts at sorted
+    row start_B[b] (N for an unused block) and spans up to BM rows of that slot. There are at most
+    ceil(N / BM) + max_runs blocks (max_runs bounds the distinct slots: at most min(N, experts per layer))."""
+    N = slots_N.numel()
+    slot_R, row_R = torch.sort(slots_N, stable=True)
+    r = torch.arange(N, device=slots_N.device)
+    new_run = torch.ones(N, dtype=torch.bool, device=slots_N.device)
+    new_run[1:] = slot_R[1:] != slot_R[:-1]
+    run_start = torch.where(new_run, r, 0).cummax(0).values
+    is_start = (r - run_start) % BM == 0
+    nb = -(-N // BM) + max_runs
+    start_B = torch.full((nb + 1,), N, dtype=torch.int64, device=slots_N.device)
+    # rows that start no block write to the spare last entry (dropped)
+    start_B.scatter_(0, torch.where(is_start, is_start.cumsum(0) - 1, nb), r)
+    return slot_R, row_R, start_B[:nb]
+
+
+if triton is not None:
+    from moesys.kernels.act import glu_fwd
+
+    @triton.jit
+    def _dequant_tile(q_ptrs, s_ptrs, k0, Kd, col_ok, dtype: tl.constexpr, GROUP: tl.constexpr,
+                      INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """The [BN, BK] tile of weight rows (q_ptrs, s_ptrs: [BN] row starts) at columns k0.., in `dtype` (the
+        integer times the scale rounded to `dtype`: quant.dequantize's rounding). Out-of-range reads are 0."""
+        offs_k = k0 + tl.arange(0, BK)
+        if GROUP % BK == 0:  # the tile sits in one scale group: a scale per row
+            scale = tl.load(s_ptrs + k0 // GROUP, mask=col_ok, other=0.0).to(dtype).to(tl.float32)[:, None]
+        else:
+            scale = tl.load(s_ptrs[:, None] + (offs_k // GROUP)[None, :], mask=col_ok[:, None] & (offs_k < Kd)[None, :],
+                            other=0.0).to(dtype).to(tl.float32)
+        if INT4:  # byte j of a row holds columns 2j (low nibble) and 2j + 1 (high nibble), both offset by 8
+            offs_b = k0 // 2 + tl.arange(0, BK // 2)
+            byte = tl.load(q_ptrs[:, None] + offs_b[None, :], mask=col_ok[:, None] & (offs_b < Kd // 2)[None, :],
+                           other=0).to(tl.int32)
+            lo = ((byte & 0xF) - 8).to(tl.float32)
+            hi = (((byte >> 4) & 0xF) - 8).to(tl.float32)
+            v = tl.reshape(tl.join(lo, hi), (BN, BK))
+        else:
+            v = tl.load(q_ptrs[:, None] + offs_k[None, :], mask=col_ok[:, None] & (offs_k < Kd)[None, :],
+                        other=0).to(tl.float32)
+        return (v * scale).to(dtype)
+
+    @triton.jit
+    def _quant_grouped_kernel(a_ptr, stride_a, q_ptr, s_ptr, slot_ptr, row_ptr, start_ptr, w_ptr, out_ptr,
+                              stride_o, N, Nd, Kd, K, q_slot_stride, q_row_stride, s_slot_stride, s_row_stride,
+                              GROUP: tl.constexpr, INT4: tl.constexpr, UP: tl.constexpr, ACT: tl.constexpr,
+                              ALPHA: tl.constexpr, CLAMP: tl.constexpr, LIMIT: tl.constexpr,
+                              UP_SHIFT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """Program (b, c): block b's rows (all of one slot) times output columns c*BN.. of that slot's weight.
+        UP: A rows are x[t(r)], the weight is gate_up (gate rows c.., up rows Nd + c..), the gated activation
+        is stored at sorted row r. Else: A rows are a[r] (sorted), the down product times the routing weight
+        is stored in fp32 at routed row n(r)."""
+        start = tl.load(start_ptr + tl.program_id(0))
+        if start >= N:  # a spare block
+            return
+        rows = start + tl.arange(0, BM)
+        slot = tl.load(slot_ptr + start)
+        row_ok = (rows < N) & (tl.load(slot_ptr + rows, mask=rows < N, other=-1) == slot)
+        n = tl.load(row_ptr + rows, mask=row_ok, other=0)
+        a_rows = n // K if UP else rows.to(tl.int64)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        col_ok = cols < Nd
+        slot64 = slot.to(tl.int64)
+        q_rows = q_ptr + slot64 * q_slot_stride + cols.to(tl.int64) * q_row_stride
+        s_rows = s_ptr + slot64 * s_slot_stride + cols.to(tl.int64) * s_row_stride
+        dtype = a_ptr.dtype.element_ty
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, Kd, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + a_rows[:, None] * stride_a + offs_k[None, :],
+                        mask=row_ok[:, None] & (offs_k < Kd)[None, :], other=0.0)
+            w = _dequant_tile(q_rows, s_rows, k0, Kd, col_ok, dtype, GROUP, INT4, BN, BK)
+            if UPCAST:  # Triton-interpreter bf16 dot trap (docs/ARCHITECTURE.md, traps)
+                acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
+            if UP:
+                w_up = _dequant_tile(q_rows + Nd * q_row_stride, s_rows + Nd * s_row_stride, k0, Kd, col_ok, dtype,
+                                     GROUP, INT4, BN, BK)
+                if UPCAST:
+                    acc_up = tl.dot(a.to(tl.float32), tl.trans(w_up.to(tl.float32)), acc_up, input_precision=DOT_PREC)
+                else:
+                    acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision=DOT_PREC)
+        mask = row_ok[:, None] & col_ok[None, :]
+        if UP:
+            # h rounded to x's dtype first, as a stored h would be (the reference does the same)
+            gate = acc.to(dtype).to(tl.float32)
+            up = acc_up.to(dtype).to(tl.float32)
+            act = glu_fwd(gate, up, ACT, ALPHA, CLAMP, LIMIT, UP_SHIFT)
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :], act.to(dtype), mask=mask)
+        else:
+            rw = tl.load(w_ptr + n, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + n.to(tl.int64)[:, None] * stride_o + cols[None, :], acc * rw[:, None], mask=mask)
+
+    @triton.jit
+    def _sum_rows_kernel(y_ptr, out_ptr, H, K: tl.constexpr, BH: tl.constexpr):
+        """out[t] = sum over j ascending of y[t*K + j] (fp32), rounded once to out's dtype."""
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BH + tl.arange(0, BH)
+        ok = cols < H
+        acc = tl.zeros((BH,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            acc += tl.load(y_ptr + (t * K + j) * H + cols, mask=ok, other=0.0)
+        tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _group(scale_SRG: torch.Tensor, cols: int) -> int:
+    G = scale_SRG.shape[-1]
+    if cols % G:
+        raise ValueError(f"quant_moe_mlp: {cols} columns in {G} scale groups")
+    return cols // G
+
+
+def quant_moe_mlp(x_TH, pools: dict, slots_TK, w_TK, mode: str, activation: str, max_runs: int | None = None,
+                  use_kernel: bool | None = None, config: dict | None = None) -> torch.Tensor:
+    """The routed rows of (slots_TK, w_TK) through the quantized experts in those cache slots of `pools` (see
+    quant_moe_mlp_reference), a gated `activation`: y_TH in x's dtype, with no host sync. max_runs: a bound on
+    the distinct slots (default T*K; the experts per layer is tighter and makes fewer spare blocks).
+    use_kernel: None = the Triton kernel for CUDA tensors, the reference otherwise (the kernel runs wherever
+    triton does: TRITON_INTERPRET=1 tests). config: the block shape ({"BM", "BN", "BK", "num_warps", "num_stages"}; benchmarks)."""
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"quant_moe_mlp: mode={mode!r}; use 'int8' or 'int4'")
+    spec = resolve_activation(activation)
+    if not spec.gated:
+        raise ValueError(f"quant_moe_mlp: activation={activation!r} is not gated; the slot pools hold gate/up pairs")
+    if use_kernel is None:
+        use_kernel = x_TH.is_cuda and triton is not None
+    if not use_kernel:
+        return quant_moe_mlp_reference(x_TH, pools, slots_TK, w_TK, mode, activation)
+    from moesys.kernels.act import act_constexprs
+    from moesys.kernels.launch import is_interpreted
+    T, K = slots_TK.shape
+    H = x_TH.shape[1]
+    q_gu, s_gu, q_d, s_d = (pools[n].contiguous() for n in ("gate_up.q", "gate_up.scale", "down.q", "down.scale"))
+    I = q_gu.shape[1] // 2
+    N = T * K
+    y_TH = x_TH.new_empty(T, H)
+    if N == 0:
+        return y_TH
+    cfg = dict(config or (INTERPRETED_CONFIG if is_interpreted() else CONFIG))
+    BM, BN = cfg["BM"], cfg["BN"]
+    slot_R, row_R, start_B = row_blocks(slots_TK.reshape(-1), BM, min(N, max_runs or N))
+    x_TH = x_TH.contiguous()
+    w_N = w_TK.reshape(-1).contiguous()
+    common = dict(INT4=mode == "int4", UPCAST=is_interpreted() and x_TH.dtype == torch.bfloat16,
+                  DOT_PREC="ieee" if x_TH.dtype == torch.float32 else "tf32", **act_constexprs(spec), **cfg)
+    nb = start_B.numel()
+    a_NI = x_TH.new_empty(N, I)
+    _quant_grouped_kernel[(nb, triton.cdiv(I, BN))](
+        x_TH, x_TH.stride(0), q_gu, s_gu, slot_R, row_R, start_B, w_N, a_NI, a_NI.stride(0), N, I, H, K,
+        q_gu.stride(0), q_gu.stride(1), s_gu.stride(0), s_gu.stride(1), GROUP=_group(s_gu, H), UP=True, **common)
+    y_NH = torch.empty(N, H, dtype=torch.float32, device=x_TH.device)
+    _quant_grouped_kernel[(nb, triton.cdiv(H, BN))](
+        a_NI, a_NI.stride(0), q_d, s_d, slot_R, row_R, start_B, w_N, y_NH, y_NH.stride(0), N, H, I, K,
+        q_d.stride(0), q_d.stride(1), s_d.stride(0), s_d.stride(1), GROUP=_group(s_d, I), UP=False, **common)
+    BH = 16 if is_interpreted() else min(1024, triton.next_power_of_2(H))
+    _sum_rows_kernel[(T, triton.cdiv(H, BH))](y_NH, y_TH, H, K=K, BH=BH)
+    return y_TH

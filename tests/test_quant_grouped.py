@@ -1,0 +1,152 @@
+"""moesys.offload.quant_grouped: the grouped W4A16 / W8A16 decode op (TRITON_INTERPRET=1 on a CPU, CUDA on a
+GPU) against its torch reference on odd shapes, both scale layouts (a tile inside one scale group, and groups
+narrower than a tile), slots shared by many rows (several blocks of one slot); a row's output does not depend
+on the rows beside it (batch equals alone, bit for bit); the device-side grouping."""
+
+import pytest
+import torch
+
+from moesys.offload import quant
+from moesys.offload.quant_grouped import INTERPRETED_CONFIG, quant_moe_mlp, quant_moe_mlp_reference, row_blocks
+from tests.test_offload import checkpoints  # noqa: F401
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pools(mode, S, H, I, group_h, group_i, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pools = {}
+    for name, (R, C, group) in {"gate_up": (2 * I, H, group_h), "down": (H, I, group_i)}.items():
+        w = torch.randn(S, R, C, generator=g) * torch.rand(S, R, 1, generator=g) / C ** 0.5 * 3
+        qs, ss = zip(*(quant.quantize(w[s], mode, group_size=group) for s in range(S)))
+        pools[f"{name}.q"], pools[f"{name}.scale"] = torch.stack(qs), torch.stack(ss)
+    return pools
+
+
+def _routing(T, K, S, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(T)])
+    slots[:, 0] = 2  # one slot in every token's rows: more than a block of it (BM = 16)
+    slots[:, 1:] = torch.where(slots[:, 1:] == 2, 0, slots[:, 1:])
+    w = torch.rand(T, K, generator=g)
+    return slots, w / w.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_h,group_i", [(16, 20), (12, 40)])  # a tile (BK 16) in one group; groups < a tile
+def test_kernel_matches_the_reference(mode, dtype, group_h, group_i):
+    S, H, I, T, K = 6, 48, 40, 19, 3
+    pools = _pools(mode, S, H, I, group_h, group_i)
+    assert pools["gate_up.scale"].shape[-1] == H // group_h and pools["down.scale"].shape[-1] == I // group_i
+    slots, w = _routing(T, K, S)
+    x = torch.randn(T, H).to(dtype)
+    want = quant_moe_mlp_reference(x, pools, slots, w, mode, "silu")
+    dev = {k: v.to(DEVICE) for k, v in pools.items()}
+    got = quant_moe_mlp(x.to(DEVICE), dev, slots.to(DEVICE), w.to(DEVICE), mode, "silu", max_runs=S,
+                        use_kernel=True).cpu()
+    assert got.dtype == dtype and got.shape == (T, H)
+    # fp32 summation order differs (tiles of BK columns vs one bmm); 16-bit types also round h and a
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        # Triton's interpreter rounds float32 -> bfloat16 by truncation (the weights, h and a: a bias of a few
+        # percent toward zero); the GPU rounds to nearest and meets the tolerance above
+        assert (got.float() - want.float()).norm() < 0.05 * want.float().norm()
+    else:
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+    if dtype != torch.float32:
+        return
+    # the reference is the dequantized experts' product (quant.dequantize: the host path's weights)
+    deq = {n: quant.dequantize(pools[f"{n}.q"], pools[f"{n}.scale"], mode, torch.float32) for n in ("gate_up", "down")}
+    xf, ref = x.float(), torch.zeros(T, H)
+    for t in range(T):
+        for j in range(K):
+            gate, up = (deq["gate_up"][slots[t, j]] @ xf[t]).chunk(2)
+            ref[t] += w[t, j] * (deq["down"][slots[t, j]] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(want.float(), ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_decodes_the_same_in_a_batch_as_alone(dtype):
+    """Each token's output in a batch of 19 equals the token run alone, bit for bit on a GPU: fixed block shape,
+    a row's products never mix with another row's, a fixed combine order (no atomics)."""
+    S, H, I, T, K = 6, 48, 40, 19, 3
+    pools = {k: v.to(DEVICE) for k, v in _pools("int4", S, H, I, 16, 20).items()}
+    slots, w = (t.to(DEVICE) for t in _routing(T, K, S))
+    x = torch.randn(T, H).to(DEVICE, dtype)
+    batch = quant_moe_mlp(x, pools, slots, w, "int4", "silu", max_runs=S, use_kernel=True)
+    for t in (0, 7, 18):
+        alone = quant_moe_mlp(x[t:t + 1], pools, slots[t:t + 1], w[t:t + 1], "int4", "silu", use_kernel=True)
+        if DEVICE == "cuda":
+            assert torch.equal(batch[t:t + 1], alone), t
+        else:  # the interpreter's dot is numpy's matmul, whose rounding moves with a row's place in the tile
+            torch.testing.assert_close(batch[t:t + 1], alone, atol=1e-6, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_row_blocks_cover_each_row_once_within_one_slot():
+    BM = INTERPRETED_CONFIG["BM"]
+    slots = torch.tensor([5, 1, 5, 5, 0] * 9 + [1, 3])  # slot 5: 27 rows (two blocks), slot 0: 9, slot 3: 1
+    slot_R, row_R, start_B = row_blocks(slots, BM, max_runs=4)
+    N = slots.numel()
+    assert torch.equal(slots[row_R], slot_R) and torch.equal(row_R.sort().values, torch.arange(N))
+    # stable: routed-row order within a slot
+    for s in slots.unique():
+        rows = row_R[slot_R == s]
+        assert torch.equal(rows, rows.sort().values)
+    assert start_B.numel() == -(-N // BM) + 4
+    used = start_B[start_B < N]
+    covered = []
+    for b in used.tolist():
+        run = [r for r in range(b, min(b + BM, N)) if slot_R[r] == slot_R[b]]
+        covered += run
+    assert sorted(covered) == list(range(N))  # every sorted row in exactly one block
+    assert used.numel() == 2 + 1 + 1 + 1  # slot 5 (27 rows): 2 blocks; 0, 1, 3: one each
+    assert (start_B[used.numel():] == N).all()  # spare blocks last, marked N
+
+
+def test_bad_input():
+    pools = _pools("int4", 2, 16, 8, 16, 8)
+    x, slots, w = torch.randn(1, 16), torch.tensor([[0, 1]]), torch.rand(1, 2)
+    with pytest.raises(ValueError, match="mode='none'"):
+        quant_moe_mlp(x, pools, slots, w, "none", "silu")
+    with pytest.raises(ValueError, match="not gated"):
+        quant_moe_mlp(x, pools, slots, w, "int4", "relu")
+    # CPU tensors default to the reference
+    assert torch.equal(quant_moe_mlp(x, pools, slots, w, "int4", "silu"),
+                       quant_moe_mlp_reference(x, pools, slots, w, "int4", "silu"))
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_device_batch_of_int4_experts_runs_grouped_and_decodes_as_alone(checkpoints, kernel, monkeypatch):
+    """generate_batch(bookkeeping="device") of int4 experts with the grouped op from the first routed row on:
+    every decode step's layers go through quant_moe_mlp (the Triton kernel under the interpreter when
+    `kernel`), each sequence's tokens equal the same prompt decoded alone on the same path, and equal the host
+    path's (dequantized waves through moe_mlp: the same weights, fp32)."""
+    import moesys.offload as mo
+    import moesys.offload.engine as engine_mod
+    from moesys.offload.batch import generate_batch
+    from tests.test_offload_batch import budget, prompts
+
+    path, dtype, new = checkpoints["olmoe"], torch.float32, 3 if kernel else 6
+    ps = prompts()[:2 if kernel else 4]  # the interpreter runs each kernel program in Python: fewer steps
+    model = mo.load(path, gpu_memory=budget(path, dtype, 16), dtype=dtype, cuda_graph=False, quantize_experts="int4")
+    engine = model.moesys_offload
+    engine.quant_grouped_min_rows = 1
+    calls = []
+    real = engine_mod.quant_moe_mlp
+
+    def spy(x_TH, *args, **kwargs):
+        calls.append(x_TH.shape[0])
+        return real(x_TH, *args, use_kernel=kernel, **kwargs)
+    monkeypatch.setattr(engine_mod, "quant_moe_mlp", spy)
+    batch = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=new, batch_size=4,
+                                                         bookkeeping="device")}
+    assert calls and max(calls) == len(ps)  # the decode steps' rows, each layer
+    if not kernel:
+        solo = [next(iter(generate_batch(model, [p], max_new_tokens=new, batch_size=1, bookkeeping="device")))
+                .token_ids for p in ps]
+        assert [batch[i] for i in range(len(ps))] == solo
+    calls.clear()
+    host = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=new, batch_size=4,
+                                                        bookkeeping="host")}
+    assert not calls and host == batch

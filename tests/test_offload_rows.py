@@ -23,3 +23,11 @@ def test_rows_by_chunk_equals_the_reference():
     # a row's top-k position orders it within its chunk: [e0 e1 | e1 e0] -> chunk 0 = {e0, e1}: k=0 rows, k=1 rows
     rows, spans = rows_by_chunk(np.array([0, 1, 1, 0]), {0: 0, 1: 0}, 1, 2)
     assert rows.tolist() == [0, 2, 1, 3] and spans == [(0, 4, [2, 2])]
+
+
+def test_lookup_maps_keys_and_marks_missing():
+    from moesys.offload.rows import lookup
+
+    got = lookup({3: 7, 0: 2, 9: 1}, np.array([9, 3, 3, 4, 0, 11]))
+    assert got.dtype == np.int64 and got.tolist() == [1, 7, 7, -1, 2, -1]
+    assert lookup({}, np.array([], dtype=np.int64)).tolist() == []

@@ -32,7 +32,7 @@ from moesys.offload.device_cache import DeviceCacheTables
 from moesys.offload.layout import PARAM_OF_PART, ExpertLayout
 from moesys.offload.quant_gemv import quant_gemv
 from moesys.offload.quant_grouped import quant_moe_mlp
-from moesys.offload.rows import rows_by_chunk
+from moesys.offload.rows import lookup, rows_by_chunk
 from moesys.ops import moe_mlp
 from moesys.offload.stats import OffloadStats
 from moesys.offload.strategies import PHASES, phase_of, select_strategy
@@ -59,13 +59,6 @@ _MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "ge
 # scalars. Passing an engine handle (an id) instead would be a constant that dynamo guards on, recompiling
 # the step for every model loaded; with the stack one compiled graph serves every model of an architecture.
 _ACTIVE: list["OffloadEngine"] = []
-
-
-def _lookup(table: dict[int, int], keys_N: np.ndarray) -> np.ndarray:
-    """table[k] for every k of keys_N (all keys of the table), as an int64 array."""
-    lut = np.zeros(max(table) + 1, dtype=np.int64)
-    lut[np.fromiter(table.keys(), np.int64, len(table))] = np.fromiter(table.values(), np.int64, len(table))
-    return lut[keys_N]
 
 
 def _active_engine() -> "OffloadEngine":
@@ -400,12 +393,12 @@ class OffloadEngine:
         if nxt is None:
             return
         need = min(slot_N.numel(), self.cache.num_experts)
-        room = self.cache.capacity(nxt) - (need if self.cache.bank_of[nxt] == self.cache.bank_of[layer] else 0)
+        same_bank = self.cache.bank_of[nxt] == self.cache.bank_of[layer]
+        room = self.cache.capacity(nxt) - (need if same_bank else 0)
         if room <= 0:
             return
         guess_M = self.prefetcher.guess(layer, x_TH)[:room]
         guess_M = torch.where(guess_M >= 0, guess_M, guess_M[:1])  # no vote: a repeat of the most wanted one
-        same_bank = self.cache.bank_of[nxt] == self.cache.bank_of[layer]
         _, src_M, dst_M = self.device_tables.step(
             self.cache.row[nxt], guess_M, distinct=False, next_visit_from=next_visit,
             protect_N=slot_N if same_bank else None, prefetch=True)
@@ -589,7 +582,7 @@ class OffloadEngine:
         pos, [(_, _, per_k)] = rows_by_chunk(flat_R, dict.fromkeys(index_of, 0), 1, K)
         if not pos.size:
             return None
-        idx = torch.from_numpy(np.stack((pos, _lookup(index_of, flat_R[pos]))))
+        idx = torch.from_numpy(np.stack((pos, lookup(index_of, flat_R[pos]))))
         if self.cuda:
             idx = idx.pin_memory().to(self.device, non_blocking=True)
         return idx[0], idx[1], per_k
@@ -712,7 +705,7 @@ class OffloadEngine:
         if not pos.size:
             return
         # rows, their workspace index, then the wave's slots: one tensor, one copy
-        idx = torch.from_numpy(np.concatenate((pos, _lookup(index_of, flat_R[pos]) % n,
+        idx = torch.from_numpy(np.concatenate((pos, lookup(index_of, flat_R[pos]) % n,
                                                np.asarray(slots, dtype=np.int64))))
         if self.cuda:
             idx = idx.pin_memory().to(self.device, non_blocking=True)

@@ -33,12 +33,16 @@ def rows_by_chunk_reference(flat_host: list[int], chunk_of: dict[int, int], chun
     return pos, spans
 
 
+def lookup(table: dict[int, int], keys_N: np.ndarray) -> np.ndarray:
+    """table[k] for every k of keys_N (non-negative ints), -1 for a key the table lacks, as an int64 array."""
+    lut = np.full(max(int(keys_N.max(initial=0)), max(table, default=0)) + 1, -1, dtype=np.int64)
+    lut[np.fromiter(table.keys(), np.int64, len(table))] = np.fromiter(table.values(), np.int64, len(table))
+    return lut[keys_N]
+
+
 def rows_by_chunk(flat_R: np.ndarray, chunk_of: dict[int, int], chunks: int, K: int):
     """rows_by_chunk_reference over an int array of expert ids: (rows as an int64 array, spans)."""
-    lut = np.full(max(int(flat_R.max(initial=0)), max(chunk_of, default=0)) + 1, -1, dtype=np.int64)
-    lut[np.fromiter(chunk_of.keys(), np.int64, len(chunk_of))] = np.fromiter(chunk_of.values(), np.int64,
-                                                                             len(chunk_of))
-    chunk_R = lut[flat_R]
+    chunk_R = lookup(chunk_of, flat_R)
     rows = np.flatnonzero(chunk_R >= 0)
     key = chunk_R[rows] * K + rows % K   # chunk, then top-k position; a stable sort keeps rows ascending
     rows = rows[np.argsort(key, kind="stable")]

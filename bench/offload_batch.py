@@ -57,7 +57,6 @@ import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 
 import torch
 
@@ -416,14 +415,16 @@ def main():
         w = workload_of(engine, model.config)
         context = args.prompt_len + args.new_tokens // 2
 
-        def calibration_row(fit, B, seed, hw_in):
+        def calibration_row(fit, B, seed, hw_in, bookkeeping="host"):
             """A uniform row at B (prompts of its own) and `hw_in` with `fit`'s overhead fitted to it."""
             uni = RoutingOverride(model, "uniform", seed=seed)
-            _, st, _ = run_row(model, B, args, cfg.vocab_size, seed=seed)
+            _, st, _ = run_row(model, B, args, cfg.vocab_size, seed=seed, bookkeeping=bookkeeping)
             uni.remove()
             uniform = RoutingStats.uniform(w.num_experts, w.top_k).with_prefetched_share(st.decode_prefetched_share)
-            fitted = fit(w, hw_in, uniform, B, context, engine.cache.num_slots, B / st.decode_tokens_per_s)
+            fitted = fit(w, hw_in, uniform, B, context, engine.cache.num_slots, B / st.decode_tokens_per_s,
+                         **({"path": bookkeeping} if fit is calibrate_layers else {}))
             records.append(dict(base, impl="moesys-calibration", quantize=quantize, routing="uniform", batch=B,
+                                bookkeeping=bookkeeping,
                                 tokens_per_s=st.decode_tokens_per_s, hardware=fitted.__dict__,
                                 fitted=fit.__name__, copy_hit_rate=st.decode_copy_hit_rate,
                                 prefetched_share=st.decode_prefetched_share, workload=w.__dict__))
@@ -437,6 +438,8 @@ def main():
         B1 = min([b for b in sizes if b > 1], default=None)
         if w.dequant_bytes and B1 is not None:
             row_hw = calibration_row(calibrate_waves, B1, 98, row_hw)
+        if "device" in args.bookkeeping.split(","):  # the device path's per-layer cost, from a device row
+            row_hw = calibration_row(calibrate_layers, min(sizes), 97, row_hw, bookkeeping="device")
         log("calibrated", quantize, row_hw)
         self_trace = None
         for routing in args.routings.split(","):
@@ -475,11 +478,11 @@ def main():
                 stats_r = (RoutingStats.uniform(w.num_experts, w.top_k) if routing == "uniform"
                            else RoutingStats.from_trace(ids_NLK, w.num_experts, batch_steps=True))
                 stats_r.with_prefetched_share(stats.decode_prefetched_share)
-                # the device bookkeeping reads no layer's routing back: no per-layer host-routing cost
-                b_hw = row_hw if bookkeeping == "host" else replace(row_hw, layer_overhead_s=0.0)
-                pred = predict(w, b_hw, stats_r, B, context, slots=engine.cache.num_slots)
+                # the device bookkeeping reads no layer's routing back (perf_model's path "device")
+                path = "host" if bookkeeping == "host" else "device"
+                pred = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots, path=path)
                 stats_r.with_engine_hit_rate(engine.cache.num_slots, stats.decode_copy_hit_rate)
-                pred_hit = predict(w, b_hw, stats_r, B, context, slots=engine.cache.num_slots)
+                pred_hit = predict(w, row_hw, stats_r, B, context, slots=engine.cache.num_slots, path=path)
                 steps = max(1, stats.decode_tokens // B)
                 missed_s = stats.decode_bytes_copied / steps / hw.pcie_Bps
                 bound = B / max(missed_s, resident_step.get(B, 0.0)) if B in resident_step else None

@@ -71,15 +71,28 @@ def repredict(rows: list[dict]) -> list[dict]:
                           key=lambda r: r["batch"]):
             B = cal["batch"]
             share = cal.get("prefetched_share", uniform_share.get(B, 0.0))
-            fit = pm.calibrate_layers if cal.get("fitted", "calibrate_miss") in ("calibrate_miss", "calibrate_layers") \
-                else pm.calibrate_waves
             uni = pm.RoutingStats.uniform(w.num_experts, w.top_k).with_prefetched_share(share)
-            hw = fit(w, hw, uni, B, context, slots, B / cal["tokens_per_s"])
+            if cal.get("fitted", "calibrate_miss") in ("calibrate_miss", "calibrate_layers"):
+                hw = pm.calibrate_layers(w, hw, uni, B, context, slots, B / cal["tokens_per_s"],
+                                         path=cal.get("bookkeeping", "host"))
+            else:
+                hw = pm.calibrate_waves(w, hw, uni, B, context, slots, B / cal["tokens_per_s"])
+        device = [r for r in mine if r.get("bookkeeping") == "device"]
+        calibrated = [r for r in rows if r["impl"] == "moesys-calibration" and r["quantize"] == quantize
+                      and r.get("bookkeeping") == "device"]
+        if device and not calibrated:  # recorded before the bench calibrated the device path: its smallest
+            cal = min((r for r in device if r["routing"] == "uniform"), key=lambda r: r["batch"])  # uniform row
+            uni = (pm.RoutingStats.uniform(w.num_experts, w.top_k).with_engine_hit_rate(slots, cal["copy_hit_rate"])
+                   .with_prefetched_share(cal["prefetched_share"]))
+            hw = pm.calibrate_layers(w, hw, uni, cal["batch"], context, slots, cal["batch"] / cal["tokens_per_s"],
+                                     path="device")
         for r in mine:
             routing = (pm.RoutingStats.uniform(w.num_experts, w.top_k).with_engine_hit_rate(slots, r["copy_hit_rate"])
                        .with_prefetched_share(r["prefetched_share"]))
-            p = pm.predict(w, hw, routing, r["batch"], context, slots=slots)
-            out.append(dict(quantize=quantize, routing=r["routing"], batch=r["batch"], tokens_per_s=r["tokens_per_s"],
+            path = "device" if r.get("bookkeeping") == "device" else "host"
+            p = pm.predict(w, hw, routing, r["batch"], context, slots=slots, path=path)
+            out.append(dict(quantize=quantize, routing=r["routing"], batch=r["batch"], bookkeeping=path,
+                            tokens_per_s=r["tokens_per_s"],
                             predicted=p["tokens_per_s"], error=p["tokens_per_s"] / r["tokens_per_s"] - 1,
                             copy_s=p["copy_s"], compute_s=p["compute_s"], prefetched_share=r["prefetched_share"],
                             hardware=hw.__dict__))
@@ -95,7 +108,7 @@ def main():
         rows = json.load(f)
     out = repredict(rows)
     for r in out:
-        print(f"{r['quantize']:5s} {r['routing']:8s} B={r['batch']:4d} measured {r['tokens_per_s']:8.1f} "
+        print(f"{r['quantize']:5s} {r['routing']:8s} B={r['batch']:4d} {r['bookkeeping']:6s} measured {r['tokens_per_s']:8.1f} "
               f"predicted {r['predicted']:8.1f} ({r['error']:+.0%})")
     print(f"largest |error|: {max(abs(r['error']) for r in out):.0%}; fitted:", out[-1]["hardware"])
     if args.out:

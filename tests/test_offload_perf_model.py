@@ -255,6 +255,30 @@ def test_quantized_experts_run_in_dequantization_waves():
         2 * (3.2e-3 + 2e-3) - 7e-4)
 
 
+def test_device_path_has_its_own_layer_cost_and_no_dequantization_waves():
+    """path="device": no host-routed layer cost but the device bookkeeping's own per offloaded layer, and
+    quantized experts read packed by one grouped GEMM (no waves): quantized W at B=2 (U = 3.5) computes like
+    the unquantized one, 2 layers x 3.5e6 / 1e10; the fitted cost comes back from one device row and leaves
+    the host path's alone."""
+    q = Workload(**{**W.__dict__, "dequant_bytes": 4 * 10**6})
+    hw = replace(HW, layer_overhead_s=5e-3, device_layer_overhead_s=1e-3, wave_overhead_s=2e-3)
+    uni = half_hit()
+    host, dev = (predict(q, hw, uni, 2, 100, slots=8, path=p) for p in ("host", "device"))
+    bare = predict(W, HW, uni, 2, 100, slots=8)  # unquantized, no overheads
+    assert dev["compute_s"] == pytest.approx(bare["compute_s"] + 2 * 1e-3)
+    # host: 2 waves a layer of (1.6e-3 + 2e-3) instead of 7e-4 of packed reads, and 5 ms a layer
+    assert host["compute_s"] == pytest.approx(bare["compute_s"] - 7e-4 + 2 * 2 * 3.6e-3 + 2 * 5e-3)
+    assert dev["copy_s"] == host["copy_s"] and dev["tokens_per_s"] > host["tokens_per_s"]
+    fitted = calibrate_layers(q, replace(hw, device_layer_overhead_s=0.0), uni, 2, 100, 8, dev["step_s"], path="device")
+    assert fitted.device_layer_overhead_s == pytest.approx(1e-3) and fitted.layer_overhead_s == 5e-3
+    # every expert resident: nothing offloaded, no layer cost on either path
+    full = RoutingStats.uniform(8, 2)
+    assert predict(W, hw, full, 2, 100, slots=16, path="device")["compute_s"] == pytest.approx(
+        predict(W, HW, full, 2, 100, slots=16)["compute_s"])
+    with pytest.raises(ValueError, match="path='gpu' must be one of"):
+        predict(W, HW, uni, 2, 100, slots=8, path="gpu")
+
+
 def test_dequant_workspace_holds_more_experts_with_the_kernel():
     """The memory plan reserves top_k experts of the torch dequantization (result, int32 widening and int4
     unpacking: 2 x elsize + 4 bytes a weight); the kernel writes only the result, so the same bytes hold 4 x

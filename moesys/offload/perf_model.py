@@ -19,6 +19,11 @@ One decode step of B rows through L MoE layers:
   experts run in ceil(U / W) chunks of W = the engine's dequant_experts (top_k, or 4 x top_k in bf16 with
   the dequant_slots kernel), each dequantizing W experts into the workspace and running moe_mlp over its
   own routed rows, plus a per-chunk overhead (launches; fitted by `calibrate_waves` to one quantized row);
+- the device path (`path="device"`: generate_batch's bookkeeping "device", the decode graph): no layer's
+  routing is read back, so no host-routed layer cost; instead a per-layer cost of the device bookkeeping
+  (its table step and copy kernels: `device_layer_overhead_s`, fitted by `calibrate_layers` to a device
+  row), and quantized experts run as one grouped GEMM over their packed weights (quant_grouped: each needed
+  expert's packed bytes read once, no dequantization wave);
 - step time: max(p x copy, compute) + (1 - p) x copy, p the share of the copies the next-gate prefetch
   issued (a routing statistic measured during a run; 0 by default): the host path reads a layer's routing,
   queues its misses the prefetch did not copy and the next layer's guesses, waits for the layer's copies
@@ -59,6 +64,7 @@ class Hardware:
     host_roundtrip_s: float = 30e-6  # per attention layer with host KV: q to the host, the output back
     row_overhead_s: float = 0.0     # per row per step beyond the roofline terms (see calibrate)
     layer_overhead_s: float = 0.0   # per host-routed MoE layer: routing read, bookkeeping, waits (calibrate_layers)
+    device_layer_overhead_s: float = 0.0  # per offloaded MoE layer on the device path: its table step, copy kernels
     wave_overhead_s: float = 0.0    # per dequantization wave of quantized experts beyond its roofline (calibrate_waves)
 
     @classmethod
@@ -262,24 +268,32 @@ def lru_hit_curve(ids_NLK: torch.Tensor, num_experts: int, batch: int = 1) -> to
     return torch.cat((torch.zeros(1, dtype=torch.float64), cum))  # distance d hits with S > d slots
 
 
+PATHS = ("host", "device")
+
+
 def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, kv: str = "device",
-            overlap: bool = False, slots: int | None = None) -> dict:
+            overlap: bool = False, slots: int | None = None, path: str = "host") -> dict:
     """Predicted decode step of `batch` rows with `context` cached tokens each; `slots` (total cache slots)
-    defaults to what the budget leaves beside the KV cache on `kv`."""
+    defaults to what the budget leaves beside the KV cache on `kv`; `path` is where the cache bookkeeping
+    runs ("host": a routing read back per layer; "device")."""
     if kv not in KV_PLACES:
         raise ValueError(f"kv={kv!r} must be one of {list(KV_PLACES)}")
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} must be one of {list(PATHS)}")
     S_total = w.slots(batch, context, kv) if slots is None else slots
     U = routing.unique(batch)
     hit = (routing.hit_rate(S_total, w.num_layers, batch, w.cache_policy, w.bank_size)
            if S_total >= w.num_layers else 0.0)
     misses = w.num_layers * U * (1 - hit)
     copy_s = misses * w.expert_bytes / hw.pcie_Bps
-    # a layer the cache does not hold whole is host-routed: its routing read back, its bookkeeping, the
-    # round trip of its copies that the prefetch did not issue ahead
-    routed_layers = w.num_layers if hit < 1 else 0
+    # a layer the cache does not hold whole is host-routed (its routing read back, its bookkeeping, the
+    # round trip of its copies that the prefetch did not issue ahead), or on the device path runs the
+    # bookkeeping's kernels
+    offloaded_layers = w.num_layers if hit < 1 else 0
+    layer_s = hw.layer_overhead_s if path == "host" else hw.device_layer_overhead_s
     dense_s = max(w.dense_bytes / hw.hbm_Bps, batch * w.dense_bytes / hw.flops)  # 2 FLOPs per 2-byte weight
     rows_s = batch * w.top_k * w.expert_flops_per_row / hw.flops
-    waves = dequant_waves(w, U, batch)
+    waves = dequant_waves(w, U, batch) if path == "host" else 0
     if waves:  # each wave writes and reads its dequantized experts and runs its share of the routed rows
         dequant_s = 2 * chunk_experts(w) * w.dequant_bytes / hw.hbm_Bps
         experts_s = w.num_layers * waves * (max(dequant_s, rows_s / waves) + hw.wave_overhead_s)
@@ -289,7 +303,7 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     attention_s = (kv_bytes / hw.hbm_Bps if kv == "device"
                    else kv_bytes / hw.cpu_mem_Bps + w.attention_layers * hw.host_roundtrip_s)
     compute_s = (dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
-                 + routed_layers * hw.layer_overhead_s)
+                 + offloaded_layers * layer_s)
     p = routing.prefetched
     step_s = max(copy_s, compute_s) if overlap else max(p * copy_s, compute_s) + (1 - p) * copy_s
     feasible = S_total >= w.num_layers  # the engine needs a slot per MoE layer
@@ -314,10 +328,10 @@ def dequant_waves(w: Workload, unique: float, batch: int) -> int:
 
 
 def best_plan(w: Workload, hw: Hardware, routing: RoutingStats, max_batch: int, context: int,
-              kv_places=KV_PLACES, overlap: bool = False, slots: int | None = None) -> dict:
+              kv_places=KV_PLACES, overlap: bool = False, slots: int | None = None, path: str = "host") -> dict:
     """The fastest predicted (batch size in powers of two up to max_batch, and max_batch itself; KV place)."""
     sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
-    options = [predict(w, hw, routing, b, context, kv, overlap, slots) for b in sizes for kv in kv_places]
+    options = [predict(w, hw, routing, b, context, kv, overlap, slots, path) for b in sizes for kv in kv_places]
     best = max(options, key=lambda p: (p["tokens_per_s"], -p["batch"]))
     if not best["feasible"]:
         raise ValueError(f"no batch size fits: the budget leaves {w.free_bytes} bytes for KV cache and expert "
@@ -354,16 +368,18 @@ def _compute_beyond(p: dict, prefetched: float, measured_step_s: float) -> float
 
 
 def calibrate_layers(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, slots: int,
-                     measured_step_s: float) -> Hardware:
-    """`hw` with layer_overhead_s fitted to one offloaded step measured at `batch` (a calibration row: the
-    other rows are then predicted with it): the compute the step took beyond the model's, per host-routed
-    layer. At batch 1 that is the routing read back, the bookkeeping and the demand copies' round trip of
-    each layer: fitted per miss instead (61 us of bandwidth, 268 us fitted on the OLMoE shape at int4) it
-    made every larger batch's step three times too slow (bench/results/offload_batch_int4_h100_96ed0f8.json)."""
-    p = predict(w, replace(hw, layer_overhead_s=0.0), routing, batch, context, slots=slots)
+                     measured_step_s: float, path: str = "host") -> Hardware:
+    """`hw` with the per-layer cost of `path` (layer_overhead_s, or device_layer_overhead_s) fitted to one
+    offloaded step measured at `batch` on that path (a calibration row: the other rows are then predicted
+    with it): the compute the step took beyond the model's, per offloaded layer. At batch 1 on the host path
+    that is the routing read back, the bookkeeping and the demand copies' round trip of each layer: fitted
+    per miss instead (61 us of bandwidth, 268 us fitted on the OLMoE shape at int4) it made every larger
+    batch's step three times too slow (bench/results/offload_batch_int4_h100_96ed0f8.json)."""
+    field = "layer_overhead_s" if path == "host" else "device_layer_overhead_s"
+    p = predict(w, replace(hw, **{field: 0.0}), routing, batch, context, slots=slots, path=path)
     layers = w.num_layers if p["hit_rate"] < 1 else 0
     extra = _compute_beyond(p, routing.prefetched, measured_step_s)
-    return replace(hw, layer_overhead_s=extra / layers if layers else 0.0)
+    return replace(hw, **{field: extra / layers if layers else 0.0})
 
 
 def calibrate_waves(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, slots: int,
@@ -450,5 +466,8 @@ def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware |
     w = workload_of(engine, model.config)
     routing = routing or RoutingStats.uniform(w.num_experts, w.top_k)
     hw = hardware or Hardware.measure(engine.device)
-    # rows hold on average about half their final length over a run
-    return best_plan(w, hw, routing, max_batch, longest // 2, kv_places=("device",), slots=engine.cache.num_slots)["batch"]
+    # rows hold on average about half their final length over a run; generate_batch's bookkeeping "auto"
+    # keeps the device path wherever the engine supports it
+    path = "device" if engine.device_path_unsupported is None else "host"
+    return best_plan(w, hw, routing, max_batch, longest // 2, kv_places=("device",), slots=engine.cache.num_slots,
+                     path=path)["batch"]

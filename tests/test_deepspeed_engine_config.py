@@ -36,6 +36,10 @@ def test_shipped_configs_are_filled_from_the_moesys_config(shipped):
     assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False  # fp32 on the CPU
     assert ds["zero_optimization"]["stage"] == (2 if "zero2" in shipped else 1)
+    assert "gradient_allreduce_op" not in ds  # DeepSpeed's mean over the 4 ranks
+    # one rank: the sum (no division by 1 over every gradient); the jobs at one rank equal the torch engine
+    # (tests/test_deepspeed_engine_job.py)
+    assert resolve_deepspeed_config(config, world_size=1)["gradient_allreduce_op"] == "sum"
     bf16 = load_config("configs/tiny.yaml", ["train.engine=deepspeed", f"train.deepspeed_config={shipped}",
                                              "train.dtype=bfloat16"])
     autocast = "autocast" in shipped  # fp32 parameters under bf16 autocast instead of bf16 parameters

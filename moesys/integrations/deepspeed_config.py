@@ -4,7 +4,8 @@ values moesys owns from the moesys config so that the two cannot disagree.
 Filled from moesys (a value the JSON leaves out or sets to "auto"; a different explicit value is an
 error naming both): `train_micro_batch_size_per_gpu` = data.batch_size, `gradient_accumulation_steps`
 = train.grad_accum, `train_batch_size` = their product times the world size, `gradient_clipping` =
-train.grad_clip, `bf16.enabled` = whether moesys trains in bf16 (train.dtype bfloat16, or auto on a GPU) and
+train.grad_clip, `gradient_allreduce_op` = "sum" at one rank (DeepSpeed's mean divides every gradient by 1
+there), `bf16.enabled` = whether moesys trains in bf16 (train.dtype bfloat16, or auto on a GPU) and
 the JSON does not turn on `torch_autocast` (fp32 parameters under autocast, the torch engine's precision).
 Refused: FSSDP placement (parallel.expert_sharding fssdp/fsdp re-shards experts between steps), ZeRO
 stage 0 and 3 (stage 3 would partition the experts that moesys places itself), fp16 (moesys has no loss
@@ -146,4 +147,9 @@ def resolve_deepspeed_config(config, world_size: int | None = None) -> dict:
           f"{where} bf16")
     ds["bf16"] = bf16
     ds.setdefault("steps_per_print", _QUIET_STEPS)
+    if world_size == 1:
+        # DeepSpeed's default mean divides every gradient bucket by the data-parallel size, at one rank too: a
+        # pass over all gradients each step (part of ZeRO's 1.9 ms of multiplies in an H100 step,
+        # bench/results/train_small_deepspeed_profile_h100_fd052fb.txt); over one rank the sum is the mean
+        ds.setdefault("gradient_allreduce_op", "sum")
     return ds

@@ -109,7 +109,7 @@ def test_bad_input():
     x, slots, w = torch.randn(1, 16), torch.tensor([[0, 1]]), torch.rand(1, 2)
     with pytest.raises(ValueError, match="mode='none'"):
         quant_moe_mlp(x, pools, slots, w, "none", "silu")
-    with pytest.raises(ValueError, match="not gated"):
+    with pytest.raises(ValueError, match="not a gated one"):
         quant_moe_mlp(x, pools, slots, w, "int4", "relu")
     # CPU tensors default to the reference
     assert torch.equal(quant_moe_mlp(x, pools, slots, w, "int4", "silu"),

@@ -33,7 +33,9 @@ _PTR_TYPES = {"token_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32", "dr
               "ids_ptr": "*i64", "inv_ptr": "*i64"}  # ids as the router makes them
 
 
-def compile_variant(kernel, consts: dict, dtype: str = "bf16", out_fp32: bool = False, num_warps=8, num_stages=3):
+def compile_variant(kernel, consts: dict, dtype: str = "bf16", out_fp32: bool = False, num_warps=8, num_stages=3,
+                    ptr_types: dict | None = None):
+    ptr_types = {**_PTR_TYPES, **(ptr_types or {})}
     sig = {}
     # tensor descriptors, as launch.py passes them: the weights (b_desc) or the sorted operand (s_desc)
     for desc, flag in (("b_desc", "B_DESC"), ("s_desc", "S_DESC")):
@@ -53,7 +55,7 @@ def compile_variant(kernel, consts: dict, dtype: str = "bf16", out_fp32: bool = 
         elif name in sig:
             continue
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if (out_fp32 and name == "out_ptr") else _PTR_TYPES.get(name, "*" + dtype)
+            sig[name] = "*fp32" if (out_fp32 and name == "out_ptr") else ptr_types.get(name, "*" + dtype)
         else:
             sig[name] = "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
@@ -101,6 +103,21 @@ def variants(all_variants: bool, dtype: str):
     yield ("token_sum", token_sum_kernel, dict(BH=1024), False)
 
 
+def quant_variants():
+    """(name, kernel, constexprs, out_fp32, pointer types) of the offload engine's grouped quantized decode
+    (moesys.offload.quant_grouped): gate/up and down, int4 and int8, scale groups of 128 columns."""
+    from moesys.offload.quant_grouped import CONFIG, _quant_grouped_kernel, _sum_rows_kernel
+
+    tile = {k: v for k, v in CONFIG.items() if k not in ("num_warps", "num_stages")}
+    silu = {k: v for k, v in act_constexprs(Activation("silu", True)).items() if k != "INTERLEAVED"}
+    for mode, up in itertools.product(("int4", "int8"), (True, False)):
+        consts = dict(tile, GROUP=128, INT4=mode == "int4", UP=up, UPCAST=False, DOT_PREC="tf32", **silu)
+        types = {"q_ptr": "*u8" if mode == "int4" else "*i8", "s_ptr": "*fp32", "slot_ptr": "*i64",
+                 "row_ptr": "*i64", "start_ptr": "*i64"}
+        yield f"quant_grouped {mode} {'gate_up' if up else 'down'}", _quant_grouped_kernel, consts, not up, types
+    yield "quant_grouped sum_rows", _sum_rows_kernel, dict(K=8, BH=1024), False, {"y_ptr": "*fp32"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--all", action="store_true", help="every activation, bias and dtype variant")
@@ -120,6 +137,12 @@ def main(argv=None) -> int:
                   f"async copies {ttgir.count('async_copy_global_to_local')}, "
                   f"TMA loads {ttgir.count('async_tma_copy_global_to_local')}, "
                   f"wgmma {ttgir.count('warp_group_dot')}", flush=True)
+    for name, kernel, consts, out_fp32, types in quant_variants():
+        c = dict(num_warps=4, num_stages=3) if "sum_rows" not in name else dict(num_warps=4, num_stages=1)
+        compiled = compile_variant(kernel, consts, "bf16", out_fp32, ptr_types=types, **c)
+        print(f"bf16 {name}: shared {compiled.metadata.shared} B, "
+              f"dots {compiled.asm['ttgir'].count('warp_group_dot') + compiled.asm['ttgir'].count('tt.dot')}",
+              flush=True)
     return 0
 
 

@@ -84,10 +84,12 @@ if triton is not None:
     from moesys.kernels.act import glu_fwd
 
     @triton.jit
-    def _dequant_tile(q_ptrs, s_ptrs, k0, Kd, col_ok, dtype: tl.constexpr, GROUP: tl.constexpr,
-                      INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """The [BN, BK] tile of weight rows (q_ptrs, s_ptrs: [BN] row starts) at columns k0.., in `dtype` (the
-        integer times the scale rounded to `dtype`: quant.dequantize's rounding). Out-of-range reads are 0."""
+    def _dequant_tile(q_ptrs, s_ptrs, k0, Kd, col_ok, like_ptr, GROUP: tl.constexpr, INT4: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr):
+        """The [BN, BK] tile of weight rows (q_ptrs, s_ptrs: [BN] row starts) at columns k0.., in like_ptr's
+        dtype (the integer times the scale rounded to it: quant.dequantize's rounding). Out-of-range reads
+        are 0."""
+        dtype = like_ptr.dtype.element_ty
         offs_k = k0 + tl.arange(0, BK)
         if GROUP % BK == 0:  # the tile sits in one scale group: a scale per row
             scale = tl.load(s_ptrs + k0 // GROUP, mask=col_ok, other=0.0).to(dtype).to(tl.float32)[:, None]
@@ -123,8 +125,11 @@ if triton is not None:
         rows = start + tl.arange(0, BM)
         slot = tl.load(slot_ptr + start)
         row_ok = (rows < N) & (tl.load(slot_ptr + rows, mask=rows < N, other=-1) == slot)
-        n = tl.load(row_ptr + rows, mask=row_ok, other=0)
-        a_rows = n // K if UP else rows.to(tl.int64)
+        n = tl.load(row_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        if UP:  # x's row: the routed row's token
+            a_rows = n // K
+        else:  # a's row: the sorted row
+            a_rows = rows.to(tl.int64)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         col_ok = cols < Nd
         slot64 = slot.to(tl.int64)
@@ -137,13 +142,13 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BK)
             a = tl.load(a_ptr + a_rows[:, None] * stride_a + offs_k[None, :],
                         mask=row_ok[:, None] & (offs_k < Kd)[None, :], other=0.0)
-            w = _dequant_tile(q_rows, s_rows, k0, Kd, col_ok, dtype, GROUP, INT4, BN, BK)
+            w = _dequant_tile(q_rows, s_rows, k0, Kd, col_ok, a_ptr, GROUP, INT4, BN, BK)
             if UPCAST:  # Triton-interpreter bf16 dot trap (docs/ARCHITECTURE.md, traps)
                 acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=DOT_PREC)
             else:
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
             if UP:
-                w_up = _dequant_tile(q_rows + Nd * q_row_stride, s_rows + Nd * s_row_stride, k0, Kd, col_ok, dtype,
+                w_up = _dequant_tile(q_rows + Nd * q_row_stride, s_rows + Nd * s_row_stride, k0, Kd, col_ok, a_ptr,
                                      GROUP, INT4, BN, BK)
                 if UPCAST:
                     acc_up = tl.dot(a.to(tl.float32), tl.trans(w_up.to(tl.float32)), acc_up, input_precision=DOT_PREC)
@@ -189,8 +194,9 @@ def quant_moe_mlp(x_TH, pools: dict, slots_TK, w_TK, mode: str, activation: str,
     if mode not in ("int8", "int4"):
         raise ValueError(f"quant_moe_mlp: mode={mode!r}; use 'int8' or 'int4'")
     spec = resolve_activation(activation)
-    if not spec.gated:
-        raise ValueError(f"quant_moe_mlp: activation={activation!r} is not gated; the slot pools hold gate/up pairs")
+    if not spec.gated or spec.interleaved:
+        raise ValueError(f"quant_moe_mlp: activation={activation!r} is not a gated one over [gate | up] rows, which "
+                         "is what the slot pools hold")
     if use_kernel is None:
         use_kernel = x_TH.is_cuda and triton is not None
     if not use_kernel:
@@ -212,6 +218,7 @@ def quant_moe_mlp(x_TH, pools: dict, slots_TK, w_TK, mode: str, activation: str,
     w_N = w_TK.reshape(-1).contiguous()
     common = dict(INT4=mode == "int4", UPCAST=is_interpreted() and x_TH.dtype == torch.bfloat16,
                   DOT_PREC="ieee" if x_TH.dtype == torch.float32 else "tf32", **act_constexprs(spec), **cfg)
+    del common["INTERLEAVED"]  # refused above: gate rows first, then up
     nb = start_B.numel()
     a_NI = x_TH.new_empty(N, I)
     _quant_grouped_kernel[(nb, triton.cdiv(I, BN))](

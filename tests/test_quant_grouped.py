@@ -150,3 +150,32 @@ def test_device_batch_of_int4_experts_runs_grouped_and_decodes_as_alone(checkpoi
     host = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=new, batch_size=4,
                                                         bookkeeping="host")}
     assert not calls and host == batch
+
+
+@pytest.mark.parametrize("up", [True, False])
+def test_a_block_writes_its_own_slots_rows_only(up):
+    """A block spans up to BM sorted rows from its start, past the end of its slot's rows when the slot has
+    fewer: those belong to the next slot's block, and writing them too would race with it on a GPU (the
+    interpreter runs blocks in order, so the later block would hide it). Launched alone, the first block
+    leaves the other slot's rows untouched."""
+    from moesys.activations import Activation
+    from moesys.kernels.act import act_constexprs
+    from moesys.offload.quant_grouped import _project
+
+    S, H, I = 3, 32, 16
+    pools = {k: v.to(DEVICE) for k, v in _pools("int4", S, H, I, 16, 16).items()}
+    slots = torch.tensor([1, 2, 1, 2, 2, 1, 2, 2], device=DEVICE)  # slot 1: rows 0, 2, 5; slot 2: the other five
+    slot_R, row_R, start_B = row_blocks(slots, INTERPRETED_CONFIG["BM"], max_runs=2)
+    assert start_B.tolist()[:2] == [0, 3]
+    consts = dict(INT4=True, UPCAST=False, DOT_PREC="ieee", **INTERPRETED_CONFIG,
+                  **{k: v for k, v in act_constexprs(Activation("silu", True)).items() if k != "INTERLEAVED"})
+    N, w_N = slots.numel(), torch.rand(8, device=DEVICE)
+    part = "gate_up" if up else "down"
+    a = torch.randn(4, H, device=DEVICE) if up else torch.randn(N, I, device=DEVICE)  # x (T = 4, K = 2), or a
+    out = torch.full((N, I if up else H), float("nan"), device=DEVICE)
+    _project(a, pools[f"{part}.q"], pools[f"{part}.scale"], (slot_R, row_R, start_B[:1]), w_N, out, 2, up, consts)
+    written = out.isfinite().all(1).cpu()
+    mine = torch.tensor([0, 1, 2]) if up else row_R[:3].cpu()  # slot 1's rows: sorted, or where they were routed
+    want = torch.zeros(N, dtype=torch.bool)
+    want[mine] = True
+    assert torch.equal(written, want)

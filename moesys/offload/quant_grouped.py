@@ -184,6 +184,18 @@ def _group(scale_SRG: torch.Tensor, cols: int) -> int:
     return cols // G
 
 
+def _project(a, q, s, blocks, w_N, out, K: int, up: bool, consts: dict) -> torch.Tensor:
+    """One projection of the blocks (slot_R, row_R, start_B) into `out`: gate/up with the activation
+    (`up`: out [N, I] at sorted rows, a = x) or down times the routing weights (out [N, H] fp32 at routed
+    rows, a = the activation at sorted rows). A block writes its own slot's rows only."""
+    slot_R, row_R, start_B = blocks
+    Kd, Nd = a.shape[1], out.shape[1]
+    _quant_grouped_kernel[(start_B.numel(), triton.cdiv(Nd, consts["BN"]))](
+        a, a.stride(0), q, s, slot_R, row_R, start_B, w_N, out, out.stride(0), slot_R.numel(), Nd, Kd, K,
+        q.stride(0), q.stride(1), s.stride(0), s.stride(1), GROUP=_group(s, Kd), UP=up, **consts)
+    return out
+
+
 def quant_moe_mlp(x_TH, pools: dict, slots_TK, w_TK, mode: str, activation: str, max_runs: int | None = None,
                   use_kernel: bool | None = None, config: dict | None = None) -> torch.Tensor:
     """The routed rows of (slots_TK, w_TK) through the quantized experts in those cache slots of `pools` (see
@@ -212,22 +224,17 @@ def quant_moe_mlp(x_TH, pools: dict, slots_TK, w_TK, mode: str, activation: str,
     if N == 0:
         return y_TH
     cfg = dict(config or (INTERPRETED_CONFIG if is_interpreted() else CONFIG))
-    BM, BN = cfg["BM"], cfg["BN"]
+    BM = cfg["BM"]
     slot_R, row_R, start_B = row_blocks(slots_TK.reshape(-1), BM, min(N, max_runs or N))
     x_TH = x_TH.contiguous()
     w_N = w_TK.reshape(-1).contiguous()
     common = dict(INT4=mode == "int4", UPCAST=is_interpreted() and x_TH.dtype == torch.bfloat16,
                   DOT_PREC="ieee" if x_TH.dtype == torch.float32 else "tf32", **act_constexprs(spec), **cfg)
     del common["INTERLEAVED"]  # refused above: gate rows first, then up
-    nb = start_B.numel()
-    a_NI = x_TH.new_empty(N, I)
-    _quant_grouped_kernel[(nb, triton.cdiv(I, BN))](
-        x_TH, x_TH.stride(0), q_gu, s_gu, slot_R, row_R, start_B, w_N, a_NI, a_NI.stride(0), N, I, H, K,
-        q_gu.stride(0), q_gu.stride(1), s_gu.stride(0), s_gu.stride(1), GROUP=_group(s_gu, H), UP=True, **common)
-    y_NH = torch.empty(N, H, dtype=torch.float32, device=x_TH.device)
-    _quant_grouped_kernel[(nb, triton.cdiv(H, BN))](
-        a_NI, a_NI.stride(0), q_d, s_d, slot_R, row_R, start_B, w_N, y_NH, y_NH.stride(0), N, H, I, K,
-        q_d.stride(0), q_d.stride(1), s_d.stride(0), s_d.stride(1), GROUP=_group(s_d, I), UP=False, **common)
+    blocks = (slot_R, row_R, start_B)
+    a_NI = _project(x_TH, q_gu, s_gu, blocks, w_N, x_TH.new_empty(N, I), K, True, common)
+    y_NH = _project(a_NI, q_d, s_d, blocks, w_N, torch.empty(N, H, dtype=torch.float32, device=x_TH.device), K,
+                    False, common)
     BH = 16 if is_interpreted() else min(1024, triton.next_power_of_2(H))
     _sum_rows_kernel[(T, triton.cdiv(H, BH))](y_NH, y_TH, H, K=K, BH=BH)
     return y_TH

@@ -30,8 +30,7 @@ from run_meta import run_meta
 SHAPES = {"olmoe": dict(H=2048, I=1024, E=64, K=8), "qwen3-30b-a3b": dict(H=2048, I=768, E=128, K=8)}
 SWEEP = [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=s)
          for bm, bn, bk, w, s in ((16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 64, 128, 4, 3), (32, 64, 64, 4, 3),
-                                  (32, 128, 64, 8, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (16, 64, 64, 4, 4),
-                                  (16, 32, 64, 2, 3), (16, 32, 128, 4, 4))]
+                                  (64, 128, 64, 8, 3), (16, 32, 64, 2, 4))]
 
 
 def uniform_slots(L: int, T: int, E: int, K: int, gen):

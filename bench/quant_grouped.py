@@ -33,13 +33,14 @@ SWEEP = [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=s)
                                   (64, 128, 64, 8, 3), (16, 32, 64, 2, 4))]
 
 
-def uniform_slots(L: int, T: int, E: int, K: int, gen):
-    """[L, T, K]: layer l's rows over its own slots l*E.. (K distinct experts per token), and routing weights."""
+def uniform_routing(L: int, T: int, E: int, K: int, gen):
+    """[L, T, K] expert ids (K distinct per token), their slots (layer l's experts in slots l*E..) and routing
+    weights."""
     ids = torch.stack([torch.stack([torch.randperm(E, device="cuda", generator=gen)[:K] for _ in range(T)])
                        for _ in range(L)])
     slots = ids + torch.arange(L, device="cuda")[:, None, None] * E
     w = torch.rand(L, T, K, device="cuda", generator=gen).softmax(-1).to(torch.bfloat16)
-    return slots, w
+    return ids, slots, w
 
 
 def main():
@@ -66,21 +67,21 @@ def main():
         pools = quantized_pools(mode, gen, L * E, H, I)
         expert_bytes = sum(t[0].numel() * t.element_size() for t in pools.values())
         for T in (int(b) for b in args.batches.split(",")):
-            slots, w = uniform_slots(L, T, E, K, gen)
+            ids, slots, w = uniform_routing(L, T, E, K, gen)
             x = torch.randn(L, T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
             distinct = [torch.unique(slots[l]) for l in range(L)]  # the host path's knowledge (not timed)
             n_distinct = sum(d.numel() for d in distinct) / L
             # correctness on layer 0: reference, and batch equals alone bit for bit
-            got = quant_moe_mlp(x[0], pools, slots[0], w[0], mode, "silu", max_runs=E)
+            got = quant_moe_mlp(x[0], pools, ids[0], slots[0], w[0], mode, "silu", E)
             ref = quant_moe_mlp_reference(x[0], pools, slots[0], w[0], mode, "silu")
             err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-            alone_equal = sum(bool(torch.equal(got[t:t + 1], quant_moe_mlp(x[0, t:t + 1], pools, slots[0, t:t + 1],
-                                                                            w[0, t:t + 1], mode, "silu", max_runs=E)))
-                              for t in range(min(T, 8)))
+            alone_equal = sum(bool(torch.equal(got[t:t + 1], quant_moe_mlp(
+                x[0, t:t + 1], pools, ids[0, t:t + 1], slots[0, t:t + 1], w[0, t:t + 1], mode, "silu", E)))
+                for t in range(min(T, 8)))
 
             def grouped(config=None):
                 for l in range(L):
-                    quant_moe_mlp(x[l], pools, slots[l], w[l], mode, "silu", max_runs=E, config=config)
+                    quant_moe_mlp(x[l], pools, ids[l], slots[l], w[l], mode, "silu", E, config=config)
 
             def rows():
                 for l in range(L):

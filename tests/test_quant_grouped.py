@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moesys.offload import quant
-from moesys.offload.quant_grouped import INTERPRETED_CONFIG, quant_moe_mlp, quant_moe_mlp_reference, row_blocks
+from moesys.offload.quant_grouped import kernel_consts, quant_moe_mlp, quant_moe_mlp_reference
 from tests.test_offload import checkpoints  # noqa: F401
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,12 +24,15 @@ def _pools(mode, S, H, I, group_h, group_i, seed=0):
 
 
 def _routing(T, K, S, seed=1):
+    """(ids, slots, weights): K distinct experts of S per token, expert e in slot SLOT_OF[e] (a permutation:
+    the cache's lookup), expert 2 in every token's rows (more than a block of one expert, BM = 16)."""
     g = torch.Generator().manual_seed(seed)
-    slots = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(T)])
-    slots[:, 0] = 2  # one slot in every token's rows: more than a block of it (BM = 16)
-    slots[:, 1:] = torch.where(slots[:, 1:] == 2, 0, slots[:, 1:])
+    ids = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(T)])
+    ids[:, 1:] = torch.where(ids[:, 1:] == 2, ids[:, :1], ids[:, 1:])
+    ids[:, 0] = 2
+    slot_of = torch.randperm(S, generator=g)
     w = torch.rand(T, K, generator=g)
-    return slots, w / w.sum(1, keepdim=True)
+    return ids, slot_of[ids], w / w.sum(1, keepdim=True)
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
@@ -39,11 +42,12 @@ def test_kernel_matches_the_reference(mode, dtype, group_h, group_i):
     S, H, I, T, K = 6, 48, 40, 19, 3
     pools = _pools(mode, S, H, I, group_h, group_i)
     assert pools["gate_up.scale"].shape[-1] == H // group_h and pools["down.scale"].shape[-1] == I // group_i
-    slots, w = _routing(T, K, S)
+    ids, slots, w = _routing(T, K, S)
+    assert all(len(set(r)) == K for r in ids.tolist())
     x = torch.randn(T, H).to(dtype)
     want = quant_moe_mlp_reference(x, pools, slots, w, mode, "silu")
     dev = {k: v.to(DEVICE) for k, v in pools.items()}
-    got = quant_moe_mlp(x.to(DEVICE), dev, slots.to(DEVICE), w.to(DEVICE), mode, "silu", max_runs=S,
+    got = quant_moe_mlp(x.to(DEVICE), dev, ids.to(DEVICE), slots.to(DEVICE), w.to(DEVICE), mode, "silu", S,
                         use_kernel=True).cpu()
     assert got.dtype == dtype and got.shape == (T, H)
     # fp32 summation order differs (tiles of BK columns vs one bmm); 16-bit types also round h and a
@@ -72,48 +76,28 @@ def test_a_row_decodes_the_same_in_a_batch_as_alone(dtype):
     a row's products never mix with another row's, a fixed combine order (no atomics)."""
     S, H, I, T, K = 6, 48, 40, 19, 3
     pools = {k: v.to(DEVICE) for k, v in _pools("int4", S, H, I, 16, 20).items()}
-    slots, w = (t.to(DEVICE) for t in _routing(T, K, S))
+    ids, slots, w = (t.to(DEVICE) for t in _routing(T, K, S))
     x = torch.randn(T, H).to(DEVICE, dtype)
-    batch = quant_moe_mlp(x, pools, slots, w, "int4", "silu", max_runs=S, use_kernel=True)
+    batch = quant_moe_mlp(x, pools, ids, slots, w, "int4", "silu", S, use_kernel=True)
     for t in (0, 7, 18):
-        alone = quant_moe_mlp(x[t:t + 1], pools, slots[t:t + 1], w[t:t + 1], "int4", "silu", use_kernel=True)
+        alone = quant_moe_mlp(x[t:t + 1], pools, ids[t:t + 1], slots[t:t + 1], w[t:t + 1], "int4", "silu", S,
+                              use_kernel=True)
         if DEVICE == "cuda":
             assert torch.equal(batch[t:t + 1], alone), t
         else:  # the interpreter's dot is numpy's matmul, whose rounding moves with a row's place in the tile
             torch.testing.assert_close(batch[t:t + 1], alone, atol=1e-6, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
-def test_row_blocks_cover_each_row_once_within_one_slot():
-    BM = INTERPRETED_CONFIG["BM"]
-    slots = torch.tensor([5, 1, 5, 5, 0] * 9 + [1, 3])  # slot 5: 27 rows (two blocks), slot 0: 9, slot 3: 1
-    slot_R, row_R, start_B = row_blocks(slots, BM, max_runs=4)
-    N = slots.numel()
-    assert torch.equal(slots[row_R], slot_R) and torch.equal(row_R.sort().values, torch.arange(N))
-    # stable: routed-row order within a slot
-    for s in slots.unique():
-        rows = row_R[slot_R == s]
-        assert torch.equal(rows, rows.sort().values)
-    assert start_B.numel() == -(-N // BM) + 4
-    used = start_B[start_B < N]
-    covered = []
-    for b in used.tolist():
-        run = [r for r in range(b, min(b + BM, N)) if slot_R[r] == slot_R[b]]
-        covered += run
-    assert sorted(covered) == list(range(N))  # every sorted row in exactly one block
-    assert used.numel() == 2 + 1 + 1 + 1  # slot 5 (27 rows): 2 blocks; 0, 1, 3: one each
-    assert (start_B[used.numel():] == N).all()  # spare blocks last, marked N
-
-
 def test_bad_input():
     pools = _pools("int4", 2, 16, 8, 16, 8)
-    x, slots, w = torch.randn(1, 16), torch.tensor([[0, 1]]), torch.rand(1, 2)
+    x, ids, w = torch.randn(1, 16), torch.tensor([[0, 1]]), torch.rand(1, 2)
     with pytest.raises(ValueError, match="mode='none'"):
-        quant_moe_mlp(x, pools, slots, w, "none", "silu")
+        quant_moe_mlp(x, pools, ids, ids, w, "none", "silu", 2)
     with pytest.raises(ValueError, match="not a gated one"):
-        quant_moe_mlp(x, pools, slots, w, "int4", "relu")
+        quant_moe_mlp(x, pools, ids, ids, w, "int4", "relu", 2)
     # CPU tensors default to the reference
-    assert torch.equal(quant_moe_mlp(x, pools, slots, w, "int4", "silu"),
-                       quant_moe_mlp_reference(x, pools, slots, w, "int4", "silu"))
+    assert torch.equal(quant_moe_mlp(x, pools, ids, ids, w, "int4", "silu", 2),
+                       quant_moe_mlp_reference(x, pools, ids, w, "int4", "silu"))
 
 
 @pytest.mark.parametrize("kernel", [False, True])
@@ -153,29 +137,28 @@ def test_device_batch_of_int4_experts_runs_grouped_and_decodes_as_alone(checkpoi
 
 
 @pytest.mark.parametrize("up", [True, False])
-def test_a_block_writes_its_own_slots_rows_only(up):
-    """A block spans up to BM sorted rows from its start, past the end of its slot's rows when the slot has
-    fewer: those belong to the next slot's block, and writing them too would race with it on a GPU (the
-    interpreter runs blocks in order, so the later block would hide it). Launched alone, the first block
-    leaves the other slot's rows untouched."""
-    from moesys.activations import Activation
-    from moesys.kernels.act import act_constexprs
+def test_a_block_writes_its_own_experts_rows_only(up):
+    """A block is BM rows from its expert's start in the sorted order, cut at the expert's end; the rows past
+    it belong to the next expert's block, and writing them too would race with it on a GPU (the interpreter
+    runs blocks in order, so the later block would hide it). Launched alone, the first block leaves the other
+    expert's rows untouched."""
+    from moesys.kernels.routing import sort_routing
     from moesys.offload.quant_grouped import _project
 
     S, H, I = 3, 32, 16
     pools = {k: v.to(DEVICE) for k, v in _pools("int4", S, H, I, 16, 16).items()}
-    slots = torch.tensor([1, 2, 1, 2, 2, 1, 2, 2], device=DEVICE)  # slot 1: rows 0, 2, 5; slot 2: the other five
-    slot_R, row_R, start_B = row_blocks(slots, INTERPRETED_CONFIG["BM"], max_runs=2)
-    assert start_B.tolist()[:2] == [0, 3]
-    consts = dict(INT4=True, UPCAST=False, DOT_PREC="ieee", **INTERPRETED_CONFIG,
-                  **{k: v for k, v in act_constexprs(Activation("silu", True)).items() if k != "INTERLEAVED"})
-    N, w_N = slots.numel(), torch.rand(8, device=DEVICE)
+    ids = torch.tensor([[0, 1], [0, 1], [1, 0], [1, 2]], device=DEVICE)  # expert 0: routed rows 0, 2, 5
+    slots = torch.tensor([2, 0, 1], device=DEVICE)[ids]
+    _, perm_N, offsets_E = sort_routing(ids, S)
+    assert offsets_E.tolist() == [3, 7, 8]
+    N, w_N = ids.numel(), torch.rand(8, device=DEVICE)
     part = "gate_up" if up else "down"
     a = torch.randn(4, H, device=DEVICE) if up else torch.randn(N, I, device=DEVICE)  # x (T = 4, K = 2), or a
     out = torch.full((N, I if up else H), float("nan"), device=DEVICE)
-    _project(a, pools[f"{part}.q"], pools[f"{part}.scale"], (slot_R, row_R, start_B[:1]), w_N, out, 2, up, consts)
+    _project(a, pools[f"{part}.q"], pools[f"{part}.scale"], (perm_N, offsets_E), slots.reshape(-1), w_N, out, 2, up,
+             kernel_consts("int4", "silu", torch.float32), blocks=1)
     written = out.isfinite().all(1).cpu()
-    mine = torch.tensor([0, 1, 2]) if up else row_R[:3].cpu()  # slot 1's rows: sorted, or where they were routed
+    mine = torch.tensor([0, 1, 2]) if up else torch.tensor([0, 2, 5])  # expert 0's rows: sorted, or as routed
     want = torch.zeros(N, dtype=torch.bool)
     want[mine] = True
     assert torch.equal(written, want)

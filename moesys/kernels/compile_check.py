@@ -111,9 +111,9 @@ def quant_variants():
     tile = {k: v for k, v in CONFIG.items() if k not in ("num_warps", "num_stages")}
     silu = {k: v for k, v in act_constexprs(Activation("silu", True)).items() if k != "INTERLEAVED"}
     for mode, up in itertools.product(("int4", "int8"), (True, False)):
-        consts = dict(tile, GROUP=128, INT4=mode == "int4", UP=up, UPCAST=False, DOT_PREC="tf32", **silu)
-        types = {"q_ptr": "*u8" if mode == "int4" else "*i8", "s_ptr": "*fp32", "slot_ptr": "*i64",
-                 "row_ptr": "*i64", "start_ptr": "*i64"}
+        consts = dict(tile, E_P2=64, GROUP=128, INT4=mode == "int4", UP=up, UPCAST=False, DOT_PREC="tf32", **silu)
+        types = {"q_ptr": "*u8" if mode == "int4" else "*i8", "s_ptr": "*fp32", "slots_ptr": "*i64",
+                 "perm_ptr": "*i64", "offsets_ptr": "*i32"}
         yield f"quant_grouped {mode} {'gate_up' if up else 'down'}", _quant_grouped_kernel, consts, not up, types
     yield "quant_grouped sum_rows", _sum_rows_kernel, dict(K=8, BH=1024), False, {"y_ptr": "*fp32"}
 

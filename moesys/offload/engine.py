@@ -360,8 +360,7 @@ class OffloadEngine:
         if not self._tables_on_device:
             self._tables_to_device()
         T = ids_TK.shape[0]
-        if T > 1 and self.batch_rows_valid is not None:  # free rows of a batch step: the first row's experts
-            ids_TK = torch.where(self.batch_rows_valid[:T, None], ids_TK, ids_TK[:1])
+        ids_TK = self.step_ids(ids_TK)
         if self._device_all_resident:
             # every expert of every layer is in its slot and stays there (nothing can miss, so nothing is
             # evicted): no bookkeeping or copy kernels, only the lookup; hits are counted per step on the
@@ -380,6 +379,14 @@ class OffloadEngine:
         if T > 1 and x_TH is not None and not (self.cuda and torch.cuda.is_current_stream_capturing()):
             self._device_prefetch(layer, x_TH, slot_N, next_visit)
         return (dst_N if global_slots else slot_N).view(ids_TK.shape)
+
+    def step_ids(self, ids_TK: torch.Tensor) -> torch.Tensor:
+        """The ids a decode step's rows look up: a free row of a captured batch step (batch_rows_valid) takes
+        the first row's experts, so it costs no copy; the compute over the slots must group by these too."""
+        T = ids_TK.shape[0]
+        if T > 1 and self.batch_rows_valid is not None:
+            return torch.where(self.batch_rows_valid[:T, None], ids_TK, ids_TK[:1])
+        return ids_TK
 
     def _device_prefetch(self, layer: int, x_TH: torch.Tensor, slot_N: torch.Tensor, next_visit) -> None:
         """The next layer's guessed experts (its router on this layer's input, NextGatePrefetcher.guess) made
@@ -675,9 +682,10 @@ class OffloadEngine:
         resident: the slots come from the device table and each routed row meets its own expert (a token's
         K experts are distinct), so nothing is read back to the host. One row per expert needs no sorting
         or grouping: two quant_gemv calls (a handful of launches, which is what decode pays)."""
-        return self._quantized_rows(x_TH, self._table_slots(layer, ids_TK.reshape(-1), global_slots=True), w_TK)
+        return self._quantized_rows(x_TH, ids_TK, self._table_slots(layer, ids_TK.reshape(-1), global_slots=True),
+                                    w_TK)
 
-    def _quantized_rows(self, x_TH, slots_N, w_TK):
+    def _quantized_rows(self, x_TH, ids_TK, slots_N, w_TK):
         """Row t*K + j of the routing through the quantized expert in slot slots_N[t*K + j], read packed (no
         dequantized copy of the weights). Up to `quant_grouped_min_rows` routed rows, by quant_gemv (a program
         per row: the gate/up call reads each token's row in place, the down call applies the activation and
@@ -685,8 +693,8 @@ class OffloadEngine:
         reads a slot's packed weights once per block of its rows instead of once per row."""
         pools, mode = self.cache.pools, self.store.quantize
         if slots_N.numel() >= self.quant_grouped_min_rows:
-            return quant_moe_mlp(x_TH, pools, slots_N.view(w_TK.shape), w_TK, mode, self.activation,
-                                 max_runs=self.cache.num_experts)
+            return quant_moe_mlp(x_TH, pools, ids_TK, slots_N.view(w_TK.shape), w_TK, mode, self.activation,
+                                 self.cache.num_experts)
         h_NF = quant_gemv(x_TH, pools["gate_up.q"], pools["gate_up.scale"], slots_N, mode)
         return quant_gemv(h_NF, pools["down.q"], pools["down.scale"], slots_N, mode, activation=self.activation,
                           weight_TK=w_TK)

@@ -1,13 +1,15 @@
-"""Batch decode straight from int8 / int4 expert weights: a grouped GEMM over the routed rows sorted by cache
-slot, each weight tile dequantized in registers (W4A16 / W8A16), so a slot's packed weights are read once per
+"""Batch decode straight from int8 / int4 expert weights: a grouped GEMM over the routed rows sorted by expert
+(sort_routing, the training kernels' one-launch sort), each block reading the weights in its expert's cache
+slot with every tile dequantized in registers (W4A16 / W8A16), so a slot's packed weights are read once per
 block of its rows, never written out in bf16.
 
 quant_gemv (one routed row per program) reads an expert's packed weights once per routed row: at batch 128
 (1024 rows of OLMoE's top-8 over 64 experts) that is 16 reads of each expert per layer, and the eager device
 path's int4 step spent 65.9 ms of GPU compute against the host path's 40.5 ms, whose dequantized waves run a
 grouped GEMM (bench/results/offload_batch_int4_bookkeeping_h200_b812281.json, timeline). This op keeps the
-device path's property (no host sync: the grouping is sorted on the device) and reads each packed weight
-once per BM rows of its slot.
+device path's property (no host sync: the rows are sorted on the device, and each block finds its expert
+and rows from the sorted offsets as the training kernels' blocks do) and reads each packed weight once per
+BM rows of its slot.
 
     up:    a[r] = act(x[t(r)] @ deq(gate[s(r)])^T , x[t(r)] @ deq(up[s(r)])^T)   sorted row r, in x's dtype
     down:  y[n] = w[n] * (a[r(n)] @ deq(down[s(n)])^T)                             fp32, routed-row order
@@ -21,7 +23,7 @@ order, no atomics). `quant_moe_mlp_reference` is the definition (and the CPU pat
 to fp32 summation order.
 
 Legend: T tokens, K top-k, N = T*K routed rows (n = t*K + j), H hidden, I expert intermediate, S cache slots,
-G scale groups per weight row, BM rows per block (all of one slot).
+E experts per layer, G scale groups per weight row, BM rows per block (all of one expert, so one slot).
 """
 
 from __future__ import annotations
@@ -61,27 +63,9 @@ def quant_moe_mlp_reference(x_TH, pools: dict, slots_TK, w_TK, mode: str, activa
     return out.to(dtype)
 
 
-def row_blocks(slots_N: torch.Tensor, BM: int, max_runs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The routed rows grouped by slot, on the device (no sync): (slot_R, row_R, start_B). Sorted row r is
-    routed row row_R[r] (stable: routed-row order within a slot) of slot slot_R[r]; block b starts at sorted
-    row start_B[b] (N for an unused block) and spans up to BM rows of that slot. There are at most
-    ceil(N / BM) + max_runs blocks (max_runs bounds the distinct slots: at most min(N, experts per layer))."""
-    N = slots_N.numel()
-    slot_R, row_R = torch.sort(slots_N, stable=True)
-    r = torch.arange(N, device=slots_N.device)
-    new_run = torch.ones(N, dtype=torch.bool, device=slots_N.device)
-    new_run[1:] = slot_R[1:] != slot_R[:-1]
-    run_start = torch.where(new_run, r, 0).cummax(0).values
-    is_start = (r - run_start) % BM == 0
-    nb = -(-N // BM) + max_runs
-    start_B = torch.full((nb + 1,), N, dtype=torch.int64, device=slots_N.device)
-    # rows that start no block write to the spare last entry (dropped)
-    start_B.scatter_(0, torch.where(is_start, is_start.cumsum(0) - 1, nb), r)
-    return slot_R, row_R, start_B[:nb]
-
-
 if triton is not None:
     from moesys.kernels.act import glu_fwd
+    from moesys.kernels.grouped_gemm import _block_of_expert
 
     @triton.jit
     def _dequant_tile(q_ptrs, s_ptrs, k0, Kd, col_ok, like_ptr, GROUP: tl.constexpr, INT4: tl.constexpr,
@@ -109,23 +93,25 @@ if triton is not None:
         return (v * scale).to(dtype)
 
     @triton.jit
-    def _quant_grouped_kernel(a_ptr, stride_a, q_ptr, s_ptr, slot_ptr, row_ptr, start_ptr, w_ptr, out_ptr,
-                              stride_o, N, Nd, Kd, K, q_slot_stride, q_row_stride, s_slot_stride, s_row_stride,
-                              GROUP: tl.constexpr, INT4: tl.constexpr, UP: tl.constexpr, ACT: tl.constexpr,
-                              ALPHA: tl.constexpr, CLAMP: tl.constexpr, LIMIT: tl.constexpr,
+    def _quant_grouped_kernel(a_ptr, stride_a, q_ptr, s_ptr, slots_ptr, perm_ptr, offsets_ptr, w_ptr, out_ptr,
+                              stride_o, Nd, Kd, K, E, q_slot_stride, q_row_stride, s_slot_stride, s_row_stride,
+                              E_P2: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, UP: tl.constexpr,
+                              ACT: tl.constexpr, ALPHA: tl.constexpr, CLAMP: tl.constexpr, LIMIT: tl.constexpr,
                               UP_SHIFT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """Program (b, c): block b's rows (all of one slot) times output columns c*BN.. of that slot's weight.
-        UP: A rows are x[t(r)], the weight is gate_up (gate rows c.., up rows Nd + c..), the gated activation
+        """Program (b, c): row block b of the expert-sorted rows (sort_routing's perm and offsets; a block is
+        BM rows of one expert, found from the offsets on the device as the training kernels do) times output
+        columns c*BN.. of the weight in that expert's cache slot (the slot of the block's first routed row).
+        UP: A rows are x[t(n)], the weight is gate_up (gate rows c.., up rows Nd + c..), the gated activation
         is stored at sorted row r. Else: A rows are a[r] (sorted), the down product times the routing weight
         is stored in fp32 at routed row n(r)."""
-        start = tl.load(start_ptr + tl.program_id(0))
-        if start >= N:  # a spare block
+        e, row_start, row_end = _block_of_expert(offsets_ptr, tl.program_id(0), E, E_P2, BM)
+        if e >= E:  # one of the grid's spare blocks
             return
-        rows = start + tl.arange(0, BM)
-        slot = tl.load(slot_ptr + start)
-        row_ok = (rows < N) & (tl.load(slot_ptr + rows, mask=rows < N, other=-1) == slot)
-        n = tl.load(row_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        rows = row_start + tl.arange(0, BM)
+        row_ok = rows < row_end
+        n = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        slot = tl.load(slots_ptr + tl.load(perm_ptr + row_start))
         if UP:  # x's row: the routed row's token
             a_rows = n // K
         else:  # a's row: the sorted row
@@ -184,25 +170,44 @@ def _group(scale_SRG: torch.Tensor, cols: int) -> int:
     return cols // G
 
 
-def _project(a, q, s, blocks, w_N, out, K: int, up: bool, consts: dict) -> torch.Tensor:
-    """One projection of the blocks (slot_R, row_R, start_B) into `out`: gate/up with the activation
-    (`up`: out [N, I] at sorted rows, a = x) or down times the routing weights (out [N, H] fp32 at routed
-    rows, a = the activation at sorted rows). A block writes its own slot's rows only."""
-    slot_R, row_R, start_B = blocks
+def _project(a, q, s, routing, slots_N, w_N, out, K: int, up: bool, consts: dict,
+             blocks: int | None = None) -> torch.Tensor:
+    """One projection of the expert-sorted rows (routing: sort_routing's perm_N, offsets_E) into `out`:
+    gate/up with the activation (`up`: out [N, I] at sorted rows, a = x) or down times the routing weights
+    (out [N, H] fp32 at routed rows, a = the activation at sorted rows). A block writes its own expert's rows
+    only. blocks: launch only the first row blocks (tests); default, the grid's upper bound."""
+    perm_N, offsets_E = routing
+    E = offsets_E.numel()
     Kd, Nd = a.shape[1], out.shape[1]
-    _quant_grouped_kernel[(start_B.numel(), triton.cdiv(Nd, consts["BN"]))](
-        a, a.stride(0), q, s, slot_R, row_R, start_B, w_N, out, out.stride(0), slot_R.numel(), Nd, Kd, K,
-        q.stride(0), q.stride(1), s.stride(0), s.stride(1), GROUP=_group(s, Kd), UP=up, **consts)
+    grid_m = blocks if blocks is not None else triton.cdiv(perm_N.numel(), consts["BM"]) + E
+    _quant_grouped_kernel[(grid_m, triton.cdiv(Nd, consts["BN"]))](
+        a, a.stride(0), q, s, slots_N, perm_N, offsets_E, w_N, out, out.stride(0), Nd, Kd, K, E,
+        q.stride(0), q.stride(1), s.stride(0), s.stride(1), E_P2=triton.next_power_of_2(E), GROUP=_group(s, Kd),
+        UP=up, **consts)
     return out
 
 
-def quant_moe_mlp(x_TH, pools: dict, slots_TK, w_TK, mode: str, activation: str, max_runs: int | None = None,
+def kernel_consts(mode: str, activation: str, dtype: torch.dtype, config: dict | None = None) -> dict:
+    """The kernel's constexprs and launch options for `mode`, a gated `activation` and x's dtype."""
+    from moesys.kernels.act import act_constexprs
+    from moesys.kernels.launch import is_interpreted
+
+    consts = dict(INT4=mode == "int4", UPCAST=is_interpreted() and dtype == torch.bfloat16,
+                  DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
+                  **act_constexprs(resolve_activation(activation)),
+                  **(config or (INTERPRETED_CONFIG if is_interpreted() else CONFIG)))
+    del consts["INTERLEAVED"]  # quant_moe_mlp refuses interleaved gate/up rows
+    return consts
+
+
+def quant_moe_mlp(x_TH, pools: dict, ids_TK, slots_TK, w_TK, mode: str, activation: str, num_experts: int,
                   use_kernel: bool | None = None, config: dict | None = None) -> torch.Tensor:
-    """The routed rows of (slots_TK, w_TK) through the quantized experts in those cache slots of `pools` (see
-    quant_moe_mlp_reference), a gated `activation`: y_TH in x's dtype, with no host sync. max_runs: a bound on
-    the distinct slots (default T*K; the experts per layer is tighter and makes fewer spare blocks).
-    use_kernel: None = the Triton kernel for CUDA tensors, the reference otherwise (the kernel runs wherever
-    triton does: TRITON_INTERPRET=1 tests). config: the block shape ({"BM", "BN", "BK", "num_warps", "num_stages"}; benchmarks)."""
+    """The routed rows of (ids_TK, w_TK) through the quantized experts in cache slots slots_TK of `pools` (see
+    quant_moe_mlp_reference), a gated `activation`: y_TH in x's dtype, with no host sync. Rows are grouped by
+    expert id (ids in [0, num_experts)); rows of one expert must sit in one slot (the cache's lookup gives
+    that). use_kernel: None = the Triton kernel for CUDA tensors, the reference otherwise (the kernel runs
+    wherever triton does: TRITON_INTERPRET=1 tests). config: the block shape ({"BM", "BN", "BK",
+    "num_warps", "num_stages"}; benchmarks)."""
     if mode not in ("int8", "int4"):
         raise ValueError(f"quant_moe_mlp: mode={mode!r}; use 'int8' or 'int4'")
     spec = resolve_activation(activation)
@@ -213,9 +218,10 @@ def quant_moe_mlp(x_TH, pools: dict, slots_TK, w_TK, mode: str, activation: str,
         use_kernel = x_TH.is_cuda and triton is not None
     if not use_kernel:
         return quant_moe_mlp_reference(x_TH, pools, slots_TK, w_TK, mode, activation)
-    from moesys.kernels.act import act_constexprs
     from moesys.kernels.launch import is_interpreted
-    T, K = slots_TK.shape
+    from moesys.kernels.routing import sort_routing
+
+    T, K = ids_TK.shape
     H = x_TH.shape[1]
     q_gu, s_gu, q_d, s_d = (pools[n].contiguous() for n in ("gate_up.q", "gate_up.scale", "down.q", "down.scale"))
     I = q_gu.shape[1] // 2
@@ -223,18 +229,14 @@ def quant_moe_mlp(x_TH, pools: dict, slots_TK, w_TK, mode: str, activation: str,
     y_TH = x_TH.new_empty(T, H)
     if N == 0:
         return y_TH
-    cfg = dict(config or (INTERPRETED_CONFIG if is_interpreted() else CONFIG))
-    BM = cfg["BM"]
-    slot_R, row_R, start_B = row_blocks(slots_TK.reshape(-1), BM, min(N, max_runs or N))
+    _, perm_N, offsets_E = sort_routing(ids_TK, num_experts)  # one launch, stable: routed-row order per expert
+    consts = kernel_consts(mode, activation, x_TH.dtype, config)
     x_TH = x_TH.contiguous()
-    w_N = w_TK.reshape(-1).contiguous()
-    common = dict(INT4=mode == "int4", UPCAST=is_interpreted() and x_TH.dtype == torch.bfloat16,
-                  DOT_PREC="ieee" if x_TH.dtype == torch.float32 else "tf32", **act_constexprs(spec), **cfg)
-    del common["INTERLEAVED"]  # refused above: gate rows first, then up
-    blocks = (slot_R, row_R, start_B)
-    a_NI = _project(x_TH, q_gu, s_gu, blocks, w_N, x_TH.new_empty(N, I), K, True, common)
-    y_NH = _project(a_NI, q_d, s_d, blocks, w_N, torch.empty(N, H, dtype=torch.float32, device=x_TH.device), K,
-                    False, common)
+    slots_N, w_N = slots_TK.reshape(-1).contiguous(), w_TK.reshape(-1).contiguous()
+    routing = (perm_N, offsets_E)
+    a_NI = _project(x_TH, q_gu, s_gu, routing, slots_N, w_N, x_TH.new_empty(N, I), K, True, consts)
+    y_NH = _project(a_NI, q_d, s_d, routing, slots_N, w_N,
+                    torch.empty(N, H, dtype=torch.float32, device=x_TH.device), K, False, consts)
     BH = 16 if is_interpreted() else min(1024, triton.next_power_of_2(H))
     _sum_rows_kernel[(T, triton.cdiv(H, BH))](y_NH, y_TH, H, K=K, BH=BH)
     return y_TH

@@ -74,7 +74,7 @@ class GraphDecode(ExpertsStrategy):
         if eng.grouped:
             return eng.inner[layer](x_TH, eng.device_slots(layer, ids_TK, x_TH=x_TH), w_TK)
         slots_N = eng.device_slots(layer, ids_TK, global_slots=True, x_TH=x_TH).reshape(-1)
-        return eng._quantized_rows(x_TH, slots_N, w_TK)
+        return eng._quantized_rows(x_TH, eng.step_ids(ids_TK), slots_N, w_TK)
 
 
 class DeviceResident(ExpertsStrategy):

@@ -162,3 +162,38 @@ def test_a_block_writes_its_own_experts_rows_only(up):
     want = torch.zeros(N, dtype=torch.bool)
     want[mine] = True
     assert torch.equal(written, want)
+
+
+def test_engine_takes_the_grouped_op_from_its_row_limit(checkpoints, monkeypatch):
+    """_quantized_rows: quant_gemv's rows below QUANT_GROUPED_MIN_ROWS_PER_EXPERT x E routed rows (one token
+    always), the grouped op from there; both give the reference's result for the same rows."""
+    import moesys.offload as mo
+    import moesys.offload.engine as engine_mod
+    from tests.test_offload_batch import budget
+
+    path = checkpoints["olmoe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 16), dtype=torch.float32, cuda_graph=False,
+                    quantize_experts="int4")
+    engine = model.moesys_offload
+    E, K = engine.cache.num_experts, engine.top_k
+    assert engine.quant_grouped_min_rows == engine_mod.QUANT_GROUPED_MIN_ROWS_PER_EXPERT * E > K
+    ran = []
+    for name in ("quant_gemv", "quant_moe_mlp"):
+        def spy(*a, _real=getattr(engine_mod, name), _name=name, **k):
+            ran.append(_name)
+            return _real(*a, **k)
+        monkeypatch.setattr(engine_mod, name, spy)
+    layer = next(iter(engine.inner))
+    engine._ensure(layer, list(range(E)))
+    engine._wait_all()
+    g = torch.Generator().manual_seed(0)
+    outs = {}
+    for T in (engine.quant_grouped_min_rows // K - 1, engine.quant_grouped_min_rows // K):
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        x, w = torch.randn(T, engine.store.H, generator=g), torch.rand(T, K, generator=g)
+        slots = engine._table_slots(layer, ids.reshape(-1), global_slots=True)
+        ran.clear()
+        outs[T] = engine._quantized_rows(x, ids, slots, w)
+        assert ran == (["quant_moe_mlp"] if T * K >= engine.quant_grouped_min_rows else ["quant_gemv", "quant_gemv"])
+        ref = quant_moe_mlp_reference(x, engine.cache.pools, slots.view(T, K), w, "int4", engine.activation)
+        torch.testing.assert_close(outs[T], ref, atol=1e-5, rtol=1e-4)

@@ -46,9 +46,13 @@ CPU_EXPERT_MODES = ("auto", "on", "off")
 # (bench/results/offload_batch_copy_kernel_h100_fd052fb.json): the copy engine's bandwidth wins there.
 COPY_PROGRAMS = 16
 COPY_KERNEL_MAX_BYTES = 8 << 20
-# Quantized experts on the device path (_quantized_rows): from this many routed rows of a layer on, the
-# grouped W4A16 / W8A16 GEMM (quant_grouped) instead of quant_gemv's program per routed row.
-QUANT_GROUPED_MIN_ROWS = 1
+# Quantized experts on the device path (_quantized_rows): from this many routed rows per expert of a layer on
+# (T*K / E), the grouped W4A16 / W8A16 GEMM (quant_grouped) instead of quant_gemv's program per routed row.
+# quant_gemv reads an expert's packed weights once per routed row, the grouped GEMM once per block of up to 16
+# rows of it, so the grouped op wins once experts have several rows; one token (the decode graph's batch 1,
+# measured with quant_gemv) keeps quant_gemv. Not yet measured on a GPU (bench/quant_grouped.py times both
+# at T = 1..128): 2 is a guess between one row per expert (equal reads) and the 16 of OLMoE's batch 128.
+QUANT_GROUPED_MIN_ROWS_PER_EXPERT = 2
 # transformers' hidden_act -> moesys.ops activation name
 _MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -167,7 +171,7 @@ class OffloadEngine:
         self.moe_backend = "grouped_mm"
         self.top_k = max(1, getattr(some.config, "num_experts_per_tok", 1))
         # routed rows from which quantized experts on the device path run as a grouped GEMM (_quantized_rows)
-        self.quant_grouped_min_rows = QUANT_GROUPED_MIN_ROWS
+        self.quant_grouped_min_rows = QUANT_GROUPED_MIN_ROWS_PER_EXPERT * cache.num_experts
         # quantized experts dequantized at once (in the workspace the memory plan reserves)
         self.dequant_experts = workspace_experts(self.top_k, self.store.dtype, kernel_available(self.device))
         self.cost_model = {}

@@ -108,7 +108,8 @@ def main():
         rows = json.load(f)
     out = repredict(rows)
     for r in out:
-        print(f"{r['quantize']:5s} {r['routing']:8s} B={r['batch']:4d} {r['bookkeeping']:6s} measured {r['tokens_per_s']:8.1f} "
+        print(f"{r['quantize']:5s} {r['routing']:8s} B={r['batch']:4d} {r['bookkeeping']:6s} "
+              f"measured {r['tokens_per_s']:8.1f} "
               f"predicted {r['predicted']:8.1f} ({r['error']:+.0%})")
     print(f"largest |error|: {max(abs(r['error']) for r in out):.0%}; fitted:", out[-1]["hardware"])
     if args.out:

@@ -22,6 +22,7 @@ from moesys.offload.cache import CACHE_POLICIES, ExpertCache
 from moesys.offload.dequant_slots import workspace_bytes
 from moesys.offload.engine import CPU_EXPERT_MODES, OffloadedExperts, OffloadEngine
 from moesys.offload.layout import ExpertLayout, expert_dims, is_experts_module
+from moesys.offload.perf_model import kv_bytes_per_token
 from moesys.offload.prefetch import PREFETCH_POLICIES, NextGatePrefetcher
 from moesys.offload.quant import QUANT_MODES
 from moesys.offload.sizes import format_bytes, parse_bytes
@@ -115,9 +116,7 @@ def plan_memory(model: nn.Module, blocks: dict, dtype: torch.dtype, gpu_memory, 
     slot_bytes = parts_nbytes(slot_parts(I, H, dtype, quantize_experts, group_size, layout))
     if reserve is None:
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        kv = 2 * config.num_hidden_layers * kv_heads * head_dim * max_context * elsize
+        kv = kv_bytes_per_token(config, dtype) * max_context
         prefill = min(max_context, PREFILL_RESERVE_TOKENS)
         act = prefill * (K * (3 * H + 4 * I) + 12 * H) * elsize + prefill * heads * prefill * 4
         dequant = 0 if quantize_experts == "none" else workspace_bytes(K, 3 * I * H, elsize)

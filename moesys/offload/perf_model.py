@@ -393,7 +393,7 @@ def calibrate_waves(w: Workload, hw: Hardware, routing: RoutingStats, batch: int
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """K and V of one token over all attention layers (as the memory plan counts them)."""
+    """K and V of one token over all attention layers (the memory plan reserves max_context of them)."""
     config = config.get_text_config()
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

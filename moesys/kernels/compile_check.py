@@ -106,7 +106,7 @@ def variants(all_variants: bool, dtype: str):
 def quant_variants():
     """(name, kernel, constexprs, out_fp32, pointer types) of the offload engine's grouped quantized decode
     (moesys.offload.quant_grouped): gate/up and down, int4 and int8, scale groups of 128 columns."""
-    from moesys.offload.quant_grouped import CONFIG, _quant_grouped_kernel, _sum_rows_kernel
+    from moesys.offload.quant_grouped import CONFIG, _quant_grouped_kernel
 
     tile = {k: v for k, v in CONFIG.items() if k not in ("num_warps", "num_stages")}
     silu = {k: v for k, v in act_constexprs(Activation("silu", True)).items() if k != "INTERLEAVED"}
@@ -115,7 +115,6 @@ def quant_variants():
         types = {"q_ptr": "*u8" if mode == "int4" else "*i8", "s_ptr": "*fp32", "slots_ptr": "*i64",
                  "perm_ptr": "*i64", "offsets_ptr": "*i32"}
         yield f"quant_grouped {mode} {'gate_up' if up else 'down'}", _quant_grouped_kernel, consts, not up, types
-    yield "quant_grouped sum_rows", _sum_rows_kernel, dict(K=8, BH=1024), False, {"y_ptr": "*fp32"}
 
 
 def main(argv=None) -> int:

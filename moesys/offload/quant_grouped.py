@@ -13,7 +13,7 @@ BM rows of its slot.
 
     up:    a[r] = act(x[t(r)] @ deq(gate[s(r)])^T , x[t(r)] @ deq(up[s(r)])^T)   sorted row r, in x's dtype
     down:  y[n] = w[n] * (a[r(n)] @ deq(down[s(n)])^T)                             fp32, routed-row order
-    out[t] = sum over j ascending of y[t*K + j]                                    fp32, rounded once
+    out[t] = sum over j ascending of y[t*K + j]                       fp32, rounded once (kernels.token_sum)
 
 deq() is `quant.dequantize` in x's dtype: the integer times the scale rounded to x's dtype, one rounding, so
 the weights the products see are bit for bit the host path's dequantized ones. Each product accumulates in
@@ -151,17 +151,6 @@ if triton is not None:
             rw = tl.load(w_ptr + n, mask=row_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + n.to(tl.int64)[:, None] * stride_o + cols[None, :], acc * rw[:, None], mask=mask)
 
-    @triton.jit
-    def _sum_rows_kernel(y_ptr, out_ptr, H, K: tl.constexpr, BH: tl.constexpr):
-        """out[t] = sum over j ascending of y[t*K + j] (fp32), rounded once to out's dtype."""
-        t = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BH + tl.arange(0, BH)
-        ok = cols < H
-        acc = tl.zeros((BH,), dtype=tl.float32)
-        for j in tl.static_range(K):
-            acc += tl.load(y_ptr + (t * K + j) * H + cols, mask=ok, other=0.0)
-        tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
 
 def _group(scale_SRG: torch.Tensor, cols: int) -> int:
     G = scale_SRG.shape[-1]
@@ -237,6 +226,8 @@ def quant_moe_mlp(x_TH, pools: dict, ids_TK, slots_TK, w_TK, mode: str, activati
     a_NI = _project(x_TH, q_gu, s_gu, routing, slots_N, w_N, x_TH.new_empty(N, I), K, True, consts)
     y_NH = _project(a_NI, q_d, s_d, routing, slots_N, w_N,
                     torch.empty(N, H, dtype=torch.float32, device=x_TH.device), K, False, consts)
+    # The routed rows are already in token order (n = t*K + j): token_sum's gather through the identity.
+    rows_N = torch.arange(N, dtype=torch.int32, device=x_TH.device)
     BH = 16 if is_interpreted() else min(1024, triton.next_power_of_2(H))
-    _sum_rows_kernel[(T, triton.cdiv(H, BH))](y_NH, y_TH, H, K=K, BH=BH)
+    token_sum_kernel[(T, triton.cdiv(H, BH))](y_NH, y_NH.stride(0), rows_N, y_TH, y_TH.stride(0), H, K, BH=BH)
     return y_TH

@@ -295,6 +295,9 @@ def main():
     ap.add_argument("--copy-programs", type=int, default=None,
                     help="the offloaded rows' copy kernel grid (OffloadEngine.copy_programs; 0 = each expert copied "
                          "on its own, a cudaMemcpy per part: the copies before the kernel); default: the engine's")
+    ap.add_argument("--copy-wait", default=None, choices=("host", "device"),
+                    help="how the offloaded rows' host path waits for its copies (OffloadEngine.copy_wait: the host "
+                         "blocks on them, or the compute stream waits); default: the engine's")
     ap.add_argument("--bookkeeping", default="host",
                     help="comma-separated host,device: the offloaded rows' eager decode steps with the expert "
                          "cache's bookkeeping on the host (a sync per layer) or on the device (generate_batch's "
@@ -411,7 +414,10 @@ def main():
         engine = model.moesys_offload
         if args.copy_programs is not None:
             engine.copy_programs = args.copy_programs
+        if args.copy_wait is not None:
+            engine.copy_wait = args.copy_wait
         base["copy_programs"], base["cache_policy"] = engine.copy_programs, engine.cache.policy
+        base["copy_wait"] = engine.copy_wait
         w = workload_of(engine, model.config)
         context = args.prompt_len + args.new_tokens // 2
 

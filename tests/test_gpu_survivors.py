@@ -243,8 +243,10 @@ def _teacher_forced_logits(model, ids_BT, prefill):
     return torch.cat(logits).float()
 
 
+@pytest.mark.parametrize("copy_wait", ["host", "device"])
 @pytest.mark.parametrize("programs", [None, 0], ids=["copy-kernel", "memcpy-per-part"])
-def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mixtral, monkeypatch, programs):
+def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mixtral, monkeypatch, programs,
+                                                                             copy_wait):
     """A prefill whose layers need all 8 experts from a bank of 6 (pipelined waves: a wave's copies evict the
     wave before it, whose compute is queued) and decode steps that evict other layers' experts. Every run of
     copies (a wave's misses, a prefetch) copies exactly its allocated (layer, expert) -> slot pairs on the
@@ -253,7 +255,8 @@ def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mix
     the evicted experts' layers' last-use events (each once, none for free slots), and marks its slots
     pending for its layer under one event. Each wave's compute is held back by a sleep kernel, so a copy that
     does not wait overwrites the slots before they are read: the logits of every position must still equal
-    the model fully on the GPU."""
+    the model fully on the GPU. With copy_wait "device" every copy is held back too (the host does not block
+    on it): a compute that does not wait for its copies reads its slots before they land."""
     from transformers import AutoModelForCausalLM
 
     from moesys.offload import engine as engine_module, slot_copy
@@ -262,6 +265,8 @@ def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mix
     assert engine.copy_programs == engine_module.COPY_PROGRAMS  # tiny experts take the kernel
     if programs is not None:
         engine.copy_programs = programs
+    engine.copy_wait = copy_wait
+    slow_copy = (lambda: _gpu_sleep(0.003)) if copy_wait == "device" else (lambda: None)
     _cycles_per_second()  # calibrated before the forward: its sync would hold the host
     log = []
     prefill = engine.strategies["prefill"]
@@ -281,12 +286,14 @@ def test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits(mix
 
     def logged_copy(arena, parts, src, dst, **kw):  # the indices are read after the forward (reading syncs)
         log.append(("copy", src, dst, torch.cuda.current_stream() == engine.copy_stream, kw))
+        slow_copy()
         return copy_parts(arena, parts, src, dst, **kw)
 
     copy_to = engine.store.copy_to
 
     def logged_copy_to(layer, e, views):
         log.append(("copy_to", (layer, e), torch.cuda.current_stream() == engine.copy_stream))
+        slow_copy()
         return copy_to(layer, e, views)
 
     runs, last_end = [], [0]
@@ -376,6 +383,31 @@ def test_wait_returns_once_each_slots_copy_has_landed_and_times_it(mixtral, monk
     assert all(e.query() for e in events)
     assert all(engine.cache.ready[s] is None for s in slots) and not set(slots) & engine.pending[0]
     assert 0 < engine.stats.copy_wait_s - before <= wall
+
+
+def test_device_wait_queues_the_compute_after_the_copies_without_blocking(mixtral, monkeypatch):
+    """copy_wait "device": _wait returns while a 30 ms copy is still in flight (no host time counted), clears
+    the slots' events and pending marks, and what the compute stream reads from the slots next is the copied
+    expert (the stream waited for the copy; without that wait it reads the slot before the copy lands)."""
+    _, engine = _offloaded(mixtral)
+    engine.copy_wait = "device"
+    _slow_copies(engine, monkeypatch)
+    assert not engine.cache.slot_of  # the slots held no expert before
+    slots = engine._ensure(0, [3, 5])
+    events = [engine.cache.ready[s] for s in slots]
+    before = engine.stats.copy_wait_s
+    t0 = time.perf_counter()
+    engine._wait(0, slots)
+    wall = time.perf_counter() - t0
+    assert wall < 0.02 and not any(e.query() for e in events)  # returned with the copies in flight
+    assert engine.stats.copy_wait_s == before
+    assert all(engine.cache.ready[s] is None for s in slots) and not set(slots) & engine.pending[0]
+    read = {name: view.clone() for name, view in engine.cache.slot_views(slots[1]).items()}  # compute stream
+    want = {name: torch.empty_like(t) for name, t in read.items()}
+    engine.store.copy_to(0, 5, want)
+    torch.cuda.synchronize()
+    for name in read:
+        assert torch.equal(read[name], want[name]), name
 
 
 def test_wait_all_waits_for_every_layers_copies(mixtral, monkeypatch):

@@ -43,6 +43,7 @@ FIRST_OCCURRENCE = (T + "test_device_bookkeeping_of_repeated_experts_takes_their
 LOAD = (T + "test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits",)
 WAIT = (T + "test_wait_returns_once_each_slots_copy_has_landed_and_times_it",)
 WAIT_ALL = (T + "test_wait_all_waits_for_every_layers_copies",)
+DEVICE_WAIT = (T + "test_device_wait_queues_the_compute_after_the_copies_without_blocking",)
 ROWS_LOOP = (T + "test_host_built_row_indices_reach_the_gpu_without_a_host_sync[eager-loop]",)
 ROWS_DEQUANT = (T + "test_host_built_row_indices_reach_the_gpu_without_a_host_sync[int8-dequant]",)
 ATTN_GPU = (T + "test_attention_time_of_cuda_experts_is_the_gpu_time_in_seconds",)
@@ -82,6 +83,7 @@ _WAIT_SKIP = "if event is None:\n                continue"
 _WAIT_QUERY = "if not event.query():"
 _WAIT_TIME = "self.stats.copy_wait_s += time.perf_counter() - t0"
 _WAIT_ALL = "for layer, slots in self.pending.items():"
+_DEVICE_WAIT = "torch.cuda.current_stream(self.device).wait_event(event)"
 _LOOP_ROWS = "kt_N2 = kt_N2.pin_memory().to(self.device, non_blocking=True)"
 _DEQUANT_ROWS = ("idx = idx.pin_memory().to(self.device, non_blocking=True)\n"
                  "        N = pos.size")
@@ -121,7 +123,7 @@ MUTANTS: list[Mutant] = [
     *_variants("engine-load-pending", ENGINE, _PENDING, LOAD, [
         ("first-dropped", _PENDING.replace("(slots)", "(slots[1:])")), ("none", _PENDING.replace("(slots)", "([])"))]),
     Mutant("engine-load-ready-first-dropped", ENGINE, _READY, _READY.replace("in slots:", "in slots[1:]:"), LOAD),
-    # engine.py, OffloadEngine._wait (7) and _wait_all (1)
+    # engine.py, OffloadEngine._wait (8) and _wait_all (1)
     Mutant("engine-wait-no-slots", ENGINE, _WAIT_LOOP, _WAIT_LOOP.replace("in slots", "in []"), WAIT),
     Mutant("engine-wait-continue-to-break", ENGINE, _WAIT_SKIP, _WAIT_SKIP.replace("continue", "break"), WAIT),
     *_variants("engine-wait-query", ENGINE, _WAIT_QUERY, WAIT, [
@@ -129,6 +131,7 @@ MUTANTS: list[Mutant] = [
     *_variants("engine-wait-time", ENGINE, _WAIT_TIME, WAIT, [
         (name, _WAIT_TIME.replace("- t0", f"{op} t0")) for name, op in (("div", "/"), ("add", "+"), ("mul", "*"))]),
     Mutant("engine-wait-all-none", ENGINE, _WAIT_ALL, _WAIT_ALL.replace("self.pending.items()", "[]"), WAIT_ALL),
+    Mutant("engine-device-wait-none", ENGINE, _DEVICE_WAIT, "None", DEVICE_WAIT),
     # engine.py, non_blocking=True of the host loop's and the dequantizing waves' row indices (2)
     Mutant("engine-loop-rows-blocking", ENGINE, _LOOP_ROWS, _LOOP_ROWS.replace("True", "False"), ROWS_LOOP),
     Mutant("engine-dequant-rows-blocking", ENGINE, _DEQUANT_ROWS, _DEQUANT_ROWS.replace("True", "False"), ROWS_DEQUANT),

@@ -46,6 +46,13 @@ CPU_EXPERT_MODES = ("auto", "on", "off")
 # (bench/results/offload_batch_copy_kernel_h100_fd052fb.json): the copy engine's bandwidth wins there.
 COPY_PROGRAMS = 16
 COPY_KERNEL_MAX_BYTES = 8 << 20
+# How the host path's compute waits for the copies it reads (_wait). "host": the host blocks on each copy's
+# event, so it queues a wave's compute only once that wave has landed and its launch work sits between the
+# copy and the compute. "device": the compute stream waits for the event and the host goes on queueing (the
+# next wave's copies, this wave's compute), blocking next at the next layer's routing read. Not yet measured
+# against each other on a GPU (bench/offload_batch.py --copy-wait host,device).
+COPY_WAITS = ("host", "device")
+COPY_WAIT = "host"
 # Quantized experts on the device path (_quantized_rows): from this many routed rows per expert of a layer on
 # (T*K / E), the grouped W4A16 / W8A16 GEMM (quant_grouped) instead of quant_gemv's program per routed row.
 # quant_gemv reads an expert's packed weights once per routed row, the grouped GEMM once per block of up to 16
@@ -153,6 +160,7 @@ class OffloadEngine:
         # CPU, through slot_copy's reference); 0: a copy per expert (store.copy_to, a cudaMemcpy per part)
         readable = store.arena is not None and (device.type != "cuda" or store.mode == "pinned")
         self.copy_programs = COPY_PROGRAMS if readable and store.expert_bytes <= COPY_KERNEL_MAX_BYTES else 0
+        self.copy_wait = COPY_WAIT  # one of COPY_WAITS
         self._fast_hits = torch.zeros((), dtype=torch.int64, device=device)
         self._timings: list = []  # (batch, tokens, seconds or CUDA events) per forward, see record_forward
         some = next(iter(inner.values()))
@@ -564,14 +572,24 @@ class OffloadEngine:
         self.stats.bytes_copied += len(experts) * self.store.expert_bytes
 
     def _wait(self, layer: int, slots: list[int]) -> None:
+        """The copies into `slots` land before the compute queued next reads them (copy_wait: the host blocks
+        on each run's event, timed in copy_wait_s, or the compute stream waits for it); the slots are then no
+        longer pending. A run's event is waited for once, however many of its slots are listed."""
+        if self.copy_wait not in COPY_WAITS:
+            raise ValueError(f"copy_wait={self.copy_wait!r}; use one of {list(COPY_WAITS)}")
+        waited = set()
         for slot in slots:
             event = self.cache.ready[slot]
             if event is None:
                 continue
-            if not event.query():
-                t0 = time.perf_counter()
-                event.synchronize()
-                self.stats.copy_wait_s += time.perf_counter() - t0
+            if id(event) not in waited:
+                waited.add(id(event))
+                if self.copy_wait == "device":
+                    torch.cuda.current_stream(self.device).wait_event(event)
+                elif not event.query():
+                    t0 = time.perf_counter()
+                    event.synchronize()
+                    self.stats.copy_wait_s += time.perf_counter() - t0
             self.cache.ready[slot] = None
             self.pending[layer].discard(slot)
 

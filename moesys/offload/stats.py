@@ -14,7 +14,7 @@ class OffloadStats:
     prefetch_copies: int = 0   # guesses that were not resident and were copied
     copies: int = 0            # expert copies host -> device (demand + prefetch)
     bytes_copied: int = 0
-    copy_wait_s: float = 0.0   # host time blocked waiting for copies the compute needed
+    copy_wait_s: float = 0.0   # host time blocked waiting for copies the compute needed (engine.copy_wait 'host')
     cpu_experts: int = 0       # experts computed on the CPU instead of copied
     evictions: int = 0
     prefill_tokens: int = 0

@@ -50,7 +50,7 @@ COPY_KERNEL_MAX_BYTES = 8 << 20
 # event, so it queues a wave's compute only once that wave has landed and its launch work sits between the
 # copy and the compute. "device": the compute stream waits for the event and the host goes on queueing (the
 # next wave's copies, this wave's compute), blocking next at the next layer's routing read. Not yet measured
-# against each other on a GPU (bench/offload_batch.py --copy-wait host,device).
+# against each other on a GPU (bench/offload_batch.py --copy-wait host, then --copy-wait device).
 COPY_WAITS = ("host", "device")
 COPY_WAIT = "host"
 # Quantized experts on the device path (_quantized_rows): from this many routed rows per expert of a layer on

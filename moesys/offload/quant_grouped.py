@@ -209,6 +209,7 @@ def quant_moe_mlp(x_TH, pools: dict, ids_TK, slots_TK, w_TK, mode: str, activati
         return quant_moe_mlp_reference(x_TH, pools, slots_TK, w_TK, mode, activation)
     from moesys.kernels.launch import is_interpreted
     from moesys.kernels.routing import sort_routing
+    from moesys.kernels.token_sum import token_sum_kernel
 
     T, K = ids_TK.shape
     H = x_TH.shape[1]

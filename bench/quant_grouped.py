@@ -5,7 +5,7 @@ A decode step's experts of L layers at batch T (top-K of E experts per token, dr
 each layer's experts in their own E cache slots so no layer finds another's weights in L2, the layers run back
 to back in one CUDA graph (no launch overhead), median replay time per layer:
 - moesys-quant-grouped: quant_grouped.quant_moe_mlp (the device path from
-  engine.QUANT_GROUPED_MIN_ROWS_PER_EXPERT rows per expert);
+  engine.QUANT_GROUPED_MIN_ROWS routed rows);
 - moesys-quant-gemv-rows: quant_gemv's two calls (the device path below it);
 - dequant-moe-mlp: the layer's distinct experts dequantized (dequantize_slots), then moe_mlp's grouped GEMM over
   them: the host path's compute, given the distinct experts the host knows after its sync (the lower bound of

@@ -150,13 +150,12 @@ def test_eager_batch_with_device_bookkeeping_equals_each_sequence_alone(checkpoi
         generate_batch(model, ps, bookkeeping="sideways")
 
 
-def test_auto_bookkeeping_keeps_quantized_experts_on_the_device_up_to_its_row_limit(checkpoints, monkeypatch):
-    """bookkeeping="auto": unquantized experts take the device path at any batch the banks hold; quantized
-    ones up to AUTO_QUANTIZED_ROWS_PER_EXPERT routed rows per expert, the host path above; "host" never, and a
-    batch the banks cannot hold takes the host path whatever was asked."""
+def test_auto_bookkeeping_takes_the_device_path_wherever_the_banks_hold_the_batch(checkpoints):
+    """bookkeeping="auto": quantized and unquantized experts take the device path at any batch the banks hold
+    (a batch of 8 tokens' rows included: 64 routed rows for 8 experts); "host" never, and a batch the banks
+    cannot hold takes the host path whatever was asked."""
     import contextlib
 
-    import moesys.offload.batch as batch_mod
     from moesys.offload.batch import generate_batch
 
     def on_device(model, rows, bookkeeping="auto"):
@@ -168,13 +167,9 @@ def test_auto_bookkeeping_keeps_quantized_experts_on_the_device_up_to_its_row_li
         model = mo.load(path, gpu_memory=budget(path, torch.float32, slots), dtype=torch.float32, cuda_graph=False,
                         quantize_experts=quantize)
         engine = model.moesys_offload
-        E, K = engine.cache.num_experts, engine.top_k
-        rows = 2  # 2 x K routed rows
-        assert engine.device_batch_unsupported(rows) is None
-        monkeypatch.setattr(batch_mod, "AUTO_QUANTIZED_ROWS_PER_EXPERT", rows * K / E)  # exactly at the limit
-        assert on_device(model, rows)
-        monkeypatch.setattr(batch_mod, "AUTO_QUANTIZED_ROWS_PER_EXPERT", rows * K / E - 0.01)  # just above it
-        assert on_device(model, rows) == (quantize == "none")
-        assert on_device(model, rows, "device") and not on_device(model, rows, "host")
+        for rows in (1, 2, 8) if quantize == "int4" else (1, 2):
+            assert engine.device_batch_unsupported(rows) is None
+            assert on_device(model, rows) and on_device(model, rows, "device") and not on_device(model, rows, "host")
         if quantize == "none":  # 4 rows may need all 8 experts at once: more than the bank's 6 slots
-            assert engine.device_batch_unsupported(4) is not None and not on_device(model, 4, "device")
+            assert engine.device_batch_unsupported(4) is not None
+            assert not on_device(model, 4, "device") and not on_device(model, 4)

@@ -165,8 +165,8 @@ def test_a_block_writes_its_own_experts_rows_only(up):
 
 
 def test_engine_takes_the_grouped_op_from_its_row_limit(checkpoints, monkeypatch):
-    """_quantized_rows: quant_gemv's rows below QUANT_GROUPED_MIN_ROWS_PER_EXPERT x E routed rows (one token
-    always), the grouped op from there; both give the reference's result for the same rows."""
+    """_quantized_rows: quant_gemv's rows below QUANT_GROUPED_MIN_ROWS routed rows (one token always), the
+    grouped op from there; both give the reference's result for the same rows."""
     import moesys.offload as mo
     import moesys.offload.engine as engine_mod
     from tests.test_offload_batch import budget
@@ -176,7 +176,7 @@ def test_engine_takes_the_grouped_op_from_its_row_limit(checkpoints, monkeypatch
                     quantize_experts="int4")
     engine = model.moesys_offload
     E, K = engine.cache.num_experts, engine.top_k
-    assert engine.quant_grouped_min_rows == engine_mod.QUANT_GROUPED_MIN_ROWS_PER_EXPERT * E > K
+    assert engine.quant_grouped_min_rows == engine_mod.QUANT_GROUPED_MIN_ROWS > K
     ran = []
     for name in ("quant_gemv", "quant_moe_mlp"):
         def spy(*a, _real=getattr(engine_mod, name), _name=name, **k):

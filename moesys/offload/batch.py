@@ -44,13 +44,11 @@ from moesys.offload.host_kv import host_attention
 from moesys.offload.loader import PREFILL_RESERVE_TOKENS
 from moesys.offload.perf_model import KV_PLACES as KV_MODES
 
-BOOKKEEPING = ("auto", "host", "device")  # where eager decode steps keep the expert cache's bookkeeping
-# "auto": quantized experts keep the host bookkeeping above this many routed rows (rows x K) per expert of a
-# layer. The device path computes them row by row (quant_gemv reads a row's expert per row) where the host
-# path dequantizes each needed expert once for a grouped GEMM: on the OLMoE shape (int4, 4 GiB, H200,
-# bench/results/offload_batch_int4_bookkeeping_h200_b812281.json) the device path was 1.05-2.3x faster
-# at batch <= 32 (rows x K <= 4 E) and 0.79-0.85x at batch 128 (16 E)
-AUTO_QUANTIZED_ROWS_PER_EXPERT = 8
+# Where eager decode steps keep the expert cache's bookkeeping. "auto" is "device" wherever the device path
+# runs: on the OLMoE shape (int4, 4 GiB, one H200, bench/results/offload_batch_int4_bookkeeping_h200_29f3b2c.json)
+# it was 1.07-1.40x the host path at batch 8, 32 and 128 once its quantized experts ran as a grouped GEMM
+# from engine.QUANT_GROUPED_MIN_ROWS routed rows (row by row, quant_gemv, it had been 0.79-0.85x at batch 128).
+BOOKKEEPING = ("auto", "host", "device")
 
 
 # sdpa backends for the batch's forwards: all but cuDNN. cuDNN's attention builds a graph per shape, and
@@ -178,13 +176,9 @@ class BatchGeneration:
         """bookkeeping="device": an eager decode step of `rows` rows runs the decode graph's sync-free layer
         path (OffloadEngine.device_slots: the bookkeeping on the device, the next layer prefetched on the copy
         stream), so the host queues the whole step without waiting for any layer; where the banks cannot
-        hold what the rows may need at once, the host-routed step, as with "host". "auto": "device", except
-        quantized experts above AUTO_QUANTIZED_ROWS_PER_EXPERT routed rows per expert."""
+        hold what the rows may need at once, the host-routed step, as with "host". "auto": "device"."""
         engine = getattr(self.model, "moesys_offload", None)
         if self.bookkeeping == "host" or engine is None or engine.device_batch_unsupported(rows) is not None:
-            return contextlib.nullcontext()
-        if (self.bookkeeping == "auto" and engine.store.quantize != "none"
-                and rows * engine.top_k > AUTO_QUANTIZED_ROWS_PER_EXPERT * engine.cache.num_experts):
             return contextlib.nullcontext()
         return engine.graph_step()
 
@@ -352,8 +346,8 @@ def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_si
             layer's routing back (one sync per layer) and copies the misses beside the resident experts'
             compute; "device" keeps it on the device as the decode graph does (no sync inside a step, the
             next layer's guessed experts prefetched on the copy stream), where the banks hold what the
-            rows may need at once (else "host"); "auto" (default): "device", except quantized experts at
-            more than AUTO_QUANTIZED_ROWS_PER_EXPERT routed rows per expert (computed row by row there).
+            rows may need at once (else "host"); "auto" (default): "device" (the faster of the two on every
+            batch size measured; BOOKKEEPING's comment).
     """
     if kv not in KV_MODES:
         raise ValueError(f"kv={kv!r} is unknown; use one of {list(KV_MODES)}")

@@ -53,13 +53,14 @@ COPY_KERNEL_MAX_BYTES = 8 << 20
 # against each other on a GPU (bench/offload_batch.py --copy-wait host, then --copy-wait device).
 COPY_WAITS = ("host", "device")
 COPY_WAIT = "host"
-# Quantized experts on the device path (_quantized_rows): from this many routed rows per expert of a layer on
-# (T*K / E), the grouped W4A16 / W8A16 GEMM (quant_grouped) instead of quant_gemv's program per routed row.
-# quant_gemv reads an expert's packed weights once per routed row, the grouped GEMM once per block of up to 16
-# rows of it, so the grouped op wins once experts have several rows; one token (the decode graph's batch 1,
-# measured with quant_gemv) keeps quant_gemv. Not yet measured on a GPU (bench/quant_grouped.py times both
-# at T = 1..128): 2 is a guess between one row per expert (equal reads) and the 16 of OLMoE's batch 128.
-QUANT_GROUPED_MIN_ROWS_PER_EXPERT = 2
+# Quantized experts on the device path (_quantized_rows): from this many routed rows (T*K) of a layer on, the
+# grouped W4A16 / W8A16 GEMM (quant_grouped) instead of quant_gemv's program per routed row. quant_gemv reads an
+# expert's packed weights once per routed row and costs little to launch; the grouped op sorts the rows and
+# reads a slot's weights once per block of them. Per layer on one H200 (bench/results/quant_grouped_h200_6f15fcb.json,
+# int4, OLMoE and Qwen3-30B-A3B shapes): T=1 (8 rows) quant_gemv 0.026-0.028 ms against 0.080-0.100; T=8 (64
+# rows) 0.169 against 0.140; T=128 2.41-2.49 against 0.26. Between the two measured points the costs are
+# close to linear in the rows and cross at about 42 rows.
+QUANT_GROUPED_MIN_ROWS = 40
 # transformers' hidden_act -> moesys.ops activation name
 _MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -179,7 +180,7 @@ class OffloadEngine:
         self.moe_backend = "grouped_mm"
         self.top_k = max(1, getattr(some.config, "num_experts_per_tok", 1))
         # routed rows from which quantized experts on the device path run as a grouped GEMM (_quantized_rows)
-        self.quant_grouped_min_rows = QUANT_GROUPED_MIN_ROWS_PER_EXPERT * cache.num_experts
+        self.quant_grouped_min_rows = QUANT_GROUPED_MIN_ROWS
         # quantized experts dequantized at once (in the workspace the memory plan reserves)
         self.dequant_experts = workspace_experts(self.top_k, self.store.dtype, kernel_available(self.device))
         self.cost_model = {}

@@ -136,9 +136,11 @@ def main(argv=None) -> int:
                   f"async copies {ttgir.count('async_copy_global_to_local')}, "
                   f"TMA loads {ttgir.count('async_tma_copy_global_to_local')}, "
                   f"wgmma {ttgir.count('warp_group_dot')}", flush=True)
+    from moesys.offload.quant_grouped import CONFIG
+
     for name, kernel, consts, out_fp32, types in quant_variants():
-        c = dict(num_warps=4, num_stages=3) if "sum_rows" not in name else dict(num_warps=4, num_stages=1)
-        compiled = compile_variant(kernel, consts, "bf16", out_fp32, ptr_types=types, **c)
+        compiled = compile_variant(kernel, consts, "bf16", out_fp32, ptr_types=types, num_warps=CONFIG["num_warps"],
+                                   num_stages=CONFIG["num_stages"])
         print(f"bf16 {name}: shared {compiled.metadata.shared} B, "
               f"dots {compiled.asm['ttgir'].count('warp_group_dot') + compiled.asm['ttgir'].count('tt.dot')}",
               flush=True)

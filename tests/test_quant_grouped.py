@@ -100,6 +100,17 @@ def test_bad_input():
                        quant_moe_mlp_reference(x, pools, ids, w, "int4", "silu"))
 
 
+def test_no_routed_rows_add_nothing():
+    """No tokens, or tokens routed to no expert (K = 0): the kernel path returns [T, H] zeros, launching nothing."""
+    pools = _pools("int4", 2, 16, 8, 16, 8)
+    for T, K in ((0, 2), (3, 0)):
+        ids, w = torch.zeros(T, K, dtype=torch.long, device=DEVICE), torch.rand(T, K, device=DEVICE)
+        x = torch.randn(T, 16, device=DEVICE)
+        out = quant_moe_mlp(x, {n: p.to(DEVICE) for n, p in pools.items()}, ids, ids, w, "int4", "silu", 2,
+                            use_kernel=True)
+        assert out.shape == (T, 16) and not out.any()
+
+
 @pytest.mark.parametrize("kernel", [False, True])
 def test_device_batch_of_int4_experts_runs_grouped_and_decodes_as_alone(checkpoints, kernel, monkeypatch):
     """generate_batch(bookkeeping="device") of int4 experts with the grouped op from the first routed row on:

@@ -409,10 +409,12 @@ def weight_grad(p, q, token_N, offsets_E, *, gather_p, gathered=None):
     return out
 
 
-def token_sum(rows_NH: torch.Tensor, inv_N: torch.Tensor, T: int, K: int) -> torch.Tensor:
-    """[T, H]: out[t] = sum over j of rows_NH[inv_N[t*K + j]] (expert-ordered rows folded per token), in fp32."""
+def token_sum(rows_NH: torch.Tensor, inv_N: torch.Tensor, T: int, K: int,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[T, H]: out[t] = sum over j ascending of rows_NH[inv_N[t*K + j]] (expert-ordered rows folded per token),
+    in fp32, rounded once to `dtype` (default: the rows')."""
     H = rows_NH.shape[1]
-    out = rows_NH.new_empty(T, H)
+    out = rows_NH.new_empty(T, H, dtype=dtype)
     if T == 0 or H == 0:
         return out
     BH = 16 if is_interpreted() else min(1024, triton.next_power_of_2(H))

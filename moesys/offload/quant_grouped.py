@@ -210,18 +210,16 @@ def quant_moe_mlp(x_TH, pools: dict, ids_TK, slots_TK, w_TK, mode: str, activati
         use_kernel = x_TH.is_cuda and triton is not None
     if not use_kernel:
         return quant_moe_mlp_reference(x_TH, pools, slots_TK, w_TK, mode, activation)
-    from moesys.kernels.launch import is_interpreted
+    from moesys.kernels.launch import token_sum
     from moesys.kernels.routing import sort_routing
-    from moesys.kernels.token_sum import token_sum_kernel
 
     T, K = ids_TK.shape
     H = x_TH.shape[1]
     q_gu, s_gu, q_d, s_d = (pools[n].contiguous() for n in ("gate_up.q", "gate_up.scale", "down.q", "down.scale"))
     I = q_gu.shape[1] // 2
     N = T * K
-    y_TH = x_TH.new_empty(T, H)
-    if N == 0:
-        return y_TH
+    if N == 0:  # no routed rows: nothing is added to any token
+        return x_TH.new_zeros(T, H)
     _, perm_N, offsets_E = sort_routing(ids_TK, num_experts)  # one launch, stable: routed-row order per expert
     consts = kernel_consts(mode, activation, x_TH.dtype, config)
     x_TH = x_TH.contiguous()
@@ -231,7 +229,4 @@ def quant_moe_mlp(x_TH, pools: dict, ids_TK, slots_TK, w_TK, mode: str, activati
     y_NH = _project(a_NI, q_d, s_d, routing, slots_N, w_N,
                     torch.empty(N, H, dtype=torch.float32, device=x_TH.device), K, False, consts)
     # The routed rows are already in token order (n = t*K + j): token_sum's gather through the identity.
-    rows_N = torch.arange(N, dtype=torch.int32, device=x_TH.device)
-    BH = 16 if is_interpreted() else min(1024, triton.next_power_of_2(H))
-    token_sum_kernel[(T, triton.cdiv(H, BH))](y_NH, y_NH.stride(0), rows_N, y_TH, y_TH.stride(0), H, K, BH=BH)
-    return y_TH
+    return token_sum(y_NH, torch.arange(N, dtype=torch.int32, device=x_TH.device), T, K, dtype=x_TH.dtype)

@@ -1,0 +1,140 @@
+"""Which sequences of an offloaded batch part from the same prompt generated alone, where, and by how much
+(issue 24's "batch equals alone", diagnosed).
+
+For each variant of the engine, the B prompts decode as one batch (generate_batch, greedy) and each prompt
+alone (batch 1, the same variant). For every sequence that parts, the record gives the first differing
+position and, from one forward of the prompt plus the alone run's tokens before it, the two candidates'
+logit gap next to the spacing of representable values (of the model's dtype) at that logit. A gap of a
+few spacings is a near-tie that a different summation order flips (random weights leave many); a gap of
+many is a wrong computation. Variants:
+
+    device             bookkeeping="device" (the default path): sync-free steps, next-layer prefetch
+    device-no-prefetch the same without the prefetch on the copy stream (no second stream at all)
+    device-rows        the same with quantized experts row by row (quant_gemv) at every batch, as batch 1
+                       computes them, instead of the grouped op from engine.QUANT_GROUPED_MIN_ROWS rows
+    host               bookkeeping="host": the routing read back per layer
+
+Run it again under CUDA_LAUNCH_BLOCKING=1 (every launch waits for the one before: no two streams overlap)
+to rule a race in or out.
+
+    PYTHONPATH=.:bench python bench/offload_batch_equal.py --out bench/results/offload_batch_equal.json \
+        [--quantize int4] [--batch 8] [--new-tokens 32] [--variants device,device-no-prefetch,device-rows,host]
+    PYTHONPATH=.:bench python bench/offload_batch_equal.py --smoke --out /tmp/equal.json   # CPU, seconds
+
+The model and budget are bench/offload_batch.py's (the OLMoE shape under 4 GiB, its own routing), loaded
+with the memory plan of its largest batch (--plan-batch, 128) so the cache is that run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+
+from offload_batch import build_model, log, row_prompts, smoke_budget
+from run_meta import run_meta
+
+VARIANTS = ("device", "device-no-prefetch", "device-rows", "host")
+
+
+def spacing(value: float, dtype: torch.dtype) -> float:
+    """The distance between adjacent representable values of `dtype` at |value|."""
+    finfo = torch.finfo(dtype)
+    magnitude = max(abs(value), finfo.tiny)
+    return finfo.eps * 2.0 ** math.floor(math.log2(magnitude))
+
+
+def parted(model, prompt, alone, batch, dtype) -> dict | None:
+    """Where batch's tokens part from alone's, and the two tokens' logits there (None: equal)."""
+    pos = next((i for i, (a, b) in enumerate(zip(alone, batch)) if a != b), None)
+    if pos is None:
+        return None if len(alone) == len(batch) else dict(position=min(len(alone), len(batch)), lengths_differ=True)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits_V = model(input_ids=torch.tensor([prompt + alone[:pos]], device=device)).logits[0, -1].float()
+    a, b = logits_V[alone[pos]].item(), logits_V[batch[pos]].item()
+    return dict(position=pos, alone_token=alone[pos], batch_token=batch[pos], alone_logit=a, batch_logit=b,
+                gap=a - b, spacing=spacing(max(abs(a), abs(b)), dtype),
+                top_token=int(logits_V.argmax()))
+
+
+def run_variant(model, name, prompts, args, dtype) -> dict:
+    from moesys.offload.batch import generate_batch
+
+    engine = model.moesys_offload
+    prefetcher, min_rows = engine.prefetcher, engine.quant_grouped_min_rows
+    if name == "device-no-prefetch":
+        engine.prefetcher = None
+    if name == "device-rows":
+        engine.quant_grouped_min_rows = 1 << 62
+    bookkeeping = "host" if name == "host" else "device"
+    prefetched = engine.snapshot().prefetch_copies
+    try:
+        run = generate_batch(model, prompts, max_new_tokens=args.new_tokens, batch_size=len(prompts), eos=[],
+                             bookkeeping=bookkeeping)
+        batch = {r.index: r.token_ids for r in run}
+        alone = [next(iter(generate_batch(model, [p], max_new_tokens=args.new_tokens, batch_size=1, eos=[],
+                                          bookkeeping=bookkeeping))).token_ids for p in prompts]
+    finally:
+        engine.prefetcher, engine.quant_grouped_min_rows = prefetcher, min_rows
+    diverged = []
+    for i, p in enumerate(prompts):
+        where = parted(model, p, alone[i], batch[i], dtype)
+        if where is not None:
+            diverged.append(dict(sequence=i, **where))
+    return dict(variant=name, bookkeeping=bookkeeping, equal=len(prompts) - len(diverged), batch=len(prompts),
+                prefetch_copies=engine.snapshot().prefetch_copies - prefetched, diverged=diverged)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workdir", default="/tmp/offload_batch")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (runs anywhere in seconds)")
+    ap.add_argument("--quantize", default="int4", choices=("none", "int8", "int4"))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--plan-batch", type=int, default=128,
+                    help="the batch whose KV the memory plan reserves (bench/offload_batch.py's largest)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    args.shape = "olmoe-1b-7b"
+    args.prompt_len = args.prompt_len or (16 if args.smoke else 64)
+    args.new_tokens = args.new_tokens or (8 if args.smoke else 32)
+
+    from moesys.integrations.transformers import register
+
+    register()
+    os.makedirs(args.workdir, exist_ok=True)
+    src = build_model(args, args.workdir)
+    max_context = max(args.plan_batch, args.batch) * (args.prompt_len + args.new_tokens)
+    budget = src.budget if src.budget is not None else smoke_budget(src.cfg, src.dtype, 1 / 3, max_context)
+    model = src.load(gpu_memory=budget, dtype=src.dtype, max_context=max_context, cuda_graph=False,
+                     quantize_experts=args.quantize, experts_implementation="moesys")
+    prompts = row_prompts(args.batch, args, src.cfg.vocab_size)
+    record = dict(run_meta(src.device), bench="offload_batch_equal", shape=src.shape, quantize=args.quantize,
+                  batch=args.batch, prompt_tokens=args.prompt_len, new_tokens=args.new_tokens,
+                  cuda_launch_blocking=os.environ.get("CUDA_LAUNCH_BLOCKING", "0"),
+                  cache_slots=model.moesys_offload.cache.num_slots, variants=[])
+    for name in variants:
+        record["variants"].append(run_variant(model, name, prompts, args, src.dtype))
+        v = record["variants"][-1]
+        log(name, f"{v['equal']} of {v['batch']} equal alone",
+            [(d["sequence"], d["position"], round(d.get("gap", float("nan")), 5), d.get("spacing"))
+             for d in v["diverged"]])
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()

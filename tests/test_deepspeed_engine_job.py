@@ -210,3 +210,61 @@ def test_bf16_zero2_with_fp32_gradient_accumulation_takes_the_norm_from_the_flat
     ref = _run(tmp_path / "bf16", *items, nproc=1)
     got = _run(tmp_path / "fp32acc", *items, f"train.deepspeed_config={tmp_path / 'ds.json'}", nproc=1)
     _same_curve(got, ref, "bf16 ZeRO-2, fp32 vs bf16 gradient accumulation", rel=1e-4)
+
+
+_SHARED_MASTERS = r'''
+import json, os, sys
+import torch, torch.distributed as dist, deepspeed
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+from moesys.integrations.deepspeed_engine import share_masters_with_parameters
+
+os.environ.setdefault("LOCAL_RANK", "0")
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+out = {}
+for share in (False, True):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+        "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9})
+    zero = engine.optimizer
+    shared = share_masters_with_parameters(zero) if share else 0
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        loss = engine(x).square().mean()
+        engine.backward(loss)
+        engine.step()
+    params = list(model.parameters())
+    masters = [safe_get_full_fp32_param(p) for p in params]
+    r = dict(shared=shared, weights=[p.detach().flatten().tolist() for p in params],
+             masters_are_weights=all(torch.equal(m, p.detach()) for m, p in zip(masters, params)),
+             same_storage=[m.data_ptr() == zero.parallel_partitioned_bit16_groups[i][0].data_ptr()
+                           for i, m in enumerate(zero.single_partition_of_fp32_groups)])
+    # a checkpoint's masters scattered back land in the weights the forward reads
+    safe_set_full_fp32_param(params[0], torch.zeros_like(params[0]))
+    r["set_reaches_weights"] = bool(params[0].detach().eq(0).all())
+    out[str(share)] = r
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_fp32_masters_share_the_parameters_storage_and_train_the_same():
+    """fp32 parameters: ZeRO's master partition becomes the parameters' own (no clone, no copy back after each
+    step); three ZeRO-2 steps give the same weights bit for bit as DeepSpeed's own clone, and the checkpoint's
+    per-parameter views of the masters (safe_get/set_full_fp32_param) read and write the weights."""
+    import json
+
+    from moesys.parallel.bootstrap import _free_port
+
+    proc = subprocess.run([sys.executable, "-c", _SHARED_MASTERS, str(_free_port())], env=env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    clone, shared = out["False"], out["True"]
+    assert clone["shared"] == 0 and clone["same_storage"] == [False]
+    assert shared["shared"] == 1 and shared["same_storage"] == [True]
+    assert shared["weights"] == clone["weights"]
+    assert shared["masters_are_weights"] and shared["set_reaches_weights"]
+    assert clone["masters_are_weights"] and not clone["set_reaches_weights"]  # DeepSpeed copies back at its step

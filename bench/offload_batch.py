@@ -298,6 +298,9 @@ def main():
     ap.add_argument("--copy-wait", default=None, choices=("host", "device"),
                     help="how the offloaded rows' host path waits for its copies (OffloadEngine.copy_wait: the host "
                          "blocks on them, or the compute stream waits); default: the engine's")
+    ap.add_argument("--prefetch-issue", default=None, choices=("early", "late"),
+                    help="when the device path's batch steps issue the next layer's prefetch (OffloadEngine."
+                         "prefetch_issue: before or after the wait for the layer's own copies); default: the engine's")
     ap.add_argument("--bookkeeping", default="host",
                     help="comma-separated host,device: the offloaded rows' eager decode steps with the expert "
                          "cache's bookkeeping on the host (a sync per layer) or on the device (generate_batch's "
@@ -416,8 +419,10 @@ def main():
             engine.copy_programs = args.copy_programs
         if args.copy_wait is not None:
             engine.copy_wait = args.copy_wait
+        if args.prefetch_issue is not None:
+            engine.prefetch_issue = args.prefetch_issue
         base["copy_programs"], base["cache_policy"] = engine.copy_programs, engine.cache.policy
-        base["copy_wait"] = engine.copy_wait
+        base["copy_wait"], base["prefetch_issue"] = engine.copy_wait, engine.prefetch_issue
         w = workload_of(engine, model.config)
         context = args.prompt_len + args.new_tokens // 2
 
@@ -561,6 +566,8 @@ def profile_row(args, src):
     override = RoutingOverride(model, "uniform", seed=0) if routing == "uniform" else None
     prompts = row_prompts(B, args, cfg.vocab_size)
     engine = model.moesys_offload
+    if args.prefetch_issue is not None:
+        engine.prefetch_issue = args.prefetch_issue
 
     def decode(tokens):
         run = generate_batch(model, prompts, max_new_tokens=tokens, batch_size=B, eos=[],

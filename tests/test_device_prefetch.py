@@ -117,11 +117,51 @@ def test_device_batch_step_prefetches_the_next_layers_guess(checkpoints):
     assert stats.prefetch_copies == prefetched and stats.copies == stats.misses + prefetched
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "mixtral"])
-def test_eager_batch_with_device_bookkeeping_equals_each_sequence_alone(checkpoints, arch):
+def test_early_prefetch_is_issued_before_the_wait_for_this_layers_copies(checkpoints):
+    """prefetch_issue "early" (the default): a batch step issues the next layer's prefetch right after its
+    table step, then waits for its own prefetched copies, then copies its misses; "late": wait, misses, then
+    the prefetch. An unknown value is refused."""
+    from moesys.offload import slot_copy
+
+    path, dtype = checkpoints["olmoe"], torch.float32
+    model = mo.load(path, gpu_memory=budget(path, dtype, 16), dtype=dtype, cuda_graph=False)
+    engine = model.moesys_offload
+    layer = sorted(engine.inner)[0]
+    x_TH = torch.randn(3, engine.store.H, generator=torch.Generator().manual_seed(0)).to(engine.device, dtype)
+    ids_TK = torch.tensor([[0, 1], [2, 1], [3, 0]], device=engine.device)[:, :engine.top_k]
+    calls = []
+    prefetch, join, copy = engine._device_prefetch, engine._join_prefetch, slot_copy.copy_parts
+    engine._device_prefetch = lambda *a, **k: (calls.append("prefetch"), prefetch(*a, **k))[1]
+    engine._join_prefetch = lambda *a, **k: (calls.append("join"), join(*a, **k))[1]
+
+    def spy_copy(*a, **k):
+        calls.append("copy")
+        return copy(*a, **k)
+    try:
+        slot_copy.copy_parts = spy_copy
+        order = {}
+        for issue in ("early", "late"):
+            engine.prefetch_issue = issue
+            calls.clear()
+            engine.device_slots(layer, ids_TK, x_TH=x_TH)
+            order[issue] = list(calls)
+    finally:
+        slot_copy.copy_parts = copy
+    # (on the CPU the prefetch's own copy runs inside _device_prefetch, right after its mark)
+    assert order["early"] == ["prefetch", "copy", "join", "copy"]
+    assert order["late"] == ["join", "copy", "prefetch", "copy"]
+    engine.prefetch_issue = "sometime"
+    with pytest.raises(ValueError, match="prefetch_issue='sometime'"):
+        engine.device_slots(layer, ids_TK, x_TH=x_TH)
+
+
+@pytest.mark.parametrize("arch,issue", [("olmoe", "early"), ("olmoe", "late"), ("qwen3_moe", "early"),
+                                        ("mixtral", "early")])
+def test_eager_batch_with_device_bookkeeping_equals_each_sequence_alone(checkpoints, arch, issue):
     """generate_batch(bookkeeping="device"): five prompts, three rows, an EOS mid-way; each sequence's
     tokens are transformers' own for it alone, every decode step kept the bookkeeping on the device (its
-    lookups counted there: distinct experts per layer and step) and prefetched the next layer's guess."""
+    lookups counted there: distinct experts per layer and step) and prefetched the next layer's guess, with
+    the prefetch issued before ("early") or after ("late") the wait for the layer's own copies."""
     from moesys.offload.batch import generate_batch
     from tests.test_offload_batch import alone, prompts, truncate_at
 
@@ -132,6 +172,7 @@ def test_eager_batch_with_device_bookkeeping_equals_each_sequence_alone(checkpoi
     want = [truncate_at(w, eos) for w in want]
     model = mo.load(path, gpu_memory=budget(path, dtype, 16), dtype=dtype, cuda_graph=False)
     engine = model.moesys_offload
+    engine.prefetch_issue = issue
     steps = []
     real = engine.device_slots
 

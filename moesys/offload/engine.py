@@ -61,6 +61,14 @@ COPY_WAIT = "host"
 # rows) 0.169 against 0.140; T=128 2.41-2.49 against 0.26. Between the two measured points the costs are
 # close to linear in the rows and cross at about 42 rows.
 QUANT_GROUPED_MIN_ROWS = 40
+# When a device-path batch step (device_slots) issues the next layer's prefetch. "early": right after this
+# layer's table step, before the compute stream waits for this layer's own prefetched copies, so the copy
+# stream queues the next layer's copies behind this layer's and stays busy; "late": after that wait, so each
+# layer's prefetch starts only once the layer before's copies landed and the compute stream ran this
+# layer's table steps and guess (a gap on the copy stream per layer). Not yet measured against each other
+# on a GPU (bench/offload_batch.py --prefetch-issue).
+PREFETCH_ISSUES = ("early", "late")
+PREFETCH_ISSUE = "early"
 # transformers' hidden_act -> moesys.ops activation name
 _MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -162,6 +170,7 @@ class OffloadEngine:
         readable = store.arena is not None and (device.type != "cuda" or store.mode == "pinned")
         self.copy_programs = COPY_PROGRAMS if readable and store.expert_bytes <= COPY_KERNEL_MAX_BYTES else 0
         self.copy_wait = COPY_WAIT  # one of COPY_WAITS
+        self.prefetch_issue = PREFETCH_ISSUE  # one of PREFETCH_ISSUES
         self._fast_hits = torch.zeros((), dtype=torch.int64, device=device)
         self._timings: list = []  # (batch, tokens, seconds or CUDA events) per forward, see record_forward
         some = next(iter(inner.values()))
@@ -382,14 +391,27 @@ class OffloadEngine:
                 self.count_distinct_hits(ids_TK)
             return self._table_slots(layer, ids_TK, global_slots)
         row = self.cache.row[layer]
-        self._join_prefetch(layer)
+        if self.prefetch_issue not in PREFETCH_ISSUES:
+            raise ValueError(f"prefetch_issue={self.prefetch_issue!r}; use one of {list(PREFETCH_ISSUES)}")
+        early = self.prefetch_issue == "early"
+        if not early:
+            self._join_prefetch(layer)
         next_visit = row if T > 1 and self.cache.batch_device_policy == "next-visit" else None
+        # The table step may pick as a victim a slot this layer's prefetch is still copying into (a guess this
+        # step does not need): only its writes must wait, so with "early" the join comes before the miss copy
         slot_N, src_N, dst_N = self.device_tables.step(row, ids_TK.reshape(-1), distinct=T == 1,
                                                        next_visit_from=next_visit)
-        slot_copy.copy_parts(self.store.arena, self.arena_parts, src_N, dst_N)
         # not inside a CUDA graph capture: the copy stream's fork and join there is untested on a GPU (the batch
         # graph's steps copy in stream order, as before)
-        if T > 1 and x_TH is not None and not (self.cuda and torch.cuda.is_current_stream_capturing()):
+        prefetch = T > 1 and x_TH is not None and not (self.cuda and torch.cuda.is_current_stream_capturing())
+        if early:
+            # the next layer's copies queue on the copy stream behind this layer's (stream order keeps a slot's
+            # two writes in order; this layer's slots are protected from its victims)
+            if prefetch:
+                self._device_prefetch(layer, x_TH, slot_N, next_visit)
+            self._join_prefetch(layer)
+        slot_copy.copy_parts(self.store.arena, self.arena_parts, src_N, dst_N)
+        if prefetch and not early:
             self._device_prefetch(layer, x_TH, slot_N, next_visit)
         return (dst_N if global_slots else slot_N).view(ids_TK.shape)
 
@@ -438,8 +460,8 @@ class OffloadEngine:
         self._device_prefetched[nxt] = (done, src_M, dst_M)
 
     def _join_prefetch(self, layer: int) -> None:
-        """The compute stream waits for the copies prefetched into `layer` (before its step may pick one of
-        their slots as a victim, and before its compute reads them)."""
+        """The compute stream waits for the copies prefetched into `layer`: before its step's miss copies write
+        a slot (a victim may be one they are still filling) and before its compute reads them."""
         pending = self._device_prefetched.pop(layer, None)
         if pending is not None and self.cuda:
             torch.cuda.current_stream(self.device).wait_event(pending[0])

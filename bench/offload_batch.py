@@ -134,9 +134,14 @@ def load_from_random_model(cfg, device, *, dtype, **options):
 
     gpu, _ = random_model_on_gpu(cfg, "qwen3", device=device)
     gpu.to(dtype)
-    if options.get("gpu_memory", 0) >= ALL_RESIDENT and device != "cpu":
-        # every expert resident (the bound's rows): moesys' copy of the experts takes the GPU, so the random
-        # model's experts move to host memory first (61 GB twice does not fit an 80 GB card)
+    experts_bytes = sum(p.numel() * p.element_size() for layer in gpu.model.layers
+                        for p in layer.mlp.experts.parameters())
+    if device != "cpu" and (options.get("gpu_memory", 0) >= ALL_RESIDENT
+                            or experts_bytes + options.get("gpu_memory", 0) > torch.cuda.mem_get_info()[0]):
+        # the random model's experts move to host memory first where they and the offloaded model's budget do
+        # not fit the GPU together: every expert resident (the bound's rows; 61 GB twice does not fit an 80 GB
+        # card), or 61 GB beside a 16 GiB budget on an 80 GB card (the int4 store quantizes on the GPU: it ran
+        # out of memory there, bench/results/offload_batch_qwen3_h100_7a9937b.log)
         for layer in gpu.model.layers:
             layer.mlp.experts.to("cpu")
         torch.cuda.empty_cache()

@@ -306,9 +306,6 @@ def main():
     ap.add_argument("--prefetch-issue", default=None, choices=("early", "late"),
                     help="when the device path's batch steps issue the next layer's prefetch (OffloadEngine."
                          "prefetch_issue: before or after the wait for the layer's own copies); default: the engine's")
-    ap.add_argument("--prefetch-wrap", default=None, choices=("on", "off"),
-                    help="the device path's large batch steps also prefetch the next step's first layer from their "
-                         "last (OffloadEngine.prefetch_wrap); default: the engine's")
     ap.add_argument("--bookkeeping", default="host",
                     help="comma-separated host,device: the offloaded rows' eager decode steps with the expert "
                          "cache's bookkeeping on the host (a sync per layer) or on the device (generate_batch's "
@@ -429,11 +426,8 @@ def main():
             engine.copy_wait = args.copy_wait
         if args.prefetch_issue is not None:
             engine.prefetch_issue = args.prefetch_issue
-        if args.prefetch_wrap is not None:
-            engine.prefetch_wrap = args.prefetch_wrap == "on"
         base["copy_programs"], base["cache_policy"] = engine.copy_programs, engine.cache.policy
         base["copy_wait"], base["prefetch_issue"] = engine.copy_wait, engine.prefetch_issue
-        base["prefetch_wrap"] = engine.prefetch_wrap
         w = workload_of(engine, model.config)
         context = args.prompt_len + args.new_tokens // 2
 

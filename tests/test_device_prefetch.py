@@ -155,15 +155,13 @@ def test_early_prefetch_is_issued_before_the_wait_for_this_layers_copies(checkpo
         engine.device_slots(layer, ids_TK, x_TH=x_TH)
 
 
-@pytest.mark.parametrize("arch,issue,wrap", [("olmoe", "early", False), ("olmoe", "late", False),
-                                             ("olmoe", "early", True), ("qwen3_moe", "early", True),
-                                             ("mixtral", "early", False)])
-def test_eager_batch_with_device_bookkeeping_equals_each_sequence_alone(checkpoints, arch, issue, wrap):
+@pytest.mark.parametrize("arch,issue", [("olmoe", "early"), ("olmoe", "late"), ("qwen3_moe", "early"),
+                                        ("mixtral", "early")])
+def test_eager_batch_with_device_bookkeeping_equals_each_sequence_alone(checkpoints, arch, issue):
     """generate_batch(bookkeeping="device"): five prompts, three rows, an EOS mid-way; each sequence's
     tokens are transformers' own for it alone, every decode step kept the bookkeeping on the device (its
     lookups counted there: distinct experts per layer and step) and prefetched the next layer's guess, with
-    the prefetch issued before ("early") or after ("late") the wait for the layer's own copies, and with
-    the next step's first layer prefetched from the last (prefetch_wrap) or not."""
+    the prefetch issued before ("early") or after ("late") the wait for the layer's own copies."""
     from moesys.offload.batch import generate_batch
     from tests.test_offload_batch import alone, prompts, truncate_at
 
@@ -174,7 +172,7 @@ def test_eager_batch_with_device_bookkeeping_equals_each_sequence_alone(checkpoi
     want = [truncate_at(w, eos) for w in want]
     model = mo.load(path, gpu_memory=budget(path, dtype, 16), dtype=dtype, cuda_graph=False)
     engine = model.moesys_offload
-    engine.prefetch_issue, engine.prefetch_wrap = issue, wrap
+    engine.prefetch_issue = issue
     steps = []
     real = engine.device_slots
 
@@ -216,42 +214,3 @@ def test_auto_bookkeeping_takes_the_device_path_wherever_the_banks_hold_the_batc
         if quantize == "none":  # 4 rows may need all 8 experts at once: more than the bank's 6 slots
             assert engine.device_batch_unsupported(4) is not None
             assert not on_device(model, 4, "device") and not on_device(model, 4)
-
-
-def test_prefetch_wrap_copies_this_steps_first_layer_experts_from_the_last_layer(checkpoints):
-    """prefetch_wrap: a batch step routing at least PREFETCH_WRAP_MIN_ROWS_PER_EXPERT x E rows per layer
-    prefetches, at its last layer, the experts its first layer used this step (for the next step's first
-    layer); a smaller step, or prefetch_wrap off, prefetches nothing there. (On the CPU the copies run at
-    once; on CUDA the next step's first layer joins them.)"""
-    from moesys.offload import engine as engine_mod
-
-    path, dtype = checkpoints["olmoe"], torch.float32
-    model = mo.load(path, gpu_memory=budget(path, dtype, 16), dtype=dtype, cuda_graph=False)
-    engine = model.moesys_offload
-    layers = sorted(engine.inner)
-    E, K = engine.cache.num_experts, engine.top_k
-    x_TH = torch.randn(8, engine.store.H, generator=torch.Generator().manual_seed(0)).to(engine.device, dtype)
-    first_ids = torch.tensor([[1, 2], [1, 3], [2, 1], [1, 0], [3, 1], [1, 2], [0, 1], [2, 3]])[:, :K]
-    other_ids = torch.arange(8 * K).remainder(E).view(8, K)  # every expert: the first layer's get evicted
-    used = sorted(set(first_ids.flatten().tolist()))
-
-    def step(rows, wrap):
-        """One step of `rows` rows; how many of the first layer's used experts are resident after it, and how
-        many prefetch copies its last layer made."""
-        engine.prefetch_wrap = wrap
-        engine.device_slots(layers[0], first_ids[:rows].to(engine.device), x_TH=x_TH[:rows])
-        tables = engine.device_tables
-        for layer in layers[1:-1]:
-            engine.device_slots(layer, other_ids[:rows].to(engine.device), x_TH=x_TH[:rows])
-        before = int(tables.counters[3])
-        engine.device_slots(layers[-1], other_ids[:rows].to(engine.device), x_TH=x_TH[:rows])
-        row0 = engine.cache.row[layers[0]]
-        resident = sum(int(tables.table[row0 * E + e]) >= 0 for e in used)
-        return resident, int(tables.counters[3]) - before
-
-    assert 8 * K >= engine_mod.PREFETCH_WRAP_MIN_ROWS_PER_EXPERT * E > 2 * K
-    resident, copies = step(8, wrap=False)
-    assert resident < len(used) and copies == 0
-    assert step(2, wrap=True)[1] == 0  # 2 rows route fewer than 2 x E
-    resident, copies = step(8, wrap=True)
-    assert resident == len(used) and copies > 0

@@ -30,7 +30,6 @@ from moesys.offload import quant, slot_copy
 from moesys.offload.dequant_slots import dequantize_slots, kernel_available, workspace_experts
 from moesys.offload.device_cache import DeviceCacheTables
 from moesys.offload.layout import PARAM_OF_PART, ExpertLayout
-from moesys.offload.prefetch import ranked_by_votes
 from moesys.offload.quant_gemv import quant_gemv
 from moesys.offload.quant_grouped import quant_moe_mlp
 from moesys.offload.rows import lookup, rows_by_chunk
@@ -70,11 +69,6 @@ QUANT_GROUPED_MIN_ROWS = 40
 # on a GPU (bench/offload_batch.py --prefetch-issue).
 PREFETCH_ISSUES = ("early", "late")
 PREFETCH_ISSUE = "early"
-# A device-path batch step whose rows route to at least PREFETCH_WRAP_MIN_ROWS_PER_EXPERT x E experts per
-# layer (T*K >= 2E: about 86% of the experts under uniform routing) also prefetches, from its last layer,
-# the experts its first layer used in this step, for the next step's first layer (`prefetch_wrap`): that
-# layer had nothing to overlap its copies with. Not yet measured on a GPU (bench --prefetch-wrap).
-PREFETCH_WRAP_MIN_ROWS_PER_EXPERT = 2.0
 # transformers' hidden_act -> moesys.ops activation name
 _MOESYS_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -177,8 +171,6 @@ class OffloadEngine:
         self.copy_programs = COPY_PROGRAMS if readable and store.expert_bytes <= COPY_KERNEL_MAX_BYTES else 0
         self.copy_wait = COPY_WAIT  # one of COPY_WAITS
         self.prefetch_issue = PREFETCH_ISSUE  # one of PREFETCH_ISSUES
-        self.prefetch_wrap = False  # see PREFETCH_WRAP_MIN_ROWS_PER_EXPERT
-        self._step_first_ids: torch.Tensor | None = None  # this batch step's first-layer ids (prefetch_wrap)
         self._fast_hits = torch.zeros((), dtype=torch.int64, device=device)
         self._timings: list = []  # (batch, tokens, seconds or CUDA events) per forward, see record_forward
         some = next(iter(inner.values()))
@@ -416,11 +408,11 @@ class OffloadEngine:
             # the next layer's copies queue on the copy stream behind this layer's (stream order keeps a slot's
             # two writes in order; this layer's slots are protected from its victims)
             if prefetch:
-                self._device_prefetch(layer, x_TH, slot_N, next_visit, ids_TK.reshape(-1))
+                self._device_prefetch(layer, x_TH, slot_N, next_visit)
             self._join_prefetch(layer)
         slot_copy.copy_parts(self.store.arena, self.arena_parts, src_N, dst_N)
         if prefetch and not early:
-            self._device_prefetch(layer, x_TH, slot_N, next_visit, ids_TK.reshape(-1))
+            self._device_prefetch(layer, x_TH, slot_N, next_visit)
         return (dst_N if global_slots else slot_N).view(ids_TK.shape)
 
     def step_ids(self, ids_TK: torch.Tensor) -> torch.Tensor:
@@ -431,8 +423,7 @@ class OffloadEngine:
             return torch.where(self.batch_rows_valid[:T, None], ids_TK, ids_TK[:1])
         return ids_TK
 
-    def _device_prefetch(self, layer: int, x_TH: torch.Tensor, slot_N: torch.Tensor, next_visit,
-                         ids_N: torch.Tensor | None = None) -> None:
+    def _device_prefetch(self, layer: int, x_TH: torch.Tensor, slot_N: torch.Tensor, next_visit) -> None:
         """The next layer's guessed experts (its router on this layer's input, NextGatePrefetcher.guess) made
         resident by a device step of their own, and copied on the copy stream while this layer computes; the
         next layer's device_slots waits for them (`_join_prefetch`). This layer's slots `slot_N` are never
@@ -441,13 +432,6 @@ class OffloadEngine:
         if self.prefetcher is None:
             return
         nxt = self.prefetcher.next_layer.get(layer)
-        first = self.prefetcher.first_layer()
-        if layer == first:
-            self._step_first_ids = ids_N
-        wrap = (nxt is None and self.prefetch_wrap and self._step_first_ids is not None and layer != first
-                and slot_N.numel() >= PREFETCH_WRAP_MIN_ROWS_PER_EXPERT * self.cache.num_experts)
-        if wrap:
-            nxt = first
         if nxt is None:
             return
         need = min(slot_N.numel(), self.cache.num_experts)
@@ -455,8 +439,7 @@ class OffloadEngine:
         room = self.cache.capacity(nxt) - (need if same_bank else 0)
         if room <= 0:
             return
-        guess_M = (ranked_by_votes(self._step_first_ids, self.cache.num_experts) if wrap
-                   else self.prefetcher.guess(layer, x_TH))[:room]
+        guess_M = self.prefetcher.guess(layer, x_TH)[:room]
         guess_M = torch.where(guess_M >= 0, guess_M, guess_M[:1])  # no vote: a repeat of the most wanted one
         _, src_M, dst_M = self.device_tables.step(
             self.cache.row[nxt], guess_M, distinct=False, next_visit_from=next_visit,

@@ -35,10 +35,12 @@ class NextGatePrefetcher:
         if nxt is None:
             return None
         logits_TE = F.linear(x_TH, self.gates[nxt].weight)
-        return ranked_by_votes(torch.topk(logits_TE, self.top_k, dim=-1).indices.flatten(), logits_TE.shape[-1])
-
-    def first_layer(self) -> int:
-        return min(self.gates)
+        E = logits_TE.shape[-1]
+        ids_N = torch.topk(logits_TE, self.top_k, dim=-1).indices.flatten()
+        votes_E = torch.zeros(E, dtype=torch.int64, device=ids_N.device).index_add_(0, ids_N, torch.ones_like(ids_N))
+        order_E = votes_E * (E + 1) + (E - torch.arange(E, device=ids_N.device))  # votes, then lower id first
+        top_M = torch.topk(order_E, min(E, ids_N.numel())).indices
+        return torch.where(votes_E[top_M] > 0, top_M, -1)
 
     def record(self, layer: int, guessed: list[int]) -> None:
         nxt = self.next_layer[layer]
@@ -53,12 +55,3 @@ class NextGatePrefetcher:
 
     def reset(self) -> None:
         self.pending.clear()
-
-
-def ranked_by_votes(ids_N: torch.Tensor, E: int) -> torch.Tensor:
-    """The experts of `ids_N` ordered by how many entries pick them, ties by lower id, as min(E, N) ids
-    (a fixed shape); entries past the experts picked at all are -1."""
-    votes_E = torch.zeros(E, dtype=torch.int64, device=ids_N.device).index_add_(0, ids_N, torch.ones_like(ids_N))
-    order_E = votes_E * (E + 1) + (E - torch.arange(E, device=ids_N.device))  # votes, then lower id first
-    top_M = torch.topk(order_E, min(E, ids_N.numel())).indices
-    return torch.where(votes_E[top_M] > 0, top_M, -1)

@@ -50,8 +50,20 @@ def workload_of_row(row: dict) -> pm.Workload:
     return replace(w, cache_policy=row.get("cache_policy", w.cache_policy))
 
 
-def repredict(rows: list[dict]) -> list[dict]:
-    """One record per offloaded row: measured, predicted with the current model, the error."""
+def copy_hit_rate(row: dict, w: pm.Workload) -> float:
+    """1 - the row's copies per step / the model's lookups per step (MoE layers x unique experts at its batch),
+    from its copied bytes; the recorded copy_hit_rate where it did not record them."""
+    if "bytes_copied_per_token" not in row:
+        return row["copy_hit_rate"]
+    unique = pm.RoutingStats.uniform(w.num_experts, w.top_k).unique(row["batch"])
+    return 1 - row["bytes_copied_per_token"] * row["batch"] / w.expert_bytes / (w.num_layers * unique)
+
+
+def repredict(rows: list[dict], zero_copy_Bps: float | None = None) -> list[dict]:
+    """One record per offloaded row: measured, predicted with the current model, the error. `zero_copy_Bps`
+    replaces the run's kernel-read bandwidth (runs before it was measured recorded none: pcie_Bps then).
+    A row's copy hit rate is taken from its copied bytes (rows recorded before it could go below 0 were
+    clipped there)."""
     main = [r for r in rows if r["impl"] == "moesys" and "error" not in r and not r.get("graph_section")]
     if not main:
         raise SystemExit("no offloaded rows (impl 'moesys') in this file")
@@ -62,6 +74,8 @@ def repredict(rows: list[dict]) -> list[dict]:
         context = mine[0].get("context", mine[0]["prompt_tokens"] + mine[0]["new_tokens"] // 2)
         base = {k: v for k, v in mine[0]["hardware"].items() if k in pm.Hardware.__dataclass_fields__}
         hw = replace(pm.Hardware(**base), step_overhead_s=0.0, row_overhead_s=0.0)
+        if zero_copy_Bps is not None:
+            hw = replace(hw, zero_copy_Bps=zero_copy_Bps)
         impl = next(r["experts_implementation"] for r in rows if r["impl"] == "moesys-all-resident")
         resident = {r["batch"]: r["batch"] / r["tokens_per_s"] for r in rows
                     if r["impl"] == "moesys-all-resident" and r["experts_implementation"] == impl}
@@ -87,8 +101,8 @@ def repredict(rows: list[dict]) -> list[dict]:
             hw = pm.calibrate_layers(w, hw, uni, cal["batch"], context, slots, cal["batch"] / cal["tokens_per_s"],
                                      path="device")
         for r in mine:
-            routing = (pm.RoutingStats.uniform(w.num_experts, w.top_k).with_engine_hit_rate(slots, r["copy_hit_rate"])
-                       .with_prefetched_share(r["prefetched_share"]))
+            routing = (pm.RoutingStats.uniform(w.num_experts, w.top_k)
+                       .with_engine_hit_rate(slots, copy_hit_rate(r, w)).with_prefetched_share(r["prefetched_share"]))
             path = "device" if r.get("bookkeeping") == "device" else "host"
             p = pm.predict(w, hw, routing, r["batch"], context, slots=slots, path=path)
             out.append(dict(quantize=quantize, routing=r["routing"], batch=r["batch"], bookkeeping=path,
@@ -103,10 +117,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", help="a JSON file bench/offload_batch.py wrote")
     ap.add_argument("--out", default=None, help="write the re-predicted rows here (JSON)")
+    ap.add_argument("--zero-copy-gbps", type=float, default=None,
+                    help="the kernel-read bandwidth to predict with (GB/s; default: the run's, or pcie_Bps)")
     args = ap.parse_args()
     with open(args.results) as f:
         rows = json.load(f)
-    out = repredict(rows)
+    out = repredict(rows, None if args.zero_copy_gbps is None else args.zero_copy_gbps * 1e9)
     for r in out:
         print(f"{r['quantize']:5s} {r['routing']:8s} B={r['batch']:4d} {r['bookkeeping']:6s} "
               f"measured {r['tokens_per_s']:8.1f} "

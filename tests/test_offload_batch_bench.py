@@ -32,7 +32,8 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     rows = [r for r in records if r["impl"] == "moesys" and not r.get("graph_section")]
     # the copy hit rate counts the prefetch's copies as misses: never above the lookups' hit rate, and
     # below it where the prefetch copied what a lookup then found (batch 1 here)
-    assert rows and all(0 <= r["copy_hit_rate"] <= r["hit_rate"] for r in rows)
+    # (it may go below 0 where prefetched guesses outnumber what the rows then used)
+    assert rows and all(r["copy_hit_rate"] <= r["hit_rate"] for r in rows)
     assert any(r["copy_hit_rate"] < r["hit_rate"] for r in rows)
     # the prefetch copied a share of the decode copies ahead: recorded, and what the predictions were given
     assert all(0 <= r["prefetched_share"] <= 1 for r in rows) and any(r["prefetched_share"] > 0 for r in rows)

@@ -138,13 +138,16 @@ def load_from_random_model(cfg, device, *, dtype, **options):
                         for p in layer.mlp.experts.parameters())
     if device != "cpu" and (options.get("gpu_memory", 0) >= ALL_RESIDENT
                             or experts_bytes + options.get("gpu_memory", 0) > torch.cuda.mem_get_info()[0]):
-        # the random model's experts move to host memory first where they and the offloaded model's budget do
+        # the random model moves to host memory first where its experts and the offloaded model's budget do
         # not fit the GPU together: every expert resident (the bound's rows; 61 GB twice does not fit an 80 GB
         # card), or 61 GB beside a 16 GiB budget on an 80 GB card (the int4 store quantizes on the GPU: it ran
         # out of memory there, bench/results/offload_batch_qwen3_h100_7a9937b.log)
-        for layer in gpu.model.layers:
-            layer.mlp.experts.to("cpu")
+        # (the whole model: moving only the experts still ran out of memory in the int4 load on an H100,
+        # bench/results/offload_batch_qwen3_int4_h100_5f8fbba.log; the loader copies the rest back)
+        gpu.to("cpu")
+        gc.collect()
         torch.cuda.empty_cache()
+        log("random model moved to host memory;", torch.cuda.memory_allocated() / 1e9, "GB left allocated")
     if device == "cpu":  # routing that depends on the token, so the cache churns (as the OLMoE smoke)
         with torch.no_grad():
             for layer in gpu.model.layers:

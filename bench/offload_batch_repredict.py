@@ -59,11 +59,9 @@ def copy_hit_rate(row: dict, w: pm.Workload) -> float:
     return 1 - row["bytes_copied_per_token"] * row["batch"] / w.expert_bytes / (w.num_layers * unique)
 
 
-def repredict(rows: list[dict], zero_copy_Bps: float | None = None) -> list[dict]:
-    """One record per offloaded row: measured, predicted with the current model, the error. `zero_copy_Bps`
-    replaces the run's kernel-read bandwidth (runs before it was measured recorded none: pcie_Bps then).
-    A row's copy hit rate is taken from its copied bytes (rows recorded before it could go below 0 were
-    clipped there)."""
+def repredict(rows: list[dict]) -> list[dict]:
+    """One record per offloaded row: measured, predicted with the current model, the error. A row's copy hit
+    rate is taken from its copied bytes (rows recorded before it could go below 0 were clipped there)."""
     main = [r for r in rows if r["impl"] == "moesys" and "error" not in r and not r.get("graph_section")]
     if not main:
         raise SystemExit("no offloaded rows (impl 'moesys') in this file")
@@ -74,8 +72,6 @@ def repredict(rows: list[dict], zero_copy_Bps: float | None = None) -> list[dict
         context = mine[0].get("context", mine[0]["prompt_tokens"] + mine[0]["new_tokens"] // 2)
         base = {k: v for k, v in mine[0]["hardware"].items() if k in pm.Hardware.__dataclass_fields__}
         hw = replace(pm.Hardware(**base), step_overhead_s=0.0, row_overhead_s=0.0)
-        if zero_copy_Bps is not None:
-            hw = replace(hw, zero_copy_Bps=zero_copy_Bps)
         impl = next(r["experts_implementation"] for r in rows if r["impl"] == "moesys-all-resident")
         resident = {r["batch"]: r["batch"] / r["tokens_per_s"] for r in rows
                     if r["impl"] == "moesys-all-resident" and r["experts_implementation"] == impl}
@@ -117,12 +113,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", help="a JSON file bench/offload_batch.py wrote")
     ap.add_argument("--out", default=None, help="write the re-predicted rows here (JSON)")
-    ap.add_argument("--zero-copy-gbps", type=float, default=None,
-                    help="the kernel-read bandwidth to predict with (GB/s; default: the run's, or pcie_Bps)")
     args = ap.parse_args()
     with open(args.results) as f:
         rows = json.load(f)
-    out = repredict(rows, None if args.zero_copy_gbps is None else args.zero_copy_gbps * 1e9)
+    out = repredict(rows)
     for r in out:
         print(f"{r['quantize']:5s} {r['routing']:8s} B={r['batch']:4d} {r['bookkeeping']:6s} "
               f"measured {r['tokens_per_s']:8.1f} "

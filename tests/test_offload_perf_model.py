@@ -306,29 +306,6 @@ def test_quantized_workload_counts_the_dequantized_expert(checkpoints):
     assert workload_of(plain.moesys_offload, plain.config).dequant_bytes == 0
 
 
-def test_kernel_copies_take_the_zero_copy_bandwidth():
-    """The device path's copies, and the host path's when it copies through the kernel (copy_kernel), read pinned
-    memory from a kernel: zero_copy_Bps instead of cudaMemcpy's pcie_Bps (0 = not measured: pcie_Bps)."""
-    hw = replace(HW, zero_copy_Bps=0.5e9)
-    kernel_w = replace(W, copy_kernel=True)
-    # 3.5 misses of 1e6 bytes (test_step_time_by_hand)
-    assert predict(W, hw, half_hit(), 2, 100, slots=8)["copy_s"] == pytest.approx(3.5e-3)
-    assert predict(W, hw, half_hit(), 2, 100, slots=8, path="device")["copy_s"] == pytest.approx(7e-3)
-    assert predict(kernel_w, hw, half_hit(), 2, 100, slots=8)["copy_s"] == pytest.approx(7e-3)
-    assert predict(kernel_w, HW, half_hit(), 2, 100, slots=8, path="device")["copy_s"] == pytest.approx(3.5e-3)
-
-
-def test_zero_copy_measurement_copies_the_rows():
-    """perf_model._zero_copy_Bps times slot_copy over rows of the source (the reference copy on the CPU):
-    the destination holds the source afterwards, and the figure is a positive bandwidth."""
-    from moesys.offload.perf_model import _zero_copy_Bps
-
-    src = torch.randint(0, 255, (16 * 1024,), dtype=torch.uint8)
-    dst = torch.zeros_like(src)
-    assert _zero_copy_Bps(src, dst) > 0 and torch.equal(dst, src)
-    assert _zero_copy_Bps(src, torch.zeros(3, dtype=torch.uint8)) == 0.0  # cannot run: the copy-engine figure
-
-
 def test_workload_before_load_matches_the_loaded_engine(checkpoints):
     from transformers import AutoConfig
 

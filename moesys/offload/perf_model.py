@@ -8,9 +8,7 @@ One decode step of B rows through L MoE layers:
 - misses per step L * U(B) * (1 - h(S)), S = cache slots, h the hit rate at S: the steps (uniform draws,
   or a routing trace's steps of B rows) replayed through the engine's own ExpertCache and policy
   (`engine_cache_hits`): the layers share the cache, so a large batch can hit nothing at all;
-- copy time: misses x expert bytes / pinned host-to-device bandwidth (cudaMemcpy's), or the bandwidth of a
-  kernel reading pinned memory (`zero_copy_Bps`) for the copies that take slot_copy's kernel: every copy of
-  the device path, and the host path's copies of small experts;
+- copy time: misses x expert bytes / pinned host-to-device bandwidth;
 - compute time: non-expert weights read once (roofline against their 2 B FLOPs per parameter), per layer
   the U(B) experts' weights read or B*K rows' FLOPs (roofline), attention reading B x context KV tokens
   from device memory, plus per-step and per-row overheads (launches, Python, host syncs) fitted by
@@ -68,10 +66,6 @@ class Hardware:
     layer_overhead_s: float = 0.0   # per host-routed MoE layer: routing read, bookkeeping, waits (calibrate_layers)
     device_layer_overhead_s: float = 0.0  # per offloaded MoE layer on the device path: its table step, copy kernels
     wave_overhead_s: float = 0.0    # per dequantization wave of quantized experts beyond its roofline (calibrate_waves)
-    # pinned host memory read by a kernel (moesys.offload.slot_copy, COPY_PROGRAMS programs): how the device path
-    # and the host path's small experts copy; 0 = pcie_Bps. On an H100 about 48 GB/s against cudaMemcpy's 55
-    # (bench/results/offload_batch_profile_int4_u128_device_h100_1def6be_excerpt.txt: 2.7 GB a step in 55.7 ms)
-    zero_copy_Bps: float = 0.0
 
     @classmethod
     def measure(cls, device: torch.device, nbytes: int = 64 << 20) -> "Hardware":
@@ -94,7 +88,6 @@ class Hardware:
                 dst.copy_(src, non_blocking=cuda)
             sync()
             pcie = max(pcie, 3 * nbytes / (time.perf_counter() - t0))
-        zero_copy = _zero_copy_Bps(src, dst) if cuda else 0.0
         n = 2048 if cuda else 256
         a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
         a @ a
@@ -105,38 +98,10 @@ class Hardware:
         sync()
         flops = 5 * 2 * n ** 3 / (time.perf_counter() - t0)
         if cuda:
-            return cls(pcie_Bps=pcie, flops=flops, zero_copy_Bps=zero_copy)
+            return cls(pcie_Bps=pcie, flops=flops)
         # on a CPU "device" memory is host memory: copies, attention and weights all read the same RAM
         return cls(pcie_Bps=pcie, hbm_Bps=pcie, flops=flops, cpu_mem_Bps=pcie, step_overhead_s=1e-3,
                    host_roundtrip_s=0.0)
-
-
-def _zero_copy_Bps(src: torch.Tensor, dst: torch.Tensor, rows: int = 16) -> float:
-    """The fastest of five slot_copy launches (the engine's bounded grid) reading `src` (pinned host memory)
-    into `dst`, in rows of len(src) / rows bytes; 0.0 where the copy cannot run (then the model takes
-    pcie_Bps)."""
-    from moesys.offload import slot_copy
-    from moesys.offload.engine import COPY_PROGRAMS
-
-    sync = (lambda: torch.cuda.synchronize(dst.device)) if dst.is_cuda else (lambda: None)
-    try:
-        row = src.numel() // rows
-        arena, pool = src[:rows * row].view(rows, row), dst[:rows * row].view(rows, row)
-        ids = torch.arange(rows, device=dst.device)
-
-        def copy():
-            slot_copy.copy_parts(arena, [(0, row, pool)], ids, ids, programs=COPY_PROGRAMS)
-        copy()
-        sync()
-        best = 0.0
-        for _ in range(5):
-            t0 = time.perf_counter()
-            copy()
-            sync()
-            best = max(best, rows * row / (time.perf_counter() - t0))
-        return best
-    except Exception:  # noqa: BLE001  (a measurement that cannot run leaves the copy-engine figure)
-        return 0.0
 
 
 @dataclass(frozen=True)
@@ -154,7 +119,6 @@ class Workload:
     dequant_experts: int = 0   # quantized experts dequantized at once (the engine's); 0 = top_k
     cache_policy: str = "auto"  # the expert cache's eviction policy and bank size (moesys.offload.cache)
     bank_size: int = MAX_BANK_SLOTS
-    copy_kernel: bool = False  # the host path copies through slot_copy's kernel (small experts, pinned store)
 
     def slots(self, batch: int, context: int, kv: str) -> int:
         """Expert-cache slots left when the KV cache of `batch` rows of `context` tokens is on `kv`."""
@@ -321,9 +285,7 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     hit = (routing.hit_rate(S_total, w.num_layers, batch, w.cache_policy, w.bank_size)
            if S_total >= w.num_layers else 0.0)
     misses = w.num_layers * U * (1 - hit)
-    # the device path's copies, and the host path's through the copy kernel, read pinned memory from a kernel
-    zero_copy = (path == "device" or w.copy_kernel) and hw.zero_copy_Bps > 0
-    copy_s = misses * w.expert_bytes / (hw.zero_copy_Bps if zero_copy else hw.pcie_Bps)
+    copy_s = misses * w.expert_bytes / hw.pcie_Bps
     # a layer the cache does not hold whole is host-routed (its routing read back, its bookkeeping, the
     # round trip of its copies that the prefetch did not issue ahead), or on the device path runs the
     # bookkeeping's kernels
@@ -460,7 +422,7 @@ def workload_of(engine, config) -> Workload:
                     free_bytes=engine.cache.num_slots * plan.slot_bytes + kv_reserve,
                     dequant_bytes=dequantized_bytes(store.quantize, gemms, store.H, store.I, store.dtype),
                     dequant_experts=engine.dequant_experts, cache_policy=engine.cache.policy,
-                    bank_size=engine.cache.bank_size, copy_kernel=engine.copy_programs > 0)
+                    bank_size=engine.cache.bank_size)
 
 
 def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
@@ -470,7 +432,6 @@ def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
     workspace of one row of `longest` tokens are placed. `device`: where it will run (default: CUDA when
     there is one, as load's), which decides the dequantization chunk."""
     from moesys.offload.adapters import adapter_for, find_moe_blocks
-    from moesys.offload.engine import COPY_KERNEL_MAX_BYTES
     from moesys.offload.layout import expert_dims
     from moesys.offload.loader import build_skeleton, plan_memory
 
@@ -489,8 +450,7 @@ def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
                     free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + longest * kv_per_token,
                     dequant_bytes=dequantized_bytes(quantize_experts, gemms, H, I, dtype),
                     dequant_experts=workspace_experts(text.num_experts_per_tok, dtype, kernel_available(device)),
-                    cache_policy=resolve_policy("auto", plan.num_slots, len(blocks), E, top_k=text.num_experts_per_tok),
-                    copy_kernel=plan.slot_bytes <= COPY_KERNEL_MAX_BYTES)  # load's pinned store (or the CPU)
+                    cache_policy=resolve_policy("auto", plan.num_slots, len(blocks), E, top_k=text.num_experts_per_tok))
 
 
 def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware | None = None,

@@ -134,20 +134,15 @@ def load_from_random_model(cfg, device, *, dtype, **options):
 
     gpu, _ = random_model_on_gpu(cfg, "qwen3", device=device)
     gpu.to(dtype)
-    experts_bytes = sum(p.numel() * p.element_size() for layer in gpu.model.layers
-                        for p in layer.mlp.experts.parameters())
-    if device != "cpu" and (options.get("gpu_memory", 0) >= ALL_RESIDENT
-                            or experts_bytes + options.get("gpu_memory", 0) > torch.cuda.mem_get_info()[0]):
-        # the random model moves to host memory first where its experts and the offloaded model's budget do
-        # not fit the GPU together: every expert resident (the bound's rows; 61 GB twice does not fit an 80 GB
-        # card), or 61 GB beside a 16 GiB budget on an 80 GB card (the int4 store quantizes on the GPU: it ran
-        # out of memory there, bench/results/offload_batch_qwen3_h100_7a9937b.log)
-        # (the whole model: moving only the experts still ran out of memory in the int4 load on an H100,
-        # bench/results/offload_batch_qwen3_int4_h100_5f8fbba.log; the loader copies the rest back)
-        gpu.to("cpu")
-        gc.collect()
+    if options.get("gpu_memory", 0) >= ALL_RESIDENT and device != "cpu":
+        # every expert resident (the bound's rows): moesys' copy of the experts takes the GPU, so the random
+        # model's experts move to host memory first (61 GB twice does not fit an 80 GB card). Otherwise the
+        # store reads them on the GPU and source_of_model drops each layer's experts once it has read them
+        # (the store fills its arena without autograd since 10e6f00: before, the graph of those copies kept
+        # every expert alive, and the int4 load ran out of memory on an H100)
+        for layer in gpu.model.layers:
+            layer.mlp.experts.to("cpu")
         torch.cuda.empty_cache()
-        log("random model moved to host memory;", torch.cuda.memory_allocated() / 1e9, "GB left allocated")
     if device == "cpu":  # routing that depends on the token, so the cache churns (as the OLMoE smoke)
         with torch.no_grad():
             for layer in gpu.model.layers:

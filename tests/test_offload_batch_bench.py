@@ -94,3 +94,21 @@ def test_offload_batch_bench_qwen3_shape_loads_from_the_random_model_without_a_c
     accelerate = [r for r in records if r["impl"] == "accelerate-offload"]
     assert len(accelerate) == 2 and all("checkpoint" in r["error"] for r in accelerate)
     assert not list((tmp_path / "w").rglob("*.safetensors")) and not list((tmp_path / "w").rglob("config.json"))
+
+
+def test_repredict_takes_the_copy_hit_rate_from_the_copied_bytes():
+    """A row's copies per step over the model's lookups per step (layers x unique experts at its batch), which
+    goes below 0 where the prefetch copied guesses no row used; rows without copied bytes keep their record."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from offload_batch_repredict import copy_hit_rate
+
+    from moesys.offload import perf_model as pm
+
+    w = pm.Workload(num_layers=4, num_experts=8, top_k=2, expert_bytes=1000, expert_flops_per_row=1,
+                    dense_bytes=1, kv_bytes_per_token=1, attention_layers=4, free_bytes=1)
+    lookups = 4 * pm.RoutingStats.uniform(8, 2).unique(2)  # per step at batch 2
+    row = {"batch": 2, "copy_hit_rate": 0.0}
+    for copies, want in ((0.5 * lookups, 0.5), (1.25 * lookups, -0.25)):
+        row["bytes_copied_per_token"] = copies * 1000 / 2
+        assert copy_hit_rate(row, w) == pytest.approx(want)
+    assert copy_hit_rate({"batch": 2, "copy_hit_rate": 0.3}, w) == 0.3

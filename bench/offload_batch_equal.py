@@ -28,12 +28,13 @@ with the memory plan of its largest batch (--plan-batch, 128) so the cache is th
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+from pathlib import Path
 
 import torch
 
+from moesys.checkpoint import write_json_atomic
 from offload_batch import build_model, log, row_prompts, smoke_budget
 from run_meta import run_meta
 
@@ -130,10 +131,7 @@ def main():
         log(name, f"{v['equal']} of {v['batch']} equal alone",
             [(d["sequence"], d["position"], round(d.get("gap", float("nan")), 5), d.get("spacing"))
              for d in v["diverged"]])
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json_atomic(Path(args.out), record)
 
 
 if __name__ == "__main__":

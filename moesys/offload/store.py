@@ -106,10 +106,11 @@ class HostExpertStore:
         dst["gate_up"][self.I:].copy_(up)
         dst["down"].copy_(down)
 
-    @torch.no_grad()  # a source of parameters (a model in memory) must not make the arena part of its autograd
-    # graph: each copy into it would keep the expert's quantization temporaries alive (on an H100 the int4 fill
-    # of the Qwen3-30B-A3B shape from such a source held ~13 MB of GPU memory per expert until it ran out,
+    # Without autograd: a source of parameters (a model in memory) would make the arena part of its graph, each
+    # copy into it keeping the expert's quantization temporaries alive (on an H100 the int4 fill of the
+    # Qwen3-30B-A3B shape from such a source held ~13 MB of GPU memory per expert until it ran out,
     # bench/results/offload_batch_qwen3_int4_h100_18ce573.log)
+    @torch.no_grad()
     def _fill(self, work_device: torch.device) -> None:
         for layer in self.layers:
             for e in range(self.num_experts):

@@ -2,7 +2,8 @@
 Qwen3-30B-A3B, OLMoE and Mixtral expert shapes; run through `python bench/moe_layer.py --sweep-auto`.
 
 For each shape and T in SWEEP_T, in three modes: "fwd_eager" (no grad, eager: decode through transformers),
-"fwd_graph" (no grad, one CUDA-graph replay, as a captured decode step; CUDA only), "fwdbwd"
+"fwd_graph" (no grad, one CUDA-graph replay, as a captured decode step; CUDA only; the eager warm-up
+before the capture runs inside `moesys.backends.capture_warmup()`, as a user capturing "auto" does), "fwdbwd"
 (training). Each backend and "auto" is timed; a record per (shape, T, mode) gives auto's choice, the best
 backend and auto's ratio to it (the issue's target: <= 1.05 everywhere). The sweep then prints the
 threshold table (moesys/backends/auto.py) that minimises the worst ratio over the measured points.
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from moesys.backends import triton_unavailable_reason
+from moesys.backends import capture_warmup, triton_unavailable_reason
 from moesys.backends.auto import AUTO_TRITON_MIN_ROWS_PER_EXPERT, auto_mode, pick_auto
 from moesys.ops import moe_mlp
 
@@ -52,9 +53,11 @@ def time_ms(fn, device: torch.device, mode: str, leaves=None) -> float | None:
     if device.type != "cuda":
         return None if mode == "fwd_graph" else _cpu_ms(fn)
     from triton.testing import do_bench, do_bench_cudagraph
-    fn()  # autotune and warm up outside the timing
     if mode == "fwd_graph":
+        with capture_warmup():  # autotune and warm up outside the timing, readying "auto"'s capture
+            fn()
         return do_bench_cudagraph(fn, rep=50, return_mode="median")
+    fn()  # autotune and warm up outside the timing
     return do_bench(fn, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")
 
 
@@ -67,11 +70,11 @@ def measure(fn_of_backend, device, mode, leaves=None) -> float | None:
         return None
 
 
-def sweep_point(shape, T, H, I, E, K, device, make_inputs, meta) -> list[dict]:
+def sweep_point(shape, T, H, I, E, K, device, make_inputs, meta, modes=MODES) -> list[dict]:
     x, w_gu, w_d, ids, tw = make_inputs(T, H, I, E, K, device=device)
     backends = [b for b in CANDIDATES if b == "grouped_mm" or triton_unavailable_reason(device) is None]
     records = []
-    for mode in MODES:
+    for mode in modes:
         leaves = [t.detach().requires_grad_() for t in (x, w_gu, w_d, tw)] if mode == "fwdbwd" else None
         dy = torch.randn_like(x) if leaves else None
         times = {}
@@ -87,7 +90,9 @@ def sweep_point(shape, T, H, I, E, K, device, make_inputs, meta) -> list[dict]:
         if not timed:
             continue
         best = min(timed, key=lambda b: times[b])
-        choice = pick_auto(T * K / E, mode == "fwdbwd", "triton" in backends, capturing=mode == "fwd_graph")
+        # under capture "auto" takes Triton only once its kernels ran: the warm-up above ran them
+        choice = pick_auto(T * K / E, mode == "fwdbwd", "triton" in backends, capturing=mode == "fwd_graph",
+                           triton_ready=True)
         rec = dict(bench="moe_auto_sweep", impl="auto", shape=shape, T=T, H=H, I=I, E=E, K=K, mode=mode,
                    rows_per_expert=T * K / E, ms={k: v for k, v in times.items()}, auto_choice=choice,
                    best_impl=best, auto_ratio=(times["auto"] / times[best]) if times["auto"] else None,
@@ -151,9 +156,12 @@ def print_report(records: list[dict]) -> None:
 
 
 def run_sweep(out: str, make_inputs, meta: dict, smoke: bool, shapes: list[str] | None = None,
-              tokens: list[int] | None = None) -> list[dict]:
-    """Sweep `shapes` (names in SWEEP_SHAPES; default all) over `tokens` (default SWEEP_T), writing `out`
-    after every point; `smoke`: SMOKE_SHAPES and SMOKE_T on the CPU."""
+              tokens: list[int] | None = None, modes: list[str] | None = None) -> list[dict]:
+    """Sweep `shapes` (names in SWEEP_SHAPES; default all) over `tokens` (default SWEEP_T) in `modes` (default
+    MODES), writing `out` after every point; `smoke`: SMOKE_SHAPES and SMOKE_T on the CPU."""
+    bad = [m for m in modes or [] if m not in MODES]
+    if bad:
+        raise ValueError(f"--sweep-modes: {bad} unknown; choose from {list(MODES)}")
     device = torch.device("cpu" if smoke else "cuda")
     if smoke:
         shapes_d, Ts = SMOKE_SHAPES, SMOKE_T
@@ -166,7 +174,7 @@ def run_sweep(out: str, make_inputs, meta: dict, smoke: bool, shapes: list[str] 
     records = []
     for shape, (H, I, E, K) in shapes_d.items():
         for T in Ts:
-            records += sweep_point(shape, T, H, I, E, K, device, make_inputs, meta)
+            records += sweep_point(shape, T, H, I, E, K, device, make_inputs, meta, tuple(modes or MODES))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             tmp = f"{out}.tmp"

@@ -193,6 +193,8 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true", help="with --sweep-auto: a tiny shape on the CPU, seconds")
     ap.add_argument("--sweep-shapes", default=None, help="with --sweep-auto: comma-separated subset of "
                     "qwen3-30b-a3b, olmoe-1b-7b, mixtral-8x7b (default all)")
+    ap.add_argument("--sweep-modes", default=None, help="with --sweep-auto: comma-separated subset of "
+                    "fwd_eager,fwd_graph,fwdbwd (default all)")
     ap.add_argument("--sweep-tokens", default=None, help="with --sweep-auto: comma-separated token counts "
                     "(default 1,4,16,64,256,1024,4096,16384)")
     args = ap.parse_args()
@@ -201,7 +203,8 @@ def main():
         from moe_auto_sweep import run_sweep
         run_sweep(args.out, make_inputs, meta, smoke=args.cpu_smoke,
                   shapes=args.sweep_shapes.split(",") if args.sweep_shapes else None,
-                  tokens=[int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else None)
+                  tokens=[int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else None,
+                  modes=args.sweep_modes.split(",") if args.sweep_modes else None)
         return
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s", flush=True)

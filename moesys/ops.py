@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from moesys.activations import resolve_activation
-from moesys.backends import get_backend
+from moesys import backends
 
 __all__ = ["moe_mlp", "check_moe_mlp_inputs"]
 
@@ -117,7 +117,28 @@ def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, *, activation="silu", 
     E = w_gate_up.shape[0]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_gate_up, w_down, topk_weights, b_gate_up, b_down))
-    impl = get_backend(backend, x, rows_per_expert=T * K / E, needs_grad=needs_grad)
-    return impl(x, w_gate_up, w_down, topk_ids, topk_weights, activation=spec,
-                b_gate_up=b_gate_up, b_down=b_down)
+    rows_per_expert = T * K / E
+    args = (x, w_gate_up, w_down, topk_ids, topk_weights)
+    kwargs = dict(activation=spec, b_gate_up=b_gate_up, b_down=b_down)
+    # A no-grad call on CUDA outside torch.compile's tracing remembers whether its Triton kernels have run,
+    # so that "auto" may take them when the same call is captured into a CUDA graph (moesys.backends). The
+    # signature is built only where it is read: under capture, in a capture warm-up, after a Triton call.
+    remember = backend in ("auto", "triton") and not needs_grad and backends.remembers_triton(x)
+    capturing = remember and backends._capturing(x)
+    warming = remember and not capturing and backend == "auto" and backends.warming_for_capture()
+
+    def signature():
+        return backends.triton_signature(args + (b_gate_up, b_down), spec.key)
+
+    sig = signature() if capturing or warming else None
+    name = backends.resolve_backend(backend, x, rows_per_expert=rows_per_expert, needs_grad=needs_grad,
+                                    signature=sig)
+    if (warming and name != "triton" and not backends.triton_ran(sig)
+            and backends.would_capture_triton(x, rows_per_expert)):
+        backends.backend_impl("triton")(*args, **kwargs)  # compile, load and tune for the capture; dropped
+        backends.note_triton_ran(sig)
+    y = backends.backend_impl(name)(*args, **kwargs)
+    if remember and not capturing and name == "triton":
+        backends.note_triton_ran(sig or signature())
+    return y
 

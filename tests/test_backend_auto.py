@@ -29,18 +29,110 @@ def test_pick_follows_the_table_at_its_threshold(needs_grad, capturing, mode):
     assert pick_auto(1e9, needs_grad, triton_ok=False, capturing=capturing) == "grouped_mm"  # no Triton, no choice
 
 
-def test_a_captured_call_never_takes_triton_where_its_eager_warm_up_did_not():
-    # a CUDA-graph capture follows an eager warm-up of the same call; Triton first met inside the capture
-    # would autotune there, which synchronizes the device and breaks the capture
-    assert AUTO_TRITON_MIN_ROWS_PER_EXPERT["graph"] >= AUTO_TRITON_MIN_ROWS_PER_EXPERT["inference"]
+def test_a_captured_call_takes_triton_only_once_its_kernels_ran_outside_a_capture():
+    # inside a capture Triton can neither load a kernel module nor time its configs: a call whose kernels
+    # did not run before keeps grouped_mm there, at every size; one whose kernels did follows the graph entry
+    for rpe in (0.06, 64.0, 1e6):
+        assert pick_auto(rpe, False, triton_ok=True, capturing=True, triton_ready=False) == "grouped_mm"
     thr = AUTO_TRITON_MIN_ROWS_PER_EXPERT["graph"]
-    assert pick_auto(thr, False, triton_ok=True, capturing=True) == "triton"
-    assert pick_auto(thr * 0.999, False, triton_ok=True, capturing=True) == "grouped_mm"
+    assert thr < AUTO_TRITON_MIN_ROWS_PER_EXPERT["inference"]  # captured calls take Triton sooner (the sweep)
+    assert pick_auto(max(thr, 0.06), False, triton_ok=True, capturing=True, triton_ready=True) == "triton"
+    assert pick_auto(1e6, False, triton_ok=False, capturing=True, triton_ready=True) == "grouped_mm"
     # the graph entry is the one consulted under capture
     table = {"graph": 1.0, "inference": 100.0, "training": 100.0}
-    assert pick_auto(2.0, False, True, thresholds=table, capturing=True) == "triton"
+    assert pick_auto(2.0, False, True, thresholds=table, capturing=True, triton_ready=True) == "triton"
+    assert pick_auto(0.5, False, True, thresholds=table, capturing=True, triton_ready=True) == "grouped_mm"
     assert pick_auto(2.0, False, True, thresholds=table, capturing=False) == "grouped_mm"
-    assert pick_auto(2.0, True, True, thresholds=table, capturing=True) == "grouped_mm"  # training wins
+    assert pick_auto(2.0, True, True, thresholds=table, capturing=True, triton_ready=True) == "grouped_mm"
+
+
+@pytest.fixture
+def fake_cuda_backends(monkeypatch):
+    """moe_mlp on CPU tensors as if they were CUDA ones, with counting stand-ins for both backends, a capture
+    switch (`state["capturing"]`) and an empty record of the calls whose Triton kernels ran."""
+    import types
+
+    state = {"capturing": False, "calls": []}
+    fake = types.ModuleType("fake_backends")
+
+    def make(name):
+        def impl(x, w_gu, w_d, ids, tw, *, activation, b_gate_up, b_down):
+            state["calls"].append((name, state["capturing"]))
+            return torch.zeros_like(x)
+        return impl
+
+    fake.triton, fake.grouped_mm = make("triton"), make("grouped_mm")
+    monkeypatch.setitem(sys.modules, "fake_backends", fake)
+    monkeypatch.setitem(backends._BACKENDS, "triton", ("fake_backends", "triton"))
+    monkeypatch.setitem(backends._BACKENDS, "grouped_mm", ("fake_backends", "grouped_mm"))
+    monkeypatch.setattr(backends, "_triton_ok", lambda x: True)
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(backends, "remembers_triton", lambda x: True)
+    monkeypatch.setattr(backends, "_capturing", lambda x: state["capturing"])
+    monkeypatch.setattr(backends, "_TRITON_RAN", set())
+    return state
+
+
+def _call(T=3, backend="auto", grad=False, H=8, I=4, E=4, K=2, offset=0):
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T * H + offset, generator=g)[offset:].view(T, H)  # offset: the same shape at another address
+    w_gu, w_d = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+    ids, tw = torch.randint(0, E, (T, K), generator=g), torch.rand(T, K, generator=g)
+    with torch.set_grad_enabled(grad):
+        return moe_mlp(x, w_gu.requires_grad_(grad), w_d, ids, tw, backend=backend)
+
+
+def test_capture_warmup_readies_triton_for_the_captured_call(fake_cuda_backends):
+    state = fake_cuda_backends
+    calls = state["calls"]
+    x_args = dict(T=3)  # 1.5 rows per expert: eager inference takes grouped_mm
+
+    def run(capturing, **kw):
+        state["capturing"] = capturing
+        calls.clear()
+        _call(**{**x_args, **kw})
+        return list(calls)
+
+    assert run(False) == [("grouped_mm", False)]  # eager, no warm-up context: nothing extra
+    assert run(True) == [("grouped_mm", True)]  # captured before its Triton kernels ran: grouped_mm
+    with backends.capture_warmup():
+        assert backends.warming_for_capture()
+        # the warm-up runs Triton once (result dropped), then the eager choice
+        assert run(False) == [("triton", False), ("grouped_mm", False)]
+        assert run(False) == [("grouped_mm", False)]  # once per call signature
+    assert not backends.warming_for_capture()
+    assert run(True) == [("triton", True)]  # now the capture takes Triton
+    assert run(True, T=5) == [("grouped_mm", True)]  # another shape: its kernels never ran
+    assert run(True, offset=1) == [("grouped_mm", True)]  # the same shape, misaligned: another specialization
+    # an explicit Triton call readies its signature too; a training call records nothing
+    assert run(False, T=5, backend="triton") == [("triton", False)]
+    assert run(True, T=5) == [("triton", True)]
+    assert run(False, T=7, grad=True, backend="triton") == [("triton", False)]
+    assert run(True, T=7) == [("grouped_mm", True)]
+    # a capture inside a warm-up context readies nothing (Triton cannot run there)
+    with backends.capture_warmup():
+        assert run(True, T=9) == [("grouped_mm", True)]
+    assert run(True, T=9) == [("grouped_mm", True)]
+
+
+def test_the_record_of_ready_calls_is_bounded(fake_cuda_backends, monkeypatch):
+    monkeypatch.setattr(backends, "TRITON_RAN_MAX", 2)
+    for T in (1, 2, 3, 4):
+        _call(T=T, backend="triton")
+    assert len(backends._TRITON_RAN) == 2
+
+
+def test_the_signature_tells_apart_what_triton_specializes_on():
+    a = torch.randn(64)
+    sig = backends.triton_signature
+    base = sig((a[:32].view(4, 8), None), "silu")
+    assert base == sig((a[:32].clone().view(4, 8), None), "silu")  # another aligned tensor of the same layout
+    assert base != sig((a[1:33].view(4, 8), None), "silu")  # 4-byte offset: not 16-byte aligned
+    assert base != sig((a[:32].view(8, 4), None), "silu")  # shape
+    assert base != sig((a[:32].view(4, 8).t(), None), "silu")  # strides
+    assert base != sig((a[:32].view(4, 8).double(), None), "silu")  # dtype
+    assert base != sig((a[:32].view(4, 8), a[:4]), "silu")  # a bias
+    assert base != sig((a[:32].view(4, 8), None), "gelu")  # activation
 
 
 def test_the_table_is_what_decides(monkeypatch):
@@ -69,7 +161,7 @@ def test_measured_decode_is_grouped_mm_and_large_calls_are_triton():
 def test_moe_mlp_passes_rows_per_expert_and_grad_need(monkeypatch):
     seen = []
 
-    def spy(rows_per_expert, needs_grad, triton_ok, thresholds=None, capturing=False):
+    def spy(rows_per_expert, needs_grad, triton_ok, thresholds=None, capturing=False, triton_ready=False):
         seen.append((rows_per_expert, needs_grad))
         assert capturing is False  # CPU tensors are never captured
         return "grouped_mm"
@@ -154,7 +246,7 @@ def test_capture_is_asked_of_cuda_calls_only_and_not_while_compiling(monkeypatch
 def test_get_backend_passes_the_capture_state_to_the_choice(monkeypatch):
     seen = []
 
-    def spy(rows_per_expert, needs_grad, triton_ok, thresholds=None, capturing=False):
+    def spy(rows_per_expert, needs_grad, triton_ok, thresholds=None, capturing=False, triton_ready=False):
         seen.append(capturing)
         return "grouped_mm"
 

@@ -22,7 +22,7 @@ def picks(monkeypatch):
     """Record what get_backend passes to pick_auto; "auto" then resolves to grouped_mm."""
     seen = []
 
-    def spy(rows_per_expert, needs_grad, triton_ok, thresholds=None, capturing=False):
+    def spy(rows_per_expert, needs_grad, triton_ok, thresholds=None, capturing=False, triton_ready=False):
         seen.append((rows_per_expert, needs_grad, triton_ok))
         return "grouped_mm"
 

@@ -268,3 +268,73 @@ def test_fp32_masters_share_the_parameters_storage_and_train_the_same():
     assert shared["weights"] == clone["weights"]
     assert shared["masters_are_weights"] and shared["set_reaches_weights"]
     assert clone["masters_are_weights"] and not clone["set_reaches_weights"]  # DeepSpeed copies back at its step
+
+
+_FLAT_PARTITIONS = r'''
+import json, os, sys
+import torch, torch.distributed as dist, deepspeed
+from moesys.integrations.deepspeed_engine import adopt_flat_partitions, flat_gradient_partitions
+
+os.environ.setdefault("LOCAL_RANK", "0")
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+out = {}
+for stage in (1, 2):
+    for accum in (1, 2):
+        for flat in (False, True):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+            decay = [p for p in model.parameters() if p.dim() == 2]
+            rest = [p for p in model.parameters() if p.dim() != 2]
+            opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=0.1)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+                "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accum,
+                "zero_optimization": {"stage": stage, "contiguous_gradients": True,
+                                      "reduce_bucket_size": 100},  # several buckets a backward
+                "steps_per_print": 10**9})
+            zero = engine.optimizer
+            groups = flat_gradient_partitions(zero) if flat else []
+            adopted, flat_norms = [], []
+            g = torch.Generator().manual_seed(1)
+            for _ in range(3 * accum):
+                loss = engine(torch.randn(2, 8, generator=g)).square().mean()
+                engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary():
+                    adopted.append(adopt_flat_partitions(zero, groups) if flat else 0)
+                    # what the step hands AdamW: the adopted buffer, or DeepSpeed's list flattened (padding
+                    # included: it enters the gradient norm moesys takes from the partitions)
+                    flat_norms.append([float(zero.averaged_gradients[i].flat_partition.norm()) if flat else
+                                       float(torch.cat([t.flatten() for t in zero.averaged_gradients[i]]).norm())
+                                       for i in range(len(zero.averaged_gradients))])
+                engine.step()
+            out[f"{stage}-{accum}-{flat}"] = dict(
+                groups=groups, adopted=adopted, flat_norms=flat_norms,
+                weights=[p.detach().flatten().tolist() for p in model.parameters()])
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_gradients_land_in_partition_order_and_train_the_same():
+    """ZeRO-1 and -2 at one rank, one and two micro-batches a step, two parameter groups, small reduction
+    buckets: with `flat_gradient_partitions` every group's reduced gradients are copied into their places in
+    a partition-shaped buffer, every step adopts it unflattened, and three steps give DeepSpeed's own
+    weights bit for bit."""
+    import json
+
+    from moesys.parallel.bootstrap import _free_port
+
+    proc = subprocess.run([sys.executable, "-c", _FLAT_PARTITIONS, str(_free_port())], env=env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for stage in (1, 2):
+        for accum in (1, 2):
+            own, flat = out[f"{stage}-{accum}-False"], out[f"{stage}-{accum}-True"]
+            what = f"ZeRO-{stage}, {accum} micro-batches"
+            assert flat["groups"] == [0, 1], what
+            assert flat["adopted"] == [2, 2, 2], what
+            assert all(n > 0 for norms in flat["flat_norms"] for n in norms), what
+            for got, ref in zip(flat["flat_norms"], own["flat_norms"], strict=True):
+                assert got == pytest.approx(ref, rel=1e-6), what
+            assert flat["weights"] == own["weights"], what

@@ -22,6 +22,7 @@ optimizer) in this one process (a one-rank process group); the issue's target is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -77,7 +78,8 @@ def bench_moesys(config, steps: int, log_every: int) -> dict:
         precision = f"DeepSpeed {config.train.deepspeed_config}: {mode}"
     ctx = bootstrap.init_distributed(config)
     _reset_peak(ctx.device)
-    with tempfile.TemporaryDirectory() as run_dir:
+    zero = {}  # DeepSpeed: how many ZeRO groups took their gradients unflattened at the last step
+    with tempfile.TemporaryDirectory() as run_dir, _watch_zero_groups(config, zero):
         config.train.steps = steps
         config.log.every = log_every
         train(config, Path(run_dir), None, ctx)
@@ -90,7 +92,28 @@ def bench_moesys(config, steps: int, log_every: int) -> dict:
     return {"tokens_per_s": tokens_per_s, "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"],
             "peak_gb": _peak_gb(ctx.device), "timed_steps": len(timed) * log_every,
             "precision": precision,
-            "moe_backend": moe_backend(ctx.device) if config.moe.backend == "auto" else config.moe.backend}
+            "moe_backend": moe_backend(ctx.device) if config.moe.backend == "auto" else config.moe.backend, **zero}
+
+
+@contextlib.contextmanager
+def _watch_zero_groups(config, out: dict):
+    """Under train.engine=deepspeed, record after each backward how many of ZeRO's parameter groups the step
+    takes unflattened (`zero_groups_unflattened` of `zero_groups`)."""
+    if config.train.engine != "deepspeed":
+        yield
+        return
+    from moesys.integrations.deepspeed_engine import DeepSpeedEngine
+    backward = DeepSpeedEngine.backward
+
+    def watched(self, loss):
+        backward(self, loss)
+        out.update(zero_groups=len(self.zero.bit16_groups), zero_groups_unflattened=self.adopted_groups)
+
+    DeepSpeedEngine.backward = watched
+    try:
+        yield
+    finally:
+        DeepSpeedEngine.backward = backward
 
 
 def bench_hf(config, experts_implementation: str, warmup: int, steps: int, device: torch.device) -> dict:

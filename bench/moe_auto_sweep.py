@@ -18,6 +18,7 @@ import math
 import os
 import statistics
 import time
+import traceback
 
 import torch
 
@@ -67,6 +68,7 @@ def measure(fn_of_backend, device, mode, leaves=None) -> float | None:
             return time_ms(fn_of_backend, device, mode, leaves)
     except RuntimeError as err:  # e.g. a backend that cannot be captured; the record says so
         print(f"  {mode}: {str(err)[:200]}", flush=True)
+        print("".join(traceback.format_exception(err)[-8:])[-3000:], flush=True)  # where, for a device error
         return None
 
 

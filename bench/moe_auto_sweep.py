@@ -57,6 +57,10 @@ def time_ms(fn, device: torch.device, mode: str, leaves=None) -> float | None:
     if mode == "fwd_graph":
         with capture_warmup():  # autotune and warm up outside the timing, readying "auto"'s capture
             fn()
+        # do_bench_cudagraph runs on a stream of its own that waits for nothing: without this its first call
+        # could read the point's inputs before the kernels that make them finish (OLMoE T=1024 failed the
+        # expert-id check so, at 5e61323, once the captured mode came first)
+        torch.cuda.synchronize()
         return do_bench_cudagraph(fn, rep=50, return_mode="median")
     fn()  # autotune and warm up outside the timing
     return do_bench(fn, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")

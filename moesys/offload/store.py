@@ -86,6 +86,10 @@ class HostExpertStore:
             self._arena_parts = {name: self.arena[:, off:off + _nbytes(shape, dt)].view(dt).view(n, *shape)
                                  for (name, shape, dt), off in zip(self.parts, self.offsets)}
             self._fill(work_device or torch.device("cpu"))
+            # the arena holds every expert now: let go of the source, whose tensors may be a model in memory
+            # (bench/offload.py's source_of_model: on a GPU, the Qwen3-30B-A3B shape's last layer of random
+            # experts, 1.1 GiB, outlived the load through it and put the B=128 rows over their 16 GiB budget)
+            self.source = None
 
     def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: buf[off:off + _nbytes(shape, dt)].view(dt).view(shape)

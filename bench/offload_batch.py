@@ -459,6 +459,8 @@ def main():
             row_hw = calibration_row(calibrate_waves, B1, 98, row_hw)
         if "device" in args.bookkeeping.split(","):  # the device path's per-layer cost, from a device row
             row_hw = calibration_row(calibrate_layers, min(sizes), 97, row_hw, bookkeeping="device")
+            if B1 is not None:  # and above batch 1, where it is its own (perf_model.device_layer_s)
+                row_hw = calibration_row(calibrate_layers, B1, 96, row_hw, bookkeeping="device")
         log("calibrated", quantize, row_hw)
         self_trace = None
         for routing in args.routings.split(","):

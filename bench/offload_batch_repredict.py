@@ -59,9 +59,12 @@ def copy_hit_rate(row: dict, w: pm.Workload) -> float:
     return 1 - row["bytes_copied_per_token"] * row["batch"] / w.expert_bytes / (w.num_layers * unique)
 
 
-def repredict(rows: list[dict]) -> list[dict]:
+def repredict(rows: list[dict], device_batch_row: int | None = None) -> list[dict]:
     """One record per offloaded row: measured, predicted with the current model, the error. A row's copy hit
-    rate is taken from its copied bytes (rows recorded before it could go below 0 were clipped there)."""
+    rate is taken from its copied bytes (rows recorded before it could go below 0 were clipped there).
+    `device_batch_row`: for a run recorded before the bench calibrated the device path above batch 1, fit that
+    cost (perf_model.device_batch_layer_overhead_s) on the run's uniform device row at this batch instead; that
+    row is then fitted, not predicted (its record says so: `fitted_on_this_row`)."""
     main = [r for r in rows if r["impl"] == "moesys" and "error" not in r and not r.get("graph_section")]
     if not main:
         raise SystemExit("no offloaded rows (impl 'moesys') in this file")
@@ -96,12 +99,24 @@ def repredict(rows: list[dict]) -> list[dict]:
                    .with_prefetched_share(cal["prefetched_share"]))
             hw = pm.calibrate_layers(w, hw, uni, cal["batch"], context, slots, cal["batch"] / cal["tokens_per_s"],
                                      path="device")
+
+        def routing_of(r):
+            return (pm.RoutingStats.uniform(w.num_experts, w.top_k)
+                    .with_engine_hit_rate(slots, copy_hit_rate(r, w)).with_prefetched_share(r["prefetched_share"]))
+
+        fit_row = None
+        if device_batch_row is not None and device_batch_row > 1:
+            fit_row = next((r for r in device if r["routing"] == "uniform" and r["batch"] == device_batch_row), None)
+            if fit_row is None:
+                raise SystemExit(f"--device-batch-row {device_batch_row}: no uniform device row at that batch")
+            hw = pm.calibrate_layers(w, hw, routing_of(fit_row), device_batch_row, context, slots,
+                                     device_batch_row / fit_row["tokens_per_s"], path="device")
         for r in mine:
-            routing = (pm.RoutingStats.uniform(w.num_experts, w.top_k)
-                       .with_engine_hit_rate(slots, copy_hit_rate(r, w)).with_prefetched_share(r["prefetched_share"]))
+            routing = routing_of(r)
             path = "device" if r.get("bookkeeping") == "device" else "host"
             p = pm.predict(w, hw, routing, r["batch"], context, slots=slots, path=path)
             out.append(dict(quantize=quantize, routing=r["routing"], batch=r["batch"], bookkeeping=path,
+                            fitted_on_this_row=r is fit_row,
                             tokens_per_s=r["tokens_per_s"],
                             predicted=p["tokens_per_s"], error=p["tokens_per_s"] / r["tokens_per_s"] - 1,
                             copy_s=p["copy_s"], compute_s=p["compute_s"], prefetched_share=r["prefetched_share"],
@@ -113,14 +128,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", help="a JSON file bench/offload_batch.py wrote")
     ap.add_argument("--out", default=None, help="write the re-predicted rows here (JSON)")
+    ap.add_argument("--device-batch-row", type=int, default=None, metavar="B",
+                    help="a run without a device calibration row above batch 1: fit that cost on its uniform "
+                         "device row at batch B (that row is then fitted, not predicted)")
     args = ap.parse_args()
     with open(args.results) as f:
         rows = json.load(f)
-    out = repredict(rows)
+    out = repredict(rows, args.device_batch_row)
     for r in out:
         print(f"{r['quantize']:5s} {r['routing']:8s} B={r['batch']:4d} {r['bookkeeping']:6s} "
               f"measured {r['tokens_per_s']:8.1f} "
-              f"predicted {r['predicted']:8.1f} ({r['error']:+.0%})")
+              f"predicted {r['predicted']:8.1f} ({r['error']:+.0%})" + ("  (fitted here)" if r["fitted_on_this_row"] else ""))
     print(f"largest |error|: {max(abs(r['error']) for r in out):.0%}; fitted:", out[-1]["hardware"])
     if args.out:
         tmp = args.out + ".tmp"

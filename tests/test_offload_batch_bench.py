@@ -84,8 +84,13 @@ def test_offload_batch_bench_qwen3_shape_loads_from_the_random_model_without_a_c
     accelerate rows say why they cannot run (accelerate loads from disk)."""
     out = tmp_path / "ob.json"
     _bench(tmp_path, "--out", str(out), "--shape", "qwen3-30b-a3b", "--routings", "uniform", "--batch-sizes", "1,4",
-           "--quantize", "none,int4", "--experts-impl", "grouped_mm")
+           "--quantize", "none,int4", "--experts-impl", "grouped_mm", "--bookkeeping", "device")
     records = json.loads(out.read_text())
+    # the device path's per-layer cost is fitted at batch 1 and, apart, above it (perf_model.device_layer_s)
+    calib = [r for r in records if r["impl"] == "moesys-calibration" and r["bookkeeping"] == "device"]
+    assert [(r["quantize"], r["batch"]) for r in calib] == [("none", 1), ("none", 4), ("int4", 1), ("int4", 4)]
+    assert all(r["hardware"]["device_batch_layer_overhead_s"] is None for r in calib if r["batch"] == 1)
+    assert all(r["hardware"]["device_batch_layer_overhead_s"] is not None for r in calib if r["batch"] == 4)
     assert {r["shape"] for r in records} == {"qwen3-30b-a3b-smoke"}
     rows = [r for r in records if r["impl"] == "moesys"]
     assert sorted((r["quantize"], r["batch"]) for r in rows) == [("int4", 1), ("int4", 4), ("none", 1), ("none", 4)]
@@ -112,3 +117,26 @@ def test_repredict_takes_the_copy_hit_rate_from_the_copied_bytes():
         row["bytes_copied_per_token"] = copies * 1000 / 2
         assert copy_hit_rate(row, w) == pytest.approx(want)
     assert copy_hit_rate({"batch": 2, "copy_hit_rate": 0.3}, w) == 0.3
+
+
+def test_repredict_fits_the_device_batch_cost_on_a_recorded_row():
+    """The Qwen3-30B-A3B int4 run recorded on an H100 (its device steps took 164-182 ms from batch 8 to 128
+    against 67 at batch 1): with the device path's per-layer cost fitted at batch 1 only, every row above
+    batch 1 is predicted at twice its speed; fitted apart on the uniform batch-8 row (--device-batch-row 8),
+    the rows it was not fitted on come within 11%, and that row says it was fitted."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from offload_batch_repredict import repredict
+
+    rows = json.loads((ROOT / "bench" / "results" / "offload_batch_qwen3_int4_h100_8061ee3.json").read_text())
+    before = repredict(rows)
+    assert all(r["error"] > 1.0 for r in before if r["batch"] > 1)
+    after = repredict(rows, device_batch_row=8)
+    fitted = [r for r in after if r["fitted_on_this_row"]]
+    assert [(r["routing"], r["batch"]) for r in fitted] == [("uniform", 8)]
+    assert all(abs(r["error"]) < 0.11 for r in after if not r["fitted_on_this_row"])
+    assert [r["predicted"] for r in after if r["batch"] == 1] == pytest.approx(
+        [r["predicted"] for r in before if r["batch"] == 1])  # batch 1 keeps its own fit
+    with pytest.raises(SystemExit, match="no uniform device row"):
+        repredict(rows, device_batch_row=16)

@@ -269,8 +269,10 @@ def test_device_path_has_its_own_layer_cost_and_no_dequantization_waves():
     # host: 2 waves a layer of (1.6e-3 + 2e-3) instead of 7e-4 of packed reads, and 5 ms a layer
     assert host["compute_s"] == pytest.approx(bare["compute_s"] - 7e-4 + 2 * 2 * 3.6e-3 + 2 * 5e-3)
     assert dev["copy_s"] == host["copy_s"] and dev["tokens_per_s"] > host["tokens_per_s"]
+    # a device row above batch 1 fits the device path's batch cost, leaving batch 1's and the host path's alone
     fitted = calibrate_layers(q, replace(hw, device_layer_overhead_s=0.0), uni, 2, 100, 8, dev["step_s"], path="device")
-    assert fitted.device_layer_overhead_s == pytest.approx(1e-3) and fitted.layer_overhead_s == 5e-3
+    assert fitted.device_batch_layer_overhead_s == pytest.approx(1e-3)
+    assert fitted.device_layer_overhead_s == 0.0 and fitted.layer_overhead_s == 5e-3
     # every expert resident: nothing offloaded, no layer cost on either path
     full = RoutingStats.uniform(8, 2)
     assert predict(W, hw, full, 2, 100, slots=16, path="device")["compute_s"] == pytest.approx(
@@ -319,3 +321,27 @@ def test_workload_before_load_matches_the_loaded_engine(checkpoints):
     assert {**before.__dict__, "free_bytes": 0} == {**loaded.__dict__, "free_bytes": 0}
     assert 0 <= before.free_bytes - loaded.free_bytes < loaded.expert_bytes  # the slots are whole experts
     assert before.kv_bytes_per_token == 2 * 3 * 2 * 8 * 4  # 2 (K, V) x 3 layers x 2 KV heads x head_dim 8 x fp32
+
+
+def test_device_path_layer_cost_above_batch_1_is_its_own():
+    """Above batch 1 the device path prefetches the next layer and runs quantized experts through another op:
+    its per-layer cost is fitted apart (`device_batch_layer_overhead_s`) from a row above batch 1 and used at
+    every batch above 1; batch 1 keeps `device_layer_overhead_s`; unfitted (None), batch 1's serves both."""
+    uni = half_hit()
+    bare = replace(HW, device_layer_overhead_s=0.0)
+    hw = replace(HW, device_layer_overhead_s=1e-3)
+    one, two, four = (predict(W, hw, uni, b, 100, slots=8, path="device")["compute_s"] for b in (1, 2, 4))
+    assert two == pytest.approx(predict(W, bare, uni, 2, 100, slots=8, path="device")["compute_s"] + 2 * 1e-3)
+    both = replace(hw, device_batch_layer_overhead_s=3e-3)
+    assert predict(W, both, uni, 1, 100, slots=8, path="device")["compute_s"] == pytest.approx(one)
+    for b, before in ((2, two), (4, four)):
+        assert predict(W, both, uni, b, 100, slots=8, path="device")["compute_s"] == pytest.approx(before + 2 * 2e-3)
+    # the two fits: a batch-1 row sets batch 1's cost, a batch-4 row the batch cost, each from its own step
+    step1 = predict(W, both, uni, 1, 100, slots=8, path="device")["step_s"]
+    step4 = predict(W, both, uni, 4, 100, slots=8, path="device")["step_s"]
+    fit1 = calibrate_layers(W, bare, uni, 1, 100, 8, step1, path="device")
+    fit4 = calibrate_layers(W, fit1, uni, 4, 100, 8, step4, path="device")
+    assert fit1.device_layer_overhead_s == pytest.approx(1e-3) and fit1.device_batch_layer_overhead_s is None
+    assert fit4.device_layer_overhead_s == pytest.approx(1e-3)
+    assert fit4.device_batch_layer_overhead_s == pytest.approx(3e-3)
+    assert fit4.layer_overhead_s == bare.layer_overhead_s  # the host path's cost is not the device's

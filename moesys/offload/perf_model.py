@@ -22,7 +22,9 @@ One decode step of B rows through L MoE layers:
 - the device path (`path="device"`: generate_batch's bookkeeping "device", the decode graph): no layer's
   routing is read back, so no host-routed layer cost; instead a per-layer cost of the device bookkeeping
   (its table step and copy kernels: `device_layer_overhead_s`, fitted by `calibrate_layers` to a device
-  row), and quantized experts run as one grouped GEMM over their packed weights (quant_grouped: each needed
+  row at batch 1; above batch 1 the step also guesses and prefetches the next layer and quantized experts
+  take another op, so `device_batch_layer_overhead_s`, fitted to a device row above batch 1, where there is
+  one), and quantized experts run as one grouped GEMM over their packed weights (quant_grouped: each needed
   expert's packed bytes read once, no dequantization wave);
 - step time: max(p x copy, compute) + (1 - p) x copy, p the share of the copies the next-gate prefetch
   issued (a routing statistic measured during a run; 0 by default): the host path reads a layer's routing,
@@ -65,6 +67,8 @@ class Hardware:
     row_overhead_s: float = 0.0     # per row per step beyond the roofline terms (see calibrate)
     layer_overhead_s: float = 0.0   # per host-routed MoE layer: routing read, bookkeeping, waits (calibrate_layers)
     device_layer_overhead_s: float = 0.0  # per offloaded MoE layer on the device path: its table step, copy kernels
+    # the same above batch 1 (next-layer prefetch, quant_grouped instead of quant_gemv); None: as at batch 1
+    device_batch_layer_overhead_s: float | None = None
     wave_overhead_s: float = 0.0    # per dequantization wave of quantized experts beyond its roofline (calibrate_waves)
 
     @classmethod
@@ -290,7 +294,7 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     # round trip of its copies that the prefetch did not issue ahead), or on the device path runs the
     # bookkeeping's kernels
     offloaded_layers = w.num_layers if hit < 1 else 0
-    layer_s = hw.layer_overhead_s if path == "host" else hw.device_layer_overhead_s
+    layer_s = hw.layer_overhead_s if path == "host" else device_layer_s(hw, batch)
     dense_s = max(w.dense_bytes / hw.hbm_Bps, batch * w.dense_bytes / hw.flops)  # 2 FLOPs per 2-byte weight
     rows_s = batch * w.top_k * w.expert_flops_per_row / hw.flops
     waves = dequant_waves(w, U, batch) if path == "host" else 0
@@ -312,6 +316,13 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
                 tokens_per_s=batch / step_s if feasible else 0.0,
                 bound_tokens_per_s=batch / max(copy_s, compute_s) if feasible else 0.0,
                 bytes_copied_per_token=misses * w.expert_bytes / batch)
+
+
+def device_layer_s(hw: Hardware, batch: int) -> float:
+    """The device path's per-layer cost at `batch`: fitted apart above batch 1 where it was."""
+    if batch > 1 and hw.device_batch_layer_overhead_s is not None:
+        return hw.device_batch_layer_overhead_s
+    return hw.device_layer_overhead_s
 
 
 def chunk_experts(w: Workload) -> int:
@@ -374,8 +385,12 @@ def calibrate_layers(w: Workload, hw: Hardware, routing: RoutingStats, batch: in
     with it): the compute the step took beyond the model's, per offloaded layer. At batch 1 on the host path
     that is the routing read back, the bookkeeping and the demand copies' round trip of each layer: fitted
     per miss instead (61 us of bandwidth, 268 us fitted on the OLMoE shape at int4) it made every larger
-    batch's step three times too slow (bench/results/offload_batch_int4_h100_96ed0f8.json)."""
-    field = "layer_overhead_s" if path == "host" else "device_layer_overhead_s"
+    batch's step three times too slow (bench/results/offload_batch_int4_h100_96ed0f8.json). On the device path
+    a row above batch 1 fits `device_batch_layer_overhead_s` (the Qwen3-30B-A3B shape in int4: a step took
+    67 ms at batch 1 and 164-182 ms at every batch from 8 to 128, bench/results/
+    offload_batch_qwen3_int4_h100_8061ee3.json, which the batch-1 fit predicted at half that)."""
+    field = ("layer_overhead_s" if path == "host" else
+             "device_batch_layer_overhead_s" if batch > 1 else "device_layer_overhead_s")
     p = predict(w, replace(hw, **{field: 0.0}), routing, batch, context, slots=slots, path=path)
     layers = w.num_layers if p["hit_rate"] < 1 else 0
     extra = _compute_beyond(p, routing.prefetched, measured_step_s)

@@ -28,7 +28,9 @@ engine's cache: predicted_hit_rate), and again with the engine's measured copy h
 lookups: an expert the prefetch copied counts as copied, not as the hit its lookup sees; hit_rate is the
 lookups'); its overheads
 are fitted once on the all-resident rows, a uniform batch-1 calibration row (per host-routed layer) and, for quantized
-experts, a uniform calibration row at the smallest batch above 1 (per dequantization wave). Bound (the
+experts, a uniform calibration row at the smallest batch above 1 (per dequantization wave); with device bookkeeping,
+uniform device rows at batch 1 and at the smallest batch above it (the device path's per-layer cost, fitted apart
+above batch 1). Bound (the
 issue's): B / max(missed bytes of a step at pinned bandwidth, the same step with every expert resident
 (measured per batch size with a budget holding the whole model)).
 

@@ -138,7 +138,8 @@ def main():
     for r in out:
         print(f"{r['quantize']:5s} {r['routing']:8s} B={r['batch']:4d} {r['bookkeeping']:6s} "
               f"measured {r['tokens_per_s']:8.1f} "
-              f"predicted {r['predicted']:8.1f} ({r['error']:+.0%})" + ("  (fitted here)" if r["fitted_on_this_row"] else ""))
+              f"predicted {r['predicted']:8.1f} ({r['error']:+.0%})"
+              + ("  (fitted here)" if r["fitted_on_this_row"] else ""))
     print(f"largest |error|: {max(abs(r['error']) for r in out):.0%}; fitted:", out[-1]["hardware"])
     if args.out:
         tmp = args.out + ".tmp"

@@ -124,7 +124,7 @@ def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, *, activation="silu", 
     # so that "auto" may take them when the same call is captured into a CUDA graph (moesys.backends). The
     # signature is built only where it is read: under capture, in a capture warm-up, after a Triton call.
     remember = backend in ("auto", "triton") and not needs_grad and backends.remembers_triton(x)
-    capturing = remember and backends._capturing(x)
+    capturing = backends._capturing(x) if remember else None  # None: resolve_backend asks where it needs to
     warming = remember and not capturing and backend == "auto" and backends.warming_for_capture()
 
     def signature():
@@ -132,7 +132,7 @@ def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, *, activation="silu", 
 
     sig = signature() if capturing or warming else None
     name = backends.resolve_backend(backend, x, rows_per_expert=rows_per_expert, needs_grad=needs_grad,
-                                    signature=sig)
+                                    signature=sig, capturing=capturing)
     if (warming and name != "triton" and not backends.triton_ran(sig)
             and backends.would_capture_triton(x, rows_per_expert)):
         backends.backend_impl("triton")(*args, **kwargs)  # compile, load and tune for the capture; dropped

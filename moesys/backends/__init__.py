@@ -38,13 +38,15 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 
 def resolve_backend(name: str, x: torch.Tensor, *, rows_per_expert: float = float("inf"), needs_grad: bool = True,
-                    signature: tuple | None = None) -> str:
+                    signature: tuple | None = None, capturing: bool | None = None) -> str:
     """The backend a call with backend `name` runs: `name` itself, or for "auto" the choice from the table in
     `moesys.backends.auto` by `rows_per_expert` (T*K/E), `needs_grad` and whether a CUDA graph is being
-    captured; under capture Triton only if the call's `signature` (`triton_signature`) has run on Triton
-    outside a capture. The defaults (a large training call) keep the choice of a caller that knows neither."""
+    captured (`capturing`, asked of the stream when None); under capture Triton only if the call's
+    `signature` (`triton_signature`) has run on Triton outside a capture. The defaults (a large training
+    call) keep the choice of a caller that knows neither."""
     if name == "auto":
-        name = pick_auto(rows_per_expert, needs_grad, _triton_ok(x), capturing=_capturing(x),
+        capturing = _capturing(x) if capturing is None else capturing
+        name = pick_auto(rows_per_expert, needs_grad, _triton_ok(x), capturing=capturing,
                          triton_ready=signature is not None and signature in _TRITON_RAN)
     if name not in _BACKENDS:
         raise ValueError(f"moe_mlp: backend={name!r} is unknown; use 'auto' or one of {available_backends()}")

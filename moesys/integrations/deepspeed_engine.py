@@ -161,20 +161,21 @@ def flat_gradient_partitions(zero: DeepSpeedZeroOptimizer) -> list[int]:
     pre-flattened partition, so nothing is flattened. Returns the groups handled so."""
     if zero.cpu_offload or not zero.contiguous_gradients or zero.use_grad_accum_attribute:
         return []
-    eligible, ends = [], {}
+    eligible, ends, starts = [], {}, {}  # starts: a parameter's place in its group's partition, by id(param)
     for i, params in enumerate(zero.params_in_partition):
         if zero._use_compact_grad_partition_buffer(i) or (params and zero._is_muon_group(params)):
             continue
         rank = dist.get_rank(group=zero.real_dp_process_group[i])
-        size, end, whole = int(zero.partition_size[i]), 0, True
+        size, end, whole, places = int(zero.partition_size[i]), 0, True, {}
         for p in params:
             pid = zero.get_param_id(p)
-            start = int(zero.grad_partition_insertion_offset[i][rank][pid])
+            places[id(p)] = start = int(zero.grad_partition_insertion_offset[i][rank][pid])
             whole &= int(zero.grad_start_offset[i][rank][pid]) == 0 and start + p.numel() <= size
             end = max(end, start + p.numel())
         if whole:
             eligible.append(i)
             ends[i] = end
+            starts.update(places)
     if not eligible:
         return []
     copy_in_order, release = zero.copy_grads_in_partition, zero._release_ipg_buffers
@@ -188,10 +189,8 @@ def flat_gradient_partitions(zero: DeepSpeedZeroOptimizer) -> list[int]:
         if flat is None:  # one per backward, as DeepSpeed's buffer: accumulation keeps the first one's views
             flat = flats[i] = torch.empty(int(zero.partition_size[i]), dtype=zero.dtype, device=param.device)
             flat[ends[i]:].zero_()
-        rank = dist.get_rank(group=zero.real_dp_process_group[i])
-        start = int(zero.grad_partition_insertion_offset[i][rank][zero.get_param_id(param)])
         grad = zero.get_gradient_for_reduction(param)
-        place = flat.narrow(0, start, param.numel())
+        place = flat.narrow(0, starts[id(param)], param.numel())
         place.copy_(grad.view(-1))
         grad.data = place.view_as(grad)
 

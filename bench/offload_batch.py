@@ -315,11 +315,14 @@ def main():
                     help="the offloaded rows' (and --profile's) expert cache policy (moesys.offload.cache)")
     ap.add_argument("--batch-graph", action="store_true",
                     help="also the decode graph's batch steps (generate_batch(graph=True)) next to the host-routed "
-                         "ones, the model's own routing (an override's per-step draw cannot be replayed), bf16, "
+                         "ones, the model's own routing (an override's per-step draw cannot be replayed), "
+                         "--graph-quantize precision, "
                          "each batch size above 1: tok/s, hit rate, and whether the tokens equal the host path's")
     ap.add_argument("--graph-budget", type=float, default=None, metavar="GIB",
                     help="--batch-graph rows under this budget (GiB; default the other rows'): the graph's steps need "
                          "each layer's cache bank to hold min(B x top-k, experts) experts")
+    ap.add_argument("--graph-quantize", default="none", choices=("none", "int8", "int4"),
+                    help="the --batch-graph rows' expert precision (default bf16: none)")
     ap.add_argument("--graph-batch-sizes", default=None,
                     help="comma-separated batch sizes of the --batch-graph rows (default: --batch-sizes); at 1 the "
                          "host path is the graph too (generate(), replayed), so one row")
@@ -646,9 +649,10 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
     dtype, vocab = src.dtype, src.cfg.vocab_size
     row_budget = budget if budget is not None else smoke_budget(src.cfg, dtype, 1 / 3, max_context)
     model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=True,
-                    compile=False, experts_implementation=impl)
+                    compile=False, experts_implementation=impl, quantize_experts=args.graph_quantize)
     engine = model.moesys_offload
-    log("graph rows: budget", row_budget, "cache slots", engine.cache.num_slots)
+    base = dict(base, quantize=args.graph_quantize)
+    log("graph rows: budget", row_budget, "cache slots", engine.cache.num_slots, "experts", args.graph_quantize)
     for B in sizes:
         why = engine.device_batch_unsupported(B) if B > 1 else None
         if why is not None:

@@ -13,6 +13,9 @@ many is a wrong computation. Variants:
     device-rows        the same with quantized experts row by row (quant_gemv) at every batch, as batch 1
                        computes them, instead of the grouped op from engine.QUANT_GROUPED_MIN_ROWS rows
     host               bookkeeping="host": the routing read back per layer
+    exact              a model loaded with exact=True (bf16 experts: --quantize none), host bookkeeping:
+                       batch-invariant matmuls, sums and attention, the per-expert loop (moesys.offload.exact);
+                       every sequence should equal its run alone
 
 Run it again under CUDA_LAUNCH_BLOCKING=1 (every launch waits for the one before: no two streams overlap)
 to rule a race in or out.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -38,7 +42,7 @@ from moesys.checkpoint import write_json_atomic
 from offload_batch import build_model, log, row_prompts, smoke_budget
 from run_meta import run_meta
 
-VARIANTS = ("device", "device-no-prefetch", "device-rows", "host")
+VARIANTS = ("device", "device-no-prefetch", "device-rows", "host", "exact")
 
 
 def spacing(value: float, dtype: torch.dtype) -> float:
@@ -71,8 +75,9 @@ def run_variant(model, name, prompts, args, dtype) -> dict:
         engine.prefetcher = None
     if name == "device-rows":
         engine.quant_grouped_min_rows = 1 << 62
-    bookkeeping = "host" if name == "host" else "device"
+    bookkeeping = "host" if name in ("host", "exact") else "device"
     prefetched = engine.snapshot().prefetch_copies
+    started = time.perf_counter()
     try:
         run = generate_batch(model, prompts, max_new_tokens=args.new_tokens, batch_size=len(prompts), eos=[],
                              bookkeeping=bookkeeping)
@@ -81,13 +86,15 @@ def run_variant(model, name, prompts, args, dtype) -> dict:
                                           bookkeeping=bookkeeping))).token_ids for p in prompts]
     finally:
         engine.prefetcher, engine.quant_grouped_min_rows = prefetcher, min_rows
+    seconds = time.perf_counter() - started
     diverged = []
     for i, p in enumerate(prompts):
         where = parted(model, p, alone[i], batch[i], dtype)
         if where is not None:
             diverged.append(dict(sequence=i, **where))
     return dict(variant=name, bookkeeping=bookkeeping, equal=len(prompts) - len(diverged), batch=len(prompts),
-                prefetch_copies=engine.snapshot().prefetch_copies - prefetched, diverged=diverged)
+                prefetch_copies=engine.snapshot().prefetch_copies - prefetched, diverged=diverged,
+                seconds_batch_and_alone=seconds)
 
 
 def main():
@@ -118,14 +125,20 @@ def main():
     src = build_model(args, args.workdir)
     max_context = max(args.plan_batch, args.batch) * (args.prompt_len + args.new_tokens)
     budget = src.budget if src.budget is not None else smoke_budget(src.cfg, src.dtype, 1 / 3, max_context)
-    model = src.load(gpu_memory=budget, dtype=src.dtype, max_context=max_context, cuda_graph=False,
-                     quantize_experts=args.quantize, experts_implementation="moesys")
+    if "exact" in variants and args.quantize != "none":
+        ap.error("the exact variant runs bf16 experts: pass --quantize none")
     prompts = row_prompts(args.batch, args, src.cfg.vocab_size)
     record = dict(run_meta(src.device), bench="offload_batch_equal", shape=src.shape, quantize=args.quantize,
                   batch=args.batch, prompt_tokens=args.prompt_len, new_tokens=args.new_tokens,
-                  cuda_launch_blocking=os.environ.get("CUDA_LAUNCH_BLOCKING", "0"),
-                  cache_slots=model.moesys_offload.cache.num_slots, variants=[])
-    for name in variants:
+                  cuda_launch_blocking=os.environ.get("CUDA_LAUNCH_BLOCKING", "0"), variants=[])
+    model = None
+    for name in sorted(variants, key=lambda v: v == "exact"):  # exact last: its own load
+        if model is None or name == "exact":
+            del model
+            options = dict(exact=True) if name == "exact" else dict(
+                cuda_graph=False, quantize_experts=args.quantize, experts_implementation="moesys")
+            model = src.load(gpu_memory=budget, dtype=src.dtype, max_context=max_context, **options)
+            record.setdefault("cache_slots", model.moesys_offload.cache.num_slots)
         record["variants"].append(run_variant(model, name, prompts, args, src.dtype))
         v = record["variants"][-1]
         log(name, f"{v['equal']} of {v['batch']} equal alone",

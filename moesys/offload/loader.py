@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from moesys.hf.meta import materialize_meta_buffers, still_meta
+from moesys.offload import exact as exact_mode
 from moesys.offload import graph as decode_graph
 from moesys.offload.adapters import adapter_for, find_moe_blocks, router_of
 from moesys.offload.cache import CACHE_POLICIES, ExpertCache
@@ -32,7 +33,7 @@ from moesys.offload.store import HOST_MODES, HostExpertStore, parts_nbytes, slot
 _OPTIONS = {"cache_policy": "auto", "prefetch": "next-gate", "quantize_experts": "none", "cpu_experts": "off",
             "host_memory": "auto", "device": None, "max_context": 4096, "reserve": None,
             "experts_implementation": None, "group_size": 128, "bank_size": 1023, "resident_if_fits": True,
-            "cuda_graph": True, "compile": None}
+            "cuda_graph": True, "compile": None, "exact": False}
 
 
 @dataclass
@@ -71,6 +72,10 @@ def _resolve_options(options: dict) -> dict:
         raise ValueError(f"compile={opts['compile']!r} must be None (on with CUDA graphs on CUDA), True or False")
     if opts["compile"] and not opts["cuda_graph"]:
         raise ValueError("compile=True compiles the CUDA-graph decode step; it needs cuda_graph=True")
+    if not isinstance(opts["exact"], bool):
+        raise ValueError(f"exact={opts['exact']!r} must be True or False")
+    if opts["exact"]:
+        opts = exact_mode.check_options(opts, options)
     return opts
 
 
@@ -214,6 +219,8 @@ def build(config, source, *, gpu_memory, dtype=None, model_dir=None, **options) 
         model.generation_config.disable_compile = True
     _attach_timing(model, engine)
     _attach_context_guard(model, opts["max_context"])
+    if opts["exact"]:
+        exact_mode.enable(model)
     return model
 
 
@@ -248,7 +255,9 @@ def load(model_dir, *, gpu_memory, dtype=None, **options) -> nn.Module:
             inductor fuses the model's kernels around the expert cache; the first decode step then takes a
             compile, about a minute for a 16-layer model, cached by inductor on disk for later loads; the
             logits are then those of the model under the same compiled step, bit for bit, and with False
-            those of the eager model).
+            those of the eager model), exact (default False; True: greedy tokens of a sequence in any batch
+            equal its tokens alone, bit for bit in every dtype: batch-invariant matmuls, sums and attention,
+            the experts' per-expert loop, no CUDA graph; slower; moesys.offload.exact).
     Statistics: `model.moesys_offload.snapshot()` (an OffloadStats; `.summary()`, `.as_dict()`).
     """
     from transformers import AutoConfig

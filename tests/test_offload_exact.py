@@ -161,3 +161,30 @@ def test_exact_refuses_what_it_cannot_make_batch_invariant(checkpoints, tmp_path
     _save_tiny(GENERIC["jamba"](), tmp_path)
     with pytest.raises(ValueError, match="recurrent"):
         mo.load(tmp_path, gpu_memory=1 << 30, exact=True)
+
+
+def test_generate_cli_exact(checkpoints, tmp_path, monkeypatch, capsys):
+    """`moesys generate --exact --prompts`: the model loads with exact=True (no CUDA graph unless asked, which
+    is refused in one line) and its results are generate_batch's under exact mode."""
+    import json
+
+    from moesys.cli import main
+    from moesys.offload import loader
+
+    loaded = []
+    build = loader.build
+    monkeypatch.setattr(loader, "build", lambda *a, **kw: loaded.append(kw) or build(*a, **kw))
+    path = checkpoints["olmoe"]
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"token_ids": [5, 6, 7]}) + "\n" + json.dumps({"token_ids": [9, 3]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", str(path), "--gpu-memory", "1GiB", "--dtype", "float32", "--max-new-tokens", "2",
+            "--prompts", str(src), "--out", str(out), "--exact", "--batch-size", "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert loaded[-1]["exact"] is True and loaded[-1]["cuda_graph"] is False
+    got = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+    assert sorted(map(len, got)) == [2, 2]
+    capsys.readouterr()
+    assert main(args + ["--cuda-graph", "on"]) == 2
+    err = capsys.readouterr().err
+    assert "exact=True decodes without the CUDA-graph step" in err and len(err.strip().splitlines()) == 1, err

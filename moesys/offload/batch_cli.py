@@ -116,8 +116,9 @@ def check_args(args) -> None:
         raise ValueError("--routing trace and --routing-trace FILE go together")
     if not Path(args.out).parent.is_dir():
         raise ValueError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
-    if args.batch_graph == "on" and args.cuda_graph == "off":
-        raise ValueError("--batch-graph on replays the decode graph, which --cuda-graph off does not build")
+    if args.batch_graph == "on" and (args.cuda_graph == "off" or getattr(args, "exact", False)):
+        off = "--exact" if getattr(args, "exact", False) else "--cuda-graph off"
+        raise ValueError(f"--batch-graph on replays the decode graph, which {off} does not build")
 
 
 def prepare(args, model_dir: Path):

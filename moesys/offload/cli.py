@@ -84,8 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (None: the checkpoint config's)")
     parser.add_argument("--max-context", type=int, default=4096, help="tokens the KV cache is planned for")
     parser.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")
-    parser.add_argument("--cuda-graph", choices=("on", "off"), default="on",
-                        help="on: batch-1 decode keeps the expert cache's bookkeeping on the GPU and "
+    parser.add_argument("--exact", action="store_true",
+                        help="greedy tokens of a prompt in any batch equal its tokens alone, bit for bit in every "
+                             "dtype (batch-invariant matmuls, norms and attention, the per-expert loop, no CUDA "
+                             "graph; slower; bf16/fp16/fp32 experts only). On a CPU set TRITON_INTERPRET=1")
+    parser.add_argument("--cuda-graph", choices=("on", "off"), default=None,
+                        help="(default on, off with --exact) on: batch-1 decode keeps the expert cache's bookkeeping on the GPU and "
                              "replays each token as one CUDA graph (static KV cache; no speculative prefetch or "
                              "CPU experts in decode); off: every layer reads its routing back to the host")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -131,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    if args.cuda_graph is None:
+        args.cuda_graph = "off" if args.exact else "on"
     parse_bytes(args.gpu_memory, name="--gpu-memory")   # a bad budget fails before the model is read
     model_dir = resolve_model_dir(args.model_dir, what="MODEL")
     ids = parse_token_ids(args.token_ids) if args.token_ids is not None else None
@@ -143,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                  cache_policy=args.cache_policy, prefetch=args.prefetch, quantize_experts=args.quantize_experts,
                  cpu_experts=args.cpu_experts, host_memory=args.host_memory, max_context=args.max_context,
                  device=args.device, cuda_graph=args.cuda_graph == "on",
-                 compile={"auto": None, "on": True, "off": False}[args.compile])
+                 compile={"auto": None, "on": True, "off": False}[args.compile], exact=args.exact)
     engine = model.moesys_offload
     print(f"[moesys] {engine.plan.describe()}, host memory: {engine.host_mode}", file=sys.stderr)
     if requests is not None:

@@ -42,9 +42,9 @@ def check_options(opts: dict, explicit: dict) -> dict:
         if given is not None and given != want:
             raise ValueError(f"exact=True needs {key}={want!r} (batch-invariant experts), got {given!r}; "
                              f"drop {key} or exact")
-    if explicit.get("cuda_graph"):
+    if explicit.get("cuda_graph") or explicit.get("compile"):
         raise ValueError("exact=True decodes without the CUDA-graph step (its grouped experts call sums in another "
-                         "order); drop cuda_graph=True or exact")
+                         "order) and without compiling it; drop cuda_graph=True / compile=True or exact")
     return {**opts, **FIXED_OPTIONS, "cuda_graph": False, "compile": False}
 
 

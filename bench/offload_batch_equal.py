@@ -22,6 +22,7 @@ to rule a race in or out.
 
     PYTHONPATH=.:bench python bench/offload_batch_equal.py --out bench/results/offload_batch_equal.json \
         [--quantize int4] [--batch 8] [--new-tokens 32] [--variants device,device-no-prefetch,device-rows,host]
+    PYTHONPATH=.:bench python bench/offload_batch_equal.py --quantize none --variants host,exact --out ...
     PYTHONPATH=.:bench python bench/offload_batch_equal.py --smoke --out /tmp/equal.json   # CPU, seconds
 
 The model and budget are bench/offload_batch.py's (the OLMoE shape under 4 GiB, its own routing), loaded
@@ -108,7 +109,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--plan-batch", type=int, default=128,
                     help="the batch whose KV the memory plan reserves (bench/offload_batch.py's largest)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "exact"),
+                    help=f"comma-separated of {list(VARIANTS)} (default all but exact, which needs --quantize none)")
     args = ap.parse_args()
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))

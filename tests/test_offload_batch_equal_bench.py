@@ -62,3 +62,20 @@ def test_offload_batch_equal_smoke(tmp_path):
     assert all(v["equal"] == v["batch"] == 5 and v["diverged"] == [] for v in record["variants"])
     prefetched = {v["variant"]: v["prefetch_copies"] for v in record["variants"]}
     assert prefetched["device"] > 0 and prefetched["device-no-prefetch"] == 0
+
+
+@pytest.mark.slow
+def test_offload_batch_equal_exact_variant_smoke(tmp_path):
+    """--variants host,exact: the exact variant loads its own model (exact=True) after the others."""
+    out = tmp_path / "equal.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
+    cmd = [sys.executable, str(ROOT / "bench" / "offload_batch_equal.py"), "--smoke", "--out", str(out), "--workdir",
+           str(tmp_path / "w"), "--batch", "2", "--new-tokens", "2", "--prompt-len", "4", "--variants", "host,exact"]
+    proc = subprocess.run(cmd + ["--quantize", "int4"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "pass --quantize none" in proc.stderr
+    proc = subprocess.run(cmd + ["--quantize", "none"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert [(v["variant"], v["bookkeeping"], v["equal"]) for v in record["variants"]] == [("host", "host", 2),
+                                                                                          ("exact", "host", 2)]
+    assert all(v["seconds_batch_and_alone"] > 0 for v in record["variants"])

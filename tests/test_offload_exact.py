@@ -143,6 +143,8 @@ def test_exact_batch_equals_each_prompt_alone_bit_for_bit(checkpoints, arch):
              for p in prompts]
     assert [run[i] for i in range(3)] == alone
     assert engine.snapshot().evictions > 0
+    with pytest.raises(ValueError, match="kv='device'"):
+        generate_batch(model, prompts, max_new_tokens=2, kv="host")
 
 
 def test_exact_refuses_what_it_cannot_make_batch_invariant(checkpoints, tmp_path):
@@ -188,3 +190,5 @@ def test_generate_cli_exact(checkpoints, tmp_path, monkeypatch, capsys):
     assert main(args + ["--cuda-graph", "on"]) == 2
     err = capsys.readouterr().err
     assert "exact=True decodes without the CUDA-graph step" in err and len(err.strip().splitlines()) == 1, err
+    assert main(args + ["--kv", "host"]) == 2
+    assert "drop --kv host" in capsys.readouterr().err

@@ -351,6 +351,10 @@ def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_si
     """
     if kv not in KV_MODES:
         raise ValueError(f"kv={kv!r} is unknown; use one of {list(KV_MODES)}")
+    if getattr(model, "moesys_exact", False) and (kv != "device" or graph):
+        raise ValueError("an exact=True model keeps its KV cache on the device and decodes without the CUDA graph "
+                         "(its attention is the batch-invariant kernel, not the host's SDPA): kv='device', "
+                         "graph=False")
     requests = [_as_request(p) for p in prompts]
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")

@@ -119,6 +119,9 @@ def check_args(args) -> None:
     if args.batch_graph == "on" and (args.cuda_graph == "off" or getattr(args, "exact", False)):
         off = "--exact" if getattr(args, "exact", False) else "--cuda-graph off"
         raise ValueError(f"--batch-graph on replays the decode graph, which {off} does not build")
+    if args.kv == "host" and getattr(args, "exact", False):
+        raise ValueError("--exact runs attention in its batch-invariant device kernel: the KV cache stays on the "
+                         "device (drop --kv host)")
 
 
 def prepare(args, model_dir: Path):
@@ -163,7 +166,9 @@ def choose_batch(args, config, dtype, requests: list[Request], device) -> tuple[
             routing = pm.RoutingStats.from_trace(load_trace(args.routing_trace)[0], w.num_experts)
         else:
             routing = pm.RoutingStats.uniform(w.num_experts, w.top_k)
-        places, hw = pm.KV_PLACES if kv == "auto" else (kv,), pm.Hardware.measure(device)
+        # exact mode's attention is the device kernel: its KV cache stays there
+        places = ("device",) if getattr(args, "exact", False) else pm.KV_PLACES if kv == "auto" else (kv,)
+        hw = pm.Hardware.measure(device)
         if batch == "auto":
             best = pm.best_plan(w, hw, routing, len(requests), longest // 2, kv_places=places)
             batch = best["batch"]

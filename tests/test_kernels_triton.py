@@ -402,6 +402,7 @@ def test_kernels_compile_for_hopper():
     assert "sort_routing" in proc.stdout, proc.stdout
     assert "token_sum" in proc.stdout, proc.stdout
     assert proc.stdout.count("quant_grouped") == 4, proc.stdout  # int4/int8 x gate_up/down
+    assert proc.stdout.count(" exact ") == 9, proc.stdout  # exact mode's mm x4, row_sum, attention x4
 
 
 @pytest.mark.gpu

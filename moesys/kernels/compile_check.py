@@ -34,7 +34,8 @@ _PTR_TYPES = {"token_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32", "dr
 
 
 def compile_variant(kernel, consts: dict, dtype: str = "bf16", out_fp32: bool = False, num_warps=8, num_stages=3,
-                    ptr_types: dict | None = None):
+                    ptr_types: dict | None = None, pointers_only: bool = False):
+    """pointers_only: only the pointers declared 16-divisible (kernels whose sizes and strides take any value)."""
     ptr_types = {**_PTR_TYPES, **(ptr_types or {})}
     sig = {}
     # tensor descriptors, as launch.py passes them: the weights (b_desc) or the sorted operand (s_desc)
@@ -57,9 +58,10 @@ def compile_variant(kernel, consts: dict, dtype: str = "bf16", out_fp32: bool = 
         elif name.endswith("_ptr"):
             sig[name] = "*fp32" if (out_fp32 and name == "out_ptr") else ptr_types.get(name, "*" + dtype)
         else:
-            sig[name] = "i32"
+            sig[name] = ptr_types.get(name, "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if sig[n] != "constexpr" and n not in _NOT_DIVISIBLE and not sig[n].startswith("tensordesc")}
+             if sig[n] != "constexpr" and n not in _NOT_DIVISIBLE and not sig[n].startswith("tensordesc")
+             and (not pointers_only or n.endswith("_ptr"))}
     src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -117,6 +119,22 @@ def quant_variants():
         yield f"quant_grouped {mode} {'gate_up' if up else 'down'}", _quant_grouped_kernel, consts, not up, types
 
 
+def exact_variants():
+    """(name, kernel, constexprs, dtype, pointer and scalar types) of exact mode's batch-invariant kernels
+    (moesys.kernels.batch_invariant, moesys.kernels.exact_attention), at the tiles they always launch."""
+    from moesys.kernels.batch_invariant import MM_BLOCK_K, MM_BLOCK_M, MM_BLOCK_N, _bmm_kernel, _row_sum_kernel
+    from moesys.kernels.exact_attention import BLOCK_KEYS, _attention_kernel
+
+    mm = dict(BM=MM_BLOCK_M, BN=MM_BLOCK_N, BK=MM_BLOCK_K, UPCAST=False)
+    for dtype, bias in itertools.product(("bf16", "fp32"), (False, True)):
+        yield f"exact mm {dtype} bias={bias}", _bmm_kernel, dict(mm, HAS_BIAS=bias, IEEE=dtype == "fp32"), dtype, {}
+    yield "exact row_sum", _row_sum_kernel, dict(BLOCK=1024), "fp32", {}
+    for mask, sink in itertools.product((False, True), (False, True)):
+        yield (f"exact attention mask={mask} sinks={sink}", _attention_kernel,
+               dict(BD=128, BDV=128, BN=BLOCK_KEYS, HAS_MASK=mask, HAS_SINK=sink), "bf16",
+               {"mask_ptr": "*i1", "sink_ptr": "*fp32", "scale": "fp32"})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--all", action="store_true", help="every activation, bias and dtype variant")
@@ -144,6 +162,10 @@ def main(argv=None) -> int:
         print(f"bf16 {name}: shared {compiled.metadata.shared} B, "
               f"dots {compiled.asm['ttgir'].count('warp_group_dot') + compiled.asm['ttgir'].count('tt.dot')}",
               flush=True)
+    for name, kernel, consts, dtype, types in exact_variants():
+        compiled = compile_variant(kernel, consts, dtype, ptr_types=types, num_warps=4, num_stages=2,
+                                   pointers_only=True)
+        print(f"{dtype} {name}: shared {compiled.metadata.shared} B", flush=True)
     return 0
 
 

@@ -83,6 +83,7 @@ def run_variant(model, name, prompts, args, dtype) -> dict:
         run = generate_batch(model, prompts, max_new_tokens=args.new_tokens, batch_size=len(prompts), eos=[],
                              bookkeeping=bookkeeping)
         batch = {r.index: r.token_ids for r in run}
+        batch_seconds = time.perf_counter() - started
         alone = [next(iter(generate_batch(model, [p], max_new_tokens=args.new_tokens, batch_size=1, eos=[],
                                           bookkeeping=bookkeeping))).token_ids for p in prompts]
     finally:
@@ -95,7 +96,8 @@ def run_variant(model, name, prompts, args, dtype) -> dict:
             diverged.append(dict(sequence=i, **where))
     return dict(variant=name, bookkeeping=bookkeeping, equal=len(prompts) - len(diverged), batch=len(prompts),
                 prefetch_copies=engine.snapshot().prefetch_copies - prefetched, diverged=diverged,
-                seconds_batch_and_alone=seconds)
+                seconds_batch_and_alone=seconds, batch_tokens_per_s=sum(map(len, batch.values())) / batch_seconds,
+                alone_tokens_per_s=sum(map(len, alone)) / (seconds - batch_seconds))
 
 
 def main():
@@ -143,7 +145,8 @@ def main():
             record.setdefault("cache_slots", model.moesys_offload.cache.num_slots)
         record["variants"].append(run_variant(model, name, prompts, args, src.dtype))
         v = record["variants"][-1]
-        log(name, f"{v['equal']} of {v['batch']} equal alone",
+        log(name, f"{v['equal']} of {v['batch']} equal alone, end-to-end {v['batch_tokens_per_s']:.1f} tok/s batch, "
+            f"{v['alone_tokens_per_s']:.1f} alone",
             [(d["sequence"], d["position"], round(d.get("gap", float("nan")), 5), d.get("spacing"))
              for d in v["diverged"]])
     write_json_atomic(Path(args.out), record)

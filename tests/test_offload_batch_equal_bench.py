@@ -78,4 +78,5 @@ def test_offload_batch_equal_exact_variant_smoke(tmp_path):
     record = json.loads(out.read_text())
     assert [(v["variant"], v["bookkeeping"], v["equal"]) for v in record["variants"]] == [("host", "host", 2),
                                                                                           ("exact", "host", 2)]
-    assert all(v["seconds_batch_and_alone"] > 0 for v in record["variants"])
+    assert all(v["seconds_batch_and_alone"] > 0 and v["batch_tokens_per_s"] > 0 and v["alone_tokens_per_s"] > 0
+               for v in record["variants"])

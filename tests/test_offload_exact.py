@@ -91,20 +91,21 @@ def test_attention_without_a_mask_is_causal_and_a_query_that_sees_nothing_is_zer
 
 def test_mode_routes_linear_and_norm_and_refuses_batch_dependent_kernels():
     """Inside BatchInvariantMode nn.Linear (3D input, with a bias) and an RMSNorm's mean run the kernels (equal
-    to calling them directly); SDPA and cuBLAS's grouped GEMM are refused with a message; integers pass."""
+    to calling them directly); SDPA and cuBLAS's grouped GEMM are refused with a message; float64 passes through."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 7, 33, generator=g).to(DEVICE)
     w, b = torch.randn(20, 33, generator=g).to(DEVICE), torch.randn(20, generator=g).to(DEVICE)
     with BatchInvariantMode() as mode:
         y = F.linear(x, w, b)
         ms = x.pow(2).mean(-1, keepdim=True)
-        ints = torch.arange(6, device=DEVICE).view(2, 3) @ torch.ones(3, 2, dtype=torch.long, device=DEVICE)
+        f64 = torch.arange(6., device=DEVICE, dtype=torch.float64).view(2, 3) @ torch.ones(3, 2, dtype=torch.float64,
+                                                                                           device=DEVICE)
         with pytest.raises(RuntimeError, match="exact_attention"):
             F.scaled_dot_product_attention(x[None], x[None], x[None])
     assert mode.calls >= 2
     assert torch.equal(y, mm(x.reshape(14, 33), w.t(), b).view(2, 7, 20))
     assert torch.equal(ms, (row_sum(x.pow(2).reshape(14, 33)) / 33).view(2, 7, 1))
-    assert ints.tolist() == [[3, 3], [12, 12]]
+    assert f64.tolist() == [[3, 3], [12, 12]]  # other dtypes pass through (float64: the usual kernel)
 
 
 def _left_padded(prompts, device):

@@ -101,10 +101,10 @@ def test_bad_batch_options(checkpoints, tmp_path, capsys, extra, msg):
     assert msg in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("graph", ["off", "on", "device"])
+@pytest.mark.parametrize("graph", ["auto", "off", "on", "device"])
 def test_cli_results_equal_the_python_api(checkpoints, tmp_path, capsys, monkeypatch, graph):
-    """--batch-graph on reaches generate_batch(graph=True) (with --cuda-graph on), --bookkeeping device
-    generate_batch(bookkeeping="device"); tokens are the same."""
+    """--batch-graph on reaches generate_batch(graph=True) (with --cuda-graph on), off graph=False, the default
+    graph="auto", --bookkeeping device generate_batch(bookkeeping="device"); tokens are the same."""
     import moesys.offload as mo
     from moesys.offload import batch_cli
 
@@ -115,10 +115,11 @@ def test_cli_results_equal_the_python_api(checkpoints, tmp_path, capsys, monkeyp
     path = checkpoints["mixtral"]
     ps = prompts((4, 6, 8, 5))
     src = _write(tmp_path / "in.jsonl", [{"token_ids": p} for p in ps])
-    extra = {"off": [], "on": ["--batch-graph", "on", "--cuda-graph", "on"], "device": ["--bookkeeping", "device"]}
+    extra = {"auto": [], "off": ["--batch-graph", "off"], "on": ["--batch-graph", "on", "--cuda-graph", "on"],
+             "device": ["--bookkeeping", "device"]}
     rc, out = _generate(path, tmp_path, "--prompts", str(src), "--batch-size", "3", *extra[graph])
     assert rc == 0, capsys.readouterr().err
-    assert seen == [(graph == "on", "device" if graph == "device" else "auto")]
+    assert seen == [({"on": True, "off": False}.get(graph, "auto"), "device" if graph == "device" else "auto")]
     model = mo.load(path, gpu_memory="1GiB", dtype=torch.float32, cuda_graph=False)
     want = [(r.index, r.token_ids) for r in generate_batch(model, ps, max_new_tokens=4, batch_size=3)]
     assert [(r["index"], r["token_ids"]) for r in map(json.loads, out.read_text().splitlines())] == want

@@ -104,10 +104,10 @@ def test_graph_needs_the_decode_graph(checkpoints):
     model = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)
     with pytest.raises(ValueError, match="graph=True replays moesys's decode graph"):
         list(generate_batch(model, prompts(), max_new_tokens=2, batch_size=2, graph=True))
-    with pytest.raises(ValueError, match="graph='yes' must be True or False"):
+    with pytest.raises(ValueError, match="graph='yes' must be True, False or 'auto'"):
         generate_batch(model, prompts(), graph="yes")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # graph=False (the default) never warns
+        warnings.simplefilter("error")  # graph="auto" (the default) never warns
         list(generate_batch(model, prompts()[:2], max_new_tokens=2, batch_size=2))
 
 
@@ -293,3 +293,36 @@ def test_sliding_window_batch_takes_the_host_routed_steps(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"fixed-shape KV cache needs full-attention .*DynamicSlidingWindowLayer.* "
                                          r"graph=False"):
         batch_static_kv.StaticBatchKV(model.config, torch.device("cpu"), 2, 16)
+
+
+def test_auto_takes_the_graph_for_quantized_experts_on_cuda_where_the_banks_hold_the_batch(checkpoints, monkeypatch):
+    """graph="auto" (the default): the decode graph for int8/int4 experts on CUDA with a full-attention KV cache
+    on the device and banks that hold the batch's experts; the eager steps for bf16/fp32 experts, on the CPU,
+    with kv="host", without the decode graph, or when the banks are too small. The engine's device is faked
+    as CUDA for the decision only; a run with the rule forced on takes the graph's steps."""
+    from moesys.offload.batch import BatchGeneration, Request
+
+    path = checkpoints["olmoe"]
+    reqs = [Request(token_ids=p) for p in prompts()[:3]]
+
+    def pays(model, batch_size=3, kv="device", cuda=True):
+        monkeypatch.setattr(model.moesys_offload, "cuda", cuda)
+        return BatchGeneration(model, reqs, 2, batch_size, set(), True, kv=kv, graph="auto")._graph_pays()
+
+    int8 = mo.load(path, gpu_memory=budget(path, torch.float32, 10, max_context=CONTEXT), dtype=torch.float32,
+                   max_context=CONTEXT, compile=False, quantize_experts="int8")
+    assert pays(int8)
+    assert not pays(int8, cuda=False) and not pays(int8, kv="host")
+    monkeypatch.setattr(int8.moesys_offload, "_smallest_bank", 0)
+    monkeypatch.setattr(int8.moesys_offload.cache, "capacity", lambda layer: 0)
+    assert not pays(int8)
+    monkeypatch.undo()
+    assert not pays(load(path))  # fp32 experts keep the eager steps
+    no_graph = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False,
+                       quantize_experts="int8")
+    assert not pays(no_graph)
+
+    monkeypatch.setattr(BatchGeneration, "_graph_pays", lambda self: True)
+    run = generate_batch(int8, prompts()[:3], max_new_tokens=3, batch_size=3)
+    list(run)
+    assert int8.moesys_decode_graph.eager_steps + int8.moesys_decode_graph.replays == run.decode_steps > 0

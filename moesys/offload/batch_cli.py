@@ -192,7 +192,8 @@ def run_batch(args, model, tokenizer, requests: list[Request], batch_size: int, 
 
         override = RoutingOverride(model, args.routing, seed=args.routing_seed, trace=args.routing_trace)
     run = generate_batch(model, requests, max_new_tokens=args.max_new_tokens, batch_size=batch_size, kv=kv,
-                         graph=args.batch_graph == "on", bookkeeping=args.bookkeeping)
+                         graph={"on": True, "off": False, "auto": "auto"}[args.batch_graph],
+                         bookkeeping=args.bookkeeping)
     progress = Progress(len(requests))
     with open(partial, "w", encoding="utf-8") as f:
         for result in run:

@@ -321,6 +321,8 @@ def main():
     ap.add_argument("--graph-budget", type=float, default=None, metavar="GIB",
                     help="--batch-graph rows under this budget (GiB; default the other rows'): the graph's steps need "
                          "each layer's cache bank to hold min(B x top-k, experts) experts")
+    ap.add_argument("--graph-only", action="store_true",
+                    help="only the --batch-graph rows (host-routed and graph side by side), no bound or calibration")
     ap.add_argument("--graph-quantize", default="none", choices=("none", "int8", "int4"),
                     help="the --batch-graph rows' expert precision (default bf16: none)")
     ap.add_argument("--graph-batch-sizes", default=None,
@@ -370,6 +372,16 @@ def main():
     base = dict(meta, bench="offload_batch", shape=src.shape,
                 prompt_tokens=args.prompt_len, new_tokens=args.new_tokens, path="eager host-routed, generate_batch",
                 hardware=hw.__dict__)
+    def run_graph_rows():
+        graph_sizes = [int(b) for b in args.graph_batch_sizes.split(",")] if args.graph_batch_sizes else sizes
+        graph_budget = int(args.graph_budget * 2**30) if args.graph_budget else budget
+        graph_rows(args, src, graph_budget, max_context, graph_sizes, base, records, args.experts_impl.split(",")[0])
+
+    if args.graph_only:  # the --batch-graph rows alone (a short GPU run)
+        run_graph_rows()
+        save()
+        log("wrote", args.out, len(records), "records")
+        return
     # every expert resident: the compute side of the bound, per batch size, with each experts implementation
     # (the bound takes the fastest; the first one also runs the offloaded rows, and calibrates the model)
     impls = args.experts_impl.split(",")
@@ -551,9 +563,7 @@ def main():
         gc.collect()
 
     if args.batch_graph:
-        graph_sizes = [int(b) for b in args.graph_batch_sizes.split(",")] if args.graph_batch_sizes else sizes
-        graph_budget = int(args.graph_budget * 2**30) if args.graph_budget else budget
-        graph_rows(args, src, graph_budget, max_context, graph_sizes, base, records, impls[0])
+        run_graph_rows()
     save()
     log("wrote", args.out, len(records), "records")
 

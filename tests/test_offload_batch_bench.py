@@ -63,6 +63,16 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     assert graph[2]["path"] == "decode graph, generate_batch(graph=True)"
 
 
+def test_offload_batch_bench_graph_only_int4(tmp_path):
+    """--graph-only --graph-quantize int4: the graph section's rows alone (no bound, no calibration), in int4."""
+    out = tmp_path / "ob.json"
+    _bench(tmp_path, "--out", str(out), "--graph-only", "--graph-quantize", "int4", "--graph-batch-sizes", "4")
+    records = json.loads(out.read_text())
+    assert [(r["impl"], r["batch"], r["quantize"]) for r in records] == [("moesys", 4, "int4"),
+                                                                         ("moesys-batch-graph", 4, "int4")]
+    assert records[1]["sequences_equal_to_host_path"] == [4, 4]
+
+
 @pytest.mark.slow
 def test_offload_batch_bench_profile_writes_where_a_rows_steps_go(tmp_path):
     """--profile runs the one row it names (int8 experts, uniform routing, batch 4 here) and writes the step's

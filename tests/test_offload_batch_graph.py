@@ -326,3 +326,30 @@ def test_auto_takes_the_graph_for_quantized_experts_on_cuda_where_the_banks_hold
     run = generate_batch(int8, prompts()[:3], max_new_tokens=3, batch_size=3)
     list(run)
     assert int8.moesys_decode_graph.eager_steps + int8.moesys_decode_graph.replays == run.decode_steps > 0
+
+
+def test_graph_kv_cache_holds_what_the_run_needs_not_the_whole_plan(checkpoints, monkeypatch):
+    """The fixed-shape KV cache gets 2x the run's longest sequence per row, rounded up to a power of two, capped
+    at max_context / rows: not the memory plan's whole KV reserve (which, allocated whole, took a 16 GiB
+    budget 0.58 GiB over on an H100); the tokens are the same as with the whole plan's columns."""
+    from moesys.offload.batch import BatchGeneration
+
+    path = checkpoints["olmoe"]
+    ps = prompts()  # up to 12 tokens, + 5 new: 17 -> 64 columns of CONTEXT / 3 = 85
+    made = []
+    real = batch_static_kv.StaticBatchKV.__init__
+
+    def spy(self, config, device, rows, columns, **kw):
+        made.append((rows, columns))
+        real(self, config, device, rows, columns, **kw)
+
+    monkeypatch.setattr(batch_static_kv.StaticBatchKV, "__init__", spy)
+    model = load(path)
+    run = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=5, batch_size=3, graph=True)}
+    assert made == [(3, 64)]
+    monkeypatch.setattr(BatchGeneration, "_graph_columns", lambda self, R: CONTEXT // R)
+    whole = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=5, batch_size=3, graph=True)}
+    assert made[-1] == (3, CONTEXT // 3) and whole == run
+    monkeypatch.undo()
+    gen = BatchGeneration(model, [Request(token_ids=[1] * 60)], 50, 2, set(), True, graph=True)
+    assert gen._graph_columns(2) == CONTEXT // 2  # 2 x 110 rounds to 256, over the plan's 128 a row

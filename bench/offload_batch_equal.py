@@ -67,6 +67,25 @@ def parted(model, prompt, alone, batch, dtype) -> dict | None:
                 top_token=int(logits_V.argmax()))
 
 
+def prefill_logits_gap(model, prompts) -> dict:
+    """The last position's logits of the prompts prefilled as one left-padded batch against each alone: how many
+    rows are equal bit for bit, and the largest absolute difference (the rounding a batch adds, before any
+    greedy choice hides it)."""
+    device = next(model.parameters()).device
+    L = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        batch = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                      position_ids=pos.to(device)).logits[:, -1].float()
+        alone = torch.cat([model(input_ids=torch.tensor([p], device=device)).logits[:, -1].float() for p in prompts])
+    return dict(prefill_logits_equal=sum(torch.equal(a, b) for a, b in zip(alone, batch)),
+                prefill_logits_max_abs_diff=(alone - batch).abs().max().item())
+
+
 def run_variant(model, name, prompts, args, dtype) -> dict:
     from moesys.offload.batch import generate_batch
 
@@ -97,7 +116,8 @@ def run_variant(model, name, prompts, args, dtype) -> dict:
     return dict(variant=name, bookkeeping=bookkeeping, equal=len(prompts) - len(diverged), batch=len(prompts),
                 prefetch_copies=engine.snapshot().prefetch_copies - prefetched, diverged=diverged,
                 seconds_batch_and_alone=seconds, batch_tokens_per_s=sum(map(len, batch.values())) / batch_seconds,
-                alone_tokens_per_s=sum(map(len, alone)) / (seconds - batch_seconds))
+                alone_tokens_per_s=sum(map(len, alone)) / (seconds - batch_seconds),
+                **(prefill_logits_gap(model, prompts) if bookkeeping == "host" else {}))
 
 
 def main():
@@ -146,7 +166,8 @@ def main():
         record["variants"].append(run_variant(model, name, prompts, args, src.dtype))
         v = record["variants"][-1]
         log(name, f"{v['equal']} of {v['batch']} equal alone, end-to-end {v['batch_tokens_per_s']:.1f} tok/s batch, "
-            f"{v['alone_tokens_per_s']:.1f} alone",
+            f"{v['alone_tokens_per_s']:.1f} alone; prefill logits equal {v.get('prefill_logits_equal')}, max diff "
+            f"{v.get('prefill_logits_max_abs_diff')}",
             [(d["sequence"], d["position"], round(d.get("gap", float("nan")), 5), d.get("spacing"))
              for d in v["diverged"]])
     write_json_atomic(Path(args.out), record)

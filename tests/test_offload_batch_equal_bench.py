@@ -80,3 +80,8 @@ def test_offload_batch_equal_exact_variant_smoke(tmp_path):
                                                                                           ("exact", "host", 2)]
     assert all(v["seconds_batch_and_alone"] > 0 and v["batch_tokens_per_s"] > 0 and v["alone_tokens_per_s"] > 0
                for v in record["variants"])
+    # both also compare a left-padded batch's prefill logits with each prompt's alone: exact mode's bit for bit (the
+    # host path's were 1.2e-7 apart here, fp32 on the CPU: oneDNN's GEMMs and SDPA follow the batch's shape)
+    host, exact = record["variants"]
+    assert exact["prefill_logits_equal"] == 2 and exact["prefill_logits_max_abs_diff"] == 0
+    assert 0 <= host["prefill_logits_equal"] <= 2 and host["prefill_logits_max_abs_diff"] >= 0

@@ -71,9 +71,10 @@ def test_offload_batch_equal_exact_variant_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
     cmd = [sys.executable, str(ROOT / "bench" / "offload_batch_equal.py"), "--smoke", "--out", str(out), "--workdir",
            str(tmp_path / "w"), "--batch", "2", "--new-tokens", "2", "--prompt-len", "4", "--variants", "host,exact"]
-    proc = subprocess.run(cmd + ["--quantize", "int4"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    run = dict(capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(cmd + ["--quantize", "int4"], **run)
     assert proc.returncode == 2 and "pass --quantize none" in proc.stderr
-    proc = subprocess.run(cmd + ["--quantize", "none"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(cmd + ["--quantize", "none"], **run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert [(v["variant"], v["bookkeeping"], v["equal"]) for v in record["variants"]] == [("host", "host", 2),

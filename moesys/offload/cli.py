@@ -49,9 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model's faster choice")
     parser.add_argument("--batch-graph", choices=("auto", "on", "off"), default="auto",
                         help="with --prompts: on: the batch's decode steps replay the CUDA graph with the expert "
-                             "cache's bookkeeping on the GPU (a fixed-shape KV cache of batch x max-context / "
-                             "batch columns; needs --cuda-graph on and banks that hold batch x top-k experts, "
-                             "else it says so and runs off); off: eager steps, which overlap the resident "
+                             "cache's bookkeeping on the GPU (a fixed-shape KV cache sized to the run, at most "
+                             "max-context in all; needs --cuda-graph on and banks that hold batch x top-k "
+                             "experts, else it says so and runs off); off: eager steps, which overlap the resident "
                              "experts' compute with the misses' copies and prefetch; auto: on for int8/int4 "
                              "experts on a GPU where the banks hold the batch (measured 5x faster there), else off")
     parser.add_argument("--bookkeeping", choices=("auto", "host", "device"), default="auto",
@@ -90,9 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dtype (batch-invariant matmuls, norms and attention, the per-expert loop, no CUDA "
                              "graph; slower; bf16/fp16/fp32 experts only). On a CPU set TRITON_INTERPRET=1")
     parser.add_argument("--cuda-graph", choices=("on", "off"), default=None,
-                        help="(default on, off with --exact) on: batch-1 decode keeps the expert cache's bookkeeping on the GPU and "
-                             "replays each token as one CUDA graph (static KV cache; no speculative prefetch or "
-                             "CPU experts in decode); off: every layer reads its routing back to the host")
+                        help="(default on, off with --exact) on: batch-1 decode keeps the expert cache's "
+                             "bookkeeping on the GPU and replays each token as one CUDA graph (static KV cache; no "
+                             "speculative prefetch or CPU experts in decode); off: every layer reads its routing "
+                             "back to the host")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the decode step the CUDA graph captures (inductor fuses the "
                              "model's kernels around the expert cache; the first decode step then waits for the "

@@ -377,6 +377,10 @@ def main():
         graph_budget = int(args.graph_budget * 2**30) if args.graph_budget else budget
         graph_rows(args, src, graph_budget, max_context, graph_sizes, base, records, args.experts_impl.split(",")[0])
 
+    if "moesys" in args.experts_impl.split(","):
+        from moesys.integrations.transformers import register
+
+        register()
     if args.graph_only:  # the --batch-graph rows alone (a short GPU run)
         run_graph_rows()
         save()

@@ -71,16 +71,12 @@ def prefill_logits_gap(model, prompts) -> dict:
     """The last position's logits of the prompts prefilled as one left-padded batch against each alone: how many
     rows are equal bit for bit, and the largest absolute difference (the rounding a batch adds, before any
     greedy choice hides it)."""
+    from moesys.offload.batch_kv import PaddedBatchKV, cache_kwarg
+
     device = next(model.parameters()).device
-    L = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    group = PaddedBatchKV(model.config, device, cache_name=cache_kwarg(model)).prefill_inputs(prompts)
     with torch.no_grad():
-        batch = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                      position_ids=pos.to(device)).logits[:, -1].float()
+        batch = model(**group).logits[:, -1].float()
         alone = torch.cat([model(input_ids=torch.tensor([p], device=device)).logits[:, -1].float() for p in prompts])
     return dict(prefill_logits_equal=sum(torch.equal(a, b) for a, b in zip(alone, batch)),
                 prefill_logits_max_abs_diff=(alone - batch).abs().max().item())

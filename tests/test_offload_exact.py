@@ -111,15 +111,6 @@ def test_mode_routes_linear_and_norm_and_refuses_batch_dependent_kernels():
     assert f64.tolist() == [[3, 3], [12, 12]]  # other dtypes pass through (float64: the usual kernel)
 
 
-def _left_padded(prompts, device):
-    L = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
-    return ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp_min(0).to(device)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.skipif(
     DEVICE == "cpu", reason="the same engine path as qwen3_moe on the CPU; 1 min under the interpreter"))])
@@ -128,6 +119,7 @@ def test_exact_batch_equals_each_prompt_alone_bit_for_bit(checkpoints, arch):
     left-padded prompts equal each prompt's alone, bit for bit, and so do generate_batch's greedy tokens
     (continuous batching: two rows, three prompts) and each prompt generated alone."""
     from moesys.offload.batch import generate_batch
+    from moesys.offload.batch_kv import PaddedBatchKV, cache_kwarg
 
     path, dtype = checkpoints[arch], torch.bfloat16
     model = mo.load(path, gpu_memory=budget(path, dtype, 6), dtype=dtype, exact=True)
@@ -136,8 +128,9 @@ def test_exact_batch_equals_each_prompt_alone_bit_for_bit(checkpoints, arch):
     prompts = [[5, 17, 3, 99, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15], [60, 2, 33]]
     device = engine.device
     with torch.no_grad():
-        ids, mask, pos = _left_padded(prompts, device)
-        batch = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        # generate_batch's own prefill inputs: left-padded, positions from the mask, a fresh cache
+        group = PaddedBatchKV(model.config, device, cache_name=cache_kwarg(model)).prefill_inputs(prompts)
+        batch = model(**group).logits[:, -1]
         for i, p in enumerate(prompts):
             alone = model(input_ids=torch.tensor([p], device=device)).logits[0, -1]
             assert torch.equal(alone, batch[i]), i

@@ -185,15 +185,27 @@ class BatchGeneration:
     def _graph_pays(self) -> bool:
         """graph="auto": the decode graph where it was measured faster than the eager steps and can run
         quietly: quantized experts on CUDA (the Qwen3-30B-A3B shape, int4, 16 GiB, B=8 on an H100: 168.5
-        against 32.3 tok/s; eager int4 steps there are host-bound), a full-attention KV cache on the device, and
-        banks that hold what the rows may need at once. bf16 experts keep the eager steps (the OLMoE shape,
-        B=8: the graph 4% slower; its misses copy with nothing computing beside them)."""
+        against 32.3 tok/s; eager int4 steps there are host-bound), wherever graph=True would run
+        (_graph_blocker). bf16 experts keep the eager steps (the OLMoE shape, B=8: the graph 4% slower; its
+        misses copy with nothing computing beside them)."""
         engine = getattr(self.model, "moesys_offload", None)
         if (engine is None or getattr(self.model, "moesys_decode_graph", None) is None or not engine.cuda
-                or engine.store.quantize == "none" or self.kv != "device"
-                or other_cache_layers(self.model.config)):
+                or engine.store.quantize == "none"):
             return False
-        return engine.device_batch_unsupported(min(self.batch_size, len(self.requests))) is None
+        return self._graph_blocker(engine, self._rows()) is None
+
+    def _rows(self) -> int:
+        return min(self.batch_size, len(self.requests))
+
+    def _graph_blocker(self, engine, rows: int) -> str | None:
+        """Why the graph decode's steps cannot run these rows (the bookkeeping on the device, a fixed-shape
+        full-attention KV cache on the device), or None."""
+        if self.kv != "device":
+            return "kv='host' keeps the KV cache on the host"
+        other = other_cache_layers(self.model.config)
+        if other:
+            return f"the fixed-shape batch cache holds full-attention layers only, and this model's has {other}"
+        return engine.device_batch_unsupported(rows)
 
     def _graph_rows(self) -> int | None:
         """The rows of the graph decode's fixed-shape batch, or None (said once) when its steps cannot keep
@@ -202,11 +214,8 @@ class BatchGeneration:
         if engine is None or getattr(self.model, "moesys_decode_graph", None) is None:
             raise ValueError("graph=True replays moesys's decode graph: load the model with moesys.offload.load "
                              "(cuda_graph=True, the default)")
-        rows = min(self.batch_size, len(self.requests))
-        other = other_cache_layers(self.model.config)
-        why = ("kv='host' keeps the KV cache on the host" if self.kv != "device" else
-               f"the fixed-shape batch cache holds full-attention layers only, and this model's has {other}"
-               if other else engine.device_batch_unsupported(rows))
+        rows = self._rows()
+        why = self._graph_blocker(engine, rows)
         if why is not None:
             warnings.warn(f"batch decode takes the host-routed path instead of the decode graph: {why}",
                           stacklevel=4)

@@ -372,15 +372,17 @@ def main():
     base = dict(meta, bench="offload_batch", shape=src.shape,
                 prompt_tokens=args.prompt_len, new_tokens=args.new_tokens, path="eager host-routed, generate_batch",
                 hardware=hw.__dict__)
-    def run_graph_rows():
-        graph_sizes = [int(b) for b in args.graph_batch_sizes.split(",")] if args.graph_batch_sizes else sizes
-        graph_budget = int(args.graph_budget * 2**30) if args.graph_budget else budget
-        graph_rows(args, src, graph_budget, max_context, graph_sizes, base, records, args.experts_impl.split(",")[0])
-
-    if "moesys" in args.experts_impl.split(","):
+    impls = args.experts_impl.split(",")
+    if "moesys" in impls:
         from moesys.integrations.transformers import register
 
         register()
+
+    def run_graph_rows():
+        graph_sizes = [int(b) for b in args.graph_batch_sizes.split(",")] if args.graph_batch_sizes else sizes
+        graph_budget = int(args.graph_budget * 2**30) if args.graph_budget else budget
+        graph_rows(args, src, graph_budget, max_context, graph_sizes, base, records, impls[0])
+
     if args.graph_only:  # the --batch-graph rows alone (a short GPU run)
         run_graph_rows()
         save()
@@ -388,11 +390,6 @@ def main():
         return
     # every expert resident: the compute side of the bound, per batch size, with each experts implementation
     # (the bound takes the fastest; the first one also runs the offloaded rows, and calibrates the model)
-    impls = args.experts_impl.split(",")
-    if "moesys" in impls:
-        from moesys.integrations.transformers import register
-
-        register()
     resident_step, calib = {}, None
     for impl in impls:
         # in a process of its own: whatever the all-resident model leaves on the GPU goes with the process (on

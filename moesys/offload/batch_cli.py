@@ -116,10 +116,10 @@ def check_args(args) -> None:
         raise ValueError("--routing trace and --routing-trace FILE go together")
     if not Path(args.out).parent.is_dir():
         raise ValueError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
-    if args.batch_graph == "on" and (args.cuda_graph == "off" or getattr(args, "exact", False)):
-        off = "--exact" if getattr(args, "exact", False) else "--cuda-graph off"
+    if args.batch_graph == "on" and (args.cuda_graph == "off" or args.exact):
+        off = "--exact" if args.exact else "--cuda-graph off"
         raise ValueError(f"--batch-graph on replays the decode graph, which {off} does not build")
-    if args.kv == "host" and getattr(args, "exact", False):
+    if args.kv == "host" and args.exact:
         raise ValueError("--exact runs attention in its batch-invariant device kernel: the KV cache stays on the "
                          "device (drop --kv host)")
 
@@ -167,7 +167,7 @@ def choose_batch(args, config, dtype, requests: list[Request], device) -> tuple[
         else:
             routing = pm.RoutingStats.uniform(w.num_experts, w.top_k)
         # exact mode's attention is the device kernel: its KV cache stays there
-        places = ("device",) if getattr(args, "exact", False) else pm.KV_PLACES if kv == "auto" else (kv,)
+        places = ("device",) if args.exact else pm.KV_PLACES if kv == "auto" else (kv,)
         hw = pm.Hardware.measure(device)
         if batch == "auto":
             best = pm.best_plan(w, hw, routing, len(requests), longest // 2, kv_places=places)

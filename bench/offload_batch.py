@@ -311,6 +311,10 @@ def main():
                     help="comma-separated host,device: the offloaded rows' eager decode steps with the expert "
                          "cache's bookkeeping on the host (a sync per layer) or on the device (generate_batch's "
                          "bookkeeping; each row is run once per mode, side by side)")
+    ap.add_argument("--batch-step-kernel", default="on",
+                    help="comma-separated on,off: the device bookkeeping's batch steps through the one-launch kernel "
+                         "(on, the engine's default) or the torch reference (off: OffloadEngine.batch_step_kernel); "
+                         "each row is run once per value, side by side")
     ap.add_argument("--cache-policy", default="auto", choices=("auto", "next-visit", "lru", "lfu"),
                     help="the offloaded rows' (and --profile's) expert cache policy (moesys.offload.cache)")
     ap.add_argument("--batch-graph", action="store_true",
@@ -496,8 +500,13 @@ def main():
             row_sizes = list(sizes)
             if "auto" in args.batch_sizes:
                 row_sizes.append(auto_batch_size(model, 128 if not args.smoke else 64, ctx, hardware=row_hw))
-            for i, (B, bookkeeping) in enumerate((B, bk) for B in row_sizes for bk in args.bookkeeping.split(",")):
-                i //= len(args.bookkeeping.split(","))
+            kernels = args.batch_step_kernel.split(",")
+            variants = [(B, bk, kern) for B in row_sizes for bk in args.bookkeeping.split(",") for kern in kernels]
+            for i, (B, bookkeeping, kernel) in enumerate(variants):
+                i //= len(args.bookkeeping.split(",")) * len(kernels)
+                if kernel not in ("on", "off"):
+                    raise SystemExit(f"--batch-step-kernel {kernel!r}: use on or off")
+                engine.batch_step_kernel = kernel == "on"
                 rec = RoutingRecorder(model)
                 try:
                     e2e, stats, tokens = run_row(model, B, args, cfg.vocab_size, bookkeeping=bookkeeping)
@@ -528,7 +537,8 @@ def main():
                 measured = stats.decode_tokens_per_s
                 records.append(dict(
                     base, impl="moesys", quantize=quantize, routing=routing, trace_source=trace_source,
-                    batch=B, bookkeeping=bookkeeping, auto=i >= len(sizes), tokens_per_s=measured,
+                    batch=B, bookkeeping=bookkeeping, batch_step_kernel=engine.batch_step_kernel,
+                    auto=i >= len(sizes), tokens_per_s=measured,
                     e2e_tokens_per_s=e2e,
                     hit_rate=stats.decode_hit_rate, copy_hit_rate=stats.decode_copy_hit_rate,
                     bytes_copied_per_token=stats.decode_bytes_copied / max(
@@ -550,7 +560,7 @@ def main():
                     equal = matches_alone(model, tokens, args, cfg.vocab_size, bookkeeping)
                     records[-1]["sequences_equal_to_alone"] = [equal, B]
                     log("equal to alone:", records[-1]["sequences_equal_to_alone"])
-                log(f"{quantize} {routing} B={B} {bookkeeping}: {measured:.1f} tok/s, "
+                log(f"{quantize} {routing} B={B} {bookkeeping} batch-step-kernel {kernel}: {measured:.1f} tok/s, "
                     f"predicted {pred['tokens_per_s']:.1f} "
                     f"({pred_hit['tokens_per_s']:.1f} with the measured copy hit rate "
                     f"{stats.decode_copy_hit_rate:.2f}; "

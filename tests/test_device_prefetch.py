@@ -191,6 +191,28 @@ def test_eager_batch_with_device_bookkeeping_equals_each_sequence_alone(checkpoi
         generate_batch(model, ps, bookkeeping="sideways")
 
 
+def test_batch_steps_take_the_kernel_unless_the_engine_asks_for_the_reference(checkpoints, monkeypatch):
+    """OffloadEngine.batch_step_kernel: True (default) leaves a batch step's and its prefetch's use_kernel to the
+    tables (the batch kernel on CUDA); False asks for the torch reference (bench/offload_batch.py's A/B). A
+    batch-1 step keeps its own default either way."""
+    from moesys.offload.batch import generate_batch
+    from moesys.offload.device_cache import DeviceCacheTables
+
+    asked = []
+    real = DeviceCacheTables.step
+    monkeypatch.setattr(DeviceCacheTables, "step", lambda self, row, ids, **kw: asked.append(
+        (ids.numel() > 3 or kw.get("prefetch", False), kw.get("use_kernel"))) or real(self, row, ids, **kw))
+    path = checkpoints["qwen3_moe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 16), dtype=torch.float32, cuda_graph=False)
+    for flag in (True, False):
+        model.moesys_offload.batch_step_kernel = flag
+        asked.clear()
+        list(generate_batch(model, [[5, 6, 7], [8, 9]], max_new_tokens=3, bookkeeping="device"))
+        batch = {k for b, k in asked if b}
+        assert batch == ({None} if flag else {False}), flag
+        assert {k for b, k in asked if not b} <= {None}
+
+
 def test_auto_bookkeeping_takes_the_device_path_wherever_the_banks_hold_the_batch(checkpoints):
     """bookkeeping="auto": quantized and unquantized experts take the device path at any batch the banks hold
     (a batch of 8 tokens' rows included: 64 routed rows for 8 experts); "host" never, and a batch the banks

@@ -165,13 +165,14 @@ def _tables(device, policy):
     return DeviceCacheTables(_cache(device, policy), policy)
 
 
-def test_device_bookkeeping_takes_the_fused_kernel_for_one_tokens_ids_only(monkeypatch):
+def test_device_bookkeeping_takes_a_fused_kernel_on_cuda(monkeypatch):
     """use_kernel=None: one token's distinct ids on a CUDA table take the fused Triton kernel, a batch's ids
-    (repeats) the torch reference (the kernel refuses them); both give the CPU reference's slots."""
+    (repeats) the batch kernel; both give the CPU reference's slots (on a GPU: the kernels' barriers make
+    their scratch stores visible to the whole program)."""
     from moesys.offload.device_cache import DeviceCacheTables
 
     calls = []
-    for name in ("_step_kernel", "_step_reference"):
+    for name in ("_step_kernel", "_batch_step_kernel", "_step_reference"):
         real = getattr(DeviceCacheTables, name)
         monkeypatch.setattr(DeviceCacheTables, name,
                             lambda self, *a, _real=real, _name=name: calls.append((_name, self.table.is_cuda))
@@ -181,18 +182,19 @@ def test_device_bookkeeping_takes_the_fused_kernel_for_one_tokens_ids_only(monke
         got = gpu.step(row, torch.tensor(ids, device="cuda"), distinct=distinct)
         want = cpu.step(row, torch.tensor(ids), use_kernel=False, distinct=distinct)
         assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), (row, ids)
-    assert [name for name, on_gpu in calls if on_gpu] == ["_step_kernel", "_step_reference", "_step_kernel"]
+    assert [name for name, on_gpu in calls if on_gpu] == ["_step_kernel", "_batch_step_kernel", "_step_kernel"]
 
 
+@pytest.mark.parametrize("use_kernel", [False, True])
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_device_bookkeeping_of_repeated_experts_takes_their_first_occurrence_on_cuda(policy):
+def test_device_bookkeeping_of_repeated_experts_takes_their_first_occurrence_on_cuda(policy, use_kernel):
     """A batch step's repeated expert is counted, installed and copied at its first occurrence: the store rows
     (src) sit at the first occurrences and the misses take victims in that order, as on the CPU. The ids are
     sorted to find the first occurrences, with 8 to 24 ids: CUDA's unstable sort (a bitonic network up to 32
-    keys) would take a later occurrence for the first."""
+    keys) would take a later occurrence for the first; the batch kernel takes the min position instead."""
     gpu, cpu = _tables("cuda", policy), _tables("cpu", policy)
     for row, ids in REPEATED_STEPS:
-        got = gpu.step(row, torch.tensor(ids, device="cuda"), use_kernel=False, distinct=False)
+        got = gpu.step(row, torch.tensor(ids, device="cuda"), use_kernel=use_kernel, distinct=False)
         want = cpu.step(row, torch.tensor(ids), use_kernel=False, distinct=False)
         assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), (row, ids)
     assert torch.equal(gpu.table.cpu(), cpu.table) and torch.equal(gpu.owner_S.cpu(), cpu.owner_S)

@@ -416,8 +416,57 @@ def test_batch_step_handles_each_shared_expert_once(policy):
         first = [ids_N.tolist().index(e) for e in distinct]
         assert all(src_N[i] < 0 for i in range(ids_N.numel()) if i not in first)
     assert repeated == 30 and tables[0].counters[2] > 0  # repeats in every step, and evictions
-    with pytest.raises(ValueError, match="use_kernel=False for a batch"):
-        tables[0].step(0, ids_N, use_kernel=True, distinct=False)
+
+
+@pytest.mark.parametrize("policy,E,bank,rows,K", [
+    ("next-visit", 9, 7, 4, 2), ("lru", 9, 7, 4, 3), ("lfu", 9, 7, 3, 2),
+    # more than one chunk (32) of experts, bank slots and ids: 40 experts, banks of 45, 16 rows x 4 ids
+    ("next-visit", 40, 45, 16, 4), ("lfu", 40, 45, 16, 4)])
+def test_batch_step_kernel_matches_the_reference(policy, E, bank, rows, K):
+    """The one-program batch step kernel (TRITON_INTERPRET on a CPU) against the torch reference, fed the same
+    steps over three layers sharing two banks: batch steps whose rows repeat experts, a step taken twice (the
+    second time every expert hits: the kernel's no-miss branch) and the next layer's prefetch with this layer's
+    slots protected. The same slots, store rows copied, global slots, tables, stamps, counts and counters."""
+    from moesys.offload.cache import ExpertCache
+    from moesys.offload.device_cache import DeviceCacheTables
+    layers = [0, 1, 2]
+    tables = []
+    for _ in range(2):
+        cache = ExpertCache([("w", (2,), torch.float32)], 2 * bank - 1, DEVICE, policy, layers, E, bank_size=bank)
+        tables.append(DeviceCacheTables(cache, policy))
+        tables[-1].load_from_host()
+    names = ("table", "owner_S", "stamp_S", "count_K", "tick", "counters")
+    g = torch.Generator().manual_seed(E + K)
+    all_hit = protected_kept = 0
+    for step in range(24):
+        row, nxt = step % 3, (step + 1) % 3
+        pool = torch.randperm(E, generator=g)[:min(E, bank - 1, rows * K)]
+        ids_N = pool[torch.randint(len(pool), (rows * K,), generator=g)].to(DEVICE)
+        nv = row if policy == "next-visit" else None
+        for _ in range(2 if step % 5 == 0 else 1):
+            ref = tables[0].step(row, ids_N, use_kernel=False, distinct=False, next_visit_from=nv)
+            got = tables[1].step(row, ids_N, use_kernel=True, distinct=False, next_visit_from=nv)
+            for a, b in zip(ref, got):
+                assert torch.equal(a, b), step
+            for name in names:
+                assert torch.equal(getattr(tables[0], name), getattr(tables[1], name)), (step, name)
+            all_hit += bool((ref[1] < 0).all())
+        if tables[0].cache.bank_of[nxt] != tables[0].cache.bank_of[row]:
+            continue
+        start, end = tables[0].cache.banks[tables[0].cache.bank_of[nxt]]
+        room = end - start - len(set(ids_N.tolist()))  # what the engine's prefetch may guess
+        guess_M = torch.randperm(E, generator=g)[:room].to(DEVICE)
+        ref = tables[0].step(nxt, guess_M, use_kernel=False, distinct=False, next_visit_from=nv, protect_N=ref[0],
+                             prefetch=True)
+        got = tables[1].step(nxt, guess_M, use_kernel=True, distinct=False, next_visit_from=nv, protect_N=got[0],
+                             prefetch=True)
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b), ("prefetch", step)
+        for name in names:
+            assert torch.equal(getattr(tables[0], name), getattr(tables[1], name)), ("prefetch", step, name)
+        protected_kept += bool((ref[1] >= 0).any())
+    assert all_hit >= 4 and protected_kept >= 3
+    assert tables[1].counters[2] > 0 and tables[1].counters[3] > 0  # evictions and prefetch copies happened
 
 
 @pytest.mark.parametrize("policy", ["lru", "next-visit", pytest.param("lfu", marks=pytest.mark.slow)])

@@ -59,6 +59,7 @@ class DeviceCacheTables:
         # statistics (lookups, misses, evictions, prefetch copies), folded into OffloadStats by the engine when
         # it reads them
         self.counters = torch.zeros(4, dtype=torch.int64, device=dev)
+        self._scratch = None  # the batch step kernel's working memory (kept: CUDA graphs replay its address)
 
     # ---------------------------------------------------------------- one layer, one token
     def step(self, row: int, ids_N: torch.Tensor, use_kernel: bool | None = None, distinct: bool = True,
@@ -67,9 +68,11 @@ class DeviceCacheTables:
         False) a batch's rows x K, where rows share experts. Returns (bank-local slots [N], src [N]: the
         store row (row * E + expert) of each missed expert's first occurrence, -1 elsewhere, dst [N]:
         global slots); the caller copies rows src into slots dst before computing. The bank must hold
-        min(N, E) slots (checked by the engine). use_kernel: None = the fused Triton kernel for CUDA tables
-        and distinct ids (one launch instead of ~35 small ones: batch-1 decode replays this per layer and
-        token), the torch reference otherwise.
+        min(N, E) slots (checked by the engine). use_kernel: None = a fused Triton kernel for CUDA tables,
+        the torch reference otherwise. One token's distinct ids take `_step_kernel` (one launch instead of ~35
+        small ones: batch-1 decode replays this per layer and token); a batch's or a prefetch's take
+        `_batch_step_kernel` (one launch instead of the reference's ~60: an eager batch step runs two per
+        layer, and their launches were most of its host time).
 
         Victims: the table's policy (LRU, LFU), or next-visit (cache.py) counted from MoE layer row
         `next_visit_from` (the policy "next-visit" counts from `row`): free slots, then that layer's
@@ -82,14 +85,12 @@ class DeviceCacheTables:
         if next_visit_from is None and self.policy == "next-visit":
             next_visit_from = row
         if use_kernel is None:
-            use_kernel = self.table.is_cuda and triton is not None and distinct and protect_N is None
-        if use_kernel:
-            if not distinct:
-                raise ValueError("the fused step kernel takes one token's distinct ids; use_kernel=False for a batch")
-            if protect_N is not None:
-                raise ValueError("the fused step kernel protects no other slots; use_kernel=False for a prefetch")
+            use_kernel = self.table.is_cuda and triton is not None
+        if not use_kernel:
+            return self._step_reference(row, ids_N, start, end, next_visit_from, protect_N, prefetch)
+        if distinct and protect_N is None:
             return self._step_kernel(row, ids_N, start, end, next_visit_from, prefetch)
-        return self._step_reference(row, ids_N, start, end, next_visit_from, protect_N, prefetch)
+        return self._batch_step_kernel(row, ids_N, start, end, next_visit_from, protect_N, prefetch)
 
     def _step_kernel(self, row, ids_K, start, end, next_visit_from, prefetch):
         K = ids_K.numel()
@@ -101,6 +102,22 @@ class DeviceCacheTables:
                            PREFETCH=prefetch, BLOCK_B=triton.next_power_of_2(end - start),
                            BLOCK_K=triton.next_power_of_2(K))
         return out_3K[0], out_3K[1], out_3K[2]
+
+    def _batch_step_kernel(self, row, ids_N, start, end, next_visit_from, protect_N, prefetch):
+        N, E, B = ids_N.numel(), self.cache.num_experts, end - start
+        block_e, block_b = triton.next_power_of_2(E), triton.next_power_of_2(B)
+        need = block_e + 3 * block_b
+        if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.int64, device=self.table.device)
+        out_3N = torch.empty(3, N, dtype=torch.int64, device=ids_N.device)
+        protect = protect_N if protect_N is not None else ids_N  # (P = 0: never read)
+        _batch_step_kernel[(1,)](
+            ids_N, N, protect, 0 if protect_N is None else protect_N.numel(), self.table, self.owner_S, self.stamp_S,
+            self.count_K, self.tick, self.counters, out_3N, self._scratch, row * E, E, start, B, self.trash_key,
+            -1 if next_visit_from is None else next_visit_from, len(self.cache.row), LFU=self.lfu,
+            NEXT_VISIT=next_visit_from is not None, PREFETCH=prefetch, BLOCK_E=block_e, BLOCK_B=block_b,
+            CHUNK=32, num_warps=8)
+        return out_3N[0], out_3N[1], out_3N[2]
 
     def _next_visit_distance(self, owner_B: torch.Tensor, origin: int) -> torch.Tensor:
         """How many layers back from `origin` each slot's owner layer is (cache.py's next-visit order: 0 is
@@ -224,6 +241,21 @@ class DeviceCacheTables:
 
 if triton is not None:
     @triton.jit
+    def _victim_score(stamp_ptr, owner_ptr, count_ptr, start, bb, b_ok, E, L, origin, trash_key,
+                      LFU: tl.constexpr, NEXT_VISIT: tl.constexpr):
+        """The bank slots' victim scores (lowest goes first), as `_step_reference` builds them."""
+        score = tl.load(stamp_ptr + start + bb, mask=b_ok, other=0)
+        if NEXT_VISIT:
+            owner_b = tl.load(owner_ptr + start + bb, mask=b_ok, other=trash_key)
+            d = (origin - owner_b // E) % L
+            d = tl.where(d < 0, d + L, d)  # the sign of % follows the dividend, as in C
+            score += tl.where(owner_b == trash_key, 0, d).to(tl.int64) << 40
+        elif LFU:
+            owner_b = tl.load(owner_ptr + start + bb, mask=b_ok, other=trash_key)
+            score += tl.load(count_ptr + owner_b, mask=b_ok, other=0) << 40
+        return score
+
+    @triton.jit
     def _step_kernel(ids_ptr, table_ptr, owner_ptr, stamp_ptr, count_ptr, tick_ptr, counters_ptr, out_ptr,
                      key_base, E, start, B, K, trash_key, origin, L, LFU: tl.constexpr, NEXT_VISIT: tl.constexpr,
                      PREFETCH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -242,15 +274,8 @@ if triton is not None:
             # step whose experts are all resident is most steps once the cache is warm
             bb = tl.arange(0, BLOCK_B)
             b_ok = bb < B
-            score = tl.load(stamp_ptr + start + bb, mask=b_ok, other=0)
-            if NEXT_VISIT:
-                owner_b = tl.load(owner_ptr + start + bb, mask=b_ok, other=trash_key)
-                d = (origin - owner_b // E) % L
-                d = tl.where(d < 0, d + L, d)  # the sign of % follows the dividend, as in C
-                score += tl.where(owner_b == trash_key, 0, d).to(tl.int64) << 40
-            elif LFU:
-                owner_b = tl.load(owner_ptr + start + bb, mask=b_ok, other=trash_key)
-                score += tl.load(count_ptr + owner_b, mask=b_ok, other=0) << 40
+            score = _victim_score(stamp_ptr, owner_ptr, count_ptr, start, bb, b_ok, E, L, origin, trash_key, LFU,
+                                  NEXT_VISIT)
             hit_slot = tl.where(miss | (kk >= K), -1, slot)
             is_hit = tl.sum((bb[:, None] == hit_slot[None, :]).to(tl.int32), axis=1) > 0
             big = 0x7FFFFFFFFFFFFFFF
@@ -282,3 +307,97 @@ if triton is not None:
         tl.store(out_ptr + kk, slot, mask=k_ok)
         tl.store(out_ptr + K + kk, tl.where(miss, keys, -1), mask=k_ok)
         tl.store(out_ptr + 2 * K + kk, gslot, mask=k_ok)
+
+
+    @triton.jit
+    def _batch_step_kernel(ids_ptr, N, protect_ptr, P, table_ptr, owner_ptr, stamp_ptr, count_ptr, tick_ptr,
+                           counters_ptr, out_ptr, scratch_ptr, key_base, E, start, B, trash_key, origin, L,
+                           LFU: tl.constexpr, NEXT_VISIT: tl.constexpr, PREFETCH: tl.constexpr,
+                           BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):
+        """`_step_reference` for a batch's N ids (repeats) or a prefetch (`protect_ptr`'s P slots never victims)
+        in one program. It works per expert of the layer (E lanes): an expert's first occurrence in the ids is
+        the min over chunks of them, and it stands for all of them. Victims: each candidate slot's rank by
+        (score, slot) counted over chunks of the bank, the slot of rank r taking the r-th miss (misses in
+        order of first occurrence), as torch.topk's ascending victims do for the reference (the scores of
+        candidates are distinct: last-use stamps are). Scratch (global, one program: tl.debug_barrier makes a
+        store visible to every thread): [0, BLOCK_E) the misses' first occurrences (N = not a miss), then
+        BLOCK_B slot flags (hit or protected), scores, and the victim of each rank."""
+        flags_ptr = scratch_ptr + BLOCK_E
+        score_ptr = flags_ptr + BLOCK_B
+        victim_ptr = score_ptr + BLOCK_B
+        ee = tl.arange(0, BLOCK_E)
+        e_ok = ee < E
+        cc = tl.arange(0, CHUNK)
+        first = tl.full([BLOCK_E], N, tl.int64)
+        for n0 in range(0, N, CHUNK):
+            ids_c = tl.load(ids_ptr + n0 + cc, mask=n0 + cc < N, other=-1).to(tl.int64)
+            pos = tl.where(ids_c[None, :] == ee[:, None], (n0 + cc)[None, :].to(tl.int64), N)
+            first = tl.minimum(first, tl.min(pos, axis=1))
+        needed = (first < N) & e_ok
+        keys = key_base + ee
+        slot = tl.load(table_ptr + keys, mask=needed, other=-1)
+        miss = needed & (slot < 0)
+        misses = tl.sum(miss.to(tl.int64), axis=0)
+        tick = tl.load(tick_ptr) + 1
+        tl.store(tick_ptr, tick)
+        miss_first = tl.where(miss, first, N)
+        tl.store(scratch_ptr + ee, miss_first)
+        bb = tl.arange(0, BLOCK_B)
+        b_ok = bb < B
+        tl.store(flags_ptr + bb, tl.zeros([BLOCK_B], tl.int64))
+        tl.debug_barrier()
+        if misses > 0:
+            # the r-th miss in order of first occurrence: r = the misses first seen before it
+            rank_e = tl.zeros([BLOCK_E], tl.int64)
+            for c0 in range(0, BLOCK_E, CHUNK):
+                other = tl.load(scratch_ptr + c0 + cc, mask=c0 + cc < BLOCK_E, other=N)
+                rank_e += tl.sum((other[None, :] < miss_first[:, None]).to(tl.int64), axis=1)
+            # this step's hits and the protected slots are never victims
+            tl.store(flags_ptr + slot, tl.full([BLOCK_E], 1, tl.int64), mask=needed & ~miss)
+            for p0 in range(0, P, CHUNK):
+                prot = tl.load(protect_ptr + p0 + cc, mask=p0 + cc < P, other=0)
+                tl.store(flags_ptr + prot, tl.full([CHUNK], 1, tl.int64), mask=p0 + cc < P)
+            tl.debug_barrier()
+            score = _victim_score(stamp_ptr, owner_ptr, count_ptr, start, bb, b_ok, E, L, origin, trash_key, LFU,
+                                  NEXT_VISIT)
+            taken = tl.load(flags_ptr + bb) != 0
+            big = 0x7FFFFFFFFFFFFFFF
+            score = tl.where(taken | ~b_ok, big, score)
+            tl.store(score_ptr + bb, score)
+            tl.debug_barrier()
+            rank_b = tl.zeros([BLOCK_B], tl.int64)
+            for c0 in range(0, BLOCK_B, CHUNK):
+                other = tl.load(score_ptr + c0 + cc, mask=c0 + cc < BLOCK_B, other=big)
+                before = (other[None, :] < score[:, None]) | ((other[None, :] == score[:, None])
+                                                              & ((c0 + cc)[None, :] < bb[:, None]))
+                rank_b += tl.sum(before.to(tl.int64), axis=1)
+            tl.store(victim_ptr + rank_b, bb.to(tl.int64), mask=rank_b < misses)
+            tl.debug_barrier()
+            slot = tl.where(miss, tl.load(victim_ptr + rank_e, mask=miss, other=0), slot)
+        gslot = slot + start
+        old = tl.load(owner_ptr + gslot, mask=miss, other=trash_key)
+        tl.debug_barrier()  # every thread has read the old owners before any owner is overwritten
+        evicted = miss & (old != trash_key)
+        tl.store(table_ptr + old, tl.full([BLOCK_E], -1, tl.int64), mask=evicted)
+        tl.debug_barrier()
+        tl.store(table_ptr + keys, slot, mask=miss)
+        tl.store(owner_ptr + gslot, keys, mask=miss)
+        tl.store(stamp_ptr + gslot, tick * E + ee, mask=needed)
+        if LFU:
+            tl.store(count_ptr + keys, tl.load(count_ptr + keys, mask=needed, other=0) + 1, mask=needed)
+        evictions = tl.sum(evicted.to(tl.int64), axis=0)
+        if PREFETCH:
+            tl.store(counters_ptr + 3, tl.load(counters_ptr + 3) + misses)
+        else:
+            tl.store(counters_ptr, tl.load(counters_ptr) + tl.sum(needed.to(tl.int64), axis=0))
+            tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + misses)
+        tl.store(counters_ptr + 2, tl.load(counters_ptr + 2) + evictions)
+        tl.debug_barrier()  # the installed slots are in the table before each occurrence reads its own
+        for n0 in range(0, N, CHUNK):
+            n_ok = n0 + cc < N
+            ids_c = tl.load(ids_ptr + n0 + cc, mask=n_ok, other=0).to(tl.int64)
+            slot_c = tl.load(table_ptr + key_base + ids_c, mask=n_ok, other=0)
+            src_c = tl.where(tl.load(scratch_ptr + ids_c, mask=n_ok, other=N) == n0 + cc, key_base + ids_c, -1)
+            tl.store(out_ptr + n0 + cc, slot_c, mask=n_ok)
+            tl.store(out_ptr + N + n0 + cc, src_c, mask=n_ok)
+            tl.store(out_ptr + 2 * N + n0 + cc, slot_c + start, mask=n_ok)

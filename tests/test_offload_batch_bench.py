@@ -153,3 +153,18 @@ def test_repredict_fits_the_device_batch_cost_on_a_recorded_row():
         [r["predicted"] for r in before if r["batch"] == 1])  # batch 1 keeps its own fit
     with pytest.raises(SystemExit, match="no uniform device row"):
         repredict(rows, device_batch_row=16)
+
+
+def test_device_step_bench_checks_the_kernel_against_the_reference(tmp_path):
+    """bench/device_step.py on tiny tables (TRITON_INTERPRET on a CPU): each row records that the batch kernel's
+    outputs and tables equal the reference's, and the time per call of both."""
+    out = tmp_path / "ds.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "device_step.py"), "--out", str(out), "--layers", "3",
+                           "--experts", "8", "--top-k", "2", "--slots", "20,5", "--batch-sizes", "3", "--tokens", "1"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert [r["slots"] for r in records] == [20, 5]
+    assert records[0]["equal_to_reference"] is True and records[0]["kernel_wall_us_per_call"] > 0
+    assert "fewer slots" in records[1]["error"]  # 5 slots in banks: none holds a step's 6 ids

@@ -105,7 +105,7 @@ class DeviceCacheTables:
 
     def _batch_step_kernel(self, row, ids_N, start, end, next_visit_from, protect_N, prefetch):
         N, E, B = ids_N.numel(), self.cache.num_experts, end - start
-        block_e, block_b = triton.next_power_of_2(E), triton.next_power_of_2(B)
+        block_e, block_b = triton.next_power_of_2(E), max(16, triton.next_power_of_2(B))  # (tl.sort's smallest)
         need = block_e + 3 * block_b
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.int64, device=self.table.device)
@@ -116,7 +116,7 @@ class DeviceCacheTables:
             self.count_K, self.tick, self.counters, out_3N, self._scratch, row * E, E, start, B, self.trash_key,
             -1 if next_visit_from is None else next_visit_from, len(self.cache.row), LFU=self.lfu,
             NEXT_VISIT=next_visit_from is not None, PREFETCH=prefetch, BLOCK_E=block_e, BLOCK_B=block_b,
-            CHUNK=32, num_warps=8)
+            LOG_B=block_b.bit_length() - 1, CHUNK=32, num_warps=8)
         return out_3N[0], out_3N[1], out_3N[2]
 
     def _next_visit_distance(self, owner_B: torch.Tensor, origin: int) -> torch.Tensor:
@@ -313,15 +313,15 @@ if triton is not None:
     def _batch_step_kernel(ids_ptr, N, protect_ptr, P, table_ptr, owner_ptr, stamp_ptr, count_ptr, tick_ptr,
                            counters_ptr, out_ptr, scratch_ptr, key_base, E, start, B, trash_key, origin, L,
                            LFU: tl.constexpr, NEXT_VISIT: tl.constexpr, PREFETCH: tl.constexpr,
-                           BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):
+                           BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr, LOG_B: tl.constexpr,
+                           CHUNK: tl.constexpr):
         """`_step_reference` for a batch's N ids (repeats) or a prefetch (`protect_ptr`'s P slots never victims)
         in one program. It works per expert of the layer (E lanes): an expert's first occurrence in the ids is
         the min over chunks of them, and it stands for all of them. Victims: each candidate slot's rank by
-        (score, slot) counted over chunks of the bank, the slot of rank r taking the r-th miss (misses in
-        order of first occurrence), as torch.topk's ascending victims do for the reference (the scores of
+        score, the slot of rank r taking the r-th miss (misses in order of first occurrence), as torch.topk's ascending victims do for the reference (the scores of
         candidates are distinct: last-use stamps are). Scratch (global, one program: tl.debug_barrier makes a
         store visible to every thread): [0, BLOCK_E) the misses' first occurrences (N = not a miss), then
-        BLOCK_B slot flags (hit or protected), scores, and the victim of each rank."""
+        BLOCK_B slot flags (hit or protected), the sorted scores, and the victim of each rank."""
         flags_ptr = scratch_ptr + BLOCK_E
         score_ptr = flags_ptr + BLOCK_B
         victim_ptr = score_ptr + BLOCK_B
@@ -363,14 +363,16 @@ if triton is not None:
             taken = tl.load(flags_ptr + bb) != 0
             big = 0x7FFFFFFFFFFFFFFF
             score = tl.where(taken | ~b_ok, big, score)
-            tl.store(score_ptr + bb, score)
+            # each slot's rank = how many scores are below its own (candidates' scores are distinct): a lower
+            # bound in the sorted scores, by a branchless binary search (pairwise counts over a bank of 1023 slots
+            # spilled registers: 0.5 ms a call on an H100)
+            tl.store(score_ptr + bb, tl.sort(score))
             tl.debug_barrier()
-            rank_b = tl.zeros([BLOCK_B], tl.int64)
-            for c0 in range(0, BLOCK_B, CHUNK):
-                other = tl.load(score_ptr + c0 + cc, mask=c0 + cc < BLOCK_B, other=big)
-                before = (other[None, :] < score[:, None]) | ((other[None, :] == score[:, None])
-                                                              & ((c0 + cc)[None, :] < bb[:, None]))
-                rank_b += tl.sum(before.to(tl.int64), axis=1)
+            # (each score is among the sorted ones, so the search needs no last check past its window of 1)
+            rank_b = tl.zeros([BLOCK_B], tl.int32)
+            for i in tl.static_range(LOG_B):
+                half: tl.constexpr = BLOCK_B >> (i + 1)
+                rank_b = tl.where(tl.load(score_ptr + rank_b + half - 1) < score, rank_b + half, rank_b)
             tl.store(victim_ptr + rank_b, bb.to(tl.int64), mask=rank_b < misses)
             tl.debug_barrier()
             slot = tl.where(miss, tl.load(victim_ptr + rank_e, mask=miss, other=0), slot)

@@ -16,6 +16,10 @@ step returns to them. A batch step may also prefetch: the next layer's guessed e
 of their own (`prefetch=True`, this layer's slots protected) whose copies the engine issues on its copy
 stream while this layer computes.
 
+On CUDA each step is one launch: `_step_kernel` for one token's distinct ids, `_batch_step_kernel` for a
+batch's ids or a prefetch (an eager batch step runs two a layer, and the reference's ~60 small launches a call
+were most of its host time); `_step_reference` is the readable version both are tested against, and the CPU's.
+
 Masked scatters go to one extra "trash" entry at the end of each table instead of being skipped (that
 would need a data-dependent shape). The host and device bookkeeping hand over in both directions
 (`load_from_host`, `store_to_host`) so prefill keeps the host path and its prefetch.

@@ -38,7 +38,7 @@ T = "tests/test_gpu_survivors.py::"
 ROUTER_TIES = (T + "test_capacity_ties_keep_the_earlier_assignment_on_cuda",
                T + "test_router_capacity_drops_the_later_of_equal_tokens_on_cuda")
 TABLE_UPLOAD = (T + "test_slot_table_upload_is_pinned_and_asynchronous",)
-KERNEL_CHOICE = (T + "test_device_bookkeeping_takes_the_fused_kernel_for_one_tokens_ids_only",)
+KERNEL_CHOICE = (T + "test_device_bookkeeping_takes_a_fused_kernel_on_cuda",)
 FIRST_OCCURRENCE = (T + "test_device_bookkeeping_of_repeated_experts_takes_their_first_occurrence_on_cuda",)
 LOAD = (T + "test_copies_wait_for_the_evicted_experts_last_reader_and_keep_the_logits",)
 WAIT = (T + "test_wait_returns_once_each_slots_copy_has_landed_and_times_it",)
@@ -70,7 +70,8 @@ _BY_SCORE = "by_score_N = torch.sort(score_N, descending=True, stable=True).indi
 _BY_EXPERT = "order_N = by_score_N[torch.sort(ids_N[by_score_N], stable=True).indices]"
 _UPLOAD_IF = 'if self.device.type == "cuda":\n                idx_val = idx_val.pin_memory()'
 _UPLOAD = "idx_val = idx_val.pin_memory().to(self.device, non_blocking=True)"
-_CHOICE = "use_kernel = self.table.is_cuda and triton is not None and distinct"
+_CHOICE = "use_kernel = self.table.is_cuda and triton is not None"
+_BATCH = "if distinct and protect_N is None:"
 _FIRST = "order_N = torch.sort(key_N, stable=True).indices"
 _USED = "used = self.layer_used.get(evicted[0]) if self.cuda else None"
 _USED_IF = "if used is not None:\n                waits[id(used)] = used"
@@ -103,8 +104,8 @@ MUTANTS: list[Mutant] = [
     # device_cache.py, DeviceCacheTables.step's kernel choice and _step_reference's first occurrences
     *_variants("device-cache-kernel", DEVICE_CACHE, _CHOICE, KERNEL_CHOICE, [
         ("triton-is-none", _CHOICE.replace("is not None", "is None")),
-        ("first-and-to-or", _CHOICE.replace("is_cuda and", "is_cuda or")),
-        ("second-and-to-or", _CHOICE.replace("None and", "None or"))]),
+        ("first-and-to-or", _CHOICE.replace("is_cuda and", "is_cuda or"))]),
+    Mutant("device-cache-batch-takes-the-token-kernel", DEVICE_CACHE, _BATCH, "if True:", KERNEL_CHOICE),
     Mutant("device-cache-first-occurrence-unstable", DEVICE_CACHE, _FIRST, _FIRST.replace("True", "False"),
            FIRST_OCCURRENCE),
     # engine.py, OffloadEngine._allocate's and _copy_run's CUDA branch (13)

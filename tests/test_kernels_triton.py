@@ -403,6 +403,9 @@ def test_kernels_compile_for_hopper():
     assert "token_sum" in proc.stdout, proc.stdout
     assert proc.stdout.count("quant_grouped") == 4, proc.stdout  # int4/int8 x gate_up/down
     assert proc.stdout.count(" exact ") == 9, proc.stdout  # exact mode's mm x4, row_sum, attention x4
+    # the device bookkeeping's one-token and batch steps, each policy, lookup and prefetch (the interpreter accepted a
+    # constexpr reassigned in a static_range loop, which the compiler refuses)
+    assert proc.stdout.count("device_cache step ") == 6 and proc.stdout.count("device_cache batch_step ") == 6
 
 
 @pytest.mark.gpu

@@ -135,6 +135,21 @@ def exact_variants():
                {"mask_ptr": "*i1", "sink_ptr": "*fp32", "scale": "fp32"})
 
 
+def device_cache_variants():
+    """(name, kernel, constexprs, pointer types, num_warps) of the offload engine's device bookkeeping
+    (moesys.offload.device_cache): one token's step and a batch's (a bank of 1023 slots, 128 experts), each policy,
+    lookup and prefetch. Compiled here because the CPU tests run them in the interpreter only."""
+    from moesys.offload.device_cache import _batch_step_kernel, _step_kernel
+
+    policies = {"lru": dict(LFU=False, NEXT_VISIT=False), "lfu": dict(LFU=True, NEXT_VISIT=False),
+                "next-visit": dict(LFU=False, NEXT_VISIT=True)}
+    for (policy, flags), prefetch in itertools.product(policies.items(), (False, True)):
+        yield (f"device_cache step {policy} prefetch={prefetch}", _step_kernel,
+               dict(flags, PREFETCH=prefetch, BLOCK_B=1024, BLOCK_K=8), 4)
+        yield (f"device_cache batch_step {policy} prefetch={prefetch}", _batch_step_kernel,
+               dict(flags, PREFETCH=prefetch, BLOCK_E=128, BLOCK_B=1024, LOG_B=10, CHUNK=32), 8)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--all", action="store_true", help="every activation, bias and dtype variant")
@@ -166,6 +181,10 @@ def main(argv=None) -> int:
         compiled = compile_variant(kernel, consts, dtype, ptr_types=types, num_warps=4, num_stages=2,
                                    pointers_only=True)
         print(f"{dtype} {name}: shared {compiled.metadata.shared} B", flush=True)
+    for name, kernel, consts, warps in device_cache_variants():
+        types = {n: "*i64" for n in kernel.arg_names if n.endswith("_ptr")}
+        compiled = compile_variant(kernel, consts, ptr_types=types, num_warps=warps, num_stages=1, pointers_only=True)
+        print(f"{name}: shared {compiled.metadata.shared} B", flush=True)
     return 0
 
 

@@ -375,8 +375,8 @@ if triton is not None:
             # (each score is among the sorted ones, so the search needs no last check past its window of 1)
             rank_b = tl.zeros([BLOCK_B], tl.int32)
             for i in tl.static_range(LOG_B):
-                half: tl.constexpr = BLOCK_B >> (i + 1)
-                rank_b = tl.where(tl.load(score_ptr + rank_b + half - 1) < score, rank_b + half, rank_b)
+                probe = tl.load(score_ptr + rank_b + (BLOCK_B >> (i + 1)) - 1)
+                rank_b = tl.where(probe < score, rank_b + (BLOCK_B >> (i + 1)), rank_b)
             tl.store(victim_ptr + rank_b, bb.to(tl.int64), mask=rank_b < misses)
             tl.debug_barrier()
             slot = tl.where(miss, tl.load(victim_ptr + rank_e, mask=miss, other=0), slot)

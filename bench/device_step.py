@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import torch
 
-from run_meta import run_meta
+from run_meta import run_meta, write_json
 
 
 def tables_pair(layers: int, experts: int, slots: int, device: str):
@@ -116,10 +115,7 @@ def main() -> None:
             print(json.dumps({k: rec[k] for k in ("slots", "batch", "equal_to_reference", "reference_wall_us_per_call",
                                                    "kernel_wall_us_per_call", "reference_gpu_us_per_call",
                                                    "kernel_gpu_us_per_call")}), flush=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, records)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +42,7 @@ from moesys.offload.routing import RoutingRecorder, load_trace
 from moesys.train import autocast_context
 from moesys.train import main as train_main
 from moesys.train_metrics import expert_load_stats
-from run_meta import run_meta
+from run_meta import run_meta, write_json
 
 # A model and run that finish in seconds on a CPU: the same 64 experts top-8 (so the trace drives the same
 # models), two layers, a narrow hidden size and three steps.
@@ -121,12 +120,6 @@ def loss_curve(run_dir: Path) -> dict:
             "val_loss": {str(r["step"]): r["val_loss"] for r in vals}}
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/trace_64x8.yaml")
@@ -179,7 +172,7 @@ def main(argv=None) -> int:
         "uniform_analytic_hit_rate": {str(s): s / E for s in CACHE_SLOTS},
         "training": loss_curve(run_dir), "run_dir": str(run_dir), **run_meta(str(device)),
     }
-    write_json_atomic(stats_out, stats)
+    write_json(stats_out, stats)
     print(f"trace {out} ({stats['trace_bytes']} bytes, {N} tokens x {L} layers x top-{K} of {E})")
     print(f"loss {stats['training']['first_loss']:.3f} (step {stats['training']['first_step']}) -> "
           f"{stats['training']['last_loss']:.3f} (step {stats['training']['last_step']})")

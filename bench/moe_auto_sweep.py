@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 import traceback
@@ -25,6 +24,7 @@ import torch
 from moesys.backends import capture_warmup, triton_unavailable_reason
 from moesys.backends.auto import AUTO_TRITON_MIN_ROWS_PER_EXPERT, auto_mode, pick_auto
 from moesys.ops import moe_mlp
+from run_meta import write_json
 
 # name: (H, I, E, K)
 SWEEP_SHAPES = {
@@ -183,9 +183,6 @@ def run_sweep(out: str, make_inputs, meta: dict, smoke: bool, shapes: list[str] 
             records += sweep_point(shape, T, H, I, E, K, device, make_inputs, meta, tuple(modes or MODES))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            tmp = f"{out}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(records, f, indent=1)
-            os.replace(tmp, out)
+            write_json(out, records)
     print_report(records)
     return records

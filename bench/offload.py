@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import os
 import time
 import traceback
 
 import torch
 
-from run_meta import run_meta
+from run_meta import run_meta, write_json
 
 START = time.time()
 
@@ -664,10 +663,8 @@ def main():
     stages = set(args.stages.split(","))
     records = []
 
-    def save():  # to a temporary name, then renamed: a run cut short never leaves half a file
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(records, f, indent=1, default=str)
-        os.replace(args.out + ".tmp", args.out)
+    def save():
+        write_json(args.out, records)
 
     if stages == {"smoke"}:  # CPU: the new shapes' code path on tiny models, no GPU, nominal bandwidth
         meta = run_meta("cpu")

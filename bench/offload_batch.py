@@ -53,16 +53,17 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import multiprocessing
 import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 
-from run_meta import run_meta
+from moesys.checkpoint import write_text_atomic
+from run_meta import run_meta, write_json
 
 START = time.time()
 ALL_RESIDENT = 1 << 40  # the budget of the all-resident rows: every expert fits
@@ -368,10 +369,7 @@ def main():
     records = []
 
     def save():
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, records)
 
     base = dict(meta, bench="offload_batch", shape=src.shape,
                 prompt_tokens=args.prompt_len, new_tokens=args.new_tokens, path="eager host-routed, generate_batch",
@@ -652,10 +650,7 @@ def profile_row(args, src):
     tables += [f"cProfile, {profiled_tokens} new tokens (prefill included), by tottime:", text.getvalue()]
     if override is not None:
         override.remove()
-    tmp = args.profile + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(head + "\n" + "\n".join(tables))
-    os.replace(tmp, args.profile)
+    write_text_atomic(Path(args.profile), head + "\n" + "\n".join(tables))
     log("wrote", args.profile)
 
 

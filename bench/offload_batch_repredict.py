@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import replace
 
 import torch
 
 from moesys.offload import perf_model as pm
+from run_meta import write_json
 
 
 def config_of(shape: str):
@@ -142,10 +142,7 @@ def main():
               + ("  (fitted here)" if r["fitted_on_this_row"] else ""))
     print(f"largest |error|: {max(abs(r['error']) for r in out):.0%}; fitted:", out[-1]["hardware"])
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from offload import forced_decode, free, olmoe_config, profile_summary
-from run_meta import run_meta
+from run_meta import run_meta, write_json
 
 
 @torch.no_grad()
@@ -80,9 +80,7 @@ def main() -> int:
             print(json.dumps(rec), flush=True)
             del model
             free()
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(args.out, records)
     return 0
 
 

@@ -39,3 +39,13 @@ def run_meta(device: str | None = None) -> dict:
             "transformers": _version("transformers"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_sha": git_sha()}
+
+
+def write_json(path, obj) -> None:
+    """`obj` as JSON at `path`, written to a temporary name and renamed: a run cut short (a time limit, a crash)
+    never leaves half a file, and a bench that saves after every row keeps the rows it had."""
+    import json
+
+    from moesys.checkpoint import write_text_atomic
+
+    write_text_atomic(Path(path), json.dumps(obj, indent=1, default=str) + "\n")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from moesys.export import hf_config
 from moesys.models.transformer import MoETransformer
 from moesys.parallel import bootstrap
 from moesys.train_metrics import flops_per_token, peak_flops
-from run_meta import run_meta
+from run_meta import run_meta, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,9 +293,7 @@ def release_compiled() -> None:
 
 def write_records(records: list[dict], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, records)
 
 
 def main() -> int:

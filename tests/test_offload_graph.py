@@ -469,6 +469,24 @@ def test_batch_step_kernel_matches_the_reference(policy, E, bank, rows, K):
     assert tables[1].counters[2] > 0 and tables[1].counters[3] > 0  # evictions and prefetch copies happened
 
 
+def test_batch_step_scratch_is_sized_for_the_largest_bank_once():
+    """The batch kernel's scratch is allocated with the tables, for the largest bank (a CUDA graph replays its
+    address: one reallocated for a larger bank's step would leave a captured graph writing freed memory); steps
+    in a smaller and a larger bank keep it."""
+    from moesys.offload.cache import ExpertCache
+    from moesys.offload.device_cache import DeviceCacheTables
+    cache = ExpertCache([("w", (2,), torch.float32)], 33, DEVICE, "lru", [0, 1, 2], 20, bank_size=17)
+    assert sorted(end - start for start, end in cache.banks) == [16, 17]
+    tables = DeviceCacheTables(cache, "lru")
+    tables.load_from_host()
+    scratch = tables._scratch
+    assert scratch.numel() == 32 + 3 * 32  # experts (20 -> 32 lanes), then 3 x the 17-slot bank's 32 lanes
+    assert {cache.bank_of[layer] for layer in (0, 1, 2)} == {0, 1}
+    for row in (0, 1, 2):  # both banks
+        tables.step(row, torch.tensor([1, 5, 1, 7, 5, 9], device=DEVICE), use_kernel=True, distinct=False)
+    assert tables._scratch is scratch
+
+
 @pytest.mark.parametrize("policy", ["lru", "next-visit", pytest.param("lfu", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("K", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_fused_bookkeeping_kernel_matches_the_reference(policy, K):

@@ -44,6 +44,15 @@ _STAMP_BITS = 40  # LFU score = count << 40 | last use: counts first, then recen
 DEVICE_POLICIES = ("lru", "lfu", "next-visit")
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _scratch_bank(slots: int) -> int:
+    """The batch step kernel's lanes for a bank of `slots` (a power of two, at least 16: tl.sort's smallest)."""
+    return max(16, _pow2(slots))
+
+
 class DeviceCacheTables:
     def __init__(self, cache: ExpertCache, policy: str):
         if policy not in DEVICE_POLICIES:
@@ -63,7 +72,10 @@ class DeviceCacheTables:
         # statistics (lookups, misses, evictions, prefetch copies), folded into OffloadStats by the engine when
         # it reads them
         self.counters = torch.zeros(4, dtype=torch.int64, device=dev)
-        self._scratch = None  # the batch step kernel's working memory (kept: CUDA graphs replay its address)
+        # the batch step kernel's working memory, sized for the largest bank once: a CUDA graph replays its address,
+        # so it is never reallocated (a graph captured before a larger bank's step would write freed memory)
+        self._scratch = torch.empty(_pow2(E) + 3 * _scratch_bank(max(end - start for start, end in cache.banks)),
+                                    dtype=torch.int64, device=dev)
 
     # ---------------------------------------------------------------- one layer, one token
     def step(self, row: int, ids_N: torch.Tensor, use_kernel: bool | None = None, distinct: bool = True,
@@ -109,10 +121,7 @@ class DeviceCacheTables:
 
     def _batch_step_kernel(self, row, ids_N, start, end, next_visit_from, protect_N, prefetch):
         N, E, B = ids_N.numel(), self.cache.num_experts, end - start
-        block_e, block_b = triton.next_power_of_2(E), max(16, triton.next_power_of_2(B))  # (tl.sort's smallest)
-        need = block_e + 3 * block_b
-        if self._scratch is None or self._scratch.numel() < need:
-            self._scratch = torch.empty(need, dtype=torch.int64, device=self.table.device)
+        block_e, block_b = _pow2(E), _scratch_bank(B)
         out_3N = torch.empty(3, N, dtype=torch.int64, device=ids_N.device)
         protect = protect_N if protect_N is not None else ids_N  # (P = 0: never read)
         _batch_step_kernel[(1,)](

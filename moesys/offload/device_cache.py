@@ -321,7 +321,6 @@ if triton is not None:
         tl.store(out_ptr + K + kk, tl.where(miss, keys, -1), mask=k_ok)
         tl.store(out_ptr + 2 * K + kk, gslot, mask=k_ok)
 
-
     @triton.jit
     def _batch_step_kernel(ids_ptr, N, protect_ptr, P, table_ptr, owner_ptr, stamp_ptr, count_ptr, tick_ptr,
                            counters_ptr, out_ptr, scratch_ptr, key_base, E, start, B, trash_key, origin, L,
@@ -331,8 +330,9 @@ if triton is not None:
         """`_step_reference` for a batch's N ids (repeats) or a prefetch (`protect_ptr`'s P slots never victims)
         in one program. It works per expert of the layer (E lanes): an expert's first occurrence in the ids is
         the min over chunks of them, and it stands for all of them. Victims: each candidate slot's rank by
-        score, the slot of rank r taking the r-th miss (misses in order of first occurrence), as torch.topk's ascending victims do for the reference (the scores of
-        candidates are distinct: last-use stamps are). Scratch (global, one program: tl.debug_barrier makes a
+        score, the slot of rank r taking the r-th miss (misses in order of first occurrence), as torch.topk's
+        ascending victims do for the reference (the scores of candidates are distinct: last-use stamps are).
+        Scratch (global, one program: tl.debug_barrier makes a
         store visible to every thread): [0, BLOCK_E) the misses' first occurrences (N = not a miss), then
         BLOCK_B slot flags (hit or protected), the sorted scores, and the victim of each rank."""
         flags_ptr = scratch_ptr + BLOCK_E

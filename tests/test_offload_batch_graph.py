@@ -296,8 +296,8 @@ def test_sliding_window_batch_takes_the_host_routed_steps(tmp_path, monkeypatch)
 
 
 def test_auto_takes_the_graph_for_quantized_experts_on_cuda_where_the_banks_hold_the_batch(checkpoints, monkeypatch):
-    """graph="auto" (the default): the decode graph for int8/int4 experts on CUDA with a full-attention KV cache
-    on the device and banks that hold the batch's experts; the eager steps for bf16/fp32 experts, on the CPU,
+    """graph="auto" (the default): the decode graph for int8/int4 experts on CUDA, at up to 8 rows, with a
+    full-attention KV cache on the device and banks that hold the batch's experts; the eager steps for bf16/fp32 experts, on the CPU,
     with kv="host", without the decode graph, or when the banks are too small. The engine's device is faked
     as CUDA for the decision only; a run with the rule forced on takes the graph's steps."""
     from moesys.offload.batch import BatchGeneration, Request
@@ -305,13 +305,18 @@ def test_auto_takes_the_graph_for_quantized_experts_on_cuda_where_the_banks_hold
     path = checkpoints["olmoe"]
     reqs = [Request(token_ids=p) for p in prompts()[:3]]
 
-    def pays(model, batch_size=3, kv="device", cuda=True):
+    def pays(model, batch_size=3, kv="device", cuda=True, requests=reqs):
         monkeypatch.setattr(model.moesys_offload, "cuda", cuda)
-        return BatchGeneration(model, reqs, 2, batch_size, set(), True, kv=kv, graph="auto")._graph_pays()
+        return BatchGeneration(model, requests, 2, batch_size, set(), True, kv=kv, graph="auto")._graph_pays()
 
     int8 = mo.load(path, gpu_memory=budget(path, torch.float32, 10, max_context=CONTEXT), dtype=torch.float32,
                    max_context=CONTEXT, compile=False, quantize_experts="int8")
     assert pays(int8)
+    # up to GRAPH_AUTO_MAX_ROWS rows (8, where it was measured to pay); 9 rows keep the eager steps, though the
+    # banks hold them (graph=True would take the graph)
+    nine = [Request(token_ids=p) for p in prompts(lengths=[3] * 9)]
+    assert pays(int8, batch_size=8, requests=nine) and not pays(int8, batch_size=9, requests=nine)
+    assert pays(int8, batch_size=16, requests=nine[:8])  # the rows that run: min(batch_size, requests)
     assert not pays(int8, cuda=False) and not pays(int8, kv="host")
     monkeypatch.setattr(int8.moesys_offload, "_smallest_bank", 0)
     monkeypatch.setattr(int8.moesys_offload.cache, "capacity", lambda layer: 0)

@@ -49,6 +49,12 @@ from moesys.offload.perf_model import KV_PLACES as KV_MODES
 # it was 1.07-1.40x the host path at batch 8, 32 and 128 once its quantized experts ran as a grouped GEMM
 # from engine.QUANT_GROUPED_MIN_ROWS routed rows (row by row, quant_gemv, it had been 0.79-0.85x at batch 128).
 BOOKKEEPING = ("auto", "host", "device")
+# graph="auto" takes the decode graph for quantized experts up to this many rows: where it was measured to pay
+# (the Qwen3-30B-A3B shape, int4, B=8, H100: 7x the eager steps). Above it the eager device-path steps overlap
+# the misses' copies with the resident experts' compute and prefetch the next layer (the OLMoE shape, int4,
+# B=32 / 128: 79-81% of the bound), which the graph's in-order copies do not; the graph above 8 rows is not
+# measured yet, and graph=True still runs it.
+GRAPH_AUTO_MAX_ROWS = 8
 
 
 # sdpa backends for the batch's forwards: all but cuDNN. cuDNN's attention builds a graph per shape, and
@@ -184,13 +190,13 @@ class BatchGeneration:
 
     def _graph_pays(self) -> bool:
         """graph="auto": the decode graph where it was measured faster than the eager steps and can run
-        quietly: quantized experts on CUDA (the Qwen3-30B-A3B shape, int4, 16 GiB, B=8 on an H100: 168.5
-        against 32.3 tok/s; eager int4 steps there are host-bound), wherever graph=True would run
-        (_graph_blocker). bf16 experts keep the eager steps (the OLMoE shape, B=8: the graph 4% slower; its
-        misses copy with nothing computing beside them)."""
+        quietly: quantized experts on CUDA at up to GRAPH_AUTO_MAX_ROWS rows (the Qwen3-30B-A3B shape, int4,
+        16 GiB, B=8 on an H100: 168.5 against 32.3 tok/s; eager int4 steps there are host-bound), wherever
+        graph=True would run (_graph_blocker). bf16 experts keep the eager steps (the OLMoE shape, B=8: the graph
+        4% slower; its misses copy with nothing computing beside them), and so do larger batches."""
         engine = getattr(self.model, "moesys_offload", None)
         if (engine is None or getattr(self.model, "moesys_decode_graph", None) is None or not engine.cuda
-                or engine.store.quantize == "none"):
+                or engine.store.quantize == "none" or self._rows() > GRAPH_AUTO_MAX_ROWS):
             return False
         return self._graph_blocker(engine, self._rows()) is None
 

@@ -8,7 +8,7 @@ import torch
 import moesys.offload as mo
 from moesys.offload.cache import ExpertCache
 from moesys.offload.device_cache import DeviceCacheTables
-from tests.test_offload import checkpoints  # noqa: F401
+from tests.test_offload import DEVICE, checkpoints  # noqa: F401
 from tests.test_offload_batch import budget
 
 CPU = torch.device("cpu")
@@ -236,3 +236,23 @@ def test_auto_bookkeeping_takes_the_device_path_wherever_the_banks_hold_the_batc
         if quantize == "none":  # 4 rows may need all 8 experts at once: more than the bank's 6 slots
             assert engine.device_batch_unsupported(4) is not None
             assert not on_device(model, 4, "device") and not on_device(model, 4)
+
+
+@pytest.mark.parametrize("E,N", [(8, 3), (8, 16), (20, 40), (128, 1024), (6, 100)])
+def test_vote_order_kernel_matches_the_torch_version(E, N):
+    """prefetch.vote_order's one-program kernel (TRITON_INTERPRET on a CPU, CUDA on a GPU) and its torch version:
+    the experts by votes, ties by lower id, -1 past those picked, min(E, N) entries; ids drawn from a few experts,
+    so votes tie and some experts get none."""
+    from moesys.offload.prefetch import vote_order
+
+    g = torch.Generator().manual_seed(E * N)
+    for _ in range(3):
+        pool = torch.randperm(E, generator=g)[:max(1, E // 2)]
+        ids_N = pool[torch.randint(len(pool), (N,), generator=g)]
+        want = vote_order(ids_N, E, use_kernel=False)
+        got = vote_order(ids_N.to(DEVICE), E, use_kernel=True).cpu()  # on a GPU: the compiled kernel
+        assert got.shape == (min(E, N),) and torch.equal(got, want), (E, N)
+        assert (want >= 0).sum() == min(len(set(ids_N.tolist())), E, N)  # -1 past the experts picked
+        votes = torch.bincount(ids_N, minlength=E)
+        picked = want[want >= 0]
+        assert torch.equal(votes[picked], torch.sort(votes[picked], descending=True, stable=True).values)

@@ -406,6 +406,7 @@ def test_kernels_compile_for_hopper():
     # the device bookkeeping's one-token and batch steps, each policy, lookup and prefetch (the interpreter accepted a
     # constexpr reassigned in a static_range loop, which the compiler refuses)
     assert proc.stdout.count("device_cache step ") == 6 and proc.stdout.count("device_cache batch_step ") == 6
+    assert "prefetch vote" in proc.stdout, proc.stdout
 
 
 @pytest.mark.gpu

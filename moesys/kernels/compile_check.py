@@ -136,9 +136,10 @@ def exact_variants():
 
 
 def device_cache_variants():
-    """(name, kernel, constexprs, pointer types, num_warps) of the offload engine's device bookkeeping
-    (moesys.offload.device_cache): one token's step and a batch's (a bank of 1023 slots, 128 experts), each policy,
-    lookup and prefetch. Compiled here because the CPU tests run them in the interpreter only."""
+    """(name, kernel, constexprs, num_warps) of the offload engine's device bookkeeping (moesys.offload.device_cache):
+    one token's step and a batch's (a bank of 1023 slots, 128 experts), each policy, lookup and prefetch; and the
+    prefetch's vote over 128 experts (moesys.offload.prefetch). Compiled here because the CPU tests run them in the
+    interpreter only."""
     from moesys.offload.device_cache import _batch_step_kernel, _step_kernel
 
     policies = {"lru": dict(LFU=False, NEXT_VISIT=False), "lfu": dict(LFU=True, NEXT_VISIT=False),
@@ -148,6 +149,9 @@ def device_cache_variants():
                dict(flags, PREFETCH=prefetch, BLOCK_B=1024, BLOCK_K=8), 4)
         yield (f"device_cache batch_step {policy} prefetch={prefetch}", _batch_step_kernel,
                dict(flags, PREFETCH=prefetch, BLOCK_E=128, BLOCK_B=1024, LOG_B=10, CHUNK=32), 8)
+    from moesys.offload.prefetch import _vote_kernel
+
+    yield "prefetch vote", _vote_kernel, dict(BLOCK_E=128, CHUNK=32), 4
 
 
 def main(argv=None) -> int:

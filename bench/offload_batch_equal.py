@@ -35,13 +35,11 @@ import argparse
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 
-from moesys.checkpoint import write_json_atomic
 from offload_batch import build_model, log, row_prompts, smoke_budget
-from run_meta import run_meta
+from run_meta import run_meta, write_json
 
 VARIANTS = ("device", "device-no-prefetch", "device-rows", "host", "exact")
 
@@ -166,7 +164,7 @@ def main():
             f"{v.get('prefill_logits_max_abs_diff')}",
             [(d["sequence"], d["position"], round(d.get("gap", float("nan")), 5), d.get("spacing"))
              for d in v["diverged"]])
-    write_json_atomic(Path(args.out), record)
+    write_json(args.out, record)
 
 
 if __name__ == "__main__":

@@ -44,13 +44,10 @@ _STAMP_BITS = 40  # LFU score = count << 40 | last use: counts first, then recen
 DEVICE_POLICIES = ("lru", "lfu", "next-visit")
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _scratch_bank(slots: int) -> int:
-    """The batch step kernel's lanes for a bank of `slots` (a power of two, at least 16: tl.sort's smallest)."""
-    return max(16, _pow2(slots))
+def sort_lanes(n: int) -> int:
+    """Lanes of a kernel that tl.sorts n values: a power of two, at least 16 (this module's batch step, the
+    prefetch's vote)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 class DeviceCacheTables:
@@ -74,8 +71,9 @@ class DeviceCacheTables:
         self.counters = torch.zeros(4, dtype=torch.int64, device=dev)
         # the batch step kernel's working memory, sized for the largest bank once: a CUDA graph replays its address,
         # so it is never reallocated (a graph captured before a larger bank's step would write freed memory)
-        self._scratch = torch.empty(_pow2(E) + 3 * _scratch_bank(max(end - start for start, end in cache.banks)),
-                                    dtype=torch.int64, device=dev)
+        self._scratch = None if triton is None else torch.empty(
+            triton.next_power_of_2(E) + 3 * sort_lanes(max(end - start for start, end in cache.banks)),
+            dtype=torch.int64, device=dev)
 
     # ---------------------------------------------------------------- one layer, one token
     def step(self, row: int, ids_N: torch.Tensor, use_kernel: bool | None = None, distinct: bool = True,
@@ -121,7 +119,7 @@ class DeviceCacheTables:
 
     def _batch_step_kernel(self, row, ids_N, start, end, next_visit_from, protect_N, prefetch):
         N, E, B = ids_N.numel(), self.cache.num_experts, end - start
-        block_e, block_b = _pow2(E), _scratch_bank(B)
+        block_e, block_b = triton.next_power_of_2(E), sort_lanes(B)
         out_3N = torch.empty(3, N, dtype=torch.int64, device=ids_N.device)
         protect = protect_N if protect_N is not None else ids_N  # (P = 0: never read)
         _batch_step_kernel[(1,)](

@@ -405,7 +405,7 @@ class OffloadEngine:
         # The table step may pick as a victim a slot this layer's prefetch is still copying into (a guess this
         # step does not need): only its writes must wait, so with "early" the join comes before the miss copy
         slot_N, src_N, dst_N = self.device_tables.step(row, ids_TK.reshape(-1), distinct=T == 1,
-                                                       next_visit_from=next_visit, use_kernel=self._kernel(T))
+                                                       next_visit_from=next_visit, use_kernel=self._use_kernel(T > 1))
         # not inside a CUDA graph capture: the copy stream's fork and join there is untested on a GPU (the batch
         # graph's steps copy in stream order, as before)
         prefetch = T > 1 and x_TH is not None and not (self.cuda and torch.cuda.is_current_stream_capturing())
@@ -420,10 +420,10 @@ class OffloadEngine:
             self._device_prefetch(layer, x_TH, slot_N, next_visit)
         return (dst_N if global_slots else slot_N).view(ids_TK.shape)
 
-    def _kernel(self, rows: int) -> bool | None:
-        """DeviceCacheTables.step's use_kernel for a step of `rows` rows: its default, unless batch steps were
-        asked to take the torch reference (batch_step_kernel = False)."""
-        return None if rows == 1 or self.batch_step_kernel else False
+    def _use_kernel(self, batch: bool) -> bool | None:
+        """DeviceCacheTables.step's use_kernel: its default, unless this is a batch step (or a prefetch) and batch
+        steps were asked to take the torch reference (batch_step_kernel = False)."""
+        return False if batch and not self.batch_step_kernel else None
 
     def step_ids(self, ids_TK: torch.Tensor) -> torch.Tensor:
         """The ids a decode step's rows look up: a free row of a captured batch step (batch_rows_valid) takes
@@ -453,7 +453,7 @@ class OffloadEngine:
         guess_M = torch.where(guess_M >= 0, guess_M, guess_M[:1])  # no vote: a repeat of the most wanted one
         _, src_M, dst_M = self.device_tables.step(
             self.cache.row[nxt], guess_M, distinct=False, next_visit_from=next_visit,
-            protect_N=slot_N if same_bank else None, prefetch=True, use_kernel=self._kernel(2))
+            protect_N=slot_N if same_bank else None, prefetch=True, use_kernel=self._use_kernel(batch=True))
         if not self.cuda:
             slot_copy.copy_parts(self.store.arena, self.arena_parts, src_M, dst_M)
             return

@@ -17,6 +17,8 @@ try:
 except ImportError:
     triton = None
 
+from moesys.offload.device_cache import sort_lanes
+
 PREFETCH_POLICIES = ("next-gate", "none")
 
 
@@ -31,8 +33,7 @@ def vote_order(ids_N: torch.Tensor, num_experts: int, use_kernel: bool | None = 
         use_kernel = ids_N.is_cuda and triton is not None
     if use_kernel:
         out_M = torch.empty(M, dtype=torch.int64, device=ids_N.device)
-        block_e = max(16, 1 << max(0, E - 1).bit_length())  # (tl.sort's smallest)
-        _vote_kernel[(1,)](ids_N, out_M, N, E, M, BLOCK_E=block_e, CHUNK=32, num_warps=4)
+        _vote_kernel[(1,)](ids_N, out_M, N, E, M, BLOCK_E=sort_lanes(E), CHUNK=32, num_warps=4)
         return out_M
     votes_E = torch.zeros(E, dtype=torch.int64, device=ids_N.device).index_add_(0, ids_N, torch.ones_like(ids_N))
     order_E = votes_E * (E + 1) + (E - torch.arange(E, device=ids_N.device))  # votes, then lower id first

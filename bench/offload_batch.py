@@ -669,6 +669,8 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
     engine = model.moesys_offload
     base = dict(base, quantize=args.graph_quantize)
     log("graph rows: budget", row_budget, "cache slots", engine.cache.num_slots, "experts", args.graph_quantize)
+    # the eager rows beside the graph's take the first --bookkeeping mode (the graph's is on the device)
+    eager_bookkeeping = args.bookkeeping.split(",")[0]
     for B in sizes:
         why = engine.device_batch_unsupported(B) if B > 1 else None
         if why is not None:
@@ -679,7 +681,7 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
         tokens = {}
         for graph in ((True,) if B == 1 else (False, True)):
             try:
-                e2e, stats, tokens[graph] = run_row(model, B, args, vocab, graph=graph)
+                e2e, stats, tokens[graph] = run_row(model, B, args, vocab, graph=graph, bookkeeping=eager_bookkeeping)
             except Exception as e:
                 traceback.print_exc()
                 records.append(dict(base, impl="moesys-batch-graph" if graph else "moesys", batch=B, routing="model",
@@ -689,7 +691,7 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
                                 path=("decode graph, generate() at batch 1" if B == 1 else
                                       "decode graph, generate_batch(graph=True)") if graph else base["path"],
                                 batch=B, routing="model", tokens_per_s=stats.decode_tokens_per_s,
-                                e2e_tokens_per_s=e2e, hit_rate=stats.decode_hit_rate,
+                                bookkeeping="device" if graph else eager_bookkeeping, e2e_tokens_per_s=e2e, hit_rate=stats.decode_hit_rate,
                                 replays=model.moesys_decode_graph.replays, peak_bytes=stats.peak_bytes,
                                 budget=row_budget, cache_slots=engine.cache.num_slots))
             if graph and False in tokens:

@@ -189,7 +189,7 @@ def resident_rows(args, impl: str, sizes: list[int], max_context: int):
     for B in sizes:
         e2e, stats, _ = run_row(full, B, args, src.cfg.vocab_size)
         rows.append((B, stats.decode_tokens_per_s, e2e))
-    return rows, workload_of(full.moesys_offload, full.config).__dict__
+    return rows, workload_of(full.moesys_offload, full.config).to_record()
 
 
 def row_prompts(B, args, vocab, seed=0):
@@ -408,7 +408,7 @@ def main():
         if calib is None:
             # what the roofline terms leave unexplained in these steps (launches, Python, syncs): fitted once
             # here, then the offloaded rows are predicted, not fitted
-            calib = calibrate(Workload(**workload), hw, steps, args.prompt_len + args.new_tokens // 2)
+            calib = calibrate(Workload.from_record(workload), hw, steps, args.prompt_len + args.new_tokens // 2)
     hw = calib
     log("calibrated", hw)
     base["hardware"] = hw.__dict__
@@ -466,7 +466,7 @@ def main():
                                 bookkeeping=bookkeeping,
                                 tokens_per_s=st.decode_tokens_per_s, hardware=fitted.__dict__,
                                 fitted=fit.__name__, copy_hit_rate=st.decode_copy_hit_rate,
-                                prefetched_share=st.decode_prefetched_share, workload=w.__dict__))
+                                prefetched_share=st.decode_prefetched_share, workload=w.to_record()))
             return fitted
 
         # the per-layer cost of host routing (the routing read, bookkeeping, demand copies' round trip), fitted
@@ -550,7 +550,7 @@ def main():
                     prediction_error=pred_hit["tokens_per_s"] / measured - 1 if measured else None,
                     prediction_error_decode_routing=pred["tokens_per_s"] / measured - 1 if measured else None,
                     cache_slots=engine.cache.num_slots, budget=row_budget, experts_implementation=impls[0],
-                    context=context, workload=w.__dict__,
+                    context=context, workload=w.to_record(),
                     peak_bytes=stats.peak_bytes, under_budget=None if None in (stats.peak_bytes, row_budget)
                     else stats.peak_bytes <= row_budget))
                 if routing == "model" and B == min([b for b in sizes if b > 1], default=None):
@@ -681,7 +681,8 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
         tokens = {}
         for graph in ((True,) if B == 1 else (False, True)):
             try:
-                e2e, stats, tokens[graph] = run_row(model, B, args, vocab, graph=graph, bookkeeping=eager_bookkeeping)
+                e2e, stats, tokens[graph] = run_row(model, B, args, vocab, graph=graph,
+                                                    bookkeeping=eager_bookkeeping)
             except Exception as e:
                 traceback.print_exc()
                 records.append(dict(base, impl="moesys-batch-graph" if graph else "moesys", batch=B, routing="model",
@@ -691,7 +692,8 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
                                 path=("decode graph, generate() at batch 1" if B == 1 else
                                       "decode graph, generate_batch(graph=True)") if graph else base["path"],
                                 batch=B, routing="model", tokens_per_s=stats.decode_tokens_per_s,
-                                bookkeeping="device" if graph else eager_bookkeeping, e2e_tokens_per_s=e2e, hit_rate=stats.decode_hit_rate,
+                                bookkeeping="device" if graph else eager_bookkeeping, e2e_tokens_per_s=e2e,
+                                hit_rate=stats.decode_hit_rate,
                                 replays=model.moesys_decode_graph.replays, peak_bytes=stats.peak_bytes,
                                 budget=row_budget, cache_slots=engine.cache.num_slots))
             if graph and False in tokens:

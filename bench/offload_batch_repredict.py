@@ -42,7 +42,7 @@ def config_of(shape: str):
 
 def workload_of_row(row: dict) -> pm.Workload:
     if "workload" in row:
-        return pm.Workload(**row["workload"])
+        return pm.Workload.from_record(row["workload"])
     smoke = "smoke" in row["shape"]  # the --smoke runs: float32 on the CPU
     context = row["prompt_tokens"] + row["new_tokens"]
     w = pm.workload_before_load(config_of(row["shape"]), torch.float32 if smoke else torch.bfloat16, row["budget"],

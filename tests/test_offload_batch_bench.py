@@ -123,7 +123,7 @@ def test_repredict_takes_the_copy_hit_rate_from_the_copied_bytes():
     from moesys.offload import perf_model as pm
 
     w = pm.Workload(num_layers=4, num_experts=8, top_k=2, expert_bytes=1000, expert_flops_per_row=1,
-                    dense_bytes=1, kv_bytes_per_token=1, attention_layers=4, free_bytes=1)
+                    dense_bytes=1, cache=pm.CacheBytes(full_per_token=1, attention_layers=4), free_bytes=1)
     lookups = 4 * pm.RoutingStats.uniform(8, 2).unique(2)  # per step at batch 2
     row = {"batch": 2, "copy_hit_rate": 0.0}
     for copies, want in ((0.5 * lookups, 0.5), (1.25 * lookups, -0.25)):

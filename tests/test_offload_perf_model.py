@@ -1,6 +1,7 @@
 """moesys.offload.perf_model against hand-computed cases (unique experts, LRU hit curve, step time, KV
 placement) and a brute-force LRU simulation; measured routing statistics of a real run feed it."""
 
+import json
 import random
 from dataclasses import replace
 
@@ -9,6 +10,7 @@ import torch
 
 import moesys.offload as mo
 from moesys.offload.batch import generate_batch
+from moesys.offload.cache_bytes import CacheBytes
 from moesys.offload.perf_model import (Hardware, RoutingStats, Workload, auto_batch_size, best_plan, calibrate,
                                        calibrate_layers, calibrate_waves, dequant_waves, engine_cache_hits,
                                        lru_hit_curve, predict, workload_of)
@@ -18,7 +20,7 @@ from tests.test_offload_batch import budget, prompts
 
 HW = Hardware(pcie_Bps=1e9, hbm_Bps=1e10, flops=1e12, cpu_mem_Bps=1e9, step_overhead_s=0.0, host_roundtrip_s=0.0)
 W = Workload(num_layers=2, num_experts=8, top_k=2, expert_bytes=10**6, expert_flops_per_row=10**6,
-             dense_bytes=10**7, kv_bytes_per_token=1000, attention_layers=2, free_bytes=16 * 10**6)
+             dense_bytes=10**7, cache=CacheBytes(full_per_token=1000, attention_layers=2), free_bytes=16 * 10**6)
 
 
 def test_unique_experts_per_layer():
@@ -320,7 +322,7 @@ def test_workload_before_load_matches_the_loaded_engine(checkpoints):
     before = workload_before_load(AutoConfig.from_pretrained(path), torch.float32, gpu_memory, 20)
     assert {**before.__dict__, "free_bytes": 0} == {**loaded.__dict__, "free_bytes": 0}
     assert 0 <= before.free_bytes - loaded.free_bytes < loaded.expert_bytes  # the slots are whole experts
-    assert before.kv_bytes_per_token == 2 * 3 * 2 * 8 * 4  # 2 (K, V) x 3 layers x 2 KV heads x head_dim 8 x fp32
+    assert before.cache.full_per_token == 2 * 3 * 2 * 8 * 4  # 2 (K, V) x 3 layers x 2 KV heads x head_dim 8 x fp32
 
 
 def test_device_path_layer_cost_above_batch_1_is_its_own():
@@ -345,3 +347,23 @@ def test_device_path_layer_cost_above_batch_1_is_its_own():
     assert fit4.device_layer_overhead_s == pytest.approx(1e-3)
     assert fit4.device_batch_layer_overhead_s == pytest.approx(3e-3)
     assert fit4.layer_overhead_s == bare.layer_overhead_s  # the host path's cost is not the device's
+
+
+def test_a_hybrids_states_take_slots_and_step_time():
+    """Rows of a hybrid model keep recurrent states beside their KV: the expert cache gets fewer slots
+    (whichever side the KV cache is on: host KV holds the full-attention layers only) and each step reads them."""
+    hybrid = replace(W, cache=CacheBytes(full_per_token=1000, state_per_row=10**6, attention_layers=2))
+    assert W.slots(4, 100, "device") - hybrid.slots(4, 100, "device") == 4
+    assert W.slots(4, 100, "host") == 16 and hybrid.slots(4, 100, "host") == 12
+    for kv in ("device", "host"):
+        extra = predict(hybrid, HW, RoutingStats.uniform(8, 2), 4, 100, kv, slots=16)["compute_s"] - \
+            predict(W, HW, RoutingStats.uniform(8, 2), 4, 100, kv, slots=16)["compute_s"]
+        assert extra == pytest.approx(4 * 10**6 / HW.hbm_Bps)
+
+
+def test_workload_records_round_trip_and_old_records_still_read():
+    hybrid = replace(W, cache=CacheBytes(full_per_token=1000, windows=((127, 64),), state_per_row=5,
+                                         attention_layers=2))
+    assert Workload.from_record(json.loads(json.dumps(hybrid.to_record()))) == hybrid
+    old = {k: v for k, v in W.__dict__.items() if k != "cache"} | {"kv_bytes_per_token": 1000, "attention_layers": 2}
+    assert Workload.from_record(old) == W

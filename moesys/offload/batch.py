@@ -11,8 +11,10 @@ union of the rows' top-k). Rows are left-padded in a shared KV cache with per-ro
 attention mask (moesys.offload.batch_kv), so greedy decoding gives every sequence the tokens it gets
 decoded alone. Decoding is greedy (argmax, no logits processors).
 
-Memory: the offload loader reserved KV cache for `max_context` tokens; a batch shares them, so
-batch_size x (longest prompt + max_new_tokens) must fit in max_context (checked before anything runs).
+Memory: the offload loader reserved the generation cache of `max_context` tokens; a batch shares it, so
+batch_size rows of (longest prompt + max_new_tokens) tokens must fit in it (checked before anything
+runs): batch_size x longest <= max_context, less for a hybrid model whose rows also keep recurrent states
+(moesys.offload.cache_bytes).
 With kv="host" the KV cache lives in host memory and attention runs on the CPU (moesys.offload.host_kv).
 
 graph=True: the decode steps replay moesys's CUDA graph (moesys.offload.graph) with the expert cache's
@@ -43,6 +45,7 @@ from moesys.offload.batch_static_kv import StaticBatchKV, other_cache_layers
 from moesys.offload.host_kv import host_attention
 from moesys.offload.loader import PREFILL_RESERVE_TOKENS
 from moesys.offload.perf_model import KV_PLACES as KV_MODES
+from moesys.offload.sizes import format_bytes
 
 # Where eager decode steps keep the expert cache's bookkeeping. "auto" is "device" wherever the device path
 # runs: on the OLMoE shape (int4, 4 GiB, one H200, bench/results/offload_batch_int4_bookkeeping_h200_29f3b2c.json)
@@ -270,11 +273,13 @@ class BatchGeneration:
     def _graph_columns(self, R: int) -> int:
         """Columns per row of the graph's fixed-shape KV cache: room for twice the run's longest sequence
         (prompt + new tokens; rows rarely need a shift left then), rounded up to a power of two (runs of
-        similar lengths share a captured graph), at most the memory plan's max_context / R. The whole plan
+        similar lengths share a captured graph), at most what the memory plan's reserve for max_context
+        tokens gives each of R rows (max_context / R without recurrent states). The whole plan
         (max_context / R each) measured 0.58 GiB over a 16 GiB budget on the Qwen3 shape's int4 B=8: the
         plan's KV reserve, allocated whole beside the prefill's activations and the captured step's pool."""
         longest = max(len(r.token_ids) + n for r, n in zip(self.requests, self.max_new))
-        return min(self.model.moesys_offload.max_context // R, 1 << (2 * longest - 1).bit_length())
+        engine = self.model.moesys_offload
+        return min(engine.plan.cache.columns_for(R, engine.max_context), 1 << (2 * longest - 1).bit_length())
 
     def _leave_rows(self, rows: dict[int, _Row], kv: StaticBatchKV, done: list[_Row]) -> None:
         finished = [r for r, row in rows.items() if self._finished(row)]
@@ -358,6 +363,20 @@ class BatchGeneration:
         return Result(row.index, row.request.id, row.request.token_ids, row.tokens, reason)
 
 
+def _check_cache_fits(cache, rows: int, longest: int, max_context: int) -> None:
+    """The memory plan reserved the generation cache of max_context tokens; `rows` rows of up to `longest`
+    tokens share it (each with its own recurrent states, in a hybrid model; moesys.offload.cache_bytes)."""
+    need, have = rows * cache.row_bytes(longest), cache.reserve_bytes(max_context)
+    if need <= have:
+        return
+    states = (f", {format_bytes(cache.state_per_row)} of which are each row's recurrent states"
+              if cache.state_per_row else "")
+    raise ValueError(f"batch_size={rows} rows of up to {longest} tokens need {format_bytes(need)} of KV cache"
+                     f"{states}, but the memory plan reserved {format_bytes(have)} (max_context={max_context}); "
+                     f"use batch_size<={max(1, cache.rows_fit(longest, max_context))} or load with "
+                     f"max_context>={cache.context_for(rows, longest)}")
+
+
 def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_size: int | str = 8, eos=None, *,
                    continuous: bool = True, kv: str = "device", graph: bool | str = "auto",
                    bookkeeping: str = "auto") -> BatchGeneration:
@@ -416,12 +435,8 @@ def generate_batch(model, prompts: Iterable, max_new_tokens: int = 128, batch_si
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer or 'auto'")
     engine = getattr(model, "moesys_offload", None)
     max_context = getattr(engine, "max_context", None)
-    if kv == "device" and max_context is not None and min(batch_size, len(requests)) * longest > max_context:
-        fits = max_context // longest
-        raise ValueError(f"batch_size={batch_size} rows of up to {longest} tokens need a KV cache of "
-                         f"{min(batch_size, len(requests)) * longest} tokens, but the memory plan reserved "
-                         f"max_context={max_context}; use batch_size<={fits} or load with "
-                         f"max_context>={batch_size * longest}")
+    if kv == "device" and max_context is not None:
+        _check_cache_fits(engine.plan.cache, min(batch_size, len(requests)), longest, max_context)
     if bookkeeping not in BOOKKEEPING:
         raise ValueError(f"bookkeeping={bookkeeping!r} is unknown; use one of {list(BOOKKEEPING)}")
     if bookkeeping == "device" and getattr(model, "moesys_offload", None) is None:

@@ -153,10 +153,12 @@ def choose_batch(args, config, dtype, requests: list[Request], device) -> tuple[
     --kv auto: the performance model's fastest prediction (uniform routing, or the --routing-trace
     statistics; measured copy bandwidth and FLOP/s). A device KV cache gets max_context = batch x the
     longest sequence (the budget then splits between that KV cache and the expert cache); a host one
-    keeps one row's length (the per-forward context guard)."""
+    keeps one row's length (the per-forward context guard). A hybrid's rows each also need their recurrent
+    states: max_context then covers them too (moesys.offload.cache_bytes.CacheBytes.context_for)."""
     longest = max(len(r.token_ids) + (r.max_new_tokens or args.max_new_tokens) for r in requests)
     batch, kv = parse_batch_size(args.batch_size), args.kv
-    if batch == "auto" or kv == "auto":
+    batch_auto_or_kv_auto = batch == "auto" or kv == "auto"
+    if batch_auto_or_kv_auto:
         from moesys.offload import perf_model as pm
 
         w = pm.workload_before_load(config, dtype, args.gpu_memory, longest, args.quantize_experts, device)
@@ -180,7 +182,12 @@ def choose_batch(args, config, dtype, requests: list[Request], device) -> tuple[
               f"{best['tokens_per_s']:.1f} tok/s (hit rate {best['hit_rate']:.1%}, {best['slots']} expert slots)",
               file=sys.stderr)
     rows = min(batch, len(requests))
-    return batch, kv, max(args.max_context, rows * longest) if kv == "device" else longest
+    if kv != "device":
+        return batch, kv, longest
+    from moesys.offload.cache_bytes import measure
+
+    cache = w.cache if batch_auto_or_kv_auto else measure(config, dtype)
+    return batch, kv, max(args.max_context, cache.context_for(rows, longest))
 
 
 def run_batch(args, model, tokenizer, requests: list[Request], batch_size: int, kv: str) -> None:

@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "performance model's choice")
     parser.add_argument("--kv", choices=("device", "host", "auto"), default="device",
                         help="with --prompts: the batch's KV cache on the device (within --gpu-memory; "
-                             "--max-context is raised to batch x longest sequence), in host memory with attention "
-                             "on the CPU (frees the budget for the expert cache), or auto: the performance "
-                             "model's faster choice")
+                             "--max-context is raised to hold batch x the longest sequence, and a hybrid's "
+                             "recurrent states), in host memory with attention on the CPU (frees the budget for "
+                             "the expert cache), or auto: the performance model's faster choice")
     parser.add_argument("--batch-graph", choices=("auto", "on", "off"), default="auto",
                         help="with --prompts: on: the batch's decode steps replay the CUDA graph with the expert "
                              "cache's bookkeeping on the GPU (a fixed-shape KV cache sized to the run, at most "
@@ -84,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pinned host RAM, plain RAM, or memory-mapped checkpoint files (host RAM short)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="compute dtype (None: the checkpoint config's)")
-    parser.add_argument("--max-context", type=int, default=4096, help="tokens the KV cache is planned for")
+    parser.add_argument("--max-context", type=int, default=4096,
+                        help="tokens the KV cache is planned for: one sequence of this length, or a batch's rows "
+                             "sharing it (each with its recurrent states, in a hybrid model)")
     parser.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")
     parser.add_argument("--exact", action="store_true",
                         help="greedy tokens of a prompt in any batch equal its tokens alone, bit for bit in every "

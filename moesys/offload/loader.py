@@ -20,10 +20,11 @@ from moesys.offload import exact as exact_mode
 from moesys.offload import graph as decode_graph
 from moesys.offload.adapters import adapter_for, find_moe_blocks, router_of
 from moesys.offload.cache import CACHE_POLICIES, ExpertCache
+from moesys.offload.cache_bytes import CacheBytes
+from moesys.offload.cache_bytes import measure as measure_cache
 from moesys.offload.dequant_slots import workspace_bytes
 from moesys.offload.engine import CPU_EXPERT_MODES, OffloadedExperts, OffloadEngine
 from moesys.offload.layout import ExpertLayout, expert_dims, is_experts_module
-from moesys.offload.perf_model import kv_bytes_per_token
 from moesys.offload.prefetch import PREFETCH_POLICIES, NextGatePrefetcher
 from moesys.offload.quant import QUANT_MODES
 from moesys.offload.sizes import format_bytes, parse_bytes
@@ -45,6 +46,9 @@ class MemoryPlan:
     num_slots: int
     total_experts: int
     num_moe_layers: int
+    # the generation cache of one sequence (KV per token, a hybrid's states): the reserve holds max_context
+    # tokens of it, which a batch's rows share (moesys.offload.cache_bytes)
+    cache: CacheBytes = CacheBytes()
 
     @property
     def min_budget(self) -> int:
@@ -119,14 +123,15 @@ def plan_memory(model: nn.Module, blocks: dict, dtype: torch.dtype, gpu_memory, 
     E, I, H, layout = expert_dims(next(iter(blocks.values())).experts)
     K = getattr(config, "num_experts_per_tok", 1)
     slot_bytes = parts_nbytes(slot_parts(I, H, dtype, quantize_experts, group_size, layout))
+    cache = measure_cache(model.config, dtype)
     if reserve is None:
         heads = config.num_attention_heads
-        kv = kv_bytes_per_token(config, dtype) * max_context
+        kv = cache.reserve_bytes(max_context)
         prefill = min(max_context, PREFILL_RESERVE_TOKENS)
         act = prefill * (K * (3 * H + 4 * I) + 12 * H) * elsize + prefill * heads * prefill * 4
         dequant = 0 if quantize_experts == "none" else workspace_bytes(K, 3 * I * H, elsize)
         reserve = kv + act + dequant + 8 * config.vocab_size * 4 + 64 * 2**20
-    plan = MemoryPlan(budget, resident, int(reserve), slot_bytes, 0, E * len(blocks), len(blocks))
+    plan = MemoryPlan(budget, resident, int(reserve), slot_bytes, 0, E * len(blocks), len(blocks), cache)
     if budget < plan.min_budget:
         raise ValueError(
             f"gpu_memory={format_bytes(budget)} is too small for this model: non-expert weights need "

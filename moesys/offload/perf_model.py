@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from moesys.offload.cache import MAX_BANK_SLOTS, resolve_policy
+from moesys.offload.cache_bytes import CacheBytes
 from moesys.offload.dequant_slots import kernel_available, workspace_experts
 
 KV_PLACES = ("device", "host")
@@ -116,17 +117,33 @@ class Workload:
     expert_bytes: int          # one expert as stored and copied (int4/int8 smaller)
     expert_flops_per_row: int  # 2 x 3 x H x I for a gated expert
     dense_bytes: int           # non-expert weights, read once per step
-    kv_bytes_per_token: int    # K and V of one token over all attention layers
-    attention_layers: int
+    cache: CacheBytes          # the generation cache of one sequence (KV per token, states per row)
     free_bytes: int            # budget minus non-expert weights and the activation workspace: KV + slots
     dequant_bytes: int = 0     # quantized experts: one expert dequantized (compute dtype); 0 = not quantized
     dequant_experts: int = 0   # quantized experts dequantized at once (the engine's); 0 = top_k
     cache_policy: str = "auto"  # the expert cache's eviction policy and bank size (moesys.offload.cache)
     bank_size: int = MAX_BANK_SLOTS
 
+    def to_record(self) -> dict:
+        """A JSON-ready dict (the benchmarks' records), read back by from_record."""
+        return {**self.__dict__, "cache": asdict(self.cache)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Workload":
+        """The Workload of a to_record dict, or of a record written before the cache was measured (its KV
+        bytes per token over `attention_layers` layers, no states)."""
+        record = dict(record)
+        if "cache" in record:
+            record["cache"] = CacheBytes(**{k: tuple(map(tuple, v)) if k == "windows" else v
+                                            for k, v in record["cache"].items()})
+        else:
+            record["cache"] = CacheBytes(full_per_token=record.pop("kv_bytes_per_token"),
+                                         attention_layers=record.pop("attention_layers"))
+        return cls(**record)
+
     def slots(self, batch: int, context: int, kv: str) -> int:
         """Expert-cache slots left when the KV cache of `batch` rows of `context` tokens is on `kv`."""
-        kv_bytes = batch * context * self.kv_bytes_per_token if kv == "device" else 0
+        kv_bytes = self.cache.device_bytes(batch, context, kv)
         return max(0, min(self.num_layers * self.num_experts, (self.free_bytes - kv_bytes) // self.expert_bytes))
 
 
@@ -303,9 +320,12 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
         experts_s = w.num_layers * waves * (max(dequant_s, rows_s / waves) + hw.wave_overhead_s)
     else:
         experts_s = w.num_layers * max(U * w.expert_bytes / hw.hbm_Bps, rows_s)
-    kv_bytes = batch * context * w.kv_bytes_per_token
-    attention_s = (kv_bytes / hw.hbm_Bps if kv == "device"
-                   else kv_bytes / hw.cpu_mem_Bps + w.attention_layers * hw.host_roundtrip_s)
+    # each step reads every row's cache: from the GPU, or with kv="host" its full-attention layers on the CPU
+    # (a round trip a layer) and the rest (sliding windows, recurrent states) on the GPU
+    host_bytes = batch * context * w.cache.full_per_token if kv == "host" else 0
+    attention_s = (w.cache.device_bytes(batch, context) - host_bytes) / hw.hbm_Bps
+    if kv == "host":
+        attention_s += host_bytes / hw.cpu_mem_Bps + w.cache.attention_layers * hw.host_roundtrip_s
     compute_s = (dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
                  + offloaded_layers * layer_s)
     p = routing.prefetched
@@ -407,15 +427,6 @@ def calibrate_waves(w: Workload, hw: Hardware, routing: RoutingStats, batch: int
     return replace(hw, wave_overhead_s=extra / waves if waves else 0.0)
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """K and V of one token over all attention layers (the memory plan reserves max_context of them)."""
-    config = config.get_text_config()
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
 def dequantized_bytes(quantize: str, gemms: int, H: int, I: int, dtype: torch.dtype) -> int:
     """One expert dequantized into the compute dtype; 0 for experts stored unquantized."""
     if quantize == "none":
@@ -425,15 +436,13 @@ def dequantized_bytes(quantize: str, gemms: int, H: int, I: int, dtype: torch.dt
 
 def workload_of(engine, config) -> Workload:
     """The Workload of a loaded offload engine (its memory plan) and the model's text config. The plan's
-    KV reserve for max_context tokens counts as free: the batch's KV cache is taken out of it."""
+    KV reserve for max_context tokens counts as free: the batch's cache is taken out of it."""
     plan, store = engine.plan, engine.store
-    kv_per_token = kv_bytes_per_token(config, store.dtype)
-    kv_reserve = getattr(engine, "max_context", 0) * kv_per_token
+    kv_reserve = plan.cache.reserve_bytes(getattr(engine, "max_context", 0))
     gemms = 3 if store.layout.gated else 2  # gate, up, down; or up, down
     return Workload(num_layers=len(engine.inner), num_experts=engine.cache.num_experts, top_k=engine.top_k,
                     expert_bytes=store.expert_bytes, expert_flops_per_row=2 * gemms * store.H * store.I,
-                    dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
-                    attention_layers=config.get_text_config().num_hidden_layers,
+                    dense_bytes=plan.resident_bytes, cache=plan.cache,
                     free_bytes=engine.cache.num_slots * plan.slot_bytes + kv_reserve,
                     dequant_bytes=dequantized_bytes(store.quantize, gemms, store.H, store.I, store.dtype),
                     dequant_experts=engine.dequant_experts, cache_policy=engine.cache.policy,
@@ -457,12 +466,10 @@ def workload_before_load(config, dtype: torch.dtype, gpu_memory, longest: int,
     text = config.get_text_config()
     E, I, H, layout = expert_dims(next(iter(blocks.values())).experts)
     gemms = 3 if layout.gated else 2  # gate, up, down; or up, down
-    kv_per_token = kv_bytes_per_token(config, dtype)
     return Workload(num_layers=len(blocks), num_experts=E, top_k=text.num_experts_per_tok,
                     expert_bytes=plan.slot_bytes, expert_flops_per_row=2 * gemms * H * I,
-                    dense_bytes=plan.resident_bytes, kv_bytes_per_token=kv_per_token,
-                    attention_layers=text.num_hidden_layers,
-                    free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + longest * kv_per_token,
+                    dense_bytes=plan.resident_bytes, cache=plan.cache,
+                    free_bytes=plan.budget - plan.resident_bytes - plan.reserve_bytes + plan.cache.reserve_bytes(longest),
                     dequant_bytes=dequantized_bytes(quantize_experts, gemms, H, I, dtype),
                     dequant_experts=workspace_experts(text.num_experts_per_tok, dtype, kernel_available(device)),
                     cache_policy=resolve_policy("auto", plan.num_slots, len(blocks), E, top_k=text.num_experts_per_tok))
@@ -477,7 +484,8 @@ def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware |
     engine = getattr(model, "moesys_offload", None)
     if engine is None or not hasattr(engine, "plan"):
         return max(1, min(num_requests, 64))
-    max_batch = max(1, min(num_requests, getattr(engine, "max_context", longest) // max(longest, 1)))
+    max_context = getattr(engine, "max_context", longest)
+    max_batch = max(1, min(num_requests, engine.plan.cache.rows_fit(max(longest, 1), max_context)))
     w = workload_of(engine, model.config)
     routing = routing or RoutingStats.uniform(w.num_experts, w.top_k)
     hw = hardware or Hardware.measure(engine.device)

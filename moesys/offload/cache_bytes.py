@@ -6,10 +6,10 @@ A row of `tokens` tokens holds, per cache layer:
 - linear attention and state-space layers (Qwen3-Next, Jamba, Nemotron-H): conv and recurrent states of a fixed
   size whatever the length (tens of MiB a row on real shapes: Qwen3-Next-80B's are 74 MiB);
 - nothing (Nemotron-H's MoE layers).
-Config fields do not say this reliably: MLA attention (DeepSeek) caches a compressed latent, 7x smaller than
+Config fields do not say this reliably: MLA attention (DeepSeek) caches a compressed latent, 7-28x smaller than
 2 x heads x head_dim; hybrids keep KV in a quarter of their layers; states have model-specific shapes and
 dtypes. So `measure` runs the model's forward on the meta device (shapes and dtypes only: no memory, no
-weights, well under 2 s on full-size configs) with its experts replaced by an identity, at 1, 2 and
+weights; 1-3 s on full-size configs, DeepSeek-V3 3 s) with its experts replaced by an identity, at 1, 2 and
 (sliding layers) window + 1 tokens, and reads the cache the forward filled: per layer, the bytes a token
 adds, the fixed bytes, and the columns a sliding layer keeps.
 

@@ -112,16 +112,23 @@ def test_mode_routes_linear_and_norm_and_refuses_batch_dependent_kernels():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.skipif(
-    DEVICE == "cpu", reason="the same engine path as qwen3_moe on the CPU; 1 min under the interpreter"))])
-def test_exact_batch_equals_each_prompt_alone_bit_for_bit(checkpoints, arch):
-    """bf16, 6 of the 24 experts cached (evictions and waves): the last position's prefill logits of three
-    left-padded prompts equal each prompt's alone, bit for bit, and so do generate_batch's greedy tokens
-    (continuous batching: two rows, three prompts) and each prompt generated alone."""
+# GPT-OSS: attention sinks, sliding-window layers, expert biases, clamped SwiGLU; DeepSeek-V3: MLA (query/key and
+# value head dims differ), sigmoid group-limited routing, shared experts (tests.test_offload_generic's tiny ones)
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "deepseek_v3",
+                                  pytest.param("mixtral", marks=pytest.mark.skipif(
+                                      DEVICE == "cpu", reason="the same engine path as qwen3_moe on the CPU; 1 min "
+                                                              "under the interpreter"))])
+def test_exact_batch_equals_each_prompt_alone_bit_for_bit(checkpoints, arch, tmp_path):
+    """bf16, 6 experts cached (evictions and waves): the last position's prefill logits of three left-padded
+    prompts equal each prompt's alone, bit for bit, and so do generate_batch's greedy tokens (continuous
+    batching: two rows, three prompts) and each prompt generated alone."""
     from moesys.offload.batch import generate_batch
     from moesys.offload.batch_kv import PaddedBatchKV, cache_kwarg
+    from tests.test_offload_generic import CONFIGS as GENERIC, _save_tiny
 
-    path, dtype = checkpoints[arch], torch.bfloat16
+    if arch in GENERIC:
+        _save_tiny(GENERIC[arch](), tmp_path)
+    path, dtype = checkpoints.get(arch, tmp_path), torch.bfloat16
     model = mo.load(path, gpu_memory=budget(path, dtype, 6), dtype=dtype, exact=True)
     engine = model.moesys_offload
     assert model.config._attn_implementation == "moesys_exact" and not engine.grouped

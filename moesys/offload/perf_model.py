@@ -322,10 +322,10 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
         experts_s = w.num_layers * max(U * w.expert_bytes / hw.hbm_Bps, rows_s)
     # each step reads every row's cache: from the GPU, or with kv="host" its full-attention layers on the CPU
     # (a round trip a layer) and the rest (sliding windows, recurrent states) on the GPU
-    host_bytes = batch * context * w.cache.full_per_token if kv == "host" else 0
-    attention_s = (w.cache.device_bytes(batch, context) - host_bytes) / hw.hbm_Bps
+    attention_s = w.cache.device_bytes(batch, context, kv) / hw.hbm_Bps
     if kv == "host":
-        attention_s += host_bytes / hw.cpu_mem_Bps + w.cache.attention_layers * hw.host_roundtrip_s
+        attention_s += (batch * context * w.cache.full_per_token / hw.cpu_mem_Bps
+                        + w.cache.attention_layers * hw.host_roundtrip_s)
     compute_s = (dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
                  + offloaded_layers * layer_s)
     p = routing.prefetched

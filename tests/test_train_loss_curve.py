@@ -1,11 +1,12 @@
 """Checks the tiny config's first steps (loss, aux loss, gradient norm per step, CPU float32) against
-values recorded from the trainer: a refactor that does not mean to change math keeps them bit-identical.
+values recorded from the trainer: a refactor that does not mean to change math keeps them to within float
+rounding (relative 1e-6; a real change of math is far larger).
 
-Exact under the torch build they were recorded with, per CPU capability (torch's vectorised kernels round
-differently under AVX2 and AVX512: the gradient norm of step 2 differs in its last bit; thread count does not
-change them); under another build or capability float rounding may differ, so there they must agree to 1e-4
-(a real change of math is larger). Re-record after a change that is meant to change the math, once per
-capability: `ATEN_CPU_CAPABILITY=avx2 PYTHONPATH=. python -m tests.test_train_loss_curve` and `=avx512`.
+Not bit-exact: torch's vectorised kernels round differently under AVX2 and AVX512 (the gradient norm of step 2
+differs in its last bit), and CPUs of one capability differ too (a Sapphire Rapids with AMX and AVX512-FP16
+rounds 8 of the 24 values in their last bit against the AVX512 recording, up to 2.5e-7 relative; thread count
+changes nothing). Re-record after a change that is meant to change the math, once per capability:
+`ATEN_CPU_CAPABILITY=avx2 PYTHONPATH=. python -m tests.test_train_loss_curve` and `=avx512`.
 """
 
 import sys
@@ -56,11 +57,10 @@ def _flat(curve_):  # pytest.approx compares flat sequences only
 def test_tiny_loss_curve_is_unchanged(tmp_path):
     got = curve(tmp_path)
     assert len(got) == 8
-    exact = RECORDED.get(torch.backends.cpu.get_cpu_capability()) if torch.__version__ == RECORDED_TORCH else None
-    if exact is not None:
-        assert got == exact
-    else:
-        assert _flat(got) == pytest.approx(_flat(RECORDED["AVX2"]), rel=1e-4)
+    recorded = RECORDED.get(torch.backends.cpu.get_cpu_capability(), RECORDED["AVX2"])
+    # another torch build may pick other kernels: only the math is compared there
+    rel = 1e-6 if torch.__version__ == RECORDED_TORCH else 1e-4
+    assert _flat(got) == pytest.approx(_flat(recorded), rel=rel)
 
 
 def test_the_recordings_differ_only_by_rounding():

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, OlmoeConfig
 
 from moesys.offload import cache_bytes
 from moesys.offload.cache_bytes import CacheBytes, from_config, measure
+from moesys.offload.sizes import format_bytes
 from tests.test_offload_generic import CONFIGS
 
 ARCHS = sorted(CONFIGS) + ["olmoe"]
@@ -90,8 +91,9 @@ def test_no_kv_cache_cannot_grow_with_max_context():
 
 def test_hybrid_rows_pay_their_states_in_the_plan_and_the_batch_check(tmp_path):
     """Qwen3-Next's rows each keep linear-attention states: two rows of 20 tokens fit max_context=40 by the
-    token count, not by bytes (one row's states are in the reserve, not two). The batch is refused, with the max_context that holds it; loaded with that,
-    it runs, and the decode graph's columns per row stay within the reserve."""
+    token count, not by bytes (one row's states are in the reserve, not two). The batch is refused, with the
+    max_context that holds it; loaded with that, it runs, and the decode graph's columns per row stay within the
+    reserve. The plan's description (what `moesys generate` prints) names the states."""
     import argparse
 
     import moesys.offload as mo
@@ -112,6 +114,8 @@ def test_hybrid_rows_pay_their_states_in_the_plan_and_the_batch_check(tmp_path):
 
     model = load(40)
     assert model.moesys_offload.plan.cache == cache
+    said = model.moesys_offload.plan.describe()  # what `moesys generate` prints
+    assert f"{format_bytes(cache.state_per_row)} of recurrent states per sequence" in said
     # the reserve grows by the measured bytes per token, not the config's estimate (beyond the prefill
     # activations' 1024 tokens, which grow with max_context below them)
     assert load(2100).moesys_offload.plan.reserve_bytes - load(2000).moesys_offload.plan.reserve_bytes == \

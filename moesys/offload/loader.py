@@ -57,7 +57,7 @@ class MemoryPlan:
     def describe(self) -> str:
         return (f"non-expert weights {format_bytes(self.resident_bytes)}, workspace "
                 f"{format_bytes(self.reserve_bytes)}, cache {self.num_slots}/{self.total_experts} experts of "
-                f"{format_bytes(self.slot_bytes)}")
+                f"{format_bytes(self.slot_bytes)}; generation cache {self.cache.describe()}")
 
 
 def _resolve_options(options: dict) -> dict:

@@ -58,10 +58,24 @@ def test_a_failed_probe_falls_back_to_the_estimate_with_a_warning(monkeypatch, c
         raise RuntimeError("no meta kernel")
 
     monkeypatch.setattr(cache_bytes, "_layer_bytes", broken)
+    monkeypatch.setattr(cache_bytes, "_MEASURED", {})  # (another test may have measured this config)
     config = config_of("olmoe")
     with caplog.at_level(logging.WARNING, logger="moesys.offload.cache_bytes"):
         assert measure(config, torch.float32) == from_config(config, torch.float32)
     assert "no meta kernel" in caplog.text and "estimate" in caplog.text
+
+
+def test_measured_once_per_config_and_dtype(monkeypatch):
+    calls = []
+    real = cache_bytes._layer_bytes
+    monkeypatch.setattr(cache_bytes, "_layer_bytes", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(cache_bytes, "_MEASURED", {})
+    config = config_of("olmoe")
+    first = measure(config, torch.float32)
+    assert measure(config_of("olmoe"), torch.float32) == first and len(calls) == 2  # 1 and 2 tokens, once
+    assert measure(config, torch.bfloat16).full_per_token == first.full_per_token // 2 and len(calls) == 4
+    config.num_hidden_layers = 3  # another config: measured again
+    assert measure(config, torch.float32).full_per_token == first.full_per_token * 3 // 2
 
 
 def test_row_arithmetic():

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # the experts implementation the probe forward runs: each expert block adds nothing (transformers' grouped
 # experts forward counts tokens per expert, which the meta device cannot)
 PROBE_EXPERTS = "moesys_cache_probe"
+_MEASURED: dict[tuple, "CacheBytes"] = {}  # measure's results by (config class, config JSON, dtype)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,15 @@ def _layer_bytes(model, tokens: int) -> tuple[list[int], list[int | None]]:
 def measure(config, dtype: torch.dtype) -> CacheBytes:
     """The cache of `config`'s model in `dtype`, read off forwards on the meta device (module docstring). If
     that forward fails (a model whose experts do not take transformers' experts implementations, or code
-    the meta device cannot run), the config estimate, with a warning."""
+    the meta device cannot run), the config estimate, with a warning. Measured once per config and dtype in
+    a process (`moesys generate --prompts` plans before loading, and the load plans again)."""
+    key = (type(config).__name__, config.to_json_string(), dtype)
+    if key not in _MEASURED:
+        _MEASURED[key] = _measure(config, dtype)
+    return _MEASURED[key]
+
+
+def _measure(config, dtype: torch.dtype) -> CacheBytes:
     from moesys.offload.loader import build_skeleton
 
     try:

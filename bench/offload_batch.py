@@ -663,6 +663,8 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
     """Host-routed and decode-graph batch steps side by side on one model (cuda_graph=True; compile off: one
     capture per batch size, no recompile), the model's routing; tokens compared row by row."""
     dtype, vocab = src.dtype, src.cfg.vocab_size
+    # the graph's fixed-shape cache of B rows has a joining prompt's prefill cache beside it
+    max_context += args.prompt_len
     row_budget = budget if budget is not None else smoke_budget(src.cfg, dtype, 1 / 3, max_context)
     model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=True,
                     compile=False, experts_implementation=impl, quantize_experts=args.graph_quantize)
@@ -695,6 +697,7 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
                                 bookkeeping="device" if graph else eager_bookkeeping, e2e_tokens_per_s=e2e,
                                 hit_rate=stats.decode_hit_rate,
                                 replays=model.moesys_decode_graph.replays, peak_bytes=stats.peak_bytes,
+                                under_budget=None if stats.peak_bytes is None else stats.peak_bytes <= row_budget,
                                 budget=row_budget, cache_slots=engine.cache.num_slots))
             if graph and False in tokens:
                 records[-1]["sequences_equal_to_host_path"] = [sum(a == b for a, b in zip(tokens[True], tokens[False])), B]

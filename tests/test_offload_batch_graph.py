@@ -77,7 +77,8 @@ def test_kv_cache_shifts_keep_the_tokens(checkpoints, monkeypatch):
             return real(self, n)
         monkeypatch.setattr(batch_static_kv.StaticBatchKV, f"_shift_{side}", spy)
     longest = max(len(p) for p in ps) + new
-    model = load(path, max_context=2 * longest)  # two rows of `longest` columns: shifted left often
+    # two rows of `longest` columns (and room for a joining prompt beside them): shifted left often
+    model = load(path, max_context=2 * longest + max(len(p) for p in ps))
     requests = [Request(p, max_new_tokens=n) for p, n in zip(ps, (2, new, new, 3, new))]
     got = {r.index: r.token_ids for r in generate_batch(model, requests, batch_size=2, graph=True)}
     assert [got[i] for i in range(len(ps))] == [alone(path, torch.float32, [p], r.max_new_tokens)[0]
@@ -254,6 +255,12 @@ def test_graph_batch_replays_a_cuda_graph_on_gpu(checkpoints, quantize, compile)
     assert sorted(got) == list(range(len(ps))) and all(len(t) == new for t in got.values())
     stats = model.moesys_offload.snapshot()
     assert stats.misses > 0
+    # a second run (its own cache and capture) stays in the budget too: the first run's captured step, whose
+    # output held that run's cache, was released at its end
+    torch.cuda.reset_peak_memory_stats()
+    again = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=new, batch_size=3, graph=True)}
+    assert torch.cuda.max_memory_allocated() - base <= kw["gpu_memory"]
+    assert again == got and graph.captures == 2 and graph.static_output is None
 
 
 def test_sliding_window_batch_takes_the_host_routed_steps(tmp_path, monkeypatch):
@@ -312,11 +319,13 @@ def test_auto_takes_the_graph_for_quantized_experts_on_cuda_where_the_banks_hold
     int8 = mo.load(path, gpu_memory=budget(path, torch.float32, 10, max_context=CONTEXT), dtype=torch.float32,
                    max_context=CONTEXT, compile=False, quantize_experts="int8")
     assert pays(int8)
-    # up to GRAPH_AUTO_MAX_ROWS rows (8, where it was measured to pay); 9 rows keep the eager steps, though the
+    # up to GRAPH_AUTO_MAX_ROWS rows (32, where it was measured to pay); 33 rows keep the eager steps, though the
     # banks hold them (graph=True would take the graph)
-    nine = [Request(token_ids=p) for p in prompts(lengths=[3] * 9)]
-    assert pays(int8, batch_size=8, requests=nine) and not pays(int8, batch_size=9, requests=nine)
-    assert pays(int8, batch_size=16, requests=nine[:8])  # the rows that run: min(batch_size, requests)
+    monkeypatch.setattr(int8.moesys_offload, "max_context", 33 * 5 + 3)  # 33 rows of 3 + 2 tokens, one joining
+    many = [Request(token_ids=p) for p in prompts(lengths=[3] * 33)]
+    assert pays(int8, batch_size=32, requests=many) and not pays(int8, batch_size=33, requests=many)
+    assert pays(int8, batch_size=64, requests=many[:32])  # the rows that run: min(batch_size, requests)
+    monkeypatch.setattr(int8.moesys_offload, "max_context", CONTEXT)
     assert not pays(int8, cuda=False) and not pays(int8, kv="host")
     monkeypatch.setattr(int8.moesys_offload, "_smallest_bank", 0)
     monkeypatch.setattr(int8.moesys_offload.cache, "capacity", lambda layer: 0)
@@ -356,5 +365,43 @@ def test_graph_kv_cache_holds_what_the_run_needs_not_the_whole_plan(checkpoints,
     whole = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=5, batch_size=3, graph=True)}
     assert made[-1] == (3, CONTEXT // 3) and whole == run
     monkeypatch.undo()
-    gen = BatchGeneration(model, [Request(token_ids=[1] * 60)], 50, 2, set(), True, graph=True)
-    assert gen._graph_columns(2) == CONTEXT // 2  # 2 x 110 rounds to 256, over the plan's 128 a row
+    gen = BatchGeneration(model, [Request(token_ids=[1] * 40)], 50, 2, set(), True, graph=True)
+    # 2 x 90 rounds to 256, over what the plan gives a row beside a joining prompt: (256 - 40) / 2
+    assert gen._graph_columns(2) == (CONTEXT - 40) // 2
+
+
+def test_graph_kv_cache_leaves_room_for_a_joining_prompt(checkpoints, monkeypatch):
+    """A joining group's prefill cache lives beside the fixed-shape one until it is copied in: the columns
+    leave room for the longest prompt, as many rows join at once as the reserve holds beside the R rows, and
+    where R rows of the longest sequence and one prompt do not fit max_context the run says so and decodes
+    host-routed (same tokens). The run's captured step is released at its end (its output holds the cache)."""
+    path = checkpoints["olmoe"]
+    ps = prompts()  # 5 prompts of up to 12 tokens, + 5 new: 17 -> 64 columns
+    # the host-routed batch's tokens (each sequence's alone: test_offload_batch)
+    want = {r.index: r.token_ids for r in generate_batch(load(path), ps, max_new_tokens=5, batch_size=3, eos=[])}
+    joins = []
+    real = batch_static_kv.StaticBatchKV.add
+
+    def spy(self, group, lengths, rows):
+        joins.append((self.rows, self.columns, len(rows), group["attention_mask"].shape[1]))
+        real(self, group, lengths, rows)
+
+    monkeypatch.setattr(batch_static_kv.StaticBatchKV, "add", spy)
+    for max_context, most in ((3 * 64 + 12, 1), (3 * 64 + 24, 2), (CONTEXT, 3)):
+        joins.clear()
+        model = load(path, max_context=max_context)
+        got = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=5, batch_size=3, eos=[],
+                                                            graph=True)}
+        assert got == want
+        assert max(g for _, _, g, _ in joins) == most
+        # the fixed-shape rows and the joining group's prefill within the reserve's max_context tokens
+        assert all(R * C + g * P <= max_context for R, C, g, P in joins), joins
+        graph = model.moesys_decode_graph
+        assert graph.key is None and graph.static_output is None and not graph.static_inputs
+    # 3 rows of 17 tokens and a 12-token prompt need 63 tokens; 62 cannot hold them beside it
+    model = load(path, max_context=62)
+    with pytest.warns(UserWarning, match=r"3 rows x 17 tokens.*12 tokens, needs max_context>=63 \(loaded "
+                                         r"with max_context=62\)"):
+        got = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=5, batch_size=3, eos=[],
+                                                            graph=True)}
+    assert got == want and model.moesys_decode_graph.eager_steps == 0

@@ -19,8 +19,10 @@ With kv="host" the KV cache lives in host memory and attention runs on the CPU (
 
 graph=True: the decode steps replay moesys's CUDA graph (moesys.offload.graph) with the expert cache's
 bookkeeping on the device, as batch-1 decode does: the KV cache has fixed shapes (moesys.offload.
-batch_static_kv: batch_size rows x max_context / batch_size columns), a finished row's place is free
-until a joining sequence takes it, and a free row costs no expert copy. The host-routed steps (the
+batch_static_kv: batch_size rows of at most (max_context - longest prompt) / batch_size columns: a joining
+group's prefill cache lives beside it until it is copied in), a finished row's place is free until a
+joining sequence takes it, and a free row costs no expert copy. The run's captured graph is released at its
+end (its output holds the run's cache). The host-routed steps (the
 default) overlap the resident experts' compute with the misses' copies and prefetch the next layer's
 experts; the graph's steps copy in stream order but launch nothing from the host.
 
@@ -53,11 +55,12 @@ from moesys.offload.sizes import format_bytes
 # from engine.QUANT_GROUPED_MIN_ROWS routed rows (row by row, quant_gemv, it had been 0.79-0.85x at batch 128).
 BOOKKEEPING = ("auto", "host", "device")
 # graph="auto" takes the decode graph for quantized experts up to this many rows: where it was measured to pay
-# (the Qwen3-30B-A3B shape, int4, B=8, H100: 7x the eager steps). Above it the eager device-path steps overlap
-# the misses' copies with the resident experts' compute and prefetch the next layer (the OLMoE shape, int4,
-# B=32 / 128: 79-81% of the bound), which the graph's in-order copies do not; the graph above 8 rows is not
-# measured yet, and graph=True still runs it.
-GRAPH_AUTO_MAX_ROWS = 8
+# (the Qwen3-30B-A3B shape, int4, 16 GiB, one H100, the model's routing, one load: B=8 7x the eager steps; B=32
+# 456 against 206 tok/s, bench/results/offload_batch_qwen3_int4_graph_h100_95e04b3.json). At B=128 the eager
+# device-path steps were faster (1242 against 1105 tok/s): they overlap the misses' copies with the resident
+# experts' compute and prefetch the next layer, which the graph's in-order copies do not. graph=True runs the
+# graph at any size.
+GRAPH_AUTO_MAX_ROWS = 32
 
 
 # sdpa backends for the batch's forwards: all but cuDNN. cuDNN's attention builds a graph per shape, and
@@ -194,7 +197,7 @@ class BatchGeneration:
     def _graph_pays(self) -> bool:
         """graph="auto": the decode graph where it was measured faster than the eager steps and can run
         quietly: quantized experts on CUDA at up to GRAPH_AUTO_MAX_ROWS rows (the Qwen3-30B-A3B shape, int4,
-        16 GiB, B=8 on an H100: 168.5 against 32.3 tok/s; eager int4 steps there are host-bound), wherever
+        16 GiB, on an H100: B=8 168.5 against 32.3 tok/s, B=32 456 against 206), wherever
         graph=True would run (_graph_blocker). bf16 experts keep the eager steps (the OLMoE shape, B=8: the graph
         4% slower; its misses copy with nothing computing beside them), and so do larger batches."""
         engine = getattr(self.model, "moesys_offload", None)
@@ -214,6 +217,12 @@ class BatchGeneration:
         other = other_cache_layers(self.model.config)
         if other:
             return f"the fixed-shape batch cache holds full-attention layers only, and this model's has {other}"
+        longest, prompt = self._longest(), self._longest_prompt()
+        if self._graph_columns(rows) < longest:
+            need = engine.plan.cache.context_for(rows, longest) + prompt
+            return (f"its fixed-shape cache of {rows} rows x {longest} tokens, beside a joining prompt's prefill "
+                    f"cache of {prompt} tokens, needs max_context>={need} (loaded with max_context="
+                    f"{engine.max_context})")
         return engine.device_batch_unsupported(rows)
 
     def _graph_rows(self) -> int | None:
@@ -238,7 +247,13 @@ class BatchGeneration:
         engine = self.model.moesys_offload
         name = cache_kwarg(self.model)
         prefill = PaddedBatchKV(self.model.config, self.device, cache_name=name)
-        kv = StaticBatchKV(self.model.config, self.device, R, self._graph_columns(R), cache_name=name)
+        columns = self._graph_columns(R)
+        kv = StaticBatchKV(self.model.config, self.device, R, columns, cache_name=name)
+        # a joining group's prefill cache lives beside the fixed-shape one until it is copied in: as many
+        # rows join at once as the reserve holds beside R rows (at least one: _graph_columns left room)
+        cache = engine.plan.cache
+        spare = cache.reserve_bytes(engine.max_context) - R * cache.row_bytes(columns)
+        join_rows = max(1, spare // max(1, cache.row_bytes(self._longest_prompt())))
         engine.batch_rows_valid = valid_R = torch.zeros(R, dtype=torch.bool, device=self.device)
         queue = deque(range(len(self.requests)))
         rows: dict[int, _Row] = {}   # cache row -> its sequence
@@ -248,12 +263,8 @@ class BatchGeneration:
                 done: list[_Row] = []
                 while (self.continuous or not rows) and queue and kv.free_rows():
                     free = kv.free_rows()
-                    joining = self._next_group(queue, len(free))
-                    group = prefill.prefill_inputs([row.request.token_ids for row in joining])
-                    for row, token in zip(joining, self._forward(**group)):
-                        self._append(row, token)
-                    self.prefills += len(joining)
-                    kv.add(group, [len(row.request.token_ids) for row in joining], free[:len(joining)])
+                    joining = self._next_group(queue, min(len(free), join_rows))
+                    self._prefill_into(prefill, kv, joining, free[:len(joining)])
                     rows.update(zip(free, joining))
                     self._leave_rows(rows, kv, done)
                 if rows:
@@ -269,17 +280,38 @@ class BatchGeneration:
                     yield self._result(row)
         finally:
             engine.batch_rows_valid = None
+            # the captured step's output holds this run's cache (and its graph, a memory pool): a later run
+            # makes a cache of its own, so keeping them would only count twice against the budget (measured:
+            # the Qwen3 shape's int4 B=32 graph run peaked 0.29 GiB over its 16 GiB on an H100, the previous
+            # run's cache still held)
+            self.model.moesys_decode_graph.release()
+
+    def _prefill_into(self, prefill: PaddedBatchKV, kv: StaticBatchKV, joining: list[_Row], rows: list[int]) -> None:
+        """Prefill `joining` together and copy their cache into the fixed-shape cache's free `rows`; the
+        group's own cache is freed on return (it must not outlive the copy: the reserve holds one group)."""
+        group = prefill.prefill_inputs([row.request.token_ids for row in joining])
+        for row, token in zip(joining, self._forward(**group)):
+            self._append(row, token)
+        self.prefills += len(joining)
+        kv.add(group, [len(row.request.token_ids) for row in joining], rows)
+
+    def _longest(self) -> int:
+        return max(len(r.token_ids) + n for r, n in zip(self.requests, self.max_new))
+
+    def _longest_prompt(self) -> int:
+        return max(len(r.token_ids) for r in self.requests)
 
     def _graph_columns(self, R: int) -> int:
         """Columns per row of the graph's fixed-shape KV cache: room for twice the run's longest sequence
         (prompt + new tokens; rows rarely need a shift left then), rounded up to a power of two (runs of
         similar lengths share a captured graph), at most what the memory plan's reserve for max_context
-        tokens gives each of R rows (max_context / R without recurrent states). The whole plan
-        (max_context / R each) measured 0.58 GiB over a 16 GiB budget on the Qwen3 shape's int4 B=8: the
-        plan's KV reserve, allocated whole beside the prefill's activations and the captured step's pool."""
-        longest = max(len(r.token_ids) + n for r, n in zip(self.requests, self.max_new))
+        tokens gives each of R rows once a joining prompt's prefill cache has its room beside them
+        ((max_context - longest prompt) / R without recurrent states). The whole plan (max_context / R each)
+        measured 0.58 GiB over a 16 GiB budget on the Qwen3 shape's int4 B=8: the plan's KV reserve,
+        allocated whole beside the prefill's activations and the captured step's pool."""
         engine = self.model.moesys_offload
-        return min(engine.plan.cache.columns_for(R, engine.max_context), 1 << (2 * longest - 1).bit_length())
+        room = engine.plan.cache.columns_for(R, max(0, engine.max_context - self._longest_prompt()))
+        return min(room, 1 << (2 * self._longest() - 1).bit_length())
 
     def _leave_rows(self, rows: dict[int, _Row], kv: StaticBatchKV, done: list[_Row]) -> None:
         finished = [r for r, row in rows.items() if self._finished(row)]

@@ -173,6 +173,11 @@ class DecodeGraph:
         self.static_inputs: dict[tuple[str, str | None], torch.Tensor] = {}
         self.static_output = None
 
+    def release(self) -> None:
+        """Drop the captured graph, its memory pool and its static inputs and output (which hold the step's
+        cache): the next eligible step warms up and captures again."""
+        self._reset()
+
     def _signature(self, args, kwargs):
         """(kwargs with every argument named, key of the captured layout, rows) or None when not eligible."""
         if args:

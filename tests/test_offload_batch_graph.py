@@ -303,7 +303,7 @@ def test_sliding_window_batch_takes_the_host_routed_steps(tmp_path, monkeypatch)
 
 
 def test_auto_takes_the_graph_for_quantized_experts_on_cuda_where_the_banks_hold_the_batch(checkpoints, monkeypatch):
-    """graph="auto" (the default): the decode graph for int8/int4 experts on CUDA, at up to 8 rows, with a
+    """graph="auto" (the default): the decode graph for int8/int4 experts on CUDA, at up to 32 rows, with a
     full-attention KV cache on the device and banks that hold the batch's experts; the eager steps for bf16/fp32 experts, on the CPU,
     with kv="host", without the decode graph, or when the banks are too small. The engine's device is faked
     as CUDA for the decision only; a run with the rule forced on takes the graph's steps."""

@@ -186,3 +186,35 @@ def test_kv_placement_options(checkpoints, tmp_path, capsys):
     assert host == device and "KV cache on the host" in captured.out
     auto, captured = tokens("--batch-size", "auto", "--kv", "auto")
     assert auto == device and "[moesys] performance model: batch size" in captured.err
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss"])
+def test_max_context_leaves_the_decode_graph_room_for_a_joining_prompt(tmp_path, arch):
+    """Where the batch's decode graph may run (--batch-graph on, or auto on a GPU, with the CUDA-graph step and a
+    full-attention-only model), the max_context the CLI loads with holds the batch's rows and the longest prompt
+    beside them (a joining group's prefill cache lives beside the fixed-shape rows until it is copied in); the
+    eager steps need the rows alone, and so does a model whose cache the graph's batch cannot hold (GPT-OSS's
+    sliding windows)."""
+    import argparse
+
+    from moesys.offload.batch import Request
+    from moesys.offload.batch_cli import choose_batch
+    from moesys.offload.cache_bytes import measure
+    from moesys.offload.cli import add_arguments
+    from tests.test_offload_cache_bytes import config_of
+
+    config = config_of(arch)
+    requests = [Request(token_ids=p, id=i) for i, p in enumerate(prompts((5, 9, 3)))]
+    rows = measure(config, torch.float32).context_for(3, 9 + 4)
+
+    def chosen(device, *extra):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = parser.parse_args([str(tmp_path), "--prompts", "p.jsonl", "--out", "o.jsonl", "--batch-size", "3",
+                                  "--max-context", "16", "--max-new-tokens", "4", "--gpu-memory", "1GiB", *extra])
+        return choose_batch(args, config, torch.float32, requests, torch.device(device))[2]
+
+    graph = rows + 9 if arch == "olmoe" else rows
+    assert rows > 16 and chosen("cuda") == graph and chosen("cpu", "--batch-graph", "on") == graph
+    assert chosen("cpu") == rows and chosen("cuda", "--batch-graph", "off") == rows
+    assert chosen("cuda", "--cuda-graph", "off") == rows and chosen("cuda", "--exact") == rows

@@ -152,7 +152,9 @@ def choose_batch(args, config, dtype, requests: list[Request], device) -> tuple[
     """(batch size, KV place, max_context to load with) before the model is loaded. --batch-size auto or
     --kv auto: the performance model's fastest prediction (uniform routing, or the --routing-trace
     statistics; measured copy bandwidth and FLOP/s). A device KV cache gets max_context = batch x the
-    longest sequence (the budget then splits between that KV cache and the expert cache); a host one
+    longest sequence, plus the longest prompt where the decode graph may run (--batch-graph on, or auto on a
+    GPU: a joining group's prefill sits beside its fixed-shape rows; the budget then splits between that KV
+    cache and the expert cache); a host one
     keeps one row's length (the per-forward context guard). A hybrid's rows each also need their recurrent
     states: max_context then covers them too (moesys.offload.cache_bytes.CacheBytes.context_for)."""
     longest = max(len(r.token_ids) + (r.max_new_tokens or args.max_new_tokens) for r in requests)
@@ -184,10 +186,18 @@ def choose_batch(args, config, dtype, requests: list[Request], device) -> tuple[
     rows = min(batch, len(requests))
     if kv != "device":
         return batch, kv, longest
+    from moesys.offload.batch_static_kv import other_cache_layers
     from moesys.offload.cache_bytes import measure
 
     cache = w.cache if batch_auto_or_kv_auto else measure(config, dtype)
-    return batch, kv, max(args.max_context, cache.context_for(rows, longest))
+    need = cache.context_for(rows, longest)
+    graph_on = args.batch_graph == "on" or (args.batch_graph == "auto" and device.type == "cuda")
+    if (rows > 1 and graph_on and (args.cuda_graph or ("off" if args.exact else "on")) == "on"
+            and not other_cache_layers(config)):
+        # the decode graph's fixed-shape rows keep a joining prompt's prefill cache beside them
+        # (generate_batch takes the eager steps where they cannot)
+        need += max(len(r.token_ids) for r in requests)
+    return batch, kv, max(args.max_context, need)
 
 
 def run_batch(args, model, tokenizer, requests: list[Request], batch_size: int, kv: str) -> None:

@@ -383,7 +383,7 @@ def main():
     def run_graph_rows():
         graph_sizes = [int(b) for b in args.graph_batch_sizes.split(",")] if args.graph_batch_sizes else sizes
         graph_budget = int(args.graph_budget * 2**30) if args.graph_budget else budget
-        graph_rows(args, src, graph_budget, max_context, graph_sizes, base, records, impls[0])
+        graph_rows(args, src, graph_budget, max_context, graph_sizes, base, records, impls[0], save)
 
     if args.graph_only:  # the --batch-graph rows alone (a short GPU run)
         run_graph_rows()
@@ -659,7 +659,7 @@ def meta_line(engine):
     return ", ".join(f"{k} {m[k]}" for k in ("device", "torch", "triton", "transformers", "git_sha", "date"))
 
 
-def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
+def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save):
     """Host-routed and decode-graph batch steps side by side on one model (cuda_graph=True; compile off: one
     capture per batch size, no recompile), the model's routing; tokens compared row by row."""
     dtype, vocab = src.dtype, src.cfg.vocab_size
@@ -702,7 +702,8 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl):
             if graph and False in tokens:
                 records[-1]["sequences_equal_to_host_path"] = [sum(a == b for a, b in zip(tokens[True], tokens[False])), B]
             log(records[-1]["impl"], B, f"{stats.decode_tokens_per_s:.1f} tok/s",
-                records[-1].get("sequences_equal_to_host_path", ""))
+                records[-1].get("sequences_equal_to_host_path", ""), "peak", stats.peak_bytes)
+            save()  # each row as it comes (a GPU call's time limit may cut the next)
     del model, engine
     gc.collect()
 

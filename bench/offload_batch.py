@@ -316,6 +316,10 @@ def main():
                     help="comma-separated on,off: the device bookkeeping's batch steps through the one-launch kernel "
                          "(on, the engine's default) or the torch reference (off: OffloadEngine.batch_step_kernel); "
                          "each row is run once per value, side by side")
+    ap.add_argument("--copy-priority", default="normal",
+                    help="comma-separated normal,high: the offloaded rows' copy stream at the default priority or "
+                         "the device's greatest (OffloadEngine.set_copy_priority: the copy kernel's programs "
+                         "dispatched before the compute kernels' waiting blocks); each row is run once per value")
     ap.add_argument("--cache-policy", default="auto", choices=("auto", "next-visit", "lru", "lfu"),
                     help="the offloaded rows' (and --profile's) expert cache policy (moesys.offload.cache)")
     ap.add_argument("--batch-graph", action="store_true",
@@ -498,13 +502,15 @@ def main():
             row_sizes = list(sizes)
             if "auto" in args.batch_sizes:
                 row_sizes.append(auto_batch_size(model, 128 if not args.smoke else 64, ctx, hardware=row_hw))
-            kernels = args.batch_step_kernel.split(",")
-            variants = [(B, bk, kern) for B in row_sizes for bk in args.bookkeeping.split(",") for kern in kernels]
-            for i, (B, bookkeeping, kernel) in enumerate(variants):
-                i //= len(args.bookkeeping.split(",")) * len(kernels)
+            kernels, priorities = args.batch_step_kernel.split(","), args.copy_priority.split(",")
+            variants = [(B, bk, kern, prio) for B in row_sizes for bk in args.bookkeeping.split(",")
+                        for kern in kernels for prio in priorities]
+            for i, (B, bookkeeping, kernel, priority) in enumerate(variants):
+                i //= len(args.bookkeeping.split(",")) * len(kernels) * len(priorities)
                 if kernel not in ("on", "off"):
                     raise SystemExit(f"--batch-step-kernel {kernel!r}: use on or off")
                 engine.batch_step_kernel = kernel == "on"
+                engine.set_copy_priority(priority)
                 rec = RoutingRecorder(model)
                 try:
                     e2e, stats, tokens = run_row(model, B, args, cfg.vocab_size, bookkeeping=bookkeeping)
@@ -536,6 +542,7 @@ def main():
                 records.append(dict(
                     base, impl="moesys", quantize=quantize, routing=routing, trace_source=trace_source,
                     batch=B, bookkeeping=bookkeeping, batch_step_kernel=engine.batch_step_kernel,
+                    copy_priority=engine.copy_priority,
                     auto=i >= len(sizes), tokens_per_s=measured,
                     e2e_tokens_per_s=e2e,
                     hit_rate=stats.decode_hit_rate, copy_hit_rate=stats.decode_copy_hit_rate,
@@ -558,7 +565,8 @@ def main():
                     equal = matches_alone(model, tokens, args, cfg.vocab_size, bookkeeping)
                     records[-1]["sequences_equal_to_alone"] = [equal, B]
                     log("equal to alone:", records[-1]["sequences_equal_to_alone"])
-                log(f"{quantize} {routing} B={B} {bookkeeping} batch-step-kernel {kernel}: {measured:.1f} tok/s, "
+                log(f"{quantize} {routing} B={B} {bookkeeping} batch-step-kernel {kernel} copy priority {priority}: "
+                    f"{measured:.1f} tok/s, "
                     f"predicted {pred['tokens_per_s']:.1f} "
                     f"({pred_hit['tokens_per_s']:.1f} with the measured copy hit rate "
                     f"{stats.decode_copy_hit_rate:.2f}; "

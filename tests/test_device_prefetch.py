@@ -213,6 +213,32 @@ def test_batch_steps_take_the_kernel_unless_the_engine_asks_for_the_reference(ch
         assert {k for b, k in asked if not b} <= {None}
 
 
+
+def test_copy_priority_replaces_the_copy_stream_and_keeps_the_tokens(checkpoints):
+    """OffloadEngine.set_copy_priority: "high" puts the copies on a stream of the device's greatest priority
+    (bench/offload_batch.py --copy-priority's A/B), "normal" back at 0; the tokens stay the same; an unknown
+    priority is refused. On a CPU there is no stream, and only the setting is kept."""
+    from moesys.offload.batch import generate_batch
+
+    path = checkpoints["qwen3_moe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 16), dtype=torch.float32, cuda_graph=False)
+    engine = model.moesys_offload
+    ps = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    tokens = {}
+    for priority in ("normal", "high", "normal"):
+        engine.set_copy_priority(priority)
+        assert engine.copy_priority == priority
+        if engine.cuda:
+            want = torch.cuda.Stream.priority_range()[1] if priority == "high" else 0
+            assert engine.copy_stream.priority == want
+        else:
+            assert engine.copy_stream is None
+        run = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=4, bookkeeping="device")}
+        assert tokens.setdefault(priority, run) == run
+    assert tokens["high"] == tokens["normal"] and engine.snapshot().misses > 0
+    with pytest.raises(ValueError, match=r"copy priority 'urgent' is unknown; use one of \['normal', 'high'\]"):
+        engine.set_copy_priority("urgent")
+
 def test_auto_bookkeeping_takes_the_device_path_wherever_the_banks_hold_the_batch(checkpoints):
     """bookkeeping="auto": quantized and unquantized experts take the device path at any batch the banks hold
     (a batch of 8 tokens' rows included: 64 routed rows for 8 experts); "host" never, and a batch the banks

@@ -95,7 +95,7 @@ def test_offload_batch_bench_qwen3_shape_loads_from_the_random_model_without_a_c
     out = tmp_path / "ob.json"
     _bench(tmp_path, "--out", str(out), "--shape", "qwen3-30b-a3b", "--routings", "uniform", "--batch-sizes", "1,4",
            "--quantize", "none,int4", "--experts-impl", "grouped_mm", "--bookkeeping", "device",
-           "--batch-step-kernel", "on,off")
+           "--batch-step-kernel", "on,off", "--copy-priority", "normal,high")
     records = json.loads(out.read_text())
     # the device path's per-layer cost is fitted at batch 1 and, apart, above it (perf_model.device_layer_s)
     calib = [r for r in records if r["impl"] == "moesys-calibration" and r["bookkeeping"] == "device"]
@@ -104,9 +104,10 @@ def test_offload_batch_bench_qwen3_shape_loads_from_the_random_model_without_a_c
     assert all(r["hardware"]["device_batch_layer_overhead_s"] is not None for r in calib if r["batch"] == 4)
     assert {r["shape"] for r in records} == {"qwen3-30b-a3b-smoke"}
     rows = [r for r in records if r["impl"] == "moesys"]
-    # each row with the batch step kernel and with the torch reference (--batch-step-kernel on,off), side by side
-    assert [(r["quantize"], r["batch"], r["batch_step_kernel"]) for r in rows] == [
-        (q, B, k) for q in ("none", "int4") for B in (1, 4) for k in (True, False)]
+    # each row with the batch step kernel and with the torch reference (--batch-step-kernel on,off), and with the
+    # copy stream at each priority (--copy-priority normal,high), side by side
+    assert [(r["quantize"], r["batch"], r["batch_step_kernel"], r["copy_priority"]) for r in rows] == [
+        (q, B, k, p) for q in ("none", "int4") for B in (1, 4) for k in (True, False) for p in ("normal", "high")]
     assert all(r["tokens_per_s"] > 0 and "error" not in r and r["cache_slots"] < 3 * 16 for r in rows)
     assert [r["batch"] for r in records if r["impl"] == "moesys-all-resident"] == [1, 4]
     accelerate = [r for r in records if r["impl"] == "accelerate-offload"]

@@ -45,6 +45,13 @@ CPU_EXPERT_MODES = ("auto", "on", "off")
 # time per miss) and equal at 128, but bf16 rows (12.6 MB experts, copy-bound) 6% slower
 # (bench/results/offload_batch_copy_kernel_h100_fd052fb.json): the copy engine's bandwidth wins there.
 COPY_PROGRAMS = 16
+# The copy stream's priority. "high": the GPU dispatches the copy kernel's programs before waiting blocks of the
+# compute stream's kernels as SMs free up. A prefetch's copies launched behind a grouped GEMM that fills every SM
+# otherwise start when its last block is dispatched (the misses then copy after the compute, not beside it: one
+# guess at why the Qwen3 shape's int4 B=128 eager steps ran 57-62% of the bound on one load and 80% on another).
+# Not measured on a GPU yet: "normal" (what every measurement so far ran) stays the default, and
+# bench/offload_batch.py --copy-priority normal,high is the A/B.
+COPY_PRIORITIES = ("normal", "high")
 COPY_KERNEL_MAX_BYTES = 8 << 20
 # How the host path's compute waits for the copies it reads (_wait). "host": the host blocks on each copy's
 # event, so it queues a wave's compute only once that wave has landed and its launch work sits between the
@@ -162,6 +169,7 @@ class OffloadEngine:
         self.prefetcher, self.cpu_mode = prefetcher, cpu_experts
         self.stats = OffloadStats()
         self.cuda = device.type == "cuda"
+        self.copy_priority = "normal"  # one of COPY_PRIORITIES (set_copy_priority)
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.layer_used: dict[int, torch.cuda.Event] = {}  # last compute event of each layer
         self.pending: dict[int, set[int]] = {layer: set() for layer in inner}  # slots with copies in flight
@@ -534,6 +542,18 @@ class OffloadEngine:
         self._copy_run(layer, loaded_e, loaded_s, waits)
         self.cache.update_table(layer, loaded_e, loaded_s)
         return slots
+
+    def set_copy_priority(self, priority: str) -> None:
+        """The copy stream's priority, one of COPY_PRIORITIES: "high" is the greatest the device has
+        (torch.cuda.Stream.priority_range), "normal" the default 0. Waits for the device first: the stream is
+        replaced, and nothing may still be queued on the old one."""
+        if priority not in COPY_PRIORITIES:
+            raise ValueError(f"copy priority {priority!r} is unknown; use one of {list(COPY_PRIORITIES)}")
+        self.copy_priority = priority
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            level = torch.cuda.Stream.priority_range()[1] if priority == "high" else 0
+            self.copy_stream = torch.cuda.Stream(self.device, priority=level)
 
     def _copy_stream(self):
         """The side stream, for a run of copies: entered once per run (entering it per copy cost about a

@@ -405,3 +405,6 @@ def test_graph_kv_cache_leaves_room_for_a_joining_prompt(checkpoints, monkeypatc
         got = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=5, batch_size=3, eos=[],
                                                             graph=True)}
     assert got == want and model.moesys_decode_graph.eager_steps == 0
+    for graph in (True, False, "auto"):  # no prompts: no results, on every path
+        run = generate_batch(model, [], graph=graph)
+        assert list(run) == [] and run.decode_steps == run.prefills == 0

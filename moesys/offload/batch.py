@@ -145,6 +145,8 @@ class BatchGeneration:
             yield from self._run()
 
     def _run(self) -> Iterator[Result]:
+        if not self.requests:
+            return  # nothing to prefill or decode (no batch to size a cache for)
         graph = getattr(self.model, "moesys_decode_graph", None)
         if self.batch_size == 1 and self.kv == "device" and graph is not None:
             yield from self._run_alone()

@@ -170,10 +170,11 @@ def smoke_budget(config, dtype, fraction, max_context):
     return p.resident_bytes + p.reserve_bytes + int(fraction * p.total_experts) * p.slot_bytes
 
 
-def resident_rows(args, impl: str, sizes: list[int], max_context: int):
-    """The all-resident rows (every expert on the device, uniform routing) of one experts implementation:
-    ([(B, decode tok/s, end-to-end tok/s)], the loaded engine's Workload as a dict). Run in a spawned process
-    by main(), so nothing of this model outlives it."""
+def resident_rows(args, impl: str, sizes: list[int], max_context: int, graph: bool = False, quantize: str = "none"):
+    """The all-resident rows (every expert on the device) of one experts implementation: ([(B, decode tok/s,
+    end-to-end tok/s)], the loaded engine's Workload as a dict). Eager steps under uniform routing, or
+    (`graph`) the batch's decode-graph steps under the model's routing (an override's draws would be captured
+    once), with `quantize`d experts. Run in a spawned process by main(), so nothing of this model outlives it."""
     from moesys.offload.perf_model import workload_of
     from moesys.offload.routing import RoutingOverride
 
@@ -182,12 +183,13 @@ def resident_rows(args, impl: str, sizes: list[int], max_context: int):
 
         register()
     src = build_model(args, args.workdir)
-    full = src.load(gpu_memory=ALL_RESIDENT, dtype=src.dtype, max_context=max_context, cuda_graph=False,
-                    experts_implementation=impl)
-    RoutingOverride(full, "uniform", seed=1)
+    full = src.load(gpu_memory=ALL_RESIDENT, dtype=src.dtype, max_context=max_context, cuda_graph=graph,
+                    compile=False if graph else None, experts_implementation=impl, quantize_experts=quantize)
+    if not graph:
+        RoutingOverride(full, "uniform", seed=1)
     rows = []
     for B in sizes:
-        e2e, stats, _ = run_row(full, B, args, src.cfg.vocab_size)
+        e2e, stats, _ = run_row(full, B, args, src.cfg.vocab_size, graph=graph)
         rows.append((B, stats.decode_tokens_per_s, e2e))
     return rows, workload_of(full.moesys_offload, full.config).to_record()
 
@@ -332,6 +334,9 @@ def main():
                          "each layer's cache bank to hold min(B x top-k, experts) experts")
     ap.add_argument("--graph-only", action="store_true",
                     help="only the --batch-graph rows (host-routed and graph side by side), no bound or calibration")
+    ap.add_argument("--graph-resident", action="store_true",
+                    help="the --batch-graph rows' bound and prediction: their graph steps with every expert resident "
+                         "first (a process of its own), which also fit the graph path's overheads")
     ap.add_argument("--graph-quantize", default="none", choices=("none", "int8", "int4"),
                     help="the --batch-graph rows' expert precision (default bf16: none)")
     ap.add_argument("--graph-batch-sizes", default=None,
@@ -387,7 +392,7 @@ def main():
     def run_graph_rows():
         graph_sizes = [int(b) for b in args.graph_batch_sizes.split(",")] if args.graph_batch_sizes else sizes
         graph_budget = int(args.graph_budget * 2**30) if args.graph_budget else budget
-        graph_rows(args, src, graph_budget, max_context, graph_sizes, base, records, impls[0], save)
+        graph_rows(args, src, graph_budget, max_context, graph_sizes, base, records, impls[0], save, hw)
 
     if args.graph_only:  # the --batch-graph rows alone (a short GPU run)
         run_graph_rows()
@@ -667,12 +672,30 @@ def meta_line(engine):
     return ", ".join(f"{k} {m[k]}" for k in ("device", "torch", "triton", "transformers", "git_sha", "date"))
 
 
-def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save):
+def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save, hw):
     """Host-routed and decode-graph batch steps side by side on one model (cuda_graph=True; compile off: one
-    capture per batch size, no recompile), the model's routing; tokens compared row by row."""
+    capture per batch size, no recompile), the model's routing; tokens compared row by row. With
+    --graph-resident, the same graph steps with every expert resident first (a process of their own): the
+    graph rows' bound, and their prediction (perf_model path "graph", its overheads fitted to those steps)."""
+    from moesys.offload.perf_model import RoutingStats, Workload, calibrate, predict
+
     dtype, vocab = src.dtype, src.cfg.vocab_size
     # the graph's fixed-shape cache of B rows has a joining prompt's prefill cache beside it
     max_context += args.prompt_len
+    resident_step, hw_graph, w = {}, None, None
+    if args.graph_resident:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows, workload = pool.submit(resident_rows, args, impl, sizes, max_context, True,
+                                         args.graph_quantize).result()
+        for B, tokens_per_s, e2e in rows:
+            resident_step[B] = B / tokens_per_s
+            records.append(dict(base, impl="moesys-batch-graph-all-resident", quantize=args.graph_quantize,
+                                graph_section=True, batch=B, routing="model", tokens_per_s=tokens_per_s,
+                                e2e_tokens_per_s=e2e))
+            log(records[-1]["impl"], B, f"{tokens_per_s:.1f} tok/s")
+        w = Workload.from_record(workload)
+        hw_graph = calibrate(w, hw, resident_step, args.prompt_len + args.new_tokens // 2)
+        log("calibrated graph steps", hw_graph)
     row_budget = budget if budget is not None else smoke_budget(src.cfg, dtype, 1 / 3, max_context)
     model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=True,
                     compile=False, experts_implementation=impl, quantize_experts=args.graph_quantize)
@@ -709,6 +732,22 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save)
                                 budget=row_budget, cache_slots=engine.cache.num_slots))
             if graph and False in tokens:
                 records[-1]["sequences_equal_to_host_path"] = [sum(a == b for a, b in zip(tokens[True], tokens[False])), B]
+            if graph and B in resident_step:
+                # the bound and the prediction (fed the row's measured copy hit rate) of the graph step
+                steps = max(1, stats.decode_tokens // B)
+                missed_s = stats.decode_bytes_copied / steps / hw.pcie_Bps
+                routing = RoutingStats.uniform(w.num_experts, w.top_k).with_engine_hit_rate(
+                    engine.cache.num_slots, stats.decode_copy_hit_rate)
+                pred = predict(w, hw_graph, routing, B, args.prompt_len + args.new_tokens // 2,
+                               slots=engine.cache.num_slots, path="graph")
+                measured = stats.decode_tokens_per_s
+                bound = B / max(missed_s, resident_step[B])
+                records[-1].update(
+                    bytes_copied_per_token=stats.decode_bytes_copied / max(stats.decode_tokens, 1),
+                    copy_hit_rate=stats.decode_copy_hit_rate, bound_tokens_per_s=bound,
+                    share_of_bound=measured / bound, predicted_with_measured_hit=pred["tokens_per_s"],
+                    prediction_error=pred["tokens_per_s"] / measured - 1, hardware=hw_graph.__dict__,
+                    workload=w.to_record(), context=args.prompt_len + args.new_tokens // 2)
             log(records[-1]["impl"], B, f"{stats.decode_tokens_per_s:.1f} tok/s",
                 records[-1].get("sequences_equal_to_host_path", ""), "peak", stats.peak_bytes)
             save()  # each row as it comes (a GPU call's time limit may cut the next)

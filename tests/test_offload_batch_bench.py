@@ -27,7 +27,7 @@ def _bench(tmp_path, *args):
 def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     out = tmp_path / "ob.json"
     _bench(tmp_path, "--out", str(out), "--no-accelerate", "--batch-graph", "--routings", "model",
-           "--batch-sizes", "1,4", "--experts-impl", "grouped_mm", "--graph-batch-sizes", "1,4")
+           "--batch-sizes", "1,4", "--experts-impl", "grouped_mm", "--graph-batch-sizes", "1,4", "--graph-resident")
     records = json.loads(out.read_text())
     rows = [r for r in records if r["impl"] == "moesys" and not r.get("graph_section")]
     # the copy hit rate counts the prefetch's copies as misses: never above the lookups' hit rate, and
@@ -55,12 +55,29 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     assert [r["predicted"] for r in rebuilt] == pytest.approx([r["predicted"] for r in again])
     graph = [r for r in records if r.get("graph_section")]
     # batch 1 is one row (generate() replays the graph whichever path is asked for); above 1, host then graph
-    assert [(r["impl"], r["batch"]) for r in graph] == [("moesys-batch-graph", 1), ("moesys", 4),
-                                                         ("moesys-batch-graph", 4)]
+    # (--graph-resident: the same graph steps with every expert resident first, the graph rows' bound)
+    assert [(r["impl"], r["batch"]) for r in graph] == [
+        ("moesys-batch-graph-all-resident", 1), ("moesys-batch-graph-all-resident", 4), ("moesys-batch-graph", 1),
+        ("moesys", 4), ("moesys-batch-graph", 4)]
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in graph)
-    assert graph[0]["path"] == "decode graph, generate() at batch 1"
-    assert graph[2]["sequences_equal_to_host_path"] == [4, 4]
-    assert graph[2]["path"] == "decode graph, generate_batch(graph=True)"
+    from moesys.offload import perf_model as pm
+
+    resident = {r["batch"]: r["tokens_per_s"] for r in graph if r["impl"].endswith("all-resident")}
+    for r in (r for r in graph if r["impl"] == "moesys-batch-graph"):
+        # bound = B / max(missed bytes at the pinned bandwidth, the all-resident graph step); the prediction's
+        # error against the measurement (perf_model path "graph", its overheads fitted to the resident steps)
+        missed_s = r["bytes_copied_per_token"] * r["batch"] / r["hardware"]["pcie_Bps"]
+        assert r["bound_tokens_per_s"] == pytest.approx(min(resident[r["batch"]], r["batch"] / missed_s), rel=0.05)
+        assert r["share_of_bound"] == pytest.approx(r["tokens_per_s"] / r["bound_tokens_per_s"])
+        assert r["prediction_error"] == pytest.approx(r["predicted_with_measured_hit"] / r["tokens_per_s"] - 1)
+        w, hw = pm.Workload.from_record(r["workload"]), pm.Hardware(**r["hardware"])
+        routing = pm.RoutingStats.uniform(w.num_experts, w.top_k).with_engine_hit_rate(r["cache_slots"],
+                                                                                      r["copy_hit_rate"])
+        assert r["predicted_with_measured_hit"] > 0 and r["predicted_with_measured_hit"] == pytest.approx(pm.predict(
+            w, hw, routing, r["batch"], r["context"], slots=r["cache_slots"], path="graph")["tokens_per_s"])
+    assert graph[2]["path"] == "decode graph, generate() at batch 1"
+    assert graph[4]["sequences_equal_to_host_path"] == [4, 4]
+    assert graph[4]["path"] == "decode graph, generate_batch(graph=True)"
 
 
 def test_offload_batch_bench_graph_only_int4(tmp_path):

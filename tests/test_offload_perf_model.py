@@ -283,6 +283,24 @@ def test_device_path_has_its_own_layer_cost_and_no_dequantization_waves():
         predict(W, HW, uni, 2, 100, slots=8, path="gpu")
 
 
+
+def test_graph_path_copies_in_stream_order_without_layer_costs():
+    """path="graph" (the batch's CUDA-graph step): no per-layer host or device-path cost, quantized experts read
+    packed (no waves), and the misses copied in stream order with nothing beside them: step = compute + copy,
+    whatever share the eager steps' prefetch would have issued ahead. calibrate_layers has nothing to fit there."""
+    q = Workload(**{**W.__dict__, "dequant_bytes": 4 * 10**6})
+    hw = replace(HW, layer_overhead_s=5e-3, device_layer_overhead_s=1e-3, device_batch_layer_overhead_s=2e-3,
+                 wave_overhead_s=2e-3)
+    uni = half_hit().with_prefetched_share(0.75)
+    graph, dev = (predict(q, hw, uni, 2, 100, slots=8, path=p) for p in ("graph", "device"))
+    bare = predict(W, HW, uni, 2, 100, slots=8)  # unquantized, no overheads
+    assert graph["compute_s"] == pytest.approx(bare["compute_s"]) and graph["copy_s"] == dev["copy_s"] > 0
+    assert graph["step_s"] == pytest.approx(graph["compute_s"] + graph["copy_s"])
+    assert dev["compute_s"] == pytest.approx(graph["compute_s"] + 2 * 2e-3)
+    assert dev["step_s"] == pytest.approx(max(0.75 * dev["copy_s"], dev["compute_s"]) + 0.25 * dev["copy_s"])
+    with pytest.raises(ValueError, match="calibrate_layers fits the host or device path's per-layer cost"):
+        calibrate_layers(q, hw, uni, 2, 100, 8, graph["step_s"], path="graph")
+
 def test_dequant_workspace_holds_more_experts_with_the_kernel():
     """The memory plan reserves top_k experts of the torch dequantization (result, int32 widening and int4
     unpacking: 2 x elsize + 4 bytes a weight); the kernel writes only the result, so the same bytes hold 4 x

@@ -289,14 +289,18 @@ def lru_hit_curve(ids_NLK: torch.Tensor, num_experts: int, batch: int = 1) -> to
     return torch.cat((torch.zeros(1, dtype=torch.float64), cum))  # distance d hits with S > d slots
 
 
-PATHS = ("host", "device")
+# where a decode step's cache bookkeeping runs: "host" (a routing read back per layer), "device" (eager steps,
+# the next layer prefetched on the copy stream), "graph" (the batch's CUDA-graph step: the bookkeeping on the
+# device inside the replay, no host work per layer, and the misses copied in stream order with no prefetch, so
+# nothing overlaps them; its step and row overheads are calibrate()'s fit to all-resident graph steps)
+PATHS = ("host", "device", "graph")
 
 
 def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, kv: str = "device",
             overlap: bool = False, slots: int | None = None, path: str = "host") -> dict:
     """Predicted decode step of `batch` rows with `context` cached tokens each; `slots` (total cache slots)
     defaults to what the budget leaves beside the KV cache on `kv`; `path` is where the cache bookkeeping
-    runs ("host": a routing read back per layer; "device")."""
+    runs (PATHS: "host", a routing read back per layer; "device"; "graph", the copies in stream order)."""
     if kv not in KV_PLACES:
         raise ValueError(f"kv={kv!r} must be one of {list(KV_PLACES)}")
     if path not in PATHS:
@@ -311,7 +315,7 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     # round trip of its copies that the prefetch did not issue ahead), or on the device path runs the
     # bookkeeping's kernels
     offloaded_layers = w.num_layers if hit < 1 else 0
-    layer_s = hw.layer_overhead_s if path == "host" else device_layer_s(hw, batch)
+    layer_s = {"host": hw.layer_overhead_s, "device": device_layer_s(hw, batch), "graph": 0.0}[path]
     dense_s = max(w.dense_bytes / hw.hbm_Bps, batch * w.dense_bytes / hw.flops)  # 2 FLOPs per 2-byte weight
     rows_s = batch * w.top_k * w.expert_flops_per_row / hw.flops
     waves = dequant_waves(w, U, batch) if path == "host" else 0
@@ -328,7 +332,7 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
                         + w.cache.attention_layers * hw.host_roundtrip_s)
     compute_s = (dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
                  + offloaded_layers * layer_s)
-    p = routing.prefetched
+    p = 0.0 if path == "graph" else routing.prefetched
     step_s = max(copy_s, compute_s) if overlap else max(p * copy_s, compute_s) + (1 - p) * copy_s
     feasible = S_total >= w.num_layers  # the engine needs a slot per MoE layer
     return dict(batch=batch, kv=kv, slots=S_total, unique_per_layer=U, hit_rate=hit, misses_per_step=misses,
@@ -409,6 +413,8 @@ def calibrate_layers(w: Workload, hw: Hardware, routing: RoutingStats, batch: in
     a row above batch 1 fits `device_batch_layer_overhead_s` (the Qwen3-30B-A3B shape in int4: a step took
     67 ms at batch 1 and 164-182 ms at every batch from 8 to 128, bench/results/
     offload_batch_qwen3_int4_h100_8061ee3.json, which the batch-1 fit predicted at half that)."""
+    if path not in ("host", "device"):
+        raise ValueError(f"calibrate_layers fits the host or device path's per-layer cost; path={path!r} has none")
     field = ("layer_overhead_s" if path == "host" else
              "device_batch_layer_overhead_s" if batch > 1 else "device_layer_overhead_s")
     p = predict(w, replace(hw, **{field: 0.0}), routing, batch, context, slots=slots, path=path)

@@ -224,6 +224,26 @@ def test_graph_batch_counts_like_the_host_path_with_every_expert_resident(checkp
     assert dev.hits == host.hits > 0
 
 
+
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_graph_batch_of_a_model_whose_experts_all_fit(checkpoints, quantize):
+    """A budget that holds every expert (resident_if_fits, the default): unquantized, the model runs as if
+    fully on the device and its decode graph has no engine; quantized, the engine keeps the packed experts.
+    Either way graph=True takes the graph's steps (bench/offload_batch.py --graph-resident times them: the
+    graph rows' bound), with the host-routed batch's tokens."""
+    path, new = checkpoints["olmoe"], 5
+    ps = prompts()
+    model = mo.load(path, gpu_memory=1 << 34, dtype=torch.float32, max_context=CONTEXT, compile=False,
+                    quantize_experts=quantize)
+    assert (model.moesys_decode_graph.engine is None) == (quantize == "none")
+    want = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=new, batch_size=3, graph=False)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*host-routed path instead")  # no fallback from the graph
+        run = generate_batch(model, ps, max_new_tokens=new, batch_size=3, graph=True)
+        got = {r.index: r.token_ids for r in run}
+    decoder = model.moesys_decode_graph
+    assert got == want and decoder.eager_steps + decoder.replays == run.decode_steps > 0
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("quantize", ["none", "int4"])

@@ -198,8 +198,8 @@ class DecodeGraph:
         mask = kwargs.get("attention_mask")
         if rows > 1:
             # a batch: its padding mask prepared (4D: no mask building that syncs), positions per row, and
-            # banks that hold what its rows may need at once
-            if self.engine is None or self.engine.device_batch_unsupported(rows) is not None:
+            # banks that hold what its rows may need at once (no engine: every expert resident, nothing to hold)
+            if self.engine is not None and self.engine.device_batch_unsupported(rows) is not None:
                 return None
             if not (isinstance(mask, torch.Tensor) and mask.dim() == 4) or \
                     not isinstance(kwargs.get("position_ids"), torch.Tensor):

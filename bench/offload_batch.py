@@ -191,7 +191,7 @@ def resident_rows(args, impl: str, sizes: list[int], max_context: int, graph: bo
     for B in sizes:
         e2e, stats, _ = run_row(full, B, args, src.cfg.vocab_size, graph=graph)
         rows.append((B, stats.decode_tokens_per_s, e2e))
-    return rows, workload_of(full.moesys_offload, full.config).to_record()
+    return rows, workload_of(full.moesys_offload).to_record()
 
 
 def row_prompts(B, args, vocab, seed=0):
@@ -456,7 +456,7 @@ def main():
             engine.prefetch_issue = args.prefetch_issue
         base["copy_programs"], base["cache_policy"] = engine.copy_programs, engine.cache.policy
         base["copy_wait"], base["prefetch_issue"] = engine.copy_wait, engine.prefetch_issue
-        w = workload_of(engine, model.config)
+        w = workload_of(engine)
         context = args.prompt_len + args.new_tokens // 2
 
         def calibration_row(fit, B, seed, hw_in, bookkeeping="host"):

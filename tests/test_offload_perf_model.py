@@ -168,7 +168,7 @@ def test_measured_routing_of_a_run_feeds_the_model(checkpoints):
     rec = RoutingRecorder(model)
     list(generate_batch(model, prompts((6, 9, 4, 7)), max_new_tokens=6, batch_size=2, eos=[]))
     engine = model.moesys_offload
-    w = workload_of(engine, model.config)
+    w = workload_of(engine)
     assert (w.num_layers, w.num_experts, w.top_k, w.expert_bytes) == (3, 8, 2, engine.store.expert_bytes)
     measured = RoutingStats.from_trace(rec.ids_NLK(decode_only=True), 8, batch_steps=True)
     uniform = RoutingStats.uniform(8, 2)
@@ -319,13 +319,13 @@ def test_quantized_workload_counts_the_dequantized_expert(checkpoints):
     path = checkpoints["olmoe"]
     model = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False,
                     quantize_experts="int4")
-    w = workload_of(model.moesys_offload, model.config)
+    w = workload_of(model.moesys_offload)
     store = model.moesys_offload.store
     assert w.dequant_bytes == 3 * store.H * store.I * 4 and w.dequant_bytes > w.expert_bytes
     assert w.dequant_experts == model.moesys_offload.dequant_experts == (  # the kernel's chunk on a GPU
         3 * model.config.num_experts_per_tok if torch.cuda.is_available() else model.config.num_experts_per_tok)
     plain = mo.load(path, gpu_memory=budget(path, torch.float32, 10), dtype=torch.float32, cuda_graph=False)
-    assert workload_of(plain.moesys_offload, plain.config).dequant_bytes == 0
+    assert workload_of(plain.moesys_offload).dequant_bytes == 0
 
 
 def test_workload_before_load_matches_the_loaded_engine(checkpoints):
@@ -336,7 +336,7 @@ def test_workload_before_load_matches_the_loaded_engine(checkpoints):
     path = checkpoints["qwen3_moe"]
     gpu_memory = budget(path, torch.float32, 10, max_context=20)
     model = mo.load(path, gpu_memory=gpu_memory, dtype=torch.float32, max_context=20, cuda_graph=False)
-    loaded = workload_of(model.moesys_offload, model.config)
+    loaded = workload_of(model.moesys_offload)
     before = workload_before_load(AutoConfig.from_pretrained(path), torch.float32, gpu_memory, 20)
     assert {**before.__dict__, "free_bytes": 0} == {**loaded.__dict__, "free_bytes": 0}
     assert 0 <= before.free_bytes - loaded.free_bytes < loaded.expert_bytes  # the slots are whole experts

@@ -440,8 +440,8 @@ def dequantized_bytes(quantize: str, gemms: int, H: int, I: int, dtype: torch.dt
     return gemms * H * I * torch.empty((), dtype=dtype).element_size()
 
 
-def workload_of(engine, config) -> Workload:
-    """The Workload of a loaded offload engine (its memory plan) and the model's text config. The plan's
+def workload_of(engine) -> Workload:
+    """The Workload of a loaded offload engine (its memory plan, store and cache). The plan's
     KV reserve for max_context tokens counts as free: the batch's cache is taken out of it."""
     plan, store = engine.plan, engine.store
     kv_reserve = plan.cache.reserve_bytes(getattr(engine, "max_context", 0))
@@ -492,7 +492,7 @@ def auto_batch_size(model, num_requests: int, longest: int, hardware: Hardware |
         return max(1, min(num_requests, 64))
     max_context = getattr(engine, "max_context", longest)
     max_batch = max(1, min(num_requests, engine.plan.cache.rows_fit(max(longest, 1), max_context)))
-    w = workload_of(engine, model.config)
+    w = workload_of(engine)
     routing = routing or RoutingStats.uniform(w.num_experts, w.top_k)
     hw = hardware or Hardware.measure(engine.device)
     # rows hold on average about half their final length over a run; generate_batch's bookkeeping "auto"

@@ -167,11 +167,7 @@ class BatchGeneration:
                 joining = self._next_group(queue, self.batch_size - len(rows))
                 # the joining prompts are prefilled together (left-padded): one forward, so each expert
                 # they need is copied once for all of them
-                group = kv.prefill_inputs([row.request.token_ids for row in joining])
-                for row, token in zip(joining, self._forward(**group)):
-                    self._append(row, token)
-                self.prefills += len(joining)
-                kv.add(group, [len(row.request.token_ids) for row in joining])
+                kv.add(self._prefill(kv, joining), [len(row.request.token_ids) for row in joining])
                 rows += joining
                 self._leave(rows, kv, done)
             if rows:
@@ -288,14 +284,19 @@ class BatchGeneration:
             # run's cache still held)
             self.model.moesys_decode_graph.release()
 
-    def _prefill_into(self, prefill: PaddedBatchKV, kv: StaticBatchKV, joining: list[_Row], rows: list[int]) -> None:
-        """Prefill `joining` together and copy their cache into the fixed-shape cache's free `rows`; the
-        group's own cache is freed on return (it must not outlive the copy: the reserve holds one group)."""
-        group = prefill.prefill_inputs([row.request.token_ids for row in joining])
+    def _prefill(self, padded: PaddedBatchKV, joining: list[_Row]) -> dict:
+        """One forward of the joining prompts together (left-padded); each row's first token appended.
+        Returns the forward's inputs, whose cache now holds the group."""
+        group = padded.prefill_inputs([row.request.token_ids for row in joining])
         for row, token in zip(joining, self._forward(**group)):
             self._append(row, token)
         self.prefills += len(joining)
-        kv.add(group, [len(row.request.token_ids) for row in joining], rows)
+        return group
+
+    def _prefill_into(self, prefill: PaddedBatchKV, kv: StaticBatchKV, joining: list[_Row], rows: list[int]) -> None:
+        """Prefill `joining` together and copy their cache into the fixed-shape cache's free `rows`; the
+        group's own cache is freed on return (it must not outlive the copy: the reserve holds one group)."""
+        kv.add(self._prefill(prefill, joining), [len(row.request.token_ids) for row in joining], rows)
 
     def _longest(self) -> int:
         return max(len(r.token_ids) + n for r, n in zip(self.requests, self.max_new))

@@ -683,6 +683,7 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
     # the graph's fixed-shape cache of B rows has a joining prompt's prefill cache beside it
     max_context += args.prompt_len
     resident_step, hw_graph, w = {}, None, None
+    context = args.prompt_len + args.new_tokens // 2  # a decode step's mean cached tokens (as the other rows)
     if args.graph_resident:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows, workload = pool.submit(resident_rows, args, impl, sizes, max_context, True,
@@ -694,7 +695,7 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
                                 e2e_tokens_per_s=e2e))
             log(records[-1]["impl"], B, f"{tokens_per_s:.1f} tok/s")
         w = Workload.from_record(workload)
-        hw_graph = calibrate(w, hw, resident_step, args.prompt_len + args.new_tokens // 2)
+        hw_graph = calibrate(w, hw, resident_step, context)
         log("calibrated graph steps", hw_graph)
     row_budget = budget if budget is not None else smoke_budget(src.cfg, dtype, 1 / 3, max_context)
     model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=True,
@@ -738,8 +739,7 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
                 missed_s = stats.decode_bytes_copied / steps / hw.pcie_Bps
                 routing = RoutingStats.uniform(w.num_experts, w.top_k).with_engine_hit_rate(
                     engine.cache.num_slots, stats.decode_copy_hit_rate)
-                pred = predict(w, hw_graph, routing, B, args.prompt_len + args.new_tokens // 2,
-                               slots=engine.cache.num_slots, path="graph")
+                pred = predict(w, hw_graph, routing, B, context, slots=engine.cache.num_slots, path="graph")
                 measured = stats.decode_tokens_per_s
                 bound = B / max(missed_s, resident_step[B])
                 records[-1].update(
@@ -747,7 +747,7 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
                     copy_hit_rate=stats.decode_copy_hit_rate, bound_tokens_per_s=bound,
                     share_of_bound=measured / bound, predicted_with_measured_hit=pred["tokens_per_s"],
                     prediction_error=pred["tokens_per_s"] / measured - 1, hardware=hw_graph.__dict__,
-                    workload=w.to_record(), context=args.prompt_len + args.new_tokens // 2)
+                    workload=w.to_record(), context=context)
             log(records[-1]["impl"], B, f"{stats.decode_tokens_per_s:.1f} tok/s",
                 records[-1].get("sequences_equal_to_host_path", ""), "peak", stats.peak_bytes)
             save()  # each row as it comes (a GPU call's time limit may cut the next)

@@ -302,8 +302,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--no-accelerate", action="store_true")
     ap.add_argument("--copy-programs", type=int, default=None,
-                    help="the offloaded rows' copy kernel grid (OffloadEngine.copy_programs; 0 = each expert copied "
-                         "on its own, a cudaMemcpy per part: the copies before the kernel); default: the engine's")
+                    help="the offloaded rows' copy kernel grid (OffloadEngine.copy_programs, the host path's copies and "
+                         "the device path's prefetch; 0 = the host path copies each expert on its own, a cudaMemcpy "
+                         "per part: the copies before the kernel); default: the engine's")
     ap.add_argument("--copy-wait", default=None, choices=("host", "device"),
                     help="how the offloaded rows' host path waits for its copies (OffloadEngine.copy_wait: the host "
                          "blocks on them, or the compute stream waits); default: the engine's")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import moesys.offload as mo
+from moesys.offload import engine as engine_module
 from moesys.offload.cache import ExpertCache
 from moesys.offload.device_cache import DeviceCacheTables
 from tests.test_offload import DEVICE, checkpoints  # noqa: F401
@@ -238,6 +239,33 @@ def test_copy_priority_replaces_the_copy_stream_and_keeps_the_tokens(checkpoints
     assert tokens["high"] == tokens["normal"] and engine.snapshot().misses > 0
     with pytest.raises(ValueError, match=r"copy priority 'urgent' is unknown; use one of \['normal', 'high'\]"):
         engine.set_copy_priority("urgent")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy stream's prefetch (a grid-bounded copy kernel) "
+                    "runs on CUDA only; on a CPU the prefetch copies through slot_copy's reference")
+def test_device_prefetch_copies_with_the_engines_copy_programs(checkpoints, monkeypatch):
+    """The device path's prefetch on the copy stream takes the engine's copy_programs as its grid (what
+    bench/offload_batch.py --copy-programs sweeps), and the default where the host path copies per expert (0)."""
+    from moesys.offload import slot_copy
+    from moesys.offload.batch import generate_batch
+
+    path = checkpoints["qwen3_moe"]
+    model = mo.load(path, gpu_memory=budget(path, torch.float32, 16), dtype=torch.float32, cuda_graph=False)
+    engine = model.moesys_offload
+    grids, copy_parts = [], slot_copy.copy_parts
+
+    def recording(*args, programs=None, **kwargs):
+        grids.append(programs)
+        return copy_parts(*args, programs=programs, **kwargs)
+
+    monkeypatch.setattr(slot_copy, "copy_parts", recording)
+    ps = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    for programs, want in ((5, 5), (0, engine_module.COPY_PROGRAMS)):
+        engine.copy_programs, grids[:] = programs, []
+        list(generate_batch(model, ps, max_new_tokens=4, bookkeeping="device"))
+        # the host path's copies (prefill) take copy_programs too, or with 0 a cudaMemcpy each; the miss copies None
+        assert set(grids) - {None} == {want} and engine.snapshot().prefetch_copies > 0, (programs, grids)
+
 
 def test_auto_bookkeeping_takes_the_device_path_wherever_the_banks_hold_the_batch(checkpoints):
     """bookkeeping="auto": quantized and unquantized experts take the device path at any batch the banks hold

@@ -470,8 +470,10 @@ class OffloadEngine:
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             # a bounded grid, as the host path's copies beside compute (a full one would hold every SM while
-            # it waits on PCIe)
-            slot_copy.copy_parts(self.store.arena, self.arena_parts, src_M, dst_M, programs=COPY_PROGRAMS)
+            # it waits on PCIe): the engine's copy_programs, or where the host path copies per expert (0: large
+            # experts) the default, as the device path always copies through the kernel
+            slot_copy.copy_parts(self.store.arena, self.arena_parts, src_M, dst_M,
+                                 programs=self.copy_programs or COPY_PROGRAMS)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         # src/dst were allocated on the compute stream: held until the compute stream has waited for the copy

@@ -340,6 +340,10 @@ def main():
                          "first (a process of its own), which also fit the graph path's overheads")
     ap.add_argument("--graph-quantize", default="none", choices=("none", "int8", "int4"),
                     help="the --batch-graph rows' expert precision (default bf16: none)")
+    ap.add_argument("--graph-prefetch", default="off",
+                    help="comma-separated off,on: the --batch-graph rows' captured steps without or with the next "
+                         "layer's prefetch on the copy stream (OffloadEngine.graph_prefetch); each graph row is run "
+                         "once per value, side by side")
     ap.add_argument("--graph-batch-sizes", default=None,
                     help="comma-separated batch sizes of the --batch-graph rows (default: --batch-sizes); at 1 the "
                          "host path is the graph too (generate(), replayed), so one row")
@@ -714,7 +718,10 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
             log("batch graph", B, why)
             continue
         tokens = {}
-        for graph in ((True,) if B == 1 else (False, True)):
+        # (graph, its prefetch): the host-routed row first, then the graph's (at batch 1 the graph only)
+        runs = [(True, v == "on") for v in args.graph_prefetch.split(",")]
+        for graph, graph_prefetch in runs if B == 1 else [(False, False)] + runs:
+            engine.graph_prefetch = graph_prefetch
             try:
                 e2e, stats, tokens[graph] = run_row(model, B, args, vocab, graph=graph,
                                                     bookkeeping=eager_bookkeeping)
@@ -731,7 +738,9 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
                                 hit_rate=stats.decode_hit_rate,
                                 replays=model.moesys_decode_graph.replays, peak_bytes=stats.peak_bytes,
                                 under_budget=None if stats.peak_bytes is None else stats.peak_bytes <= row_budget,
-                                budget=row_budget, cache_slots=engine.cache.num_slots))
+                                budget=row_budget, cache_slots=engine.cache.num_slots,
+                                graph_prefetch=graph_prefetch if graph else None,
+                                prefetched_share=stats.decode_prefetched_share))
             if graph and False in tokens:
                 records[-1]["sequences_equal_to_host_path"] = [sum(a == b for a, b in zip(tokens[True], tokens[False])), B]
             if graph and B in resident_step:
@@ -739,8 +748,10 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
                 steps = max(1, stats.decode_tokens // B)
                 missed_s = stats.decode_bytes_copied / steps / hw.pcie_Bps
                 routing = RoutingStats.uniform(w.num_experts, w.top_k).with_engine_hit_rate(
-                    engine.cache.num_slots, stats.decode_copy_hit_rate)
-                pred = predict(w, hw_graph, routing, B, context, slots=engine.cache.num_slots, path="graph")
+                    engine.cache.num_slots, stats.decode_copy_hit_rate).with_prefetched_share(
+                    stats.decode_prefetched_share)
+                pred = predict(w, hw_graph, routing, B, context, slots=engine.cache.num_slots,
+                               path="graph-prefetch" if graph_prefetch else "graph")
                 measured = stats.decode_tokens_per_s
                 bound = B / max(missed_s, resident_step[B])
                 records[-1].update(
@@ -749,7 +760,8 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
                     share_of_bound=measured / bound, predicted_with_measured_hit=pred["tokens_per_s"],
                     prediction_error=pred["tokens_per_s"] / measured - 1, hardware=hw_graph.__dict__,
                     workload=w.to_record(), context=context)
-            log(records[-1]["impl"], B, f"{stats.decode_tokens_per_s:.1f} tok/s",
+            log(records[-1]["impl"], B, "graph prefetch" if graph_prefetch else "",
+                f"{stats.decode_tokens_per_s:.1f} tok/s",
                 records[-1].get("sequences_equal_to_host_path", ""), "peak", stats.peak_bytes)
             save()  # each row as it comes (a GPU call's time limit may cut the next)
     del model, engine

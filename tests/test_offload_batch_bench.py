@@ -27,7 +27,8 @@ def _bench(tmp_path, *args):
 def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     out = tmp_path / "ob.json"
     _bench(tmp_path, "--out", str(out), "--no-accelerate", "--batch-graph", "--routings", "model",
-           "--batch-sizes", "1,4", "--experts-impl", "grouped_mm", "--graph-batch-sizes", "1,4", "--graph-resident")
+           "--batch-sizes", "1,4", "--experts-impl", "grouped_mm", "--graph-batch-sizes", "1,4", "--graph-resident",
+           "--graph-prefetch", "off,on")
     records = json.loads(out.read_text())
     rows = [r for r in records if r["impl"] == "moesys" and not r.get("graph_section")]
     # the copy hit rate counts the prefetch's copies as misses: never above the lookups' hit rate, and
@@ -54,11 +55,13 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
     rebuilt = repredict([{k: v for k, v in r.items() if k != "workload"} for r in records])
     assert [r["predicted"] for r in rebuilt] == pytest.approx([r["predicted"] for r in again])
     graph = [r for r in records if r.get("graph_section")]
-    # batch 1 is one row (generate() replays the graph whichever path is asked for); above 1, host then graph
-    # (--graph-resident: the same graph steps with every expert resident first, the graph rows' bound)
-    assert [(r["impl"], r["batch"]) for r in graph] == [
-        ("moesys-batch-graph-all-resident", 1), ("moesys-batch-graph-all-resident", 4), ("moesys-batch-graph", 1),
-        ("moesys", 4), ("moesys-batch-graph", 4)]
+    # batch 1 is one row per --graph-prefetch value (generate() replays the graph whichever path is asked for);
+    # above 1, host then graph (--graph-resident: the same graph steps with every expert resident first, the
+    # graph rows' bound)
+    assert [(r["impl"], r["batch"], r.get("graph_prefetch")) for r in graph] == [
+        ("moesys-batch-graph-all-resident", 1, None), ("moesys-batch-graph-all-resident", 4, None),
+        ("moesys-batch-graph", 1, False), ("moesys-batch-graph", 1, True),
+        ("moesys", 4, None), ("moesys-batch-graph", 4, False), ("moesys-batch-graph", 4, True)]
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in graph)
     from moesys.offload import perf_model as pm
 
@@ -71,13 +74,17 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
         assert r["share_of_bound"] == pytest.approx(r["tokens_per_s"] / r["bound_tokens_per_s"])
         assert r["prediction_error"] == pytest.approx(r["predicted_with_measured_hit"] / r["tokens_per_s"] - 1)
         w, hw = pm.Workload.from_record(r["workload"]), pm.Hardware(**r["hardware"])
-        routing = pm.RoutingStats.uniform(w.num_experts, w.top_k).with_engine_hit_rate(r["cache_slots"],
-                                                                                      r["copy_hit_rate"])
+        routing = pm.RoutingStats.uniform(w.num_experts, w.top_k).with_engine_hit_rate(
+            r["cache_slots"], r["copy_hit_rate"]).with_prefetched_share(r["prefetched_share"])
+        path = "graph-prefetch" if r["graph_prefetch"] else "graph"
         assert r["predicted_with_measured_hit"] > 0 and r["predicted_with_measured_hit"] == pytest.approx(pm.predict(
-            w, hw, routing, r["batch"], r["context"], slots=r["cache_slots"], path="graph")["tokens_per_s"])
+            w, hw, routing, r["batch"], r["context"], slots=r["cache_slots"], path=path)["tokens_per_s"])
+    # the graph's prefetch copied ahead on the batch row (graph_prefetch; on a CPU nothing is captured, so the
+    # steps without it prefetch too: tests/test_offload_batch_graph.py tells them apart on a GPU)
+    assert graph[6]["prefetched_share"] > 0
     assert graph[2]["path"] == "decode graph, generate() at batch 1"
-    assert graph[4]["sequences_equal_to_host_path"] == [4, 4]
-    assert graph[4]["path"] == "decode graph, generate_batch(graph=True)"
+    assert graph[5]["sequences_equal_to_host_path"] == graph[6]["sequences_equal_to_host_path"] == [4, 4]
+    assert graph[5]["path"] == "decode graph, generate_batch(graph=True)"
 
 
 def test_offload_batch_bench_graph_only_int4(tmp_path):

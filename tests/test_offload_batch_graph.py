@@ -283,6 +283,33 @@ def test_graph_batch_replays_a_cuda_graph_on_gpu(checkpoints, quantize, compile)
     assert again == got and graph.captures == 2 and graph.static_output is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_graph_batch_prefetch_forks_the_copy_stream_inside_the_capture(checkpoints, quantize):
+    """OffloadEngine.graph_prefetch: the captured batch step prefetches the next layer's guessed experts on the
+    copy stream (a fork and join inside the capture) and replays with the same tokens as the steps without
+    it (which experts sit in which slots never changes an output); its replays count prefetch copies, where
+    without it only the eager warm-up step prefetches. Two runs in a row stay in the budget."""
+    path, new = checkpoints["olmoe"], 8
+    ps = prompts()
+    kw = dict(gpu_memory=budget(path, torch.bfloat16, 12, max_context=CONTEXT), dtype=torch.bfloat16,
+              max_context=CONTEXT, quantize_experts=quantize, compile=False)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = mo.load(path, **kw)
+    engine, got, prefetched = model.moesys_offload, {}, {}
+    for on in (False, True, True):
+        engine.graph_prefetch = on
+        engine.reset_stats()
+        run = generate_batch(model, ps, max_new_tokens=new, batch_size=3, graph=True)
+        got.setdefault(on, []).append({r.index: r.token_ids for r in run})
+        prefetched.setdefault(on, []).append(engine.snapshot().prefetch_copies)
+        assert model.moesys_decode_graph.replays > 0 and torch.cuda.max_memory_allocated() - base <= kw["gpu_memory"]
+    assert got[True] == [got[False][0]] * 2
+    assert prefetched[True][0] > prefetched[False][0], prefetched
+
+
 def test_sliding_window_batch_takes_the_host_routed_steps(tmp_path, monkeypatch):
     """A sliding-window model's padded batch decodes host-routed (PaddedBatchKV keeps its window), with each
     sequence's tokens as alone; graph=True says once that the fixed-shape cache holds full attention only

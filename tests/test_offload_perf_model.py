@@ -300,6 +300,11 @@ def test_graph_path_copies_in_stream_order_without_layer_costs():
     assert dev["step_s"] == pytest.approx(max(0.75 * dev["copy_s"], dev["compute_s"]) + 0.25 * dev["copy_s"])
     with pytest.raises(ValueError, match="calibrate_layers fits the host or device path's per-layer cost"):
         calibrate_layers(q, hw, uni, 2, 100, 8, graph["step_s"], path="graph")
+    # with the prefetch inside the capture (graph_prefetch): the graph's compute, the device path's overlap
+    ahead = predict(q, hw, uni, 2, 100, slots=8, path="graph-prefetch")
+    assert ahead["compute_s"] == graph["compute_s"] and ahead["copy_s"] == graph["copy_s"]
+    assert ahead["step_s"] == pytest.approx(max(0.75 * ahead["copy_s"], ahead["compute_s"]) + 0.25 * ahead["copy_s"])
+    assert ahead["step_s"] < graph["step_s"]
 
 def test_dequant_workspace_holds_more_experts_with_the_kernel():
     """The memory plan reserves top_k experts of the torch dequantization (result, int32 widening and int4

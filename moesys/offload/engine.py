@@ -52,6 +52,13 @@ COPY_PROGRAMS = 16
 # Not measured on a GPU yet: "normal" (what every measurement so far ran) stays the default, and
 # bench/offload_batch.py --copy-priority normal,high is the A/B.
 COPY_PRIORITIES = ("normal", "high")
+# The decode graph's batch steps prefetch the next layer's guessed experts on the copy stream, as eager batch steps
+# do (a fork and join of the copy stream inside the captured step: graph branches that run side by side on each
+# replay). Off: every copy of a captured batch step runs in stream order on the compute stream, so at batch 128 the
+# step is its copies plus its compute (the Qwen3 shape's int4 graph steps, 1105 tok/s at 95e04b3). Not measured on
+# a GPU yet: off (what every measurement so far ran) stays the default; bench/offload_batch.py --graph-prefetch
+# off,on is the A/B.
+GRAPH_PREFETCH = False
 COPY_KERNEL_MAX_BYTES = 8 << 20
 # How the host path's compute waits for the copies it reads (_wait). "host": the host blocks on each copy's
 # event, so it queues a wave's compute only once that wave has landed and its launch work sits between the
@@ -180,6 +187,7 @@ class OffloadEngine:
         readable = store.arena is not None and (device.type != "cuda" or store.mode == "pinned")
         self.copy_programs = COPY_PROGRAMS if readable and store.expert_bytes <= COPY_KERNEL_MAX_BYTES else 0
         self.copy_wait = COPY_WAIT  # one of COPY_WAITS
+        self.graph_prefetch = GRAPH_PREFETCH  # the decode graph's batch steps prefetch too (device_slots)
         self.prefetch_issue = PREFETCH_ISSUE  # one of PREFETCH_ISSUES
         # a batch step's bookkeeping (and its prefetch's) on CUDA: the one-launch kernel; False = the torch
         # reference's ~60 launches a call (what ran before the kernel: bench/offload_batch.py's A/B)
@@ -414,9 +422,10 @@ class OffloadEngine:
         # step does not need): only its writes must wait, so with "early" the join comes before the miss copy
         slot_N, src_N, dst_N = self.device_tables.step(row, ids_TK.reshape(-1), distinct=T == 1,
                                                        next_visit_from=next_visit, use_kernel=self._use_kernel(T > 1))
-        # not inside a CUDA graph capture: the copy stream's fork and join there is untested on a GPU (the batch
-        # graph's steps copy in stream order, as before)
-        prefetch = T > 1 and x_TH is not None and not (self.cuda and torch.cuda.is_current_stream_capturing())
+        # inside a CUDA graph capture only with graph_prefetch (GRAPH_PREFETCH): otherwise the batch graph's steps
+        # copy in stream order
+        capturing = self.cuda and torch.cuda.is_current_stream_capturing()
+        prefetch = T > 1 and x_TH is not None and (self.graph_prefetch or not capturing)
         if early:
             # the next layer's copies queue on the copy stream behind this layer's (stream order keeps a slot's
             # two writes in order; this layer's slots are protected from its victims)

@@ -292,15 +292,19 @@ def lru_hit_curve(ids_NLK: torch.Tensor, num_experts: int, batch: int = 1) -> to
 # where a decode step's cache bookkeeping runs: "host" (a routing read back per layer), "device" (eager steps,
 # the next layer prefetched on the copy stream), "graph" (the batch's CUDA-graph step: the bookkeeping on the
 # device inside the replay, no host work per layer, and the misses copied in stream order with no prefetch, so
-# nothing overlaps them; its step and row overheads are calibrate()'s fit to all-resident graph steps)
-PATHS = ("host", "device", "graph")
+# nothing overlaps them; its step and row overheads are calibrate()'s fit to all-resident graph steps),
+# "graph-prefetch" (the same step with the next layer prefetched on the copy stream inside the capture,
+# OffloadEngine.graph_prefetch: the prefetched share of the copies overlaps the compute, as on "device")
+PATHS = ("host", "device", "graph", "graph-prefetch")
+_GRAPH_PATHS = ("graph", "graph-prefetch")
 
 
 def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, context: int, kv: str = "device",
             overlap: bool = False, slots: int | None = None, path: str = "host") -> dict:
     """Predicted decode step of `batch` rows with `context` cached tokens each; `slots` (total cache slots)
     defaults to what the budget leaves beside the KV cache on `kv`; `path` is where the cache bookkeeping
-    runs (PATHS: "host", a routing read back per layer; "device"; "graph", the copies in stream order)."""
+    runs (PATHS: "host", a routing read back per layer; "device"; "graph", the copies in stream order;
+    "graph-prefetch", the graph step with the device path's prefetch)."""
     if kv not in KV_PLACES:
         raise ValueError(f"kv={kv!r} must be one of {list(KV_PLACES)}")
     if path not in PATHS:
@@ -315,7 +319,7 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
     # round trip of its copies that the prefetch did not issue ahead), or on the device path runs the
     # bookkeeping's kernels
     offloaded_layers = w.num_layers if hit < 1 else 0
-    layer_s = {"host": hw.layer_overhead_s, "device": device_layer_s(hw, batch), "graph": 0.0}[path]
+    layer_s = 0.0 if path in _GRAPH_PATHS else hw.layer_overhead_s if path == "host" else device_layer_s(hw, batch)
     dense_s = max(w.dense_bytes / hw.hbm_Bps, batch * w.dense_bytes / hw.flops)  # 2 FLOPs per 2-byte weight
     rows_s = batch * w.top_k * w.expert_flops_per_row / hw.flops
     waves = dequant_waves(w, U, batch) if path == "host" else 0
@@ -332,7 +336,7 @@ def predict(w: Workload, hw: Hardware, routing: RoutingStats, batch: int, contex
                         + w.cache.attention_layers * hw.host_roundtrip_s)
     compute_s = (dense_s + experts_s + attention_s + hw.step_overhead_s + batch * hw.row_overhead_s
                  + offloaded_layers * layer_s)
-    p = 0.0 if path == "graph" else routing.prefetched
+    p = 0.0 if path == "graph" else routing.prefetched  # the share of the copies issued a layer ahead
     step_s = max(copy_s, compute_s) if overlap else max(p * copy_s, compute_s) + (1 - p) * copy_s
     feasible = S_total >= w.num_layers  # the engine needs a slot per MoE layer
     return dict(batch=batch, kv=kv, slots=S_total, unique_per_layer=U, hit_rate=hit, misses_per_step=misses,

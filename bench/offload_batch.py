@@ -340,10 +340,10 @@ def main():
                          "first (a process of its own), which also fit the graph path's overheads")
     ap.add_argument("--graph-quantize", default="none", choices=("none", "int8", "int4"),
                     help="the --batch-graph rows' expert precision (default bf16: none)")
-    ap.add_argument("--graph-prefetch", default="off",
+    ap.add_argument("--graph-prefetch", default=None,
                     help="comma-separated off,on: the --batch-graph rows' captured steps without or with the next "
                          "layer's prefetch on the copy stream (OffloadEngine.graph_prefetch); each graph row is run "
-                         "once per value, side by side")
+                         "once per value, side by side; default: the engine's (on)")
     ap.add_argument("--graph-batch-sizes", default=None,
                     help="comma-separated batch sizes of the --batch-graph rows (default: --batch-sizes); at 1 the "
                          "host path is the graph too (generate(), replayed), so one row")
@@ -681,7 +681,9 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
     """Host-routed and decode-graph batch steps side by side on one model (cuda_graph=True; compile off: one
     capture per batch size, no recompile), the model's routing; tokens compared row by row. With
     --graph-resident, the same graph steps with every expert resident first (a process of their own): the
-    graph rows' bound, and their prediction (perf_model path "graph", its overheads fitted to those steps)."""
+    graph rows' bound, and their prediction (perf_model path "graph", or "graph-prefetch" for steps with the
+    prefetch, --graph-prefetch; its overheads fitted to those steps)."""
+    from moesys.offload.engine import GRAPH_PREFETCH
     from moesys.offload.perf_model import RoutingStats, Workload, calibrate, predict
 
     dtype, vocab = src.dtype, src.cfg.vocab_size
@@ -700,7 +702,7 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
                                 e2e_tokens_per_s=e2e))
             log(records[-1]["impl"], B, f"{tokens_per_s:.1f} tok/s")
         w = Workload.from_record(workload)
-        hw_graph = calibrate(w, hw, resident_step, context)
+        hw_graph = calibrate(w, hw, resident_step, context, path="graph")
         log("calibrated graph steps", hw_graph)
     row_budget = budget if budget is not None else smoke_budget(src.cfg, dtype, 1 / 3, max_context)
     model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=True,
@@ -719,7 +721,8 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
             continue
         tokens = {}
         # (graph, its prefetch): the host-routed row first, then the graph's (at batch 1 the graph only)
-        runs = [(True, v == "on") for v in args.graph_prefetch.split(",")]
+        runs = [(True, v == "on") for v in args.graph_prefetch.split(",")] if args.graph_prefetch else [
+            (True, GRAPH_PREFETCH)]
         for graph, graph_prefetch in runs if B == 1 else [(False, False)] + runs:
             engine.graph_prefetch = graph_prefetch
             try:
@@ -740,7 +743,9 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
                                 under_budget=None if stats.peak_bytes is None else stats.peak_bytes <= row_budget,
                                 budget=row_budget, cache_slots=engine.cache.num_slots,
                                 graph_prefetch=graph_prefetch if graph else None,
-                                prefetched_share=stats.decode_prefetched_share))
+                                prefetched_share=stats.decode_prefetched_share,
+                                bytes_copied_per_token=stats.decode_bytes_copied / max(stats.decode_tokens, 1),
+                                copy_hit_rate=stats.decode_copy_hit_rate))
             if graph and False in tokens:
                 records[-1]["sequences_equal_to_host_path"] = [sum(a == b for a, b in zip(tokens[True], tokens[False])), B]
             if graph and B in resident_step:
@@ -755,8 +760,7 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
                 measured = stats.decode_tokens_per_s
                 bound = B / max(missed_s, resident_step[B])
                 records[-1].update(
-                    bytes_copied_per_token=stats.decode_bytes_copied / max(stats.decode_tokens, 1),
-                    copy_hit_rate=stats.decode_copy_hit_rate, bound_tokens_per_s=bound,
+                    bound_tokens_per_s=bound,
                     share_of_bound=measured / bound, predicted_with_measured_hit=pred["tokens_per_s"],
                     prediction_error=pred["tokens_per_s"] / measured - 1, hardware=hw_graph.__dict__,
                     workload=w.to_record(), context=context)

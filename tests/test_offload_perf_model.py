@@ -204,6 +204,19 @@ def test_calibrated_overheads_explain_resident_steps():
         roofline[4] + 3e-3 + 2e-3)
     one = calibrate(W, HW, {4: roofline[4] + 7e-3}, 50)
     assert (one.step_overhead_s, one.row_overhead_s) == (pytest.approx(7e-3), 0.0)
+    # quantized experts' graph steps (read packed, no dequantization waves) fitted on their own path's roofline:
+    # the host path's would take the waves for overhead and leave the graph's predictions too fast
+    q = Workload(**{**W.__dict__, "dequant_bytes": 4 * 10**6})
+    graph = {b: predict(q, bare, RoutingStats.uniform(8, 2), b, 50, slots=full, path="graph")["compute_s"]
+             for b in (1, 4, 16)}
+    measured = {b: t + 3e-3 + 5e-4 * b for b, t in graph.items()}
+    fit = calibrate(q, HW, measured, 50, path="graph")
+    assert fit.step_overhead_s == pytest.approx(3e-3) and fit.row_overhead_s == pytest.approx(5e-4)
+    assert predict(q, fit, RoutingStats.uniform(8, 2), 16, 50, slots=full, path="graph")["compute_s"] == pytest.approx(
+        measured[16])
+    host_fit = calibrate(q, HW, measured, 50)
+    assert predict(q, host_fit, RoutingStats.uniform(8, 2), 16, 50, slots=full, path="graph")["compute_s"] < (
+        measured[16] - 1e-4)
 
 
 def test_layer_overhead_fitted_to_one_row():

@@ -53,12 +53,12 @@ COPY_PROGRAMS = 16
 # bench/offload_batch.py --copy-priority normal,high is the A/B.
 COPY_PRIORITIES = ("normal", "high")
 # The decode graph's batch steps prefetch the next layer's guessed experts on the copy stream, as eager batch steps
-# do (a fork and join of the copy stream inside the captured step: graph branches that run side by side on each
-# replay). Off: every copy of a captured batch step runs in stream order on the compute stream, so at batch 128 the
-# step is its copies plus its compute (the Qwen3 shape's int4 graph steps, 1105 tok/s at 95e04b3). Not measured on
-# a GPU yet: off (what every measurement so far ran) stays the default; bench/offload_batch.py --graph-prefetch
-# off,on is the A/B.
-GRAPH_PREFETCH = False
+# do: a fork and join of the copy stream inside the captured step, graph branches that run side by side on each
+# replay. Without it every copy of a captured batch step runs in stream order on the compute stream, so the step is
+# its copies plus its compute. The Qwen3-30B-A3B shape in int4 under 16 GiB, model routing, one H100: 509 against
+# 477 tok/s at batch 32, 847 against 597 at 64, 1613 against 1072 at 128, peaks under the budget, the same tokens
+# (bench/results/offload_batch_qwen3_int4_graph_h100_6596bf6.json, _graph_prefetch_h100_6596bf6.json).
+GRAPH_PREFETCH = True
 COPY_KERNEL_MAX_BYTES = 8 << 20
 # How the host path's compute waits for the copies it reads (_wait). "host": the host blocks on each copy's
 # event, so it queues a wave's compute only once that wave has landed and its launch work sits between the

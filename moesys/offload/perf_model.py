@@ -378,15 +378,20 @@ def best_plan(w: Workload, hw: Hardware, routing: RoutingStats, max_batch: int, 
     return best
 
 
-def calibrate(w: Workload, hw: Hardware, resident_step_s: dict[int, float], context: int) -> Hardware:
+def calibrate(w: Workload, hw: Hardware, resident_step_s: dict[int, float], context: int,
+              path: str = "host") -> Hardware:
     """`hw` with step_overhead_s and row_overhead_s fitted (least squares, clipped at 0) to decode steps
-    measured with every expert resident at several batch sizes: what the roofline terms leave unexplained
-    (kernel launches, Python, host syncs) as a + b x B. One batch size fits the constant alone."""
+    measured with every expert resident at several batch sizes: what the roofline terms of `path` leave
+    unexplained (kernel launches, Python, host syncs) as a + b x B. One batch size fits the constant alone.
+    The steps' own path: the graph's quantized steps read packed weights where the host path's dequantize
+    in waves, and fitted against the host path's roofline (25 ms more compute a step at batch 128 on the
+    Qwen3 shape in int4) they predicted the graph rows 50-57% too fast
+    (bench/results/offload_batch_qwen3_int4_graph_h100_6596bf6.json)."""
     bare = replace(hw, step_overhead_s=0.0, row_overhead_s=0.0)
     everything = RoutingStats.uniform(w.num_experts, w.top_k)
     sizes = sorted(resident_step_s)
-    rest = [resident_step_s[b] - predict(w, bare, everything, b, context, slots=w.num_layers * w.num_experts)["compute_s"]
-            for b in sizes]
+    rest = [resident_step_s[b] - predict(w, bare, everything, b, context, slots=w.num_layers * w.num_experts,
+                                         path=path)["compute_s"] for b in sizes]
     if len(sizes) == 1:
         return replace(bare, step_overhead_s=max(0.0, rest[0]))
     mean_b, mean_r = sum(sizes) / len(sizes), sum(rest) / len(rest)

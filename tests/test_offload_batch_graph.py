@@ -350,7 +350,7 @@ def test_sliding_window_batch_takes_the_host_routed_steps(tmp_path, monkeypatch)
 
 
 def test_auto_takes_the_graph_for_quantized_experts_on_cuda_where_the_banks_hold_the_batch(checkpoints, monkeypatch):
-    """graph="auto" (the default): the decode graph for int8/int4 experts on CUDA, at up to 32 rows, with a
+    """graph="auto" (the default): the decode graph for int8/int4 experts on CUDA, at up to 128 rows, with a
     full-attention KV cache on the device and banks that hold the batch's experts; the eager steps for bf16/fp32 experts, on the CPU,
     with kv="host", without the decode graph, or when the banks are too small. The engine's device is faked
     as CUDA for the decision only; a run with the rule forced on takes the graph's steps."""
@@ -366,12 +366,12 @@ def test_auto_takes_the_graph_for_quantized_experts_on_cuda_where_the_banks_hold
     int8 = mo.load(path, gpu_memory=budget(path, torch.float32, 10, max_context=CONTEXT), dtype=torch.float32,
                    max_context=CONTEXT, compile=False, quantize_experts="int8")
     assert pays(int8)
-    # up to GRAPH_AUTO_MAX_ROWS rows (32, where it was measured to pay); 33 rows keep the eager steps, though the
-    # banks hold them (graph=True would take the graph)
-    monkeypatch.setattr(int8.moesys_offload, "max_context", 33 * 5 + 3)  # 33 rows of 3 + 2 tokens, one joining
-    many = [Request(token_ids=p) for p in prompts(lengths=[3] * 33)]
-    assert pays(int8, batch_size=32, requests=many) and not pays(int8, batch_size=33, requests=many)
-    assert pays(int8, batch_size=64, requests=many[:32])  # the rows that run: min(batch_size, requests)
+    # up to GRAPH_AUTO_MAX_ROWS rows (128, where it was measured to pay); 129 rows keep the eager steps, though
+    # the banks hold them (graph=True would take the graph)
+    monkeypatch.setattr(int8.moesys_offload, "max_context", 129 * 5 + 3)  # 129 rows of 3 + 2 tokens, one joining
+    many = [Request(token_ids=p) for p in prompts(lengths=[3] * 129)]
+    assert pays(int8, batch_size=128, requests=many) and not pays(int8, batch_size=129, requests=many)
+    assert pays(int8, batch_size=256, requests=many[:128])  # the rows that run: min(batch_size, requests)
     monkeypatch.setattr(int8.moesys_offload, "max_context", CONTEXT)
     assert not pays(int8, cuda=False) and not pays(int8, kv="host")
     monkeypatch.setattr(int8.moesys_offload, "_smallest_bank", 0)

@@ -24,7 +24,8 @@ group's prefill cache lives beside it until it is copied in), a finished row's p
 joining sequence takes it, and a free row costs no expert copy. The run's captured graph is released at its
 end (its output holds the run's cache). The host-routed steps (the
 default) overlap the resident experts' compute with the misses' copies and prefetch the next layer's
-experts; the graph's steps copy in stream order but launch nothing from the host.
+experts; the graph's steps do too (engine.graph_prefetch: the copy stream forked and joined inside the capture)
+and launch nothing from the host.
 
 Legend: B rows in the batch, L cached columns, V vocabulary.
 """
@@ -55,12 +56,12 @@ from moesys.offload.sizes import format_bytes
 # from engine.QUANT_GROUPED_MIN_ROWS routed rows (row by row, quant_gemv, it had been 0.79-0.85x at batch 128).
 BOOKKEEPING = ("auto", "host", "device")
 # graph="auto" takes the decode graph for quantized experts up to this many rows: where it was measured to pay
-# (the Qwen3-30B-A3B shape, int4, 16 GiB, one H100, the model's routing, one load: B=8 7x the eager steps; B=32
-# 456 against 206 tok/s, bench/results/offload_batch_qwen3_int4_graph_h100_95e04b3.json). At B=128 the eager
-# device-path steps were faster (1242 against 1105 tok/s): they overlap the misses' copies with the resident
-# experts' compute and prefetch the next layer, which the graph's in-order copies do not. graph=True runs the
-# graph at any size.
-GRAPH_AUTO_MAX_ROWS = 32
+# (the Qwen3-30B-A3B shape, int4, 16 GiB, one H100, the model's routing, one load each: B=8 7x the eager steps,
+# bench/results/offload_batch_qwen3_int4_graph_h100_95e04b3.json; with the graph's prefetch (engine.GRAPH_PREFETCH)
+# B=32 509 against 292 tok/s, B=64 847 against 654, B=128 1613 against 1263, _graph_h100_6596bf6.json and
+# _graph_prefetch_h100_6596bf6.json; before that prefetch the eager steps won at B=128). Larger batches were not
+# measured and keep the eager steps; graph=True runs the graph at any size.
+GRAPH_AUTO_MAX_ROWS = 128
 
 
 # sdpa backends for the batch's forwards: all but cuDNN. cuDNN's attention builds a graph per shape, and
@@ -195,7 +196,7 @@ class BatchGeneration:
     def _graph_pays(self) -> bool:
         """graph="auto": the decode graph where it was measured faster than the eager steps and can run
         quietly: quantized experts on CUDA at up to GRAPH_AUTO_MAX_ROWS rows (the Qwen3-30B-A3B shape, int4,
-        16 GiB, on an H100: B=8 168.5 against 32.3 tok/s, B=32 456 against 206), wherever
+        16 GiB, on an H100: B=8 168.5 against 32.3 tok/s, B=32 509 against 292, B=128 1613 against 1263), wherever
         graph=True would run (_graph_blocker). bf16 experts keep the eager steps (the OLMoE shape, B=8: the graph
         4% slower; its misses copy with nothing computing beside them), and so do larger batches."""
         engine = getattr(self.model, "moesys_offload", None)

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "max-context in all; needs --cuda-graph on and banks that hold batch x top-k "
                              "experts, else it says so and runs off); off: eager steps, which overlap the resident "
                              "experts' compute with the misses' copies and prefetch; auto: on for int8/int4 "
-                             "experts on a GPU at up to 32 rows where the banks hold them (measured 2.2-7x "
+                             "experts on a GPU at up to 128 rows where the banks hold them (measured 1.3-7x "
                              "faster there), else off")
     parser.add_argument("--bookkeeping", choices=("auto", "host", "device"), default="auto",
                         help="with --prompts and --batch-graph off: where the eager decode steps keep the expert "

@@ -64,8 +64,8 @@ class GraphDecode(ExpertsStrategy):
     victims and table updates on the device, misses copied by a kernel reading the pinned store, then the
     layer's compute over its slots. Everything here is replayable from a CUDA graph; no CPU experts. An
     eager batch step also prefetches the next layer's guessed experts on the copy stream while this layer
-    computes (OffloadEngine.device_slots; not under capture yet); one token's misses copy in order on the
-    compute stream."""
+    computes (OffloadEngine.device_slots; a captured batch step too, with engine.graph_prefetch); one token's
+    misses copy in order on the compute stream."""
 
     name = "graph-decode"
 

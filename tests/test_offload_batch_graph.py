@@ -310,6 +310,34 @@ def test_graph_batch_prefetch_forks_the_copy_stream_inside_the_capture(checkpoin
     assert prefetched[True][0] > prefetched[False][0], prefetched
 
 
+@pytest.mark.slow
+def test_compiled_batch_graph_steps_prefetch_from_the_layer_input(checkpoints):
+    """compile=True, unquantized experts: the compiled step's opaque cache op (moesys::offload_slots) is given
+    the layer's input, so a batch step prefetches the next layer's guess as the uncompiled step does (a CPU
+    captures nothing: each step runs the compiled code), with the uncompiled graph run's tokens."""
+    torch._dynamo.reset()
+    path, ps = checkpoints["olmoe"], prompts()[:3]
+    kw = dict(gpu_memory=budget(path, torch.float32, 12, max_context=CONTEXT), dtype=torch.float32,
+              max_context=CONTEXT)
+    plain = mo.load(path, compile=False, **kw)
+    want = {r.index: r.token_ids for r in generate_batch(plain, ps, max_new_tokens=4, batch_size=3, graph=True)}
+    model = mo.load(path, compile=True, **kw)
+    engine, calls = model.moesys_offload, []
+    slots_fn = engine.device_slots
+
+    def slots_call(layer, ids_TK, *args, x_TH=None, **kwargs):
+        calls.append((ids_TK.shape[0], x_TH is not None))
+        return slots_fn(layer, ids_TK, *args, x_TH=x_TH, **kwargs)
+
+    engine.device_slots = slots_call
+    engine.reset_stats()
+    got = {r.index: r.token_ids for r in generate_batch(model, ps, max_new_tokens=4, batch_size=3, graph=True)}
+    assert got == want
+    batch_steps = [given for rows, given in calls if rows > 1]
+    assert batch_steps and all(batch_steps), calls
+    assert engine.snapshot().prefetch_copies > 0
+
+
 def test_sliding_window_batch_takes_the_host_routed_steps(tmp_path, monkeypatch):
     """A sliding-window model's padded batch decodes host-routed (PaddedBatchKV keeps its window), with each
     sequence's tokens as alone; graph=True says once that the fixed-shape cache holds full attention only

@@ -120,18 +120,20 @@ def _(x_TH, ids_TK, w_TK, layer):
 
 
 @torch.library.custom_op("moesys::offload_slots", mutates_args=())
-def offload_slots(ids_TK: torch.Tensor, layer: int) -> torch.Tensor:
+def offload_slots(ids_TK: torch.Tensor, layer: int, x_TH: torch.Tensor) -> torch.Tensor:
     """Graph decode of unquantized experts: make the rows' experts of `layer` resident (the device
     bookkeeping, and the copies of misses into their slots) and return their bank-local slot ids [T, K].
+    The layer's input x_TH is read only by a batch step's prefetch of the next layer's guess (engine.
+    graph_prefetch), as in the uncompiled step.
     The compiled step runs the model's own grouped experts over the slot pool with these ids, so inductor
     fuses its sort/offsets/gather/combine glue exactly as for the model fully on the GPU; only this op is
     opaque (the grouped GEMMs that follow read the slots it filled: they depend on its output, so they run
     after it)."""
-    return _active_engine().device_slots(layer, ids_TK)
+    return _active_engine().device_slots(layer, ids_TK, x_TH=x_TH)
 
 
 @offload_slots.register_fake
-def _(ids_TK, layer):
+def _(ids_TK, layer, x_TH):
     return torch.empty_like(ids_TK)
 
 
@@ -159,7 +161,8 @@ class OffloadedExperts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if torch.compiler.is_compiling():  # only moesys.offload.graph's batch-1 decode step compiles
             if self.slot_experts is not None:
-                return self.slot_experts(hidden_states, offload_slots(top_k_index, self.layer), top_k_weights)
+                slots = offload_slots(top_k_index, self.layer, hidden_states)
+                return self.slot_experts(hidden_states, slots, top_k_weights)
             return offload_experts(hidden_states, top_k_index, top_k_weights, self.layer)
         return self.engine.experts_forward(self.layer, hidden_states, top_k_index, top_k_weights)
 

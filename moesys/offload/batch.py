@@ -198,7 +198,7 @@ class BatchGeneration:
         quietly: quantized experts on CUDA at up to GRAPH_AUTO_MAX_ROWS rows (the Qwen3-30B-A3B shape, int4,
         16 GiB, on an H100: B=8 168.5 against 32.3 tok/s, B=32 509 against 292, B=128 1613 against 1263), wherever
         graph=True would run (_graph_blocker). bf16 experts keep the eager steps (the OLMoE shape, B=8: the graph
-        4% slower; its misses copy with nothing computing beside them), and so do larger batches."""
+        4% slower, measured before the graph's steps prefetched; not measured since), and so do larger batches."""
         engine = getattr(self.model, "moesys_offload", None)
         if (engine is None or getattr(self.model, "moesys_decode_graph", None) is None or not engine.cuda
                 or engine.store.quantize == "none" or self._rows() > GRAPH_AUTO_MAX_ROWS):

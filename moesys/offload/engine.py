@@ -159,7 +159,7 @@ class OffloadedExperts(nn.Module):
         self.slot_experts = engine.inner[layer] if engine.grouped else None
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        if torch.compiler.is_compiling():  # only moesys.offload.graph's batch-1 decode step compiles
+        if torch.compiler.is_compiling():  # only moesys.offload.graph's decode step (batch 1 or a batch) compiles
             if self.slot_experts is not None:
                 slots = offload_slots(top_k_index, self.layer, hidden_states)
                 return self.slot_experts(hidden_states, slots, top_k_weights)

@@ -708,7 +708,9 @@ def graph_rows(args, src, budget, max_context, sizes, base, records, impl, save,
     model = src.load(gpu_memory=row_budget, dtype=dtype, max_context=max_context, cuda_graph=True,
                     compile=False, experts_implementation=impl, quantize_experts=args.graph_quantize)
     engine = model.moesys_offload
-    base = dict(base, quantize=args.graph_quantize)
+    if args.copy_programs is not None:  # the graph's prefetch and the eager rows' copies beside it
+        engine.copy_programs = args.copy_programs
+    base = dict(base, quantize=args.graph_quantize, copy_programs=engine.copy_programs)
     log("graph rows: budget", row_budget, "cache slots", engine.cache.num_slots, "experts", args.graph_quantize)
     # the eager rows beside the graph's take the first --bookkeeping mode (the graph's is on the device)
     eager_bookkeeping = args.bookkeeping.split(",")[0]

@@ -88,12 +88,14 @@ def test_offload_batch_bench_smoke_with_graph_rows(tmp_path):
 
 
 def test_offload_batch_bench_graph_only_int4(tmp_path):
-    """--graph-only --graph-quantize int4: the graph section's rows alone (no bound, no calibration), in int4."""
+    """--graph-only --graph-quantize int4: the graph section's rows alone (no bound, no calibration), in int4,
+    with the engine's copy grid from --copy-programs (the graph's prefetch takes it)."""
     out = tmp_path / "ob.json"
-    _bench(tmp_path, "--out", str(out), "--graph-only", "--graph-quantize", "int4", "--graph-batch-sizes", "4")
+    _bench(tmp_path, "--out", str(out), "--graph-only", "--graph-quantize", "int4", "--graph-batch-sizes", "4",
+           "--copy-programs", "3")
     records = json.loads(out.read_text())
-    assert [(r["impl"], r["batch"], r["quantize"]) for r in records] == [("moesys", 4, "int4"),
-                                                                         ("moesys-batch-graph", 4, "int4")]
+    assert [(r["impl"], r["batch"], r["quantize"], r["copy_programs"]) for r in records] == [
+        ("moesys", 4, "int4", 3), ("moesys-batch-graph", 4, "int4", 3)]
     assert records[1]["sequences_equal_to_host_path"] == [4, 4]
 
 

@@ -5,6 +5,7 @@ whose capture fails decodes eagerly from then on (said once), and a step known n
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 
@@ -181,6 +182,30 @@ def test_a_failed_capture_runs_the_step_eagerly_from_then_on(monkeypatch):
     assert (decoder.eager_steps, decoder.captures, decoder.replays) == (5, 0, 0)
     assert decoder.graph is None and decoder.static_inputs == {}
 
+
+
+def test_a_failed_capture_forgets_the_prefetches_it_forked(monkeypatch):
+    """A batch step's capture that failed after forking the copy stream (engine.graph_prefetch) leaves pending
+    prefetches whose events were recorded under the capture: the engine forgets them before the step runs
+    eagerly, whose joins would otherwise wait for those events outside the capture."""
+    from moesys.offload.engine import OffloadEngine
+
+    model, decoder = decoder_with(monkeypatch, capture_error=RuntimeError("operation failed during capture"))
+    engine = types.SimpleNamespace(device_path_unsupported=None, _device_prefetched={},
+                                   ensure_device_tables=lambda: None, note_device_step=lambda rows: None,
+                                   graph_step=contextlib.nullcontext)
+    engine.forget_captured_prefetches = types.MethodType(OffloadEngine.forget_captured_prefetches, engine)
+    decoder.engine = engine
+    failing = decoder._capture
+
+    def capture(kwargs):
+        engine._device_prefetched[1] = ("an event recorded under the capture", None, None)
+        failing(kwargs)
+
+    decoder._capture = capture
+    with pytest.warns(UserWarning, match="its capture failed: operation failed during capture"):
+        outs = steps(model, 3)
+    assert [o.item() for o in outs] == [0, 1, 2] and engine._device_prefetched == {}
 
 def test_capture_blocker_reads_a_composite_models_text_config():
     model = Toy(None, torch.float32)

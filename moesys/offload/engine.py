@@ -498,6 +498,11 @@ class OffloadEngine:
         if pending is not None and self.cuda:
             torch.cuda.current_stream(self.device).wait_event(pending[0])
 
+    def forget_captured_prefetches(self) -> None:
+        """After a failed CUDA graph capture: the prefetches it forked never ran, and their events were recorded
+        under the capture, so no stream may wait for them outside it (the eager steps that follow would)."""
+        self._device_prefetched.clear()
+
     def count_distinct_hits(self, ids_TK: torch.Tensor) -> None:
         """A step whose experts are all resident: each distinct expert of its rows is one hit, counted on the
         device (bincount would sync) and folded into the statistics by snapshot()."""

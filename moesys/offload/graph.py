@@ -340,6 +340,8 @@ class DecodeGraph:
             except RuntimeError as e:  # nothing ran (a capture only records): the step runs eagerly instead
                 self.graph = self.static_output = None
                 self.static_inputs = {}
+                if self.engine is not None:
+                    self.engine.forget_captured_prefetches()
                 self._give_up(f"its capture failed: {e}")
                 return self._eager_step(kwargs)
         for (name, sub), t in self.static_inputs.items():

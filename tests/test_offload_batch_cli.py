@@ -200,7 +200,7 @@ def test_max_context_leaves_the_decode_graph_room_for_a_joining_prompt(tmp_path,
     from moesys.offload.batch import Request
     from moesys.offload.batch_cli import choose_batch
     from moesys.offload.cache_bytes import measure
-    from moesys.offload.cli import add_arguments
+    from moesys.offload.cli import add_arguments, resolve_cuda_graph
     from tests.test_offload_cache_bytes import config_of
 
     config = config_of(arch)
@@ -212,6 +212,7 @@ def test_max_context_leaves_the_decode_graph_room_for_a_joining_prompt(tmp_path,
         add_arguments(parser)
         args = parser.parse_args([str(tmp_path), "--prompts", "p.jsonl", "--out", "o.jsonl", "--batch-size", "3",
                                   "--max-context", "16", "--max-new-tokens", "4", "--gpu-memory", "1GiB", *extra])
+        resolve_cuda_graph(args)  # as `moesys generate` does before choosing
         return choose_batch(args, config, torch.float32, requests, torch.device(device))[2]
 
     graph = rows + 9 if arch == "olmoe" else rows

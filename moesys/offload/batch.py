@@ -263,7 +263,9 @@ class BatchGeneration:
                 while (self.continuous or not rows) and queue and kv.free_rows():
                     free = kv.free_rows()
                     joining = self._next_group(queue, min(len(free), join_rows))
-                    self._prefill_into(prefill, kv, joining, free[:len(joining)])
+                    # the group's own cache is dropped once copied into the free rows (the reserve holds one)
+                    kv.add(self._prefill(prefill, joining), [len(row.request.token_ids) for row in joining],
+                           free[:len(joining)])
                     rows.update(zip(free, joining))
                     self._leave_rows(rows, kv, done)
                 if rows:
@@ -293,11 +295,6 @@ class BatchGeneration:
             self._append(row, token)
         self.prefills += len(joining)
         return group
-
-    def _prefill_into(self, prefill: PaddedBatchKV, kv: StaticBatchKV, joining: list[_Row], rows: list[int]) -> None:
-        """Prefill `joining` together and copy their cache into the fixed-shape cache's free `rows`; the
-        group's own cache is freed on return (it must not outlive the copy: the reserve holds one group)."""
-        kv.add(self._prefill(prefill, joining), [len(row.request.token_ids) for row in joining], rows)
 
     def _longest(self) -> int:
         return max(len(r.token_ids) + n for r, n in zip(self.requests, self.max_new))

@@ -192,8 +192,7 @@ def choose_batch(args, config, dtype, requests: list[Request], device) -> tuple[
     cache = w.cache if batch_auto_or_kv_auto else measure(config, dtype)
     need = cache.context_for(rows, longest)
     graph_on = args.batch_graph == "on" or (args.batch_graph == "auto" and device.type == "cuda")
-    if (rows > 1 and graph_on and (args.cuda_graph or ("off" if args.exact else "on")) == "on"
-            and not other_cache_layers(config)):
+    if rows > 1 and graph_on and args.cuda_graph == "on" and not other_cache_layers(config):
         # the decode graph's fixed-shape rows keep a joining prompt's prefill cache beside them
         # (generate_batch takes the eager steps where they cannot)
         need += max(len(r.token_ids) for r in requests)

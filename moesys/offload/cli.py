@@ -131,6 +131,12 @@ def load_tokenizer(model_dir: Path):
                          "--token-ids 1,2,3 instead") from e
 
 
+def resolve_cuda_graph(args: argparse.Namespace) -> None:
+    """--cuda-graph's default: on, except with --exact (whose decode runs the eager path)."""
+    if args.cuda_graph is None:
+        args.cuda_graph = "off" if args.exact else "on"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -140,8 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
-    if args.cuda_graph is None:
-        args.cuda_graph = "off" if args.exact else "on"
+    resolve_cuda_graph(args)
     parse_bytes(args.gpu_memory, name="--gpu-memory")   # a bad budget fails before the model is read
     model_dir = resolve_model_dir(args.model_dir, what="MODEL")
     ids = parse_token_ids(args.token_ids) if args.token_ids is not None else None
